@@ -1,0 +1,120 @@
+"""`flexorch` command line: prepare, probe, plan, submit, demo-model.
+
+Bad input (a `UserError`) is printed as one line on stderr with exit status 2; an interrupt exits
+130. Modules are imported inside each command so `flexorch probe` and `flexorch plan` never pay for
+torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from workers.errors import UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def cmd_prepare(args) -> int:
+    from orchestrator.prepare import prepare_checkpoint
+
+    prepare_checkpoint(Path(args.src), Path(args.dst), force=args.force, console=_console(stderr=True))
+    return EXIT_OK
+
+
+def cmd_demo_model(args) -> int:
+    from orchestrator.demo import build_demo_model
+
+    dst = Path(args.dir)
+    if dst.exists() and any(dst.iterdir()) and not args.force:
+        raise UserError(f"{dst}: exists and is not empty (use --force to overwrite)")
+    build_demo_model(dst)
+    print(f"demo model (random weights: its scores are meaningless) written to {dst}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_probe(args) -> int:
+    from orchestrator.hardware import probe, render_hardware
+
+    hardware = probe(disk_path=Path(args.disk_path))
+    if args.json:
+        print(json.dumps(hardware.to_dict(), indent=2))
+    else:
+        render_hardware(hardware, _console())
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:
+    from orchestrator.controller import plan_job
+    from orchestrator.planner import render_plan
+
+    _spec, plan = plan_job(Path(args.job))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        render_plan(plan, _console())
+    return EXIT_OK
+
+
+def cmd_submit(args) -> int:
+    from orchestrator.controller import submit
+
+    return submit(Path(args.job), console=_console(stderr=True), restart=args.restart)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexorch", description="Score prompts with LLMs far larger than your GPU, layer by layer."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="convert a Hugging Face checkpoint dir into a layerwise dir")
+    p.add_argument("src", help="Hugging Face checkpoint dir (safetensors or pytorch .bin)")
+    p.add_argument("dst", help="layerwise dir to write")
+    p.add_argument("--force", action="store_true", help="replace an existing DST")
+    p.set_defaults(run=cmd_prepare)
+
+    p = sub.add_parser("probe", help="print the hardware the planner sees")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--disk-path", default=".", help="where activations would go (for free disk)")
+    p.set_defaults(run=cmd_probe)
+
+    p = sub.add_parser("plan", help="validate a job and print the plan, changing nothing")
+    p.add_argument("job", help="job file (YAML)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_plan)
+
+    p = sub.add_parser("submit", help="run a job")
+    p.add_argument("job", help="job file (YAML)")
+    p.add_argument("--restart", action="store_true", help="discard a previous run's parts in job_dir")
+    p.set_defaults(run=cmd_submit)
+
+    p = sub.add_parser("demo-model", help="write the built-in demo model (random weights) to DIR")
+    p.add_argument("dir")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(run=cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Reading a layerwise dir: one safetensors file per layer, described by its manifest.
+
+Layer files are read with their header parsed here (8-byte length, JSON) and their data region read
+in one call into a caller-owned flat byte buffer — on CUDA a reused pinned buffer — of which the
+tensors are views. That costs one copy from the page cache and no per-tensor allocation, and the
+same code runs on CPU and GPU machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workers.errors import UserError
+from workers.manifest import LayerEntry, Manifest, read_manifest
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ALIGN = 64  # layers packed into one buffer start at multiples of this, so every dtype view is aligned
+_HASH_CHUNK = 16 << 20
+
+
+class LayerIntegrityError(UserError):
+    """A layer file that is missing, truncated, or whose checksum disagrees with the manifest."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offsets within the file's data region
+    end: int
+
+
+@dataclass(frozen=True)
+class LayerFileHeader:
+    data_offset: int  # where the data region starts in the file
+    data_bytes: int
+    tensors: tuple[TensorSpec, ...]
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def read_header(path: Path) -> LayerFileHeader:
+    """Parse a safetensors header without touching the data."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(length))
+        size = os.path.getsize(path)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise LayerIntegrityError(f"{path}: not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    specs = []
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        specs.append(TensorSpec(name, _DTYPES[info["dtype"]], tuple(info["shape"]), start, end))
+    data_bytes = max((spec.end for spec in specs), default=0)
+    if 8 + length + data_bytes != size:
+        raise LayerIntegrityError(f"{path}: file is {size} bytes, its header describes {8 + length + data_bytes}")
+    return LayerFileHeader(8 + length, data_bytes, tuple(sorted(specs, key=lambda s: s.start)))
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class LayerwiseModel:
+    """A layerwise dir: its manifest, and its layers by name ("embed", "layer.3", "lm_head", ...)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest: Manifest = read_manifest(self.path)
+        self._headers: dict[str, LayerFileHeader] = {}
+
+    def entry(self, name: str) -> LayerEntry:
+        return self.manifest.entry(name)
+
+    def stored_entry(self, name: str) -> LayerEntry:
+        """The entry whose file holds `name`'s weights (a tied lm head's target)."""
+        entry = self.entry(name)
+        return self.entry(entry.tied_to) if entry.tied_to else entry
+
+    def file_path(self, name: str) -> Path:
+        return self.path / self.stored_entry(name).file
+
+    def layer_bytes(self, name: str) -> int:
+        """Bytes of the layer's file, from the manifest: nothing is read."""
+        return self.stored_entry(name).bytes
+
+    def header(self, name: str) -> LayerFileHeader:
+        """The layer file's header, checked against the manifest's size (cached)."""
+        stored = self.stored_entry(name)
+        if stored.name not in self._headers:
+            path = self.path / stored.file
+            if not path.is_file():
+                raise LayerIntegrityError(f"{path}: layer file {stored.name!r} is missing")
+            actual = path.stat().st_size
+            if actual != stored.bytes:
+                raise LayerIntegrityError(
+                    f"{path}: layer {stored.name!r} is {actual} bytes, the manifest says {stored.bytes}"
+                )
+            self._headers[stored.name] = read_header(path)
+        return self._headers[stored.name]
+
+    def data_bytes(self, name: str) -> int:
+        return self.header(name).data_bytes
+
+    def verify(self, name: str) -> None:
+        """Check the layer file's size and sha256 against the manifest."""
+        stored = self.stored_entry(name)
+        self.header(name)
+        digest = sha256_file(self.path / stored.file)
+        if digest != stored.sha256:
+            raise LayerIntegrityError(
+                f"{self.path / stored.file}: checksum mismatch for layer {stored.name!r} "
+                "(the file changed after `flexorch prepare`; re-run it)"
+            )
+
+    def read_into(self, name: str, buffer: torch.Tensor, verify: bool = False) -> dict[str, torch.Tensor]:
+        """Read layer `name` into `buffer` (flat uint8, CPU, at least data_bytes long) and return
+        its tensors as views of the buffer, named relative to the layer (a tied head: {"weight"})."""
+        entry, stored = self.entry(name), self.stored_entry(name)
+        header = self.header(name)
+        path = self.path / stored.file
+        target = buffer[: header.data_bytes].numpy()
+        digest = hashlib.sha256() if verify else None
+        with open(path, "rb", buffering=0) as f:
+            if digest is not None:
+                digest.update(f.read(header.data_offset))
+            else:
+                f.seek(header.data_offset)
+            view, done = memoryview(target), 0
+            while done < header.data_bytes:
+                got = f.readinto(view[done:done + _HASH_CHUNK])
+                if not got:
+                    raise LayerIntegrityError(f"{path}: layer {stored.name!r} is truncated")
+                if digest is not None:  # hashlib releases the GIL: hashing overlaps the compute thread
+                    digest.update(view[done:done + got])
+                done += got
+        if digest is not None and digest.hexdigest() != stored.sha256:
+            raise LayerIntegrityError(
+                f"{path}: checksum mismatch for layer {stored.name!r} "
+                "(the file changed after `flexorch prepare`; re-run it)"
+            )
+        tensors = {
+            spec.name: buffer[spec.start:spec.end].view(spec.dtype).view(spec.shape) for spec in header.tensors
+        }
+        if entry.tied_to:
+            return {"weight": tensors["weight"]}
+        return tensors
+
+    def load(self, name: str, verify: bool = False) -> dict[str, torch.Tensor]:
+        """Read layer `name` into a fresh buffer (convenience for tests and tools)."""
+        buffer = torch.empty(aligned(self.data_bytes(name)), dtype=torch.uint8)
+        return self.read_into(name, buffer, verify=verify)

@@ -1,0 +1,127 @@
+"""The layerwise model format: a manifest describing one safetensors file per layer.
+
+A layerwise dir (written by `flexorch prepare`) holds:
+  flexorch_manifest.json   this manifest (versioned)
+  layers/000_embed.safetensors, layers/001_layer.0.safetensors, ..., norm, lm_head
+  config.json, generation_config.json, tokenizer files (copied from the source)
+
+Tensor names inside a layer file are relative to the layer's module (``self_attn.q_proj.weight``);
+``source_prefix`` + name gives the name in the source checkpoint (``model.layers.3.``).
+A tied lm head has no file of its own: ``tied_to`` names the layer whose ``weight`` it reuses.
+
+Pure Python (json only): the planner reads manifests without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from workers.errors import UserError
+
+MANIFEST_NAME = "flexorch_manifest.json"
+FORMAT_VERSION = 1
+
+# Layer kinds in forward order.
+EMBED, DECODER, NORM, LM_HEAD = "embed", "decoder", "norm", "lm_head"
+
+
+class ManifestError(UserError):
+    """A layerwise dir whose manifest is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    name: str  # "embed", "layer.0" ... "layer.N-1", "norm", "lm_head"
+    kind: str  # EMBED | DECODER | NORM | LM_HEAD
+    file: str | None  # path relative to the dir; None when tied_to is set
+    bytes: int  # size of the file (0 when tied)
+    sha256: str | None  # hex digest of the whole file (None when tied)
+    dtype: str  # e.g. "bfloat16" (the widest floating dtype in the file)
+    params: int  # number of elements in the layer's tensors
+    source_prefix: str  # e.g. "model.layers.3."
+    tensors: tuple[str, ...] = ()  # tensor names in the file (relative to the layer)
+    tied_to: str | None = None  # e.g. "embed" for a tied lm head
+
+    @property
+    def index(self) -> int | None:
+        """Decoder layer number, or None for the other kinds."""
+        return int(self.name.split(".", 1)[1]) if self.kind == DECODER else None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    model_type: str
+    architectures: tuple[str, ...]
+    dtype: str  # the checkpoint's dtype (torch name without "torch.")
+    num_layers: int  # decoder layers
+    hidden_size: int
+    vocab_size: int
+    layers: tuple[LayerEntry, ...]  # forward order
+    config: dict = field(default_factory=dict)  # the source config.json, as read
+    source: str = ""  # the source dir, for information only
+
+    # -- derived sizes, used by the planner ------------------------------------------------------
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.bytes for entry in self.layers)
+
+    @property
+    def decoder_layers(self) -> tuple[LayerEntry, ...]:
+        return tuple(entry for entry in self.layers if entry.kind == DECODER)
+
+    @property
+    def largest_layer_bytes(self) -> int:
+        return max(self.stored_bytes(entry) for entry in self.layers)
+
+    def entry(self, name: str) -> LayerEntry:
+        for entry in self.layers:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def stored_bytes(self, entry: LayerEntry) -> int:
+        """Bytes read to materialise `entry` (a tied head reads its target's file)."""
+        return self.entry(entry.tied_to).bytes if entry.tied_to else entry.bytes
+
+    # -- (de)serialisation -----------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        if data.get("version") != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest version {data.get('version')!r} is not supported (expected {FORMAT_VERSION}); "
+                "re-run `flexorch prepare`"
+            )
+        try:
+            layers = tuple(
+                LayerEntry(**{**layer, "tensors": tuple(layer.get("tensors", ()))}) for layer in data["layers"]
+            )
+            return cls(**{**data, "layers": layers, "architectures": tuple(data.get("architectures") or ())})
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"manifest is malformed: {exc}") from None
+
+
+def is_layerwise_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and check `path/flexorch_manifest.json`; raises ManifestError naming the file."""
+    manifest_path = Path(path) / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ManifestError(f"{path}: not a layerwise model dir (no {MANIFEST_NAME}); run `flexorch prepare` first")
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{manifest_path}: manifest is not a JSON object")
+    try:
+        return Manifest.from_dict(data)
+    except ManifestError as exc:
+        raise ManifestError(f"{manifest_path}: {exc}") from None

@@ -1,0 +1,81 @@
+"""What the controller hands a worker and what comes back: plain frozen dataclasses (picklable,
+torch-free), so the orchestrator can build them without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SCORE_KINDS = ("next_token_probs", "token_probs", "suffix_logprob")
+STORAGES = ("gpu", "cpu", "disk")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """One prompt as token ids: the prefix (with the tokenizer's special tokens) and its suffixes."""
+
+    index: int  # position in the job's prompt list
+    prefix_ids: tuple[int, ...]
+    suffix_ids: tuple[tuple[int, ...], ...]
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the packed sequence (prefix once, then every suffix)."""
+        return len(self.prefix_ids) + sum(len(s) for s in self.suffix_ids)
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    kind: str = "next_token_probs"  # one of SCORE_KINDS
+    token_ids: tuple[int, ...] = ()  # token_probs only: the ids whose probabilities are kept
+    generate_tokens: int = 1  # greedy steps; each appends the argmax token to every suffix
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything placement-related a worker's engine needs: decided by the planner, never here."""
+
+    device: str  # "cpu" | "cuda:N"
+    dtype: str  # one of DTYPES: the compute dtype
+    layers_per_shard: int  # decoder layers resident at once (embed/norm/head ride with the first/last)
+    storage: str  # one of STORAGES: where activations wait between shards
+    batch_tokens: int  # padded tokens per forward pass
+    disk_folder: str | None = None  # storage == "disk": where activation files go
+    verify_checksums: bool = True  # hash each layer file while reading it
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Reported by the engine as it goes; rendered by the controller."""
+
+    stage: int  # shards completed so far in this pass
+    stages: int  # shards in one pass over the model
+    step: int  # generation step (1-based)
+    steps: int
+    prompts_done: int  # prompts whose scores are final
+    prompts: int
+    tokens_done: int  # tokens pushed through the current shard, for tokens/s
+    bytes_read: int  # weight bytes read so far
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EngineSummary:
+    seconds: float
+    load_seconds: float  # time the compute thread waited for weights (not hidden by prefetch)
+    read_seconds: float  # time the loader thread spent reading weights (hidden or not)
+    compute_seconds: float
+    bytes_read: int
+    peak_rss: int  # bytes
+    peak_device_memory: int  # bytes; 0 on CPU
+    peak_device_memory_per_shard: tuple[int, ...] = ()  # CUDA only
+    tokens: int = 0  # tokens computed (all steps, all layers counted once)
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """Scores of one prompt, in the output format of JOBSPEC (numpy arrays)."""
+
+    index: int
+    scores: object  # np.ndarray (n_suffixes, steps, k) or {"logprob", "is_greedy", "n_tokens"} arrays
+    generated: tuple[tuple[int, ...], ...] = field(default=())  # per suffix: ids appended by steps 1..G-1
