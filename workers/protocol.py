@@ -42,6 +42,7 @@ class EngineSettings:
     batch_tokens: int  # padded tokens per forward pass
     disk_folder: str | None = None  # storage == "disk": where activation files go
     verify_checksums: bool = True  # hash each layer file while reading it
+    threads: int = 0  # CPU threads for torch (0: torch's default); set when workers share the CPU
 
 
 @dataclass(frozen=True)
