@@ -1,0 +1,97 @@
+"""Where each batch's hidden states wait between shards: on the device, in host RAM, or on disk.
+
+One interface, three stores. Memory is bounded by construction: `gpu` holds every batch on the
+device, `cpu` holds them in (pinned, on CUDA) host memory, `disk` holds only the batch in flight —
+each batch is a safetensors file (no pickle), overwritten in place shard after shard.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class ActivationStore:
+    """hidden: (rows, L, d_model) per batch id."""
+
+    def put(self, batch_id: int, hidden: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def get(self, batch_id: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free everything the store holds."""
+
+
+class DeviceStore(ActivationStore):
+    """Activations stay where they were computed (storage: gpu; on a CPU worker, RAM)."""
+
+    def __init__(self):
+        self._batches: dict[int, torch.Tensor] = {}
+
+    def put(self, batch_id, hidden):
+        self._batches[batch_id] = hidden
+
+    def get(self, batch_id):
+        return self._batches.pop(batch_id)
+
+    def close(self):
+        self._batches.clear()
+
+
+class HostStore(ActivationStore):
+    """Activations in host RAM between shards (storage: cpu), pinned so copies are asynchronous."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._batches: dict[int, torch.Tensor] = {}
+        self._pin = device.type == "cuda"
+
+    def put(self, batch_id, hidden):
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=self._pin)
+        host.copy_(hidden, non_blocking=self._pin)
+        self._batches[batch_id] = host
+
+    def get(self, batch_id):
+        if self._pin:  # the put's device-to-host copy must have landed
+            torch.cuda.current_stream(self.device).synchronize()
+        return self._batches.pop(batch_id).to(self.device, non_blocking=self._pin)
+
+    def close(self):
+        self._batches.clear()
+
+
+class DiskStore(ActivationStore):
+    """One safetensors file per batch in a private folder inside `folder`, removed on close."""
+
+    def __init__(self, folder: str | Path, device: torch.device):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.device = device
+        self.root = Path(tempfile.mkdtemp(prefix="activations-", dir=folder))
+
+    def _path(self, batch_id: int) -> Path:
+        return self.root / f"batch{batch_id:06d}.safetensors"
+
+    def put(self, batch_id, hidden):
+        save_file({"hidden": hidden.contiguous().cpu()}, self._path(batch_id))
+
+    def get(self, batch_id):
+        return load_file(self._path(batch_id), device="cpu")["hidden"].to(self.device)
+
+    def close(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def make_store(storage: str, device: torch.device, disk_folder: str | None) -> ActivationStore:
+    if storage == "gpu":
+        return DeviceStore()
+    if storage == "cpu":
+        return DeviceStore() if device.type == "cpu" else HostStore(device)
+    if storage == "disk":
+        return DiskStore(disk_folder or tempfile.gettempdir(), device)
+    raise ValueError(f"unknown activation storage {storage!r}")

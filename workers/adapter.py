@@ -1,0 +1,195 @@
+"""Runs a Hugging Face causal LM as separate stages: embeddings → decoder layers → norm → lm head.
+
+The skeleton is built from the config with every parameter on the meta device (no weight memory)
+while buffers — rotary frequencies, Gemma's embedding scale — are real, computed by transformers
+itself. Weights are assigned per layer as they stream in and dropped back to meta afterwards, so
+every architecture's arithmetic is transformers' own modules; we only supply masks and positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from workers.errors import UserError
+from workers.manifest import DECODER, EMBED, LM_HEAD, NORM
+
+# Architectures whose stage-wise scores are tested against the un-split model.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Create parameters on the meta device and leave buffers real (accelerate's
+    init_empty_weights(include_buffers=False), in a few lines)."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            meta = nn.Parameter(module._parameters[name].to("meta"), requires_grad=False)
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # Buffers made in __init__ (e.g. Gemma's embed scale) take the default dtype, as in from_pretrained.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Prompts packed as rows: row r is prefix + suffix_1 + ... + suffix_n, right-padded.
+
+    input_ids, position_ids, segment_ids: (rows, length); segment 0 is the prefix, j the j-th
+    suffix, -1 padding. Positions restart after the prefix for each suffix, so each suffix token
+    sits where it would in prefix + suffix alone.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+
+def pack_rows(rows: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]]) -> PackedBatch:
+    """Pack (prefix_ids, suffix_ids) rows into one right-padded batch."""
+    length = max(len(prefix) + sum(len(s) for s in suffixes) for prefix, suffixes in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    pos = torch.zeros(len(rows), length, dtype=torch.long)
+    seg = torch.full((len(rows), length), -1, dtype=torch.long)
+    for r, (prefix, suffixes) in enumerate(rows):
+        p = len(prefix)
+        ids[r, :p] = torch.tensor(prefix, dtype=torch.long)
+        pos[r, :p] = torch.arange(p)
+        seg[r, :p] = 0
+        start = p
+        for j, suffix in enumerate(suffixes, start=1):
+            n = len(suffix)
+            if n:
+                ids[r, start:start + n] = torch.tensor(suffix, dtype=torch.long)
+            pos[r, start:start + n] = torch.arange(p, p + n)
+            seg[r, start:start + n] = j
+            start += n
+    return PackedBatch(ids, pos, seg)
+
+
+def attention_allowed(batch: PackedBatch, sliding_window: int | None) -> torch.Tensor:
+    """(rows, 1, L, L) bool: may query q attend to key k.
+
+    A prefix token sees the earlier prefix; a suffix token sees the whole prefix and the earlier
+    tokens of its own suffix — exactly its view in the un-split prefix + suffix sequence. A sliding
+    window keeps keys with q_pos - k_pos < window, as transformers' sliding_window_overlay does.
+    Padding queries see only themselves, so no row is fully masked (NaN-free softmax).
+    """
+    seg, pos = batch.segment_ids, batch.position_ids
+    length = seg.shape[1]
+    index = torch.arange(length)
+    causal = index[None, :, None] >= index[None, None, :]  # (1, q, k)
+    seg_q, seg_k = seg[:, :, None], seg[:, None, :]
+    allowed = causal & ((seg_k == seg_q) | (seg_k == 0)) & (seg_k >= 0) & (seg_q >= 0)
+    if sliding_window is not None:
+        allowed &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
+    allowed |= (seg_q < 0) & (index[:, None] == index[None, :])
+    return allowed[:, None]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask → the additive float mask transformers' eager and sdpa attention both accept."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+class ModelAdapter:
+    """A meta skeleton of the model and the calls that run each stage on `device`."""
+
+    def __init__(self, model_dir: str | Path, device: torch.device, dtype: torch.dtype,
+                 allow_remote_code: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=allow_remote_code)
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UserError(
+                f"{model_dir}: architecture {config.model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        config._attn_implementation = "sdpa"
+        with _parameters_on_meta(), _default_dtype(dtype):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=allow_remote_code)
+        model.eval().requires_grad_(False)
+        self.config = config
+        self.device, self.dtype = device, dtype
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self._modules: dict[str, nn.Module] = {EMBED: base.embed_tokens, NORM: base.norm, LM_HEAD: model.lm_head}
+        self._layers = base.layers
+        for module in (base.embed_tokens, base.rotary_emb):  # the real buffers (rotary, embed scale)
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(module, name, buffer.to(device))
+        self.rotary = base.rotary_emb.to(device)
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
+        layer_types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None)
+        self.sliding_windows: tuple[int | None, ...] = tuple(
+            (window if layer_types[i] == "sliding_attention" else None) if layer_types else window
+            for i in range(config.num_hidden_layers)
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def module(self, kind: str, index: int | None = None) -> nn.Module:
+        return self._layers[index] if kind == DECODER else self._modules[kind]
+
+    def assign(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Give `module` these weights (already on the device, in the compute dtype), no copy."""
+        module.load_state_dict(tensors, strict=True, assign=True)
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        """Drop a module's weights back to meta so their memory can be reused."""
+        for sub in module.modules():
+            for name, param in sub._parameters.items():
+                if param is not None and not param.is_meta:
+                    sub._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    # -- stages ------------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: (rows, L) → hidden: (rows, L, d_model)."""
+        return self._modules[EMBED](input_ids)
+
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """The (cos, sin) every decoder layer takes; position_ids: (rows, L)."""
+        return self.rotary(hidden, position_ids)
+
+    def decoder_layer(self, index: int, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+                      position_embeddings) -> torch.Tensor:
+        """hidden: (rows, L, d_model) → same; mask: additive (rows, 1, L, L)."""
+        out = self._layers[index](hidden, attention_mask=mask, position_ids=position_ids,
+                                  position_embeddings=position_embeddings)
+        return out[0] if isinstance(out, tuple) else out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (n, d_model) of the positions to score → float32 logits (n, vocab)."""
+        logits = self._modules[LM_HEAD](self._modules[NORM](hidden)).float()
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits

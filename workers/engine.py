@@ -1,0 +1,207 @@
+"""The per-device engine: stream a layerwise model through one device over a list of prompts.
+
+Loop order is shard-major: a shard (a few decoder layers, or the embeddings, or norm + lm head)
+is loaded once per pass and every batch of prompts goes through it before the next shard comes;
+activations wait in an ActivationStore. Each prompt is one packed row — its prefix once, then
+every suffix with positions restarting after the prefix and a mask that keeps suffixes apart — so
+the prefix is computed once per layer, not once per suffix.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from workers.activations import make_store
+from workers.adapter import ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
+from workers.layerfile import LayerwiseModel
+from workers.manifest import DECODER, EMBED, LM_HEAD, Manifest
+from workers.prefetch import LoadedShard, Shard, ShardLoader
+from workers.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
+from workers.scoring import compute_scores, score_targets
+
+Row = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (prefix_ids, suffix_ids) of one packed row
+
+
+@dataclass(frozen=True)
+class EngineHooks:
+    """Test hooks for fault injection; each is called with (step, shard index[, batch index])."""
+
+    before_batch: Callable[[int, int, int], None] | None = None
+    after_shard: Callable[[int, int], None] | None = None
+
+
+def plan_shards(manifest: Manifest, layers_per_shard: int) -> list[Shard]:
+    """Embeddings alone, then decoder layers `layers_per_shard` at a time, then norm + lm head."""
+    decoders = [entry.name for entry in manifest.layers if entry.kind == DECODER]
+    tail = [entry.name for entry in manifest.layers if entry.kind not in (EMBED, DECODER)]
+    groups = [[manifest.layers[0].name]]
+    groups += [decoders[i:i + layers_per_shard] for i in range(0, len(decoders), layers_per_shard)]
+    groups.append(tail)
+    return [Shard(index, tuple(names)) for index, names in enumerate(groups)]
+
+
+def make_batches(rows: Sequence[Row], batch_tokens: int) -> list[list[int]]:
+    """Group row indices into batches of at most `batch_tokens` padded tokens, longest first, so
+    rows of similar length share a batch and padding stays small. A row longer than the budget
+    gets a batch of its own (the planner keeps batch_tokens above the longest prompt)."""
+    lengths = [len(prefix) + sum(len(s) for s in suffixes) for prefix, suffixes in rows]
+    order = sorted(range(len(rows)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(i)  # the batch's first row is its longest: it sets the padded length
+        else:
+            batches.append([i])
+    return batches
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class _Pass:
+    """One pass over the model for one generation step: batches, their layout and scores."""
+
+    def __init__(self, rows: list[Row], batch_tokens: int, kind: str):
+        self.rows = rows
+        self.batches = make_batches(rows, batch_tokens)
+        self.packed = [pack_rows([rows[i] for i in batch]) for batch in self.batches]
+        self.targets = [score_targets([rows[i] for i in batch], kind) for batch in self.batches]
+        self.tokens = sum(p.input_ids.numel() for p in self.packed)
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, settings: EngineSettings, score: ScoreSpec,
+                 on_progress: Callable[[ProgressEvent], None] | None = None, hooks: EngineHooks | None = None):
+        self.settings, self.score = settings, score
+        self.device = torch.device(settings.device)
+        self.dtype = getattr(torch, settings.dtype)
+        self.model = LayerwiseModel(model_dir)
+        self.adapter = ModelAdapter(model_dir, self.device, self.dtype)
+        self.shards = plan_shards(self.model.manifest, settings.layers_per_shard)
+        self.on_progress = on_progress or (lambda event: None)
+        self.hooks = hooks or EngineHooks()
+        self.vocab_size = self.adapter.config.vocab_size
+        self.peak_device_per_shard: list[int] = []
+
+    def run(self, prompts: Sequence[TokenizedPrompt]) -> tuple[list[PromptResult], EngineSummary]:
+        start = time.perf_counter()
+        steps = self.score.generate_tokens
+        generated = [[() for _ in p.suffix_ids] for p in prompts]  # per prompt, per suffix
+        scores = [[] for _ in prompts]  # per prompt: one BatchScores slice per step
+        store = make_store(self.settings.storage, self.device, self.settings.disk_folder)
+        loader = ShardLoader(self.model, self.shards, self.device, self.dtype, passes=steps,
+                             verify=self.settings.verify_checksums)
+        tokens = 0
+        with torch.inference_mode(), loader:
+            try:
+                for step in range(steps):
+                    rows = [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen)))
+                            for p, gen in zip(prompts, generated)]
+                    current = _Pass(rows, self.settings.batch_tokens, self.score.kind)
+                    for shard in self.shards:
+                        loaded = loader.next_shard()
+                        self._run_shard(loaded, current, store, scores)
+                        loader.release(loaded)  # the compute using it has been issued
+                        tokens += current.tokens
+                        self.on_progress(ProgressEvent(
+                            stage=shard.index + 1, stages=len(self.shards), step=step + 1, steps=steps,
+                            prompts_done=len(prompts) if shard.index == len(self.shards) - 1 else 0,
+                            prompts=len(prompts), tokens_done=current.tokens,
+                            bytes_read=loader.stats.bytes_read, seconds=time.perf_counter() - start))
+                        if self.hooks.after_shard:
+                            self.hooks.after_shard(step, shard.index)
+                    if self.score.kind != "suffix_logprob":
+                        for i, prompt_scores in enumerate(scores):
+                            next_ids = prompt_scores[-1][1]
+                            generated[i] = [g + (int(t),) for g, t in zip(generated[i], next_ids)]
+            finally:
+                store.close()
+        results = [self._result(p, s, g) for p, s, g in zip(prompts, scores, generated)]
+        seconds = time.perf_counter() - start
+        stats = loader.stats
+        summary = EngineSummary(
+            seconds=seconds, load_seconds=stats.wait_seconds, read_seconds=stats.read_seconds,
+            compute_seconds=seconds - stats.wait_seconds, bytes_read=stats.bytes_read, peak_rss=_peak_rss(),
+            peak_device_memory=max(self.peak_device_per_shard, default=0),
+            peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens)
+        return results, summary
+
+    def _run_shard(self, loaded: LoadedShard, current: _Pass, store, scores) -> None:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        modules = []
+        for name in loaded.shard.names:
+            entry = self.model.entry(name)
+            module = self.adapter.module(entry.kind, entry.index)
+            self.adapter.assign(module, loaded.tensors[name])
+            modules.append((entry, module))
+        kinds = {entry.kind for entry, _ in modules}
+        layer_indices = [entry.index for entry, _ in modules if entry.kind == DECODER]
+        for b, packed in enumerate(current.packed):
+            if self.hooks.before_batch:
+                self.hooks.before_batch(loaded.step, loaded.shard.index, b)
+            if EMBED in kinds:
+                hidden = self.adapter.embed(packed.input_ids.to(self.device))
+            else:
+                hidden = store.get(b)
+            if layer_indices:
+                hidden = self._decoder_layers(layer_indices, hidden, packed)
+            if LM_HEAD in kinds:
+                self._score_batch(hidden, current, b, scores)
+            else:
+                store.put(b, hidden)
+            del hidden
+        for _, module in modules:
+            self.adapter.release(module)
+        if cuda:
+            self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
+
+    def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+        position_ids = packed.position_ids.to(self.device)
+        segments = PackedBatch(packed.input_ids, position_ids, packed.segment_ids.to(self.device))
+        windows = {self.adapter.sliding_windows[i] for i in indices}
+        masks = {w: additive_mask(attention_allowed(segments, w), self.dtype) for w in windows}
+        position_embeddings = self.adapter.position_embeddings(hidden, position_ids)
+        for i in indices:
+            hidden = self.adapter.decoder_layer(i, hidden, masks[self.adapter.sliding_windows[i]], position_ids,
+                                                position_embeddings)
+        return hidden
+
+    def _score_batch(self, hidden: torch.Tensor, current: _Pass, b: int, scores) -> None:
+        batch_scores = compute_scores(hidden, current.targets[b], self.adapter.logits, self.score, self.vocab_size)
+        first = 0
+        for i in current.batches[b]:
+            n = len(current.rows[i][1])
+            part = slice(first, first + n)
+            if self.score.kind == "suffix_logprob":
+                scores[i].append((batch_scores.values[part], batch_scores.is_greedy[part]))
+            else:
+                scores[i].append((batch_scores.values[part], batch_scores.next_ids[part]))
+            first += n
+
+    def _result(self, prompt: TokenizedPrompt, per_step: list, generated) -> PromptResult:
+        if self.score.kind == "suffix_logprob":
+            logprob, is_greedy = per_step[0]
+            entry = {"logprob": logprob.numpy().astype(np.float64), "is_greedy": is_greedy.numpy().astype(bool),
+                     "n_tokens": np.array([len(s) for s in prompt.suffix_ids], dtype=np.int64)}
+            return PromptResult(prompt.index, entry, ())
+        values = np.stack([v.numpy() for v, _ in per_step], axis=1).astype(np.float32)  # (n_suffixes, steps, k)
+        return PromptResult(prompt.index, values, tuple(tuple(g) for g in generated))
+
+
+def score_prompts(model_dir: str | Path, prompts: Sequence[TokenizedPrompt], score: ScoreSpec,
+                  settings: EngineSettings, on_progress: Callable[[ProgressEvent], None] | None = None,
+                  hooks: EngineHooks | None = None) -> tuple[list[PromptResult], EngineSummary]:
+    """Scores of `prompts` (one pass over the model per generation step), in their order."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return Engine(model_dir, settings, score, on_progress, hooks).run(prompts)

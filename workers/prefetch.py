@@ -1,0 +1,166 @@
+"""Background shard loading: while the device computes shard k, a thread reads shard k+1.
+
+Two slots bound memory: the shard being computed and the one being loaded — the loader takes a
+slot before reading and the consumer gives it back when it is done with the shard, so a third
+shard is never resident. Each slot owns a flat byte buffer on the device, reused for every shard
+it carries. On CUDA, file bytes land in a pinned host staging buffer and reach the slot with one
+non-blocking copy on a side stream; the consumer waits on that copy's event, and the loader waits
+on the consumer's "done" event before overwriting a slot, so neither side ever blocks the other's
+stream needlessly. On CPU the slot buffer is the read target itself: the same code, no copy.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.layerfile import LayerwiseModel, aligned
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # position in one pass over the model
+    names: tuple[str, ...]  # layer names, forward order
+
+
+@dataclass
+class LoadedShard:
+    shard: Shard
+    step: int  # which pass (generation step) this load belongs to
+    tensors: dict[str, dict[str, torch.Tensor]]  # layer name → its tensors, on the device
+    nbytes: int  # bytes read from disk
+    slot: int
+    ready: object = None  # torch.cuda.Event the consumer waits on (CUDA only)
+
+
+@dataclass
+class LoaderStats:
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # time the loader thread spent reading and copying
+    wait_seconds: float = 0.0  # time the consumer waited for a shard (loading not hidden)
+    errors: list = field(default_factory=list)
+
+
+_DONE = object()
+
+
+class ShardLoader:
+    """Iterate the shards of `passes` passes over the model, loaded ahead on a background thread.
+
+    Use as a context manager; `next_shard()` returns the next LoadedShard, `release(loaded)`
+    returns its slot once the compute that uses it has been issued.
+    """
+
+    def __init__(self, model: LayerwiseModel, shards: list[Shard], device: torch.device, dtype: torch.dtype,
+                 passes: int = 1, verify: bool = True):
+        self.model, self.shards, self.device, self.dtype = model, shards, device, dtype
+        self.passes, self.verify = passes, verify
+        self.stats = LoaderStats()
+        slot_bytes = max(sum(aligned(model.data_bytes(name)) for name in shard.names) for shard in shards)
+        cuda = device.type == "cuda"
+        # Slots live where the compute reads them; on CUDA, file bytes stage through pinned memory.
+        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self._staging = torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) if cuda else None
+        self._copy_stream = torch.cuda.Stream(device) if cuda else None
+        self._slot_done = [None, None]  # CUDA events: compute finished with the slot's last shard
+        self._free_slots: queue.Queue[int] = queue.Queue()
+        for slot in range(2):
+            self._free_slots.put(slot)
+        self._ready: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flexorch-loader", daemon=True)
+
+    def __enter__(self) -> "ShardLoader":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._free_slots.put(-1)  # wake the loader if it waits for a slot
+        self._thread.join()
+
+    # -- consumer side ---------------------------------------------------------------------------
+    def next_shard(self) -> LoadedShard:
+        start = time.perf_counter()
+        item = self._ready.get()
+        self.stats.wait_seconds += time.perf_counter() - start
+        if isinstance(item, BaseException):
+            raise item
+        if item is _DONE:
+            raise StopIteration
+        if item.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(item.ready)
+        return item
+
+    def release(self, loaded: LoadedShard) -> None:
+        """The compute using `loaded` has been issued; its slot may be refilled after it completes."""
+        if self._copy_stream is not None:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self._slot_done[loaded.slot] = done
+        loaded.tensors.clear()
+        self._free_slots.put(loaded.slot)
+
+    # -- loader thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            for step in range(self.passes):
+                for shard in self.shards:
+                    slot = self._free_slots.get()
+                    if self._stop.is_set():
+                        return
+                    self._ready.put(self._load(shard, step, slot))
+            self._ready.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which raises it in the main thread
+            self._ready.put(exc)
+
+    def _load(self, shard: Shard, step: int, slot: int) -> LoadedShard:
+        start = time.perf_counter()
+        target = self._staging if self._staging is not None else self._slots[slot]
+        views, offset, nbytes = {}, 0, 0
+        for name in shard.names:
+            size = self.model.data_bytes(name)
+            views[name] = self.model.read_into(name, target[offset:offset + size], verify=self.verify)
+            nbytes += self.model.layer_bytes(name)
+            offset += aligned(size)
+        ready = None
+        if self._copy_stream is not None:
+            with torch.cuda.stream(self._copy_stream):
+                if self._slot_done[slot] is not None:  # compute may still read this slot's last shard
+                    self._copy_stream.wait_event(self._slot_done[slot])
+                self._slots[slot][:offset].copy_(self._staging[:offset], non_blocking=True)
+                views = {name: self._rebase(tensors, target, self._slots[slot]) for name, tensors in views.items()}
+                views = self._convert(views)
+                ready = torch.cuda.Event()
+                ready.record(self._copy_stream)
+            ready.synchronize()  # the staging buffer is reused by the next read
+        else:
+            views = self._convert(views)
+        self.stats.bytes_read += nbytes
+        self.stats.read_seconds += time.perf_counter() - start
+        return LoadedShard(shard, step, views, nbytes, slot, ready)
+
+    @staticmethod
+    def _rebase(tensors: dict[str, torch.Tensor], source: torch.Tensor, target: torch.Tensor):
+        """Views of `source` → the same views of `target` (same offsets, other buffer)."""
+        base = source.data_ptr()
+        out = {}
+        for name, t in tensors.items():
+            start = t.data_ptr() - base
+            flat = target[start:start + t.numel() * t.element_size()]
+            out[name] = flat.view(t.dtype).view(t.shape)
+        return out
+
+    def _convert(self, views: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Floating tensors to the compute dtype (a copy only where the checkpoint's dtype differs)."""
+        return {
+            name: {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+            for name, tensors in views.items()
+        }
