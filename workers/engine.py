@@ -9,7 +9,9 @@ the prefix is computed once per layer, not once per suffix.
 
 from __future__ import annotations
 
+import ctypes
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,15 @@ from workers.manifest import DECODER, EMBED, LM_HEAD, Manifest
 from workers.prefetch import LoadedShard, Shard, ShardLoader
 from workers.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
 from workers.scoring import compute_scores, score_targets
+
+def _load_libc():
+    try:
+        return ctypes.CDLL("libc.so.6")  # glibc only: malloc_trim
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc() if sys.platform.startswith("linux") else None
 
 Row = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (prefix_ids, suffix_ids) of one packed row
 
@@ -62,8 +73,28 @@ def make_batches(rows: Sequence[Row], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def peak_rss() -> int:
+    """Peak resident memory of this process, in bytes.
+
+    VmHWM, not ru_maxrss: ru_maxrss survives fork + exec, so a worker spawned by a big controller
+    (or a test process) would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; bytes on macOS
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS. glibc keeps the freed intermediates of each layer's
+    forward in its heap, and RSS then creeps up by 2-4 MB per layer (measured on a 16-layer model);
+    trimming once per shard keeps it flat at the cost of well under a millisecond."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 class _Pass:
@@ -129,7 +160,7 @@ class Engine:
         stats = loader.stats
         summary = EngineSummary(
             seconds=seconds, load_seconds=stats.wait_seconds, read_seconds=stats.read_seconds,
-            compute_seconds=seconds - stats.wait_seconds, bytes_read=stats.bytes_read, peak_rss=_peak_rss(),
+            compute_seconds=seconds - stats.wait_seconds, bytes_read=stats.bytes_read, peak_rss=peak_rss(),
             peak_device_memory=max(self.peak_device_per_shard, default=0),
             peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens)
         return results, summary
@@ -162,6 +193,7 @@ class Engine:
             del hidden
         for _, module in modules:
             self.adapter.release(module)
+        _trim_heap()
         if cuda:
             self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
 

@@ -1,0 +1,258 @@
+"""The engine against the un-split Hugging Face model, for every supported architecture.
+
+References are computed with AutoModelForCausalLM on prefix_ids + suffix_ids (one forward per
+suffix, the tokenizer reloaded from the model dir), then compared with the layer-streamed scores
+for several shard sizes, storages and batch budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.demo import ARCHITECTURES
+from workers.engine import EngineHooks, _Pass, make_batches, score_prompts
+from workers.errors import UserError
+from workers.layerfile import LayerIntegrityError
+from workers.protocol import EngineSettings, ScoreSpec, TokenizedPrompt
+
+# Lengths vary from 1 token to several times the tiny models' sliding window (12), suffixes
+# include one-token and empty ones.
+TEXTS = [
+    ("The quick brown fox jumps over the lazy dog. Question: What is the capital of France? Answer:",
+     [" Paris", " Mars, the red planet", " A", ""]),
+    ("Hi", [" yes", " no"]),
+    ("Streaming a large language model layer by layer lets a small graphics card run a model far larger",
+     [" than its memory", " B", " C D E"]),
+    ("0 1 2 3", [" 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20", " 4"]),
+]
+GREEDY_STEPS = 3
+
+
+def tokenize(model_dir) -> list[TokenizedPrompt]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [
+        TokenizedPrompt(i, tuple(tokenizer(prefix).input_ids),
+                        tuple(tuple(tokenizer(s, add_special_tokens=False).input_ids) for s in suffixes))
+        for i, (prefix, suffixes) in enumerate(TEXTS)
+    ]
+
+
+@dataclass
+class Reference:
+    prompts: list[TokenizedPrompt]
+    probs: list[np.ndarray]  # per prompt: (n_suffixes, GREEDY_STEPS, vocab), greedy-extended
+    generated: list[list[tuple[int, ...]]]  # per prompt, per suffix: the greedy ids
+    logprob: list[np.ndarray]  # per prompt: (n_suffixes,)
+    is_greedy: list[np.ndarray]
+
+
+def reference_scores(model_dir) -> Reference:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = tokenize(model_dir)
+    ref = Reference(prompts, [], [], [], [])
+    with torch.no_grad():
+        for prompt in prompts:
+            probs, gens, logprobs, greedy = [], [], [], []
+            for suffix in prompt.suffix_ids:
+                ids = list(prompt.prefix_ids) + list(suffix)
+                logits = model(torch.tensor([ids])).logits[0].float()
+                steps, gen = [], []
+                for _ in range(GREEDY_STEPS):
+                    last = model(torch.tensor([ids])).logits[0, -1].float()
+                    steps.append(torch.softmax(last, -1).numpy())
+                    gen.append(int(last.argmax()))
+                    ids = ids + [gen[-1]]
+                probs.append(np.stack(steps))
+                gens.append(tuple(gen))
+                start = len(prompt.prefix_ids) - 1
+                predicted = logits[start:start + len(suffix)]
+                target = torch.tensor(suffix, dtype=torch.long)
+                logprobs.append(float(torch.log_softmax(predicted, -1).gather(1, target[:, None]).sum()))
+                greedy.append(bool((predicted.argmax(-1) == target).all()))
+            ref.probs.append(np.stack(probs))
+            ref.generated.append(gens)
+            ref.logprob.append(np.array(logprobs))
+            ref.is_greedy.append(np.array(greedy))
+    return ref
+
+
+@pytest.fixture(scope="session")
+def references(checkpoint):
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = reference_scores(checkpoint(arch))
+        return cache[arch]
+
+    return get
+
+
+def settings(**overrides) -> EngineSettings:
+    base = dict(device="cpu", dtype="float32", layers_per_shard=1, storage="cpu", batch_tokens=4096)
+    return EngineSettings(**{**base, **overrides})
+
+
+# (layers_per_shard, storage, batch_tokens): 1 and >1 layers, every storage, budgets that put all
+# prompts in one batch, split them across batches, and force one prompt per batch.
+CONFIGS = [(1, "cpu", 4096), (3, "gpu", 60), (2, "disk", 1)]
+
+
+@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+def test_next_token_probs_match_unsplit_model(arch, layerwise, references, tmp_path):
+    ref = references(arch)
+    for layers, storage, budget in CONFIGS:
+        results, summary = score_prompts(
+            layerwise(arch), ref.prompts, ScoreSpec("next_token_probs"),
+            settings(layers_per_shard=layers, storage=storage, batch_tokens=budget, disk_folder=str(tmp_path)))
+        assert [r.index for r in results] == [p.index for p in ref.prompts]
+        for result, expected in zip(results, ref.probs):
+            assert result.scores.dtype == np.float32
+            assert result.scores.shape == (expected.shape[0], 1, expected.shape[2])
+            np.testing.assert_allclose(result.scores[:, 0], expected[:, 0], atol=2e-6, rtol=0)
+        assert summary.bytes_read > 0
+    assert not any(tmp_path.iterdir()), "disk activations are removed after the pass"
+
+
+@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+def test_suffix_logprob_matches_unsplit_model(arch, layerwise, references, tmp_path):
+    ref = references(arch)
+    for layers, storage, budget in CONFIGS:
+        results, _ = score_prompts(
+            layerwise(arch), ref.prompts, ScoreSpec("suffix_logprob"),
+            settings(layers_per_shard=layers, storage=storage, batch_tokens=budget, disk_folder=str(tmp_path)))
+        for result, prompt, logprob, greedy in zip(results, ref.prompts, ref.logprob, ref.is_greedy):
+            scores = result.scores
+            np.testing.assert_allclose(scores["logprob"], logprob, atol=1e-4, rtol=0)
+            np.testing.assert_array_equal(scores["is_greedy"], greedy)
+            np.testing.assert_array_equal(scores["n_tokens"], [len(s) for s in prompt.suffix_ids])
+            assert scores["logprob"].dtype == np.float64
+
+
+@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+def test_greedy_generation_matches_unsplit_model(arch, layerwise, references):
+    ref = references(arch)
+    results, _ = score_prompts(layerwise(arch), ref.prompts, ScoreSpec("next_token_probs", generate_tokens=3),
+                               settings(layers_per_shard=2, batch_tokens=64))
+    for result, expected, generated in zip(results, ref.probs, ref.generated):
+        assert result.scores.shape == expected.shape
+        np.testing.assert_allclose(result.scores, expected, atol=2e-6, rtol=0)
+        assert [tuple(g) for g in result.generated] == generated
+
+
+def test_token_probs_are_columns_of_the_full_softmax(layerwise, references):
+    ref = references("llama")
+    token_ids = (5, 17, 200)
+    results, _ = score_prompts(layerwise("llama"), ref.prompts,
+                               ScoreSpec("token_probs", token_ids=token_ids, generate_tokens=2), settings())
+    for result, expected in zip(results, ref.probs):
+        np.testing.assert_allclose(result.scores, expected[:, :2, list(token_ids)], atol=2e-6, rtol=0)
+
+
+def test_prefix_is_computed_once_per_prompt():
+    rows = [((1, 2, 3, 4, 5), ((6,), (7, 8), ())), ((1, 2), ((3,),))]
+    packed = _Pass(rows, batch_tokens=1000, kind="next_token_probs")
+    # one row per prompt: prefix + every suffix once (5 + 3 = 8 tokens), padded to the longest row
+    assert packed.packed[0].input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 0, 0, 0, 0, 0]]
+    assert packed.packed[0].position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 5, 6]
+
+
+def test_batches_respect_the_token_budget():
+    rows = [((1,) * n, ((2,),)) for n in (3, 9, 5, 9, 2, 4)]
+    batches = make_batches(rows, batch_tokens=20)
+    assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+    for batch in batches:
+        longest = max(len(rows[i][0]) + 1 for i in batch)
+        assert longest * len(batch) <= 20 or len(batch) == 1
+    assert batches[0] == [1, 3]  # the two longest share a batch
+
+
+def test_half_precision_runs_on_cpu(layerwise, references):
+    ref = references("llama")
+    results, _ = score_prompts(layerwise("llama"), ref.prompts, ScoreSpec("next_token_probs"),
+                               settings(dtype="bfloat16"))
+    for result, expected in zip(results, ref.probs):
+        np.testing.assert_allclose(result.scores[:, 0], expected[:, 0], atol=0.05)
+
+
+def test_hooks_see_every_shard_and_batch(layerwise, references):
+    ref = references("llama")
+    shards, batches = [], []
+    hooks = EngineHooks(before_batch=lambda step, shard, batch: batches.append((step, shard, batch)),
+                        after_shard=lambda step, shard: shards.append((step, shard)))
+    score_prompts(layerwise("llama"), ref.prompts, ScoreSpec("next_token_probs", generate_tokens=2),
+                  settings(layers_per_shard=2, batch_tokens=1), hooks=hooks)
+    # embed, 2 shards of 2 decoder layers, norm + head; twice (two greedy steps)
+    assert shards == [(step, shard) for step in range(2) for shard in range(4)]
+    assert len(batches) == 2 * 4 * len(ref.prompts)
+
+
+def test_corrupt_layer_is_detected_before_use(layerwise, references, tmp_path):
+    ref = references("llama")
+    model_dir = tmp_path / "model"
+    shutil.copytree(layerwise("llama"), model_dir)
+    manifest = json.loads((model_dir / "flexorch_manifest.json").read_text())
+    victim = model_dir / manifest["layers"][2]["file"]
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(LayerIntegrityError, match=victim.name):
+        score_prompts(model_dir, ref.prompts, ScoreSpec(), settings())
+
+
+def test_unsupported_architecture_is_refused(layerwise, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(layerwise("llama"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="gpt2"):
+        score_prompts(model_dir, tokenize(layerwise("llama")), ScoreSpec(), settings())
+
+
+_RSS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from workers.engine import score_prompts
+    from workers.protocol import EngineSettings, ScoreSpec, TokenizedPrompt
+    prompts = [TokenizedPrompt(i, tuple(range(1, 40)), ((50, 51), (52,))) for i in range(8)]
+    _, summary = score_prompts(sys.argv[1], prompts, ScoreSpec(),
+                               EngineSettings("cpu", "float32", 1, "cpu", 4096, verify_checksums=False))
+    print(json.dumps({"peak_rss": summary.peak_rss, "bytes_read": summary.bytes_read}))
+""")
+
+
+def test_peak_rss_follows_the_layer_not_the_model(tmp_path):
+    """A model 4x as deep (and ~150 MB larger) costs far less than 150 MB more RSS to stream."""
+    from orchestrator.demo import build_checkpoint
+    from orchestrator.prepare import prepare_checkpoint
+
+    peaks, sizes = {}, {}
+    for layers in (4, 16):
+        src = build_checkpoint(tmp_path / f"src{layers}", "llama", hidden_size=512, intermediate_size=1536,
+                               num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+                               layout="safetensors")
+        manifest = prepare_checkpoint(src, tmp_path / f"layers{layers}")
+        shutil.rmtree(src)
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / f"layers{layers}")],
+                             capture_output=True, text=True, check=True)
+        peaks[layers] = json.loads(out.stdout.splitlines()[-1])["peak_rss"]
+        sizes[layers] = manifest.total_bytes
+    model_growth = sizes[16] - sizes[4]  # 12 layers of ~12.6 MB
+    rss_growth = peaks[16] - peaks[4]
+    print(f"model {sizes[4] / 1e6:.0f} -> {sizes[16] / 1e6:.0f} MB, peak RSS {peaks[4] / 1e6:.0f} -> "
+          f"{peaks[16] / 1e6:.0f} MB")
+    assert model_growth > 140e6
+    assert rss_growth < 0.15 * model_growth
