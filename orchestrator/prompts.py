@@ -1,0 +1,307 @@
+"""Prompts: read from .jsonl or the seed's .pkl, tokenized into `TokenizedPrompt`s, and written back
+extended by generated text (`<output>_updated.pkl` / `.jsonl`).
+
+A prompts pickle is read by an unpickler that refuses every global: it can build lists, tuples,
+dicts, strings and numbers and nothing else, so a pickle naming a function (os.system, eval, a
+class whose __reduce__ runs code) is refused before anything in it runs.
+
+Errors are `UserError`s naming the file and the line (.jsonl) or the prompt index (0-based, the
+position the output is aligned with). transformers is imported only where a tokenizer is needed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import json
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.atomic import atomic_write_bytes
+from workers.errors import UserError
+from workers.protocol import TokenizedPrompt
+
+PROMPT_FORMATS = ("jsonl", "pkl")
+_PROMPT_KEYS = ("prefix", "suffixes", "id")
+_SCALARS = (str, int, float, bool, type(None))
+# Problems listed in one error: enough to see a pattern, short enough to read in a terminal.
+_MAX_LISTED = 5
+# The seed's readers may run an older Python; protocol 4 (Python 3.4+) holds our plain data.
+_PICKLE_PROTOCOL = 4
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prefix: str
+    suffixes: tuple[str, ...]
+    id: object | None = None  # a JSON scalar from the prompts file, if it gave one
+
+
+class _Problems:
+    """Prompt errors, at most _MAX_LISTED of them listed, each line naming the file."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.lines.append(f"{self.source}: {where}: {message}")
+
+    def raise_if_any(self) -> None:
+        if not self.lines:
+            return
+        shown = self.lines[:_MAX_LISTED]
+        if len(self.lines) > _MAX_LISTED:
+            shown.append(f"{self.source}: ... and {len(self.lines) - _MAX_LISTED} more problems")
+        raise UserError("\n".join(shown))
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    """The prompts of a .jsonl or .pkl file, in file order; at least one."""
+    path = Path(path)
+    fmt = path.suffix[1:]
+    if fmt not in PROMPT_FORMATS:
+        raise UserError(f"{path}: expected a .jsonl or .pkl prompts file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the prompts file ({exc.strerror})") from None
+    prompts = _read_jsonl(data, path) if fmt == "jsonl" else _read_pickle(data, path)
+    if not prompts:
+        raise UserError(f"{path}: holds no prompts")
+    return prompts
+
+
+def _read_jsonl(data: bytes, source: Path) -> list[Prompt]:
+    problems = _Problems(source)
+    prompts = []
+    for line_number, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"line {line_number}"
+        try:
+            # utf-8-sig: editors on Windows start the file with a byte order mark.
+            text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            problems.add(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+            continue
+        if not text.strip():
+            continue
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as exc:
+            problems.add(where, f"invalid JSON: {exc.msg} (column {exc.colno})")
+            continue
+        if not isinstance(item, dict):
+            problems.add(where, f'expected an object {{"prefix": ..., "suffixes": [...]}}, got {_show(item)}')
+            continue
+        prompt = _prompt_from_dict(item, problems, where)
+        if prompt is not None:
+            prompts.append(prompt)
+    problems.raise_if_any()
+    return prompts
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds only what pickle makes without a global (lists, tuples, dicts, strings, numbers,
+    bools, None); any global is where code execution starts, so each one is refused."""
+
+    def __init__(self, file, source: Path):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        raise UserError(f"{self.source}: refused to load the global '{module}.{name}': a prompts pickle may "
+                        f"hold only lists, tuples, dicts, strings and numbers (nothing in it was run)")
+
+    def persistent_load(self, pid):
+        raise UserError(f"{self.source}: refused a persistent id in the pickle: a prompts pickle may hold only "
+                        f"lists, tuples, dicts, strings and numbers (nothing in it was run)")
+
+
+def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
+    try:
+        items = _PlainDataUnpickler(io.BytesIO(data), source).load()
+    # What a truncated or garbled pickle raises; a refused global is a UserError and passes through.
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
+        raise UserError(f"{source}: not a valid pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(items, (list, tuple)):
+        raise UserError(f"{source}: expected a list of (prefix, suffixes) pairs, got {_show(items)}")
+    problems = _Problems(source)
+    prompts = []
+    for index, item in enumerate(items):
+        where = f"prompt index {index}"
+        if isinstance(item, dict):
+            prompt = _prompt_from_dict(item, problems, where)
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            prompt = _make_prompt(item[0], item[1], None, problems, where)
+        else:
+            problems.add(where, f"expected a (prefix, suffixes) pair or a dict with prefix and suffixes, "
+                                f"got {_show(item)}")
+            prompt = None
+        if prompt is not None:
+            prompts.append(prompt)
+    problems.raise_if_any()
+    return prompts
+
+
+def _prompt_from_dict(item: dict, problems: _Problems, where: str) -> Prompt | None:
+    valid = True
+    for key in item:
+        if key not in _PROMPT_KEYS:
+            close = difflib.get_close_matches(str(key), _PROMPT_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else " (expected prefix, suffixes and optional id)"
+            problems.add(where, f"unknown key {key!r}{hint}")
+            valid = False
+    for key in ("prefix", "suffixes"):
+        if key not in item:
+            problems.add(where, f"missing key '{key}'")
+            valid = False
+    if not valid:
+        return None
+    return _make_prompt(item["prefix"], item["suffixes"], item.get("id"), problems, where)
+
+
+def _make_prompt(prefix, suffixes, prompt_id, problems: _Problems, where: str) -> Prompt | None:
+    count = len(problems.lines)
+    if not isinstance(prefix, str):
+        problems.add(where, f"prefix: expected a string, got {_show(prefix)}")
+    if not isinstance(suffixes, (list, tuple)):
+        problems.add(where, f"suffixes: expected a list of strings, got {_show(suffixes)}")
+    elif not suffixes:
+        problems.add(where, "suffixes: empty; each prompt needs at least one suffix to score")
+    else:
+        for position, suffix in enumerate(suffixes):
+            if not isinstance(suffix, str):
+                problems.add(where, f"suffixes[{position}]: expected a string, got {_show(suffix)}")
+    if not isinstance(prompt_id, _SCALARS):
+        problems.add(where, f"id: expected a string, number, boolean or null, got {_show(prompt_id)}")
+    if len(problems.lines) > count:
+        return None
+    return Prompt(prefix=prefix, suffixes=tuple(suffixes), id=prompt_id)
+
+
+def _show(value) -> str:
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:40] + "...")
+    if isinstance(value, (bool, int, float)) or value is None:
+        return json.dumps(value)
+    return f"a {type(value).__name__}"
+
+
+# -- tokenizing ------------------------------------------------------------------------------------
+
+
+def load_tokenizer(model_dir: Path, allow_remote_code: bool = False):
+    """The model dir's tokenizer, from its files only (never the network); code shipped with a model
+    runs only when the job says allow_remote_code: true."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=allow_remote_code,
+                                             local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # transformers' messages span lines
+        hint = ""
+        if "trust_remote_code" in str(exc) and not allow_remote_code:
+            hint = "; its tokenizer needs code shipped with the model: set allow_remote_code: true if you trust it"
+        raise UserError(f"{model_dir}: cannot load the tokenizer ({reason}){hint}") from None
+
+
+def tokenize_prompts(prompts: Sequence[Prompt], tokenizer, max_length: int | None, source: Path,
+                     generate_tokens: int = 1) -> list[TokenizedPrompt]:
+    """Token ids per JOBSPEC: the prefix with the tokenizer's special tokens (BOS where it adds one),
+    each suffix without. `max_length` bounds the longest sequence the model sees for a prompt:
+    prefix + its longest suffix + the tokens generated after the first step (positions restart for
+    each suffix, so suffixes do not add up)."""
+    if not prompts:
+        return []
+    # One batch call per kind: fast tokenizers encode a batch in parallel in Rust, which matters for
+    # tens of thousands of prompts; the attention masks are not needed.
+    encode = dict(return_attention_mask=False, return_token_type_ids=False)
+    prefix_ids = tokenizer([p.prefix for p in prompts], **encode)["input_ids"]
+    flat_suffix_ids = iter(tokenizer([s for p in prompts for s in p.suffixes], add_special_tokens=False,
+                                     **encode)["input_ids"])
+    problems = _Problems(Path(source))
+    tokenized = []
+    for index, (prompt, prefix) in enumerate(zip(prompts, prefix_ids)):
+        suffixes = tuple(tuple(next(flat_suffix_ids)) for _ in prompt.suffixes)
+        where = f"prompt index {index}" + (f" (id {prompt.id!r})" if prompt.id is not None else "")
+        if not prefix:
+            problems.add(where, "the prefix is empty and the tokenizer adds no BOS token: nothing to condition on")
+        longest = len(prefix) + max(len(s) for s in suffixes) + generate_tokens - 1
+        if max_length is not None and longest > max_length:
+            generated = f" + {generate_tokens - 1} generated" if generate_tokens > 1 else ""
+            problems.add(where, f"{longest} tokens (prefix {len(prefix)} + longest suffix "
+                                f"{max(len(s) for s in suffixes)}{generated}), more than max_length {max_length}")
+        tokenized.append(TokenizedPrompt(index=index, prefix_ids=tuple(prefix), suffix_ids=suffixes))
+    problems.raise_if_any()
+    return tokenized
+
+
+def token_ids_for(strings: tuple[str, ...], tokenizer, source: Path | None = None) -> tuple[int, ...]:
+    """The id of each string of score.tokens; each must be exactly one token (no special tokens)."""
+    lines, ids = [], []
+    prefix = f"{source}: score.tokens" if source is not None else "score.tokens"
+    for text in strings:
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(encoded)
+            lines.append(f"{prefix}: {text!r} is {len(encoded)} tokens ({pieces}, ids {encoded}), "
+                         f"expected exactly one")
+            continue
+        ids.append(encoded[0])
+    if lines:
+        raise UserError("\n".join(lines))
+    return tuple(ids)
+
+
+def model_max_length(config: dict) -> int | None:
+    """The longest sequence the model's positions allow, from its config.json (None if it names none)."""
+    for candidate in (config, config.get("text_config") or {}):  # multimodal configs nest the text model
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = candidate.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def updated_prompts_path(output: Path, fmt: str) -> Path:
+    """`<output minus extension>_updated.<fmt>`: where the extended prompts go."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}_updated.{fmt.lstrip('.')}")
+
+
+def write_updated_prompts(path_of_output: Path, prompts: Sequence[Prompt], generated_text: Sequence[Sequence[str]],
+                          fmt: str) -> Path:
+    """Write the prompts with each suffix extended by its generated text, in the prompts' own format
+    (`fmt`: "pkl" or "jsonl"), atomically; returns the path written.
+
+    generated_text[i][j] is the text generated after suffix j of prompt i.
+    """
+    fmt = fmt.lstrip(".")
+    if fmt not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompts format {fmt!r}; expected one of {PROMPT_FORMATS}")
+    if len(generated_text) != len(prompts):
+        raise ValueError(f"{len(generated_text)} generated texts for {len(prompts)} prompts")
+    extended = []
+    for index, (prompt, texts) in enumerate(zip(prompts, generated_text)):
+        if len(texts) != len(prompt.suffixes):
+            raise ValueError(f"prompt {index}: {len(texts)} generated texts for {len(prompt.suffixes)} suffixes")
+        extended.append((prompt, tuple(suffix + text for suffix, text in zip(prompt.suffixes, texts))))
+    if fmt == "pkl":  # the seed's format: (prefix, tuple of suffixes)
+        data = pickle.dumps([(prompt.prefix, suffixes) for prompt, suffixes in extended], protocol=_PICKLE_PROTOCOL)
+    else:
+        lines = [json.dumps({"prefix": prompt.prefix, "suffixes": list(suffixes),
+                             **({"id": prompt.id} if prompt.id is not None else {})}, ensure_ascii=False)
+                 for prompt, suffixes in extended]
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+    path = updated_prompts_path(path_of_output, fmt)
+    atomic_write_bytes(path, data)
+    return path

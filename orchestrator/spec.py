@@ -1,0 +1,481 @@
+"""The job file (YAML, JOBSPEC.md) read into a validated, frozen `JobSpec`.
+
+Everything wrong with a job file is collected and raised as one `UserError`, one line per problem,
+each line naming the file and the key (`job.yaml: unknown key 'layer_per_shard' (did you mean
+'layers_per_shard'?)`), so a user fixes them all in one go. `auto` (or null) becomes None here and
+is resolved by the planner, with its reason; null on any optional key means "the default".
+Relative paths are read from the job file's folder, so a job runs the same from any working dir.
+
+No torch here: `flexorch plan` must stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Hashable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from workers.errors import UserError
+from workers.protocol import DTYPES, SCORE_KINDS, STORAGES
+
+PARALLEL_MODES = ("data", "pipeline", "auto")
+PROMPT_EXTENSIONS = (".jsonl", ".pkl")
+OUTPUT_EXTENSIONS = (".pkl", ".jsonl")
+# A worker that reports no progress for this long is hung. Generous: one step of a 70B model from a
+# slow disk on a small GPU takes minutes, and a false alarm kills hours of work.
+DEFAULT_WORKER_TIMEOUT = 1800.0
+
+_REQUIRED = {"model": "the model dir", "prompts": "the prompts file (.jsonl or .pkl)",
+             "output": "the output file (.pkl or .jsonl)"}
+_TOP_KEYS = ("model", "prompts", "output", "job_dir", "score", "generate_tokens", "devices", "parallel",
+             "layers_per_shard", "storage", "disk_folder", "dtype", "batch_tokens", "max_length", "limits",
+             "worker_timeout", "allow_remote_code")
+_SCORE_KEYS = ("kind", "tokens")
+_LIMIT_KEYS = ("gpu_memory", "ram")
+# Spellings users bring from torch and other tools; only suggested, so each dtype has one spelling.
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
+                  "bf16": "bfloat16", "torch.float32": "float32", "torch.float16": "float16",
+                  "torch.bfloat16": "bfloat16"}
+
+# Size units. Decimal units are the SI ones disk and GPU vendors print (GB = 10^9 bytes); binary
+# units say so (GiB = 2^30), as in Kubernetes, where a bare "G" is decimal too.
+_SIZE_UNITS = {"": 1, "b": 1}
+for _power, _letter in enumerate("kmgt", start=1):
+    _SIZE_UNITS |= {_letter: 1000**_power, f"{_letter}b": 1000**_power,
+                    f"{_letter}i": 1024**_power, f"{_letter}ib": 1024**_power}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    kind: str = "next_token_probs"  # one of SCORE_KINDS
+    tokens: tuple[str, ...] = ()  # token_probs only: strings of exactly one token each
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps the planner must respect, in bytes (None: what the machine has)."""
+
+    gpu_memory: int | None = None  # per device
+    ram: int | None = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    path: Path  # the job file
+    model: Path
+    prompts: Path
+    output: Path
+    job_dir: Path
+    score: ScoreSettings = ScoreSettings()
+    generate_tokens: int = 1
+    devices: str | tuple[str, ...] = "auto"  # "auto" or ("cpu", "cuda:1", ...)
+    parallel: str = "data"  # one of PARALLEL_MODES
+    layers_per_shard: int | None = None  # None: auto
+    storage: str | None = None  # one of STORAGES; None: auto
+    disk_folder: Path | None = None  # storage disk; None: inside job_dir (decided by the planner)
+    dtype: str | None = None  # one of DTYPES; None: the checkpoint's
+    batch_tokens: int | None = None  # None: auto
+    max_length: int | None = None  # None: the model's limit
+    limits: Limits = Limits()
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT  # seconds without progress before a worker is hung
+    allow_remote_code: bool = False  # the only way trust_remote_code is ever turned on
+
+    @property
+    def prompts_format(self) -> str:
+        """"jsonl" or "pkl": also the format of the `_updated` prompts written after generation."""
+        return self.prompts.suffix[1:]
+
+    @property
+    def output_format(self) -> str:
+        return self.output.suffix[1:]
+
+    def to_dict(self) -> dict:
+        """JSON-ready (plan, report.json, the resume fingerprint)."""
+        return _jsonable(asdict(self))
+
+
+def load_job(path: Path) -> JobSpec:
+    """Read and validate a job file; raise one UserError listing every problem in it."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    problems = _Problems(str(path))
+    base = path.absolute().parent
+    _check_keys(problems, raw, _TOP_KEYS, prefix="")
+    for key, what in _REQUIRED.items():
+        if raw.get(key) is None:
+            problems.add(None, f"missing required key '{key}' ({what})")
+
+    model = _existing_dir(problems, "model", raw.get("model"), base)
+    prompts = _prompts_path(problems, raw.get("prompts"), base)
+    output = _output_path(problems, raw.get("output"), base)
+    job_dir = _job_dir(problems, raw.get("job_dir"), base, output)
+    score = _score(problems, raw.get("score"))
+    generate_tokens = _int(problems, "generate_tokens", raw.get("generate_tokens"), default=1, allow_auto=False)
+    if score is not None and score.kind == "suffix_logprob" and generate_tokens not in (None, 1):
+        problems.add("generate_tokens", f"must be 1 with score.kind suffix_logprob (the log-prob of a given "
+                                        f"suffix does not depend on generation), got {generate_tokens}")
+    storage = _choice(problems, "storage", raw.get("storage"), STORAGES)
+    disk_folder = _disk_folder(problems, raw.get("disk_folder"), base, storage)
+    if output is not None and prompts is not None and output == prompts:
+        problems.add("output", f"is the prompts file {prompts}: it would be overwritten")
+
+    values = dict(
+        path=path, model=model, prompts=prompts, output=output, job_dir=job_dir, score=score,
+        generate_tokens=generate_tokens,
+        devices=_devices(problems, raw.get("devices")),
+        parallel=_choice(problems, "parallel", raw.get("parallel"), PARALLEL_MODES, default="data"),
+        layers_per_shard=_int(problems, "layers_per_shard", raw.get("layers_per_shard")),
+        storage=storage, disk_folder=disk_folder,
+        dtype=_choice(problems, "dtype", raw.get("dtype"), DTYPES, aliases=_DTYPE_ALIASES),
+        batch_tokens=_int(problems, "batch_tokens", raw.get("batch_tokens")),
+        max_length=_int(problems, "max_length", raw.get("max_length")),
+        limits=_limits(problems, raw.get("limits")),
+        worker_timeout=_seconds(problems, "worker_timeout", raw.get("worker_timeout"), DEFAULT_WORKER_TIMEOUT),
+        allow_remote_code=_bool(problems, "allow_remote_code", raw.get("allow_remote_code"), default=False),
+    )
+    problems.raise_if_any()
+    return JobSpec(**values)
+
+
+def parse_size(value: int | float | str) -> int:
+    """Bytes from 6GB, "6 GiB", "512MB", "8G" (decimal), "1.5TiB" or a plain number of bytes.
+
+    Raises ValueError (with the reason) for anything else, including sizes <= 0.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 6GB, 6GiB or a number of bytes")
+    if isinstance(value, (int, float)):
+        number, unit = value, ""
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        number, unit = float(match[1]), match[2].lower()
+    else:
+        raise ValueError("expected a size like 6GB, 6GiB or a number of bytes")
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"unknown unit {unit!r} (use B, KB, MB, GB, TB, or KiB, MiB, GiB, TiB)")
+    size = number * _SIZE_UNITS[unit]
+    if not math.isfinite(size) or size < 1:
+        raise ValueError("must be more than 0 bytes")
+    return int(round(size))
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+class _SafeLoaderNoDuplicates(yaml.SafeLoader):
+    """yaml.safe_load's loader (plain data only, never a Python object), except that a key given
+    twice is an error: safe_load silently keeps the last one, and the user's job is not what they
+    read."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: job file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a YAML job file") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the job file ({exc.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_SafeLoaderNoDuplicates)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise UserError(f"{path}: {where}invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        raise UserError(f"{path}: is empty; expected keys model, prompts and output")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys (model: ..., prompts: ..., output: ...) at the "
+                        f"top level, got {_show(data)}")
+    return data
+
+
+class _Problems:
+    """Collects one line per problem, each starting with the file and the key at fault."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, key: str | None, message: str) -> None:
+        self.lines.append(f"{self.source}: {key}: {message}" if key else f"{self.source}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise UserError("\n".join(self.lines))
+
+
+def _show(value) -> str:
+    """A value as the user wrote it in YAML, with its type where that is the problem."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _did_you_mean(word: str, choices, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _check_keys(problems: _Problems, mapping: dict, allowed: tuple[str, ...], prefix: str) -> None:
+    for key in mapping:
+        if not isinstance(key, str) or key not in allowed:
+            hint = _did_you_mean(str(key), allowed, prefix) or f" (expected {', '.join(prefix + a for a in allowed)})"
+            problems.add(None, f"unknown key '{prefix}{key}'{hint}")
+
+
+# -- one parser per kind of value: each records its problems and returns None on failure -----------
+
+
+def _path(problems: _Problems, key: str, value, base: Path) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        problems.add(key, f"expected a path, got {_show(value)}")
+        return None
+    return base / Path(value).expanduser()
+
+
+def _where(value: str, path: Path) -> str:
+    """The path as written, and where it was looked for when that differs (relative paths)."""
+    return repr(value) if Path(value) == path else f"{value!r} ({path})"
+
+
+def _existing_dir(problems: _Problems, key: str, value, base: Path) -> Path | None:
+    path = _path(problems, key, value, base)
+    if path is None:
+        return None
+    if not path.exists():
+        problems.add(key, f"{_where(value, path)} does not exist")
+    elif not path.is_dir():
+        problems.add(key, f"{_where(value, path)} is not a directory (expected a model dir)")
+    return path
+
+
+def _prompts_path(problems: _Problems, value, base: Path) -> Path | None:
+    path = _path(problems, "prompts", value, base)
+    if path is None:
+        return None
+    if path.suffix not in PROMPT_EXTENSIONS:
+        problems.add("prompts", f"{value!r}: expected a .jsonl or .pkl file, got {path.suffix or 'no extension'}")
+    elif not path.exists():
+        problems.add("prompts", f"{_where(value, path)} does not exist")
+    elif not path.is_file():
+        problems.add("prompts", f"{_where(value, path)} is not a file")
+    return path
+
+
+def _output_path(problems: _Problems, value, base: Path) -> Path | None:
+    path = _path(problems, "output", value, base)
+    if path is None:
+        return None
+    # A missing output folder is fine (created when the job completes); a file in its place is not.
+    if path.suffix not in OUTPUT_EXTENSIONS:
+        problems.add("output", f"{value!r}: expected a .pkl or .jsonl file, got {path.suffix or 'no extension'}")
+    elif path.is_dir():
+        problems.add("output", f"{_where(value, path)} is a directory, expected a file name")
+    elif path.parent.exists() and not path.parent.is_dir():
+        problems.add("output", f"{_where(value, path)}: {path.parent} is a file, not a folder")
+    return path
+
+
+def _job_dir(problems: _Problems, value, base: Path, output: Path | None) -> Path | None:
+    if value is None:
+        return output.with_suffix(".job") if output is not None else None
+    path = _path(problems, "job_dir", value, base)
+    if path is not None and path.exists() and not path.is_dir():
+        problems.add("job_dir", f"{_where(value, path)} is a file, expected a folder")
+    return path
+
+
+def _disk_folder(problems: _Problems, value, base: Path, storage: str | None) -> Path | None:
+    path = _path(problems, "disk_folder", value, base)
+    if path is None:
+        return None
+    # Allowed with storage auto as well: the planner may choose disk, and then uses this folder.
+    if storage not in (None, "disk"):
+        problems.add("disk_folder", f"is only used with storage: disk (storage is {storage})")
+    elif path.exists() and not path.is_dir():
+        problems.add("disk_folder", f"{_where(value, path)} is a file, expected a folder")
+    return path
+
+
+def _choice(problems: _Problems, key: str, value, choices: tuple[str, ...], default: str | None = None,
+            aliases: dict[str, str] | None = None, auto: bool = True) -> str | None:
+    """One of `choices`; null, and "auto" (if `auto` and not itself a choice), give `default`."""
+    auto = auto and "auto" not in choices
+    if value is None or (auto and value == "auto"):
+        return default
+    if isinstance(value, str) and value in choices:
+        return value
+    expected = " | ".join(("auto", *choices) if auto else choices)
+    hint = ""
+    if isinstance(value, str):
+        alias = (aliases or {}).get(value.strip().lower())
+        hint = f" (did you mean '{alias}'?)" if alias else _did_you_mean(value, choices)
+    problems.add(key, f"expected {expected}, got {_show(value)}{hint}")
+    return None
+
+
+def _int(problems: _Problems, key: str, value, default: int | None = None, allow_auto: bool = True) -> int | None:
+    """An integer >= 1; null (and "auto" where allowed) give `default`."""
+    if value is None or (allow_auto and value == "auto"):
+        return default
+    # bool is an int in Python; `true` is never a count.
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    expected = "an integer >= 1" + (" or auto" if allow_auto else "")
+    problems.add(key, f"expected {expected}, got {_show(value)}")
+    return None
+
+
+def _seconds(problems: _Problems, key: str, value, default: float) -> float | None:
+    if value is None:
+        return default
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    problems.add(key, f"expected a number of seconds > 0, got {_show(value)}")
+    return None
+
+
+def _bool(problems: _Problems, key: str, value, default: bool) -> bool | None:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    problems.add(key, f"expected true or false, got {_show(value)}")
+    return None
+
+
+def _score(problems: _Problems, value) -> ScoreSettings | None:
+    if value is None:
+        return ScoreSettings()
+    if not isinstance(value, dict):
+        problems.add("score", f"expected a mapping (kind: ..., tokens: [...]), got {_show(value)}")
+        return None
+    _check_keys(problems, value, _SCORE_KEYS, prefix="score.")
+    kind = _choice(problems, "score.kind", value.get("kind"), SCORE_KINDS, default="next_token_probs", auto=False)
+    tokens = _tokens(problems, value.get("tokens"))
+    if kind == "token_probs" and tokens == ():
+        problems.add("score.tokens", "is required with score.kind token_probs: a list of strings, "
+                                     "each exactly one token (e.g. [\" A\", \" B\"])")
+    elif kind is not None and kind != "token_probs" and tokens:
+        problems.add("score.tokens", f"is only used with score.kind token_probs (kind is {kind})")
+    if kind is None or tokens is None:
+        return None
+    return ScoreSettings(kind=kind, tokens=tokens)
+
+
+def _tokens(problems: _Problems, value) -> tuple[str, ...] | None:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.add("score.tokens", f"expected a list of strings, got {_show(value)}")
+        return None
+    bad = [f"item {i}: {_show(item)}" for i, item in enumerate(value) if not isinstance(item, str) or not item]
+    if bad:
+        # Unquoted yes/no/true/1 are read by YAML as booleans and numbers.
+        problems.add("score.tokens", f"expected non-empty strings (quote them: \" A\"), got {'; '.join(bad)}")
+        return None
+    return tuple(value)
+
+
+def _devices(problems: _Problems, value) -> str | tuple[str, ...] | None:
+    """"auto", or device strings from cpu | 0 | cuda | cuda:N or a list of them."""
+    if value is None or value == "auto":
+        return "auto"
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        problems.add("devices", "expected auto, cpu, a GPU index or a list of them, got an empty list")
+        return None
+    devices = []
+    for item in items:
+        device = _device(item)
+        if device is None:
+            hint = _did_you_mean(item.strip().lower(), ("cpu", "cuda", "auto")) if isinstance(item, str) else ""
+            problems.add("devices", f"{_show(item)} is not a device: expected cpu, a GPU index (0, 1, ...), "
+                                    f"cuda or cuda:N{hint}")
+        devices.append(device)
+    # Several CPU workers share the machine's cores (useful for tests); a GPU runs one worker.
+    repeated = sorted({d for d in devices if d not in (None, "cpu") and devices.count(d) > 1})
+    if repeated:
+        problems.add("devices", f"{', '.join(repeated)} listed more than once (one worker per GPU)")
+    if None in devices or repeated:
+        return None
+    return tuple(devices)
+
+
+def _device(item) -> str | None:
+    if isinstance(item, int) and not isinstance(item, bool):
+        return f"cuda:{item}" if item >= 0 else None
+    if not isinstance(item, str):
+        return None
+    text = item.strip().lower()
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda":
+        return "cuda:0"
+    match = re.fullmatch(r"(?:cuda:)?(\d+)", text)
+    return f"cuda:{int(match[1])}" if match else None
+
+
+def _limits(problems: _Problems, value) -> Limits | None:
+    if value is None:
+        return Limits()
+    if not isinstance(value, dict):
+        problems.add("limits", f"expected a mapping (gpu_memory: 6GB, ram: 8GB), got {_show(value)}")
+        return None
+    _check_keys(problems, value, _LIMIT_KEYS, prefix="limits.")
+    sizes, valid = {}, True
+    for key in _LIMIT_KEYS:
+        raw = value.get(key)
+        if raw is None or raw == "auto":
+            sizes[key] = None
+            continue
+        try:
+            sizes[key] = parse_size(raw)
+        except ValueError as exc:
+            problems.add(f"limits.{key}", f"{exc}, got {_show(raw)}")
+            valid = False
+    return Limits(**sizes) if valid else None
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
