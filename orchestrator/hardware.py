@@ -1,0 +1,199 @@
+"""What the planner sees of the machine: GPUs (from NVML), RAM, CPU cores and free disk.
+
+Probing is kept apart from planning (as accelerate keeps `get_max_memory` apart from
+`infer_auto_device_map`): `probe()` is the only function here that touches the machine, and the
+planner takes its `Hardware` result as plain data, so tests describe machines instead of needing
+them. No torch import: `flexorch probe` must stay fast and work with no CUDA at all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int  # the index torch will use ("cuda:N"): position in CUDA_VISIBLE_DEVICES, not NVML's
+    name: str
+    total_memory: int  # bytes
+    free_memory: int  # bytes, at probe time
+    pcie_gen: int | None  # current link generation; None where NVML cannot say
+    pcie_width: int | None  # current link width (lanes)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: tuple[GpuInfo, ...]
+    ram_total: int  # bytes
+    ram_available: int  # bytes, at probe time (psutil's "available": free + reclaimable cache)
+    cpu_count: int  # cores this process may run on
+    disk_path: str  # where activations would go
+    disk_free: int  # bytes free there
+    disk_read_bytes_per_s: float | None = None  # measured sequential read rate; None: planner's default
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Hardware":
+        gpus = tuple(GpuInfo(**gpu) for gpu in data.get("gpus", ()))
+        return cls(**{**data, "gpus": gpus})
+
+
+def probe(disk_path: Path = Path("."), nvml=None, environ: dict | None = None) -> Hardware:
+    """Describe this machine. `nvml` (default: the `pynvml` module) and `environ` (default:
+    `os.environ`) are parameters so tests can describe GPUs and CUDA_VISIBLE_DEVICES."""
+    import psutil
+
+    environ = os.environ if environ is None else environ
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:  # nvidia-ml-py not installed: report CPU only
+            nvml = None
+    gpus = probe_gpus(nvml, environ.get("CUDA_VISIBLE_DEVICES")) if nvml is not None else ()
+    memory = psutil.virtual_memory()
+    existing = _nearest_existing(Path(disk_path))
+    return Hardware(
+        gpus=gpus,
+        ram_total=int(memory.total),
+        ram_available=int(memory.available),
+        cpu_count=_cpu_count(),
+        disk_path=str(existing),
+        disk_free=int(shutil.disk_usage(existing).free),
+    )
+
+
+def probe_gpus(nvml, visible: str | None) -> tuple[GpuInfo, ...]:
+    """GPUs as torch will number them. No driver, no GPU or any NVML error: no GPUs, silently
+    (CPU-only machines are a supported case, not a warning)."""
+    try:
+        nvml.nvmlInit()
+    except (nvml.NVMLError, OSError):  # no driver / library: NVMLError_LibraryNotFound, or a broken install
+        return ()
+    try:
+        count = nvml.nvmlDeviceGetCount()
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        order = visible_nvml_indices(visible, count, lambda: [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles])
+        return tuple(
+            info for position, nvml_index in enumerate(order)
+            if (info := _gpu_info(nvml, handles[nvml_index], position)) is not None
+        )
+    except nvml.NVMLError:
+        return ()
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError:
+            pass
+
+
+def visible_nvml_indices(visible: str | None, count: int, uuids) -> list[int]:
+    """NVML indices of the GPUs CUDA will expose, in CUDA's order, given CUDA_VISIBLE_DEVICES.
+
+    `uuids()` returns every GPU's UUID in NVML order (called only when an entry names a UUID).
+    Like the CUDA runtime: entries are indices or (prefixes of) "GPU-..." UUIDs, and the list
+    stops at the first entry that is invalid, unknown or repeated ("-1" hides every GPU).
+    MIG entries are not mapped (a MIG slice's memory is not its parent's): they stop the list.
+    Assumes CUDA_DEVICE_ORDER=PCI_BUS_ID order equals NVML's, true on single-model machines.
+    """
+    if visible is None:
+        return list(range(count))
+    all_uuids = None
+    order: list[int] = []
+    for entry in (part.strip() for part in visible.split(",")):
+        if entry.lstrip("-").isdigit():
+            found = int(entry) if 0 <= int(entry) < count else None
+        elif entry.startswith("GPU-"):
+            all_uuids = all_uuids if all_uuids is not None else uuids()
+            matches = [i for i, uuid in enumerate(all_uuids) if uuid.startswith(entry)]
+            found = matches[0] if len(matches) == 1 else None
+        else:
+            found = None
+        if found is None or found in order:
+            break
+        order.append(found)
+    return order
+
+
+def _gpu_info(nvml, handle, position: int) -> GpuInfo | None:
+    try:
+        name = _text(nvml.nvmlDeviceGetName(handle))
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    except nvml.NVMLError:  # a GPU NVML cannot describe (fallen off the bus): the planner cannot use it
+        return None
+    return GpuInfo(
+        index=position,
+        name=name,
+        total_memory=int(memory.total),
+        free_memory=int(memory.free),
+        pcie_gen=_optional(nvml, nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
+        pcie_width=_optional(nvml, nvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
+    )
+
+
+def _optional(nvml, query, handle) -> int | None:
+    # PCIe queries are "not supported" on some boards (SXM, vGPU): the planner then assumes a default.
+    try:
+        return int(query(handle))
+    except nvml.NVMLError:
+        return None
+
+
+def _text(value) -> str:
+    # Older pynvml releases return bytes, newer ones str.
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _cpu_count() -> int:
+    # Respect the affinity mask (taskset, cgroups via schedulers): os.cpu_count() counts cores we
+    # may not run on, and over-threading a worker slows it down.
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its nearest existing parent: the disk folder may not be created yet."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units, as in job files (`limits: 6GB` is 6 x 10^9 bytes) and GPU datasheets: "5.40 GB"."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def render_hardware(hw: Hardware, console) -> None:
+    """Print `hw` as rich tables (one row per GPU, then RAM, CPU and disk)."""
+    from rich.table import Table
+
+    if hw.gpus:
+        gpus = Table(title="GPUs (numbered as torch sees them)")
+        for column in ("device", "name", "total", "free", "PCIe"):
+            gpus.add_column(column, justify="right" if column in ("total", "free") else "left")
+        for gpu in hw.gpus:
+            link = f"gen{gpu.pcie_gen} x{gpu.pcie_width}" if gpu.pcie_gen and gpu.pcie_width else "-"
+            gpus.add_row(f"cuda:{gpu.index}", gpu.name, format_bytes(gpu.total_memory),
+                         format_bytes(gpu.free_memory), link)
+        console.print(gpus)
+    else:
+        console.print("No GPU visible (no NVIDIA driver, no device, or CUDA_VISIBLE_DEVICES hides them): CPU only.")
+    host = Table(title="Host", show_header=False)
+    host.add_column("what")
+    host.add_column("value")
+    host.add_row("RAM", f"{format_bytes(hw.ram_available)} available of {format_bytes(hw.ram_total)}")
+    host.add_row("CPU cores", str(hw.cpu_count))
+    host.add_row("disk", f"{format_bytes(hw.disk_free)} free at {hw.disk_path}")
+    if hw.disk_read_bytes_per_s:
+        host.add_row("disk read", f"{format_bytes(hw.disk_read_bytes_per_s)}/s")
+    console.print(host)

@@ -1,0 +1,339 @@
+"""The planner on described machines: hand-sized manifests (sizes in comments), exact decisions.
+
+Units: GB = 10^9 bytes (what `limits: 6GB` means), GiB = 2^30.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from orchestrator.hardware import GpuInfo, Hardware
+from orchestrator.planner import Plan, make_plan, render_plan
+from workers.errors import UserError
+from workers.manifest import LayerEntry, Manifest
+
+GB, GiB, MiB = 10**9, 2**30, 2**20
+
+
+# -- described models, machines and jobs ---------------------------------------------------------
+def llama_manifest(layers: int, hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
+                   dtype: str = "float16", tied: bool = False) -> Manifest:
+    """A Llama-shaped manifest: sizes computed from the shapes, no files."""
+    size = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+    kv = hidden // heads * kv_heads
+    layer_params = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden  # attn, mlp, norms
+    embed_params = vocab * hidden
+
+    def entry(name, kind, params, prefix, tied_to=None):
+        return LayerEntry(name=name, kind=kind, file=None if tied_to else f"layers/{name}.safetensors",
+                          bytes=0 if tied_to else params * size, sha256=None, dtype=dtype, params=params,
+                          source_prefix=prefix, tied_to=tied_to)
+
+    entries = [entry("embed", "embed", embed_params, "model.embed_tokens.")]
+    entries += [entry(f"layer.{i}", "decoder", layer_params, f"model.layers.{i}.") for i in range(layers)]
+    entries += [entry("norm", "norm", hidden, "model.norm."),
+                entry("lm_head", "lm_head", 0 if tied else embed_params, "lm_head.", "embed" if tied else None)]
+    config = {"hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "vocab_size": vocab, "num_hidden_layers": layers}
+    return Manifest(version=1, model_type="llama", architectures=("LlamaForCausalLM",), dtype=dtype,
+                    num_layers=layers, hidden_size=hidden, vocab_size=vocab, layers=tuple(entries), config=config)
+
+
+def llama2_70b() -> Manifest:
+    # Llama-2-70B, fp16. Per decoder layer: q, o 8192x8192 (2 x 67,108,864), k, v 8192x1024 (GQA, 8 kv heads:
+    # 2 x 8,388,608), gate/up/down 8192x28672 (3 x 234,881,024), 2 norms (16,384) = 855,654,400 params
+    # = 1,711,308,800 bytes (1.71 GB). Embedding and head 32000x8192 = 524,288,000 bytes each.
+    # One pass reads 80 x 1,711,308,800 + 2 x 524,288,000 + 16,384 = 137,953,296,384 bytes.
+    return llama_manifest(80, 8192, 28672, 32000, heads=64, kv_heads=8)
+
+
+def llama2_13b() -> Manifest:
+    # Llama-2-13B, fp16: 40 layers of 5120 x 5120 attention (4 x 26,214,400) and 5120x13824 MLP
+    # (3 x 70,778,880) + norms (10,240) = 317,194,240 params = 634,388,480 bytes per layer.
+    return llama_manifest(40, 5120, 13824, 32000, heads=40, kv_heads=40)
+
+
+def small_fp32() -> Manifest:
+    # 16 layers x 1024 wide fp32 (the CPU benchmark's shape): 1024x1024 attention (4 x 1,048,576),
+    # 1024x2816 MLP (3 x 2,883,584), norms 2048 = 12,847,104 params = 51,388,416 bytes per layer;
+    # embedding and head 32000x1024 = 131,072,000 bytes each (bigger than a decoder layer).
+    return llama_manifest(16, 1024, 2816, 32000, heads=16, kv_heads=16, dtype="float32")
+
+
+def gpu(index: int, name: str, memory: int, free: int | None = None) -> GpuInfo:
+    return GpuInfo(index=index, name=name, total_memory=memory, free_memory=memory if free is None else free,
+                   pcie_gen=3, pcie_width=16)
+
+
+def machine(*gpus: GpuInfo, ram: int = 64 * GB, cpus: int = 8, disk_free: int = 500 * GB) -> Hardware:
+    return Hardware(gpus=tuple(gpus), ram_total=ram, ram_available=ram, cpu_count=cpus, disk_path="/data",
+                    disk_free=disk_free)
+
+
+@dataclass(frozen=True)
+class Score:
+    kind: str = "next_token_probs"
+    tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    gpu_memory: int | None = None
+    ram: int | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The JobSpec attributes make_plan reads (orchestrator.spec.JobSpec has the same names)."""
+
+    path: Path = Path("job.yaml")
+    model: Path = Path("model.layers")
+    prompts: Path = Path("prompts.jsonl")
+    output: Path = Path("out/scores.pkl")
+    job_dir: Path = Path("out/scores.job")
+    score: Score = Score()
+    generate_tokens: int = 1
+    devices: str | tuple[str, ...] = "auto"
+    parallel: str = "data"
+    layers_per_shard: int | None = None
+    storage: str | None = None
+    disk_folder: Path | None = None
+    dtype: str | None = None
+    batch_tokens: int | None = None
+    max_length: int | None = None
+    limits: Limits = field(default_factory=Limits)
+    worker_timeout: float = 1800.0
+    allow_remote_code: bool = False
+
+
+SMALL_GPU = gpu(0, "NVIDIA GeForce RTX 2060", 6 * GiB, free=6 * GB)
+WORKSTATION_LIMITS = Limits(gpu_memory=6 * GB, ram=8 * GB)
+
+
+# -- a 70B model on a 6 GB GPU with 8 GB of RAM --------------------------------------------------
+def test_70b_on_a_6gb_gpu_streams_one_layer_at_a_time_with_activations_in_ram():
+    # 400 prompts of 300 packed tokens, 4 suffixes each (the default count).
+    plan = make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400)
+    (worker,) = plan.workers
+    assert (plan.parallel, plan.dtype, worker.device) == ("data", "float16", "cuda:0")
+    # GPU budget: min(6 GB free, 6 GB limit) less 10% = 5.4 GB. At batch 2048, one layer per shard:
+    #   CUDA context                                           524,288,000
+    #   two shards of 1,711,308,800                          3,422,617,600
+    #   batch in flight: 2 x 2048 x 8192 x 2                    67,108,864
+    #   working: MLP + hidden copies (3x28672 + 6x8192) x 2048 x 2 = 553,648,128,
+    #            scores 2048 x 300 x 64 heads x (2 + 4) = 235,929,600, mask 2048 x 300 x 2 = 1,228,800
+    #                                                          790,806,528
+    #   total                                                4,804,820,992  <= 5.4 GB
+    # batch 4096 would double the last two (5.66 GB > 5.4 GB); two layers per shard add 3.4 GB.
+    assert worker.settings.batch_tokens == 2048
+    assert worker.settings.layers_per_shard == 1
+    assert worker.predicted_peak_device_memory == 4_804_820_992
+    # Rounds: one pass reads 137.95 GB at 2 GB/s (default disk; PCIe gen3 x16 is faster) = 69 s, x4 = 276 s,
+    # so the target is 300 s of compute at 20 TFLOP/s (unknown card) = 6e15 FLOPs; a prompt costs
+    # 2 x (80 x 855,654,400 x 300 + 262,144,000 x 4 scored) = 4.107e13 FLOPs -> 146 prompts per round.
+    assert [len(r) for r in worker.rounds] == [146, 146, 108]
+    assert worker.rounds[0][0] == 0 and worker.rounds[-1][-1] == 399
+    # A round's activations, 146 x 300 x 1.25 (padding) x 8192 x 2 = 897,024,000, do not fit beside the shards
+    # (4.80 + 0.90 > 5.4 GB) but do in RAM (budget 8 GB less 10% = 7.2 GB):
+    #   base 1 GiB 1,073,741,824 + pinned staging 1,711,308,800 + activations 897,024,000
+    #   + scores 146 x 4 suffixes x 32000 x 4 = 74,752,000                          = 3,756,826,624
+    assert worker.settings.storage == "cpu"
+    assert worker.predicted_peak_ram == 3_756_826_624
+    assert worker.predicted_read_seconds == pytest.approx(3 * 137_953_296_384 / 2e9)
+    assert worker.predicted_compute_seconds == pytest.approx(400 * 4.107350835e13 / 20e12)
+    assert any("storage cpu (auto)" in r for r in worker.reasons)
+
+
+def test_70b_activations_go_to_disk_when_ram_is_short():
+    # RAM 4 GB (3.6 usable): base + staging + scores leave ~0.75 GB, less than the smallest useful round
+    # (134 prompts: 276 s of compute, 4x the read time; 823 MB of activations). Disk holds two copies.
+    spec = Spec(limits=Limits(gpu_memory=6 * GB, ram=4 * GB))
+    (worker,) = make_plan(machine(SMALL_GPU), llama2_70b(), spec, [300] * 400).workers
+    assert worker.settings.storage == "disk"
+    assert worker.settings.disk_folder == str(Path("out/scores.job/activations/worker0"))
+    assert [len(r) for r in worker.rounds] == [146, 146, 108]
+
+
+def test_a_disk_too_small_for_disk_storage_is_an_error():
+    spec = Spec(limits=Limits(gpu_memory=6 * GB, ram=4 * GB))
+    with pytest.raises(UserError, match=r"job.yaml: storage: no activation storage holds the smallest useful "
+                                        r"round on cuda:0.*disk needs"):
+        make_plan(machine(SMALL_GPU, disk_free=1 * GB), llama2_70b(), spec, [300] * 400)
+    with pytest.raises(UserError, match=r"storage: disk does not hold .*disk needs 1.65 GB of disk"):
+        make_plan(machine(SMALL_GPU, disk_free=1 * GB), llama2_70b(), replace(spec, storage="disk"), [300] * 400)
+
+
+def test_a_model_whose_single_layer_cannot_be_double_buffered_is_an_error():
+    # Two 1.71 GB shards + the context need 3.95 GB; a 3 GB limit leaves 2.7 GB.
+    with pytest.raises(UserError, match=r"model: does not fit on cuda:0 even one layer at a time"):
+        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=Limits(gpu_memory=3 * GB)), [300] * 4)
+
+
+# -- explicit values override auto, and must fit -------------------------------------------------
+def test_explicit_layers_per_shard_that_does_not_fit_is_an_error_saying_what_fits():
+    spec = Spec(limits=WORKSTATION_LIMITS, layers_per_shard=2)
+    with pytest.raises(UserError, match=r"layers_per_shard: 2 does not fit on cuda:0.*at most 1 fit"):
+        make_plan(machine(SMALL_GPU), llama2_70b(), spec, [300] * 400)
+
+
+def test_explicit_values_override_auto():
+    spec = Spec(limits=WORKSTATION_LIMITS, layers_per_shard=1, batch_tokens=1024, storage="disk")
+    (worker,) = make_plan(machine(SMALL_GPU), llama2_70b(), spec, [300] * 400).workers
+    s = worker.settings
+    assert (s.layers_per_shard, s.batch_tokens, s.storage) == (1, 1024, "disk")
+    assert "batch_tokens 1024 (from the job)" in worker.reasons
+
+
+def test_explicit_batch_tokens_must_hold_the_longest_prompt_and_fit():
+    with pytest.raises(UserError, match=r"batch_tokens: 256 is below prompt 1's 300 tokens"):
+        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS, batch_tokens=256), [200, 300])
+    # 8192 tokens of working memory (3.2 GB) do not fit beside the shards; the largest batch that does is 3468.
+    with pytest.raises(UserError, match=r"batch_tokens: 8192 does not fit on cuda:0 .*at most 3468 fits"):
+        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS, batch_tokens=8192), [200, 300])
+
+
+def test_a_prompt_longer_than_any_batch_that_fits_is_an_error_naming_it():
+    # Prompt 2's 6000 tokens as one forward: scores alone 6000 x 6000 x 64 x 6 = 13.8 GB.
+    with pytest.raises(UserError, match=r"prompts: prompt 2 \(6000 tokens\) is one forward pass and needs"):
+        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300, 300, 6000, 300])
+
+
+def test_storage_gpu_on_a_cpu_worker_is_an_error():
+    with pytest.raises(UserError, match=r"storage: gpu needs a GPU device"):
+        make_plan(machine(), small_fp32(), Spec(storage="gpu"), [150] * 4)
+
+
+# -- limits cap the budgets ----------------------------------------------------------------------
+def test_limits_cap_gpu_memory_and_ram():
+    big = gpu(0, "NVIDIA A100-SXM4-80GB", 80 * GB)
+    free = make_plan(machine(big, ram=256 * GB), llama2_70b(), Spec(), [300] * 400).workers[0]
+    capped = make_plan(machine(big, ram=256 * GB), llama2_70b(), Spec(limits=WORKSTATION_LIMITS),
+                       [300] * 400).workers[0]
+    # Without limits: 80 GB less 10% = 72 GB; batch 16384 (cap) needs 6.3 GB of working memory and 537 MB in
+    # flight, the round's activations stay on the GPU, and 18 layers per shard (2 x 18 x 1.71 = 61.6 GB) fit.
+    assert (free.settings.layers_per_shard, free.settings.batch_tokens, free.settings.storage) == (18, 16384, "gpu")
+    # With the workstation's limits, the same machine plans like the 6 GB one.
+    assert (capped.settings.layers_per_shard, capped.settings.batch_tokens, capped.settings.storage) == (1, 2048, "cpu")
+    assert capped.predicted_peak_device_memory <= 0.9 * 6 * GB and capped.predicted_peak_ram <= 0.9 * 8 * GB
+
+
+# -- two GPUs: data parallel, prompts balanced by tokens -----------------------------------------
+def test_two_24gb_gpus_get_a_worker_each_with_prompts_balanced_by_tokens():
+    gpus = (gpu(0, "NVIDIA GeForce RTX 3090", 24 * GB), gpu(1, "NVIDIA GeForce RTX 3090", 24 * GB))
+    # 600 tokens in all: balanced by tokens, prompt 3 alone weighs as much as prompts 0-2 together.
+    plan = make_plan(machine(*gpus), llama2_13b(), Spec(), [100, 100, 100, 300])
+    assert [w.device for w in plan.workers] == ["cuda:0", "cuda:1"]
+    assert [w.prompt_indices for w in plan.workers] == [(0, 1, 2), (3,)]
+    assert [w.name for w in plan.workers] == ["worker0", "worker1"]
+    for w in plan.workers:
+        # 21.6 GB usable: context 0.52 GB + 16 layers x 2 x 634 MB = 20.3 GB + a small batch's working memory.
+        assert (w.settings.layers_per_shard, w.settings.storage, w.settings.threads) == (16, "gpu", 0)
+        assert w.predicted_peak_device_memory <= 0.9 * 24 * GB
+    assert [w.settings.batch_tokens for w in plan.workers] == [512, 512]  # next power of two of each slice's tokens
+
+
+def test_devices_listed_explicitly_and_missing_ones():
+    gpus = (gpu(0, "NVIDIA GeForce RTX 3090", 24 * GB), gpu(1, "NVIDIA GeForce RTX 3090", 24 * GB))
+    plan = make_plan(machine(*gpus), llama2_13b(), Spec(devices=("cuda:1",)), [100] * 4)
+    assert [w.device for w in plan.workers] == ["cuda:1"]
+    with pytest.raises(UserError, match=r"devices: cuda:2 not present \(visible GPUs: cuda:0, cuda:1\)"):
+        make_plan(machine(*gpus), llama2_13b(), Spec(devices=("cuda:0", "cuda:2")), [100] * 4)
+
+
+def test_more_devices_than_prompts_leaves_some_idle():
+    plan = make_plan(machine(cpus=8), small_fp32(), Spec(devices=("cpu", "cpu", "cpu")), [150, 150])
+    assert [w.prompt_indices for w in plan.workers] == [(0,), (1,)]
+    assert any("1 device(s) left idle" in r for r in plan.reasons)
+
+
+# -- CPU only ------------------------------------------------------------------------------------
+def test_cpu_only_machine_gets_one_cpu_worker_with_every_core():
+    # 64 GB of RAM: the whole fp32 model (16 x 51 MB layers) fits in one shard.
+    plan = make_plan(machine(cpus=8), small_fp32(), Spec(), [150] * 32)
+    (worker,) = plan.workers
+    s = worker.settings
+    assert (worker.device, s.threads, s.layers_per_shard, s.storage, s.dtype) == ("cpu", 8, 16, "cpu", "float32")
+    assert s.batch_tokens == 4096  # 32 x 150 = 4800 tokens: the CPU cap
+    assert worker.predicted_peak_device_memory == 0
+    assert "devices cpu (auto): no GPU visible" in plan.reasons
+
+
+def test_two_cpu_workers_split_the_cores_and_the_prompts():
+    plan = make_plan(machine(cpus=8), small_fp32(), Spec(devices=("cpu", "cpu")), [150] * 32)
+    assert [w.settings.threads for w in plan.workers] == [4, 4]
+    assert [w.prompt_indices for w in plan.workers] == [tuple(range(16)), tuple(range(16, 32))]
+
+
+def test_cpu_ram_bounds_layers_per_shard():
+    # RAM limit 2 GB, 1.8 GB usable. 32 prompts of 150 tokens, batch 4096 (the CPU cap), fp32:
+    #   base                                                             536,870,912
+    #   working: (3 x 2816 + 6 x 1024) x 4096 x 4 = 239,075,328, scores 4096 x 150 x 16 x (4 + 4)
+    #            = 78,643,200, mask 4096 x 150 x 4 = 2,457,600                  320,176,128
+    #   batch in flight 2 x 4096 x 1024 x 4                                     33,554,432
+    #   activations 32 x 150 x 1.25 x 1024 x 4                                  24,576,000
+    #   scores 32 x 4 x 32000 x 4                                               16,384,000
+    #   weights: 2 shards of 8 x 51,388,416                                    822,214,656
+    #   total                                                                1,753,776,128  (9 layers: 1.857 GB)
+    plan = make_plan(machine(cpus=4), small_fp32(), Spec(limits=Limits(ram=2 * GB)), [150] * 32)
+    (worker,) = plan.workers
+    assert (worker.settings.layers_per_shard, worker.settings.batch_tokens) == (8, 4096)
+    assert worker.predicted_peak_ram == 1_753_776_128
+
+
+# -- job-wide decisions --------------------------------------------------------------------------
+def test_parallel_auto_resolves_to_data_and_pipeline_is_not_implemented():
+    plan = make_plan(machine(), small_fp32(), Spec(parallel="auto"), [150] * 4)
+    assert plan.parallel == "data"
+    assert any(r.startswith("parallel data (auto)") for r in plan.reasons)
+    with pytest.raises(UserError, match=r"parallel: pipeline is not implemented yet"):
+        make_plan(machine(), small_fp32(), Spec(parallel="pipeline"), [150] * 4)
+
+
+def test_dtype_auto_keeps_the_checkpoints_and_a_conversion_costs_memory():
+    fp16 = make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 4)
+    assert fp16.dtype == "float16" and any("dtype float16 (auto)" in r for r in fp16.reasons)
+    # float32 compute of an fp16 checkpoint: slots hold 1.71 GB as read plus 3.42 GB converted, twice
+    # (10.3 GB): no longer fits 6 GB.
+    with pytest.raises(UserError, match="model: does not fit on cuda:0"):
+        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS, dtype="float32"), [300] * 4)
+
+
+def test_generation_steps_grow_the_rows_and_multiply_the_reads():
+    one = make_plan(machine(cpus=8), small_fp32(), Spec(), [150] * 32).workers[0]
+    three = make_plan(machine(cpus=8), small_fp32(), Spec(generate_tokens=3), [150] * 32,
+                      suffix_counts=[4] * 32).workers[0]
+    assert three.predicted_read_seconds == pytest.approx(3 * one.predicted_read_seconds)
+    assert three.predicted_compute_seconds > 3 * one.predicted_compute_seconds  # rows grow by 4 tokens a step
+    with pytest.raises(UserError, match=r"batch_tokens: 150 is below prompt 0's 158 tokens"):
+        make_plan(machine(), small_fp32(), Spec(generate_tokens=3, batch_tokens=150), [150], suffix_counts=[4])
+
+
+def test_no_prompts_is_an_error():
+    with pytest.raises(UserError, match="no prompts"):
+        make_plan(machine(), small_fp32(), Spec(), [])
+
+
+# -- the plan as data ----------------------------------------------------------------------------
+def test_plan_round_trips_through_json():
+    gpus = (gpu(0, "NVIDIA GeForce RTX 3090", 24 * GB), gpu(1, "NVIDIA GeForce RTX 3090", 24 * GB))
+    plan = make_plan(machine(*gpus), llama2_70b(), Spec(storage="disk"), [300] * 40)
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+
+
+def test_make_plan_is_deterministic():
+    args = (machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300 + i % 7 for i in range(400)])
+    assert make_plan(*args) == make_plan(*args)
+
+
+def test_render_plan_prints_the_workers_and_the_reasons():
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    render_plan(make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400), console)
+    text = console.export_text()
+    assert "cuda:0" in text and "storage cpu (auto)" in text and "layers_per_shard 1 (auto)" in text

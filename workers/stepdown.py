@@ -1,0 +1,40 @@
+"""Smaller settings to retry with after an out-of-memory error.
+
+The planner's prediction can be wrong (another process took GPU memory, fragmentation), so a
+worker that runs out of memory steps down and retries the round rather than failing: first fewer
+tokens per batch (cheapest: same weights traffic), then fewer layers per shard, then activations
+off the GPU. Scores do not depend on any of these, only speed does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from workers.protocol import EngineSettings
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA out of memory, or a host allocation that failed."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "not enough memory" in str(exc)  # CPU allocator's wording
+
+
+def step_down(settings: EngineSettings, min_batch_tokens: int) -> tuple[EngineSettings, str] | None:
+    """The next smaller settings and what changed, or None when nothing smaller exists.
+
+    min_batch_tokens: the longest prompt's packed length (a prompt is never split across batches).
+    """
+    if settings.batch_tokens > min_batch_tokens:
+        smaller = max(min_batch_tokens, settings.batch_tokens // 2)
+        return (dataclasses.replace(settings, batch_tokens=smaller),
+                f"batch_tokens {settings.batch_tokens} -> {smaller}")
+    if settings.layers_per_shard > 1:
+        fewer = settings.layers_per_shard // 2
+        return (dataclasses.replace(settings, layers_per_shard=fewer),
+                f"layers_per_shard {settings.layers_per_shard} -> {fewer}")
+    if settings.storage == "gpu" and settings.device != "cpu":
+        return dataclasses.replace(settings, storage="cpu"), "storage gpu -> cpu"
+    return None
