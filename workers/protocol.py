@@ -37,7 +37,7 @@ class EngineSettings:
 
     device: str  # "cpu" | "cuda:N"
     dtype: str  # one of DTYPES: the compute dtype
-    layers_per_shard: int  # decoder layers resident at once (embed/norm/head ride with the first/last)
+    layers_per_shard: int  # decoder layers per shard (embeddings and norm + head are shards of their own)
     storage: str  # one of STORAGES: where activations wait between shards
     batch_tokens: int  # padded tokens per forward pass
     disk_folder: str | None = None  # storage == "disk": where activation files go
