@@ -37,6 +37,9 @@ def _load_libc():
 
 _LIBC = _load_libc() if sys.platform.startswith("linux") else None
 
+# Masks and rotary tables kept per pass (on the device) — small next to one layer's weights.
+_LAYOUT_CACHE_BYTES = 64 << 20
+
 Row = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (prefix_ids, suffix_ids) of one packed row
 
 
@@ -106,6 +109,22 @@ class _Pass:
         self.packed = [pack_rows([rows[i] for i in batch]) for batch in self.batches]
         self.targets = [score_targets([rows[i] for i in batch], kind) for batch in self.batches]
         self.tokens = sum(p.input_ids.numel() for p in self.packed)
+        self._layouts: dict[tuple[int, int | None], tuple] = {}  # (batch, window) → cached layout
+        self._layout_bytes = 0
+
+    def layout(self, b: int, window: int | None, build: Callable[[], tuple]) -> tuple:
+        """(mask, position_ids, position_embeddings) of batch b: the same for every layer of a pass,
+        so kept while they fit _LAYOUT_CACHE_BYTES (rebuilding them per layer cost ~7% of a
+        1024-wide layer's time on CPU); beyond that, rebuilt."""
+        key = (b, window)
+        if key in self._layouts:
+            return self._layouts[key]
+        layout = build()
+        size = sum(t.numel() * t.element_size() for t in (layout[0], layout[1], *layout[2]))
+        if self._layout_bytes + size <= _LAYOUT_CACHE_BYTES:
+            self._layouts[key] = layout
+            self._layout_bytes += size
+        return layout
 
 
 class Engine:
@@ -185,7 +204,7 @@ class Engine:
             else:
                 hidden = store.get(b)
             if layer_indices:
-                hidden = self._decoder_layers(layer_indices, hidden, packed)
+                hidden = self._decoder_layers(layer_indices, hidden, current, b)
             if LM_HEAD in kinds:
                 self._score_batch(hidden, current, b, scores)
             else:
@@ -197,15 +216,19 @@ class Engine:
         if cuda:
             self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
 
-    def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
-        position_ids = packed.position_ids.to(self.device)
-        segments = PackedBatch(packed.input_ids, position_ids, packed.segment_ids.to(self.device))
-        windows = {self.adapter.sliding_windows[i] for i in indices}
-        masks = {w: additive_mask(attention_allowed(segments, w), self.dtype) for w in windows}
-        position_embeddings = self.adapter.position_embeddings(hidden, position_ids)
+    def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, current: _Pass, b: int) -> torch.Tensor:
+        packed = current.packed[b]
+
+        def build(window: int | None) -> tuple:
+            position_ids = packed.position_ids.to(self.device)
+            segments = PackedBatch(packed.input_ids, position_ids, packed.segment_ids.to(self.device))
+            mask = additive_mask(attention_allowed(segments, window), self.dtype)
+            return mask, position_ids, self.adapter.position_embeddings(hidden, position_ids)
+
         for i in indices:
-            hidden = self.adapter.decoder_layer(i, hidden, masks[self.adapter.sliding_windows[i]], position_ids,
-                                                position_embeddings)
+            window = self.adapter.sliding_windows[i]
+            mask, position_ids, position_embeddings = current.layout(b, window, lambda: build(window))
+            hidden = self.adapter.decoder_layer(i, hidden, mask, position_ids, position_embeddings)
         return hidden
 
     def _score_batch(self, hidden: torch.Tensor, current: _Pass, b: int, scores) -> None:
