@@ -1,0 +1,446 @@
+"""`flexorch prepare`: a Hugging Face checkpoint dir -> a layerwise dir (format: workers/manifest.py).
+
+The conversion streams. Each output layer's tensors are read from the weight files that hold them,
+written to the layer's own safetensors file and dropped before the next layer; a weight file is
+opened (memory-mapped) only for the layer being written and released with it. Peak RSS is thus
+about the largest layer plus the torch baseline, whatever the size of the source shards.
+
+The output is built in a temporary dir next to DST and renamed into place once complete, so DST is
+either a whole layerwise dir or absent. `describe_checkpoint` gives the manifest the conversion
+would write, from tensor headers alone, for planning a job on an unconverted checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from workers.errors import UserError
+from workers.manifest import DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_NAME = "config.json"
+# What transformers looks for, in its order of preference: (file, format). An index names the shards.
+WEIGHT_MARKERS = (
+    ("model.safetensors.index.json", "safetensors"),
+    ("model.safetensors", "safetensors"),
+    ("pytorch_model.bin.index.json", "bin"),
+    ("pytorch_model.bin", "bin"),
+)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)
+COPIED_FILES = (CONFIG_NAME, "generation_config.json", *TOKENIZER_FILES)
+
+# Weight files of layouts we do not read (GGUF, Meta's consolidated.*.pth, ...), to tell "unknown
+# layout" from "no weights at all".
+_OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".ckpt", ".h5", ".msgpack")
+# Buffers that old checkpoints saved although the model recomputes them.
+_IGNORED_TENSOR = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_DECODER_PREFIX = re.compile(r"model\.layers\.(\d+)\.")
+_PREFIXES = {EMBED: "model.embed_tokens.", NORM: "model.norm.", LM_HEAD: "lm_head."}
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str  # in the checkpoint: "model.layers.3.mlp.up_proj.weight"
+    file: Path  # the weight file holding it
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What `prepare` needs to know about a source dir, read from its config and weight headers."""
+
+    src: Path
+    config: dict  # config.json as read
+    model_type: str
+    architectures: tuple[str, ...]
+    dtype: str | None  # from the config; None when it names none
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    tied: bool  # the lm head reuses the input embedding
+    tensors: tuple[SourceTensor, ...]
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """One layer of the output and the source tensors it is made of (none for a tied head)."""
+
+    position: int
+    name: str  # "embed", "layer.3", "norm", "lm_head"
+    kind: str
+    source_prefix: str
+    tensors: tuple[SourceTensor, ...]
+    dtype: str  # widest floating dtype of its tensors (a tied head: the embedding's)
+    tied_to: str | None = None
+
+    @property
+    def file(self) -> str | None:
+        return None if self.tied_to else f"layers/{self.position:03d}_{self.name}.safetensors"
+
+    def relative(self, tensor: SourceTensor) -> str:
+        return tensor.name[len(self.source_prefix):]
+
+    def entry(self, nbytes: int, sha256: str | None) -> LayerEntry:
+        return LayerEntry(
+            name=self.name, kind=self.kind, file=self.file, bytes=nbytes, sha256=sha256, dtype=self.dtype,
+            params=sum(math.prod(t.shape) for t in self.tensors), source_prefix=self.source_prefix,
+            tensors=tuple(self.relative(t) for t in self.tensors), tied_to=self.tied_to,
+        )
+
+
+# -- the public entry points -----------------------------------------------------------------------
+def describe_checkpoint(src: str | Path) -> Manifest:
+    """The manifest `prepare_checkpoint(src, ...)` would write, with sha256 None; writes nothing."""
+    checkpoint = scan_checkpoint(Path(src))
+    layers = group_layers(checkpoint)
+    return _manifest(checkpoint, [layer.entry(_planned_file_bytes(layer), None) for layer in layers])
+
+
+def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False, console=None) -> Manifest:
+    """Convert the Hugging Face checkpoint dir `src` into the layerwise dir `dst`; returns its manifest.
+
+    Everything is checked before a byte is written; an existing `dst` is refused unless `force`,
+    and then replaced only once the new dir is complete.
+    """
+    src, dst = Path(src), Path(dst)
+    checkpoint = scan_checkpoint(src)
+    layers = group_layers(checkpoint)
+    if dst.exists() and not force:
+        raise UserError(f"{dst}: already exists (use --force to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    if tmp.exists():  # left by a killed run that had our pid
+        shutil.rmtree(tmp)
+    try:
+        manifest = _write_layerwise(checkpoint, layers, tmp, console)
+        _move_into_place(tmp, dst)
+    finally:
+        if tmp.exists():  # only when the conversion failed or was interrupted
+            shutil.rmtree(tmp)
+    if console is not None:
+        _print_summary(manifest, dst, console)
+    return manifest
+
+
+# -- reading the source ----------------------------------------------------------------------------
+def weights_marker(src: Path) -> Path | None:
+    """The index or single weight file that identifies `src`'s layout, or None."""
+    return next((src / name for name, _ in WEIGHT_MARKERS if (src / name).is_file()), None)
+
+
+def weight_files(src: Path) -> tuple[str, Path | None, tuple[Path, ...]]:
+    """(format "safetensors" | "bin", index file or None, weight files) of the checkpoint dir `src`."""
+    marker = weights_marker(src)
+    if marker is None:
+        others = sorted(p.name for p in src.iterdir() if p.suffix in _OTHER_WEIGHT_SUFFIXES)
+        expected = ", ".join(name for name, _ in WEIGHT_MARKERS)
+        if others:
+            raise UserError(f"{src}: unknown weight layout ({', '.join(others[:3])}); expected one of {expected}")
+        raise UserError(f"{src}: no weight files (expected one of {expected})")
+    fmt = dict(WEIGHT_MARKERS)[marker.name]
+    if not marker.name.endswith(".index.json"):
+        return fmt, None, (marker,)
+    weight_map = _read_index(marker)
+    files = tuple(src / name for name in sorted(set(weight_map.values())))
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"{marker}: names weight file {path.name}, which is missing")
+    return fmt, marker, files
+
+
+def scan_checkpoint(src: Path) -> Checkpoint:
+    """Read `src`'s config and the names, dtypes and shapes of its tensors (no tensor data)."""
+    if not src.is_dir():
+        raise UserError(f"{src}: no such checkpoint dir")
+    raw, config = _read_config(src)
+    fmt, index, files = weight_files(src)
+    specs = {path: _tensor_specs(path, fmt) for path in files}
+    if index is None:
+        tensors = [SourceTensor(name, path, *spec) for path, found in specs.items() for name, spec in found.items()]
+    else:
+        tensors = []
+        for name, file in _read_index(index).items():
+            path = src / file
+            if name not in specs[path]:
+                raise UserError(f"{index}: names tensor {name!r} in {file}, which does not hold it")
+            tensors.append(SourceTensor(name, path, *specs[path][name]))
+    return Checkpoint(
+        src=src, config=raw, model_type=config.model_type, architectures=tuple(raw.get("architectures") or ()),
+        dtype=_config_dtype(raw), num_layers=raw["num_hidden_layers"], hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size, tied=bool(config.tie_word_embeddings), tensors=tuple(tensors),
+    )
+
+
+def _read_config(src: Path) -> tuple[dict, object]:
+    """config.json as a dict, and as transformers reads it (for the model type's defaults, such as
+    whether word embeddings are tied when the file does not say)."""
+    path = src / CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"{path}: missing (a Hugging Face checkpoint dir has a config.json)")
+    raw = _read_json(path)
+    if not isinstance(raw.get("num_hidden_layers"), int):
+        raise UserError(f"{path}: no integer num_hidden_layers")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(src)
+    except (ValueError, OSError, KeyError) as exc:
+        raise UserError(f"{path}: transformers cannot read it ({_first_line(exc)})") from None
+    return raw, config
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{path}: no weight_map")
+    return weight_map
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return data
+
+
+def _tensor_specs(path: Path, fmt: str) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """name -> (dtype, shape, nbytes) of the tensors in one weight file, without reading their data."""
+    if fmt == "safetensors":
+        from workers.layerfile import read_header  # also checks the file's size against its header
+
+        return {spec.name: (spec.dtype, spec.shape, spec.end - spec.start) for spec in read_header(path).tensors}
+    return {name: (t.dtype, tuple(t.shape), t.nbytes) for name, t in _load_bin(path).items()}
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pytorch weight file, memory-mapped: its tensors' data is read only when touched."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable pytorch weight file ({_first_line(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _config_dtype(raw: dict) -> str | None:
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    if isinstance(name, str) and name.removeprefix("torch.") in {"float16", "bfloat16", "float32", "float64"}:
+        return name.removeprefix("torch.")
+    return None
+
+
+# -- grouping tensors into layers ------------------------------------------------------------------
+def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
+    """The output layers in forward order, each with its source tensors."""
+    groups: dict[str, list[SourceTensor]] = defaultdict(list)
+    for tensor in checkpoint.tensors:
+        if _IGNORED_TENSOR.search(tensor.name):
+            continue
+        name = _layer_of(tensor.name, checkpoint.num_layers)
+        if name is None:
+            raise UserError(
+                f"{tensor.file}: tensor {tensor.name!r} maps to no layer of a {checkpoint.num_layers}-layer "
+                f"{checkpoint.model_type} model"
+            )
+        if name == LM_HEAD and checkpoint.tied:
+            continue  # a copy of the embedding: the head reads the embed layer's file
+        groups[name].append(tensor)
+
+    slots = [
+        (EMBED, EMBED, _PREFIXES[EMBED]),
+        *((f"layer.{i}", DECODER, f"model.layers.{i}.") for i in range(checkpoint.num_layers)),
+        (NORM, NORM, _PREFIXES[NORM]),
+        (LM_HEAD, LM_HEAD, _PREFIXES[LM_HEAD]),
+    ]
+    layers = []
+    for position, (name, kind, prefix) in enumerate(slots):
+        if kind == LM_HEAD and checkpoint.tied:
+            layers.append(LayerSource(position, name, kind, prefix, (), layers[0].dtype, tied_to=EMBED))
+            continue
+        if not groups[name]:
+            why = "" if kind != LM_HEAD else " and the config does not tie word embeddings"
+            raise UserError(f"{checkpoint.src}: no tensors for layer {name!r} ({prefix}*){why}")
+        tensors = tuple(sorted(groups[name], key=lambda t: t.name))
+        layers.append(LayerSource(position, name, kind, prefix, tensors, _layer_dtype(tensors)))
+    return layers
+
+
+def _layer_of(tensor_name: str, num_layers: int) -> str | None:
+    match = _DECODER_PREFIX.match(tensor_name)
+    if match:
+        return f"layer.{match.group(1)}" if int(match.group(1)) < num_layers else None
+    return next((kind for kind, prefix in _PREFIXES.items() if tensor_name.startswith(prefix)), None)
+
+
+def _layer_dtype(tensors: tuple[SourceTensor, ...]) -> str:
+    floating = [t.dtype for t in tensors if t.dtype.is_floating_point] or [t.dtype for t in tensors]
+    return _dtype_name(max(floating, key=lambda dtype: dtype.itemsize))
+
+
+def _checkpoint_dtype(checkpoint: Checkpoint, entries: list[LayerEntry]) -> str:
+    """The config's dtype, else the floating dtype holding most of the bytes."""
+    if checkpoint.dtype:
+        return checkpoint.dtype
+    bytes_by_dtype: dict[str, int] = defaultdict(int)
+    for tensor in checkpoint.tensors:
+        if tensor.dtype.is_floating_point:
+            bytes_by_dtype[_dtype_name(tensor.dtype)] += tensor.nbytes
+    return max(bytes_by_dtype, key=bytes_by_dtype.get, default=entries[0].dtype)
+
+
+def _manifest(checkpoint: Checkpoint, entries: list[LayerEntry]) -> Manifest:
+    return Manifest(
+        version=FORMAT_VERSION, model_type=checkpoint.model_type, architectures=checkpoint.architectures,
+        dtype=_checkpoint_dtype(checkpoint, entries), num_layers=checkpoint.num_layers,
+        hidden_size=checkpoint.hidden_size, vocab_size=checkpoint.vocab_size, layers=tuple(entries),
+        config=checkpoint.config, source=str(checkpoint.src),
+    )
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Path, console) -> Manifest:
+    (out / "layers").mkdir(parents=True)
+    entries = []
+    with _progress(console, len(layers), checkpoint.src.name) as advance:
+        for layer in layers:
+            entries.append(_write_layer(layer, out))
+            advance(layer.name)
+    for name in COPIED_FILES:
+        if (checkpoint.src / name).is_file():
+            shutil.copy2(checkpoint.src / name, out / name)
+    manifest = _manifest(checkpoint, entries)
+    (out / MANIFEST_NAME).write_text(manifest.to_json())  # last: a dir with a manifest is complete
+    return manifest
+
+
+def _write_layer(layer: LayerSource, out: Path) -> LayerEntry:
+    if layer.tied_to:
+        return layer.entry(0, None)
+    from safetensors.torch import save_file
+
+    from workers.layerfile import sha256_file
+
+    path = out / layer.file
+    save_file(_read_layer(layer), path)  # the tensors (and their file mappings) go when this returns
+    return layer.entry(path.stat().st_size, sha256_file(path))
+
+
+def _read_layer(layer: LayerSource) -> dict[str, torch.Tensor]:
+    """The layer's tensors, named relative to it. Each weight file is opened for this layer only:
+    the tensors are views of its memory map, whose pages count in RSS while the map lives."""
+    by_file: dict[Path, list[SourceTensor]] = defaultdict(list)
+    for tensor in layer.tensors:
+        by_file[tensor.file].append(tensor)
+    out = {}
+    for path, tensors in by_file.items():
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt", device="cpu") as f:
+                out.update({layer.relative(t): f.get_tensor(t.name) for t in tensors})
+        else:
+            state = _load_bin(path)
+            # save_file needs contiguous tensors; a no-op for what save_pretrained wrote
+            out.update({layer.relative(t): state[t.name].contiguous() for t in tensors})
+    return out
+
+
+def _planned_file_bytes(layer: LayerSource) -> int:
+    """Size of the file save_file will write for `layer`, from shapes alone: 8 bytes of length, the
+    JSON header padded to 8 bytes, the data. The header's tensor order sets the offsets (and so
+    their digits); it is safetensors' own, read back from serialising zero-element stand-ins."""
+    if layer.tied_to:
+        return 0
+    import torch
+    from safetensors.torch import save
+
+    tensors = {layer.relative(t): t for t in layer.tensors}
+    stand_ins = save({name: torch.empty(0, dtype=t.dtype) for name, t in tensors.items()})
+    order = json.loads(stand_ins[8:8 + struct.unpack("<Q", stand_ins[:8])[0]])
+    order.pop("__metadata__", None)
+    header, offset = {}, 0
+    for name, info in order.items():
+        end = offset + tensors[name].nbytes
+        header[name] = {"dtype": info["dtype"], "shape": list(tensors[name].shape), "data_offsets": [offset, end]}
+        offset = end
+    length = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + -(-length // 8) * 8 + offset
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    if not dst.exists():
+        tmp.rename(dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"  # --force: the old DST goes once the new is in
+    dst.rename(old)
+    tmp.rename(dst)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+@contextlib.contextmanager
+def _progress(console, total: int, label: str):
+    """Yields advance(layer_name); a rich progress bar over the layers when there is a console."""
+    if console is None:
+        yield lambda name: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"preparing {label}", total=total)
+        yield lambda name: progress.update(task, advance=1, description=f"preparing {label}: {name}")
+
+
+def _print_summary(manifest: Manifest, dst: Path, console) -> None:
+    from rich.table import Table
+
+    from orchestrator.hardware import format_bytes
+
+    largest = max(manifest.layers, key=lambda entry: entry.bytes)
+    head = manifest.entry(LM_HEAD)
+    table = Table(title=f"prepared {dst}", show_header=False)
+    table.add_row("layers", f"{len(manifest.layers)} ({manifest.num_layers} decoder layers)")
+    table.add_row("total size", format_bytes(manifest.total_bytes))
+    table.add_row("largest layer", f"{largest.name} ({format_bytes(largest.bytes)})")
+    table.add_row("dtype", manifest.dtype)
+    table.add_row("lm head", f"tied to {head.tied_to}" if head.tied_to else "own weights")
+    console.print(table)
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a library's error for a one-line message: its first sentence."""
+    text = str(exc).strip()
+    return re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else type(exc).__name__

@@ -1,0 +1,80 @@
+"""The layerwise reader: layers by name, sizes without reading, checksums on demand."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workers import layerfile
+from workers.layerfile import LayerIntegrityError, LayerwiseModel, aligned
+
+
+@pytest.fixture
+def llama_copy(layerwise, tmp_path) -> Path:
+    """A private copy of the tiny llama's layerwise dir, free to damage."""
+    return Path(shutil.copytree(layerwise("llama"), tmp_path / "model.layers"))
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # inside the data region: the header still parses, the size is unchanged
+    path.write_bytes(bytes(data))
+
+
+def test_load_and_read_into_return_the_layer_tensors(layerwise):
+    model = LayerwiseModel(layerwise("llama"))
+    expected = load_file(model.file_path("layer.1"))
+
+    loaded = model.load("layer.1", verify=True)
+    buffer = torch.empty(aligned(model.data_bytes("layer.1")) + 256, dtype=torch.uint8)
+    read = model.read_into("layer.1", buffer, verify=True)
+
+    for tensors in (loaded, read):
+        assert tensors.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert tensors[name].dtype == tensor.dtype and torch.equal(tensors[name], tensor)
+    assert read["self_attn.q_proj.weight"].data_ptr() >= buffer.data_ptr()  # views of the caller's buffer
+
+
+def test_tied_lm_head_reads_the_embedding(layerwise):
+    model = LayerwiseModel(layerwise("qwen2"))
+    head, embed = model.load("lm_head"), model.load("embed")
+    assert head.keys() == {"weight"} and torch.equal(head["weight"], embed["weight"])
+    assert model.layer_bytes("lm_head") == model.layer_bytes("embed")
+
+
+def test_flipped_byte_detected_by_verify_and_read_into(llama_copy):
+    model = LayerwiseModel(llama_copy)
+    flip_last_byte(model.file_path("layer.1"))
+    model.verify("layer.0")  # the others are intact
+
+    for read in (lambda: model.verify("layer.1"), lambda: model.load("layer.1", verify=True)):
+        with pytest.raises(LayerIntegrityError, match="checksum mismatch for layer 'layer.1'") as caught:
+            read()
+        assert str(model.file_path("layer.1")) in str(caught.value)
+
+
+def test_truncated_file_detected_from_its_size_alone(llama_copy, monkeypatch):
+    model = LayerwiseModel(llama_copy)
+    path = model.file_path("layer.2")
+    path.write_bytes(path.read_bytes()[:-16])
+
+    def must_not_read(*args):
+        raise AssertionError("the size check comes first")
+
+    monkeypatch.setattr(layerfile, "read_header", must_not_read)
+    monkeypatch.setattr(layerfile, "sha256_file", must_not_read)
+    with pytest.raises(LayerIntegrityError, match="manifest says") as caught:
+        model.load("layer.2")
+    assert str(path) in str(caught.value) and "'layer.2'" in str(caught.value)
+
+
+def test_layer_bytes_needs_no_read(llama_copy):
+    model = LayerwiseModel(llama_copy)
+    sizes = {entry.name: entry.bytes for entry in model.manifest.layers}
+    shutil.rmtree(llama_copy / "layers")
+    assert {name: model.layer_bytes(name) for name in sizes} == sizes

@@ -1,0 +1,249 @@
+"""`flexorch prepare`: a Hugging Face checkpoint dir -> layerwise dir, streamed, atomic, with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from orchestrator import prepare
+from orchestrator.cli import main
+from orchestrator.demo import ARCHITECTURES, build_checkpoint
+from orchestrator.prepare import describe_checkpoint, prepare_checkpoint
+from workers.manifest import read_manifest
+
+ROUND_TRIP_LAYOUTS = ("safetensors", "safetensors-sharded", "bin-sharded")
+
+
+def source_tensors(src: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint dir, read without flexorch."""
+    tensors = {}
+    for path in src.glob("*.safetensors"):
+        tensors.update(load_file(path))
+    for path in src.glob("*.bin"):
+        tensors.update(torch.load(path, weights_only=True))
+    return tensors
+
+
+def layer_names(num_layers: int) -> list[str]:
+    return ["embed", *(f"layer.{i}" for i in range(num_layers)), "norm", "lm_head"]
+
+
+def without_checksums(manifest):
+    return dataclasses.replace(manifest, layers=tuple(dataclasses.replace(e, sha256=None) for e in manifest.layers))
+
+
+@pytest.mark.parametrize("layout", ROUND_TRIP_LAYOUTS)
+@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+def test_round_trip_every_tensor_once_bit_equal(arch, layout, checkpoint, layerwise):
+    src, dst = checkpoint(arch, layout), layerwise(arch, layout)
+    manifest = read_manifest(dst)
+    expected = source_tensors(src)
+
+    assert [e.name for e in manifest.layers] == layer_names(manifest.num_layers)
+    assert manifest.num_layers == json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    seen = []
+    for position, entry in enumerate(manifest.layers):
+        if entry.tied_to:
+            assert (entry.file, entry.bytes, entry.sha256, entry.tensors) == (None, 0, None, ())
+            continue
+        path = dst / entry.file
+        assert entry.file == f"layers/{position:03d}_{entry.name}.safetensors"
+        assert entry.bytes == path.stat().st_size
+        assert entry.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        stored = load_file(path)
+        assert sorted(stored) == sorted(entry.tensors)
+        for name, tensor in stored.items():
+            original = expected[entry.source_prefix + name]
+            assert tensor.dtype == original.dtype and torch.equal(tensor, original), name
+            seen.append(entry.source_prefix + name)
+    assert len(seen) == len(set(seen))
+    assert sorted(seen) == sorted(expected)  # the tiny tied checkpoints store no lm_head.weight
+    tied = manifest.entry("lm_head").tied_to == "embed"
+    assert tied == (arch in ("qwen2", "gemma"))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_single_bin_file(checkpoint, layerwise):
+    src, dst = checkpoint("llama", "bin"), layerwise("llama", "bin")
+    expected = source_tensors(src)
+    manifest = read_manifest(dst)
+    stored = {e.source_prefix + n: t for e in manifest.layers for n, t in load_file(dst / e.file).items()}
+    assert stored.keys() == expected.keys()
+    assert all(torch.equal(stored[name], expected[name]) for name in expected)
+
+
+@pytest.mark.parametrize("layout", ROUND_TRIP_LAYOUTS)
+@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+def test_describe_equals_written_manifest_but_checksums(arch, layout, checkpoint, layerwise):
+    written = read_manifest(layerwise(arch, layout))
+    assert describe_checkpoint(checkpoint(arch, layout)) == without_checksums(written)
+
+
+def test_ignorable_buffers_and_tied_head_copy_are_dropped(checkpoint, tmp_path):
+    src = Path(shutil.copytree(checkpoint("qwen2", "safetensors"), tmp_path / "src"))
+    tensors = load_file(src / "model.safetensors")
+    original = set(tensors)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, src / "model.safetensors")
+
+    manifest = prepare_checkpoint(src, tmp_path / "dst")
+
+    assert manifest.entry("lm_head").tied_to == "embed"
+    assert {e.source_prefix + n for e in manifest.layers for n in e.tensors} == original
+
+
+def test_tied_default_comes_from_the_model_type(checkpoint, tmp_path):
+    """Gemma ties its embeddings by default: a config without the key is still tied."""
+    src = Path(shutil.copytree(checkpoint("gemma", "safetensors"), tmp_path / "src"))
+    config = json.loads((src / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (src / "config.json").write_text(json.dumps(config))
+    assert describe_checkpoint(src).entry("lm_head").tied_to == "embed"
+
+
+def test_dtype_from_config_else_from_tensors(tmp_path):
+    src = build_checkpoint(tmp_path / "src", "llama", dtype="bfloat16", num_hidden_layers=1)
+    assert describe_checkpoint(src).dtype == "bfloat16"
+    config = json.loads((src / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps(config))
+    manifest = describe_checkpoint(src)
+    assert manifest.dtype == "bfloat16"
+    assert {e.dtype for e in manifest.layers} == {"bfloat16"}
+
+
+def test_cli_prepares_and_prints_a_summary(checkpoint, tmp_path, capsys):
+    dst = tmp_path / "out" / "model.layers"
+    assert main(["prepare", str(checkpoint("llama", "safetensors")), str(dst)]) == 0
+    assert "largest layer" in capsys.readouterr().err
+    assert read_manifest(dst).num_layers == 4
+
+
+def test_existing_dst_refused_without_force_replaced_with_it(checkpoint, tmp_path, capsys):
+    dst = tmp_path / "model.layers"
+    prepare_checkpoint(checkpoint("llama", "safetensors"), dst)
+    other = str(checkpoint("qwen2", "safetensors"))
+    capsys.readouterr()  # building the fixture checkpoints may have printed progress
+
+    assert main(["prepare", other, str(dst)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {dst}: already exists (use --force to replace it)"
+    assert read_manifest(dst).model_type == "llama"
+
+    assert main(["prepare", other, str(dst), "--force"]) == 0
+    assert read_manifest(dst).model_type == "qwen2"
+    assert not (dst / "layers" / "006_lm_head.safetensors").exists()  # nothing left of the old dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.layers"]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "force-over-existing"])
+@pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_failure_mid_way_leaves_no_half_made_dir(failure, existing, checkpoint, tmp_path, monkeypatch):
+    src, dst = checkpoint("llama", "safetensors-sharded"), tmp_path / "model.layers"
+    if existing:
+        prepare_checkpoint(checkpoint("qwen2", "safetensors"), dst)
+    write_layer, written = prepare._write_layer, []
+
+    def fail_on_third_layer(layer, out):
+        if len(written) == 2:
+            raise failure
+        written.append(write_layer(layer, out))
+        return written[-1]
+
+    monkeypatch.setattr(prepare, "_write_layer", fail_on_third_layer)
+    with pytest.raises(type(failure)):
+        prepare_checkpoint(src, dst, force=True)
+
+    assert len(written) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["model.layers"] if existing else [])
+    if existing:
+        assert read_manifest(dst).model_type == "qwen2"
+
+
+# -- errors: exit 2, one line naming the file, nothing written -------------------------------------
+def _edit_config(src: Path, **changes) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config.update(changes)
+    (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+
+def _edit_weights(src: Path, edit) -> None:
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, src / "model.safetensors")
+
+
+def _replace_weights(src: Path, name: str, content: bytes) -> None:
+    (src / "model.safetensors").unlink()
+    (src / name).write_bytes(content)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+# id: (layout copied, how to break it, what the message must name)
+BROKEN = {
+    "src-missing": (
+        "safetensors", lambda src: shutil.rmtree(src), ["{src}", "no such"]),
+    "no-config": (
+        "safetensors", lambda src: (src / "config.json").unlink(), ["{src}/config.json", "missing"]),
+    "no-num-layers": (
+        "safetensors", lambda src: _edit_config(src, num_hidden_layers=None),
+        ["{src}/config.json", "num_hidden_layers"]),
+    "no-weights": (
+        "safetensors", lambda src: (src / "model.safetensors").unlink(), ["{src}", "no weight files"]),
+    "index-names-missing-file": (
+        "safetensors-sharded", lambda src: (src / "model-00002-of-00004.safetensors").unlink(),
+        ["{src}/model.safetensors.index.json", "model-00002-of-00004.safetensors"]),
+    "unmapped-tensor": (
+        "safetensors", lambda src: _edit_weights(src, lambda t: t.update(extra=torch.ones(2))),
+        ["{src}/model.safetensors", "'extra'"]),
+    "layer-beyond-config": (
+        "safetensors", lambda src: _edit_config(src, num_hidden_layers=3),
+        ["{src}/model.safetensors", "'model.layers.3."]),
+    "missing-decoder-layer": (
+        "safetensors", lambda src: _edit_config(src, num_hidden_layers=5), ["{src}", "'layer.4'"]),
+    "untied-without-head": (
+        "safetensors", lambda src: _edit_weights(src, lambda t: t.pop("lm_head.weight")),
+        ["{src}", "'lm_head'", "tie"]),
+    "unknown-layout-pth": (
+        "safetensors", lambda src: _replace_weights(src, "consolidated.00.pth", b"x"),
+        ["{src}", "consolidated.00.pth"]),
+    "unknown-layout-gguf": (
+        "safetensors", lambda src: _replace_weights(src, "model.gguf", b"GGUF"), ["{src}", "model.gguf"]),
+    "truncated-safetensors": (
+        "safetensors", lambda src: _truncate(src / "model.safetensors"), ["{src}/model.safetensors"]),
+    "garbage-safetensors": (
+        "safetensors", lambda src: (src / "model.safetensors").write_bytes(b"\xff" * 64),
+        ["{src}/model.safetensors", "not a readable safetensors file"]),
+    "corrupt-bin": (
+        "bin", lambda src: _truncate(src / "pytorch_model.bin"), ["{src}/pytorch_model.bin"]),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_bad_checkpoint_exits_2_with_one_line_naming_the_file(case, checkpoint, tmp_path, capsys):
+    layout, breaks, expected = BROKEN[case]
+    src = Path(shutil.copytree(checkpoint("llama", layout), tmp_path / "src"))
+    dst = tmp_path / "dst"
+    breaks(src)
+    capsys.readouterr()  # building the fixture checkpoint may have printed progress
+
+    assert main(["prepare", str(src), str(dst)]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for part in expected:
+        assert part.format(src=src) in err, err
+    assert not dst.exists()
