@@ -72,10 +72,9 @@ def build_checkpoint(path: str | Path, model_type: str = "llama", *, layout: str
     path = Path(path)
     tokenizer = build_tokenizer()
     overrides = {**_TINY, **ARCHITECTURES[model_type], **config_overrides}
-    config = AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, **{"pad_token_id": tokenizer.pad_token_id, **overrides}
-    )
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(model_type, **{**ids, **overrides})  # a larger vocab_size pads the embedding
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     with torch.no_grad():  # random init leaves some norms at exactly 0 or 1: perturb every tensor

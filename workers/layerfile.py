@@ -64,11 +64,16 @@ def read_header(path: Path) -> LayerFileHeader:
         size = os.path.getsize(path)
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
         raise LayerIntegrityError(f"{path}: not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise LayerIntegrityError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     specs = []
     for name, info in header.items():
-        start, end = info["data_offsets"]
-        specs.append(TensorSpec(name, _DTYPES[info["dtype"]], tuple(info["shape"]), start, end))
+        try:
+            start, end = info["data_offsets"]
+            specs.append(TensorSpec(name, _DTYPES[info["dtype"]], tuple(info["shape"]), int(start), int(end)))
+        except (KeyError, TypeError, ValueError):
+            raise LayerIntegrityError(f"{path}: malformed header entry for tensor {name!r}: {info!r}") from None
     data_bytes = max((spec.end for spec in specs), default=0)
     if 8 + length + data_bytes != size:
         raise LayerIntegrityError(f"{path}: file is {size} bytes, its header describes {8 + length + data_bytes}")
