@@ -7,6 +7,7 @@ with the same function, in every weight layout `flexorch prepare` reads.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 # Text the tokenizer is trained on: enough variety for a few hundred merges.
@@ -84,12 +85,26 @@ def build_checkpoint(path: str | Path, model_type: str = "llama", *, layout: str
     if shard_bytes is None:  # several shards even for a tiny model, so the index path is exercised
         shard_bytes = max(1, sum(p.numel() * p.element_size() for p in model.parameters()) // 3)
     sharded = layout.endswith("sharded")
-    model.save_pretrained(path, safe_serialization=True, max_shard_size=shard_bytes if sharded else "100GB")
+    with _quiet_transformers():  # its per-shard progress bars would land in the caller's stderr
+        model.save_pretrained(path, safe_serialization=True, max_shard_size=shard_bytes if sharded else "100GB")
     if layout.startswith("bin"):
         _rewrite_as_bin(path, sharded)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def _rewrite_as_bin(path: Path, sharded: bool) -> None:
