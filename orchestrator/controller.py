@@ -1,0 +1,310 @@
+"""The controller behind `flexorch plan` and `flexorch submit`.
+
+    job file ─► spec ─► prompts ─► model (manifest) ─► tokenize ─► probe ─► plan
+             ─► HF dir converted (cached) ─► job_dir (resume state)
+             ─► executor: one worker per device ─► parts ─► merge ─► output + report.json
+
+`plan_job` stops after the plan and changes nothing (an HF checkpoint is described, not converted).
+`submit` runs the job and returns the exit status: 0 done, 1 a worker failed (one line naming it,
+its device and the error), 130 interrupted; bad input raises UserError (the CLI exits 2). The
+output file exists only once every prompt is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from orchestrator import jobstate
+from orchestrator.atomic import atomic_write_text
+from orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
+from orchestrator.hardware import probe
+from orchestrator.merge import collect_results, write_output
+from orchestrator.modelstore import is_hf_checkpoint, resolve_model
+from orchestrator.planner import Plan, WorkerPlan, make_plan
+from orchestrator.progress import WorkerLine, make_progress
+from orchestrator.prompts import (Prompt, load_tokenizer, model_max_length, read_prompts, token_ids_for,
+                                  tokenize_prompts, updated_prompts_path, write_updated_prompts)
+from orchestrator.spec import JobSpec, load_job
+from workers.errors import UserError
+from workers.manifest import Manifest, is_layerwise_dir, read_manifest
+from workers.protocol import ScoreSpec, TokenizedPrompt
+from workers.worker import FAIL_USER, Failed, Finished, Ready, Round, RoundDone, WorkerHooks, WorkerTask
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+REPORT_NAME = "report.json"
+LOGS_DIR = "logs"
+# Fault injection for tests that run `flexorch submit` in a subprocess: JSON mapping a worker name
+# to WorkerHooks fields, e.g. {"worker1": {"sigkill_after_rounds": 1}}. Never set it in production.
+FAULTS_ENV = "FLEXORCH_TEST_FAULTS"
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """Everything read and decided before a worker starts."""
+
+    spec: JobSpec
+    prompts: list[Prompt]
+    tokenized: list[TokenizedPrompt]
+    score: ScoreSpec
+    manifest: Manifest  # what the plan was made from (an HF dir's is described: no checksums)
+    tokenizer: object
+    plan: Plan
+
+
+def plan_job(job_path: str | Path) -> tuple[JobSpec, Plan]:
+    """Validate the job and plan it; writes nothing (an HF dir is described, not converted)."""
+    spec = load_job(Path(job_path))
+    job = prepare_job(spec, spec.model, _describe_model(spec.model))
+    return spec, job.plan
+
+
+def _describe_model(path: Path) -> Manifest:
+    if is_layerwise_dir(path):
+        return read_manifest(path)
+    if is_hf_checkpoint(path):
+        from orchestrator.prepare import describe_checkpoint
+
+        return describe_checkpoint(path)
+    raise UserError(f"{path}: neither a layerwise dir (flexorch prepare) nor a Hugging Face checkpoint dir")
+
+
+def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJob:
+    """Prompts → token ids → score ids → hardware → plan. `model_dir` holds the tokenizer."""
+    prompts = read_prompts(spec.prompts)
+    tokenizer = load_tokenizer(model_dir, spec.allow_remote_code)
+    max_length = spec.max_length or model_max_length(manifest.config)
+    tokenized = tokenize_prompts(prompts, tokenizer, max_length, spec.prompts, spec.generate_tokens)
+    token_ids = token_ids_for(spec.score.tokens, tokenizer, spec.path) if spec.score.kind == "token_probs" else ()
+    score = ScoreSpec(kind=spec.score.kind, token_ids=token_ids, generate_tokens=spec.generate_tokens)
+    # Free disk where activations would go: the planner's disk budget (probe walks up to a parent
+    # that exists, so job_dir need not exist yet).
+    hardware = probe(disk_path=spec.disk_folder or spec.job_dir)
+    plan = make_plan(hardware, manifest, spec, [p.n_tokens for p in tokenized],
+                     suffix_counts=[len(p.suffix_ids) for p in tokenized])
+    return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan)
+
+
+# -- submit ------------------------------------------------------------------------------------------
+@dataclass
+class WorkerRecord:
+    """One worker's line of report.json, filled in from its messages."""
+
+    name: str
+    device: str
+    prompts: int  # in its slice
+    prompts_reused: int  # of those, committed by an earlier run
+    rounds: int = 0  # rounds committed in this run
+    pid: int | None = None
+    seconds: float = 0.0  # from process start to Finished
+    engine_seconds: float = 0.0  # inside the engine (the rest is start-up: imports, device set-up)
+    bytes_read: int = 0
+    peak_device_memory: int = 0
+    peak_rss: int = 0
+    load_seconds: float = 0.0  # compute waited for weights
+    read_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    tokens: int = 0
+    status: str = "waiting"  # waiting | running | finished | failed | stopped | reused
+    error: str | None = None
+
+    def update(self, message) -> None:
+        if isinstance(message, Ready):
+            self.pid, self.status = message.pid, "running"
+        elif isinstance(message, RoundDone):
+            s = message.summary
+            self.rounds += 1
+            self.engine_seconds += s.seconds
+            self.bytes_read += s.bytes_read
+            self.peak_device_memory = max(self.peak_device_memory, s.peak_device_memory)
+            self.peak_rss = max(self.peak_rss, s.peak_rss)
+            self.load_seconds += s.load_seconds
+            self.read_seconds += s.read_seconds
+            self.compute_seconds += s.compute_seconds
+            self.tokens += s.tokens
+        elif isinstance(message, Finished):
+            self.seconds, self.status = message.seconds, "finished"
+
+
+@dataclass
+class _Run:
+    """What one submit did, for report.json."""
+
+    job: PreparedJob
+    model_dir: Path
+    state: jobstate.JobState
+    records: dict[str, WorkerRecord] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    status: str = "running"
+    error: str | None = None
+
+    def report(self) -> dict:
+        spec, n = self.job.spec, len(self.job.prompts)
+        reused = len([i for i in self.state.completed if i < n])
+        return {
+            "status": self.status, "error": self.error, "job": str(spec.path.resolve()),
+            "model": str(self.model_dir), "output": str(spec.output.resolve()),
+            "prompts": n, "prompts_reused": reused, "prompts_computed": n - reused, "runs": self.state.runs,
+            "seconds": round(time.monotonic() - self.started, 3),
+            "workers": [vars(r) for r in self.records.values()], "plan": self.job.plan.to_dict(),
+        }
+
+    def finish(self, status: str, error: str | None = None) -> Path:
+        """Record how the run ended (workers still running were stopped) and write report.json."""
+        self.status, self.error = status, error
+        for record in self.records.values():
+            if record.status == "running":
+                record.status = "stopped"
+        path = self.state.job_dir / REPORT_NAME
+        atomic_write_text(path, json.dumps(self.report(), indent=1, default=str) + "\n")
+        return path
+
+
+def submit(job_path: str | Path, console: Console, restart: bool = False,
+           faults: dict[str, WorkerHooks] | None = None) -> int:
+    """Run the job; returns the exit status. `faults`: test hooks per worker name (default: from
+    the FLEXORCH_TEST_FAULTS environment variable)."""
+    spec = load_job(Path(job_path))
+    # Everything is validated and planned before an HF checkpoint is converted (which can take an
+    # hour for a 70B model): a typo in the prompts must not cost that.
+    job = prepare_job(spec, spec.model, _describe_model(spec.model))
+    model_dir = resolve_model(spec.model, console=console)
+    manifest = read_manifest(model_dir)  # with the layer checksums the fingerprint needs
+    fingerprint = jobstate.make_fingerprint(manifest, spec.prompts, job.tokenized, job.score, job.plan.dtype)
+    with jobstate.locked(spec.job_dir):
+        state = jobstate.open_job(spec.job_dir, fingerprint, len(job.prompts), restart=restart)
+        # JOBSPEC: no output file unless this job completed; an older one would be taken for ours.
+        _remove_outputs(spec)
+        run = _Run(job, model_dir, state)
+        tasks = _make_tasks(run, faults if faults is not None else _faults_from_env())
+        console.out(_plan_line(run, tasks), highlight=False)
+        return _execute(run, tasks, console)
+
+
+def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> int:
+    spec = run.job.spec
+    try:
+        failure = _run_workers(run, tasks, spec.worker_timeout, console)
+    except KeyboardInterrupt:
+        run.finish("interrupted", "interrupted")
+        print(f"interrupted: every worker stopped; committed results are kept in {spec.job_dir} "
+              "(submit again to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if failure is not None:
+        run.finish("failed", failure)
+        print(f"error: {failure}", file=sys.stderr)
+        return EXIT_FAILED
+    _write_outputs(run)
+    report = run.finish("completed")
+    console.out(f"done: {len(run.job.prompts)} prompts ({len(run.state.completed)} reused) in "
+                f"{time.monotonic() - run.started:.1f} s -> {spec.output.resolve()}; report {report.resolve()}",
+                highlight=False)
+    return EXIT_OK
+
+
+def _faults_from_env() -> dict[str, WorkerHooks]:
+    raw = os.environ.get(FAULTS_ENV)
+    if not raw:
+        return {}
+    return {name: WorkerHooks.from_dict(hooks) for name, hooks in json.loads(raw).items()}
+
+
+def _remove_outputs(spec: JobSpec) -> None:
+    spec.output.unlink(missing_ok=True)
+    if spec.generate_tokens > 1:
+        updated_prompts_path(spec.output, spec.prompts_format).unlink(missing_ok=True)
+
+
+def _make_tasks(run: _Run, faults: dict[str, WorkerHooks]) -> list[WorkerTask]:
+    """One task per planned worker with prompts left: committed prompts are dropped from its rounds
+    (keeping round ids), and a worker with nothing left is not started."""
+    tasks = []
+    completed = run.state.completed
+    for wp in run.job.plan.workers:
+        reused = sum(1 for i in wp.prompt_indices if i in completed)
+        record = WorkerRecord(wp.name, wp.device, len(wp.prompt_indices), reused)
+        run.records[wp.name] = record
+        rounds = _rounds_left(wp, run.job.tokenized, completed)
+        if not rounds:
+            record.status = "reused"
+            continue
+        tasks.append(WorkerTask(
+            name=wp.name, model_dir=str(run.model_dir), settings=wp.settings, score=run.job.score,
+            rounds=rounds, parts_dir=str(run.state.parts_dir), planned_rounds=len(wp.rounds),
+            log_path=str(run.state.job_dir / LOGS_DIR / f"{wp.name}.log"),
+            hooks=faults.get(wp.name, WorkerHooks()),
+        ))
+    return tasks
+
+
+def _rounds_left(wp: WorkerPlan, tokenized: list[TokenizedPrompt], completed) -> tuple[Round, ...]:
+    rounds = []
+    for round_id, indices in enumerate(wp.rounds):
+        left = tuple(tokenized[i] for i in indices if i not in completed)
+        if left:
+            rounds.append(Round(round_id, left))
+    return tuple(rounds)
+
+
+def _plan_line(run: _Run, tasks: list[WorkerTask]) -> str:
+    workers = ", ".join(f"{w.name} on {w.device}" for w in run.job.plan.workers)
+    reused = len(run.state.completed)
+    resumed = f"; resuming: {reused} prompts reused from earlier runs" if reused else ""
+    return (f"job {run.job.spec.path}: {len(run.job.prompts)} prompts, dtype {run.job.plan.dtype}, "
+            f"{len(tasks)} of {len(run.job.plan.workers)} workers to run ({workers}){resumed}")
+
+
+def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | None, console: Console) -> str | None:
+    """Run `tasks` to the end; returns None, or the one-line failure of the first worker to fail
+    (the others are stopped). Every worker is stopped on the way out, whatever happens."""
+    if not tasks:
+        return None
+    lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds))
+             for r, wp in zip(run.records.values(), run.job.plan.workers)]
+    with make_progress(console, lines) as progress, LocalProcessExecutor(worker_timeout=worker_timeout) as executor:
+        executor.start(tasks)
+        for task in tasks:
+            run.records[task.name].pid = executor.pid(task.name)
+        for message in executor.messages():
+            progress.handle(message)
+            record = run.records[message.worker]
+            record.update(message)
+            if isinstance(message, FAILURES):
+                return _failure(run, record, message)
+    return None
+
+
+def _failure(run: _Run, record: WorkerRecord, message) -> str:
+    """Mark the failed worker; the one line saying what went wrong."""
+    record.status = "failed"
+    log = run.state.job_dir / LOGS_DIR / f"{record.name}.log"
+    if isinstance(message, Failed):
+        if message.kind == FAIL_USER:  # bad input found while running (a corrupt layer file): exit 2
+            record.error = message.error
+            run.finish("failed", message.error)
+            raise UserError(f"worker {record.name} ({record.device}): {message.error}")
+        what = message.error + (f" (traceback in {log})" if message.traceback else "")
+    elif isinstance(message, (Died, Hung)):
+        what = message.describe() + (f"; its log: {log}" if isinstance(message, Died) else "")
+    else:
+        what = str(message)
+    record.error = what
+    pid = f", pid {record.pid}" if record.pid else ""
+    return f"worker {record.name} ({record.device}{pid}) failed: {what}"
+
+
+def _write_outputs(run: _Run) -> None:
+    """Merge every committed part (earlier runs' and this one's) in prompt order into the output,
+    and the _updated prompts."""
+    spec, job = run.job.spec, run.job
+    results = collect_results(run.state.parts(), len(job.prompts))
+    write_output(spec.output, job.score.kind, results, ids=[p.id for p in job.prompts])
+    if spec.generate_tokens > 1:
+        texts = [[job.tokenizer.decode(list(ids)) for ids in r.generated] for r in results]
+        write_updated_prompts(spec.output, job.prompts, texts, spec.prompts_format)

@@ -1,0 +1,241 @@
+"""Where workers run: a narrow interface (start, messages, stop) and its local implementation.
+
+The controller never touches a device: it hands each worker a `WorkerTask` and reads the messages
+workers send (`workers.worker`), plus two the executor itself makes up when a worker cannot speak
+for itself: `Died` (its process ended without finishing) and `Hung` (it said nothing for longer
+than `worker_timeout`).
+
+`LocalProcessExecutor` runs one spawned process per task on this machine. Another executor — one
+Ray actor per task, say — implements the same three methods: `start` creates the actors, `messages`
+turns their replies and their deaths (`ray.wait` on the actors' object refs) into the same message
+stream, `stop` kills them. The controller does not change.
+"""
+
+from __future__ import annotations
+
+import abc
+import multiprocessing
+import signal
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+from workers.worker import Failed, Finished, Progress, RoundDone, WorkerMessage, WorkerTask, worker_main
+
+# How long stop() lets workers exit after closing their death pipes, then after SIGTERM, before SIGKILL.
+STOP_GRACE_S = 5.0
+TERMINATE_GRACE_S = 2.0
+# worker_timeout measures silence while computing. Until its first progress a worker is starting
+# (interpreter, torch import, CUDA context, first shard): on a loaded machine that alone can take
+# longer than a worker_timeout chosen for progress, so start-up gets at least this long.
+STARTUP_GRACE_S = 300.0
+
+
+@dataclass(frozen=True)
+class Died:
+    """A worker's process ended before it sent Finished (and without a Failed message)."""
+
+    worker: str
+    exitcode: int | None
+
+    def describe(self) -> str:
+        if self.exitcode is not None and self.exitcode < 0:
+            try:
+                name = signal.Signals(-self.exitcode).name
+            except ValueError:
+                name = f"signal {-self.exitcode}"
+            hint = " (the kernel's out-of-memory killer sends SIGKILL: check `dmesg`)" if name == "SIGKILL" else ""
+            return f"process was killed by {name}{hint}"
+        return f"process exited with status {self.exitcode} before finishing"
+
+
+@dataclass(frozen=True)
+class Hung:
+    """A worker sent nothing for `seconds` (the job's worker_timeout)."""
+
+    worker: str
+    seconds: float
+    starting: bool = False  # silent since it started: the start-up allowance ran out
+
+    def describe(self) -> str:
+        if self.starting:
+            return f"did not start computing within {self.seconds:g} s (interpreter, torch, device set-up); stopped"
+        return f"made no progress for {self.seconds:g} s (worker_timeout); stopped"
+
+
+ExecutorMessage = WorkerMessage | Died | Hung
+FAILURES = (Failed, Died, Hung)
+
+
+class Executor(abc.ABC):
+    """Runs WorkerTasks and reports, as one stream of messages, what their workers say."""
+
+    @abc.abstractmethod
+    def start(self, tasks: Sequence[WorkerTask]) -> None:
+        """Start one worker per task. Raises (having stopped what it started) if one cannot start."""
+
+    @abc.abstractmethod
+    def messages(self) -> Iterator[ExecutorMessage]:
+        """Messages as they arrive, until every worker has sent Finished. A worker that dies or
+        hangs shows up as Died / Hung; after a failure the caller is expected to stop()."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop every worker still running. Idempotent; safe from a finally block."""
+
+    @abc.abstractmethod
+    def pid(self, worker: str) -> int | None:
+        """The worker's process id, where there is one."""
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class _Handle:
+    """Parent-side state of one worker process."""
+
+    task: WorkerTask
+    process: multiprocessing.process.BaseProcess
+    conn: Connection | None  # messages from the worker; None once it reached EOF
+    death: Connection  # the parent's end of the death pipe: closing it stops the worker
+    last_heard: float  # time.monotonic() of its last message (or of its start)
+    computing: bool = False  # has sent progress: worker_timeout applies from now on
+    done: bool = False  # sent Finished or a failure has been reported: its sentinel means nothing more
+
+
+def _stop_processes(handles: list[_Handle]) -> None:
+    """Close death pipes → bounded wait → terminate → bounded wait → kill. Module-level (not a
+    method) so weakref.finalize holds no reference to the executor."""
+    for handle in handles:
+        handle.death.close()  # the worker's watcher thread sees EOF and exits at once
+    _join_all(handles, STOP_GRACE_S)
+    for handle in handles:
+        if handle.process.is_alive():
+            handle.process.terminate()
+    _join_all(handles, TERMINATE_GRACE_S)
+    for handle in handles:
+        if handle.process.is_alive():
+            handle.process.kill()
+        handle.process.join()
+        if handle.conn is not None:
+            handle.conn.close()
+            handle.conn = None
+
+
+def _join_all(handles: list[_Handle], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for handle in handles:
+        handle.process.join(max(0.0, deadline - time.monotonic()))
+
+
+class LocalProcessExecutor(Executor):
+    """One `spawn`ed process per task on this machine (spawn: CUDA cannot survive fork, and a fresh
+    interpreter inherits no locks or threads from the controller).
+
+    `worker_timeout`: seconds of silence after which a worker counts as hung (None: never).
+    `target`: the process entry point `target(task, conn, death_conn)`; tests pass stand-ins.
+    """
+
+    def __init__(self, worker_timeout: float | None = None, target: Callable = worker_main,
+                 clock: Callable[[], float] = time.monotonic):
+        self.worker_timeout = worker_timeout
+        self.target = target
+        self.clock = clock
+        self._context = multiprocessing.get_context("spawn")
+        self._handles: dict[str, _Handle] = {}
+        self._finalizer: weakref.finalize | None = None
+
+    def start(self, tasks: Sequence[WorkerTask]) -> None:
+        handles: list[_Handle] = []
+        self._finalizer = weakref.finalize(self, _stop_processes, handles)
+        try:
+            for task in tasks:
+                handles.append(self._start_one(task))
+                self._handles[task.name] = handles[-1]
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_one(self, task: WorkerTask) -> _Handle:
+        receive, send = self._context.Pipe(duplex=False)
+        death_child, death_parent = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=self.target, args=(task, send, death_child),
+                                        name=f"flexorch-{task.name}", daemon=True)
+        process.start()
+        # The child holds its own copies now; closing ours means EOF arrives when the child exits.
+        send.close()
+        death_child.close()
+        return _Handle(task, process, receive, death_parent, last_heard=self.clock())
+
+    def pid(self, worker: str) -> int | None:
+        handle = self._handles.get(worker)
+        return handle.process.pid if handle else None
+
+    def stop(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # runs _stop_processes once; later calls do nothing
+
+    # -- the message stream ---------------------------------------------------------------------
+    def messages(self) -> Iterator[ExecutorMessage]:
+        while any(not h.done for h in self._handles.values()):
+            waiting = [h for h in self._handles.values() if not h.done]
+            objects = [h.conn for h in waiting if h.conn is not None] + [h.process.sentinel for h in waiting]
+            ready = wait(objects, timeout=self._time_left(waiting))
+            if not ready:
+                yield from self._hung(waiting)
+                continue
+            # Messages first: a worker that reported Failed and exited fires both, and its own
+            # words beat "died".
+            for handle in waiting:
+                if handle.conn is not None and handle.conn in ready:
+                    yield from self._receive(handle, drain=False)
+            for handle in waiting:
+                if not handle.done and handle.process.sentinel in ready:
+                    yield from self._receive(handle, drain=True)
+                    if not handle.done:
+                        handle.done = True
+                        handle.process.join()
+                        yield Died(handle.task.name, handle.process.exitcode)
+
+    def _time_left(self, waiting: list[_Handle]) -> float | None:
+        """Seconds until the earliest hung-worker deadline (None: wait for ever)."""
+        if self.worker_timeout is None:
+            return None
+        deadline = min(h.last_heard + self._allowed_silence(h) for h in waiting)
+        return max(0.0, deadline - self.clock())
+
+    def _allowed_silence(self, handle: _Handle) -> float:
+        return self.worker_timeout if handle.computing else max(self.worker_timeout, STARTUP_GRACE_S)
+
+    def _hung(self, waiting: list[_Handle]) -> Iterator[Hung]:
+        now = self.clock()
+        for handle in waiting:
+            silence = self._allowed_silence(handle)
+            if now - handle.last_heard >= silence:
+                handle.done = True
+                handle.process.kill()  # it is not listening; the other workers are the caller's call
+                yield Hung(handle.task.name, silence, starting=not handle.computing)
+
+    def _receive(self, handle: _Handle, drain: bool) -> Iterator[WorkerMessage]:
+        """One message from `handle` (or, with `drain`, every message it left before exiting)."""
+        while handle.conn is not None and handle.conn.poll():
+            try:
+                message = handle.conn.recv()
+            except (EOFError, OSError):
+                handle.conn.close()
+                handle.conn = None
+                return
+            handle.last_heard = self.clock()
+            if isinstance(message, (Progress, RoundDone)):
+                handle.computing = True
+            if isinstance(message, (Finished, Failed)):
+                handle.done = True
+            yield message
+            if not drain or handle.done:
+                return

@@ -1,0 +1,192 @@
+"""Resume state in job_dir: `job.json` (what the results depend on) and `parts/` (committed rounds).
+
+The fingerprint covers everything the scores depend on — the model's layer checksums and config,
+the prompts file's bytes, the token ids they became, the score settings, the dtype and the flexorch
+version — and nothing about placement: devices, batch sizes and shards may change between runs,
+because results are keyed by prompt index and every part records the indices it holds.
+
+Granularity: one part per round of a worker (one engine call: the model streamed once per
+generation step over that round's prompts). A crash loses at most the rounds in flight, one per
+worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+from orchestrator.atomic import atomic_write_text
+from workers.errors import UserError
+from workers.manifest import Manifest
+from workers.protocol import ScoreSpec, TokenizedPrompt
+from workers.worker import PART_SUFFIX, read_part_indices
+
+JOB_FILE = "job.json"
+PARTS_DIR = "parts"
+LOCK_FILE = ".lock"
+STATE_VERSION = 1
+
+
+def flexorch_version() -> str:
+    try:
+        return importlib.metadata.version("flexorch")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a job's results depend on; two runs with equal fingerprints give identical scores."""
+
+    model: str  # sha256 of the manifest: every layer's checksum and size, and the model config
+    prompts: str  # sha256 of the prompts file
+    token_ids: str  # sha256 of the tokenized prompts (catches a changed tokenizer or max_length effect)
+    score: str  # kind, and the token ids for token_probs
+    generate_tokens: int
+    dtype: str
+    flexorch: str
+
+    def changes_from(self, other: "Fingerprint") -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _sha256_json(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_digest(manifest: Manifest) -> str:
+    """The manifest without where it came from: moving or renaming a model dir keeps its results."""
+    data = asdict(manifest)
+    data.pop("source", None)
+    return _sha256_json(data)
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_fingerprint(manifest: Manifest, prompts_path: str | Path, tokenized: Sequence[TokenizedPrompt],
+                     score: ScoreSpec, dtype: str) -> Fingerprint:
+    token_ids = _sha256_json([(p.prefix_ids, p.suffix_ids) for p in tokenized])
+    return Fingerprint(
+        model=model_digest(manifest), prompts=file_digest(prompts_path), token_ids=token_ids,
+        score=f"{score.kind}{list(score.token_ids) if score.token_ids else ''}",
+        generate_tokens=score.generate_tokens, dtype=dtype, flexorch=flexorch_version(),
+    )
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A job_dir opened for a run: where parts go and which prompts earlier runs completed."""
+
+    job_dir: Path
+    parts_dir: Path
+    completed: Mapping[int, Path] = field(default_factory=dict)  # prompt index -> part holding it
+    unreadable_parts: tuple[Path, ...] = ()  # skipped (their prompts are computed again)
+    runs: int = 1  # submits of this job, this one included
+
+    def parts(self) -> list[Path]:
+        """Every readable part in parts/, for the merge."""
+        return sorted(p for p in self.parts_dir.glob(f"*{PART_SUFFIX}") if p not in self.unreadable_parts)
+
+
+def open_job(job_dir: str | Path, fingerprint: Fingerprint, n_prompts: int, restart: bool = False) -> JobState:
+    """Check (or create) job_dir's job.json against `fingerprint` and find the committed prompts.
+
+    Raises UserError when job_dir holds a different job's results (unless `restart`, which discards
+    them). Call with the job_dir lock held (`locked`).
+    """
+    job_dir = Path(job_dir)
+    parts_dir = job_dir / PARTS_DIR
+    job_file = job_dir / JOB_FILE
+    previous = None if restart else _read_job_file(job_file)
+    if restart:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    elif previous is None and any(parts_dir.glob(f"*{PART_SUFFIX}")):
+        raise UserError(f"job_dir {job_dir}: holds parts but no {JOB_FILE}, so nothing says which job they "
+                        "belong to; use a new job_dir or --restart")
+    elif previous is not None:
+        changed = fingerprint.changes_from(previous[0])
+        if changed:
+            raise UserError(f"job_dir {job_dir} holds results of a different job (changed: {', '.join(changed)}); "
+                            "use a new job_dir or --restart")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    _remove_temp_files(parts_dir)
+    completed, unreadable = _scan_parts(parts_dir, n_prompts)
+    runs = (previous[1] if previous else 0) + 1
+    _write_job_file(job_file, fingerprint, n_prompts, runs)
+    return JobState(job_dir, parts_dir, completed, unreadable, runs)
+
+
+def _read_job_file(path: Path) -> tuple[Fingerprint, int] | None:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return Fingerprint(**data["fingerprint"]), int(data.get("runs", 0))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: unreadable ({type(exc).__name__}: {exc}); use --restart to start this job "
+                        "afresh") from None
+
+
+def _write_job_file(path: Path, fingerprint: Fingerprint, n_prompts: int, runs: int) -> None:
+    data = {"version": STATE_VERSION, "fingerprint": asdict(fingerprint), "prompts": n_prompts, "runs": runs,
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def _remove_temp_files(parts_dir: Path) -> None:
+    """Temp files of writes a killed worker never finished (atomic_writer names them .<name>.*.tmp)."""
+    for tmp in parts_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _scan_parts(parts_dir: Path, n_prompts: int) -> tuple[dict[int, Path], tuple[Path, ...]]:
+    completed: dict[int, Path] = {}
+    unreadable = []
+    for part in sorted(parts_dir.glob(f"*{PART_SUFFIX}")):
+        try:
+            indices = read_part_indices(part)
+        # A part is renamed into place only when complete, so this is damage from outside (a
+        # failing disk, a hand edit): skip it and compute its prompts again.
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            unreadable.append(part)
+            continue
+        if all(0 <= i < n_prompts for i in indices):
+            for i in indices:
+                completed.setdefault(i, part)
+    return completed, tuple(unreadable)
+
+
+@contextlib.contextmanager
+def locked(job_dir: str | Path) -> Iterator[None]:
+    """Hold job_dir for one submit: two controllers on one job_dir would write the same parts."""
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    if os.name != "posix":  # no fcntl; the lock is a safety net, not needed for correctness of one run
+        yield
+        return
+    import fcntl
+
+    with open(job_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"job_dir {job_dir} is in use by another `flexorch submit`") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,167 @@
+"""The `flexorch` entry point: bad input is exit 2 with one line naming the culprit and no output;
+`plan` changes nothing; a prompt pickle's payload never runs; a corrupt layer file stops the job;
+SIGINT to `flexorch submit` exits 130 leaving no worker behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from orchestrator import cli
+from workers.manifest import read_manifest
+
+from test_controller import PROMPTS, write_job
+
+
+def _fails_with(job, capsys, *needles, command="submit") -> str:
+    status = cli.main([command, str(job)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _bad_jsonl(tmp_path, lines):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("case", ["unknown key", "missing prompts", "bad json line", "empty suffixes",
+                                  "too long", "not a model", "multi-token score string", "bad value"])
+def test_bad_input_exits_2_naming_the_culprit_with_no_output(tmp_path, layerwise, capsys, case):
+    model = layerwise("llama")
+    ok = json.dumps(PROMPTS[0])
+    if case == "unknown key":
+        job = write_job(tmp_path, model, layer_per_shard=2)
+        needles = ["layer_per_shard", "did you mean 'layers_per_shard'"]
+    elif case == "missing prompts":
+        job = write_job(tmp_path, model, prompts=str(tmp_path / "nowhere.jsonl"))
+        needles = ["prompts", "nowhere.jsonl"]
+    elif case == "bad json line":
+        _bad_jsonl(tmp_path, [ok, '{"prefix": "x", "suffixes": [" a"'])
+        job = write_job(tmp_path, model)
+        needles = ["prompts.jsonl", "line 2"]
+    elif case == "empty suffixes":
+        _bad_jsonl(tmp_path, [ok, ok, json.dumps({"prefix": "x", "suffixes": []})])
+        job = write_job(tmp_path, model)
+        needles = ["prompts.jsonl", "line 3", "suffixes"]
+    elif case == "too long":
+        _bad_jsonl(tmp_path, [ok, json.dumps({"prefix": "word " * 40, "suffixes": [" a"], "id": "long-one"})])
+        job = write_job(tmp_path, model, max_length=32)
+        needles = ["prompt index 1", "long-one", "max_length 32"]
+    elif case == "not a model":
+        (tmp_path / "empty-model").mkdir()
+        job = write_job(tmp_path, tmp_path / "empty-model")
+        needles = ["empty-model", "neither a layerwise dir"]
+    elif case == "multi-token score string":
+        job = write_job(tmp_path, model, score={"kind": "token_probs", "tokens": [" A", " Paris is lovely"]})
+        needles = ["score.tokens", "' Paris is lovely'"]
+    else:
+        job = write_job(tmp_path, model, generate_tokens=0)
+        needles = ["generate_tokens"]
+    _fails_with(job, capsys, *needles)
+    assert not (tmp_path / "job.pkl").exists()
+    assert not (tmp_path / "job.job").exists()  # nothing started
+
+
+class _Payload:
+    """What a malicious prompts pickle carries: unpickling it would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_prompt_pickle_is_refused_and_never_runs(tmp_path, layerwise, capsys):
+    marker = tmp_path / "pwned"
+    prompts = tmp_path / "prompts.pkl"
+    prompts.write_bytes(pickle.dumps([("prefix", (" a", " b")), ("p", [_Payload(marker)])]))
+    job = write_job(tmp_path, layerwise("llama"), prompts=str(prompts))
+    _fails_with(job, capsys, "prompts.pkl", "refused", "system")
+    assert not marker.exists()
+    assert not (tmp_path / "job.pkl").exists()
+
+
+def test_plan_of_an_hf_checkpoint_changes_nothing(tmp_path, checkpoint, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FLEXORCH_CACHE", str(cache))
+    job = write_job(tmp_path, checkpoint("llama"), devices=["cpu", "cpu"])
+    assert cli.main(["plan", str(job), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [w["device"] for w in plan["workers"]] == ["cpu", "cpu"]
+    assert sorted(i for w in plan["workers"] for i in w["prompt_indices"]) == list(range(len(PROMPTS)))
+    assert not cache.exists()  # described, not converted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "prompts.jsonl"]
+
+
+def test_altered_layer_file_stops_the_job_naming_the_layer(tmp_path, layerwise, capsys):
+    model = tmp_path / "model.layers"
+    shutil.copytree(layerwise("llama"), model)
+    entry = read_manifest(model).entry("layer.1")
+    with open(model / entry.file, "r+b") as f:  # flip one byte of the weights, size unchanged
+        f.seek(entry.bytes - 3)
+        byte = f.read(1)
+        f.seek(entry.bytes - 3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    job = write_job(tmp_path, model)
+    assert cli.main(["submit", str(job)]) == 2  # the model is invalid: bad input, found while running
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: worker worker0 (cpu): ")
+    assert entry.file in errors[0] and "checksum mismatch" in errors[0]
+    assert not (tmp_path / "job.pkl").exists()
+    assert json.loads((tmp_path / "job.job" / "report.json").read_text())["status"] == "failed"
+
+
+def _read_until(stream, needle: str, deadline: float, seen: list[str]) -> None:
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            raise AssertionError("submit ended early:\n" + "".join(seen))
+        seen.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"no {needle!r} in time:\n" + "".join(seen))
+
+
+def test_sigint_stops_every_worker_and_exits_130(tmp_path, layerwise):
+    job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
+    env = {**os.environ, "FLEXORCH_TEST_FAULTS": json.dumps({"worker0": {"hang_after_rounds": 0},
+                                                              "worker1": {"hang_after_rounds": 0}})}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "submit", str(job)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        _read_until(proc.stderr, "started (pid", deadline, seen)
+        _read_until(proc.stderr, "started (pid", deadline, seen)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        worker_pids = {int(line.split("pid ")[1].split(")")[0]) for line in seen if "started (pid" in line}
+        assert worker_pids <= {p.pid for p in workers}
+        proc.send_signal(signal.SIGINT)
+        status = proc.wait(timeout=30)
+        rest = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status == 130, "".join(seen) + rest
+    assert "interrupted" in rest
+    _gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive
+    assert not (tmp_path / "job.pkl").exists()
+    report = json.loads((tmp_path / "job.job" / "report.json").read_text())
+    assert report["status"] == "interrupted"
