@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from orchestrator import jobstate
-from orchestrator.atomic import atomic_write_text
+from workers.atomic import atomic_write_text
 from orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
 from orchestrator.hardware import probe
 from orchestrator.merge import collect_results, write_output
@@ -35,7 +35,8 @@ from orchestrator.spec import JobSpec, load_job
 from workers.errors import UserError
 from workers.manifest import Manifest, is_layerwise_dir, read_manifest
 from workers.protocol import ScoreSpec, TokenizedPrompt
-from workers.worker import FAIL_USER, Failed, Finished, Ready, Round, RoundDone, WorkerHooks, WorkerTask
+from workers.worker import (FAIL_USER, Failed, Finished, Ready, Round, RoundDone, SteppedDown, WorkerHooks,
+                            WorkerTask)
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 REPORT_NAME = "report.json"
@@ -113,6 +114,7 @@ class WorkerRecord:
     tokens: int = 0
     status: str = "waiting"  # waiting | running | finished | failed | stopped | reused
     error: str | None = None
+    step_downs: list[dict] = field(default_factory=list)  # out-of-memory errors survived, in order
 
     def update(self, message) -> None:
         if isinstance(message, Ready):
@@ -128,6 +130,8 @@ class WorkerRecord:
             self.read_seconds += s.read_seconds
             self.compute_seconds += s.compute_seconds
             self.tokens += s.tokens
+        elif isinstance(message, SteppedDown):
+            self.step_downs.append({"round": message.round_id, "change": message.change, "error": message.error})
         elif isinstance(message, Finished):
             self.seconds, self.status = message.seconds, "finished"
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from orchestrator.atomic import atomic_write_text
+from workers.atomic import atomic_write_text
 from workers.errors import UserError
 from workers.manifest import Manifest
 from workers.protocol import ScoreSpec, TokenizedPrompt

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.atomic import atomic_writer
+from workers.atomic import atomic_writer
 from workers.protocol import PromptResult
 from workers.worker import read_part
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from workers.protocol import ProgressEvent
-from workers.worker import Finished, Progress as ProgressMessage, Ready, RoundDone
+from workers.worker import Finished, Progress as ProgressMessage, Ready, RoundDone, SteppedDown
 
 # Plain mode writes a worker's line at most this often (plus one per committed round): enough to
 # see a job move in a CI log without a line per layer of an 80-layer model.
@@ -183,6 +183,8 @@ class LogProgress(JobProgress):
                               f"({state.done}/{line.prompts} prompts){self._job_status()}")
         elif isinstance(message, Finished):
             self._line(state, f"finished in {message.seconds:.1f} s")
+        elif isinstance(message, SteppedDown):
+            self._line(state, f"out of memory in round {message.round_id + 1}: retrying with {message.change}")
         elif isinstance(message, ProgressMessage):
             if self.clock() - self.last_line[line.name] >= LOG_INTERVAL_S:
                 self._line(state, state.detail() + self._job_status())

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.atomic import atomic_write_bytes
+from workers.atomic import atomic_write_bytes
 from workers.errors import UserError
 from workers.protocol import TokenizedPrompt
 

@@ -1,9 +1,16 @@
-"""The out-of-memory step-down sequence: batch tokens, then layers per shard, then storage."""
+"""Out of memory: the step-down sequence (batch tokens, then layers per shard, then storage), and a
+worker surviving an out-of-memory error raised inside the engine."""
 
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
 import torch
 
-from workers.protocol import EngineSettings
+from workers.engine import EngineHooks
+from workers.protocol import EngineSettings, ScoreSpec, TokenizedPrompt
 from workers.stepdown import is_out_of_memory, step_down
+from workers.worker import OutOfMemoryFailure, Round, RoundDone, SteppedDown, WorkerTask, read_part, run_task
 
 
 def test_steps_down_batch_then_shard_then_storage_then_stops():
@@ -29,3 +36,55 @@ def test_out_of_memory_errors_are_recognised():
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+# -- the worker survives out-of-memory errors raised inside the engine -------------------------------
+
+PROMPTS = tuple(TokenizedPrompt(i, tuple(range(1, 12 + 3 * i)), ((40, 41), (42,), (43, 44, 45))) for i in range(4))
+LONGEST = max(p.n_tokens for p in PROMPTS)
+
+
+@dataclass
+class OutOfMemoryTimes:
+    """Engine hook: the first `times` batches raise CUDA's out-of-memory error."""
+
+    times: int
+    raised: int = 0
+
+    def __call__(self, step, shard, batch):
+        if self.raised < self.times:
+            self.raised += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+
+def _run(model_dir, parts_dir, times: int, batch_tokens: int):
+    settings = EngineSettings("cpu", "float32", layers_per_shard=4, storage="cpu", batch_tokens=batch_tokens)
+    task = WorkerTask("w0", str(model_dir), settings, ScoreSpec(), (Round(0, PROMPTS),), str(parts_dir),
+                      engine_hooks=EngineHooks(before_batch=OutOfMemoryTimes(times)))
+    messages = []
+    run_task(task, messages.append)
+    return messages
+
+
+def test_out_of_memory_steps_down_and_gives_identical_scores(layerwise, tmp_path):
+    # batch_tokens already at the longest prompt: the steps shrink shards, which leaves the arithmetic
+    # (and so the scores) bit for bit unchanged.
+    clean = _run(layerwise("llama"), tmp_path / "clean", times=0, batch_tokens=LONGEST)
+    survived = _run(layerwise("llama"), tmp_path / "oom", times=2, batch_tokens=LONGEST)
+    steps = [m for m in survived if isinstance(m, SteppedDown)]
+    assert [s.change for s in steps] == ["layers_per_shard 4 -> 2", "layers_per_shard 2 -> 1"]
+    assert "out of memory" in steps[0].error and steps[-1].settings.layers_per_shard == 1
+    expected, got = (read_part(next(m for m in msgs if isinstance(m, RoundDone)).part) for msgs in (clean, survived))
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_out_of_memory_steps_down_batch_tokens_first(layerwise, tmp_path):
+    messages = _run(layerwise("llama"), tmp_path, times=1, batch_tokens=4 * LONGEST)
+    assert [m.change for m in messages if isinstance(m, SteppedDown)] == [
+        f"batch_tokens {4 * LONGEST} -> {2 * LONGEST}"]
+
+
+def test_out_of_memory_with_nothing_smaller_names_the_smallest_settings(layerwise, tmp_path):
+    with pytest.raises(OutOfMemoryFailure, match=rf"batch_tokens {LONGEST}, layers_per_shard 1, storage cpu"):
+        _run(layerwise("llama"), tmp_path, times=100, batch_tokens=LONGEST)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from workers.protocol import EngineSettings
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA out of memory, or a host allocation that failed."""
+    import torch  # here, not at import: the controller imports this module through workers.worker
+
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
     return isinstance(exc, RuntimeError) and "not enough memory" in str(exc)  # CPU allocator's wording

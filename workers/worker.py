@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.atomic import atomic_writer
+from workers.atomic import atomic_writer
 from workers.errors import UserError
 from workers.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
+from workers.stepdown import is_out_of_memory, step_down
 
 # Progress messages are throttled to this interval: enough for a live bar and for the controller's
 # hung-worker clock, without flooding the pipe with one message per layer of a small model.
@@ -114,6 +115,17 @@ class RoundDone:
 
 
 @dataclass(frozen=True)
+class SteppedDown:
+    """An out-of-memory error was survived by retrying the round with smaller settings."""
+
+    worker: str
+    round_id: int
+    change: str  # e.g. "batch_tokens 4096 -> 2048"
+    error: str  # the out-of-memory error, one line
+    settings: EngineSettings  # what the worker runs with from now on
+
+
+@dataclass(frozen=True)
 class Finished:
     worker: str
     seconds: float
@@ -131,7 +143,7 @@ class Failed:
     kind: str = FAIL_ERROR  # FAIL_USER: bad input found while running (a corrupt layer file)
 
 
-WorkerMessage = Ready | Progress | RoundDone | Finished | Failed
+WorkerMessage = Ready | Progress | RoundDone | SteppedDown | Finished | Failed
 
 
 # -- parts: one committed round ---------------------------------------------------------------------
@@ -260,11 +272,19 @@ def run_task(task: WorkerTask, send: Callable[[WorkerMessage], None]) -> None:
     parts_dir = Path(task.parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     forward = _ProgressForwarder(send, task)
+    settings = task.settings
     for rounds_done, rnd in enumerate(task.rounds):
         _inject_faults(task.hooks, rounds_done)
         forward.round_id = rnd.round_id
-        results, summary = score_prompts(task.model_dir, rnd.prompts, task.score, task.settings,
-                                         on_progress=forward, hooks=task.engine_hooks)
+        while True:
+            try:
+                results, summary = score_prompts(task.model_dir, rnd.prompts, task.score, settings,
+                                                 on_progress=forward, hooks=task.engine_hooks)
+                break
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                settings = _smaller_settings(task, rnd, settings, exc, send)
         got = tuple(r.index for r in results)
         if got != rnd.indices:
             raise RuntimeError(f"engine returned prompts {got[:8]} for round {rnd.round_id}, "
@@ -276,6 +296,35 @@ def run_task(task: WorkerTask, send: Callable[[WorkerMessage], None]) -> None:
         send(RoundDone(task.name, rnd.round_id, rnd.indices, str(path), summary))
     _inject_faults(task.hooks, len(task.rounds))
     send(Finished(task.name, time.monotonic() - start))
+
+
+class OutOfMemoryFailure(RuntimeError):
+    """Out of memory with the smallest settings there are."""
+
+
+def _smaller_settings(task: WorkerTask, rnd: Round, settings: EngineSettings, exc: BaseException,
+                      send: Callable[[WorkerMessage], None]) -> EngineSettings:
+    """The settings to retry `rnd` with after an out-of-memory error, announced to the controller;
+    raises OutOfMemoryFailure naming the smallest settings tried when there is nothing smaller."""
+    import gc
+
+    import torch
+
+    longest = max(p.n_tokens + len(p.suffix_ids) * (task.score.generate_tokens - 1) for p in rnd.prompts)
+    error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    smaller = step_down(settings, min_batch_tokens=longest)
+    if smaller is None:
+        raise OutOfMemoryFailure(
+            f"out of memory even with the smallest settings (batch_tokens {settings.batch_tokens}, "
+            f"layers_per_shard {settings.layers_per_shard}, storage {settings.storage}): {error}"
+        ) from exc
+    del exc  # its traceback holds the failed attempt's tensors
+    gc.collect()
+    if settings.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    settings, change = smaller
+    send(SteppedDown(task.name, rnd.round_id, change, error, settings))
+    return settings
 
 
 def _exit_when_closed(death_conn) -> None:
