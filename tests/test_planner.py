@@ -13,8 +13,9 @@ import pytest
 
 from orchestrator.hardware import GpuInfo, Hardware
 from orchestrator.planner import Plan, make_plan, render_plan
+from orchestrator.shapes import llama_shaped_manifest
 from workers.errors import UserError
-from workers.manifest import LayerEntry, Manifest
+from workers.manifest import Manifest
 
 GB, GiB, MiB = 10**9, 2**30, 2**20
 
@@ -23,24 +24,7 @@ GB, GiB, MiB = 10**9, 2**30, 2**20
 def llama_manifest(layers: int, hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
                    dtype: str = "float16", tied: bool = False) -> Manifest:
     """A Llama-shaped manifest: sizes computed from the shapes, no files."""
-    size = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-    kv = hidden // heads * kv_heads
-    layer_params = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden  # attn, mlp, norms
-    embed_params = vocab * hidden
-
-    def entry(name, kind, params, prefix, tied_to=None):
-        return LayerEntry(name=name, kind=kind, file=None if tied_to else f"layers/{name}.safetensors",
-                          bytes=0 if tied_to else params * size, sha256=None, dtype=dtype, params=params,
-                          source_prefix=prefix, tied_to=tied_to)
-
-    entries = [entry("embed", "embed", embed_params, "model.embed_tokens.")]
-    entries += [entry(f"layer.{i}", "decoder", layer_params, f"model.layers.{i}.") for i in range(layers)]
-    entries += [entry("norm", "norm", hidden, "model.norm."),
-                entry("lm_head", "lm_head", 0 if tied else embed_params, "lm_head.", "embed" if tied else None)]
-    config = {"hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "vocab_size": vocab, "num_hidden_layers": layers}
-    return Manifest(version=1, model_type="llama", architectures=("LlamaForCausalLM",), dtype=dtype,
-                    num_layers=layers, hidden_size=hidden, vocab_size=vocab, layers=tuple(entries), config=config)
+    return llama_shaped_manifest(layers, hidden, intermediate, vocab, heads, kv_heads, dtype, tied)
 
 
 def llama2_70b() -> Manifest:

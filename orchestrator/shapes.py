@@ -1,0 +1,46 @@
+"""A manifest computed from a Llama-family model's shapes, with no weights on disk.
+
+The planner needs only layer sizes and a few config values, so `flexorch plan`-style estimates
+(will Llama-2-70B run on a 6 GB card, and how long will it take?) can be made before anything is
+downloaded; the tests use it to describe models too big to build.
+"""
+
+from __future__ import annotations
+
+from workers.manifest import DECODER, EMBED, FORMAT_VERSION, LM_HEAD, NORM, LayerEntry, Manifest
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def llama_shaped_manifest(layers: int, hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
+                          dtype: str = "float16", tied: bool = False) -> Manifest:
+    """Sizes from the shapes: q, o (hidden x hidden), k, v (hidden x kv), gate/up/down
+    (hidden x intermediate) and two norms per decoder layer; vocab x hidden embedding and head."""
+    size = DTYPE_BYTES[dtype]
+    kv = hidden // heads * kv_heads
+    layer_params = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden
+    embed_params = vocab * hidden
+
+    def entry(name, kind, params, prefix, tied_to=None):
+        return LayerEntry(name=name, kind=kind, file=None if tied_to else f"layers/{name}.safetensors",
+                          bytes=0 if tied_to else params * size, sha256=None, dtype=dtype, params=params,
+                          source_prefix=prefix, tied_to=tied_to)
+
+    entries = [entry("embed", EMBED, embed_params, "model.embed_tokens.")]
+    entries += [entry(f"layer.{i}", DECODER, layer_params, f"model.layers.{i}.") for i in range(layers)]
+    entries += [entry("norm", NORM, hidden, "model.norm."),
+                entry("lm_head", LM_HEAD, 0 if tied else embed_params, "lm_head.", "embed" if tied else None)]
+    config = {"hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "vocab_size": vocab, "num_hidden_layers": layers}
+    return Manifest(version=FORMAT_VERSION, model_type="llama", architectures=("LlamaForCausalLM",), dtype=dtype,
+                    num_layers=layers, hidden_size=hidden, vocab_size=vocab, layers=tuple(entries), config=config)
+
+
+def llama2_70b() -> Manifest:
+    """Llama-2-70B in fp16: 80 layers of 1.71 GB, 32000 x 8192 embedding and head (524 MB each)."""
+    return llama_shaped_manifest(80, 8192, 28672, 32000, heads=64, kv_heads=8)
+
+
+def llama2_13b() -> Manifest:
+    """Llama-2-13B in fp16: 40 layers of 634 MB."""
+    return llama_shaped_manifest(40, 5120, 13824, 32000, heads=40, kv_heads=40)
