@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,6 +24,9 @@ class ActivationStore:
 
     def get(self, batch_id: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def prefetch(self, batch_id: int) -> None:
+        """A hint: `batch_id` is the next one to be read."""
 
     def close(self) -> None:
         """Free everything the store holds."""
@@ -67,24 +71,48 @@ class HostStore(ActivationStore):
 
 
 class DiskStore(ActivationStore):
-    """One safetensors file per batch in a private folder inside `folder`, removed on close."""
+    """One safetensors file per batch in a private folder inside `folder`, removed on close.
+
+    Reads and writes go through one I/O thread, so the next batch is read and the last one
+    written while the device computes the current one; RAM holds at most those three batches.
+    One thread keeps the order: a batch is always written before it is read back.
+    """
 
     def __init__(self, folder: str | Path, device: torch.device):
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.device = device
         self.root = Path(tempfile.mkdtemp(prefix="activations-", dir=folder))
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexorch-activations")
+        self._reads: dict[int, Future] = {}
+        self._write: Future | None = None
 
     def _path(self, batch_id: int) -> Path:
         return self.root / f"batch{batch_id:06d}.safetensors"
 
     def put(self, batch_id, hidden):
-        save_file({"hidden": hidden.contiguous().cpu()}, self._path(batch_id))
+        self._wait_for_write()  # at most one batch waits to be written
+        host = hidden.contiguous().cpu()
+        self._write = self._io.submit(save_file, {"hidden": host}, self._path(batch_id))
+
+    def prefetch(self, batch_id):
+        if batch_id not in self._reads:
+            self._reads[batch_id] = self._io.submit(load_file, self._path(batch_id), "cpu")
 
     def get(self, batch_id):
-        return load_file(self._path(batch_id), device="cpu")["hidden"].to(self.device)
+        self.prefetch(batch_id)
+        return self._reads.pop(batch_id).result()["hidden"].to(self.device)
+
+    def _wait_for_write(self) -> None:
+        if self._write is not None:
+            self._write.result()  # raises the write's error (e.g. a full disk) here
+            self._write = None
 
     def close(self):
-        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            self._wait_for_write()
+        finally:
+            self._io.shutdown(wait=True, cancel_futures=True)
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def make_store(storage: str, device: torch.device, disk_folder: str | None) -> ActivationStore:
