@@ -160,7 +160,14 @@ class ShardLoader:
 
     def _convert(self, views: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
         """Floating tensors to the compute dtype (a copy only where the checkpoint's dtype differs)."""
-        return {
-            name: {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-            for name, tensors in views.items()
-        }
+        return {name: {k: self._to_compute_dtype(t) for k, t in tensors.items()} for name, tensors in views.items()}
+
+    def _to_compute_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point() or tensor.dtype == self.dtype:
+            return tensor
+        converted = tensor.to(self.dtype)
+        if self._copy_stream is not None:
+            # made on the copy stream, used on the compute stream: the caching allocator must not
+            # hand its memory to the copy stream again before the compute is done with it
+            converted.record_stream(torch.cuda.default_stream(self.device))
+        return converted
