@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -27,7 +27,7 @@ from orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
 from orchestrator.hardware import probe
 from orchestrator.merge import collect_results, write_output
 from orchestrator.modelstore import is_hf_checkpoint, resolve_model
-from orchestrator.planner import Plan, WorkerPlan, make_plan
+from orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_plan
 from orchestrator.progress import WorkerLine, make_progress
 from orchestrator.prompts import (Prompt, load_tokenizer, model_max_length, read_prompts, token_ids_for,
                                   tokenize_prompts, updated_prompts_path, write_updated_prompts)
@@ -35,8 +35,8 @@ from orchestrator.spec import JobSpec, load_job
 from workers.errors import UserError
 from workers.manifest import Manifest, is_layerwise_dir, read_manifest
 from workers.protocol import ScoreSpec, TokenizedPrompt
-from workers.worker import (FAIL_USER, Failed, Finished, Ready, Round, RoundDone, SteppedDown, WorkerHooks,
-                            WorkerTask)
+from workers.worker import (FAIL_USER, Failed, Finished, PipelineLinks, Ready, Round, RoundDone, SteppedDown,
+                            WorkerHooks, WorkerTask)
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 REPORT_NAME = "report.json"
@@ -272,6 +272,8 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
     lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds))
              for r, wp in zip(run.records.values(), run.job.plan.workers)]
     with make_progress(console, lines) as progress, LocalProcessExecutor(worker_timeout=worker_timeout) as executor:
+        if run.job.plan.parallel == "pipeline":
+            tasks = _link_stages(tasks, executor)
         executor.start(tasks)
         for task in tasks:
             run.records[task.name].pid = executor.pid(task.name)
@@ -282,6 +284,17 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
             if isinstance(message, FAILURES):
                 return _failure(run, record, message)
     return None
+
+
+def _link_stages(tasks: list[WorkerTask], executor) -> list[WorkerTask]:
+    """Pipeline: stage i (the plan's i-th worker) reads channel i and writes channel i+1, a ring.
+    Every stage runs the same rounds, so either all of them have work left or none does."""
+    if len(tasks) < 2:
+        raise RuntimeError(f"a pipeline needs every stage, got {len(tasks)} task(s)")
+    channels = [executor.channel(PIPELINE_CHANNEL_BATCHES) for _ in tasks]
+    n = len(tasks)
+    return [replace(task, pipeline=PipelineLinks(i, n, channels[i], channels[(i + 1) % n]))
+            for i, task in enumerate(tasks)]
 
 
 def _failure(run: _Run, record: WorkerRecord, message) -> str:

@@ -89,6 +89,11 @@ class Executor(abc.ABC):
     def pid(self, worker: str) -> int | None:
         """The worker's process id, where there is one."""
 
+    def channel(self, capacity: int):
+        """A bounded queue its workers can share (put blocks while `capacity` items wait), to be
+        placed in tasks before `start`: pipeline stages hand activations on through these."""
+        raise NotImplementedError(f"{type(self).__name__} cannot link workers")
+
     def __enter__(self) -> "Executor":
         return self
 
@@ -176,6 +181,12 @@ class LocalProcessExecutor(Executor):
     def pid(self, worker: str) -> int | None:
         handle = self._handles.get(worker)
         return handle.process.pid if handle else None
+
+    def channel(self, capacity: int):
+        # From the spawn context, like the processes: it travels to them inside their tasks at spawn.
+        # A worker blocked on it is still stopped by stop(): the death pipe's thread exits the
+        # process whatever the main thread waits on, and terminate/kill follow if it does not.
+        return self._context.Queue(maxsize=capacity)
 
     def stop(self) -> None:
         if self._finalizer is not None:

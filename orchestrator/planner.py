@@ -31,6 +31,14 @@ goes through a shard before the next one comes; hidden states wait in the activa
 * Round results: the scores of the round's prompts, held in RAM until the round is committed.
 * Process baseline: Python + torch (+ the CUDA runtime on a GPU) in RAM; the CUDA context on the GPU.
 
+Pipeline stages (parallel: pipeline; workers/pipeline.py) are sized as a data worker running the
+whole prompt set, with three differences. Activations wait in RAM (storage cpu): they arrive from
+the previous stage over a channel. A stage's inbox counts a whole round's activations, not a 1/n
+share: a batch lives in one place at a time, but a slow stage can have every batch of the round
+waiting at its door while it streams its shard. And each stage's channel holds up to
+PIPELINE_CHANNEL_BATCHES batches in flight (reserved at the device's largest batch, then counted at
+the chosen one). Its two shard slots are sized by the largest shard of the model (it may own it).
+
 A worker fits when each peak <= its budget less SAFETY_FRACTION. Budgets: GPU = min(free memory,
 limits.gpu_memory); RAM = min(available, limits.ram) split evenly between the workers; disk = free
 space at the probed disk path, split evenly between the workers.
@@ -46,13 +54,20 @@ disk's, or the PCIe link's if slower); compute seconds = 2 x FLOPs-bearing param
 throughput (decoder layers on every token of every step, the lm head on the scored positions
 only; the embedding is a lookup). With the double buffer reading and computing overlap, so a
 worker takes about the larger of the two. The throughput constants are rough defaults, to be
-replaced by calibration.
+replaced by calibration. A pipeline stage reads 1/n of each pass and computes 1/n of every token's
+layers, all stages at once: the job's read and compute split n ways (the fill and drain of each
+step, and the channel copies, are not counted).
+
+parallel auto: one device is data. Otherwise both are planned; when data mode's slowest worker is
+predicted to spend longer reading weights than computing (few prompts, slow disk: every worker
+streams the whole model), the stages' split reading wins and pipeline is chosen; when compute
+dominates, data (it divides compute as well, without the hand-offs). The plan keeps both predictions.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 from orchestrator.hardware import Hardware, format_bytes
@@ -96,6 +111,15 @@ PADDING_ALLOWANCE = 1.25
 DISK_COPIES = 2
 # When the caller does not pass suffix counts: the multiple-choice case flexorch targets (4 options).
 DEFAULT_SUFFIXES_PER_PROMPT = 4
+# Activation batches a pipeline channel holds before its sender blocks: one being received while the
+# next is computed keeps the receiver busy; more would only add memory (the controller makes the
+# channels with this capacity).
+PIPELINE_CHANNEL_BATCHES = 2
+# Auto layers_per_shard of a pipeline leaves each stage at least this many decoder groups: shards
+# are dealt out in turn, so with few big shards one stage would read most of the model (2 stages,
+# all layers in one shard: stage 1 reads every decoder layer); with 4 each, stages' reads differ by
+# at most a group and an edge.
+PIPELINE_GROUPS_PER_STAGE = 4
 # Bytes kept per suffix and step by suffix_logprob: logprob float64, is_greedy bool, n_tokens int64.
 LOGPROB_RESULT_BYTES = 17
 
@@ -155,11 +179,31 @@ class WorkerPlan:
 
 
 @dataclass(frozen=True)
+class ModePrediction:
+    """One parallel mode's predicted time: its slowest worker's reading and computing."""
+
+    parallel: str  # "data" | "pipeline"
+    workers: int
+    read_seconds: float
+    compute_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.read_seconds, self.compute_seconds)
+
+    def describe(self) -> str:
+        what = "stages" if self.parallel == "pipeline" else "workers"
+        return (f"{self.parallel} ({self.workers} {what}): {_seconds(self.seconds)} ({_seconds(self.read_seconds)} "
+                f"reading weights, {_seconds(self.compute_seconds)} computing per worker)")
+
+
+@dataclass(frozen=True)
 class Plan:
-    parallel: str  # "data"
+    parallel: str  # "data" | "pipeline" (every worker is a stage, in ring order)
     dtype: str  # compute dtype of every worker
     workers: tuple[WorkerPlan, ...]
     reasons: tuple[str, ...]
+    predictions: tuple[ModePrediction, ...] = ()  # the modes considered (both under parallel: auto)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,7 +220,9 @@ class Plan:
             })
             for w in data["workers"]
         )
-        return cls(parallel=data["parallel"], dtype=data["dtype"], workers=workers, reasons=tuple(data["reasons"]))
+        predictions = tuple(ModePrediction(**p) for p in data.get("predictions", ()))
+        return cls(parallel=data["parallel"], dtype=data["dtype"], workers=workers, reasons=tuple(data["reasons"]),
+                   predictions=predictions)
 
 
 # -- internal descriptions -----------------------------------------------------------------------
@@ -196,8 +242,15 @@ class _Model:
     stored_edge: int
     converted: bool  # compute dtype differs from the checkpoint's: the loader makes a converted copy
     bytes_per_pass: int  # bytes read by one pass over the model
+    stored_shards: tuple[int, ...]  # as stored: the embedding, each decoder layer, norm + head (plan_shards)
     decoder_params: int
     head_params: int
+
+    def stage_bytes(self, lps: int, stages: int) -> int:
+        """Bytes per pass read by the busiest pipeline stage (shard s on stage s % stages)."""
+        edge_in, *decoders, edge_out = self.stored_shards
+        shards = [edge_in] + [sum(decoders[i:i + lps]) for i in range(0, len(decoders), lps)] + [edge_out]
+        return max(sum(shards[stage::stages]) for stage in range(stages))
 
     def shard(self, lps: int) -> int:
         return max(self.edge, lps * self.layer)
@@ -268,43 +321,122 @@ def make_plan(hardware: Hardware, manifest: Manifest, spec, prompt_tokens: Seque
     reasons: list[str] = []
     if not prompt_tokens:
         raise _error(spec, "prompts", "no prompts to score")
-    parallel = _resolve_parallel(spec, reasons)
     dtype = _resolve_dtype(spec, manifest, reasons)
     job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts)
-    devices = _resolve_devices(spec, hardware, len(prompt_tokens), reasons)
+    devices = _resolve_devices(spec, hardware, reasons)
+    if spec.parallel != "data" and len(devices) == 1:
+        reasons.append(f"parallel data ({'auto' if spec.parallel == 'auto' else 'from pipeline'}): one device, "
+                       "and a one-stage pipeline is data mode")
+    if spec.parallel == "data" or len(devices) == 1:
+        data_reasons, data = _plan_data(job, hardware, devices)
+        return Plan("data", dtype, data, tuple(reasons + data_reasons), (_prediction("data", data),))
+    pipeline = _plan_pipeline(job, hardware, devices)
+    if spec.parallel == "pipeline":
+        reasons.append(f"parallel pipeline (from the job): {len(devices)} stages, shard s on stage s % "
+                       f"{len(devices)}, each reading only its shards")
+        return Plan("pipeline", dtype, pipeline, tuple(reasons), (_prediction("pipeline", pipeline),))
+    data_reasons, data = _plan_data(job, hardware, devices)
+    predictions = (_prediction("data", data), _prediction("pipeline", pipeline))
+    parallel, why = _choose_parallel(*predictions)
+    reasons.append(f"parallel {parallel} (auto): {why}")
+    if parallel == "data":
+        return Plan("data", dtype, data, tuple(reasons + data_reasons), predictions)
+    return Plan("pipeline", dtype, pipeline, tuple(reasons), predictions)
+
+
+def _plan_data(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> tuple[list[str], tuple[WorkerPlan, ...]]:
+    """Data mode: each device streams the whole model over its contiguous slice of the prompts."""
+    reasons: list[str] = []
+    n_prompts = len(job.tokens)
+    if len(devices) > n_prompts:
+        reasons.append(f"{len(devices) - n_prompts} device(s) left idle: only {n_prompts} prompt(s)")
+        devices = devices[:n_prompts]
     threads = _threads(devices, hardware.cpu_count)
-    rates = [_flops_rate(device, hardware, dtype, threads[i]) for i, device in enumerate(devices)]
+    rates = [_flops_rate(device, hardware, job.dtype, threads[i]) for i, device in enumerate(devices)]
     slices = _balanced_slices(job.tokens, rates)
     if len(devices) > 1:
         reasons.append(f"prompts split into {len(devices)} contiguous slices balanced by tokens, weighted by "
                        "each device's predicted throughput")
-    ram_share = _usable(_cap(hardware.ram_available, spec.limits.ram)) // len(devices)
+    ram_share = _usable(_cap(hardware.ram_available, job.spec.limits.ram)) // len(devices)
     disk_share = _usable(hardware.disk_free) // len(devices)
     workers = tuple(
         _plan_worker(job, hardware, f"worker{i}", device, indices, threads[i], rates[i],
-                     _Budget(_gpu_budget(hardware, device, spec), ram_share, disk_share))
+                     _Budget(_gpu_budget(hardware, device, job.spec), ram_share, disk_share))
         for i, (device, indices) in enumerate(zip(devices, slices))
     )
-    return Plan(parallel=parallel, dtype=dtype, workers=workers, reasons=tuple(reasons))
+    return reasons, workers
+
+
+def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> tuple[WorkerPlan, ...]:
+    """Pipeline: every device a stage over all prompts, with the same shards, batches and rounds
+    (so every stage builds the same batches); planned once for the tightest budget and the slowest
+    device, then placed on each."""
+    spec, n = job.spec, len(devices)
+    kinds = {_kind(d) for d in devices}
+    if len(kinds) > 1:
+        raise _error(spec, "devices", f"parallel: pipeline needs devices of one kind, got {', '.join(devices)}")
+    if spec.storage not in (None, "cpu"):
+        raise _error(spec, "storage", f"{spec.storage} is not supported with parallel: pipeline (activations "
+                     "arrive from the previous stage and wait in RAM: use cpu or auto)")
+    threads = _threads(devices, hardware.cpu_count)
+    rates = [_flops_rate(d, hardware, job.dtype, threads[i]) for i, d in enumerate(devices)]
+    slowest = min(range(n), key=lambda i: rates[i])
+    m, kind = job.model, kinds.pop()
+    reserve = PIPELINE_CHANNEL_BATCHES * BATCH_TOKENS_CAP[kind] * m.hidden * m.dtype_bytes
+    gpu_budgets = [_gpu_budget(hardware, d, spec) for d in devices]
+    budget = _Budget(None if kind == "cpu" else min(gpu_budgets),
+                     _usable(_cap(hardware.ram_available, spec.limits.ram)) // n - reserve,
+                     _usable(hardware.disk_free) // n)
+    plan = _plan_worker(job, hardware, "worker0", devices[slowest], tuple(range(len(job.tokens))),
+                        threads[slowest], rates[slowest], budget, stages=n)
+    channel = PIPELINE_CHANNEL_BATCHES * plan.settings.batch_tokens * m.hidden * m.dtype_bytes
+    # Rounds were sized at 1/n of a pass; the busiest stage reads a little more (an edge, uneven groups).
+    busiest = m.stage_bytes(plan.settings.layers_per_shard, n)
+    read = (len(plan.rounds) * spec.generate_tokens * busiest / _read_rate(job, hardware, devices[slowest]))
+    plan = replace(plan, predicted_read_seconds=read)
+    in_channel = f"up to {PIPELINE_CHANNEL_BATCHES} batches ({format_bytes(channel)}) wait in its outbound channel"
+    return tuple(
+        replace(plan, name=f"worker{i}", device=d, predicted_peak_ram=plan.predicted_peak_ram + channel,
+                settings=replace(plan.settings, device=d, threads=threads[i] if kind == "cpu" else 0),
+                reasons=plan.reasons + (f"stage {i} of {n}: owns shards s with s % {n} == {i}; {in_channel}",))
+        for i, d in enumerate(devices)
+    )
+
+
+def _prediction(parallel: str, workers: Sequence[WorkerPlan]) -> ModePrediction:
+    slowest = max(workers, key=lambda w: w.predicted_seconds)
+    return ModePrediction(parallel, len(workers), slowest.predicted_read_seconds, slowest.predicted_compute_seconds)
+
+
+def _choose_parallel(data: ModePrediction, pipeline: ModePrediction) -> tuple[str, str]:
+    """Pipeline when data mode would wait on weight reading (see the module docstring)."""
+    both = f"predicted {data.describe()}; {pipeline.describe()}"
+    if data.read_seconds > data.compute_seconds:
+        return "pipeline", (f"reading weights dominates data mode (every worker streams the whole model), and "
+                            f"pipeline stages read 1/{pipeline.workers} each: {both}")
+    return "data", f"computing dominates, and data mode splits it without hand-offs between stages: {both}"
 
 
 def _plan_worker(job: _Job, hardware: Hardware, name: str, device: str, indices: tuple[int, ...],
-                 threads: int, rate: float, budget: _Budget) -> WorkerPlan:
+                 threads: int, rate: float, budget: _Budget, stages: int = 1) -> WorkerPlan:
     """Per worker, in order: batch_tokens, storage and rounds (at the smallest shard), then
-    layers_per_shard grows into what is left."""
+    layers_per_shard grows into what is left. `stages` > 1: one stage of a pipeline, which reads
+    and computes 1/stages of every pass over `indices`."""
     spec, reasons = job.spec, []
     kind = _kind(device)
-    storages = _storages(spec, device)
+    storages = ("cpu",) if stages > 1 else _storages(spec, device)
     floor = _lps_floor(job, reasons)
     longest_index = max(indices, key=lambda i: (job.lengths[i], -i))
     _check_minimum(job, device, floor, longest_index, budget)
     batch = _choose_batch(job, device, indices, floor, longest_index, budget, reasons)
-    read_per_round = job.model.bytes_per_pass * spec.generate_tokens / _read_rate(job, hardware, device)
+    read_per_round = job.model.bytes_per_pass * spec.generate_tokens / _read_rate(job, hardware, device) / stages
+    rate = rate * stages  # FLOPs of the job per second: each stage computes 1/stages of them
     min_flops = ROUND_MIN_COMPUTE_OVER_READ * read_per_round * rate
     target_flops = max(ROUND_TARGET_SECONDS * rate, min_flops)
     storage, rounds = _choose_storage(job, _Setup(device, floor, batch, NO_STORAGE), indices, storages, budget,
-                                      min_flops, target_flops, reasons)
-    lps = _choose_lps(job, _Setup(device, floor, batch, storage), rounds, budget, reasons)
+                                      min_flops, target_flops, reasons, pipeline=stages > 1)
+    most = max(floor, job.model.num_layers // (PIPELINE_GROUPS_PER_STAGE * stages)) if stages > 1 else None
+    lps = _choose_lps(job, _Setup(device, floor, batch, storage), rounds, budget, reasons, most)
     setup = _Setup(device, lps, batch, storage)
     peaks = _max_peaks(job, setup, rounds)
     if kind == "cpu":
@@ -324,15 +456,6 @@ def _plan_worker(job: _Job, hardware: Hardware, name: str, device: str, indices:
 
 
 # -- job-wide resolutions ------------------------------------------------------------------------
-def _resolve_parallel(spec, reasons: list[str]) -> str:
-    if spec.parallel == "pipeline":
-        raise _error(spec, "parallel", "pipeline is not implemented yet (it has its own issue); use data or auto")
-    if spec.parallel == "auto":
-        reasons.append("parallel data (auto): each worker streams the whole model over its slice of prompts; "
-                       "the only mode implemented")
-    return "data"
-
-
 def _resolve_dtype(spec, manifest: Manifest, reasons: list[str]) -> str:
     if spec.dtype is not None:
         reasons.append(f"dtype {spec.dtype} (from the job; the checkpoint is {manifest.dtype})")
@@ -344,7 +467,7 @@ def _resolve_dtype(spec, manifest: Manifest, reasons: list[str]) -> str:
     return "float32"
 
 
-def _resolve_devices(spec, hardware: Hardware, n_prompts: int, reasons: list[str]) -> tuple[str, ...]:
+def _resolve_devices(spec, hardware: Hardware, reasons: list[str]) -> tuple[str, ...]:
     present = [f"cuda:{gpu.index}" for gpu in hardware.gpus]
     if spec.devices == "auto":
         devices = tuple(present) or ("cpu",)
@@ -356,9 +479,6 @@ def _resolve_devices(spec, hardware: Hardware, n_prompts: int, reasons: list[str
         if missing:
             seen = ", ".join(present) or "none"
             raise _error(spec, "devices", f"{', '.join(missing)} not present (visible GPUs: {seen})")
-    if len(devices) > n_prompts:
-        reasons.append(f"{len(devices) - n_prompts} device(s) left idle: only {n_prompts} prompt(s)")
-        devices = devices[:n_prompts]
     return devices
 
 
@@ -398,6 +518,9 @@ def _describe_model(manifest: Manifest, dtype: str) -> _Model:
         layer=math.ceil(stored_layer * scale), edge=math.ceil(stored_edge * scale),
         stored_layer=stored_layer, stored_edge=stored_edge, converted=manifest.dtype != dtype,
         bytes_per_pass=sum(manifest.stored_bytes(e) for e in manifest.layers),
+        stored_shards=(sum(manifest.stored_bytes(e) for e in by_kind[EMBED]),
+                       *(manifest.stored_bytes(e) for e in by_kind[DECODER]),
+                       sum(manifest.stored_bytes(e) for e in tail)),
         decoder_params=sum(e.params for e in by_kind[DECODER]), head_params=sum(e.params for e in heads),
     )
 
@@ -642,7 +765,8 @@ def _split_rounds(job: _Job, indices: Sequence[int], target_flops: float,
 
 
 def _choose_storage(job: _Job, setup: _Setup, indices: tuple[int, ...], storages: Sequence[str],
-                    budget: _Budget, min_flops: float, target_flops: float, reasons: list[str]):
+                    budget: _Budget, min_flops: float, target_flops: float, reasons: list[str],
+                    pipeline: bool = False):
     """Where activations wait, and the rounds. Auto: the first of gpu, cpu, disk that holds the
     rounds the time target asks for; else the one giving the fewest rounds. A storage qualifies
     only if it holds rounds of at least `min_flops` (below that, re-reading the weights every
@@ -665,6 +789,8 @@ def _choose_storage(job: _Job, setup: _Setup, indices: tuple[int, ...], storages
     else:
         why = _STORAGE_WHY[storage if setup.device != "cpu" or storage == "disk" else "ram"]
     auto = job.spec.storage is None
+    if pipeline:
+        why = "pipeline: activations arrive from the previous stage and wait in RAM (a whole round at a slow stage)"
     reasons.append(f"storage {storage} (auto): {why}" if auto else f"storage {storage} (from the job)")
     reasons.append(_rounds_reason(viable[storage], by_time))
     return storage, viable[storage]
@@ -702,8 +828,10 @@ def _rounds_reason(rounds, by_time) -> str:
     return f"{len(rounds)} rounds (the resume unit), sized by {sized_by}"
 
 
-def _choose_lps(job: _Job, setup: _Setup, rounds, budget: _Budget, reasons: list[str]) -> int:
-    """As many decoder layers per shard as fit beside the chosen batch and rounds."""
+def _choose_lps(job: _Job, setup: _Setup, rounds, budget: _Budget, reasons: list[str],
+                most: int | None = None) -> int:
+    """As many decoder layers per shard as fit beside the chosen batch and rounds (at most `most`:
+    a pipeline's stages each keep PIPELINE_GROUPS_PER_STAGE groups)."""
     if job.spec.layers_per_shard is not None:
         reasons.append(f"layers_per_shard {setup.lps} (from the job)")
         return setup.lps
@@ -712,8 +840,10 @@ def _choose_lps(job: _Job, setup: _Setup, rounds, budget: _Budget, reasons: list
         setup_n = _Setup(setup.device, lps, setup.batch, setup.storage)
         return _fits(_max_peaks(job, setup_n, rounds), budget)
 
-    lps = _largest_fitting(range(setup.lps, job.model.num_layers + 1), fits) or setup.lps
+    lps = _largest_fitting(range(setup.lps, (most or job.model.num_layers) + 1), fits) or setup.lps
     limit = "all decoder layers" if lps == job.model.num_layers else "as many as fit with the double buffer"
+    if most is not None and lps == most:
+        limit = f"the pipeline's stages keep {PIPELINE_GROUPS_PER_STAGE} decoder groups each"
     reasons.append(f"layers_per_shard {lps} (auto): {limit}")
     return lps
 
@@ -753,7 +883,8 @@ def render_plan(plan: Plan, console) -> None:
     from rich.table import Table
 
     # Short headers, no padding beyond the box's one-space dividers: the table fits 80 columns.
-    table = Table(title=f"Plan: parallel {plan.parallel}, dtype {plan.dtype}", box=box.SIMPLE_HEAD,
+    stages = f" ({len(plan.workers)} stages)" if plan.parallel == "pipeline" else ""
+    table = Table(title=f"Plan: parallel {plan.parallel}{stages}, dtype {plan.dtype}", box=box.SIMPLE_HEAD,
                   padding=0, show_edge=False,
                   caption="layers: decoder layers per shard; batch: tokens per forward; GPU, RAM: predicted "
                           "peaks; time: predicted (reading and computing overlap)")
@@ -769,6 +900,9 @@ def render_plan(plan: Plan, console) -> None:
             f"{w.predicted_peak_ram / 1e9:.1f} GB", _seconds(w.predicted_seconds),
         )
     console.print(table)
+    for prediction in plan.predictions:
+        chosen = " (chosen)" if prediction.parallel == plan.parallel and len(plan.predictions) > 1 else ""
+        console.print(f"- predicted {prediction.describe()}{chosen}")
     for reason in plan.reasons:
         console.print(f"- {reason}")
     for w in plan.workers:

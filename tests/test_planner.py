@@ -269,12 +269,12 @@ def test_cpu_ram_bounds_layers_per_shard():
 
 
 # -- job-wide decisions --------------------------------------------------------------------------
-def test_parallel_auto_resolves_to_data_and_pipeline_is_not_implemented():
-    plan = make_plan(machine(), small_fp32(), Spec(parallel="auto"), [150] * 4)
-    assert plan.parallel == "data"
-    assert any(r.startswith("parallel data (auto)") for r in plan.reasons)
-    with pytest.raises(UserError, match=r"parallel: pipeline is not implemented yet"):
-        make_plan(machine(), small_fp32(), Spec(parallel="pipeline"), [150] * 4)
+def test_parallel_auto_and_pipeline_on_one_device_are_data():
+    # Two devices: tests/test_pipeline.py.
+    for parallel in ("auto", "pipeline"):
+        plan = make_plan(machine(), small_fp32(), Spec(parallel=parallel), [150] * 4)
+        assert plan.parallel == "data" and len(plan.workers) == 1
+        assert any(r.startswith("parallel data (") and "one device" in r for r in plan.reasons)
 
 
 def test_dtype_auto_keeps_the_checkpoints_and_a_conversion_costs_memory():

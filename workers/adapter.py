@@ -9,6 +9,7 @@ every architecture's arithmetic is transformers' own modules; we only supply mas
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from workers.manifest import DECODER, EMBED, LM_HEAD, NORM
 
 # Architectures whose stage-wise scores are tested against the un-split model.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+
+
+# Both context managers below patch process-wide state (nn.Module.register_parameter, the default
+# dtype) while a skeleton is built. Engines on several threads of one process (pipeline stages in
+# tests) take turns, and `assign` (which registers parameters) waits for a build in progress, or
+# its weights would be swapped for meta ones.
+_SKELETON_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -132,7 +140,7 @@ class ModelAdapter:
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         config._attn_implementation = "sdpa"
-        with _parameters_on_meta(), _default_dtype(dtype):
+        with _SKELETON_LOCK, _parameters_on_meta(), _default_dtype(dtype):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=allow_remote_code)
         model.eval().requires_grad_(False)
         self.config = config
@@ -161,7 +169,8 @@ class ModelAdapter:
 
     def assign(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Give `module` these weights (already on the device, in the compute dtype), no copy."""
-        module.load_state_dict(tensors, strict=True, assign=True)
+        with _SKELETON_LOCK:
+            module.load_state_dict(tensors, strict=True, assign=True)
 
     @staticmethod
     def release(module: nn.Module) -> None:
