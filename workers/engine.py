@@ -5,6 +5,11 @@ is loaded once per pass and every batch of prompts goes through it before the ne
 activations wait in an ActivationStore. Each prompt is one packed row — its prefix once, then
 every suffix with positions restarting after the prefix and a mask that keeps suffixes apart — so
 the prefix is computed once per layer, not once per suffix.
+
+In pipeline mode (`stage` given, workers/pipeline.py) the same loop runs on every stage over the same
+prompts and settings — so every stage builds the same batches — but streams only the shards the
+stage owns: a batch's input comes from the previous stage and its output goes to the next instead
+of the activation store, and only the stage owning the head computes scores.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from workers.activations import make_store
 from workers.adapter import ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
 from workers.layerfile import LayerwiseModel
 from workers.manifest import DECODER, EMBED, LM_HEAD, Manifest
+from workers.pipeline import PipelineStage, owner
 from workers.prefetch import LoadedShard, Shard, ShardLoader
 from workers.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
 from workers.scoring import compute_scores, score_targets
@@ -129,13 +135,18 @@ class _Pass:
 
 class Engine:
     def __init__(self, model_dir: str | Path, settings: EngineSettings, score: ScoreSpec,
-                 on_progress: Callable[[ProgressEvent], None] | None = None, hooks: EngineHooks | None = None):
-        self.settings, self.score = settings, score
+                 on_progress: Callable[[ProgressEvent], None] | None = None, hooks: EngineHooks | None = None,
+                 stage: PipelineStage | None = None):
+        self.settings, self.score, self.stage = settings, score, stage
         self.device = torch.device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
         self.model = LayerwiseModel(model_dir)
         self.adapter = ModelAdapter(model_dir, self.device, self.dtype)
         self.shards = plan_shards(self.model.manifest, settings.layers_per_shard)
+        # Data mode is the one-stage pipeline: this worker owns every shard.
+        self.own_shards = self.shards if stage is None else [s for s in self.shards if stage.owns(s.index)]
+        self.head = owner(len(self.shards) - 1, stage.count) if stage else 0
+        self.scores_here = stage is None or stage.index == self.head
         self.on_progress = on_progress or (lambda event: None)
         self.hooks = hooks or EngineHooks()
         self.vocab_size = self.adapter.config.vocab_size
@@ -147,7 +158,7 @@ class Engine:
         generated = [[() for _ in p.suffix_ids] for p in prompts]  # per prompt, per suffix
         scores = [[] for _ in prompts]  # per prompt: one BatchScores slice per step
         store = make_store(self.settings.storage, self.device, self.settings.disk_folder)
-        loader = ShardLoader(self.model, self.shards, self.device, self.dtype, passes=steps,
+        loader = ShardLoader(self.model, self.own_shards, self.device, self.dtype, passes=steps,
                              verify=self.settings.verify_checksums)
         tokens = 0
         with torch.inference_mode(), loader:
@@ -156,25 +167,25 @@ class Engine:
                     rows = [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen)))
                             for p, gen in zip(prompts, generated)]
                     current = _Pass(rows, self.settings.batch_tokens, self.score.kind)
-                    for shard in self.shards:
+                    for position, shard in enumerate(self.own_shards):
                         loaded = loader.next_shard()
                         self._run_shard(loaded, current, store, scores)
                         loader.release(loaded)  # the compute using it has been issued
                         tokens += current.tokens
+                        last = position == len(self.own_shards) - 1
                         self.on_progress(ProgressEvent(
-                            stage=shard.index + 1, stages=len(self.shards), step=step + 1, steps=steps,
-                            prompts_done=len(prompts) if shard.index == len(self.shards) - 1 else 0,
+                            stage=position + 1, stages=len(self.own_shards), step=step + 1, steps=steps,
+                            prompts_done=len(prompts) if last else 0,
                             prompts=len(prompts), tokens_done=current.tokens,
                             bytes_read=loader.stats.bytes_read, seconds=time.perf_counter() - start))
                         if self.hooks.after_shard:
                             self.hooks.after_shard(step, shard.index)
-                    if self.score.kind != "suffix_logprob":
-                        for i, prompt_scores in enumerate(scores):
-                            next_ids = prompt_scores[-1][1]
-                            generated[i] = [g + (int(t),) for g, t in zip(generated[i], next_ids)]
+                    next_ids = self._next_ids(step, scores)
+                    if next_ids:
+                        generated = [[g + (t,) for g, t in zip(gen, ids)] for gen, ids in zip(generated, next_ids)]
             finally:
                 store.close()
-        results = [self._result(p, s, g) for p, s, g in zip(prompts, scores, generated)]
+        results = [self._result(p, s, g) for p, s, g in zip(prompts, scores, generated)] if self.scores_here else []
         seconds = time.perf_counter() - start
         stats = loader.stats
         summary = EngineSummary(
@@ -183,6 +194,17 @@ class Engine:
             peak_device_memory=max(self.peak_device_per_shard, default=0),
             peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens)
         return results, summary
+
+    def _next_ids(self, step: int, scores) -> tuple[tuple[int, ...], ...]:
+        """The argmax id each suffix appends for the next step, per prompt (none for suffix_logprob).
+        In a pipeline the head stage has them and every stage waits for them here, which also keeps
+        any stage from running a step (or a round) ahead."""
+        next_ids = ()
+        if self.scores_here and self.score.kind != "suffix_logprob":
+            next_ids = tuple(tuple(int(t) for t in prompt_scores[-1][1]) for prompt_scores in scores)
+        if self.stage is None:
+            return next_ids
+        return self.stage.finish_step(step, self.head, next_ids if self.scores_here else None)
 
     def _run_shard(self, loaded: LoadedShard, current: _Pass, store, scores) -> None:
         cuda = self.device.type == "cuda"
@@ -201,14 +223,20 @@ class Engine:
                 self.hooks.before_batch(loaded.step, loaded.shard.index, b)
             if EMBED in kinds:
                 hidden = self.adapter.embed(packed.input_ids.to(self.device))
-            else:
+            elif self.stage is None:
                 hidden = store.get(b)
+                if b + 1 < len(current.packed):
+                    store.prefetch(b + 1)  # disk: read the next batch while this one computes
+            else:  # with two or more stages, the previous shard is always another stage's
+                hidden = self.stage.receive(loaded.step, loaded.shard.index, b).to(self.device)
             if layer_indices:
                 hidden = self._decoder_layers(layer_indices, hidden, current, b)
             if LM_HEAD in kinds:
                 self._score_batch(hidden, current, b, scores)
-            else:
+            elif self.stage is None:
                 store.put(b, hidden)
+            else:
+                self.stage.send(loaded.step, loaded.shard.index + 1, b, hidden)
             del hidden
         for _, module in modules:
             self.adapter.release(module)
@@ -255,8 +283,12 @@ class Engine:
 
 def score_prompts(model_dir: str | Path, prompts: Sequence[TokenizedPrompt], score: ScoreSpec,
                   settings: EngineSettings, on_progress: Callable[[ProgressEvent], None] | None = None,
-                  hooks: EngineHooks | None = None) -> tuple[list[PromptResult], EngineSummary]:
-    """Scores of `prompts` (one pass over the model per generation step), in their order."""
+                  hooks: EngineHooks | None = None, stage: PipelineStage | None = None,
+                  ) -> tuple[list[PromptResult], EngineSummary]:
+    """Scores of `prompts` (one pass over the model per generation step), in their order.
+
+    With `stage`, this worker is one stage of a pipeline: it streams only its shards, and returns
+    results only if it owns the head (the other stages return none)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    return Engine(model_dir, settings, score, on_progress, hooks).run(prompts)
+    return Engine(model_dir, settings, score, on_progress, hooks, stage).run(prompts)

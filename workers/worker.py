@@ -6,6 +6,10 @@ One process per device. What crosses the process boundary is plain frozen datacl
 heavy is built before `Ready`: the controller learns at once that the process is up and its pipe
 works, and torch is imported afterwards.
 
+In pipeline mode (`WorkerTask.pipeline`) every stage runs the same rounds over the same prompts,
+streaming only its shards (workers/pipeline.py); the stage owning the head writes the parts, the
+others report their rounds with no part.
+
 Parts (the resume granularity: one per round) are numpy `.npz` files written to a temporary file,
 flushed, fsynced and renamed into `parts/`, so a part on disk is always complete. They are read
 back with `allow_pickle=False`: a part holds arrays only, never code.
@@ -16,6 +20,7 @@ torch at import time) can use its task, message and part definitions.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -74,6 +79,17 @@ class Round:
 
 
 @dataclass(frozen=True)
+class PipelineLinks:
+    """A pipeline stage's place and its ends of the ring: `inbound` from stage index-1, `outbound`
+    to stage index+1 (bounded multiprocessing queues, made by the executor, handed over at spawn)."""
+
+    index: int
+    count: int
+    inbound: object
+    outbound: object
+
+
+@dataclass(frozen=True)
 class WorkerTask:
     name: str  # "w0", ...: names the worker in messages, parts and logs
     model_dir: str  # layerwise dir
@@ -85,6 +101,7 @@ class WorkerTask:
     log_path: str | None = None  # the worker's stdout/stderr go here (keeps a live display clean)
     hooks: WorkerHooks = field(default_factory=WorkerHooks)
     engine_hooks: object | None = None  # passed to the engine as is (workers.engine.EngineHooks)
+    pipeline: PipelineLinks | None = None  # None: data mode (this worker streams the whole model)
 
     @property
     def n_prompts(self) -> int:
@@ -109,8 +126,8 @@ class Progress:
 class RoundDone:
     worker: str
     round_id: int
-    indices: tuple[int, ...]  # prompts committed by this round
-    part: str  # the part file holding them
+    indices: tuple[int, ...]  # prompts committed by this round (a pipeline stage: computed, for progress)
+    part: str  # the part file holding them; "" for a pipeline stage that does not own the head
     summary: EngineSummary
 
 
@@ -267,35 +284,67 @@ def run_task(task: WorkerTask, send: Callable[[WorkerMessage], None]) -> None:
     Exceptions propagate (worker_main turns them into Failed)."""
     start = time.monotonic()
     configure_device(task.settings)
-    from workers.engine import score_prompts  # torch and transformers: only once the pipe is known to work
+    # torch and transformers: only once the pipe is known to work
+    from workers.engine import score_prompts
+    from workers.pipeline import PipelineStage
 
     parts_dir = Path(task.parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     forward = _ProgressForwarder(send, task)
     settings = task.settings
-    for rounds_done, rnd in enumerate(task.rounds):
-        _inject_faults(task.hooks, rounds_done)
-        forward.round_id = rnd.round_id
-        while True:
-            try:
+    with _open_ring(task.pipeline) as ring:
+        for rounds_done, rnd in enumerate(task.rounds):
+            _inject_faults(task.hooks, rounds_done)
+            forward.round_id = rnd.round_id
+            if ring is None:
+                results, summary, settings = _score_round(task, rnd, settings, forward, send)
+            else:  # no step-down: one stage batching differently would desynchronise the pipeline
+                stage = PipelineStage(ring.index, ring.count, ring, rnd.round_id)
                 results, summary = score_prompts(task.model_dir, rnd.prompts, task.score, settings,
-                                                 on_progress=forward, hooks=task.engine_hooks)
-                break
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                settings = _smaller_settings(task, rnd, settings, exc, send)
-        got = tuple(r.index for r in results)
-        if got != rnd.indices:
-            raise RuntimeError(f"engine returned prompts {got[:8]} for round {rnd.round_id}, "
-                               f"expected {rnd.indices[:8]}")
-        path = parts_dir / part_name(task.name, rnd)
-        if task.hooks.disk_full_after_rounds == rounds_done:
-            raise DiskFullError(errno.ENOSPC, f"disk full while writing results to {path} (injected)")
-        write_part(path, task.score.kind, results)
-        send(RoundDone(task.name, rnd.round_id, rnd.indices, str(path), summary))
+                                                 on_progress=forward, hooks=task.engine_hooks, stage=stage)
+                if not results:  # a stage without the head: nothing to commit
+                    send(RoundDone(task.name, rnd.round_id, rnd.indices, "", summary))
+                    continue
+            _commit(task, rnd, rounds_done, results, summary, parts_dir, send)
     _inject_faults(task.hooks, len(task.rounds))
     send(Finished(task.name, time.monotonic() - start))
+
+
+def _open_ring(links: PipelineLinks | None):
+    """The stage's ring (its receiver thread runs until the task ends); a null context in data mode."""
+    if links is None:
+        return contextlib.nullcontext()
+    from workers.pipeline import Ring
+
+    return Ring(links.index, links.count, links.inbound, links.outbound)
+
+
+def _score_round(task: WorkerTask, rnd: Round, settings: EngineSettings, forward, send):
+    """Data mode: the round's (results, summary, settings), stepping down after out-of-memory errors."""
+    from workers.engine import score_prompts
+
+    while True:
+        try:
+            results, summary = score_prompts(task.model_dir, rnd.prompts, task.score, settings,
+                                             on_progress=forward, hooks=task.engine_hooks)
+            return results, summary, settings
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            settings = _smaller_settings(task, rnd, settings, exc, send)
+
+
+def _commit(task: WorkerTask, rnd: Round, rounds_done: int, results, summary, parts_dir: Path, send) -> None:
+    """Write the round's part and tell the controller."""
+    got = tuple(r.index for r in results)
+    if got != rnd.indices:
+        raise RuntimeError(f"engine returned prompts {got[:8]} for round {rnd.round_id}, "
+                           f"expected {rnd.indices[:8]}")
+    path = parts_dir / part_name(task.name, rnd)
+    if task.hooks.disk_full_after_rounds == rounds_done:
+        raise DiskFullError(errno.ENOSPC, f"disk full while writing results to {path} (injected)")
+    write_part(path, task.score.kind, results)
+    send(RoundDone(task.name, rnd.round_id, rnd.indices, str(path), summary))
 
 
 class OutOfMemoryFailure(RuntimeError):
@@ -372,6 +421,9 @@ def worker_main(task: WorkerTask, conn, death_conn) -> None:
     # Ctrl-C reaches the whole foreground process group; the controller owns shutdown and stops
     # workers through the death pipe, so a worker must not die half-way on its own SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The planner numbers GPUs as NVML does (by PCI bus); CUDA's default order is fastest first,
+    # which on a machine with mixed cards would give this worker another card than planned.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     _exit_when_closed(death_conn)
     _redirect_output(task.log_path)
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} worker {task.name} pid {os.getpid()} on {task.settings.device}: "
