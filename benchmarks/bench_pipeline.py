@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = c.QUICK_SHAPE if args.quick else c.DEFAULT_SHAPE
     machine = c.machine_info()
-    checkpoint, layerwise = c.ensure_checkpoint(shape), c.ensure_layerwise(shape)
+    layerwise = c.ensure_layerwise(shape)
     many = c.QUICK_PROMPTS if args.quick else c.PromptSet()
     sets = {"few": c.PromptSet(n_prompts=3, prefix_words=many.prefix_words, n_suffixes=many.n_suffixes), "many": many}
     model_bytes = sum(p.stat().st_size for p in c.weight_files(layerwise))

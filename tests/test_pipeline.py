@@ -24,7 +24,7 @@ from orchestrator.planner import make_plan
 from workers.engine import EngineHooks, plan_shards, score_prompts
 from workers.layerfile import LayerwiseModel
 from workers.pipeline import PipelineStage, Ring
-from workers.protocol import EngineSettings, ScoreSpec, TokenizedPrompt
+from workers.protocol import EngineSettings, ScoreSpec
 from workers.worker import WorkerHooks, read_part_indices
 
 from test_controller import PROMPTS, submit, write_job
