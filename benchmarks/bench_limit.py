@@ -44,7 +44,7 @@ def child_in_memory(params: dict) -> dict:
 def main() -> None:
     parser = c.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per method; the fastest counts")
-    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--batch-tokens", type=int, default=1024)
     args = parser.parse_args()
     shape = c.QUICK_SHAPE if args.quick else c.DEFAULT_SHAPE
     prompt_set = c.QUICK_PROMPTS if args.quick else c.PromptSet()

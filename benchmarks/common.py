@@ -324,7 +324,7 @@ def is_child() -> bool:
 
 
 # -- the methods -----------------------------------------------------------------------------------
-def flexorch_run(layerwise: Path, prompts, *, verify: bool, batch_tokens: int = 4096, layers_per_shard: int = 1,
+def flexorch_run(layerwise: Path, prompts, *, verify: bool, batch_tokens: int = 1024, layers_per_shard: int = 1,
                  storage: str = "cpu", device: str = "cpu", dtype: str = "float32", threads: int = 0) -> dict:
     """score_prompts over `prompts`; the summary's numbers plus the disk bytes read."""
     from workers.engine import score_prompts
@@ -345,7 +345,7 @@ def load_hf_model(checkpoint: Path, dtype: str = "float32", **kwargs):
                                                 **kwargs).eval()
 
 
-def score_in_memory(model, prompts, batch_tokens: int = 4096) -> float:
+def score_in_memory(model, prompts, batch_tokens: int = 1024) -> float:
     """The engine's arithmetic with the whole model resident: the same batches of packed rows
     (prefix once, suffixes after it), the same masks, every layer in turn, the head on the scored
     positions only. Returns seconds. model: a loaded *ForCausalLM."""

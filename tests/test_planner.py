@@ -241,7 +241,7 @@ def test_cpu_only_machine_gets_one_cpu_worker_with_every_core():
     (worker,) = plan.workers
     s = worker.settings
     assert (worker.device, s.threads, s.layers_per_shard, s.storage, s.dtype) == ("cpu", 8, 16, "cpu", "float32")
-    assert s.batch_tokens == 4096  # 32 x 150 = 4800 tokens: the CPU cap
+    assert s.batch_tokens == 1024  # 32 x 150 = 4800 tokens: the CPU cap
     assert worker.predicted_peak_device_memory == 0
     assert "devices cpu (auto): no GPU visible" in plan.reasons
 
@@ -253,19 +253,19 @@ def test_two_cpu_workers_split_the_cores_and_the_prompts():
 
 
 def test_cpu_ram_bounds_layers_per_shard():
-    # RAM limit 2 GB, 1.8 GB usable. 32 prompts of 150 tokens, batch 4096 (the CPU cap), fp32:
+    # RAM limit 2 GB, 1.8 GB usable. 32 prompts of 150 tokens, batch 1024 (the CPU cap), fp32:
     #   base                                                             536,870,912
-    #   working: (3 x 2816 + 6 x 1024) x 4096 x 4 = 239,075,328, scores 4096 x 150 x 16 x (4 + 4)
-    #            = 78,643,200, mask 4096 x 150 x 4 = 2,457,600                  320,176,128
-    #   batch in flight 2 x 4096 x 1024 x 4                                     33,554,432
+    #   working: (3 x 2816 + 6 x 1024) x 1024 x 4 = 59,768,832, scores 1024 x 150 x 16 x (4 + 4)
+    #            = 19,660,800, mask 1024 x 150 x 4 = 614,400                     80,044,032
+    #   batch in flight 2 x 1024 x 1024 x 4                                      8,388,608
     #   activations 32 x 150 x 1.25 x 1024 x 4                                  24,576,000
     #   scores 32 x 4 x 32000 x 4                                               16,384,000
-    #   weights: 2 shards of 8 x 51,388,416                                    822,214,656
-    #   total                                                                1,753,776,128  (9 layers: 1.857 GB)
+    #   weights: 2 shards of 11 x 51,388,416                                 1,130,545,152
+    #   total                                                                1,796,808,704  (12 layers: 1.899 GB)
     plan = make_plan(machine(cpus=4), small_fp32(), Spec(limits=Limits(ram=2 * GB)), [150] * 32)
     (worker,) = plan.workers
-    assert (worker.settings.layers_per_shard, worker.settings.batch_tokens) == (8, 4096)
-    assert worker.predicted_peak_ram == 1_753_776_128
+    assert (worker.settings.layers_per_shard, worker.settings.batch_tokens) == (11, 1024)
+    assert worker.predicted_peak_ram == 1_796_808_704
 
 
 # -- job-wide decisions --------------------------------------------------------------------------
