@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from workers.errors import UserError
-from workers.manifest import DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest
+from workers.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest,
+                              read_json_object)
 
 if TYPE_CHECKING:
     import torch
@@ -194,7 +195,7 @@ def _read_config(src: Path) -> tuple[dict, object]:
     path = src / CONFIG_NAME
     if not path.is_file():
         raise UserError(f"{path}: missing (a Hugging Face checkpoint dir has a config.json)")
-    raw = _read_json(path)
+    raw = read_json_object(path)
     if not isinstance(raw.get("num_hidden_layers"), int):
         raise UserError(f"{path}: no integer num_hidden_layers")
     from transformers import AutoConfig
@@ -207,20 +208,12 @@ def _read_config(src: Path) -> tuple[dict, object]:
 
 
 def _read_index(path: Path) -> dict[str, str]:
-    weight_map = _read_json(path).get("weight_map")
+    weight_map = read_json_object(path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{path}: no weight_map")
     return weight_map
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return data
 
 
 def _tensor_specs(path: Path, fmt: str) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:

@@ -106,6 +106,17 @@ class Manifest:
             raise ManifestError(f"manifest is malformed: {exc}") from None
 
 
+def read_json_object(path: Path, error: type[UserError] = UserError) -> dict:
+    """A JSON file holding an object (config.json, an index, a manifest), or `error` naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: not a JSON object")
+    return data
+
+
 def is_layerwise_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
 
@@ -115,12 +126,7 @@ def read_manifest(path: str | Path) -> Manifest:
     manifest_path = Path(path) / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ManifestError(f"{path}: not a layerwise model dir (no {MANIFEST_NAME}); run `flexorch prepare` first")
-    try:
-        data = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{manifest_path}: manifest is not a JSON object")
+    data = read_json_object(manifest_path, ManifestError)
     try:
         return Manifest.from_dict(data)
     except ManifestError as exc:
