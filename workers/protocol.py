@@ -79,4 +79,4 @@ class PromptResult:
 
     index: int
     scores: object  # np.ndarray (n_suffixes, steps, k) or {"logprob", "is_greedy", "n_tokens"} arrays
-    generated: tuple[tuple[int, ...], ...] = field(default=())  # per suffix: ids appended by steps 1..G-1
+    generated: tuple[tuple[int, ...], ...] = field(default=())  # per suffix: the argmax id of each of the G steps
