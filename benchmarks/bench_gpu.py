@@ -37,14 +37,14 @@ GOAL = 1.3
 
 # -- generating the model --------------------------------------------------------------------------
 def generate_layerwise(target: Path, shape: dict, dtype: str, device: str) -> Path:
-    """Write a random-weight Llama layerwise dir (format: workers/manifest.py, as flexorch prepare
+    """Write a random-weight Llama layerwise dir (format: flexorch/contract/manifest.py, as flexorch prepare
     writes it) one layer at a time; random numbers are drawn on `device` (fast on a GPU)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from workers.layerfile import sha256_file
-    from workers.manifest import DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest
+    from flexorch.workers.layerfile import sha256_file
+    from flexorch.contract.manifest import DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest
 
     def build(out: Path) -> None:
         config = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype=dtype)
@@ -87,7 +87,7 @@ def generate_layerwise(target: Path, shape: dict, dtype: str, device: str) -> Pa
 
 def make_token_prompts(n_prompts: int, prefix_tokens: int, n_suffixes: int, vocab: int, seed: int = 0):
     """Random token ids (no tokenizer needed): a prefix and `n_suffixes` 2-8-token suffixes each."""
-    from workers.protocol import TokenizedPrompt
+    from flexorch.contract.protocol import TokenizedPrompt
 
     rng = random.Random(seed)
     ids = lambda n: tuple(rng.randrange(3, vocab) for _ in range(n))  # noqa: E731  (0-2: special tokens)
@@ -102,7 +102,7 @@ def load_whole_model(layerwise: Path, device: str):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from workers.layerfile import LayerwiseModel
+    from flexorch.workers.layerfile import LayerwiseModel
 
     config = AutoConfig.from_pretrained(layerwise)
     config._attn_implementation = "sdpa"
@@ -241,7 +241,7 @@ def main() -> None:
     prompts_json = c.prompts_to_json(prompts)
     tokens = sum(p.n_tokens for p in prompts)
     c.warm_page_cache([layerwise])
-    from workers.manifest import DECODER, LM_HEAD, read_manifest
+    from flexorch.contract.manifest import DECODER, LM_HEAD, read_manifest
 
     manifest = read_manifest(layerwise)
     weight_bytes = manifest.total_bytes

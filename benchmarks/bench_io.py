@@ -23,7 +23,7 @@ import common as c
 
 def child_flexorch(params: dict) -> dict:
     prompts = c.prompts_from_json(params["prompts"])
-    import workers.engine  # noqa: F401  (imports done before the start signal, so workers start in step)
+    import flexorch.workers.engine  # noqa: F401  (imports done before the start signal, so workers start in step)
 
     if params.get("wait_for_start"):
         print("READY", flush=True)

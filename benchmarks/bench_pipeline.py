@@ -52,7 +52,7 @@ def run_job(layerwise: Path, prompts: Path, parallel: str, workers: int, name: s
 
 def auto_choice(layerwise: Path, prompts: Path, workers: int) -> str:
     """What `parallel: auto` picks for this job on this machine."""
-    from orchestrator.controller import plan_job
+    from flexorch.orchestrator.controller import plan_job
 
     root = c.CACHE / "pipeline-bench" / "auto"
     root.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
 
 def ensure_checkpoint(shape: ModelShape) -> Path:
     """The Hugging Face checkpoint dir of `shape` in the cache (built once, one safetensors file)."""
-    from orchestrator.demo import build_checkpoint
+    from flexorch.orchestrator.demo import build_checkpoint
 
     def build(path: Path) -> None:
         build_checkpoint(path, "llama", layout="safetensors", dtype=shape.dtype, seed=0,
@@ -96,7 +96,7 @@ def ensure_checkpoint(shape: ModelShape) -> Path:
 
 def ensure_layerwise(shape: ModelShape) -> Path:
     """The layerwise dir of `shape` (flexorch prepare of ensure_checkpoint), built once."""
-    from orchestrator.prepare import prepare_checkpoint
+    from flexorch.orchestrator.prepare import prepare_checkpoint
 
     source = ensure_checkpoint(shape)
     target = CACHE / shape.name / "layerwise"
@@ -147,7 +147,7 @@ def tokenize(model_dir: Path, texts: Sequence[tuple[str, Sequence[str]]]):
     """TokenizedPrompt per text: the prefix with the tokenizer's special tokens, suffixes without."""
     from transformers import AutoTokenizer
 
-    from workers.protocol import TokenizedPrompt
+    from flexorch.contract.protocol import TokenizedPrompt
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return [
@@ -158,7 +158,7 @@ def tokenize(model_dir: Path, texts: Sequence[tuple[str, Sequence[str]]]):
 
 
 def prompts_from_json(data: list) -> list:
-    from workers.protocol import TokenizedPrompt
+    from flexorch.contract.protocol import TokenizedPrompt
 
     return [TokenizedPrompt(i, tuple(prefix), tuple(tuple(s) for s in suffixes))
             for i, (prefix, suffixes) in enumerate(data)]
@@ -327,8 +327,8 @@ def is_child() -> bool:
 def flexorch_run(layerwise: Path, prompts, *, verify: bool, batch_tokens: int = 1024, layers_per_shard: int = 1,
                  storage: str = "cpu", device: str = "cpu", dtype: str = "float32", threads: int = 0) -> dict:
     """score_prompts over `prompts`; the summary's numbers plus the disk bytes read."""
-    from workers.engine import score_prompts
-    from workers.protocol import EngineSettings, ScoreSpec
+    from flexorch.workers.engine import score_prompts
+    from flexorch.contract.protocol import EngineSettings, ScoreSpec
 
     settings = EngineSettings(device=device, dtype=dtype, layers_per_shard=layers_per_shard, storage=storage,
                               batch_tokens=batch_tokens, verify_checksums=verify, threads=threads)
@@ -351,10 +351,10 @@ def score_in_memory(model, prompts, batch_tokens: int = 1024) -> float:
     positions only. Returns seconds. model: a loaded *ForCausalLM."""
     import torch
 
-    from workers.adapter import additive_mask, attention_allowed, pack_rows
-    from workers.engine import make_batches
-    from workers.protocol import ScoreSpec
-    from workers.scoring import compute_scores, score_targets
+    from flexorch.workers.adapter import additive_mask, attention_allowed, pack_rows
+    from flexorch.workers.engine import make_batches
+    from flexorch.contract.protocol import ScoreSpec
+    from flexorch.workers.scoring import compute_scores, score_targets
 
     base = model.model
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
@@ -455,12 +455,12 @@ def planner_prediction(layerwise: Path, prompts, settings: dict | None, *, ram_l
 
     Compare with `compare_prediction(prediction, measured)`."""
     try:
-        from orchestrator.hardware import probe
-        from orchestrator.planner import make_plan
-        from orchestrator.spec import JobSpec, Limits
+        from flexorch.orchestrator.hardware import probe
+        from flexorch.orchestrator.planner import make_plan
+        from flexorch.orchestrator.spec import JobSpec, Limits
     except ImportError as exc:
         return {"unavailable": f"planner not importable ({exc})"}
-    from workers.manifest import read_manifest
+    from flexorch.contract.manifest import read_manifest
 
     hardware = probe(Path(layerwise))
     if disk_read_bytes_per_s:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from orchestrator.hardware import GpuInfo, Hardware
-from orchestrator.planner import make_plan, render_plan
-from orchestrator.shapes import llama2_70b
-from orchestrator.spec import JobSpec, Limits
+from flexorch.orchestrator.hardware import GpuInfo, Hardware
+from flexorch.orchestrator.planner import make_plan, render_plan
+from flexorch.orchestrator.shapes import llama2_70b
+from flexorch.orchestrator.spec import JobSpec, Limits
 
 GB = 10**9
 RESULTS = Path(__file__).parent / "results"

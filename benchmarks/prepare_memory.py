@@ -51,10 +51,10 @@ def weight_files(src: Path) -> list[Path]:
 
 
 def measure(workdir: Path) -> dict:
-    from orchestrator.demo import build_checkpoint
-    from workers.manifest import read_manifest
+    from flexorch.orchestrator.demo import build_checkpoint
+    from flexorch.contract.manifest import read_manifest
 
-    flexorch = [sys.executable, "-m", "orchestrator.cli"]
+    flexorch = [sys.executable, "-m", "flexorch.orchestrator.cli"]
     tiny = build_checkpoint(workdir / "tiny", "llama", layout="safetensors")
     result = {
         "model": MODEL, "shard_bytes": SHARD_BYTES,
@@ -83,7 +83,7 @@ def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.hardware import format_bytes
+    from flexorch.orchestrator.hardware import format_bytes
 
     table = Table(title="flexorch prepare: peak RSS")
     table.add_column("layout", no_wrap=True)

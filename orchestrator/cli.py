@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from workers.errors import UserError
+from flexorch.contract.errors import UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -24,14 +24,14 @@ def _console(stderr: bool = False):
 
 
 def cmd_prepare(args) -> int:
-    from orchestrator.prepare import prepare_checkpoint
+    from flexorch.orchestrator.prepare import prepare_checkpoint
 
     prepare_checkpoint(Path(args.src), Path(args.dst), force=args.force, console=_console(stderr=True))
     return EXIT_OK
 
 
 def cmd_demo_model(args) -> int:
-    from orchestrator.demo import build_demo_model
+    from flexorch.orchestrator.demo import build_demo_model
 
     dst = Path(args.dir)
     if dst.exists() and any(dst.iterdir()) and not args.force:
@@ -42,7 +42,7 @@ def cmd_demo_model(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from orchestrator.hardware import probe, render_hardware
+    from flexorch.orchestrator.hardware import probe, render_hardware
 
     hardware = probe(disk_path=Path(args.disk_path))
     if args.json:
@@ -53,8 +53,8 @@ def cmd_probe(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from orchestrator.controller import plan_job
-    from orchestrator.planner import render_plan
+    from flexorch.orchestrator.controller import plan_job
+    from flexorch.orchestrator.planner import render_plan
 
     _spec, plan = plan_job(Path(args.job))
     if args.json:
@@ -65,7 +65,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from orchestrator.controller import submit
+    from flexorch.orchestrator.controller import submit
 
     return submit(Path(args.job), console=_console(stderr=True), restart=args.restart)
 

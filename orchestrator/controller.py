@@ -21,22 +21,22 @@ from pathlib import Path
 
 from rich.console import Console
 
-from orchestrator import jobstate
-from workers.atomic import atomic_write_text
-from orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
-from orchestrator.hardware import probe
-from orchestrator.merge import collect_results, write_output
-from orchestrator.modelstore import is_hf_checkpoint, resolve_model
-from orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_plan
-from orchestrator.progress import WorkerLine, make_progress
-from orchestrator.prompts import (Prompt, load_tokenizer, model_max_length, read_prompts, token_ids_for,
+from flexorch.orchestrator import jobstate
+from flexorch.contract.atomic import atomic_write_text
+from flexorch.orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
+from flexorch.orchestrator.hardware import probe
+from flexorch.orchestrator.merge import collect_results, write_output
+from flexorch.orchestrator.modelstore import is_hf_checkpoint, resolve_model
+from flexorch.orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_plan
+from flexorch.orchestrator.progress import WorkerLine, make_progress
+from flexorch.orchestrator.prompts import (Prompt, load_tokenizer, model_max_length, read_prompts, token_ids_for,
                                   tokenize_prompts, updated_prompts_path, write_updated_prompts)
-from orchestrator.spec import JobSpec, load_job
-from workers.errors import UserError
-from workers.manifest import Manifest, is_layerwise_dir, read_manifest
-from workers.protocol import ScoreSpec, TokenizedPrompt
-from workers.worker import (FAIL_USER, Failed, Finished, PipelineLinks, Ready, Round, RoundDone, SteppedDown,
-                            WorkerHooks, WorkerTask)
+from flexorch.orchestrator.spec import JobSpec, load_job
+from flexorch.contract.errors import UserError
+from flexorch.contract.manifest import Manifest, is_layerwise_dir, read_manifest
+from flexorch.contract.protocol import ScoreSpec, TokenizedPrompt
+from flexorch.contract.messages import (FAIL_USER, Failed, Finished, PipelineLinks, Ready, Round, RoundDone,
+                                        SteppedDown, WorkerHooks, WorkerTask)
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 REPORT_NAME = "report.json"
@@ -70,7 +70,7 @@ def _describe_model(path: Path) -> Manifest:
     if is_layerwise_dir(path):
         return read_manifest(path)
     if is_hf_checkpoint(path):
-        from orchestrator.prepare import describe_checkpoint
+        from flexorch.orchestrator.prepare import describe_checkpoint
 
         return describe_checkpoint(path)
     raise UserError(f"{path}: neither a layerwise dir (flexorch prepare) nor a Hugging Face checkpoint dir")

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from workers.worker import Failed, Finished, Progress, RoundDone, WorkerMessage, WorkerTask, worker_main
+from flexorch.contract.messages import Failed, Finished, Progress, RoundDone, WorkerMessage, WorkerTask
+from flexorch.workers.worker import worker_main
 
 # How long stop() lets workers exit after closing their death pipes, then after SIGTERM, before SIGKILL.
 STOP_GRACE_S = 5.0

@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from workers.atomic import atomic_write_text
-from workers.errors import UserError
-from workers.manifest import Manifest
-from workers.protocol import ScoreSpec, TokenizedPrompt
-from workers.worker import PART_SUFFIX, read_part_indices
+from flexorch.contract.atomic import atomic_write_text
+from flexorch.contract.errors import UserError
+from flexorch.contract.manifest import Manifest
+from flexorch.contract.protocol import ScoreSpec, TokenizedPrompt
+from flexorch.contract.parts import PART_SUFFIX, read_part_indices
 
 JOB_FILE = "job.json"
 PARTS_DIR = "parts"

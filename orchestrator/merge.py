@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.atomic import atomic_writer
-from workers.protocol import PromptResult
-from workers.worker import read_part
+from flexorch.contract.atomic import atomic_writer
+from flexorch.contract.protocol import PromptResult
+from flexorch.contract.parts import read_part
 
 # The seed's readers may run an older Python; protocol 4 (Python 3.4+) holds numpy arrays fine.
 PICKLE_PROTOCOL = 4

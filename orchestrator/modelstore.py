@@ -18,9 +18,9 @@ import re
 import struct
 from pathlib import Path
 
-from orchestrator.prepare import CONFIG_NAME, prepare_checkpoint, weight_files, weights_marker
-from workers.errors import UserError
-from workers.manifest import FORMAT_VERSION, is_layerwise_dir
+from flexorch.orchestrator.prepare import CONFIG_NAME, prepare_checkpoint, weight_files, weights_marker
+from flexorch.contract.errors import UserError
+from flexorch.contract.manifest import FORMAT_VERSION, is_layerwise_dir
 
 _MIB = 1 << 20
 _MAX_HEADER = 100_000_000  # a corrupt length must not read a whole shard; prepare reports the file

@@ -9,7 +9,7 @@ Memory model (per worker; sizes from the manifest, converted from the checkpoint
 compute dtype where the engine converts)
 -------------------------------------------------------------------------------------------------
 A pass streams the model shard by shard: the embedding alone, then `layers_per_shard` decoder
-layers at a time, then norm + lm head (workers/engine.py `plan_shards`). Every batch of the round
+layers at a time, then norm + lm head (flexorch/contract/shards.py). Every batch of the round
 goes through a shard before the next one comes; hidden states wait in the activation store.
 
 * Weights: two shard slots (the one computing + the one prefetching) of the largest shard as
@@ -70,10 +70,11 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
-from orchestrator.hardware import Hardware, format_bytes
-from workers.errors import UserError
-from workers.manifest import DECODER, EMBED, LM_HEAD, Manifest
-from workers.protocol import EngineSettings
+from flexorch.orchestrator.hardware import Hardware, format_bytes
+from flexorch.contract.errors import UserError
+from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
+from flexorch.contract.protocol import EngineSettings
+from flexorch.contract.shards import owner, shard_bytes
 
 MiB, GiB = 1 << 20, 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -252,8 +253,8 @@ class _Model:
     def stage_bytes(self, lps: int, stages: int) -> int:
         """Bytes per pass read by the busiest pipeline stage (shard s on stage s % stages)."""
         edge_in, *decoders, edge_out = self.stored_shards
-        shards = [edge_in] + [sum(decoders[i:i + lps]) for i in range(0, len(decoders), lps)] + [edge_out]
-        return max(sum(shards[stage::stages]) for stage in range(stages))
+        shards = shard_bytes(edge_in, decoders, edge_out, lps)
+        return max(sum(b for s, b in enumerate(shards) if owner(s, stages) == stage) for stage in range(stages))
 
     def shard(self, lps: int) -> int:
         return max(self.edge, lps * self.layer)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workers.errors import UserError
-from workers.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest,
+from flexorch.contract.errors import UserError
+from flexorch.contract.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest,
                               read_json_object)
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ def _read_index(path: Path) -> dict[str, str]:
 def _tensor_specs(path: Path, fmt: str) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
     """name -> (dtype, shape, nbytes) of the tensors in one weight file, without reading their data."""
     if fmt == "safetensors":
-        from workers.layerfile import read_header  # also checks the file's size against its header
+        from flexorch.workers.layerfile import read_header  # also checks the file's size against its header
 
         return {spec.name: (spec.dtype, spec.shape, spec.end - spec.start) for spec in read_header(path).tensors}
     return {name: (t.dtype, tuple(t.shape), t.nbytes) for name, t in _load_bin(path).items()}
@@ -336,7 +336,7 @@ def _write_layer(layer: LayerSource, out: Path) -> LayerEntry:
         return layer.entry(0, None)
     from safetensors.torch import save_file
 
-    from workers.layerfile import sha256_file
+    from flexorch.workers.layerfile import sha256_file
 
     path = out / layer.file
     save_file(_read_layer(layer), path)  # the tensors (and their file mappings) go when this returns
@@ -415,7 +415,7 @@ def _progress(console, total: int, label: str):
 def _print_summary(manifest: Manifest, dst: Path, console) -> None:
     from rich.table import Table
 
-    from orchestrator.hardware import format_bytes
+    from flexorch.orchestrator.hardware import format_bytes
 
     largest = max(manifest.layers, key=lambda entry: entry.bytes)
     head = manifest.entry(LM_HEAD)

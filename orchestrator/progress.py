@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from workers.protocol import ProgressEvent
-from workers.worker import Finished, Progress as ProgressMessage, Ready, RoundDone, SteppedDown
+from flexorch.contract.protocol import ProgressEvent
+from flexorch.contract.messages import Finished, Progress as ProgressMessage, Ready, RoundDone, SteppedDown
 
 # Plain mode writes a worker's line at most this often (plus one per committed round): enough to
 # see a job move in a CI log without a line per layer of an 80-layer model.

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.atomic import atomic_write_bytes
-from workers.errors import UserError
-from workers.protocol import TokenizedPrompt
+from flexorch.contract.atomic import atomic_write_bytes
+from flexorch.contract.errors import UserError
+from flexorch.contract.protocol import TokenizedPrompt
 
 PROMPT_FORMATS = ("jsonl", "pkl")
 _PROMPT_KEYS = ("prefix", "suffixes", "id")

@@ -7,7 +7,7 @@ downloaded; the tests use it to describe models too big to build.
 
 from __future__ import annotations
 
-from workers.manifest import DECODER, EMBED, FORMAT_VERSION, LM_HEAD, NORM, LayerEntry, Manifest
+from flexorch.contract.manifest import DECODER, EMBED, FORMAT_VERSION, LM_HEAD, NORM, LayerEntry, Manifest
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from workers.errors import UserError
-from workers.protocol import DTYPES, SCORE_KINDS, STORAGES
+from flexorch.contract.errors import UserError
+from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES
 
 PARALLEL_MODES = ("data", "pipeline", "auto")
 PROMPT_EXTENSIONS = (".jsonl", ".pkl")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.demo import ARCHITECTURES
+from flexorch.orchestrator.demo import ARCHITECTURES
 
 ALL_ARCHITECTURES = tuple(ARCHITECTURES)
 
@@ -14,7 +14,7 @@ ALL_ARCHITECTURES = tuple(ARCHITECTURES)
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(arch, layout="safetensors-sharded") -> path of a tiny HF checkpoint (cached)."""
-    from orchestrator.demo import build_checkpoint
+    from flexorch.orchestrator.demo import build_checkpoint
 
     cache = {}
 
@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def layerwise(tmp_path_factory, checkpoint):
     """layerwise(arch, layout="safetensors-sharded") -> path of its `flexorch prepare` output (cached)."""
-    from orchestrator.prepare import prepare_checkpoint
+    from flexorch.orchestrator.prepare import prepare_checkpoint
 
     cache = {}
 

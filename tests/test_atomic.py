@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from workers.atomic import atomic_write_bytes, atomic_write_text, atomic_writer
+from flexorch.contract.atomic import atomic_write_bytes, atomic_write_text, atomic_writer
 
 
 def test_writes_and_replaces(tmp_path):

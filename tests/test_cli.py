@@ -16,8 +16,8 @@ import time
 import psutil
 import pytest
 
-from orchestrator import cli
-from workers.manifest import read_manifest
+from flexorch.orchestrator import cli
+from flexorch.contract.manifest import read_manifest
 
 from test_controller import PROMPTS, write_job
 
@@ -142,7 +142,7 @@ def test_sigint_stops_every_worker_and_exits_130(tmp_path, layerwise):
     job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
     env = {**os.environ, "FLEXORCH_TEST_FAULTS": json.dumps({"worker0": {"hang_after_rounds": 0},
                                                               "worker1": {"hang_after_rounds": 0}})}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "submit", str(job)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "flexorch.orchestrator.cli", "submit", str(job)], env=env,
                             stderr=subprocess.PIPE, text=True)
     seen: list[str] = []
     try:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.planner import make_plan
-from orchestrator.spec import load_job
+from flexorch.orchestrator.planner import make_plan
+from flexorch.orchestrator.spec import load_job
 from test_planner import GB, gpu, llama2_70b, machine
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -52,7 +52,7 @@ def test_two_gpus_split_the_prompts(tmp_path):
 
 
 def test_two_gpus_needs_two_gpus(tmp_path):
-    from workers.errors import UserError
+    from flexorch.contract.errors import UserError
 
     spec = load_copy("two-gpus.yaml", tmp_path)
     with pytest.raises(UserError, match="devices: cuda:1 not present"):

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from rich.console import Console
 
-from orchestrator import cli, planner
-from orchestrator.progress import LiveProgress, LogProgress, WorkerLine
-from workers.protocol import EngineSummary, ProgressEvent
-from workers.worker import Finished, Progress, Ready, RoundDone
+from flexorch.orchestrator import cli, planner
+from flexorch.orchestrator.progress import LiveProgress, LogProgress, WorkerLine
+from flexorch.contract.protocol import EngineSummary, ProgressEvent
+from flexorch.contract.messages import Finished, Progress, Ready, RoundDone
 
 PROMPTS = [
     {"prefix": "Question: What is the capital of France? Answer:", "suffixes": [" Paris", " Mars", " A", " B"]},

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.demo import ARCHITECTURES
-from workers.engine import EngineHooks, _Pass, make_batches, score_prompts
-from workers.errors import UserError
-from workers.layerfile import LayerIntegrityError
-from workers.protocol import EngineSettings, ScoreSpec, TokenizedPrompt
+from flexorch.orchestrator.demo import ARCHITECTURES
+from flexorch.workers.engine import EngineHooks, _Pass, make_batches, score_prompts
+from flexorch.contract.errors import UserError
+from flexorch.workers.layerfile import LayerIntegrityError
+from flexorch.contract.protocol import EngineSettings, ScoreSpec, TokenizedPrompt
 
 # Lengths vary from 1 token to several times the tiny models' sliding window (12), suffixes
 # include one-token and empty ones.
@@ -225,8 +225,8 @@ def test_unsupported_architecture_is_refused(layerwise, tmp_path):
 
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys
-    from workers.engine import score_prompts
-    from workers.protocol import EngineSettings, ScoreSpec, TokenizedPrompt
+    from flexorch.workers.engine import score_prompts
+    from flexorch.contract.protocol import EngineSettings, ScoreSpec, TokenizedPrompt
     prompts = [TokenizedPrompt(i, tuple(range(1, 40)), ((50, 51), (52,))) for i in range(8)]
     _, summary = score_prompts(sys.argv[1], prompts, ScoreSpec(),
                                EngineSettings("cpu", "float32", 1, "cpu", 4096, verify_checksums=False))
@@ -236,8 +236,8 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 def test_peak_rss_follows_the_layer_not_the_model(tmp_path):
     """A model 4x as deep (and ~150 MB larger) costs far less than 150 MB more RSS to stream."""
-    from orchestrator.demo import build_checkpoint
-    from orchestrator.prepare import prepare_checkpoint
+    from flexorch.orchestrator.demo import build_checkpoint
+    from flexorch.orchestrator.prepare import prepare_checkpoint
 
     peaks, sizes = {}, {}
     for layers in (4, 16):

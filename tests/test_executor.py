@@ -14,13 +14,14 @@ import time
 
 import pytest
 
-from orchestrator import executor as executor_module
-from orchestrator.executor import Died, Hung, LocalProcessExecutor
-from workers.protocol import EngineSettings, EngineSummary, ProgressEvent, ScoreSpec
-from workers.errors import UserError
-from workers.worker import (EXIT_ORPHANED, FAIL_DISK_FULL, FAIL_ERROR, FAIL_USER, DiskFullError, Failed, Finished,
-                            Progress, Ready, Round, RoundDone, WorkerHooks, WorkerTask, _exit_when_closed, failure_of,
-                            read_part_indices, run_task)
+from flexorch.orchestrator import executor as executor_module
+from flexorch.orchestrator.executor import Died, Hung, LocalProcessExecutor
+from flexorch.contract.protocol import EngineSettings, EngineSummary, ProgressEvent, ScoreSpec
+from flexorch.contract.errors import UserError
+from flexorch.contract.messages import (FAIL_DISK_FULL, FAIL_ERROR, FAIL_USER, Failed, Finished, Progress, Ready,
+                                        Round, RoundDone, WorkerHooks, WorkerTask)
+from flexorch.contract.parts import DiskFullError, read_part_indices
+from flexorch.workers.worker import EXIT_ORPHANED, _exit_when_closed, failure_of, run_task
 
 SUMMARY = EngineSummary(seconds=0.1, load_seconds=0.0, read_seconds=0.0, compute_seconds=0.1, bytes_read=10,
                         peak_rss=1, peak_device_memory=0)
@@ -199,7 +200,7 @@ def test_stop_before_start_does_nothing():
 
 # -- the worker's own loop, in this process (no spawn): rounds, parts, failures ----------------------
 def _real_task(tmp_path, model_dir, hooks=WorkerHooks()):
-    from orchestrator.prompts import Prompt, load_tokenizer, tokenize_prompts
+    from flexorch.orchestrator.prompts import Prompt, load_tokenizer, tokenize_prompts
 
     prompts = [Prompt("The quick brown fox", (" jumps", " over")), Prompt("0 1 2", (" 3",)),
                Prompt("Question: What is the capital of France? Answer:", (" Paris", " Mars"))]

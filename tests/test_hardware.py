@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.hardware import GpuInfo, Hardware, probe, probe_gpus, render_hardware, visible_nvml_indices
+from flexorch.orchestrator.hardware import GpuInfo, Hardware, probe, probe_gpus, render_hardware, visible_nvml_indices
 
 GB = 10**9
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers import layerfile
-from workers.layerfile import LayerIntegrityError, LayerwiseModel, aligned
+from flexorch.workers import layerfile
+from flexorch.workers.layerfile import LayerIntegrityError, LayerwiseModel, aligned
 
 
 @pytest.fixture

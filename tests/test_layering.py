@@ -5,7 +5,7 @@ import sys
 
 
 def test_orchestrator_modules_do_not_import_torch():
-    modules = ["orchestrator." + m for m in ("cli", "controller", "planner", "hardware", "spec", "prompts",
+    modules = ["flexorch.orchestrator." + m for m in ("cli", "controller", "planner", "hardware", "spec", "prompts",
                                                "merge", "progress", "executor", "jobstate", "modelstore")]
     code = f"import sys; import {', '.join(modules)}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,9 +9,10 @@ import pickle
 import numpy as np
 import pytest
 
-from orchestrator.merge import collect_results, write_output
-from workers.protocol import PromptResult
-from workers.worker import DiskFullError, Round, part_name, read_part, read_part_indices, write_part
+from flexorch.orchestrator.merge import collect_results, write_output
+from flexorch.contract.protocol import PromptResult
+from flexorch.contract.messages import Round
+from flexorch.contract.parts import DiskFullError, part_name, read_part, read_part_indices, write_part
 
 
 def _probs(index: int, n_suffixes: int = 2, steps: int = 2, vocab: int = 5) -> PromptResult:
@@ -61,7 +62,7 @@ def test_part_with_an_object_array_is_refused(tmp_path):
 def test_part_names_differ_by_prompt_set():
     a = part_name("w0", Round(0, ()))
     assert a.startswith("part-w0-r0000-") and a.endswith(".npz")
-    from workers.protocol import TokenizedPrompt
+    from flexorch.contract.protocol import TokenizedPrompt
 
     one = Round(0, (TokenizedPrompt(1, (1,), ((2,),)),))
     two = Round(0, (TokenizedPrompt(2, (1,), ((2,),)),))

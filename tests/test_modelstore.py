@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from orchestrator import modelstore
-from orchestrator.modelstore import is_hf_checkpoint, resolve_model
-from workers.errors import UserError
-from workers.manifest import is_layerwise_dir, read_manifest
+from flexorch.orchestrator import modelstore
+from flexorch.orchestrator.modelstore import is_hf_checkpoint, resolve_model
+from flexorch.contract.errors import UserError
+from flexorch.contract.manifest import is_layerwise_dir, read_manifest
 
 
 @pytest.fixture

@@ -19,13 +19,15 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from orchestrator import controller, planner
-from orchestrator.planner import make_plan
-from workers.engine import EngineHooks, plan_shards, score_prompts
-from workers.layerfile import LayerwiseModel
-from workers.pipeline import PipelineStage, Ring
-from workers.protocol import EngineSettings, ScoreSpec
-from workers.worker import WorkerHooks, read_part_indices
+from flexorch.orchestrator import controller, planner
+from flexorch.orchestrator.planner import make_plan
+from flexorch.contract.shards import plan_shards
+from flexorch.workers.engine import EngineHooks, score_prompts
+from flexorch.workers.layerfile import LayerwiseModel
+from flexorch.workers.pipeline import PipelineStage, Ring
+from flexorch.contract.protocol import EngineSettings, ScoreSpec
+from flexorch.contract.messages import WorkerHooks
+from flexorch.contract.parts import read_part_indices
 
 from test_controller import PROMPTS, submit, write_job
 from test_engine import tokenize
@@ -223,7 +225,7 @@ def test_auto_chooses_pipeline_when_reading_dominates_and_data_when_computing_do
 def test_pipeline_is_refused_on_mixed_devices_and_off_ram_storage():
     from test_planner import SMALL_GPU
 
-    from workers.errors import UserError
+    from flexorch.contract.errors import UserError
 
     with pytest.raises(UserError, match="devices: parallel: pipeline needs devices of one kind"):
         make_plan(machine(SMALL_GPU), small_fp32(), Spec(parallel="pipeline", devices=("cpu", "cuda:0")), [150])

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.hardware import GpuInfo, Hardware
-from orchestrator.planner import Plan, make_plan, render_plan
-from orchestrator.shapes import llama_shaped_manifest
-from workers.errors import UserError
-from workers.manifest import Manifest
+from flexorch.orchestrator.hardware import GpuInfo, Hardware
+from flexorch.orchestrator.planner import Plan, make_plan, render_plan
+from flexorch.orchestrator.shapes import llama_shaped_manifest
+from flexorch.contract.errors import UserError
+from flexorch.contract.manifest import Manifest
 
 GB, GiB, MiB = 10**9, 2**30, 2**20
 

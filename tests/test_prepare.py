@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orchestrator import prepare
-from orchestrator.cli import main
-from orchestrator.demo import ARCHITECTURES, build_checkpoint
-from orchestrator.prepare import describe_checkpoint, prepare_checkpoint
-from workers.manifest import read_manifest
+from flexorch.orchestrator import prepare
+from flexorch.orchestrator.cli import main
+from flexorch.orchestrator.demo import ARCHITECTURES, build_checkpoint
+from flexorch.orchestrator.prepare import describe_checkpoint, prepare_checkpoint
+from flexorch.contract.manifest import read_manifest
 
 ROUND_TRIP_LAYOUTS = ("safetensors", "safetensors-sharded", "bin-sharded")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.prompts import (
+from flexorch.orchestrator.prompts import (
     Prompt,
     load_tokenizer,
     model_max_length,
@@ -21,8 +21,8 @@ from orchestrator.prompts import (
     updated_prompts_path,
     write_updated_prompts,
 )
-from workers.errors import UserError
-from workers.protocol import TokenizedPrompt
+from flexorch.contract.errors import UserError
+from flexorch.contract.protocol import TokenizedPrompt
 
 
 def error_of(call, *args, **kwargs) -> str:
@@ -181,7 +181,7 @@ def test_updated_jsonl_keeps_ids(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from orchestrator.demo import build_checkpoint
+    from flexorch.orchestrator.demo import build_checkpoint
 
     model_dir = build_checkpoint(tmp_path_factory.mktemp("prompts") / "m", "llama")
     return load_tokenizer(model_dir)
@@ -224,7 +224,7 @@ def test_max_length(tokenizer):
 
 
 def test_empty_prefix_without_bos_is_an_error():
-    from orchestrator.demo import build_tokenizer
+    from flexorch.orchestrator.demo import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.backend_tokenizer.post_processor = None  # like tokenizers that add no BOS (GPT-2, Qwen)

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from orchestrator import controller, jobstate, planner
-from orchestrator.jobstate import Fingerprint, locked, open_job
-from workers.errors import UserError
-from workers.protocol import PromptResult
-from workers.worker import WorkerHooks, read_part_indices, write_part
+from flexorch.orchestrator import controller, jobstate, planner
+from flexorch.orchestrator.jobstate import Fingerprint, locked, open_job
+from flexorch.contract.errors import UserError
+from flexorch.contract.protocol import PromptResult
+from flexorch.contract.messages import WorkerHooks
+from flexorch.contract.parts import read_part_indices, write_part
 
 from test_controller import PROMPTS, submit, write_job, write_prompts
 
@@ -155,9 +156,9 @@ def test_changed_prompts_are_refused_on_resume(tmp_path, layerwise, capsys):
     job = write_job(tmp_path, layerwise("llama"))
     spec_dir = tmp_path / "job.job"
     # A previous run's state, as a killed submit leaves it (job.json written, nothing merged).
-    from orchestrator.controller import prepare_job
-    from orchestrator.spec import load_job
-    from workers.manifest import read_manifest
+    from flexorch.orchestrator.controller import prepare_job
+    from flexorch.orchestrator.spec import load_job
+    from flexorch.contract.manifest import read_manifest
 
     spec = load_job(job)
     prepared = prepare_job(spec, spec.model, read_manifest(spec.model))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import DEFAULT_WORKER_TIMEOUT, JobSpec, Limits, ScoreSettings, load_job, parse_size
-from workers.errors import UserError
+from flexorch.orchestrator.spec import DEFAULT_WORKER_TIMEOUT, JobSpec, Limits, ScoreSettings, load_job, parse_size
+from flexorch.contract.errors import UserError
 
 # JOBSPEC.md's example, every key, with its paths pointing into the test's folder.
 JOBSPEC_EXAMPLE = """\
@@ -297,8 +297,8 @@ def test_output_folder_may_not_exist_yet(folder):
 def test_cli_plan_reports_bad_job(folder, capsys):
     # For the lead: `flexorch plan` goes through orchestrator.controller.plan_job, written in another
     # change; this test skips until that module exists, then checks the CLI path end to end.
-    pytest.importorskip("orchestrator.controller")
-    from orchestrator.cli import main
+    pytest.importorskip("flexorch.orchestrator.controller")
+    from flexorch.orchestrator.cli import main
 
     path = write_job(folder, minimal(layer_per_shard=2))
     assert main(["plan", str(path)]) == 2

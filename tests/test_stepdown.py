@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from workers.engine import EngineHooks
-from workers.protocol import EngineSettings, ScoreSpec, TokenizedPrompt
-from workers.stepdown import is_out_of_memory, step_down
-from workers.worker import OutOfMemoryFailure, Round, RoundDone, SteppedDown, WorkerTask, read_part, run_task
+from flexorch.workers.engine import EngineHooks
+from flexorch.contract.protocol import EngineSettings, ScoreSpec, TokenizedPrompt
+from flexorch.workers.stepdown import is_out_of_memory, step_down
+from flexorch.contract.messages import Round, RoundDone, SteppedDown, WorkerTask
+from flexorch.contract.parts import read_part
+from flexorch.workers.worker import OutOfMemoryFailure, run_task
 
 
 def test_steps_down_batch_then_shard_then_storage_then_stops():

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workers.errors import UserError
-from workers.manifest import DECODER, EMBED, LM_HEAD, NORM
+from flexorch.contract.errors import UserError
+from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, NORM
 
 # Architectures whose stage-wise scores are tested against the un-split model.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")

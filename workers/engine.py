@@ -25,14 +25,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from workers.activations import make_store
-from workers.adapter import ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
-from workers.layerfile import LayerwiseModel
-from workers.manifest import DECODER, EMBED, LM_HEAD, Manifest
-from workers.pipeline import PipelineStage, owner
-from workers.prefetch import LoadedShard, Shard, ShardLoader
-from workers.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
-from workers.scoring import compute_scores, score_targets
+from flexorch.workers.activations import make_store
+from flexorch.workers.adapter import ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
+from flexorch.workers.layerfile import LayerwiseModel
+from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
+from flexorch.contract.shards import owner, plan_shards
+from flexorch.workers.pipeline import PipelineStage
+from flexorch.workers.prefetch import LoadedShard, ShardLoader
+from flexorch.contract.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
+from flexorch.workers.scoring import compute_scores, score_targets
 
 def _load_libc():
     try:
@@ -55,16 +56,6 @@ class EngineHooks:
 
     before_batch: Callable[[int, int, int], None] | None = None
     after_shard: Callable[[int, int], None] | None = None
-
-
-def plan_shards(manifest: Manifest, layers_per_shard: int) -> list[Shard]:
-    """Embeddings alone, then decoder layers `layers_per_shard` at a time, then norm + lm head."""
-    decoders = [entry.name for entry in manifest.layers if entry.kind == DECODER]
-    tail = [entry.name for entry in manifest.layers if entry.kind not in (EMBED, DECODER)]
-    groups = [[manifest.layers[0].name]]
-    groups += [decoders[i:i + layers_per_shard] for i in range(0, len(decoders), layers_per_shard)]
-    groups.append(tail)
-    return [Shard(index, tuple(names)) for index, names in enumerate(groups)]
 
 
 def make_batches(rows: Sequence[Row], batch_tokens: int) -> list[list[int]]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from workers.errors import UserError
-from workers.manifest import LayerEntry, Manifest, read_manifest
+from flexorch.contract.errors import UserError
+from flexorch.contract.manifest import LayerEntry, Manifest, read_manifest
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

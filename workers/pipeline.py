@@ -34,10 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-def owner(shard_index: int, stages: int) -> int:
-    """The stage owning shard `shard_index` (interleaved; see the module docstring)."""
-    return shard_index % stages
-
+from flexorch.contract.shards import owner
 
 # -- what travels on the ring ------------------------------------------------------------------------
 @dataclass(frozen=True)

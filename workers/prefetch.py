@@ -18,13 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.layerfile import LayerwiseModel, aligned
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int  # position in one pass over the model
-    names: tuple[str, ...]  # layer names, forward order
+from flexorch.contract.shards import Shard
+from flexorch.workers.layerfile import LayerwiseModel, aligned
 
 
 @dataclass

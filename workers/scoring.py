@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.protocol import ScoreSpec
+from flexorch.contract.protocol import ScoreSpec
 
 # Logit rows per head call: bounds the (rows, vocab) float32 logits to ~256 MB at a 128k vocab.
 _LOGIT_ELEMENTS = 64 << 20

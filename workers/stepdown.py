@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from workers.protocol import EngineSettings
+from flexorch.contract.protocol import EngineSettings
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -1,239 +1,41 @@
 """The worker process: runs its rounds of the engine over its slice of prompts and commits each
-round's results durably as a part file, telling the controller what it does on a pipe.
+round's results durably as a part file (flexorch.contract.parts), telling the controller what it
+does on a pipe (flexorch.contract.messages).
 
-One process per device. What crosses the process boundary is plain frozen dataclasses: the
-`WorkerTask` in, messages (`Ready`, `Progress`, `RoundDone`, `Finished`, `Failed`) out. Nothing
-heavy is built before `Ready`: the controller learns at once that the process is up and its pipe
-works, and torch is imported afterwards.
+One process per device. Nothing heavy is built before `Ready`: the controller learns at once that
+the process is up and its pipe works, and torch is imported afterwards.
 
 In pipeline mode (`WorkerTask.pipeline`) every stage runs the same rounds over the same prompts,
 streaming only its shards (workers/pipeline.py); the stage owning the head writes the parts, the
 others report their rounds with no part.
-
-Parts (the resume granularity: one per round) are numpy `.npz` files written to a temporary file,
-flushed, fsynced and renamed into `parts/`, so a part on disk is always complete. They are read
-back with `allow_pickle=False`: a part holds arrays only, never code.
-
-This module imports numpy and the standard library only, so the controller (which never imports
-torch at import time) can use its task, message and part definitions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from workers.atomic import atomic_writer
-from workers.errors import UserError
-from workers.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
-from workers.stepdown import is_out_of_memory, step_down
+from flexorch.contract.errors import UserError
+from flexorch.contract.messages import (FAIL_DISK_FULL, FAIL_ERROR, FAIL_USER, Failed, Finished, PipelineLinks,
+                                        Progress, Ready, Round, RoundDone, SteppedDown, WorkerHooks, WorkerMessage,
+                                        WorkerTask)
+from flexorch.contract.parts import DiskFullError, part_name, write_part
+from flexorch.contract.protocol import EngineSettings, ProgressEvent
+from flexorch.workers.stepdown import is_out_of_memory, step_down
 
 # Progress messages are throttled to this interval: enough for a live bar and for the controller's
 # hung-worker clock, without flooding the pipe with one message per layer of a small model.
 PROGRESS_INTERVAL_S = 0.25
 EXIT_ORPHANED = 3  # the controller went away (death pipe closed)
 EXIT_FAILED = 1
-
-
-# -- what the controller hands a worker -------------------------------------------------------------
-@dataclass(frozen=True)
-class WorkerHooks:
-    """Fault injection for tests, applied around engine calls (no mock of the worker needed).
-
-    Counts are of rounds completed (committed) in this run; 0 means before the first round.
-    """
-
-    sigkill_after_rounds: int | None = None  # SIGKILL itself, as the OOM killer would
-    sigkill_after_progress: int | None = None  # SIGKILL itself on the N-th engine progress event
-    hang_after_rounds: int | None = None  # block forever, sending nothing (a hung worker)
-    raise_after_rounds: int | None = None  # raise RuntimeError (an internal failure)
-    disk_full_after_rounds: int | None = None  # the next part write fails with ENOSPC
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "WorkerHooks":
-        return cls(**data)
-
-
-@dataclass(frozen=True)
-class Round:
-    """One engine call: the model is streamed once per generation step over these prompts."""
-
-    round_id: int  # position in the worker's planned rounds (kept when earlier rounds are skipped)
-    prompts: tuple[TokenizedPrompt, ...]
-
-    @property
-    def indices(self) -> tuple[int, ...]:
-        return tuple(p.index for p in self.prompts)
-
-
-@dataclass(frozen=True)
-class PipelineLinks:
-    """A pipeline stage's place and its ends of the ring: `inbound` from stage index-1, `outbound`
-    to stage index+1 (bounded multiprocessing queues, made by the executor, handed over at spawn)."""
-
-    index: int
-    count: int
-    inbound: object
-    outbound: object
-
-
-@dataclass(frozen=True)
-class WorkerTask:
-    name: str  # "w0", ...: names the worker in messages, parts and logs
-    model_dir: str  # layerwise dir
-    settings: EngineSettings
-    score: ScoreSpec
-    rounds: tuple[Round, ...]  # only the rounds (and prompts) still to compute
-    parts_dir: str
-    planned_rounds: int = 0  # rounds in the plan, for "round k/N" in progress
-    log_path: str | None = None  # the worker's stdout/stderr go here (keeps a live display clean)
-    hooks: WorkerHooks = field(default_factory=WorkerHooks)
-    engine_hooks: object | None = None  # passed to the engine as is (workers.engine.EngineHooks)
-    pipeline: PipelineLinks | None = None  # None: data mode (this worker streams the whole model)
-
-    @property
-    def n_prompts(self) -> int:
-        return sum(len(r.prompts) for r in self.rounds)
-
-
-# -- what a worker says -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Ready:
-    worker: str
-    pid: int
-
-
-@dataclass(frozen=True)
-class Progress:
-    worker: str
-    round_id: int
-    event: ProgressEvent
-
-
-@dataclass(frozen=True)
-class RoundDone:
-    worker: str
-    round_id: int
-    indices: tuple[int, ...]  # prompts committed by this round (a pipeline stage: computed, for progress)
-    part: str  # the part file holding them; "" for a pipeline stage that does not own the head
-    summary: EngineSummary
-
-
-@dataclass(frozen=True)
-class SteppedDown:
-    """An out-of-memory error was survived by retrying the round with smaller settings."""
-
-    worker: str
-    round_id: int
-    change: str  # e.g. "batch_tokens 4096 -> 2048"
-    error: str  # the out-of-memory error, one line
-    settings: EngineSettings  # what the worker runs with from now on
-
-
-@dataclass(frozen=True)
-class Finished:
-    worker: str
-    seconds: float
-
-
-# Failed.kind: what the controller makes of it.
-FAIL_ERROR, FAIL_USER, FAIL_DISK_FULL = "error", "user", "disk_full"
-
-
-@dataclass(frozen=True)
-class Failed:
-    worker: str
-    error: str  # one line
-    traceback: str = ""
-    kind: str = FAIL_ERROR  # FAIL_USER: bad input found while running (a corrupt layer file)
-
-
-WorkerMessage = Ready | Progress | RoundDone | SteppedDown | Finished | Failed
-
-
-# -- parts: one committed round ---------------------------------------------------------------------
-PART_SUFFIX = ".npz"
-
-
-class DiskFullError(OSError):
-    """The disk filled while committing a part; parts committed before are intact."""
-
-
-def part_name(worker: str, rnd: Round) -> str:
-    """Unique per prompt set, so runs with a different placement never overwrite each other's parts."""
-    digest = hashlib.sha256(",".join(map(str, rnd.indices)).encode()).hexdigest()[:12]
-    return f"part-{worker}-r{rnd.round_id:04d}-{digest}{PART_SUFFIX}"
-
-
-def _part_arrays(kind: str, results: Sequence[PromptResult]) -> dict[str, np.ndarray]:
-    arrays = {"indices": np.array([r.index for r in results], dtype=np.int64), "kind": np.array(kind)}
-    for j, result in enumerate(results):
-        if isinstance(result.scores, dict):
-            for key, value in result.scores.items():
-                arrays[f"s{j}_{key}"] = np.asarray(value)
-        else:
-            arrays[f"s{j}"] = np.asarray(result.scores)
-        # generated: (n_suffixes, G-1); every suffix takes the same number of greedy steps
-        n_suffixes = len(result.generated)  # 0 for suffix_logprob, which generates nothing
-        generated = np.array(result.generated, dtype=np.int64)
-        arrays[f"g{j}"] = generated.reshape(n_suffixes, -1) if n_suffixes else np.zeros((0, 0), np.int64)
-    return arrays
-
-
-def write_part(path: str | Path, kind: str, results: Sequence[PromptResult]) -> Path:
-    """Commit `results` to `path` atomically (temp file, flush, fsync, rename, fsync dir).
-
-    Raises DiskFullError naming the path when the disk is full; the temp file is removed and every
-    part committed before stays as it was.
-    """
-    path = Path(path)
-    arrays = _part_arrays(kind, results)
-    try:
-        with atomic_writer(path) as handle:
-            np.savez(handle, **arrays)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(
-                exc.errno, f"disk full while writing results to {path} (parts committed before are intact; "
-                "free some space and resubmit to resume)"
-            ) from exc
-        raise
-    return path
-
-
-def read_part_indices(path: str | Path) -> tuple[int, ...]:
-    """The prompt indices a part holds (reads only that member of the archive)."""
-    with np.load(path, allow_pickle=False) as data:
-        return tuple(int(i) for i in data["indices"])
-
-
-def read_part(path: str | Path) -> list[PromptResult]:
-    """Read a part back into PromptResults (arrays only: allow_pickle=False)."""
-    with np.load(path, allow_pickle=False) as data:
-        indices = [int(i) for i in data["indices"]]
-        kind = str(data["kind"])
-        results = []
-        for j, index in enumerate(indices):
-            if kind == "suffix_logprob":
-                prefix = f"s{j}_"
-                scores = {key[len(prefix):]: data[key] for key in data.files if key.startswith(prefix)}
-            else:
-                scores = data[f"s{j}"]
-            generated = tuple(tuple(int(t) for t in row) for row in data[f"g{j}"])
-            results.append(PromptResult(index=index, scores=scores, generated=generated))
-    return results
 
 
 # -- the process -----------------------------------------------------------------------------------------
@@ -285,8 +87,8 @@ def run_task(task: WorkerTask, send: Callable[[WorkerMessage], None]) -> None:
     start = time.monotonic()
     configure_device(task.settings)
     # torch and transformers: only once the pipe is known to work
-    from workers.engine import score_prompts
-    from workers.pipeline import PipelineStage
+    from flexorch.workers.engine import score_prompts
+    from flexorch.workers.pipeline import PipelineStage
 
     parts_dir = Path(task.parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -314,14 +116,14 @@ def _open_ring(links: PipelineLinks | None):
     """The stage's ring (its receiver thread runs until the task ends); a null context in data mode."""
     if links is None:
         return contextlib.nullcontext()
-    from workers.pipeline import Ring
+    from flexorch.workers.pipeline import Ring
 
     return Ring(links.index, links.count, links.inbound, links.outbound)
 
 
 def _score_round(task: WorkerTask, rnd: Round, settings: EngineSettings, forward, send):
     """Data mode: the round's (results, summary, settings), stepping down after out-of-memory errors."""
-    from workers.engine import score_prompts
+    from flexorch.workers.engine import score_prompts
 
     while True:
         try:

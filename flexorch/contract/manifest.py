@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from workers.errors import UserError
+from flexorch.contract.errors import UserError
 
 MANIFEST_NAME = "flexorch_manifest.json"
 FORMAT_VERSION = 1
