@@ -55,7 +55,7 @@ def run_stages(model_dir, rounds, score: ScoreSpec, n: int, hooks=None, capacity
             for round_id, prompts in enumerate(rounds):
                 out[i].append(score_prompts(model_dir, prompts, score, settings(),
                                             hooks=(hooks or {}).get(i),
-                                            stage=PipelineStage(i, n, rings[i], round_id)))
+                                            link=PipelineStage(i, n, rings[i], round_id)))
         except BaseException as exc:  # reported by the test thread
             errors.append(exc)
             raise

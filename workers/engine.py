@@ -6,10 +6,11 @@ activations wait in an ActivationStore. Each prompt is one packed row — its pr
 every suffix with positions restarting after the prefix and a mask that keeps suffixes apart — so
 the prefix is computed once per layer, not once per suffix.
 
-In pipeline mode (`stage` given, workers/pipeline.py) the same loop runs on every stage over the same
-prompts and settings — so every stage builds the same batches — but streams only the shards the
-stage owns: a batch's input comes from the previous stage and its output goes to the next instead
-of the activation store, and only the stage owning the head computes scores.
+Where a batch's input comes from and its output goes is the `Link` (workers/link.py): in data mode
+the one-stage `LocalLink` over the activation store; in pipeline mode (workers/pipeline.py) the
+same loop runs on every stage over the same prompts and settings — so every stage builds the same
+batches — but streams only the shards the stage owns, receiving from the previous stage and
+sending to the next, and only the stage owning the head computes scores.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from flexorch.workers.adapter import ModelAdapter, PackedBatch, additive_mask, a
 from flexorch.workers.layerfile import LayerwiseModel
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
 from flexorch.contract.shards import owner, plan_shards
-from flexorch.workers.pipeline import PipelineStage
+from flexorch.workers.link import Link, LocalLink
 from flexorch.workers.prefetch import LoadedShard, ShardLoader
 from flexorch.contract.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
 from flexorch.workers.scoring import compute_scores, score_targets
@@ -127,17 +128,17 @@ class _Pass:
 class Engine:
     def __init__(self, model_dir: str | Path, settings: EngineSettings, score: ScoreSpec,
                  on_progress: Callable[[ProgressEvent], None] | None = None, hooks: EngineHooks | None = None,
-                 stage: PipelineStage | None = None):
-        self.settings, self.score, self.stage = settings, score, stage
+                 link: Link | None = None):
+        self.settings, self.score, self.link = settings, score, link
         self.device = torch.device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
         self.model = LayerwiseModel(model_dir)
         self.adapter = ModelAdapter(model_dir, self.device, self.dtype)
         self.shards = plan_shards(self.model.manifest, settings.layers_per_shard)
-        # Data mode is the one-stage pipeline: this worker owns every shard.
-        self.own_shards = self.shards if stage is None else [s for s in self.shards if stage.owns(s.index)]
-        self.head = owner(len(self.shards) - 1, stage.count) if stage else 0
-        self.scores_here = stage is None or stage.index == self.head
+        index, stages = (link.index, link.count) if link else (LocalLink.index, LocalLink.count)
+        self.own_shards = [s for s in self.shards if owner(s.index, stages) == index]
+        self.head = owner(len(self.shards) - 1, stages)
+        self.scores_here = index == self.head
         self.on_progress = on_progress or (lambda event: None)
         self.hooks = hooks or EngineHooks()
         self.vocab_size = self.adapter.config.vocab_size
@@ -148,34 +149,31 @@ class Engine:
         steps = self.score.generate_tokens
         generated = [[() for _ in p.suffix_ids] for p in prompts]  # per prompt, per suffix
         scores = [[] for _ in prompts]  # per prompt: one BatchScores slice per step
-        store = make_store(self.settings.storage, self.device, self.settings.disk_folder)
+        link = self.link or LocalLink(make_store(self.settings.storage, self.device, self.settings.disk_folder))
         loader = ShardLoader(self.model, self.own_shards, self.device, self.dtype, passes=steps,
                              verify=self.settings.verify_checksums)
         tokens = 0
-        with torch.inference_mode(), loader:
-            try:
-                for step in range(steps):
-                    rows = [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen)))
-                            for p, gen in zip(prompts, generated)]
-                    current = _Pass(rows, self.settings.batch_tokens, self.score.kind)
-                    for position, shard in enumerate(self.own_shards):
-                        loaded = loader.next_shard()
-                        self._run_shard(loaded, current, store, scores)
-                        loader.release(loaded)  # the compute using it has been issued
-                        tokens += current.tokens
-                        last = position == len(self.own_shards) - 1
-                        self.on_progress(ProgressEvent(
-                            stage=position + 1, stages=len(self.own_shards), step=step + 1, steps=steps,
-                            prompts_done=len(prompts) if last else 0,
-                            prompts=len(prompts), tokens_done=current.tokens,
-                            bytes_read=loader.stats.bytes_read, seconds=time.perf_counter() - start))
-                        if self.hooks.after_shard:
-                            self.hooks.after_shard(step, shard.index)
-                    next_ids = self._next_ids(step, scores)
-                    if next_ids:
-                        generated = [[g + (t,) for g, t in zip(gen, ids)] for gen, ids in zip(generated, next_ids)]
-            finally:
-                store.close()
+        with torch.inference_mode(), loader, link:
+            for step in range(steps):
+                rows = [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen)))
+                        for p, gen in zip(prompts, generated)]
+                current = _Pass(rows, self.settings.batch_tokens, self.score.kind)
+                for position, shard in enumerate(self.own_shards):
+                    loaded = loader.next_shard()  # load weight (prefetched on the loader's thread)
+                    self._run_shard(loaded, current, link, scores)  # per batch: receive, compute, send
+                    loader.release(loaded)  # the compute using it has been issued
+                    tokens += current.tokens
+                    last = position == len(self.own_shards) - 1
+                    self.on_progress(ProgressEvent(
+                        stage=position + 1, stages=len(self.own_shards), step=step + 1, steps=steps,
+                        prompts_done=len(prompts) if last else 0,
+                        prompts=len(prompts), tokens_done=current.tokens,
+                        bytes_read=loader.stats.bytes_read, seconds=time.perf_counter() - start))
+                    if self.hooks.after_shard:
+                        self.hooks.after_shard(step, shard.index)
+                next_ids = link.finish_step(step, self.head, self._next_ids(scores))
+                if next_ids:
+                    generated = [[g + (t,) for g, t in zip(gen, ids)] for gen, ids in zip(generated, next_ids)]
         results = [self._result(p, s, g) for p, s, g in zip(prompts, scores, generated)] if self.scores_here else []
         seconds = time.perf_counter() - start
         stats = loader.stats
@@ -186,18 +184,17 @@ class Engine:
             peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens)
         return results, summary
 
-    def _next_ids(self, step: int, scores) -> tuple[tuple[int, ...], ...]:
-        """The argmax id each suffix appends for the next step, per prompt (none for suffix_logprob).
-        In a pipeline the head stage has them and every stage waits for them here, which also keeps
-        any stage from running a step (or a round) ahead."""
-        next_ids = ()
-        if self.scores_here and self.score.kind != "suffix_logprob":
-            next_ids = tuple(tuple(int(t) for t in prompt_scores[-1][1]) for prompt_scores in scores)
-        if self.stage is None:
-            return next_ids
-        return self.stage.finish_step(step, self.head, next_ids if self.scores_here else None)
+    def _next_ids(self, scores) -> tuple[tuple[int, ...], ...] | None:
+        """The argmax id each suffix appends for the next step, per prompt (() for a kind that
+        generates none); None where this stage does not score. In a pipeline every stage waits for
+        the head's ids in `finish_step`, which also keeps any stage from running a step ahead."""
+        if not self.scores_here:
+            return None
+        if not self.score.kind.generates:
+            return ()
+        return tuple(tuple(int(t) for t in prompt_scores[-1][1]) for prompt_scores in scores)
 
-    def _run_shard(self, loaded: LoadedShard, current: _Pass, store, scores) -> None:
+    def _run_shard(self, loaded: LoadedShard, current: _Pass, link: Link, scores) -> None:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -214,20 +211,16 @@ class Engine:
                 self.hooks.before_batch(loaded.step, loaded.shard.index, b)
             if EMBED in kinds:
                 hidden = self.adapter.embed(packed.input_ids.to(self.device))
-            elif self.stage is None:
-                hidden = store.get(b)
+            else:
+                hidden = link.receive(loaded.step, loaded.shard.index, b).to(self.device)
                 if b + 1 < len(current.packed):
-                    store.prefetch(b + 1)  # disk: read the next batch while this one computes
-            else:  # with two or more stages, the previous shard is always another stage's
-                hidden = self.stage.receive(loaded.step, loaded.shard.index, b).to(self.device)
+                    link.prefetch(loaded.step, loaded.shard.index, b + 1)
             if layer_indices:
                 hidden = self._decoder_layers(layer_indices, hidden, current, b)
             if LM_HEAD in kinds:
                 self._score_batch(hidden, current, b, scores)
-            elif self.stage is None:
-                store.put(b, hidden)
             else:
-                self.stage.send(loaded.step, loaded.shard.index + 1, b, hidden)
+                link.send(loaded.step, loaded.shard.index + 1, b, hidden)
             del hidden
         for _, module in modules:
             self.adapter.release(module)
@@ -256,14 +249,12 @@ class Engine:
         for i in current.batches[b]:
             n = len(current.rows[i][1])
             part = slice(first, first + n)
-            if self.score.kind == "suffix_logprob":
-                scores[i].append((batch_scores.values[part], batch_scores.is_greedy[part]))
-            else:
-                scores[i].append((batch_scores.values[part], batch_scores.next_ids[part]))
+            flags = batch_scores.next_ids if self.score.kind.generates else batch_scores.is_greedy
+            scores[i].append((batch_scores.values[part], flags[part]))
             first += n
 
     def _result(self, prompt: TokenizedPrompt, per_step: list, generated) -> PromptResult:
-        if self.score.kind == "suffix_logprob":
+        if not self.score.kind.generates:  # suffix_logprob
             logprob, is_greedy = per_step[0]
             entry = {"logprob": logprob.numpy().astype(np.float64), "is_greedy": is_greedy.numpy().astype(bool),
                      "n_tokens": np.array([len(s) for s in prompt.suffix_ids], dtype=np.int64)}
@@ -274,12 +265,12 @@ class Engine:
 
 def score_prompts(model_dir: str | Path, prompts: Sequence[TokenizedPrompt], score: ScoreSpec,
                   settings: EngineSettings, on_progress: Callable[[ProgressEvent], None] | None = None,
-                  hooks: EngineHooks | None = None, stage: PipelineStage | None = None,
+                  hooks: EngineHooks | None = None, link: Link | None = None,
                   ) -> tuple[list[PromptResult], EngineSummary]:
     """Scores of `prompts` (one pass over the model per generation step), in their order.
 
-    With `stage`, this worker is one stage of a pipeline: it streams only its shards, and returns
-    results only if it owns the head (the other stages return none)."""
+    `link`: None in data mode (a LocalLink over the settings' activation store); a pipeline stage
+    streams only its shards and returns results only if it owns the head (the others return none)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    return Engine(model_dir, settings, score, on_progress, hooks, stage).run(prompts)
+    return Engine(model_dir, settings, score, on_progress, hooks, link).run(prompts)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flexorch.contract.shards import owner
+from flexorch.workers.link import Link
 
 # -- what travels on the ring ------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class Ring:
 
 
 @dataclass(frozen=True)
-class PipelineStage:
+class PipelineStage(Link):
     """This worker's place in the pipeline for one round: it owns the shards s with s % count == index.
     The engine calls `send`/`receive` for activations and `finish_step` at the end of each step."""
 
@@ -151,9 +151,6 @@ class PipelineStage:
     count: int
     ring: Ring = field(repr=False)
     round_id: int = 0  # keys carry it, so a stage that starts the next round early cannot be confused
-
-    def owns(self, shard_index: int) -> bool:
-        return owner(shard_index, self.count) == self.index
 
     def send(self, step: int, shard: int, batch: int, hidden: torch.Tensor) -> None:
         """hidden: (rows, L, d_model), the input of `shard` for `batch`: to that shard's owner."""

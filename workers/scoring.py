@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexorch.contract.protocol import ScoreSpec
+from flexorch.contract.protocol import ScoreKind, ScoreSpec
 
 # Logit rows per head call: bounds the (rows, vocab) float32 logits to ~256 MB at a 128k vocab.
 _LOGIT_ELEMENTS = 64 << 20
@@ -33,30 +33,19 @@ class ScoreTargets:
     n_suffixes: int
 
 
-def score_targets(rows: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]], kind: str) -> ScoreTargets:
-    """rows: (prefix_ids, suffix_ids) per packed row, in batch order."""
+def score_targets(rows: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]], kind: ScoreKind) -> ScoreTargets:
+    """rows: (prefix_ids, suffix_ids) per packed row, in batch order; positions from `kind`."""
     row, col, owner, target = [], [], [], []
-    suffix_number = 0
+    first_suffix = 0
     for r, (prefix, suffixes) in enumerate(rows):
-        start = len(prefix)
-        for suffix in suffixes:
-            n = len(suffix)
-            if kind == "suffix_logprob":
-                # position start-1+i predicts suffix[i]; i = 0 is the prefix's last token
-                cols = [len(prefix) - 1] + list(range(start, start + n - 1)) if n else []
-                row += [r] * len(cols)
-                col += cols
-                owner += [suffix_number] * len(cols)
-                target += list(suffix)
-            else:
-                row.append(r)
-                col.append(start + n - 1 if n else len(prefix) - 1)
-                owner.append(suffix_number)
-                target.append(-1)
-            start += n
-            suffix_number += 1
+        for column, number, token in ScoreKind(kind).positions(len(prefix), tuple(map(len, suffixes))):
+            row.append(r)
+            col.append(column)
+            owner.append(first_suffix + number)
+            target.append(suffixes[number][token] if token >= 0 else -1)
+        first_suffix += len(suffixes)
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return ScoreTargets(as_long(row), as_long(col), as_long(owner), as_long(target), suffix_number)
+    return ScoreTargets(as_long(row), as_long(col), as_long(owner), as_long(target), first_suffix)
 
 
 @dataclass(frozen=True)
@@ -81,19 +70,19 @@ def compute_scores(hidden: torch.Tensor, targets: ScoreTargets, logits_fn, score
     outputs, greedy = [], []
     for start in range(0, n, rows_per_call):
         logits = logits_fn(selected[start:start + rows_per_call])  # (m, vocab) float32
-        if score.kind == "suffix_logprob":
+        if not score.kind.generates:  # suffix_logprob
             target = targets.target[start:start + rows_per_call].to(logits.device)
             logprobs = torch.log_softmax(logits, dim=-1)
             outputs.append(logprobs.gather(1, target[:, None])[:, 0].double().cpu())
             greedy.append((logits.argmax(-1) == target).cpu())
         else:
             probs = torch.softmax(logits, dim=-1)
-            if score.kind == "token_probs":
+            if score.kind is ScoreKind.TOKEN_PROBS:
                 probs = probs[:, list(score.token_ids)]
             outputs.append(probs.cpu())
             greedy.append(logits.argmax(-1).cpu())
     values, flags = torch.cat(outputs), torch.cat(greedy)
-    if score.kind != "suffix_logprob":
+    if score.kind.generates:
         return BatchScores(values, None, flags)
     logprob = torch.zeros(targets.n_suffixes, dtype=torch.float64).index_add_(0, targets.owner, values)
     misses = torch.zeros(targets.n_suffixes, dtype=torch.long).index_add_(0, targets.owner, (~flags).long())

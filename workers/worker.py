@@ -103,7 +103,7 @@ def run_task(task: WorkerTask, send: Callable[[WorkerMessage], None]) -> None:
             else:  # no step-down: one stage batching differently would desynchronise the pipeline
                 stage = PipelineStage(ring.index, ring.count, ring, rnd.round_id)
                 results, summary = score_prompts(task.model_dir, rnd.prompts, task.score, settings,
-                                                 on_progress=forward, hooks=task.engine_hooks, stage=stage)
+                                                 on_progress=forward, hooks=task.engine_hooks, link=stage)
                 if not results:  # a stage without the head: nothing to commit
                     send(RoundDone(task.name, rnd.round_id, rnd.indices, "", summary))
                     continue

@@ -4,8 +4,51 @@ torch-free), so the orchestrator can build them without importing torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-SCORE_KINDS = ("next_token_probs", "token_probs", "suffix_logprob")
+
+class ScoreKind(StrEnum):
+    """What is scored, as one type that knows which positions it reads and the shape it writes.
+
+    A StrEnum: members compare equal to their job-file names ("suffix_logprob"). Adding a kind means
+    adding a member here, its positions and shape below, its computation in workers/scoring.py and
+    its entry in JOBSPEC's output table."""
+
+    NEXT_TOKEN_PROBS = "next_token_probs"
+    TOKEN_PROBS = "token_probs"
+    SUFFIX_LOGPROB = "suffix_logprob"
+
+    @property
+    def generates(self) -> bool:
+        """Whether each step yields an argmax id per suffix (so greedy steps can extend the suffixes)."""
+        return self is not ScoreKind.SUFFIX_LOGPROB
+
+    def positions(self, prefix_len: int, suffix_lens: tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """The scored positions of one packed row (prefix once, then every suffix), as
+        (column, suffix number, index of the suffix token it must predict, or -1).
+
+        Next-token kinds read the last token of each suffix (the prefix's last for an empty one);
+        suffix_logprob reads the last prefix token and every suffix token but the last, each of
+        which predicts the next suffix token."""
+        out, start = [], prefix_len
+        for number, n in enumerate(suffix_lens):
+            if self is ScoreKind.SUFFIX_LOGPROB:
+                cols = [prefix_len - 1] + list(range(start, start + n - 1)) if n else []
+                out += [(col, number, i) for i, col in enumerate(cols)]
+            else:
+                out.append((start + n - 1 if n else prefix_len - 1, number, -1))
+            start += n
+        return out
+
+    def entry_shape(self, n_suffixes: int, steps: int, vocab: int, n_tokens: int) -> tuple[int, ...]:
+        """One prompt's output array: (n_suffixes, steps, vocab or len(tokens)); suffix_logprob's
+        logprob / is_greedy / n_tokens arrays are each (n_suffixes,)."""
+        if self is ScoreKind.SUFFIX_LOGPROB:
+            return (n_suffixes,)
+        return (n_suffixes, steps, vocab if self is ScoreKind.NEXT_TOKEN_PROBS else n_tokens)
+
+
+SCORE_KINDS = tuple(kind.value for kind in ScoreKind)
 STORAGES = ("gpu", "cpu", "disk")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -26,9 +69,12 @@ class TokenizedPrompt:
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    kind: str = "next_token_probs"  # one of SCORE_KINDS
+    kind: ScoreKind = ScoreKind.NEXT_TOKEN_PROBS
     token_ids: tuple[int, ...] = ()  # token_probs only: the ids whose probabilities are kept
     generate_tokens: int = 1  # greedy steps; each appends the argmax token to every suffix
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", ScoreKind(self.kind))  # accepts the job file's name
 
 
 @dataclass(frozen=True)
