@@ -1,4 +1,4 @@
-"""`flexorch` command line: prepare, probe, plan, submit, demo-model.
+"""`flexorch` command line: prepare, probe, plan, submit, show, demo-model.
 
 Bad input (a `UserError`) is printed as one line on stderr with exit status 2; an interrupt exits
 130. Modules are imported inside each command so `flexorch probe` and `flexorch plan` never pay for
@@ -70,6 +70,17 @@ def cmd_submit(args) -> int:
     return submit(Path(args.job), console=_console(stderr=True), restart=args.restart)
 
 
+def cmd_show(args) -> int:
+    from flexorch.orchestrator.summary import load_summary, render_summary
+
+    summary, source = load_summary(Path(args.path))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        render_summary(summary, source, _console(), shown=None if args.all else 20)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexorch", description="Score prompts with LLMs far larger than your GPU, layer by layer."
@@ -96,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="job file (YAML)")
     p.add_argument("--restart", action="store_true", help="discard a previous run's parts in job_dir")
     p.set_defaults(run=cmd_submit)
+
+    p = sub.add_parser("show", help="summarise a run: per-prompt argmax, accuracy where prompts have answers")
+    p.add_argument("path", help="an output file, or a job dir")
+    p.add_argument("--all", action="store_true", help="list every prompt (default: the first 20)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_show)
 
     p = sub.add_parser("demo-model", help="write the built-in demo model (random weights) to DIR")
     p.add_argument("dir")

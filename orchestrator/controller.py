@@ -26,15 +26,16 @@ from flexorch.contract.atomic import atomic_write_text
 from flexorch.orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
 from flexorch.orchestrator.hardware import probe
 from flexorch.orchestrator.merge import collect_results, write_output
+from flexorch.orchestrator.summary import Summary, summarize
 from flexorch.orchestrator.modelstore import is_hf_checkpoint, resolve_model
 from flexorch.orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_plan
 from flexorch.orchestrator.progress import WorkerLine, make_progress
-from flexorch.orchestrator.prompts import (Prompt, load_tokenizer, model_max_length, read_prompts, token_ids_for,
+from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer, model_max_length, read_prompts, token_ids_for,
                                   tokenize_prompts, updated_prompts_path, write_updated_prompts)
 from flexorch.orchestrator.spec import JobSpec, load_job
-from flexorch.contract.errors import UserError
+from flexorch.contract.errors import JobFailed, UserError
 from flexorch.contract.manifest import Manifest, is_layerwise_dir, read_manifest
-from flexorch.contract.protocol import ScoreSpec, TokenizedPrompt
+from flexorch.contract.protocol import PromptResult, ScoreSpec, TokenizedPrompt
 from flexorch.contract.messages import (FAIL_USER, Failed, Finished, PipelineLinks, Ready, Round, RoundDone,
                                         SteppedDown, WorkerHooks, WorkerTask)
 
@@ -60,10 +61,13 @@ class PreparedJob:
 
 
 def plan_job(job_path: str | Path) -> tuple[JobSpec, Plan]:
-    """Validate the job and plan it; writes nothing (an HF dir is described, not converted)."""
+    """Validate the job file and plan it; writes nothing (an HF dir is described, not converted)."""
     spec = load_job(Path(job_path))
-    job = prepare_job(spec, spec.model, _describe_model(spec.model))
-    return spec, job.plan
+    return spec, plan_spec(spec)
+
+
+def plan_spec(spec: JobSpec) -> Plan:
+    return prepare_job(spec, spec.model, _describe_model(spec.model)).plan
 
 
 def _describe_model(path: Path) -> Manifest:
@@ -83,6 +87,7 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     max_length = spec.max_length or model_max_length(manifest.config)
     tokenized = tokenize_prompts(prompts, tokenizer, max_length, spec.prompts, spec.generate_tokens)
     token_ids = token_ids_for(spec.score.tokens, tokenizer, spec.path) if spec.score.kind == "token_probs" else ()
+    check_answers(prompts, spec.score.kind, len(token_ids), spec.prompts)
     score = ScoreSpec(kind=spec.score.kind, token_ids=token_ids, generate_tokens=spec.generate_tokens)
     # Free disk where activations would go: the planner's disk budget (probe walks up to a parent
     # that exists, so job_dir need not exist yet).
@@ -90,6 +95,17 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     plan = make_plan(hardware, manifest, spec, [p.n_tokens for p in tokenized],
                      suffix_counts=[len(p.suffix_ids) for p in tokenized])
     return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A completed job: its prompts and their results in prompt order, and its report."""
+
+    spec: JobSpec
+    prompts: list[Prompt]
+    results: list[PromptResult]
+    report: dict
+    report_path: Path
 
 
 # -- submit ------------------------------------------------------------------------------------------
@@ -147,6 +163,7 @@ class _Run:
     started: float = field(default_factory=time.monotonic)
     status: str = "running"
     error: str | None = None
+    summary: Summary | None = None  # once the output is written
 
     def report(self) -> dict:
         spec, n = self.job.spec, len(self.job.prompts)
@@ -157,6 +174,7 @@ class _Run:
             "prompts": n, "prompts_reused": reused, "prompts_computed": n - reused, "runs": self.state.runs,
             "seconds": round(time.monotonic() - self.started, 3),
             "workers": [vars(r) for r in self.records.values()], "plan": self.job.plan.to_dict(),
+            "summary": self.summary.to_dict() if self.summary else None,
         }
 
     def finish(self, status: str, error: str | None = None) -> Path:
@@ -172,9 +190,22 @@ class _Run:
 
 def submit(job_path: str | Path, console: Console, restart: bool = False,
            faults: dict[str, WorkerHooks] | None = None) -> int:
-    """Run the job; returns the exit status. `faults`: test hooks per worker name (default: from
-    the FLEXORCH_TEST_FAULTS environment variable)."""
-    spec = load_job(Path(job_path))
+    """Run the job file; returns the exit status (bad input raises UserError: the CLI exits 2)."""
+    try:
+        run_job(load_job(Path(job_path)), console, restart=restart, faults=faults)
+    except JobFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def run_job(spec: JobSpec, console: Console, restart: bool = False,
+            faults: dict[str, WorkerHooks] | None = None) -> JobResult:
+    """Run a validated job to its output. Raises UserError (bad input),
+    JobFailed (a worker failed: the others were stopped) or KeyboardInterrupt, each after writing
+    the report. `faults`: test hooks per worker name (default: from FLEXORCH_TEST_FAULTS)."""
     # Everything is validated and planned before an HF checkpoint is converted (which can take an
     # hour for a 70B model): a typo in the prompts must not cost that.
     job = prepare_job(spec, spec.model, _describe_model(spec.model))
@@ -191,7 +222,7 @@ def submit(job_path: str | Path, console: Console, restart: bool = False,
         return _execute(run, tasks, console)
 
 
-def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> int:
+def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> JobResult:
     spec = run.job.spec
     try:
         failure = _run_workers(run, tasks, spec.worker_timeout, console)
@@ -199,17 +230,16 @@ def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> int:
         run.finish("interrupted", "interrupted")
         print(f"interrupted: every worker stopped; committed results are kept in {spec.job_dir} "
               "(submit again to resume)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        raise
     if failure is not None:
         run.finish("failed", failure)
-        print(f"error: {failure}", file=sys.stderr)
-        return EXIT_FAILED
-    _write_outputs(run)
+        raise JobFailed(failure)
+    results = _write_outputs(run)
     report = run.finish("completed")
     console.out(f"done: {len(run.job.prompts)} prompts ({len(run.state.completed)} reused) in "
                 f"{time.monotonic() - run.started:.1f} s -> {spec.output.resolve()}; report {report.resolve()}",
                 highlight=False)
-    return EXIT_OK
+    return JobResult(spec, run.job.prompts, results, run.report(), report)
 
 
 def _faults_from_env() -> dict[str, WorkerHooks]:
@@ -316,12 +346,14 @@ def _failure(run: _Run, record: WorkerRecord, message) -> str:
     return f"worker {record.name} ({record.device}{pid}) failed: {what}"
 
 
-def _write_outputs(run: _Run) -> None:
+def _write_outputs(run: _Run) -> list[PromptResult]:
     """Merge every committed part (earlier runs' and this one's) in prompt order into the output,
     and the _updated prompts."""
     spec, job = run.job.spec, run.job
     results = collect_results(run.state.parts(), len(job.prompts))
-    write_output(spec.output, job.score.kind, results, ids=[p.id for p in job.prompts])
+    write_output(spec.output, job.score.kind, results, prompts=job.prompts, token_labels=spec.score.tokens)
+    run.summary = summarize(job.score.kind, [r.scores for r in results], job.prompts)
     if spec.generate_tokens > 1:
         texts = [[job.tokenizer.decode(list(ids)) for ids in r.generated] for r in results]
         write_updated_prompts(spec.output, job.prompts, texts, spec.prompts_format)
+    return results

@@ -2,7 +2,8 @@
 
 `.pkl` is the seed's format: a list with one entry per prompt (the float32 array, or the
 suffix_logprob dict of arrays), pickle protocol 4. `.jsonl` has one object per prompt with its
-`index`, its `id` if the prompt had one, and the same fields as lists.
+`index`, its `id` and `answer` if the prompt had them, the same fields as lists, the token strings
+of token_probs (`tokens`) and the prompt's extra fields, passed through.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from flexorch.contract.atomic import atomic_writer
 from flexorch.contract.protocol import PromptResult
 from flexorch.contract.parts import read_part
+from flexorch.orchestrator.prompts import Prompt
 
 # The seed's readers may run an older Python; protocol 4 (Python 3.4+) holds numpy arrays fine.
 PICKLE_PROTOCOL = 4
@@ -41,10 +43,11 @@ def collect_results(parts: Iterable[str | Path], n_prompts: int) -> list[PromptR
 
 
 def write_output(path: str | Path, kind: str, results: Sequence[PromptResult],
-                 ids: Sequence[object] | None = None) -> Path:
+                 prompts: Sequence[Prompt] | None = None, token_labels: Sequence[str] = ()) -> Path:
     """Write `results` (in prompt order) of score kind `kind` to `path` (.pkl or .jsonl) atomically.
 
-    `ids[i]`: prompt i's id from the prompts file (None where it had none); jsonl only.
+    `prompts[i]`: prompt i, whose id, answer and extra fields go into its .jsonl line;
+    `token_labels`: score.tokens of token_probs, written as each line's `tokens`.
     """
     path = Path(path)
     if path.suffix == ".pkl":
@@ -53,21 +56,28 @@ def write_output(path: str | Path, kind: str, results: Sequence[PromptResult],
     elif path.suffix == ".jsonl":
         with atomic_writer(path) as handle:
             for position, result in enumerate(results):
-                prompt_id = ids[position] if ids is not None else None
-                handle.write(json.dumps(jsonl_record(kind, result, prompt_id)).encode("utf-8") + b"\n")
+                prompt = prompts[position] if prompts is not None else None
+                record = jsonl_record(kind, result, prompt, token_labels)
+                handle.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
     else:
         raise ValueError(f"{path}: unknown output format (expected .pkl or .jsonl)")
     return path
 
 
-def jsonl_record(kind: str, result: PromptResult, prompt_id: object | None = None) -> dict:
-    """One output line: index, id (if any), and the scores as (nested) lists: a field named by the
-    kind (`next_token_probs`, `token_probs`), or suffix_logprob's `logprob`, `is_greedy`, `n_tokens`."""
+def jsonl_record(kind: str, result: PromptResult, prompt: Prompt | None = None,
+                 token_labels: Sequence[str] = ()) -> dict:
+    """One output line: index, id and answer (if any), the scores as (nested) lists — a field named
+    by the kind (`next_token_probs`, `token_probs`), or suffix_logprob's `logprob`, `is_greedy`,
+    `n_tokens` —, `tokens` for token_probs, then the prompt's extra fields."""
     record: dict = {"index": result.index}
-    if prompt_id is not None:
-        record["id"] = prompt_id
+    if prompt is not None:
+        record.update({k: v for k, v in (("id", prompt.id), ("answer", prompt.answer)) if v is not None})
     if isinstance(result.scores, Mapping):
         record.update({key: np.asarray(value).tolist() for key, value in result.scores.items()})
     else:
         record[kind] = np.asarray(result.scores).tolist()
+    if token_labels:
+        record["tokens"] = list(token_labels)
+    if prompt is not None:
+        record.update(prompt.fields)  # the reader refuses extra fields named like ours
     return record

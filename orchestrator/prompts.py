@@ -16,7 +16,7 @@ import io
 import json
 import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flexorch.contract.atomic import atomic_write_bytes
@@ -24,7 +24,11 @@ from flexorch.contract.errors import UserError
 from flexorch.contract.protocol import TokenizedPrompt
 
 PROMPT_FORMATS = ("jsonl", "pkl")
-_PROMPT_KEYS = ("prefix", "suffixes", "id")
+_PROMPT_KEYS = ("prefix", "suffixes", "id", "answer")
+# Extra fields of a prompt are kept and written to .jsonl output beside the scores, so they may not
+# take the names the output uses for its own fields.
+RESERVED_FIELDS = frozenset({"index", "prefix", "suffixes", "tokens", "generated", "logprob", "is_greedy",
+                             "n_tokens", "next_token_probs", "token_probs", "suffix_logprob"})
 _SCALARS = (str, int, float, bool, type(None))
 # Problems listed in one error: enough to see a pattern, short enough to read in a terminal.
 _MAX_LISTED = 5
@@ -37,6 +41,14 @@ class Prompt:
     prefix: str
     suffixes: tuple[str, ...]
     id: object | None = None  # a JSON scalar from the prompts file, if it gave one
+    answer: int | None = None  # index of the correct suffix (token_probs with one suffix: of score.tokens)
+    fields: dict = field(default_factory=dict)  # any other keys of the prompt, passed through to .jsonl output
+
+    def to_dict(self) -> dict:
+        """The prompt as a .jsonl line holds it."""
+        optional = {"id": self.id, "answer": self.answer}
+        return {"prefix": self.prefix, "suffixes": list(self.suffixes),
+                **{k: v for k, v in optional.items() if v is not None}, **self.fields}
 
 
 class _Problems:
@@ -125,6 +137,8 @@ class _PlainDataUnpickler(pickle.Unpickler):
 def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
     try:
         items = _PlainDataUnpickler(io.BytesIO(data), source).load()
+    except UserError:  # a refused global (UserError is a ValueError: caught here first)
+        raise
     # What a truncated or garbled pickle raises; a refused global is a UserError and passes through.
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
         raise UserError(f"{source}: not a valid pickle ({type(exc).__name__}: {exc})") from None
@@ -133,15 +147,7 @@ def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
     problems = _Problems(source)
     prompts = []
     for index, item in enumerate(items):
-        where = f"prompt index {index}"
-        if isinstance(item, dict):
-            prompt = _prompt_from_dict(item, problems, where)
-        elif isinstance(item, (tuple, list)) and len(item) == 2:
-            prompt = _make_prompt(item[0], item[1], None, problems, where)
-        else:
-            problems.add(where, f"expected a (prefix, suffixes) pair or a dict with prefix and suffixes, "
-                                f"got {_show(item)}")
-            prompt = None
+        prompt = _prompt_from_item(item, problems, f"prompt index {index}")
         if prompt is not None:
             prompts.append(prompt)
     problems.raise_if_any()
@@ -150,22 +156,24 @@ def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
 
 def _prompt_from_dict(item: dict, problems: _Problems, where: str) -> Prompt | None:
     valid = True
-    for key in item:
-        if key not in _PROMPT_KEYS:
-            close = difflib.get_close_matches(str(key), _PROMPT_KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else " (expected prefix, suffixes and optional id)"
-            problems.add(where, f"unknown key {key!r}{hint}")
-            valid = False
+    extra = {key: value for key, value in item.items() if key not in _PROMPT_KEYS}
     for key in ("prefix", "suffixes"):
         if key not in item:
-            problems.add(where, f"missing key '{key}'")
+            close = difflib.get_close_matches(key, [str(k) for k in extra], n=1)
+            problems.add(where, f"unknown key {close[0]!r} (did you mean '{key}'?)" if close else f"missing key '{key}'")
+            valid = False
+    for key in extra:
+        if not isinstance(key, str) or key in RESERVED_FIELDS:
+            problems.add(where, f"key {key!r}: the output uses this name for its own field; rename it")
             valid = False
     if not valid:
         return None
-    return _make_prompt(item["prefix"], item["suffixes"], item.get("id"), problems, where)
+    return _make_prompt(item["prefix"], item["suffixes"], item.get("id"), problems, where,
+                        answer=item.get("answer"), fields=extra)
 
 
-def _make_prompt(prefix, suffixes, prompt_id, problems: _Problems, where: str) -> Prompt | None:
+def _make_prompt(prefix, suffixes, prompt_id, problems: _Problems, where: str, answer=None,
+                 fields: dict | None = None) -> Prompt | None:
     count = len(problems.lines)
     if not isinstance(prefix, str):
         problems.add(where, f"prefix: expected a string, got {_show(prefix)}")
@@ -179,9 +187,64 @@ def _make_prompt(prefix, suffixes, prompt_id, problems: _Problems, where: str) -
                 problems.add(where, f"suffixes[{position}]: expected a string, got {_show(suffix)}")
     if not isinstance(prompt_id, _SCALARS):
         problems.add(where, f"id: expected a string, number, boolean or null, got {_show(prompt_id)}")
+    if answer is not None and (not isinstance(answer, int) or isinstance(answer, bool) or answer < 0):
+        problems.add(where, f"answer: expected the index (0, 1, ...) of the correct suffix, got {_show(answer)}")
+    elif (answer is not None and isinstance(suffixes, (list, tuple)) and len(suffixes) > 1
+          and answer >= len(suffixes)):
+        problems.add(where, f"answer: {answer} is not the index of one of its {len(suffixes)} suffixes")
     if len(problems.lines) > count:
         return None
-    return Prompt(prefix=prefix, suffixes=tuple(suffixes), id=prompt_id)
+    return Prompt(prefix=prefix, suffixes=tuple(suffixes), id=prompt_id, answer=answer,
+                  fields=_plain(fields or {}))
+
+
+def _plain(value):
+    """Extra fields as JSON holds them (a pickle's tuples become lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def prompts_from_objects(items, source: str = "prompts") -> list[Prompt]:
+    """Prompts given as Python objects (the Python API): dicts as in a .jsonl line, or the seed's
+    (prefix, suffixes) pairs; errors name `source[i]`."""
+    if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+        raise UserError(f"{source}: expected a list of prompts (dicts with prefix and suffixes, or "
+                        f"(prefix, suffixes) pairs), got {_show(items)}")
+    problems = _Problems(Path(source))
+    prompts = []
+    for index, item in enumerate(items):
+        prompt = _prompt_from_item(item, problems, f"[{index}]")
+        if prompt is not None:
+            prompts.append(prompt)
+    problems.raise_if_any()
+    if not prompts:
+        raise UserError(f"{source}: holds no prompts")
+    return prompts
+
+
+def _prompt_from_item(item, problems: _Problems, where: str) -> Prompt | None:
+    if isinstance(item, dict):
+        return _prompt_from_dict(item, problems, where)
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return _make_prompt(item[0], item[1], None, problems, where)
+    problems.add(where, f"expected a (prefix, suffixes) pair or a dict with prefix and suffixes, got {_show(item)}")
+    return None
+
+
+def check_answers(prompts: Sequence[Prompt], kind: str, n_tokens: int, source: Path) -> None:
+    """An answer indexes a prompt's suffixes; with token_probs and one suffix, score.tokens."""
+    problems = _Problems(source)
+    for index, prompt in enumerate(prompts):
+        if prompt.answer is None or len(prompt.suffixes) > 1:
+            continue
+        choices = n_tokens if kind == "token_probs" else 1
+        what = "score.tokens" if kind == "token_probs" else "its 1 suffix"
+        if prompt.answer >= choices:
+            problems.add(f"prompt index {index}", f"answer: {prompt.answer} is not an index of {what}")
+    problems.raise_if_any()
 
 
 def _show(value) -> str:
@@ -298,8 +361,7 @@ def write_updated_prompts(path_of_output: Path, prompts: Sequence[Prompt], gener
     if fmt == "pkl":  # the seed's format: (prefix, tuple of suffixes)
         data = pickle.dumps([(prompt.prefix, suffixes) for prompt, suffixes in extended], protocol=_PICKLE_PROTOCOL)
     else:
-        lines = [json.dumps({"prefix": prompt.prefix, "suffixes": list(suffixes),
-                             **({"id": prompt.id} if prompt.id is not None else {})}, ensure_ascii=False)
+        lines = [json.dumps({**prompt.to_dict(), "suffixes": list(suffixes)}, ensure_ascii=False)
                  for prompt, suffixes in extended]
         data = ("\n".join(lines) + "\n").encode("utf-8")
     path = updated_prompts_path(path_of_output, fmt)

@@ -103,9 +103,16 @@ class JobSpec:
 def load_job(path: Path) -> JobSpec:
     """Read and validate a job file; raise one UserError listing every problem in it."""
     path = Path(path)
-    raw = _read_yaml(path)
-    problems = _Problems(str(path))
-    base = path.absolute().parent
+    return job_from_mapping(_read_yaml(path), path)
+
+
+def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Path | None = None) -> JobSpec:
+    """Validate a job given as the mapping a job file holds (the Python API's keywords).
+
+    `path`: the job file it is (or will be written as); `source`: what errors name (default the
+    path); `base`: where relative paths start (default the job file's folder)."""
+    problems = _Problems(source or str(path))
+    base = base or path.absolute().parent
     _check_keys(problems, raw, _TOP_KEYS, prefix="")
     for key, what in _REQUIRED.items():
         if raw.get(key) is None:

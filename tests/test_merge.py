@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flexorch.orchestrator.merge import collect_results, write_output
+from flexorch.orchestrator.prompts import Prompt
 from flexorch.contract.protocol import PromptResult
 from flexorch.contract.messages import Round
 from flexorch.contract.parts import DiskFullError, part_name, read_part, read_part_indices, write_part
@@ -119,10 +120,13 @@ def test_pkl_output_of_suffix_logprob_holds_dicts(tmp_path):
 
 def test_jsonl_output_has_index_id_and_lists(tmp_path):
     results = [_probs(0), _probs(1)]
-    path = write_output(tmp_path / "out.jsonl", "next_token_probs", results, ids=["q-a", None])
+    prompts = [Prompt("Q", (" a", " b"), id="q-a", answer=1, fields={"subject": "bio", "meta": [1, 2]}),
+               Prompt("R", (" a", " b"))]
+    path = write_output(tmp_path / "out.jsonl", "next_token_probs", results, prompts=prompts)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert lines[0]["index"] == 0 and lines[0]["id"] == "q-a"
-    assert "id" not in lines[1]
+    assert lines[0]["index"] == 0 and lines[0]["id"] == "q-a" and lines[0]["answer"] == 1
+    assert lines[0]["subject"] == "bio" and lines[0]["meta"] == [1, 2]  # extra fields pass through
+    assert "id" not in lines[1] and "answer" not in lines[1] and "tokens" not in lines[1]
     got = np.array(lines[1]["next_token_probs"], dtype=np.float32)
     np.testing.assert_array_equal(got, results[1].scores)  # float32 survives the JSON round trip exactly
 
@@ -130,6 +134,13 @@ def test_jsonl_output_has_index_id_and_lists(tmp_path):
     record = json.loads(path.read_text())
     assert set(record) == {"index", "logprob", "is_greedy", "n_tokens"}
     assert record["logprob"] == _logprob(4).scores["logprob"].tolist()
+
+
+def test_jsonl_output_of_token_probs_names_its_tokens(tmp_path):
+    result = PromptResult(0, np.full((1, 1, 2), 0.5, dtype=np.float32))
+    path = write_output(tmp_path / "tp.jsonl", "token_probs", [result], token_labels=(" A", " B"))
+    record = json.loads(path.read_text())
+    assert record["tokens"] == [" A", " B"] and record["token_probs"] == [[[0.5, 0.5]]]
 
 
 def test_output_write_that_fails_leaves_no_file(tmp_path):

@@ -261,3 +261,34 @@ def test_load_tokenizer_error_names_dir(tmp_path):
 ])
 def test_model_max_length(config, expected):
     assert model_max_length(config) == expected
+
+
+def test_answer_and_extra_fields_are_kept(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prefix": "Q", "suffixes": [" a", " b"], "answer": 1, "subject": "bio", "meta": {"n": [1]}}\n')
+    (prompt,) = read_prompts(path)
+    assert prompt.answer == 1 and prompt.fields == {"subject": "bio", "meta": {"n": [1]}}
+    assert prompt.to_dict() == {"prefix": "Q", "suffixes": [" a", " b"], "answer": 1, "subject": "bio",
+                                "meta": {"n": [1]}}
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"prefix": "Q", "suffixes": [" a", " b"], "answer": 2}', "answer: 2 is not the index of one of its 2 suffixes"),
+    ('{"prefix": "Q", "suffixes": [" a"], "answer": true}', "answer: expected the index"),
+    ('{"prefix": "Q", "suffixes": [" a"], "answer": -1}', "answer: expected the index"),
+    ('{"prefix": "Q", "suffixes": [" a"], "logprob": 1}', "key 'logprob': the output uses this name"),
+])
+def test_bad_answers_and_reserved_fields_are_named(tmp_path, line, expected):
+    path = tmp_path / "p.jsonl"
+    path.write_text(line + "\n")
+    assert error_of(read_prompts, path) == f"{path}: line 1: {expected}" or error_of(read_prompts, path).startswith(f"{path}: line 1: {expected}")
+
+
+def test_single_suffix_answers_index_the_score_tokens():
+    from flexorch.orchestrator.prompts import Prompt, check_answers
+
+    check_answers([Prompt("Q", (":",), answer=3)], "token_probs", 4, Path("p.jsonl"))
+    with pytest.raises(UserError, match=r"prompt index 0: answer: 4 is not an index of score.tokens"):
+        check_answers([Prompt("Q", (":",), answer=4)], "token_probs", 4, Path("p.jsonl"))
+    with pytest.raises(UserError, match=r"answer: 1 is not an index of its 1 suffix"):
+        check_answers([Prompt("Q", (":",), answer=1)], "suffix_logprob", 0, Path("p.jsonl"))

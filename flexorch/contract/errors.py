@@ -1,9 +1,15 @@
-"""The one exception type for bad input (job, prompts, model files).
+"""The exception types a user of flexorch sees.
 
-The CLI prints its message as one line on stderr and exits with status 2; anything else is an
-internal failure (exit 1, traceback kept in the log).
+`UserError`: bad input (job, prompts, model files). The CLI prints its message as one line on
+stderr and exits with status 2; the Python API raises it (a ValueError). `JobFailed`: a failure
+while running (a worker died, hung or failed), named in the message: the CLI exits 1.
+Anything else is an internal failure (traceback kept in the log).
 """
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input, named in the message (file, key, line or layer at fault)."""
+
+
+class JobFailed(RuntimeError):
+    """A job stopped by a failure while running; committed rounds are kept for a resume."""

@@ -1,0 +1,189 @@
+"""The Python API: `flexorch.score(...)` and `flexorch.plan(...)`, the same machinery as
+`flexorch submit` (validation, plan, one worker process per device, parts, resume, report).
+
+Every job-file key is a keyword (`layers_per_shard=2`, `limits={"ram": "8GB"}`), validated as the
+job file is, with the same one-line `UserError`s naming the keyword. Prompts are a .jsonl/.pkl path
+or Python objects (dicts as in a .jsonl line, or the seed's `(prefix, suffixes)` pairs); objects are
+written to `job_dir/prompts.jsonl`, and the job itself to `job_dir/job.yaml`, so a job started
+from Python can be resumed, inspected (`flexorch show JOB_DIR`) or re-run from the command line.
+Without `job_dir` the job runs in a temporary folder that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from flexorch.contract.atomic import atomic_write_text
+from flexorch.contract.protocol import ScoreKind
+from flexorch.orchestrator.planner import Plan
+from flexorch.orchestrator.prompts import Prompt, prompts_from_objects
+from flexorch.orchestrator.spec import JobSpec, job_from_mapping
+
+_SOURCE = "flexorch"  # what errors about keywords name
+JOB_FILE, PROMPTS_FILE, OUTPUT_FILE = "job.yaml", "prompts.jsonl", "scores.pkl"
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """One prompt and its scores (see README "Outputs" for `scores` per kind)."""
+
+    index: int
+    id: object
+    prefix: str
+    suffixes: tuple[str, ...]
+    answer: int | None
+    scores: object  # float32 (n_suffixes, steps, k), or suffix_logprob's dict of (n_suffixes,) arrays
+    generated: tuple[tuple[int, ...], ...]  # per suffix, the argmax id of each greedy step
+    choice: object  # the summary's argmax: a suffix index, a token index, or argmax ids per suffix
+    fields: dict = field(default_factory=dict)  # the prompt's extra keys
+
+
+class Results(Sequence):
+    """Scores of every prompt in prompt order: `results[i]` is a PromptScores; `report` is
+    report.json (plan, workers, `summary` with accuracy where prompts have answers)."""
+
+    def __init__(self, kind: str, prompts: list[PromptScores], token_labels: tuple[str, ...], report: dict,
+                 output: Path | None):
+        self.kind, self.prompts, self.token_labels = ScoreKind(kind), prompts, token_labels
+        self.report, self.output = report, output
+
+    def __getitem__(self, i):
+        return self.prompts[i]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __repr__(self) -> str:
+        acc = self.summary.get("acc")
+        return (f"Results({len(self)} prompts, {self.kind.value}"
+                + (f", acc {acc:.4f}" if acc is not None else "") + ")")
+
+    @property
+    def ids(self) -> list:
+        return [p.id for p in self.prompts]
+
+    @property
+    def summary(self) -> dict:
+        return self.report.get("summary") or {}
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.summary.get("acc")
+
+    def to_records(self) -> list[dict]:
+        """One flat record per prompt and suffix (and generation step for the probability kinds),
+        for `pandas.DataFrame(results.to_records())`."""
+        return [record for prompt in self.prompts for record in _records(self.kind, prompt, self.token_labels)]
+
+
+def _records(kind: ScoreKind, prompt: PromptScores, labels: tuple[str, ...]) -> Iterator[dict]:
+    for j, suffix in enumerate(prompt.suffixes):
+        base = {"index": prompt.index, "id": prompt.id, "suffix_index": j, "suffix": suffix,
+                "answer": prompt.answer, **prompt.fields}
+        if kind is ScoreKind.SUFFIX_LOGPROB:
+            yield {**base, **{key: np.asarray(value)[j].item() for key, value in prompt.scores.items()}}
+            continue
+        for step, probs in enumerate(np.asarray(prompt.scores)[j]):
+            if kind is ScoreKind.TOKEN_PROBS:
+                yield {**base, "step": step, **{label: float(p) for label, p in zip(labels, probs)}}
+            else:
+                top = int(np.argmax(probs))
+                yield {**base, "step": step, "argmax_id": top, "argmax_prob": float(probs[top])}
+
+
+def score(model, prompts, *, score: str = "next_token_probs", tokens: Sequence[str] | None = None,
+          devices="auto", job_dir=None, output=None, restart: bool = False, progress: bool = True,
+          **settings) -> Results:
+    """Score `prompts` with the model in `model` (a layerwise dir or a Hugging Face checkpoint dir).
+
+    score: next_token_probs | token_probs | suffix_logprob; tokens: token_probs' strings.
+    devices, and every other job-file key as a keyword (layers_per_shard, storage, dtype,
+    batch_tokens, generate_tokens, limits={"gpu_memory": "6GB"}, ...): as in the job file.
+    job_dir: where parts, logs and report.json go; given, a re-run resumes from what is committed
+    (restart=True discards it). output: also write the output file (.pkl or .jsonl).
+    Raises flexorch.UserError (bad input, one line), flexorch.JobFailed (a worker failed).
+    """
+    from rich.console import Console
+
+    from flexorch.orchestrator.controller import run_job
+
+    with _job(model, prompts, score, tokens, devices, job_dir, output, settings) as spec:
+        done = run_job(spec, Console(stderr=True, quiet=not progress), restart=restart)
+        summary = done.report.get("summary") or {}
+        choices = summary.get("choices") or [None] * len(done.prompts)
+        scored = [PromptScores(r.index, p.id, p.prefix, p.suffixes, p.answer, r.scores, r.generated, c, p.fields)
+                  for p, r, c in zip(done.prompts, done.results, choices)]
+        return Results(spec.score.kind, scored, spec.score.tokens, done.report,
+                       spec.output if output is not None else None)
+
+
+def plan(model, prompts, *, score: str = "next_token_probs", tokens: Sequence[str] | None = None,
+         devices="auto", **settings) -> Plan:
+    """The plan `score(...)` with the same arguments would run (devices, layers per shard,
+    storage, batch size, predicted memory and time, and why); runs and writes nothing."""
+    from flexorch.orchestrator.controller import plan_spec
+
+    with _job(model, prompts, score, tokens, devices, None, None, settings) as spec:
+        return plan_spec(spec)
+
+
+@contextlib.contextmanager
+def _job(model, prompts, kind, tokens, devices, job_dir, output, settings) -> Iterator[JobSpec]:
+    """The validated JobSpec of the keywords, its files written into job_dir (a temporary folder,
+    removed on the way out, when none is given)."""
+    with contextlib.ExitStack() as stack:
+        if job_dir is None:
+            job_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="flexorch-job-"))
+        job_dir = Path(job_dir).absolute()
+        raw = {"model": _path_text(model), "prompts": _prompts_path(prompts, job_dir),
+               "output": _path_text(output) if output is not None else str(job_dir / OUTPUT_FILE),
+               "job_dir": str(job_dir), "score": {"kind": kind, **({"tokens": list(tokens)} if tokens else {})},
+               "devices": _plain(devices), **{key: _plain(value) for key, value in settings.items()}}
+        spec = job_from_mapping(raw, job_dir / JOB_FILE, source=_SOURCE, base=Path.cwd())
+        _write_job_file(spec, raw)
+        yield spec
+
+
+def _plain(value):
+    """Keyword values as a YAML job file holds them (tuples as lists, paths as text)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _path_text(value) -> str:
+    return str(Path(value).expanduser().absolute()) if isinstance(value, (str, Path)) else value
+
+
+def _prompts_path(prompts, job_dir: Path) -> str:
+    """A path as it is; Python objects validated (errors name `prompts[i]`) and written as .jsonl,
+    only when their content changed, so a resumed job sees the same file."""
+    if isinstance(prompts, (str, Path)):
+        return _path_text(prompts)
+    parsed: list[Prompt] = prompts_from_objects(prompts, source="prompts")
+    text = "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in parsed)
+    path = job_dir / PROMPTS_FILE
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        atomic_write_text(path, text)
+    return str(path)
+
+
+def _write_job_file(spec: JobSpec, raw: dict) -> None:
+    """The job as a job file, with absolute paths: `flexorch submit JOB_DIR/job.yaml` re-runs it."""
+    text = yaml.safe_dump({**raw, "model": str(spec.model), "prompts": str(spec.prompts),
+                           "output": str(spec.output)}, sort_keys=False)
+    path = spec.path
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        atomic_write_text(path, text)

@@ -1,0 +1,100 @@
+"""The Python API: same machinery and outputs as `flexorch submit`, prompts as Python objects, the
+same one-line errors, resume through job_dir, and Results people can read."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import flexorch
+from flexorch.orchestrator import cli
+
+from test_controller import PROMPTS, write_job
+
+MC = [{"prefix": "The capital of France is", "suffixes": [" Paris", " Rome", " a city in Europe"], "answer": 0,
+       "id": "q1", "subject": "geography"},
+      {"prefix": "2 + 2 =", "suffixes": [" 4", " 5"], "answer": 1},
+      (("Red, green and", (" blue", " yellow")))]
+
+
+@pytest.fixture(scope="module")
+def model(layerwise):
+    return layerwise("llama")
+
+
+def test_api_and_cli_give_identical_outputs(tmp_path, model):
+    job = write_job(tmp_path, model, score={"kind": "token_probs", "tokens": [" A", " the"]}, batch_tokens=256,
+                    layers_per_shard=1)
+    assert cli.main(["submit", str(job)]) == 0
+    from_cli = pickle.loads((tmp_path / "job.pkl").read_bytes())
+
+    results = flexorch.score(model, tmp_path / "prompts.jsonl", score="token_probs", tokens=[" A", " the"],
+                             devices="cpu", batch_tokens=256, layers_per_shard=1, progress=False,
+                             output=tmp_path / "api.pkl")
+    from_api = pickle.loads((tmp_path / "api.pkl").read_bytes())
+    assert len(from_cli) == len(from_api) == len(results) == len(PROMPTS)
+    for a, b, r in zip(from_cli, from_api, results):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, r.scores)
+    assert results.token_labels == (" A", " the")
+    assert results.ids == [p.get("id") for p in PROMPTS]
+
+
+def test_prompts_as_objects_resume_and_results(tmp_path, model):
+    job_dir = tmp_path / "job"
+    first = flexorch.score(model, MC, score="suffix_logprob", devices="cpu", job_dir=job_dir, progress=False)
+    assert first.report["prompts_computed"] == 3
+    again = flexorch.score(model, MC, score="suffix_logprob", devices="cpu", job_dir=job_dir, progress=False)
+    assert again.report["prompts_reused"] == 3 and again.report["prompts_computed"] == 0
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.scores["logprob"], b.scores["logprob"])
+
+    assert first[0].id == "q1" and first[0].fields == {"subject": "geography"} and first[2].answer is None
+    assert first[0].choice == int(np.argmax(first[0].scores["logprob"]))
+    hits = [p.choice == p.answer for p in first if p.answer is not None]
+    assert first.accuracy == pytest.approx(sum(hits) / 2)
+    records = first.to_records()
+    assert len(records) == 7  # one per prompt and suffix
+    assert records[0]["subject"] == "geography" and records[2]["suffix"] == " a city in Europe"
+    assert records[0]["logprob"] == first[0].scores["logprob"][0]
+    # The job dir holds a job file the CLI can resume from, and `flexorch show` reads it.
+    assert cli.main(["submit", str(job_dir / "job.yaml")]) == 0
+    assert json.loads((job_dir / "report.json").read_text())["prompts_reused"] == 3
+
+
+def test_errors_are_one_line_user_errors_naming_the_keyword(model):
+    with pytest.raises(flexorch.UserError, match=r"unknown key 'layer_per_shard' \(did you mean 'layers_per_shard'") as err:
+        flexorch.score(model, MC, layer_per_shard=2)
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+    with pytest.raises(flexorch.UserError, match=r"prompts: \[1\]: suffixes: expected a list of strings"):
+        flexorch.score(model, [MC[0], {"prefix": "x", "suffixes": "not a list"}])
+    with pytest.raises(flexorch.UserError, match=r"answer: 5 is not the index of one of its 2 suffixes"):
+        flexorch.plan(model, [{"prefix": "x", "suffixes": [" a", " b"], "answer": 5}])
+
+
+def test_plan_runs_and_writes_nothing(tmp_path, model):
+    plan = flexorch.plan(model, MC, devices="cpu", layers_per_shard=2)
+    assert plan.workers[0].settings.layers_per_shard == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_works_from_a_script_under_main_guard(tmp_path, model):
+    """Workers are spawned: the calling script is re-imported in them, as users' scripts are."""
+    script = tmp_path / "score.py"
+    script.write_text(textwrap.dedent(f"""
+        import flexorch
+
+        if __name__ == "__main__":
+            results = flexorch.score({str(model)!r}, [("Hello", [" world", " there"])], score="suffix_logprob",
+                                     devices=["cpu", "cpu"], progress=False)
+            print(len(results), results[0].scores["logprob"].shape)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "(2,)"]
