@@ -21,6 +21,7 @@ from pathlib import Path
 
 from flexorch.contract.atomic import atomic_write_bytes
 from flexorch.contract.errors import UserError
+from flexorch.contract.guard import Limits, check_plain, parse_guarded
 from flexorch.contract.protocol import TokenizedPrompt
 
 PROMPT_FORMATS = ("jsonl", "pkl")
@@ -32,6 +33,13 @@ RESERVED_FIELDS = frozenset({"index", "prefix", "suffixes", "tokens", "generated
 _SCALARS = (str, int, float, bool, type(None))
 # Problems listed in one error: enough to see a pattern, short enough to read in a terminal.
 _MAX_LISTED = 5
+# One prompt per line: a line of 64 MB is far past any model's context (see _MAX_PROMPT_CHARS).
+_LINE_LIMITS = Limits(max_bytes=64 << 20)
+# A prompt's characters are checked before tokenizing, which on a multi-megabyte string takes minutes
+# (and can abort in the Rust tokenizer). With a max_length, no token spans more characters than the
+# vocabulary's longest entry, times _CHARS_SLACK for normalisation; with none, this cap.
+_MAX_PROMPT_CHARS = 4_000_000
+_CHARS_SLACK = 2
 # The seed's readers may run an older Python; protocol 4 (Python 3.4+) holds our plain data.
 _PICKLE_PROTOCOL = 4
 
@@ -103,9 +111,9 @@ def _read_jsonl(data: bytes, source: Path) -> list[Prompt]:
         if not text.strip():
             continue
         try:
-            item = json.loads(text)
-        except json.JSONDecodeError as exc:
-            problems.add(where, f"invalid JSON: {exc.msg} (column {exc.colno})")
+            item = parse_guarded(text, lambda t: _json_line(t, where), where, _LINE_LIMITS)
+        except UserError as exc:
+            problems.lines.append(f"{source}: {exc}")
             continue
         if not isinstance(item, dict):
             problems.add(where, f'expected an object {{"prefix": ..., "suffixes": [...]}}, got {_show(item)}')
@@ -115,6 +123,13 @@ def _read_jsonl(data: bytes, source: Path) -> list[Prompt]:
             prompts.append(prompt)
     problems.raise_if_any()
     return prompts
+
+
+def _json_line(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -139,9 +154,14 @@ def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
         items = _PlainDataUnpickler(io.BytesIO(data), source).load()
     except UserError:  # a refused global (UserError is a ValueError: caught here first)
         raise
-    # What a truncated or garbled pickle raises; a refused global is a UserError and passes through.
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
-        raise UserError(f"{source}: not a valid pickle ({type(exc).__name__}: {exc})") from None
+    # With no global admitted, what remains is pickle's own machinery failing on garbled opcodes
+    # (EOFError, UnpicklingError, ... or AttributeError when BUILD is applied to a string): all of it
+    # says "not a pickle of plain data", whatever its type.
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{source}: not a valid pickle ({type(exc).__name__}: {str(exc)[:200]})") from None
+    problem = check_plain(items)
+    if problem:
+        raise UserError(f"{source}: {problem}")
     if not isinstance(items, (list, tuple)):
         raise UserError(f"{source}: expected a list of (prefix, suffixes) pairs, got {_show(items)}")
     problems = _Problems(source)
@@ -282,6 +302,7 @@ def tokenize_prompts(prompts: Sequence[Prompt], tokenizer, max_length: int | Non
     each suffix, so suffixes do not add up)."""
     if not prompts:
         return []
+    _check_characters(prompts, tokenizer, max_length, Path(source))
     # One batch call per kind: fast tokenizers encode a batch in parallel in Rust, which matters for
     # tens of thousands of prompts; the attention masks are not needed.
     encode = dict(return_attention_mask=False, return_token_type_ids=False)
@@ -303,6 +324,22 @@ def tokenize_prompts(prompts: Sequence[Prompt], tokenizer, max_length: int | Non
         tokenized.append(TokenizedPrompt(index=index, prefix_ids=tuple(prefix), suffix_ids=suffixes))
     problems.raise_if_any()
     return tokenized
+
+
+def _check_characters(prompts: Sequence[Prompt], tokenizer, max_length: int | None, source: Path) -> None:
+    """Refuse, before any tokenizing, a prompt with more characters than max_length tokens can hold."""
+    limit = _MAX_PROMPT_CHARS
+    if max_length is not None:
+        longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        limit = min(limit, max_length * longest_token * _CHARS_SLACK)
+    problems = _Problems(source)
+    for index, prompt in enumerate(prompts):
+        chars = len(prompt.prefix) + max(len(s) for s in prompt.suffixes)
+        if chars > limit:
+            why = f"more than max_length {max_length} tokens can hold" if max_length is not None else "too long"
+            problems.add(f"prompt index {index}", f"{chars} characters (prefix + longest suffix), {why}; "
+                                                  f"at most {limit} characters are tokenized")
+    problems.raise_if_any()
 
 
 def token_ids_for(strings: tuple[str, ...], tokenizer, source: Path | None = None) -> tuple[int, ...]:

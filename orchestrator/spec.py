@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass
@@ -21,6 +22,8 @@ from pathlib import Path
 import yaml
 
 from flexorch.contract.errors import UserError
+from flexorch.contract.guard import Limits as ReadLimits, parse_guarded
+from flexorch.orchestrator.prompts import updated_prompts_path
 from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES
 
 PARALLEL_MODES = ("data", "pipeline", "auto")
@@ -29,6 +32,12 @@ OUTPUT_EXTENSIONS = (".pkl", ".jsonl")
 # A worker that reports no progress for this long is hung. Generous: one step of a 70B model from a
 # slow disk on a small GPU takes minutes, and a false alarm kills hours of work.
 DEFAULT_WORKER_TIMEOUT = 1800.0
+# Upper bounds that turn absurd values into one line here instead of an OverflowError deep in the
+# planner, numpy or the OS: counts fit a C int; a timeout past a year is a typo (and wait() refuses
+# timeouts past about 2^31 s); a size past 2^62 bytes fits int64 arithmetic with room to spare.
+MAX_COUNT = 2**31 - 1
+MAX_SECONDS = 366 * 24 * 3600.0
+MAX_SIZE = 2**62
 
 _REQUIRED = {"model": "the model dir", "prompts": "the prompts file (.jsonl or .pkl)",
              "output": "the output file (.pkl or .jsonl)"}
@@ -48,6 +57,8 @@ _SIZE_UNITS = {"": 1, "b": 1}
 for _power, _letter in enumerate("kmgt", start=1):
     _SIZE_UNITS |= {_letter: 1000**_power, f"{_letter}b": 1000**_power,
                     f"{_letter}i": 1024**_power, f"{_letter}ib": 1024**_power}
+# A job file is a screenful of keys; a megabyte is already absurd and costs nothing to refuse.
+_YAML_LIMITS = ReadLimits(max_bytes=1 << 20)
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
@@ -129,8 +140,8 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
                                         f"suffix does not depend on generation), got {generate_tokens}")
     storage = _choice(problems, "storage", raw.get("storage"), STORAGES)
     disk_folder = _disk_folder(problems, raw.get("disk_folder"), base, storage)
-    if output is not None and prompts is not None and output == prompts:
-        problems.add("output", f"is the prompts file {prompts}: it would be overwritten")
+    if generate_tokens is not None and prompts is not None:
+        _check_written_paths(problems, model, prompts, output, job_dir, disk_folder, generate_tokens)
 
     values = dict(
         path=path, model=model, prompts=prompts, output=output, job_dir=job_dir, score=score,
@@ -168,6 +179,8 @@ def parse_size(value: int | float | str) -> int:
     size = number * _SIZE_UNITS[unit]
     if not math.isfinite(size) or size < 1:
         raise ValueError("must be more than 0 bytes")
+    if size > MAX_SIZE:
+        raise ValueError(f"must be at most {MAX_SIZE} bytes (4 EiB)")
     return int(round(size))
 
 
@@ -202,20 +215,24 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read the job file ({exc.strerror})") from None
-    try:
-        data = yaml.load(text, Loader=_SafeLoaderNoDuplicates)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise UserError(f"{path}: {where}invalid YAML: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    data = parse_guarded(text, lambda t: _parse_yaml(t, path), str(path), _YAML_LIMITS)
     if data is None:
         raise UserError(f"{path}: is empty; expected keys model, prompts and output")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of keys (model: ..., prompts: ..., output: ...) at the "
                         f"top level, got {_show(data)}")
     return data
+
+
+def _parse_yaml(text: str, path: Path):
+    try:
+        return yaml.load(text, Loader=_SafeLoaderNoDuplicates)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise UserError(f"{path}: {where}invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}") from None
 
 
 class _Problems:
@@ -338,6 +355,39 @@ def _disk_folder(problems: _Problems, value, base: Path, storage: str | None) ->
     return path
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the existence checks report it
+        return path.absolute()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file by resolved path (`sub/../x`, symlinks) or by inode (hard links)."""
+    if _resolved(a) == _resolved(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_written_paths(problems: _Problems, model: Path | None, prompts: Path, output: Path | None,
+                         job_dir: Path | None, disk_folder: Path | None, generate_tokens: int) -> None:
+    """Every path the job writes must leave the user's inputs alone: none is the prompts file, none
+    lies in the model dir (compared resolved, so `sub/../prompts.jsonl` and symlinks are caught)."""
+    written = {"output": output, "job_dir": job_dir, "disk_folder": disk_folder}
+    if output is not None and generate_tokens > 1:
+        written["output (its _updated prompts)"] = updated_prompts_path(output, prompts.suffix)
+    for key, path in written.items():
+        if path is None:
+            continue
+        if key.startswith("output") and _same_file(path, prompts):  # folders: their own checks say "a file"
+            problems.add(key, f"is the prompts file {prompts} (as {path}): it would be overwritten")
+        elif model is not None and _resolved(path).is_relative_to(_resolved(model)):
+            problems.add(key, f"{path} lies inside the model dir {model}: a job never writes into its model")
+
+
 def _choice(problems: _Problems, key: str, value, choices: tuple[str, ...], default: str | None = None,
             aliases: dict[str, str] | None = None, auto: bool = True) -> str | None:
     """One of `choices`; null, and "auto" (if `auto` and not itself a choice), give `default`."""
@@ -356,12 +406,15 @@ def _choice(problems: _Problems, key: str, value, choices: tuple[str, ...], defa
 
 
 def _int(problems: _Problems, key: str, value, default: int | None = None, allow_auto: bool = True) -> int | None:
-    """An integer >= 1; null (and "auto" where allowed) give `default`."""
+    """An integer from 1 to MAX_COUNT; null (and "auto" where allowed) give `default`."""
     if value is None or (allow_auto and value == "auto"):
         return default
     # bool is an int in Python; `true` is never a count.
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
+        if value <= MAX_COUNT:
+            return value
+        problems.add(key, f"must be at most {MAX_COUNT}, got {value}")
+        return None
     expected = "an integer >= 1" + (" or auto" if allow_auto else "")
     problems.add(key, f"expected {expected}, got {_show(value)}")
     return None
@@ -371,7 +424,10 @@ def _seconds(problems: _Problems, key: str, value, default: float) -> float | No
     if value is None:
         return default
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-        return float(value)
+        if value <= MAX_SECONDS:
+            return float(value)
+        problems.add(key, f"must be at most {MAX_SECONDS:g} seconds (a year), got {_show(value)}")
+        return None
     problems.add(key, f"expected a number of seconds > 0, got {_show(value)}")
     return None
 

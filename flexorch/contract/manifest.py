@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flexorch.contract.errors import UserError
+from flexorch.contract.guard import Limits, parse_guarded
 
 MANIFEST_NAME = "flexorch_manifest.json"
 FORMAT_VERSION = 1
@@ -97,21 +98,59 @@ class Manifest:
                 f"manifest version {data.get('version')!r} is not supported (expected {FORMAT_VERSION}); "
                 "re-run `flexorch prepare`"
             )
+        layers = data.get("layers")
+        if not isinstance(layers, list) or not layers or not all(isinstance(layer, dict) for layer in layers):
+            raise ManifestError("manifest is malformed: 'layers' must be a non-empty list of objects")
         try:
-            layers = tuple(
-                LayerEntry(**{**layer, "tensors": tuple(layer.get("tensors", ()))}) for layer in data["layers"]
+            entries = tuple(
+                LayerEntry(**{**layer, "tensors": tuple(layer.get("tensors") or ())}) for layer in layers
             )
-            return cls(**{**data, "layers": layers, "architectures": tuple(data.get("architectures") or ())})
+            manifest = cls(**{**data, "layers": entries, "architectures": tuple(data.get("architectures") or ())})
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest is malformed: {exc}") from None
+        problem = _type_problem(manifest)
+        if problem:
+            raise ManifestError(f"manifest is malformed: {problem}")
+        return manifest
+
+
+_NONE = type(None)
+_FIELD_TYPES = {"version": int, "model_type": str, "dtype": str, "num_layers": int, "hidden_size": int,
+                "vocab_size": int, "config": dict, "source": str}
+_ENTRY_TYPES = {"name": str, "kind": str, "file": (str, _NONE), "bytes": int, "sha256": (str, _NONE),
+                "dtype": str, "params": int, "source_prefix": str, "tied_to": (str, _NONE)}
+
+
+def _type_problem(manifest: "Manifest") -> str | None:
+    """The first field of the wrong type (a count that is negative or a boolean counts as wrong)."""
+    items = [(None, manifest, _FIELD_TYPES)] + [(entry.name, entry, _ENTRY_TYPES) for entry in manifest.layers]
+    for owner, obj, types in items:
+        for name, expected in types.items():
+            value = getattr(obj, name)
+            counts = expected is int
+            if not isinstance(value, expected) or (counts and (isinstance(value, bool) or value < 0)):
+                where = f"layer {owner!r}: " if isinstance(owner, str) else ""
+                return f"{where}{name} is {str(value)[:40]!r}, expected {'a count' if counts else expected}"
+    bad = next((e.name for e in manifest.layers
+                if not all(isinstance(t, str) for t in e.tensors + manifest.architectures)), None)
+    return f"layer {bad!r}: tensors and architectures must be strings" if bad is not None else None
+
+
+# config.json, an index or a manifest: a manifest lists every tensor of every layer (a few MB for a
+# 70B model); 256 MB is far past any real one.
+JSON_LIMITS = Limits(max_bytes=256 << 20)
 
 
 def read_json_object(path: Path, error: type[UserError] = UserError) -> dict:
     """A JSON file holding an object (config.json, an index, a manifest), or `error` naming it."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
         raise error(f"{path}: unreadable JSON ({exc})") from None
+    try:
+        data = parse_guarded(text, json.loads, f"{path}: unreadable JSON", JSON_LIMITS)
+    except UserError as exc:
+        raise error(str(exc)) from None
     if not isinstance(data, dict):
         raise error(f"{path}: not a JSON object")
     return data
@@ -122,12 +161,21 @@ def is_layerwise_dir(path: str | Path) -> bool:
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """Read and check `path/flexorch_manifest.json`; raises ManifestError naming the file."""
+    """Read `path/flexorch_manifest.json` and check the dir against it and its config.json
+    (contract/layout.py); raises ManifestError naming the file."""
+    from flexorch.contract.layout import CONFIG_NAME, check_layout  # layout reads Manifest's fields
+
     manifest_path = Path(path) / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ManifestError(f"{path}: not a layerwise model dir (no {MANIFEST_NAME}); run `flexorch prepare` first")
     data = read_json_object(manifest_path, ManifestError)
     try:
-        return Manifest.from_dict(data)
+        manifest = Manifest.from_dict(data)
     except ManifestError as exc:
         raise ManifestError(f"{manifest_path}: {exc}") from None
+    config = read_json_object(Path(path) / CONFIG_NAME, ManifestError)
+    try:
+        check_layout(manifest, Path(path), str(manifest_path), config)
+    except UserError as exc:
+        raise ManifestError(str(exc)) from None
+    return manifest

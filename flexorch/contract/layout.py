@@ -1,0 +1,115 @@
+"""A layerwise dir checked against its manifest before any weight is read.
+
+The manifest must describe the model its config.json declares — one embedding, exactly
+`num_hidden_layers` decoder layers named layer.0 ... layer.N-1, the norm and the head, with the
+config's sizes and model type — and every file it names must lie inside the dir (no `..`, no
+absolute path, no symlink leading out) and have the size it declares. A manifest that lost a decoder
+entry would otherwise run and score a different model; one naming `../x` would read anything.
+
+Shapes come from the layer files' safetensors headers (a few KiB each, no tensor data): the
+embedding and head are (vocab, hidden), the norm (hidden,), and every decoder layer holds the same
+tensors with the same shapes. json only: the planner runs this without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path, PurePosixPath
+
+from flexorch.contract.errors import UserError
+
+CONFIG_NAME = "config.json"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit: a corrupt length must not read a whole file
+# Keys of config.json the manifest repeats: (config key, manifest attribute).
+_CONFIG_KEYS = (("model_type", "model_type"), ("num_hidden_layers", "num_layers"),
+                ("hidden_size", "hidden_size"), ("vocab_size", "vocab_size"))
+
+
+def check_layout(manifest, model_dir: Path, where: str, config: dict) -> None:
+    """Raise UserError(`where`: ...) at the first way `model_dir` differs from `manifest`;
+    `config` is the dir's config.json as read now."""
+    _check_config(manifest, config, where)
+    _check_order(manifest, where)
+    root = model_dir.resolve()
+    shapes = {}
+    for entry in manifest.layers:
+        if entry.tied_to is not None:
+            if not any(other.name == entry.tied_to and other.file for other in manifest.layers):
+                raise UserError(f"{where}: layer {entry.name!r} is tied to {entry.tied_to!r}, which has no file")
+            continue
+        path = _inside(root, entry, where)
+        shapes[entry.name] = read_header_shapes(path)
+    _check_shapes(manifest, shapes, where)
+
+
+def _check_config(manifest, config: dict, where: str) -> None:
+    for key, attribute in _CONFIG_KEYS:
+        if key in config and config[key] != getattr(manifest, attribute):
+            raise UserError(f"{where}: says {attribute} {getattr(manifest, attribute)!r} but {CONFIG_NAME} says "
+                            f"{key} {config[key]!r}: the dir's config changed since `flexorch prepare` (re-run it)")
+
+
+def _check_order(manifest, where: str) -> None:
+    expected = [("embed", "embed"), *((f"layer.{i}", "decoder") for i in range(manifest.num_layers)),
+                ("norm", "norm"), ("lm_head", "lm_head")]
+    found = [(entry.name, entry.kind) for entry in manifest.layers]
+    if found == expected:
+        return
+    position = next((i for i, (a, b) in enumerate(zip(found, expected)) if a != b), min(len(found), len(expected)))
+    want = f"{expected[position][0]!r} ({expected[position][1]})" if position < len(expected) else "no more layers"
+    got = f"{found[position][0]!r} ({found[position][1]})" if position < len(found) else "the end of the list"
+    raise UserError(f"{where}: layer list does not match {manifest.num_layers} decoder layers: expected {want} "
+                    f"at position {position}, found {got}")
+
+
+def _inside(root: Path, entry, where: str) -> Path:
+    """The entry's file, which must be a relative path that stays inside `root` once resolved."""
+    name = entry.file
+    relative = PurePosixPath(name) if isinstance(name, str) and name else None
+    if relative is None or relative.is_absolute() or ".." in relative.parts or "\\" in name:
+        raise UserError(f"{where}: layer {entry.name!r} names file {name!r}: expected a path inside the model dir")
+    path = root / relative
+    try:
+        resolved = path.resolve(strict=True)
+        size = resolved.stat().st_size
+    except (OSError, RuntimeError):
+        raise UserError(f"{where}: layer {entry.name!r}: file {name} is missing (re-run `flexorch prepare`)") from None
+    if not resolved.is_relative_to(root):
+        raise UserError(f"{where}: layer {entry.name!r}: file {name} leads out of the model dir (to {resolved})")
+    if size != entry.bytes:
+        raise UserError(f"{where}: layer {entry.name!r}: file {name} is {size} bytes, the manifest says "
+                        f"{entry.bytes} (re-run `flexorch prepare`)")
+    return path
+
+
+def read_header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (no data read); UserError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"header length {length} out of range")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        return {name: tuple(int(d) for d in info["shape"]) for name, info in header.items()}
+    except (OSError, ValueError, RecursionError, struct.error, UnicodeDecodeError, AttributeError, KeyError,
+            TypeError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def _check_shapes(manifest, shapes: dict[str, dict], where: str) -> None:
+    vocab_by_hidden, hidden = (manifest.vocab_size, manifest.hidden_size), (manifest.hidden_size,)
+    expected = {"embed": vocab_by_hidden, "lm_head": vocab_by_hidden, "norm": hidden}
+    for name, shape in expected.items():
+        found = shapes.get(name, {}).get("weight")
+        if found is not None and found != shape:
+            raise UserError(f"{where}: layer {name!r} weight has shape {list(found)}, the config says {list(shape)}")
+    decoders = [entry for entry in manifest.layers if entry.kind == "decoder"]
+    first = shapes[decoders[0].name] if decoders else {}
+    for entry in decoders:
+        if set(shapes[entry.name]) != set(entry.tensors):
+            raise UserError(f"{where}: layer {entry.name!r}: its file holds other tensors than the manifest lists")
+        if shapes[entry.name] != first:
+            raise UserError(f"{where}: layer {entry.name!r} has other tensors or shapes than {decoders[0].name!r}: "
+                            "the layers are not of one model (re-run `flexorch prepare`)")
