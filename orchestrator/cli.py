@@ -1,20 +1,22 @@
 """`flexorch` command line: prepare, probe, plan, submit, show, demo-model.
 
 Bad input (a `UserError`) is printed as one line on stderr with exit status 2; an interrupt exits
-130. Modules are imported inside each command so `flexorch probe` and `flexorch plan` never pay for
-torch.
+130, SIGTERM 143; an OSError while running (a disk that fills, a folder that turns read-only) is one
+line naming the file, exit 1. Modules are imported inside each command so `flexorch probe` and
+`flexorch plan` never pay for torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
-from flexorch.contract.errors import UserError
+from flexorch.contract.errors import Terminated, UserError
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
 def _console(stderr: bool = False):
@@ -121,16 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, a batch scheduler, docker stop) unwinds as Ctrl-C does: workers stopped,
+    # temp files removed, report written; exit 143 instead of 130.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        print("terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    except OSError as exc:  # the disk filled or a folder turned read-only while running: not a bug
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

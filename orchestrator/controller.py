@@ -33,13 +33,14 @@ from flexorch.orchestrator.progress import WorkerLine, make_progress
 from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer, model_max_length, read_prompts, token_ids_for,
                                   tokenize_prompts, updated_prompts_path, write_updated_prompts)
 from flexorch.orchestrator.spec import JobSpec, load_job
-from flexorch.contract.errors import JobFailed, UserError
-from flexorch.contract.manifest import Manifest, is_layerwise_dir, read_manifest
+from flexorch.contract.errors import JobFailed, Terminated, UserError
+from flexorch.contract.leftovers import ACTIVATIONS, atomic_temps, remove_dead
+from flexorch.contract.manifest import Manifest, is_layerwise_dir, read_json_object, read_manifest
 from flexorch.contract.protocol import PromptResult, ScoreSpec, TokenizedPrompt
 from flexorch.contract.messages import (FAIL_USER, Failed, Finished, PipelineLinks, Ready, Round, RoundDone,
                                         SteppedDown, WorkerHooks, WorkerTask)
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 130, 143  # 128 + SIGINT, SIGTERM
 REPORT_NAME = "report.json"
 LOGS_DIR = "logs"
 # Fault injection for tests that run `flexorch submit` in a subprocess: JSON mapping a worker name
@@ -196,8 +197,8 @@ def submit(job_path: str | Path, console: Console, restart: bool = False,
     except JobFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -211,11 +212,11 @@ def run_job(spec: JobSpec, console: Console, restart: bool = False,
     job = prepare_job(spec, spec.model, _describe_model(spec.model))
     model_dir = resolve_model(spec.model, console=console)
     manifest = read_manifest(model_dir)  # with the layer checksums the fingerprint needs
-    fingerprint = jobstate.make_fingerprint(manifest, spec.prompts, job.tokenized, job.score, job.plan.dtype)
+    fingerprint = jobstate.make_fingerprint(manifest, model_dir, spec.prompts, job.tokenized, job.score,
+                                            job.plan.dtype)
     with jobstate.locked(spec.job_dir):
         state = jobstate.open_job(spec.job_dir, fingerprint, len(job.prompts), restart=restart)
-        # JOBSPEC: no output file unless this job completed; an older one would be taken for ours.
-        _remove_outputs(spec)
+        _remove_leftovers(job)
         run = _Run(job, model_dir, state)
         tasks = _make_tasks(run, faults if faults is not None else _faults_from_env())
         console.out(_plan_line(run, tasks), highlight=False)
@@ -226,9 +227,10 @@ def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> JobResult:
     spec = run.job.spec
     try:
         failure = _run_workers(run, tasks, spec.worker_timeout, console)
-    except KeyboardInterrupt:
-        run.finish("interrupted", "interrupted")
-        print(f"interrupted: every worker stopped; committed results are kept in {spec.job_dir} "
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        run.finish("interrupted", how)
+        print(f"{how}: every worker stopped; committed results are kept in {spec.job_dir} "
               "(submit again to resume)", file=sys.stderr)
         raise
     if failure is not None:
@@ -249,10 +251,42 @@ def _faults_from_env() -> dict[str, WorkerHooks]:
     return {name: WorkerHooks.from_dict(hooks) for name, hooks in json.loads(raw).items()}
 
 
-def _remove_outputs(spec: JobSpec) -> None:
-    spec.output.unlink(missing_ok=True)
-    if spec.generate_tokens > 1:
-        updated_prompts_path(spec.output, spec.prompts_format).unlink(missing_ok=True)
+def _remove_leftovers(job: PreparedJob) -> None:
+    """What killed runs of this job left: hidden temp outputs and `storage: disk` activation dirs.
+    A finished output stays: the new one replaces it atomically once this run completes, so an
+    interrupted --restart keeps the last complete output."""
+    spec = job.spec
+    for path in (spec.output, updated_prompts_path(spec.output, spec.prompts_format)):
+        remove_dead(path.parent, atomic_temps(path.name))
+    remove_dead(spec.job_dir, atomic_temps())
+    for worker in job.plan.workers:
+        if worker.settings.disk_folder:
+            remove_dead(worker.settings.disk_folder, ACTIVATIONS)
+
+
+def _previous_figures(job_dir: Path) -> dict[str, dict]:
+    """Per worker, its line of the last report.json (none if there is no readable one)."""
+    try:
+        report = read_json_object(job_dir / REPORT_NAME) if (job_dir / REPORT_NAME).is_file() else {}
+    except UserError:  # a damaged report is only lost figures
+        return {}
+    workers = report.get("workers")
+    return {w["name"]: w for w in workers if isinstance(w, dict) and isinstance(w.get("name"), str)} \
+        if isinstance(workers, list) else {}
+
+
+def _keep_figures(record: WorkerRecord, previous: dict | None) -> None:
+    """A worker with nothing left to compute keeps the figures of the run that computed its prompts."""
+    if not previous or previous.get("prompts") != record.prompts:
+        return
+    for name in _FIGURES:
+        value = previous.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(record, name, value)
+
+
+_FIGURES = ("rounds", "seconds", "engine_seconds", "bytes_read", "peak_device_memory", "peak_rss", "load_seconds",
+            "read_seconds", "compute_seconds", "tokens")
 
 
 def _make_tasks(run: _Run, faults: dict[str, WorkerHooks]) -> list[WorkerTask]:
@@ -260,6 +294,7 @@ def _make_tasks(run: _Run, faults: dict[str, WorkerHooks]) -> list[WorkerTask]:
     (keeping round ids), and a worker with nothing left is not started."""
     tasks = []
     completed = run.state.completed
+    previous = _previous_figures(run.state.job_dir)
     for wp in run.job.plan.workers:
         reused = sum(1 for i in wp.prompt_indices if i in completed)
         record = WorkerRecord(wp.name, wp.device, len(wp.prompt_indices), reused)
@@ -267,6 +302,7 @@ def _make_tasks(run: _Run, faults: dict[str, WorkerHooks]) -> list[WorkerTask]:
         rounds = _rounds_left(wp, run.job.tokenized, completed)
         if not rounds:
             record.status = "reused"
+            _keep_figures(record, previous.get(wp.name))
             continue
         tasks.append(WorkerTask(
             name=wp.name, model_dir=str(run.model_dir), settings=wp.settings, score=run.job.score,
@@ -290,6 +326,10 @@ def _plan_line(run: _Run, tasks: list[WorkerTask]) -> str:
     workers = ", ".join(f"{w.name} on {w.device}" for w in run.job.plan.workers)
     reused = len(run.state.completed)
     resumed = f"; resuming: {reused} prompts reused from earlier runs" if reused else ""
+    damaged = run.state.unreadable_parts
+    if damaged:  # their prompts are not in `completed`, so this run computes them again
+        resumed += f"; {len(damaged)} damaged part(s) skipped, their prompts computed again: " + \
+            ", ".join(p.name for p in damaged[:3]) + (" ..." if len(damaged) > 3 else "")
     return (f"job {run.job.spec.path}: {len(run.job.prompts)} prompts, dtype {run.job.plan.dtype}, "
             f"{len(tasks)} of {len(run.job.plan.workers)} workers to run ({workers}){resumed}")
 

@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import abc
 import multiprocessing
+import os
+import pickle
+import shutil
 import signal
+import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from flexorch.contract.atomic import atomic_write_bytes
+from flexorch.contract.leftovers import TASKS, remove_dead
 
 from flexorch.contract.messages import Failed, Finished, Progress, RoundDone, WorkerMessage, WorkerTask
 from flexorch.workers.worker import worker_main
@@ -115,9 +123,17 @@ class _Handle:
     done: bool = False  # sent Finished or a failure has been reported: its sentinel means nothing more
 
 
-def _stop_processes(handles: list[_Handle]) -> None:
-    """Close death pipes → bounded wait → terminate → bounded wait → kill. Module-level (not a
-    method) so weakref.finalize holds no reference to the executor."""
+def run_from_file(target: Callable, task_file: str, pipeline, conn: Connection, death_conn: Connection) -> None:
+    """The spawned process's entry: the task from `task_file` (written by the executor), then
+    `target(task, conn, death_conn)`."""
+    with open(task_file, "rb") as f:
+        task = pickle.load(f)  # noqa: S301 - written by our own controller a moment ago
+    target(replace(task, pipeline=pipeline), conn, death_conn)
+
+
+def _stop_processes(handles: list[_Handle], task_dir: Path) -> None:
+    """Close death pipes → bounded wait → terminate → bounded wait → kill, then remove the task
+    files. Module-level (not a method) so weakref.finalize holds no reference to the executor."""
     for handle in handles:
         handle.death.close()  # the worker's watcher thread sees EOF and exits at once
     _join_all(handles, STOP_GRACE_S)
@@ -132,6 +148,7 @@ def _stop_processes(handles: list[_Handle]) -> None:
         if handle.conn is not None:
             handle.conn.close()
             handle.conn = None
+    shutil.rmtree(task_dir, ignore_errors=True)
 
 
 def _join_all(handles: list[_Handle], seconds: float) -> None:
@@ -159,7 +176,9 @@ class LocalProcessExecutor(Executor):
 
     def start(self, tasks: Sequence[WorkerTask]) -> None:
         handles: list[_Handle] = []
-        self._finalizer = weakref.finalize(self, _stop_processes, handles)
+        remove_dead(tempfile.gettempdir(), TASKS)  # task dirs of controllers that were killed
+        self._task_dir = Path(tempfile.mkdtemp(prefix=f"flexorch-tasks-{os.getpid()}-"))
+        self._finalizer = weakref.finalize(self, _stop_processes, handles, self._task_dir)
         try:
             for task in tasks:
                 handles.append(self._start_one(task))
@@ -171,7 +190,14 @@ class LocalProcessExecutor(Executor):
     def _start_one(self, task: WorkerTask) -> _Handle:
         receive, send = self._context.Pipe(duplex=False)
         death_child, death_parent = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=self.target, args=(task, send, death_child),
+        # spawn writes the process's arguments into a pipe while the parent still holds its read end:
+        # a child killed before reading them (the OOM killer at start-up) would leave that write
+        # blocked for ever once they pass the pipe buffer (64 KiB, ~1,500 prompts). So the task goes
+        # in a file the worker reads; only its path and the pipeline's queues travel in the pipe.
+        task_file = self._task_dir / f"{task.name}.pkl"
+        atomic_write_bytes(task_file, pickle.dumps(replace(task, pipeline=None), protocol=pickle.HIGHEST_PROTOCOL))
+        process = self._context.Process(target=run_from_file,
+                                        args=(self.target, str(task_file), task.pipeline, send, death_child),
                                         name=f"flexorch-{task.name}", daemon=True)
         process.start()
         # The child holds its own copies now; closing ours means EOF arrives when the child exits.

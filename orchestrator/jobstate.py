@@ -18,17 +18,17 @@ import importlib.metadata
 import json
 import os
 import shutil
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from flexorch.contract.atomic import atomic_write_text
+from flexorch.orchestrator.prepare import COPIED_FILES
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import Manifest
 from flexorch.contract.protocol import ScoreSpec, TokenizedPrompt
-from flexorch.contract.parts import PART_SUFFIX, read_part_indices
+from flexorch.contract.parts import PART_SUFFIX, PartError, read_part
 
 JOB_FILE = "job.json"
 PARTS_DIR = "parts"
@@ -47,7 +47,7 @@ def flexorch_version() -> str:
 class Fingerprint:
     """What a job's results depend on; two runs with equal fingerprints give identical scores."""
 
-    model: str  # sha256 of the manifest: every layer's checksum and size, and the model config
+    model: str  # sha256 of the manifest (every layer's checksum and size) and the dir's config/tokenizer files
     prompts: str  # sha256 of the prompts file
     token_ids: str  # sha256 of the tokenized prompts (catches a changed tokenizer or max_length effect)
     score: str  # kind, and the token ids for token_probs
@@ -63,10 +63,15 @@ def _sha256_json(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_digest(manifest: Manifest) -> str:
-    """The manifest without where it came from: moving or renaming a model dir keeps its results."""
+def model_digest(manifest: Manifest, model_dir: str | Path) -> str:
+    """The manifest without where it came from (moving or renaming a model dir keeps its results),
+    and the dir's config, generation config and tokenizer files as they are now: the manifest holds
+    the config as it was at prepare time, and an edited config.json changes the scores. Layer files
+    are covered by their checksums in the manifest, verified as workers read them."""
     data = asdict(manifest)
     data.pop("source", None)
+    data["files"] = {name: file_digest(Path(model_dir) / name) for name in COPIED_FILES
+                     if (Path(model_dir) / name).is_file()}
     return _sha256_json(data)
 
 
@@ -78,11 +83,11 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def make_fingerprint(manifest: Manifest, prompts_path: str | Path, tokenized: Sequence[TokenizedPrompt],
-                     score: ScoreSpec, dtype: str) -> Fingerprint:
+def make_fingerprint(manifest: Manifest, model_dir: str | Path, prompts_path: str | Path,
+                     tokenized: Sequence[TokenizedPrompt], score: ScoreSpec, dtype: str) -> Fingerprint:
     token_ids = _sha256_json([(p.prefix_ids, p.suffix_ids) for p in tokenized])
     return Fingerprint(
-        model=model_digest(manifest), prompts=file_digest(prompts_path), token_ids=token_ids,
+        model=model_digest(manifest, model_dir), prompts=file_digest(prompts_path), token_ids=token_ids,
         score=f"{score.kind}{list(score.token_ids) if score.token_ids else ''}",
         generate_tokens=score.generate_tokens, dtype=dtype, flexorch=flexorch_version(),
     )
@@ -158,11 +163,13 @@ def _scan_parts(parts_dir: Path, n_prompts: int) -> tuple[dict[int, Path], tuple
     completed: dict[int, Path] = {}
     unreadable = []
     for part in sorted(parts_dir.glob(f"*{PART_SUFFIX}")):
+        # Read whole (every member's CRC checked), not just its indices: a part is renamed into place
+        # only when complete, so damage comes from outside (a failing disk, a hand edit, a copy cut
+        # short) and may sit in any member. Skipped here, its prompts are computed again; found only
+        # at the merge, it would cost the whole run.
         try:
-            indices = read_part_indices(part)
-        # A part is renamed into place only when complete, so this is damage from outside (a
-        # failing disk, a hand edit): skip it and compute its prompts again.
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            indices = tuple(result.index for result in read_part(part))
+        except PartError:
             unreadable.append(part)
             continue
         if all(0 <= i < n_prompts for i in indices):

@@ -1,11 +1,11 @@
 """Where a job's `model:` points: a layerwise dir as it is, or a Hugging Face checkpoint dir
 converted once into a cache dir (`<cache>/models/<key>`) and reused by later jobs.
 
-The key is derived from the checkpoint's content without reading its weights: config.json, the
-index, and per weight file its name, size and header (a safetensors header lists every tensor's
-dtype, shape and offsets; a pytorch file's first and last MiB hold its pickle and zip directory).
-A checkpoint re-saved with other values but the same header keeps its key: re-run
-`flexorch prepare` by hand for that.
+The key is derived from everything the scores depend on: config.json, the index, the generation
+config and tokenizer files, and each weight file's name, size and sha256 of its content. Content
+hashes are remembered in `<cache>/hashes.json` by size, mtime and inode (orchestrator/filehash.py),
+so a 140 GB checkpoint is read once; a checkpoint re-saved in place with new weights of the same
+shapes gets new mtimes, is hashed again, and gets a new key and a fresh conversion.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import fcntl
 import hashlib
 import os
 import re
-import struct
 from pathlib import Path
 
-from flexorch.orchestrator.prepare import CONFIG_NAME, prepare_checkpoint, weight_files, weights_marker
+from flexorch.orchestrator.filehash import HashStore
+from flexorch.orchestrator.prepare import COPIED_FILES, CONFIG_NAME, prepare_checkpoint, weight_files, weights_marker
 from flexorch.contract.errors import UserError
+from flexorch.contract.leftovers import prepare_temps, remove_dead
 from flexorch.contract.manifest import FORMAT_VERSION, is_layerwise_dir
 
-_MIB = 1 << 20
-_MAX_HEADER = 100_000_000  # a corrupt length must not read a whole shard; prepare reports the file
+HASHES_NAME = "hashes.json"
 
 
 def default_cache_dir() -> Path:
@@ -45,7 +45,10 @@ def resolve_model(path: str | Path, cache_dir: Path | None = None, console=None)
         raise UserError(f"{path}: neither a layerwise dir (flexorch prepare) nor a Hugging Face checkpoint dir")
     models = Path(cache_dir or default_cache_dir()) / "models"
     models.mkdir(parents=True, exist_ok=True)
-    key = checkpoint_key(path)
+    remove_dead(models, prepare_temps())  # the cache is ours: any conversion a kill cut short
+    hashes = HashStore(models.parent / HASHES_NAME)
+    key = checkpoint_key(path, hashes)
+    hashes.save()
     target = models / key
     with _exclusive(models / f"{key}.lock"):  # a second resolver waits, then finds the dir made
         if not is_layerwise_dir(target):
@@ -54,29 +57,17 @@ def resolve_model(path: str | Path, cache_dir: Path | None = None, console=None)
     return target
 
 
-def checkpoint_key(path: Path) -> str:
+def checkpoint_key(path: Path, hashes: HashStore) -> str:
     """`<dir name>-<digest>`: readable in a listing of the cache, unique by content."""
     _fmt, index, files = weight_files(path)
     digest = hashlib.sha256(f"flexorch layerwise v{FORMAT_VERSION}\n".encode())
-    digest.update((path / CONFIG_NAME).read_bytes())
-    if index is not None:
-        digest.update(index.read_bytes())
+    small = [path / name for name in COPIED_FILES if (path / name).is_file()] + ([index] if index else [])
+    for file in small:
+        digest.update(f"\n{file.name}\n".encode() + file.read_bytes())
     for file in files:
-        digest.update(f"\n{file.name}\n{file.stat().st_size}\n".encode())
-        digest.update(_file_fingerprint(file))
+        digest.update(f"\n{file.name}\n{file.stat().st_size}\n{hashes.digest(file)}".encode())
     name = re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name) or "model"
     return f"{name}-{digest.hexdigest()[:20]}"
-
-
-def _file_fingerprint(file: Path) -> bytes:
-    with open(file, "rb") as f:
-        if file.suffix == ".safetensors":
-            head = f.read(8)
-            (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
-            return head + f.read(min(length, _MAX_HEADER))
-        first = f.read(_MIB)
-        f.seek(max(0, file.stat().st_size - _MIB))
-        return first + f.read(_MIB)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexorch.contract.errors import UserError
+from flexorch.contract.leftovers import prepare_temps, remove_dead
 from flexorch.contract.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest,
                               read_json_object)
 
@@ -126,6 +127,7 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
     if dst.exists() and not force:
         raise UserError(f"{dst}: already exists (use --force to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead(dst.parent, prepare_temps(dst.name))  # half-written dirs of killed conversions
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     if tmp.exists():  # left by a killed run that had our pid
         shutil.rmtree(tmp)
@@ -170,7 +172,7 @@ def scan_checkpoint(src: Path) -> Checkpoint:
     """Read `src`'s config and the names, dtypes and shapes of its tensors (no tensor data)."""
     if not src.is_dir():
         raise UserError(f"{src}: no such checkpoint dir")
-    raw, config = _read_config(src)
+    raw = _read_raw_config(src)
     fmt, index, files = weight_files(src)
     specs = {path: _tensor_specs(path, fmt) for path in files}
     if index is None:
@@ -182,6 +184,12 @@ def scan_checkpoint(src: Path) -> Checkpoint:
             if name not in specs[path]:
                 raise UserError(f"{index}: names tensor {name!r} in {file}, which does not hold it")
             tensors.append(SourceTensor(name, path, *specs[path][name]))
+    # Before anything loops over the declared layers: a config claiming a billion layers over a few
+    # tensors is refused here, not after building a billion slots.
+    if raw["num_hidden_layers"] > len(tensors):
+        raise UserError(f"{src / CONFIG_NAME}: num_hidden_layers {raw['num_hidden_layers']} but the checkpoint holds "
+                        f"only {len(tensors)} tensors")
+    config = _auto_config(src)
     return Checkpoint(
         src=src, config=raw, model_type=config.model_type, architectures=tuple(raw.get("architectures") or ()),
         dtype=_config_dtype(raw), num_layers=raw["num_hidden_layers"], hidden_size=config.hidden_size,
@@ -189,22 +197,27 @@ def scan_checkpoint(src: Path) -> Checkpoint:
     )
 
 
-def _read_config(src: Path) -> tuple[dict, object]:
-    """config.json as a dict, and as transformers reads it (for the model type's defaults, such as
-    whether word embeddings are tied when the file does not say)."""
+def _read_raw_config(src: Path) -> dict:
+    """config.json as a dict, with a usable layer count."""
     path = src / CONFIG_NAME
     if not path.is_file():
         raise UserError(f"{path}: missing (a Hugging Face checkpoint dir has a config.json)")
     raw = read_json_object(path)
-    if not isinstance(raw.get("num_hidden_layers"), int):
-        raise UserError(f"{path}: no integer num_hidden_layers")
+    layers = raw.get("num_hidden_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise UserError(f"{path}: num_hidden_layers must be an integer >= 1, got {str(layers)[:40]}")
+    return raw
+
+
+def _auto_config(src: Path):
+    """config.json as transformers reads it (for the model type's defaults, such as whether word
+    embeddings are tied when the file does not say)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(src)
+        return AutoConfig.from_pretrained(src)
     except (ValueError, OSError, KeyError) as exc:
-        raise UserError(f"{path}: transformers cannot read it ({_first_line(exc)})") from None
-    return raw, config
+        raise UserError(f"{src / CONFIG_NAME}: transformers cannot read it ({_first_line(exc)})") from None
 
 
 def _read_index(path: Path) -> dict[str, str]:

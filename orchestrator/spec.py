@@ -386,6 +386,17 @@ def _check_written_paths(problems: _Problems, model: Path | None, prompts: Path,
             problems.add(key, f"is the prompts file {prompts} (as {path}): it would be overwritten")
         elif model is not None and _resolved(path).is_relative_to(_resolved(model)):
             problems.add(key, f"{path} lies inside the model dir {model}: a job never writes into its model")
+        elif (blocked := _unwritable(path)) is not None:
+            problems.add(key, f"{path}: cannot write in {blocked} (read-only or no permission)")
+
+
+def _unwritable(path: Path) -> Path | None:
+    """The nearest existing folder at or above where `path` goes, if we cannot write in it: found
+    before the run rather than as an OSError after hours of work."""
+    folder = path.parent if not path.is_dir() else path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return None if os.access(folder, os.W_OK | os.X_OK) else folder
 
 
 def _choice(problems: _Problems, key: str, value, choices: tuple[str, ...], default: str | None = None,

@@ -13,7 +13,7 @@ from flexorch.orchestrator.merge import collect_results, write_output
 from flexorch.orchestrator.prompts import Prompt
 from flexorch.contract.protocol import PromptResult
 from flexorch.contract.messages import Round
-from flexorch.contract.parts import DiskFullError, part_name, read_part, read_part_indices, write_part
+from flexorch.contract.parts import DiskFullError, PartError, part_name, read_part, read_part_indices, write_part
 
 
 def _probs(index: int, n_suffixes: int = 2, steps: int = 2, vocab: int = 5) -> PromptResult:
@@ -56,7 +56,7 @@ def test_part_with_an_object_array_is_refused(tmp_path):
     path = tmp_path / "evil.npz"
     np.savez(path, indices=np.array([0]), kind=np.array("next_token_probs"), s0=np.array([object()], dtype=object),
              g0=np.zeros((0, 0), np.int64))
-    with pytest.raises(ValueError, match="allow_pickle"):
+    with pytest.raises(PartError, match="evil.npz: damaged part .*allow_pickle"):
         read_part(path)
 
 

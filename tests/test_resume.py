@@ -162,8 +162,8 @@ def test_changed_prompts_are_refused_on_resume(tmp_path, layerwise, capsys):
 
     spec = load_job(job)
     prepared = prepare_job(spec, spec.model, read_manifest(spec.model))
-    fingerprint = jobstate.make_fingerprint(prepared.manifest, spec.prompts, prepared.tokenized, prepared.score,
-                                            prepared.plan.dtype)
+    fingerprint = jobstate.make_fingerprint(prepared.manifest, spec.model, spec.prompts, prepared.tokenized,
+                                            prepared.score, prepared.plan.dtype)
     open_job(spec_dir, fingerprint, len(PROMPTS))
 
     write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:-1] + [{"prefix": "Changed", "suffixes": [" yes"]}])

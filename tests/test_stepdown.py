@@ -37,6 +37,9 @@ def test_out_of_memory_errors_are_recognised():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate"))
+    # what torch's CPU allocator raises under `ulimit -v`
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: "
+                                         "can't allocate memory: you tried to allocate 4294967296 bytes."))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 

@@ -7,6 +7,7 @@ each batch is a safetensors file (no pickle), overwritten in place shard after s
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -81,7 +82,8 @@ class DiskStore(ActivationStore):
     def __init__(self, folder: str | Path, device: torch.device):
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.device = device
-        self.root = Path(tempfile.mkdtemp(prefix="activations-", dir=folder))
+        # The pid in the name lets a later run remove what a killed one left (contract/leftovers.py).
+        self.root = Path(tempfile.mkdtemp(prefix=f"activations-{os.getpid()}-", dir=folder))
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexorch-activations")
         self._reads: dict[int, Future] = {}
         self._write: Future | None = None

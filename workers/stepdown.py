@@ -13,13 +13,20 @@ import dataclasses
 from flexorch.contract.protocol import EngineSettings
 
 
+# How allocators other than CUDA's word a failed allocation in the RuntimeError they raise: torch's
+# CPU allocator under a process memory limit (ulimit -v) says "DefaultCPUAllocator: can't allocate
+# memory", on Windows "not enough memory"; MPS and XPU say "out of memory".
+_ALLOCATION_FAILED = ("can't allocate", "not enough memory", "out of memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA out of memory, or a host allocation that failed."""
+    """An allocation that failed, on any device: CUDA's OutOfMemoryError, Python's MemoryError, or
+    another allocator's RuntimeError."""
     import torch  # here, not at import: the controller imports this module through workers.worker
 
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "not enough memory" in str(exc)  # CPU allocator's wording
+    return isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _ALLOCATION_FAILED)
 
 
 def step_down(settings: EngineSettings, min_batch_tokens: int) -> tuple[EngineSettings, str] | None:

@@ -13,3 +13,7 @@ class UserError(ValueError):
 
 class JobFailed(RuntimeError):
     """A job stopped by a failure while running; committed rounds are kept for a resume."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (workers stopped, report written), with exit status 143."""

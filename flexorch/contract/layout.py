@@ -51,6 +51,9 @@ def _check_config(manifest, config: dict, where: str) -> None:
 
 
 def _check_order(manifest, where: str) -> None:
+    if len(manifest.layers) != manifest.num_layers + 3:  # before building a list of num_layers names
+        raise UserError(f"{where}: lists {len(manifest.layers)} layers; {manifest.num_layers} decoder layers "
+                        f"need {manifest.num_layers + 3} (embed, the decoders, norm, lm_head)")
     expected = [("embed", "embed"), *((f"layer.{i}", "decoder") for i in range(manifest.num_layers)),
                 ("norm", "norm"), ("lm_head", "lm_head")]
     found = [(entry.name, entry.kind) for entry in manifest.layers]

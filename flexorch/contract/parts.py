@@ -7,14 +7,18 @@ a part holds arrays only, never code.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from flexorch.contract.atomic import atomic_writer
+from flexorch.contract.errors import UserError
 from flexorch.contract.messages import Round
 from flexorch.contract.protocol import PromptResult
 
@@ -67,15 +71,31 @@ def write_part(path: str | Path, kind: str, results: Sequence[PromptResult]) -> 
     return path
 
 
+class PartError(UserError):
+    """A committed part that cannot be read back (damaged after it was renamed into place)."""
+
+
+@contextlib.contextmanager
+def _opened(path: str | Path):
+    """np.load of a part; whatever a damaged archive raises becomes PartError naming the file. zip
+    checks each member's CRC-32 as it is read, so a flipped bit is found too, not only truncation."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            yield data
+    except (OSError, ValueError, KeyError, EOFError, IndexError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
+        raise PartError(f"{path}: damaged part ({type(exc).__name__}: {str(exc)[:200]}); submit again to compute "
+                        "its prompts anew, or use --restart") from None
+
+
 def read_part_indices(path: str | Path) -> tuple[int, ...]:
     """The prompt indices a part holds (reads only that member of the archive)."""
-    with np.load(path, allow_pickle=False) as data:
+    with _opened(path) as data:
         return tuple(int(i) for i in data["indices"])
 
 
 def read_part(path: str | Path) -> list[PromptResult]:
-    """Read a part back into PromptResults (arrays only: allow_pickle=False)."""
-    with np.load(path, allow_pickle=False) as data:
+    """Read a part back into PromptResults (arrays only: allow_pickle=False); PartError if damaged."""
+    with _opened(path) as data:
         indices = [int(i) for i in data["indices"]]
         kind = str(data["kind"])
         results = []
