@@ -236,7 +236,13 @@ def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> JobResult:
     if failure is not None:
         run.finish("failed", failure)
         raise JobFailed(failure)
-    results = _write_outputs(run)
+    try:
+        results = _write_outputs(run)
+    except OSError as exc:  # a disk that fills or a folder made read-only while the job ran
+        error = f"cannot write the output {spec.output}: {exc.strerror or exc} (committed results are kept in " \
+                f"{spec.job_dir}; free space and submit again)"
+        run.finish("failed", error)
+        raise JobFailed(error) from None
     report = run.finish("completed")
     console.out(f"done: {len(run.job.prompts)} prompts ({len(run.state.completed)} reused) in "
                 f"{time.monotonic() - run.started:.1f} s -> {spec.output.resolve()}; report {report.resolve()}",

@@ -1,9 +1,10 @@
 """Prompts: read from .jsonl or the seed's .pkl, tokenized into `TokenizedPrompt`s, and written back
 extended by generated text (`<output>_updated.pkl` / `.jsonl`).
 
-A prompts pickle is read by an unpickler that refuses every global: it can build lists, tuples,
-dicts, strings and numbers and nothing else, so a pickle naming a function (os.system, eval, a
-class whose __reduce__ runs code) is refused before anything in it runs.
+A prompts pickle's opcodes are scanned before it is loaded, and it is loaded by an unpickler that
+refuses every global: it can build lists, tuples, dicts, strings and numbers and nothing else, so a
+pickle naming a function (os.system, eval, a class whose __reduce__ runs code) is refused before
+anything in it runs.
 
 Errors are `UserError`s naming the file and the line (.jsonl) or the prompt index (0-based, the
 position the output is aligned with). transformers is imported only where a tokenizer is needed.
@@ -15,6 +16,7 @@ import difflib
 import io
 import json
 import pickle
+import pickletools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,31 +134,65 @@ def _json_line(text: str, where: str):
         raise UserError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
 
 
+def _refused_global(source: Path, name: str) -> UserError:
+    return UserError(f"{source}: refused to load the global '{name}': a prompts pickle may hold only lists, "
+                     f"tuples, dicts, strings and numbers (nothing in it was run)")
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """Builds only what pickle makes without a global (lists, tuples, dicts, strings, numbers,
-    bools, None); any global is where code execution starts, so each one is refused."""
+    bools, None); any global is where code execution starts, so each one is refused. (The opcode
+    scan refuses them first; this stays as the second lock.)"""
 
     def __init__(self, file, source: Path):
         super().__init__(file)
         self.source = source
 
     def find_class(self, module: str, name: str):
-        raise UserError(f"{self.source}: refused to load the global '{module}.{name}': a prompts pickle may "
-                        f"hold only lists, tuples, dicts, strings and numbers (nothing in it was run)")
+        raise _refused_global(self.source, f"{module}.{name}")
 
     def persistent_load(self, pid):
         raise UserError(f"{self.source}: refused a persistent id in the pickle: a prompts pickle may hold only "
                         f"lists, tuples, dicts, strings and numbers (nothing in it was run)")
 
 
+# Opcodes that call something or build an object other than a plain container: none is needed for
+# prompts, and all of them are refused before the unpickler starts.
+_CODE_OPCODES = {"REDUCE", "BUILD", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID",
+                 "BINPERSID"}
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _scan_opcodes(data: bytes, source: Path) -> None:
+    """Walk the pickle's opcodes without running any. Refuses globals and calls, and memo indices
+    past the opcode's own offset: the C unpickler grows its memo array to the index it is given, so
+    one LONG_BINPUT of 500 million costs gigabytes and half a minute before anything fails."""
+    strings: list[str] = []  # the last two pushed: STACK_GLOBAL's module and name
+    try:
+        for opcode, arg, position in pickletools.genops(io.BytesIO(data)):
+            if opcode.name == "GLOBAL":
+                raise _refused_global(source, str(arg).replace(" ", "."))
+            if opcode.name == "STACK_GLOBAL":
+                raise _refused_global(source, ".".join(strings[-2:]) or "?")
+            if opcode.name in _CODE_OPCODES:
+                raise UserError(f"{source}: refused the pickle opcode {opcode.name} at byte {position}: a prompts "
+                                f"pickle may hold only lists, tuples, dicts, strings and numbers (nothing in it was run)")
+            if opcode.name in _MEMO_PUTS and not 0 <= arg <= position:
+                raise UserError(f"{source}: not a valid pickle (memo index {arg} at byte {position})")
+            if isinstance(arg, str):
+                strings = [*strings[-1:], arg]
+    except (ValueError, EOFError) as exc:  # genops on bytes that are not opcodes
+        raise UserError(f"{source}: not a valid pickle ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
+    _scan_opcodes(data, source)
     try:
         items = _PlainDataUnpickler(io.BytesIO(data), source).load()
     except UserError:  # a refused global (UserError is a ValueError: caught here first)
         raise
     # With no global admitted, what remains is pickle's own machinery failing on garbled opcodes
-    # (EOFError, UnpicklingError, ... or AttributeError when BUILD is applied to a string): all of it
-    # says "not a pickle of plain data", whatever its type.
+    # (EOFError, UnpicklingError, TypeError, ...): all of it says "not a pickle of plain data".
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"{source}: not a valid pickle ({type(exc).__name__}: {str(exc)[:200]})") from None
     problem = check_plain(items)
