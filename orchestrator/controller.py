@@ -334,7 +334,7 @@ def _plan_line(run: _Run, tasks: list[WorkerTask]) -> str:
     resumed = f"; resuming: {reused} prompts reused from earlier runs" if reused else ""
     damaged = run.state.unreadable_parts
     if damaged:  # their prompts are not in `completed`, so this run computes them again
-        resumed += f"; {len(damaged)} damaged part(s) skipped, their prompts computed again: " + \
+        resumed += f"; {len(damaged)} damaged part(s) moved aside (*.damaged), their prompts computed again: " + \
             ", ".join(p.name for p in damaged[:3]) + (" ..." if len(damaged) > 3 else "")
     return (f"job {run.job.spec.path}: {len(run.job.prompts)} prompts, dtype {run.job.plan.dtype}, "
             f"{len(tasks)} of {len(run.job.plan.workers)} workers to run ({workers}){resumed}")

@@ -33,6 +33,7 @@ from flexorch.contract.parts import PART_SUFFIX, PartError, read_part
 JOB_FILE = "job.json"
 PARTS_DIR = "parts"
 LOCK_FILE = ".lock"
+DAMAGED_SUFFIX = ".damaged"
 STATE_VERSION = 1
 
 
@@ -100,12 +101,12 @@ class JobState:
     job_dir: Path
     parts_dir: Path
     completed: Mapping[int, Path] = field(default_factory=dict)  # prompt index -> part holding it
-    unreadable_parts: tuple[Path, ...] = ()  # skipped (their prompts are computed again)
+    unreadable_parts: tuple[Path, ...] = ()  # damaged, renamed to *.damaged; their prompts are computed again
     runs: int = 1  # submits of this job, this one included
 
     def parts(self) -> list[Path]:
-        """Every readable part in parts/, for the merge."""
-        return sorted(p for p in self.parts_dir.glob(f"*{PART_SUFFIX}") if p not in self.unreadable_parts)
+        """Every part in parts/, for the merge (damaged ones were moved aside when the job opened)."""
+        return sorted(self.parts_dir.glob(f"*{PART_SUFFIX}"))
 
 
 def open_job(job_dir: str | Path, fingerprint: Fingerprint, n_prompts: int, restart: bool = False) -> JobState:
@@ -170,6 +171,8 @@ def _scan_parts(parts_dir: Path, n_prompts: int) -> tuple[dict[int, Path], tuple
         try:
             indices = tuple(result.index for result in read_part(part))
         except PartError:
+            # Moved aside (kept for a look, out of the merge): its round writes a part of the same name.
+            part.replace(part.with_name(part.name + DAMAGED_SUFFIX))
             unreadable.append(part)
             continue
         if all(0 <= i < n_prompts for i in indices):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -107,3 +108,29 @@ def test_anything_else_is_a_user_error(make, tmp_path):
     assert str(caught.value) == (
         f"{path}: neither a layerwise dir (flexorch prepare) nor a Hugging Face checkpoint dir"
     )
+
+
+def test_weights_resaved_in_place_with_the_same_shapes_get_a_new_key(hf_dir, tmp_path):
+    """A fine-tune written over the old checkpoint: same names, shapes, dtypes, header bytes."""
+    cache = tmp_path / "cache"
+    first = resolve_model(hf_dir, cache_dir=cache)
+    shard = hf_dir / "model-00002-of-00004.safetensors"
+    header = shard.read_bytes()[:1024]
+    save_file({name: tensor + 1 for name, tensor in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    assert shard.read_bytes()[:1024] == header  # only the weights differ
+    second = resolve_model(hf_dir, cache_dir=cache)
+    assert second != first
+    assert read_manifest(second).layers != read_manifest(first).layers  # converted anew: new checksums
+
+
+def test_a_touched_checkpoint_is_hashed_again_and_keeps_its_key(hf_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = resolve_model(hf_dir, cache_dir=cache)
+    hashes = json.loads((cache / "hashes.json").read_text())
+    assert len(hashes) == len(list(hf_dir.glob("*.safetensors")))
+    for shard in hf_dir.glob("*.safetensors"):
+        os.utime(shard)  # new mtime, same bytes
+    calls = counting_prepare(monkeypatch)
+    assert resolve_model(hf_dir, cache_dir=cache) == first and calls == []
+    again = json.loads((cache / "hashes.json").read_text())
+    assert all(again[k]["stamp"] != hashes[k]["stamp"] and again[k]["sha256"] == hashes[k]["sha256"] for k in hashes)

@@ -7,7 +7,10 @@ bit (same plan, so every round holds the same prompts and batches); a changed jo
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -51,6 +54,7 @@ def test_same_fingerprint_reuses_committed_parts_and_cleans_temp_files(tmp_path)
     assert state.unreadable_parts == (state.parts_dir / "part-bad.npz",)
     assert not list(state.parts_dir.glob("*.tmp"))
     assert [p.name for p in state.parts()] == ["part-a.npz", "part-b.npz"]
+    assert (state.parts_dir / "part-bad.npz.damaged").read_bytes() == b"not a zip"
 
 
 def test_different_fingerprint_is_refused_naming_what_changed(tmp_path):
@@ -172,3 +176,81 @@ def test_changed_prompts_are_refused_on_resume(tmp_path, layerwise, capsys):
     assert err == [f"error: job_dir {spec_dir} holds results of a different job (changed: prompts, token_ids); "
                    "use a new job_dir or --restart"]
     assert not (tmp_path / "job.pkl").exists()
+
+
+# -- damaged state, re-submits, restarts -------------------------------------------------------------
+def _damage(part, how: str) -> None:
+    """Flip a byte inside the first score array's data (the zip CRC no longer matches), or cut the
+    file in half (as a copy cut short would)."""
+    if how == "truncated":
+        part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+        return
+    with zipfile.ZipFile(part) as archive:
+        info = archive.getinfo("s0.npy")
+    data = bytearray(part.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 200] ^= 0xFF
+    part.write_bytes(bytes(data))
+
+
+def test_damaged_parts_are_named_and_recomputed(tmp_path, layerwise, uninterrupted, capsys):
+    job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
+    assert submit(job) == 0
+    parts = sorted((tmp_path / "job.job" / "parts").glob("*.npz"))
+    _damage(parts[0], "corrupt")
+    _damage(parts[-1], "truncated")
+    capsys.readouterr()
+    assert submit(job) == 0
+    err = capsys.readouterr().err
+    assert "2 damaged part(s) moved aside" in err and parts[0].name in err and parts[-1].name in err
+    assert "Traceback" not in err
+    report = json.loads((tmp_path / "job.job" / "report.json").read_text())
+    assert report["prompts_computed"] == 2  # one prompt per round, so per part
+    assert (tmp_path / "job.pkl").read_bytes() == uninterrupted
+
+
+def test_resubmit_of_a_finished_job_keeps_its_figures(tmp_path, layerwise, rounds_of_one_prompt):
+    job = write_job(tmp_path, layerwise("llama"))
+    assert submit(job) == 0
+    first = json.loads((tmp_path / "job.job" / "report.json").read_text())
+    assert submit(job) == 0
+    again = json.loads((tmp_path / "job.job" / "report.json").read_text())
+    assert again["prompts_reused"] == len(PROMPTS) and again["prompts_computed"] == 0 and again["runs"] == 2
+    (was,), (now,) = first["workers"], again["workers"]
+    assert now["status"] == "reused" and now["bytes_read"] == was["bytes_read"] > 0
+    assert now["peak_rss"] == was["peak_rss"] and now["seconds"] == was["seconds"]
+
+
+def test_failed_restart_keeps_the_finished_output(tmp_path, layerwise, uninterrupted):
+    job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
+    assert submit(job) == 0
+    faults = {"worker0": WorkerHooks(sigkill_after_rounds=0)}
+    assert controller.submit(job, Console(stderr=True), restart=True, faults=faults) == 1
+    assert (tmp_path / "job.pkl").read_bytes() == uninterrupted  # until a new one replaces it
+    assert submit(job) == 0
+    assert (tmp_path / "job.pkl").read_bytes() == uninterrupted
+
+
+def test_edited_config_json_is_never_served_stale_results(tmp_path, layerwise, capsys):
+    model = tmp_path / "model.layers"
+    shutil.copytree(layerwise("llama"), model)
+    job = write_job(tmp_path, model)
+    assert submit(job) == 0
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.1}))  # changes every score
+    capsys.readouterr()
+    assert submit(job) == 2
+    assert "holds results of a different job (changed: model)" in capsys.readouterr().err
+
+
+def test_leftovers_of_dead_runs_are_removed(tmp_path, layerwise):
+    job = write_job(tmp_path, layerwise("llama"), storage="disk")
+    dead = 2**22 + 12345  # above pid_max on common systems: never a live process
+    leftovers = [tmp_path / f".job.pkl.{dead}.0123abcd.tmp", tmp_path / "job.job" / f".report.json.{dead}.0123abcd.tmp",
+                 tmp_path / "job.job" / "activations" / "worker0" / f"activations-{dead}-x1y2"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if path.name.startswith("activations") else path.write_bytes(b"x" * 1000)
+    mine = tmp_path / f".job.pkl.{os.getpid()}.0123abcd.tmp"  # a live owner's file stays
+    mine.write_bytes(b"x")
+    assert submit(job) == 0
+    assert not any(path.exists() for path in leftovers) and mine.exists()
