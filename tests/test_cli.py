@@ -1,6 +1,6 @@
 """The `flexorch` entry point: bad input is exit 2 with one line naming the culprit and no output;
 `plan` changes nothing; a prompt pickle's payload never runs; a corrupt layer file stops the job;
-SIGINT to `flexorch submit` exits 130 leaving no worker behind."""
+SIGINT (SIGTERM) to `flexorch submit` exits 130 (143) leaving no worker behind."""
 
 from __future__ import annotations
 
@@ -138,7 +138,9 @@ def _read_until(stream, needle: str, deadline: float, seen: list[str]) -> None:
     raise AssertionError(f"no {needle!r} in time:\n" + "".join(seen))
 
 
-def test_sigint_stops_every_worker_and_exits_130(tmp_path, layerwise):
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_sigint_or_sigterm_stops_every_worker_and_exits_130_or_143(tmp_path, layerwise, signum, status, said):
     job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
     env = {**os.environ, "FLEXORCH_TEST_FAULTS": json.dumps({"worker0": {"hang_after_rounds": 0},
                                                               "worker1": {"hang_after_rounds": 0}})}
@@ -152,16 +154,16 @@ def test_sigint_stops_every_worker_and_exits_130(tmp_path, layerwise):
         workers = psutil.Process(proc.pid).children(recursive=True)
         worker_pids = {int(line.split("pid ")[1].split(")")[0]) for line in seen if "started (pid" in line}
         assert worker_pids <= {p.pid for p in workers}
-        proc.send_signal(signal.SIGINT)
-        status = proc.wait(timeout=30)
+        proc.send_signal(signum)
+        exit_status = proc.wait(timeout=30)
         rest = proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert status == 130, "".join(seen) + rest
-    assert "interrupted" in rest
+    assert exit_status == status, "".join(seen) + rest
+    assert said in rest
     _gone, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive
     assert not (tmp_path / "job.pkl").exists()
     report = json.loads((tmp_path / "job.job" / "report.json").read_text())
-    assert report["status"] == "interrupted"
+    assert report["status"] == "interrupted" and report["error"] == said

@@ -254,3 +254,40 @@ def test_failures_are_classified_for_the_controller():
     assert "Traceback" in internal.traceback and "ZeroDivisionError" in internal.traceback
     full = failure_of(task, OSError(errno.ENOSPC, "No space left on device", "/x/act.bin"))
     assert full.kind == FAIL_DISK_FULL and "/x/act.bin" in full.error
+
+
+# -- a worker killed while it is being spawned -------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_worker_killed_at_spawn_with_a_large_task_fails_the_job_within_seconds(tmp_path, layerwise, monkeypatch,
+                                                                              capsys):
+    """The spawned interpreter dies before reading its arguments (as under the kernel's OOM killer
+    at start-up). spawn used to write the task into a pipe whose read end the parent still held, so
+    a task past the pipe buffer (64 KiB) blocked the controller for ever; now the task is a file."""
+    import json as _json
+    import multiprocessing.resource_tracker
+    import multiprocessing.spawn
+    import pickle
+
+    from rich.console import Console
+
+    from flexorch.orchestrator import controller
+    from test_controller import PROMPTS, write_job
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(_json.dumps(PROMPTS[i % len(PROMPTS)]) + "\n" for i in range(3000)))
+    job = write_job(tmp_path, layerwise("llama"))
+    multiprocessing.resource_tracker.ensure_running()  # started by the real interpreter, not the stand-in
+    dies_at_once = tmp_path / "killed-python"
+    dies_at_once.write_text("#!/bin/sh\nkill -9 $$\n")
+    dies_at_once.chmod(0o755)
+    sizes = []
+    real_dumps = pickle.dumps
+    monkeypatch.setattr(executor_module.pickle, "dumps", lambda obj, **kw: sizes.append(len(real_dumps(obj, **kw)))
+                        or real_dumps(obj, **kw))
+    monkeypatch.setattr(multiprocessing.spawn, "_python_exe", os.fsencode(dies_at_once))
+    start = time.monotonic()
+    status = controller.submit(job, Console(stderr=True))
+    assert status == 1 and time.monotonic() - start < 60
+    assert sizes and sizes[0] > 64 * 1024  # the task that would have blocked
+    err = capsys.readouterr().err
+    assert "worker worker0 (cpu" in err and "killed by SIGKILL" in err
