@@ -13,6 +13,7 @@ would write, from tensor headers alone, for planning a job on an unconverted che
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -347,12 +348,18 @@ def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Pat
 def _write_layer(layer: LayerSource, out: Path) -> LayerEntry:
     if layer.tied_to:
         return layer.entry(0, None)
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from flexorch.workers.layerfile import sha256_file
 
     path = out / layer.file
-    save_file(_read_layer(layer), path)  # the tensors (and their file mappings) go when this returns
+    try:
+        save_file(_read_layer(layer), path)  # the tensors (and their file mappings) go when this returns
+    except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors: make them one
+        code = re.search(r"os error (\d+)", str(exc))
+        number = int(code[1]) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(path)) from None
     return layer.entry(path.stat().st_size, sha256_file(path))
 
 

@@ -253,3 +253,11 @@ def test_disk_filling_while_the_output_is_written_is_one_line_exit_1(tmp_path, l
         assert status == 1 and len(errors) == 1 and "Traceback" not in err, err
         assert "No space left" in errors[0] and str(small) in errors[0]
         assert not list(small.iterdir())  # neither the output nor its temp file
+
+
+def test_disk_filling_while_a_checkpoint_is_prepared_is_one_line_exit_1(tmp_path, checkpoint, capsys):
+    with _tmpfs(tmp_path / "small", "200k") as small:
+        status = cli.main(["prepare", str(checkpoint("llama")), str(small / "m.layers")])
+        err = capsys.readouterr().err.strip()  # the progress bar leaves a blank line
+        assert status == 1 and err.startswith("error: No space left on device (") and len(err.splitlines()) == 1, err
+        assert not list(small.iterdir())  # the half-written dir is gone
