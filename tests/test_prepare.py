@@ -16,6 +16,7 @@ from flexorch.orchestrator import prepare
 from flexorch.orchestrator.cli import main
 from flexorch.orchestrator.demo import ARCHITECTURES, build_checkpoint
 from flexorch.orchestrator.prepare import describe_checkpoint, prepare_checkpoint
+from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import read_manifest
 
 ROUND_TRIP_LAYOUTS = ("safetensors", "safetensors-sharded", "bin-sharded")
@@ -247,3 +248,25 @@ def test_bad_checkpoint_exits_2_with_one_line_naming_the_file(case, checkpoint, 
     for part in expected:
         assert part.format(src=src) in err, err
     assert not dst.exists()
+
+
+def test_half_written_dirs_of_dead_conversions_are_removed(checkpoint, tmp_path):
+    import os
+
+    dead = 2**22 + 12345  # above pid_max on common systems: never a live process
+    leftovers = [tmp_path / f".m.layers.tmp-{dead}", tmp_path / f".m.layers.old-{dead}"]
+    alive = tmp_path / f".m.layers.tmp-{os.getppid()}"  # a conversion still running: left alone
+    other = tmp_path / f".other.tmp-{dead}"  # not ours to judge
+    for path in (*leftovers, alive, other):
+        (path / "layers").mkdir(parents=True)
+    prepare_checkpoint(checkpoint("llama"), tmp_path / "m.layers")
+    assert not any(p.exists() for p in leftovers) and alive.exists() and other.exists()
+
+
+def test_a_config_declaring_more_layers_than_tensors_is_refused_before_any_loop(checkpoint, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("llama"), src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
+    with pytest.raises(UserError, match="num_hidden_layers 1000000000 but the checkpoint holds only"):
+        describe_checkpoint(src)
