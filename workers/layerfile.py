@@ -9,7 +9,6 @@ same code runs on CPU and GPU machines.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from flexorch.contract.errors import UserError
+from flexorch.contract.layout import read_raw_header
 from flexorch.contract.manifest import LayerEntry, Manifest, read_manifest
 
 _DTYPES = {
@@ -56,17 +56,10 @@ def aligned(nbytes: int) -> int:
 def read_header(path: Path) -> LayerFileHeader:
     """Parse a safetensors header without touching the data."""
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                raise ValueError("header length out of range")
-            header = json.loads(f.read(length))
+        length, header = read_raw_header(path)
         size = os.path.getsize(path)
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, RecursionError, struct.error, UnicodeDecodeError) as exc:
         raise LayerIntegrityError(f"{path}: not a readable safetensors file ({exc})") from None
-    if not isinstance(header, dict):
-        raise LayerIntegrityError(f"{path}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
     specs = []
     for name, info in header.items():
         try:

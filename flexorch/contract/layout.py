@@ -86,18 +86,26 @@ def _inside(root: Path, entry, where: str) -> Path:
     return path
 
 
+def read_raw_header(path: Path) -> tuple[int, dict]:
+    """(header length, header without __metadata__) of a safetensors file, no data read: the one
+    parser of the format's header (workers/layerfile.py adds dtypes). Raises OSError, ValueError
+    (json's errors included), RecursionError or struct.error on a file that is not one."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > MAX_HEADER_BYTES:
+            raise ValueError(f"header length {length} out of range")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    return length, header
+
+
 def read_header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors header (no data read); UserError naming the file."""
+    """Tensor name -> shape from a safetensors header; UserError naming the file."""
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > MAX_HEADER_BYTES:
-                raise ValueError(f"header length {length} out of range")
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        return {name: tuple(int(d) for d in info["shape"]) for name, info in header.items()}
-    except (OSError, ValueError, RecursionError, struct.error, UnicodeDecodeError, AttributeError, KeyError,
-            TypeError) as exc:
+        return {name: tuple(int(d) for d in info["shape"]) for name, info in read_raw_header(path)[1].items()}
+    except (OSError, ValueError, RecursionError, struct.error, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
 
