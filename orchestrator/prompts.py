@@ -16,14 +16,13 @@ import difflib
 import io
 import json
 import pickle
-import pickletools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flexorch.contract.atomic import atomic_write_bytes
 from flexorch.contract.errors import UserError
-from flexorch.contract.guard import Limits, check_plain, parse_guarded
+from flexorch.contract.guard import Limits, check_plain, parse_guarded, scan_pickle
 from flexorch.contract.protocol import TokenizedPrompt
 
 PROMPT_FORMATS = ("jsonl", "pkl")
@@ -134,9 +133,7 @@ def _json_line(text: str, where: str):
         raise UserError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
 
 
-def _refused_global(source: Path, name: str) -> UserError:
-    return UserError(f"{source}: refused to load the global '{name}': a prompts pickle may hold only lists, "
-                     f"tuples, dicts, strings and numbers (nothing in it was run)")
+_PLAIN_ONLY = "a prompts pickle may hold only lists, tuples, dicts, strings and numbers"
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -149,44 +146,15 @@ class _PlainDataUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str):
-        raise _refused_global(self.source, f"{module}.{name}")
+        raise UserError(f"{self.source}: refused to load the global '{module}.{name}': {_PLAIN_ONLY} "
+                        "(nothing in it was run)")
 
     def persistent_load(self, pid):
-        raise UserError(f"{self.source}: refused a persistent id in the pickle: a prompts pickle may hold only "
-                        f"lists, tuples, dicts, strings and numbers (nothing in it was run)")
-
-
-# Opcodes that call something or build an object other than a plain container: none is needed for
-# prompts, and all of them are refused before the unpickler starts.
-_CODE_OPCODES = {"REDUCE", "BUILD", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID",
-                 "BINPERSID"}
-_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
-
-
-def _scan_opcodes(data: bytes, source: Path) -> None:
-    """Walk the pickle's opcodes without running any. Refuses globals and calls, and memo indices
-    past the opcode's own offset: the C unpickler grows its memo array to the index it is given, so
-    one LONG_BINPUT of 500 million costs gigabytes and half a minute before anything fails."""
-    strings: list[str] = []  # the last two pushed: STACK_GLOBAL's module and name
-    try:
-        for opcode, arg, position in pickletools.genops(io.BytesIO(data)):
-            if opcode.name == "GLOBAL":
-                raise _refused_global(source, str(arg).replace(" ", "."))
-            if opcode.name == "STACK_GLOBAL":
-                raise _refused_global(source, ".".join(strings[-2:]) or "?")
-            if opcode.name in _CODE_OPCODES:
-                raise UserError(f"{source}: refused the pickle opcode {opcode.name} at byte {position}: a prompts "
-                                f"pickle may hold only lists, tuples, dicts, strings and numbers (nothing in it was run)")
-            if opcode.name in _MEMO_PUTS and not 0 <= arg <= position:
-                raise UserError(f"{source}: not a valid pickle (memo index {arg} at byte {position})")
-            if isinstance(arg, str):
-                strings = [*strings[-1:], arg]
-    except (ValueError, EOFError) as exc:  # genops on bytes that are not opcodes
-        raise UserError(f"{source}: not a valid pickle ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise UserError(f"{self.source}: refused a persistent id in the pickle: {_PLAIN_ONLY} (nothing in it was run)")
 
 
 def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
-    _scan_opcodes(data, source)
+    scan_pickle(data, str(source), refuse_code=_PLAIN_ONLY)
     try:
         items = _PlainDataUnpickler(io.BytesIO(data), source).load()
     except UserError:  # a refused global (UserError is a ValueError: caught here first)
@@ -269,6 +237,10 @@ def prompts_from_objects(items, source: str = "prompts") -> list[Prompt]:
     if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
         raise UserError(f"{source}: expected a list of prompts (dicts with prefix and suffixes, or "
                         f"(prefix, suffixes) pairs), got {_show(items)}")
+    items = list(items)
+    problem = check_plain(items)  # the same guard as a file's: depth, 64-bit ints, valid Unicode
+    if problem:
+        raise UserError(f"{source}: {problem}")
     problems = _Problems(Path(source))
     prompts = []
     for index, item in enumerate(items):

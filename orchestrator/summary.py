@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from flexorch.contract.errors import UserError
+from flexorch.contract.guard import scan_pickle
 from flexorch.contract.manifest import read_json_object
 from flexorch.contract.protocol import ScoreKind
 from flexorch.orchestrator.prompts import Prompt
@@ -153,6 +154,7 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         raise UserError(f"{self.path}: not a flexorch output (refused the global '{module}.{name}')")
 
     def load(self):
+        scan_pickle(self._file.getvalue(), str(self.path), refuse_code=None)  # memo bombs; globals: find_class
         try:
             return super().load()
         except UserError:  # a refused global (UserError is a ValueError: caught here first)

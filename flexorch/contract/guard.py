@@ -4,12 +4,14 @@ nesting, ValueError on an integer of thousands of digits) turned into a UserErro
 what was parsed that refuses what later code cannot handle — nesting deeper than `max_depth`, an
 integer outside 64 bits, a string that is not valid Unicode (a lone surrogate).
 
-Readers call `parse_guarded` (or `check_plain` on what a restricted unpickler built) once; nothing
-downstream needs its own case-by-case checks.
+Readers call `parse_guarded` (or, for a pickle, `scan_pickle` before loading it and `check_plain` on
+what the restricted unpickler built) once; nothing downstream needs its own case-by-case checks.
 """
 
 from __future__ import annotations
 
+import io
+import pickletools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +77,40 @@ def check_plain(value, max_depth: int = MAX_DEPTH) -> str | None:
         elif isinstance(item, (list, tuple)):
             stack.extend((part, depth + 1) for part in item)
     return None
+
+
+# Opcodes that call something or build an object other than a plain container.
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2",
+                 "EXT4"}
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def scan_pickle(data: bytes, where: str, refuse_code: str | None) -> None:
+    """Walk a pickle's opcodes without running any, before it is loaded; UserError(where: ...).
+
+    Always refused: persistent ids, and memo indices past the opcode's own offset (the C unpickler
+    grows its memo array to the index it is given: one LONG_BINPUT of 500 million costs gigabytes
+    and half a minute before anything fails). With `refuse_code` (what the file may hold, for the
+    message), globals and calls are refused too; with None they pass, and the unpickler's
+    find_class decides which globals exist."""
+    strings: list[str] = []  # the last two pushed: STACK_GLOBAL's module and name
+    try:
+        for opcode, arg, position in pickletools.genops(io.BytesIO(data)):
+            name = opcode.name
+            if name in ("PERSID", "BINPERSID"):
+                raise UserError(f"{where}: refused a persistent id in the pickle (nothing in it was run)")
+            if refuse_code is not None and name in _CODE_OPCODES:
+                what = {"GLOBAL": str(arg).replace(" ", "."), "STACK_GLOBAL": ".".join(strings[-2:]) or "?"}.get(name)
+                refused = f"to load the global '{what}'" if what else f"the pickle opcode {name} at byte {position}"
+                raise UserError(f"{where}: refused {refused}: {refuse_code} (nothing in it was run)")
+            if name in _MEMO_PUTS and not 0 <= arg <= position:
+                raise UserError(f"{where}: not a valid pickle (memo index {arg} at byte {position})")
+            if isinstance(arg, str):
+                strings = [*strings[-1:], arg]
+    except UserError:  # a refusal above (UserError is a ValueError: let it through first)
+        raise
+    except (ValueError, EOFError) as exc:  # genops on bytes that are not opcodes
+        raise UserError(f"{where}: not a valid pickle ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def _is_unicode(text: str) -> bool:
