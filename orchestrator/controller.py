@@ -277,8 +277,14 @@ def _previous_figures(job_dir: Path) -> dict[str, dict]:
     except UserError:  # a damaged report is only lost figures
         return {}
     workers = report.get("workers")
-    return {w["name"]: w for w in workers if isinstance(w, dict) and isinstance(w.get("name"), str)} \
-        if isinstance(workers, list) else {}
+    if not isinstance(workers, list):
+        return {}
+    return {w["name"]: w for w in workers if isinstance(w, dict) and isinstance(w.get("name"), str)}
+
+
+# WorkerRecord's measurements: what a worker with nothing left to compute carries over.
+_FIGURES = ("rounds", "seconds", "engine_seconds", "bytes_read", "peak_device_memory", "peak_rss", "load_seconds",
+            "read_seconds", "compute_seconds", "tokens")
 
 
 def _keep_figures(record: WorkerRecord, previous: dict | None) -> None:
@@ -289,10 +295,6 @@ def _keep_figures(record: WorkerRecord, previous: dict | None) -> None:
         value = previous.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             setattr(record, name, value)
-
-
-_FIGURES = ("rounds", "seconds", "engine_seconds", "bytes_read", "peak_device_memory", "peak_rss", "load_seconds",
-            "read_seconds", "compute_seconds", "tokens")
 
 
 def _make_tasks(run: _Run, faults: dict[str, WorkerHooks]) -> list[WorkerTask]:
