@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from flexorch.contract.errors import UserError
-from flexorch.contract.layout import read_raw_header
+from flexorch.contract.modeldir import read_raw_header
 from flexorch.contract.manifest import LayerEntry, Manifest, read_manifest
 
 _DTYPES = {

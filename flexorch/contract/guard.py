@@ -71,7 +71,7 @@ def check_plain(value, max_depth: int = MAX_DEPTH) -> str | None:
                 return f"a string that is not valid Unicode (a lone surrogate) near {item[:30]!r}"
         elif isinstance(item, int) and not isinstance(item, bool):
             if abs(item) > MAX_INT:
-                return f"an integer of {item.bit_length()} bits (at most 64 bits allowed)"
+                return f"an integer of {item.bit_length()} bits, outside the signed 64-bit range"
         elif isinstance(item, dict):
             stack.extend((part, depth + 1) for pair in item.items() for part in pair)
         elif isinstance(item, (list, tuple)):

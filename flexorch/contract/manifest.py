@@ -162,8 +162,8 @@ def is_layerwise_dir(path: str | Path) -> bool:
 
 def read_manifest(path: str | Path) -> Manifest:
     """Read `path/flexorch_manifest.json` and check the dir against it and its config.json
-    (contract/layout.py); raises ManifestError naming the file."""
-    from flexorch.contract.layout import CONFIG_NAME, check_layout  # layout reads Manifest's fields
+    (contract/modeldir.py); raises ManifestError naming the file."""
+    from flexorch.contract.modeldir import CONFIG_NAME, check_layout  # modeldir reads Manifest's fields
 
     manifest_path = Path(path) / MANIFEST_NAME
     if not manifest_path.is_file():
