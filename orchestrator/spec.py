@@ -57,8 +57,9 @@ _SIZE_UNITS = {"": 1, "b": 1}
 for _power, _letter in enumerate("kmgt", start=1):
     _SIZE_UNITS |= {_letter: 1000**_power, f"{_letter}b": 1000**_power,
                     f"{_letter}i": 1024**_power, f"{_letter}ib": 1024**_power}
-# A job file is a screenful of keys; a megabyte is already absurd and costs nothing to refuse.
-_YAML_LIMITS = ReadLimits(max_bytes=1 << 20)
+# A job file is a screenful of keys. PyYAML's Python parser takes ~3 s per 100 KB of list items on
+# a busy core, so the cap is what a generous job needs (a long score.tokens list), not more.
+_YAML_LIMITS = ReadLimits(max_bytes=256 << 10)
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
@@ -187,7 +188,7 @@ def parse_size(value: int | float | str) -> int:
 # -- reading ---------------------------------------------------------------------------------------
 
 
-class _SafeLoaderNoDuplicates(yaml.SafeLoader):
+class _SafeLoaderNoDuplicates(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when built
     """yaml.safe_load's loader (plain data only, never a Python object), except that a key given
     twice is an error: safe_load silently keeps the last one, and the user's job is not what they
     read."""
@@ -235,6 +236,10 @@ def _parse_yaml(text: str, path: Path):
         raise UserError(f"{path}: invalid YAML: {exc}") from None
 
 
+# Problems listed in one error: every key of a real job file, not a screenful of one bad list.
+_MAX_LISTED = 12
+
+
 class _Problems:
     """Collects one line per problem, each starting with the file and the key at fault."""
 
@@ -246,8 +251,12 @@ class _Problems:
         self.lines.append(f"{self.source}: {key}: {message}" if key else f"{self.source}: {message}")
 
     def raise_if_any(self) -> None:
-        if self.lines:
-            raise UserError("\n".join(self.lines))
+        if not self.lines:
+            return
+        shown = self.lines[:_MAX_LISTED]  # a 300,000-item `devices:` list is 300,000 problems
+        if len(self.lines) > _MAX_LISTED:
+            shown.append(f"{self.source}: ... and {len(self.lines) - _MAX_LISTED} more problems")
+        raise UserError("\n".join(shown))
 
 
 def _show(value) -> str:

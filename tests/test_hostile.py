@@ -2,7 +2,7 @@
 and filesystems a careless user or an attacker would hand over.
 
 Every case must end with its exit status (2 bad input, 1 a failure while running), one line on
-stderr naming the culprit (one per problem where a file has several, at most five), no traceback, no output file, and every file the user had
+stderr naming the culprit (one per problem where a file has several, at most a dozen), no traceback, no output file, and every file the user had
 byte-identical afterwards. Filesystem cases mount a small tmpfs (root only; skipped otherwise).
 """
 
@@ -128,7 +128,7 @@ class Case:
 CASES = [
     # -- the job file ------------------------------------------------------------------------------
     Case("yaml nested 5000 deep", lambda c: _yaml_job(c, "limits: " + "[" * 5000 + "]" * 5000 + "\n"),
-         ("job.yaml", "nested")),
+         ("job.yaml", ("nested too deeply", "nesting depth"))),  # PyYAML's own check, or libyaml's
     Case("yaml nested 100 deep", lambda c: _yaml_job(c, "limits: " + "[" * 100 + "]" * 100 + "\n"),
          ("job.yaml", "nested more than 64")),
     Case("yaml int of 5000 digits", lambda c: _yaml_job(c, "batch_tokens: " + "9" * 5000 + "\n"), ("job.yaml",)),
@@ -136,7 +136,13 @@ CASES = [
     Case("count too large for C", lambda c: c.job(layers_per_shard=2**40), ("layers_per_shard", "at most")),
     Case("timeout of 1e300 s", lambda c: c.job(worker_timeout=1e300), ("worker_timeout", "at most")),
     Case("size of 10^20 TB", lambda c: c.job(limits={"ram": "100000000000000000000TB"}), ("limits.ram",)),
-    Case("yaml lone surrogate", lambda c: _yaml_job(c, 'disk_folder: "\\ud800"\n'), ("job.yaml", "surrogate")),
+    Case("yaml lone surrogate", lambda c: _yaml_job(c, 'disk_folder: "\\ud800"\n'),
+         ("job.yaml", ("surrogate", "invalid Unicode character escape"))),
+    Case("devices: a list of 20,000 bad items", lambda c: c.job(devices=["x"] * 20_000),
+         ("job.yaml", "devices: 'x' is not a device", "and 19988 more problems")),
+    Case("yaml aliases 10^9 strings deep", lambda c: _yaml_job(c, "".join(
+        f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i else '"lol"'] * 10) + "]\n" for i in range(9))
+        + "limits: *a8\n"), ("job.yaml", "limits: expected a mapping")),
     Case("job file of 2 MB", lambda c: _yaml_job(c, "#" + "x" * (2 << 20) + "\n"), ("job.yaml", "bytes")),
     # -- prompts -----------------------------------------------------------------------------------
     Case("json line nested 100000 deep", lambda c: (c.prompts_line("[" * 100_000 + "]" * 100_000), c.job())[1],
@@ -201,14 +207,14 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 def _one_line_error(status: int, expected: int, err: str, needles) -> None:
     """One line naming the culprit (needles[0]); several problems of one file give one line each, at
-    most five and a count, as every reader lists them."""
+    most a dozen and a count, as every reader lists them."""
     assert status == expected, err
     lines = err.strip().splitlines()
-    assert lines[0].startswith("error: ") and len(lines) <= 6, err
+    assert lines[0].startswith("error: ") and len(lines) <= 13, err
     assert all(needles[0] in line for line in lines), err
     assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
+    for needle in needles:  # a tuple: any of its words (libyaml and PyYAML word some errors apart)
+        assert any(word in err for word in (needle if isinstance(needle, tuple) else (needle,))), err
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
