@@ -337,8 +337,9 @@ def tokenize_prompts(prompts: Sequence[Prompt], tokenizer, max_length: int | Non
 def _check_characters(prompts: Sequence[Prompt], tokenizer, max_length: int | None, source: Path) -> None:
     """Refuse, before any tokenizing, a prompt with more characters than max_length tokens can hold."""
     limit = _MAX_PROMPT_CHARS
-    if max_length is not None:
-        longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None  # remote-code ones may lack it
+    if max_length is not None and vocab:
+        longest_token = max(len(token) for token in vocab)
         limit = min(limit, max_length * longest_token * _CHARS_SLACK)
     problems = _Problems(source)
     for index, prompt in enumerate(prompts):
