@@ -24,11 +24,11 @@ from rich.console import Console
 from flexorch.orchestrator import jobstate
 from flexorch.contract.atomic import atomic_write_text
 from flexorch.orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
-from flexorch.orchestrator.hardware import probe
+from flexorch.orchestrator.hardware import Node, probe
 from flexorch.orchestrator.merge import collect_results, write_output
 from flexorch.orchestrator.summary import Summary, summarize
 from flexorch.orchestrator.modelstore import is_hf_checkpoint, resolve_model
-from flexorch.orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_plan
+from flexorch.orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_cluster_plan, make_plan
 from flexorch.orchestrator.progress import WorkerLine, make_progress
 from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer, model_max_length, read_prompts, token_ids_for,
                                   tokenize_prompts, updated_prompts_path, write_updated_prompts)
@@ -58,6 +58,7 @@ class PreparedJob:
     manifest: Manifest  # what the plan was made from (an HF dir's is described: no checksums)
     tokenizer: object
     plan: Plan
+    nodes: tuple[Node, ...] = ()  # executor ray: the cluster the plan was made for
 
 
 def plan_job(job_path: str | Path) -> tuple[JobSpec, Plan]:
@@ -91,10 +92,27 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     score = ScoreSpec(kind=spec.score.kind, token_ids=token_ids, generate_tokens=spec.generate_tokens)
     # Free disk where activations would go: the planner's disk budget (probe walks up to a parent
     # that exists, so job_dir need not exist yet).
-    hardware = probe(disk_path=spec.disk_folder or spec.job_dir)
-    plan = make_plan(hardware, manifest, spec, [p.n_tokens for p in tokenized],
-                     suffix_counts=[len(p.suffix_ids) for p in tokenized])
+    disk_path = spec.disk_folder or spec.job_dir
+    sizes = dict(prompt_tokens=[p.n_tokens for p in tokenized], suffix_counts=[len(p.suffix_ids) for p in tokenized])
+    if spec.executor == "ray":
+        nodes = _ray_cluster(spec).probe_nodes(disk_path)
+        plan = make_cluster_plan(nodes, manifest, spec, **sizes)
+        return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan, nodes)
+    plan = make_plan(probe(disk_path=disk_path), manifest, spec, **sizes)
     return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan)
+
+
+def _ray_cluster(spec: JobSpec):
+    """orchestrator.raycluster, connected to the job's cluster; or one line saying how to get Ray."""
+    try:
+        from flexorch.orchestrator import raycluster
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "ray":
+            raise
+        raise UserError(f"{spec.path}: executor: ray needs Ray, which is not installed: "
+                        "pip install flexorch[ray]") from None
+    raycluster.connect(spec.ray_address)
+    return raycluster
 
 
 @dataclass(frozen=True)
@@ -117,6 +135,7 @@ class WorkerRecord:
     device: str
     prompts: int  # in its slice
     prompts_reused: int  # of those, committed by an earlier run
+    node: str | None = None  # executor ray: its node, "node1 (10.0.0.2)"
     rounds: int = 0  # rounds committed in this run
     pid: int | None = None
     seconds: float = 0.0  # from process start to Finished
@@ -211,6 +230,8 @@ def run_job(spec: JobSpec, console: Console, restart: bool = False,
     job = prepare_job(spec, spec.model, _describe_model(spec.model))
     model_dir = resolve_model(spec.model, console=console)
     manifest = read_manifest(model_dir)  # with the layer checksums the fingerprint needs
+    if job.nodes:
+        _ray_cluster(spec).check_model(_used_nodes(job), model_dir)
     fingerprint = jobstate.make_fingerprint(manifest, spec.prompts, job.tokenized, job.score, job.plan.dtype)
     with jobstate.locked(spec.job_dir):
         state = jobstate.open_job(spec.job_dir, fingerprint, len(job.prompts), restart=restart)
@@ -260,9 +281,11 @@ def _make_tasks(run: _Run, faults: dict[str, WorkerHooks]) -> list[WorkerTask]:
     (keeping round ids), and a worker with nothing left is not started."""
     tasks = []
     completed = run.state.completed
+    nodes = {node.name: node for node in run.job.nodes}
     for wp in run.job.plan.workers:
         reused = sum(1 for i in wp.prompt_indices if i in completed)
-        record = WorkerRecord(wp.name, wp.device, len(wp.prompt_indices), reused)
+        node = f"{wp.node} ({nodes[wp.node].address})" if wp.node else None
+        record = WorkerRecord(wp.name, wp.device, len(wp.prompt_indices), reused, node)
         run.records[wp.name] = record
         rounds = _rounds_left(wp, run.job.tokenized, completed)
         if not rounds:
@@ -272,7 +295,7 @@ def _make_tasks(run: _Run, faults: dict[str, WorkerHooks]) -> list[WorkerTask]:
             name=wp.name, model_dir=str(run.model_dir), settings=wp.settings, score=run.job.score,
             rounds=rounds, parts_dir=str(run.state.parts_dir), planned_rounds=len(wp.rounds),
             log_path=str(run.state.job_dir / LOGS_DIR / f"{wp.name}.log"),
-            hooks=faults.get(wp.name, WorkerHooks()),
+            hooks=faults.get(wp.name, WorkerHooks()), return_results=bool(wp.node),
         ))
     return tasks
 
@@ -301,7 +324,7 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
         return None
     lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds))
              for r, wp in zip(run.records.values(), run.job.plan.workers)]
-    with make_progress(console, lines) as progress, LocalProcessExecutor(worker_timeout=worker_timeout) as executor:
+    with make_progress(console, lines) as progress, _executor(run.job, worker_timeout) as executor:
         if run.job.plan.parallel == "pipeline":
             tasks = _link_stages(tasks, executor)
         executor.start(tasks)
@@ -314,6 +337,20 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
             if isinstance(message, FAILURES):
                 return _failure(run, record, message)
     return None
+
+
+def _executor(job: PreparedJob, worker_timeout: float | None):
+    if not job.nodes:
+        return LocalProcessExecutor(worker_timeout=worker_timeout)
+    from flexorch.orchestrator.rayexecutor import RayExecutor
+
+    nodes = {node.name: node for node in job.nodes}
+    return RayExecutor({wp.name: nodes[wp.node] for wp in job.plan.workers}, worker_timeout=worker_timeout)
+
+
+def _used_nodes(job: PreparedJob) -> list[Node]:
+    used = {wp.node for wp in job.plan.workers}
+    return [node for node in job.nodes if node.name in used]
 
 
 def _link_stages(tasks: list[WorkerTask], executor) -> list[WorkerTask]:
