@@ -83,6 +83,7 @@ def _describe_model(path: Path) -> Manifest:
 
 def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJob:
     """Prompts → token ids → score ids → hardware → plan. `model_dir` holds the tokenizer."""
+    cluster = _ray_cluster(spec) if spec.executor == "ray" else None  # no Ray, no cluster: say so first
     prompts = read_prompts(spec.prompts)
     tokenizer = load_tokenizer(model_dir, spec.allow_remote_code)
     max_length = spec.max_length or model_max_length(manifest.config)
@@ -94,8 +95,8 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     # that exists, so job_dir need not exist yet).
     disk_path = spec.disk_folder or spec.job_dir
     sizes = dict(prompt_tokens=[p.n_tokens for p in tokenized], suffix_counts=[len(p.suffix_ids) for p in tokenized])
-    if spec.executor == "ray":
-        nodes = _ray_cluster(spec).probe_nodes(disk_path)
+    if cluster is not None:
+        nodes = cluster.probe_nodes(disk_path)
         plan = make_cluster_plan(nodes, manifest, spec, **sizes)
         return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan, nodes)
     plan = make_plan(probe(disk_path=disk_path), manifest, spec, **sizes)
