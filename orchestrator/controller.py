@@ -376,7 +376,8 @@ def _failure(run: _Run, record: WorkerRecord, message) -> str:
             raise UserError(f"worker {record.name} ({record.device}): {message.error}")
         what = message.error + (f" (traceback in {log})" if message.traceback else "")
     elif isinstance(message, (Died, Hung)):
-        what = message.describe() + (f"; its log: {log}" if isinstance(message, Died) else "")
+        on_node = f" on {record.node}" if record.node else ""  # executor ray: the log is on the worker's machine
+        what = message.describe() + (f"; its log: {log}{on_node}" if isinstance(message, Died) else "")
     else:
         what = str(message)
     record.error = what
