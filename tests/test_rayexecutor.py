@@ -122,7 +122,13 @@ def test_workers_on_two_nodes_give_the_local_executors_output_bit_for_bit(tmp_pa
     report = _report(tmp_path)
     assert [(w["device"], w["node"], w["status"]) for w in report["workers"]] == [
         ("node0:cpu", "node0 (127.0.0.1)", "finished"), ("node1:cpu", "node1 (127.0.0.1)", "finished")]
-    assert all(w["pid"] for w in report["workers"])
+    # Where Ray itself says each worker's actor ran: worker0 on the head, worker1 on the other node.
+    import ray
+    from ray.util.state import list_actors
+
+    node_of_pid = {a.pid: a.node_id for a in list_actors(filters=[("class_name", "=", "WorkerActor")], detail=True)}
+    head = {n["NodeID"]: "node:__internal_head__" in n["Resources"] for n in ray.nodes()}
+    assert [head[node_of_pid[w["pid"]]] for w in report["workers"]] == [True, False]
     # The same batches: each worker's slice, rounds and settings (but its device's name) are the local run's.
     for ray_worker, local_worker in zip(report["plan"]["workers"], local_report["plan"]["workers"]):
         assert ray_worker["rounds"] == local_worker["rounds"]
@@ -148,3 +154,15 @@ def test_killed_actor_fails_the_job_naming_it_and_resubmit_resumes(tmp_path, clu
     report = _report(tmp_path)
     assert report["prompts_reused"] == committed and report["prompts_computed"] == len(PROMPTS) - committed
     assert (tmp_path / "job.pkl").read_bytes() == local_run[0]
+
+
+@inside
+def test_hung_actor_is_stopped_after_worker_timeout_naming_it(tmp_path, cluster, layerwise, capsys):
+    job = write_job(tmp_path, layerwise("llama"), devices=["node0:cpu", "node1:cpu"], batch_tokens=BATCH_TOKENS,
+                    executor="ray", ray_address=cluster.address, worker_timeout=5)
+    faults = {"worker1": WorkerHooks(hang_after_rounds=1)}
+    assert controller.submit(job, Console(stderr=True), faults=faults) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: worker worker1 (node1:cpu, pid ")
+    assert error.endswith("made no progress for 5 s (worker_timeout); stopped")
+    assert not (tmp_path / "job.pkl").exists()
