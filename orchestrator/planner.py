@@ -358,6 +358,8 @@ def make_cluster_plan(nodes: Sequence[Node], manifest: Manifest, spec, prompt_to
     if not prompt_tokens:
         raise _error(spec, "prompts", "no prompts to score")
     dtype = _resolve_dtype(spec, manifest, reasons)
+    if spec.parallel == "pipeline":  # load_job refuses it; a spec built another way is refused here too
+        raise _error(spec, "parallel", "pipeline is refused with executor: ray (see README, Several machines)")
     if spec.parallel == "auto":
         reasons.append("parallel data (auto): executor ray runs data mode only (pipeline stages would hand "
                        "activations on over the network at every shard)")

@@ -80,8 +80,9 @@ class RayExecutor(Executor):
         # A GPU worker holds its GPU (Ray counts it; the plan chose which); a CPU worker its threads.
         gpu = task.settings.device != "cpu"
         options = dict(num_gpus=1, num_cpus=0) if gpu else dict(num_cpus=max(1, task.settings.threads))
+        # max_restarts 0: a restarted actor would come back without its task; a death is reported instead.
         actor = ray.remote(WorkerActor).options(
-            name=None, max_restarts=0, **options,
+            max_restarts=0, **options,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
         ).remote()
         actor.run.remote(task)

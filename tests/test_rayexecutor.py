@@ -147,8 +147,11 @@ def test_killed_actor_fails_the_job_naming_it_and_resubmit_resumes(tmp_path, clu
     assert error.startswith("error: worker worker1 (node1:cpu, pid ") and "Ray actor died on node1 (127.0.0.1)" in error
     assert not (tmp_path / "job.pkl").exists()
     assert [w["status"] for w in _report(tmp_path)["workers"]] == ["stopped", "failed"]
-    committed = sum(len(read_part_indices(p)) for p in (tmp_path / "job.job" / "parts").glob("*.npz"))
-    assert committed == 2  # one round of one prompt from each worker: a round is committed before the next starts
+    parts = tmp_path / "job.job" / "parts"
+    # worker1's one round was committed before it went on (and died): the actor waits for that.
+    assert [len(read_part_indices(p)) for p in parts.glob("part-worker1-*.npz")] == [1]
+    committed = sum(len(read_part_indices(p)) for p in parts.glob("*.npz"))
+    assert committed in (1, 2)  # worker0 may not have finished its first round when worker1 died
 
     assert controller.submit(job, Console(stderr=True)) == 0
     report = _report(tmp_path)
