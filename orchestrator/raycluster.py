@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flexorch.contract.errors import UserError
@@ -50,9 +51,9 @@ def probe_nodes(disk_path: Path) -> tuple[Node, ...]:
     named node0 (the head), node1, ... by address."""
     alive = sorted((n for n in ray.nodes() if n["Alive"]),
                    key=lambda n: (_HEAD_RESOURCE not in n["Resources"], n["NodeManagerAddress"], n["NodeID"]))
-    probes = [_on(n["NodeID"], probe).remote(disk_path) for n in alive]
+    probes = _get([_on(n["NodeID"], probe).remote(disk_path) for n in alive], "probing the nodes")
     return tuple(Node(f"node{i}", n["NodeManagerAddress"], n["NodeID"], _schedulable(hw, n["Resources"]))
-                 for i, (n, hw) in enumerate(zip(alive, ray.get(probes))))
+                 for i, (n, hw) in enumerate(zip(alive, probes)))
 
 
 def _schedulable(hardware: Hardware, resources: dict) -> Hardware:
@@ -67,9 +68,10 @@ def check_model(nodes: Sequence[Node], model_dir: Path) -> None:
     """Raise UserError naming each node where `model_dir` is not the controller's model."""
     manifest = (Path(model_dir) / MANIFEST_NAME).read_bytes()
     digest = hashlib.sha256(manifest).hexdigest()
-    checks = [_on(node.node_id, model_problem).remote(str(model_dir), digest) for node in nodes]
+    checks = _get([_on(node.node_id, model_problem).remote(str(model_dir), digest) for node in nodes],
+                  "checking the model on the nodes")
     problems = [f"{node.name} ({node.address}): {problem}"
-                for node, problem in zip(nodes, ray.get(checks)) if problem is not None]
+                for node, problem in zip(nodes, checks) if problem is not None]
     if problems:
         raise UserError("executor ray: the model dir must be readable at the same path on every node "
                         "(a shared filesystem): " + "; ".join(problems))
@@ -94,6 +96,15 @@ def model_problem(model_dir: str, manifest_sha256: str) -> str | None:
             found = "missing" if size is None else f"{size} bytes"
             return f"{file}: {found}, the manifest says {entry.bytes} bytes"
     return None
+
+
+def _get(refs: list, doing: str) -> list:
+    """ray.get, with a node lost meanwhile (the tasks are pinned to it) as one line, before any work."""
+    try:
+        return ray.get(refs)
+    except RayError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UserError(f"executor ray: {doing} failed (did a node leave the cluster?): {first}") from None
 
 
 def _on(node_id: str, function):

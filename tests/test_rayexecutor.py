@@ -17,6 +17,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -168,4 +170,28 @@ def test_hung_actor_is_stopped_after_worker_timeout_naming_it(tmp_path, cluster,
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: worker worker1 (node1:cpu, pid ")
     assert error.endswith("made no progress for 5 s (worker_timeout); stopped")
+    assert not (tmp_path / "job.pkl").exists()
+
+
+@inside
+def test_a_lost_node_fails_the_job_at_once_naming_it(tmp_path, cluster, layerwise, capsys):
+    """Last in the module: it takes node1 out of the shared cluster."""
+    job = _ray_job(tmp_path, cluster, layerwise)
+    # Both workers stop after a round and wait for ever: only the lost node can end the job.
+    faults = {name: WorkerHooks(hang_after_rounds=1) for name in ("worker0", "worker1")}
+    node1 = next(n for n in cluster.list_all_nodes() if n is not cluster.head_node)
+    lost_at = []
+
+    def remove_node1_once_it_committed_a_round():
+        parts, deadline = tmp_path / "job.job" / "parts", time.monotonic() + 300
+        while not list(parts.glob("part-worker1-*.npz")) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the test watching the disk; the controller itself never polls
+        lost_at.append(time.monotonic())
+        cluster.remove_node(node1, allow_graceful=False)
+
+    threading.Thread(target=remove_node1_once_it_committed_a_round, daemon=True).start()
+    assert controller.submit(job, Console(stderr=True), faults=faults) == 1
+    assert time.monotonic() - lost_at[0] < 30  # Ray's word on the lost actor, then every actor stopped
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: worker worker1 (node1:cpu, pid ") and "Ray actor died on node1 (127.0.0.1)" in error
     assert not (tmp_path / "job.pkl").exists()
