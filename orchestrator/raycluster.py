@@ -28,7 +28,8 @@ from flexorch.orchestrator.hardware import Hardware, Node, probe
 
 # Ray gives a GPU actor its GPU by setting CUDA_VISIBLE_DEVICES to it; flexorch runs each worker on
 # the GPU the plan chose (cuda:N as the node's NVML numbers them), so Ray only counts GPUs. Set for
-# the whole Ray job, so the probe sees a node's GPUs as its workers will.
+# the Ray job and again on each probe and actor (a driver that was connected before may lack it), so
+# the probe sees a node's GPUs as its workers will.
 RUNTIME_ENV = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}}
 _HEAD_RESOURCE = "node:__internal_head__"
 
@@ -110,4 +111,4 @@ def _get(refs: list, doing: str) -> list:
 def _on(node_id: str, function):
     """`function` as a Ray task pinned to one node; num_cpus 0 so that it runs beside busy workers."""
     strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
-    return ray.remote(function).options(num_cpus=0, scheduling_strategy=strategy)
+    return ray.remote(function).options(num_cpus=0, scheduling_strategy=strategy, runtime_env=RUNTIME_ENV)

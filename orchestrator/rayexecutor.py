@@ -29,8 +29,12 @@ from flexorch.contract.messages import (Failed, Finished, Progress, Ready, Round
 from flexorch.contract.parts import part_name, write_part
 from flexorch.orchestrator.executor import STARTUP_GRACE_S, Died, ExecutorMessage, Executor, Hung
 from flexorch.orchestrator.hardware import Node
+from flexorch.orchestrator.raycluster import RUNTIME_ENV
 from flexorch.workers.actor import WorkerActor
 from flexorch.workers.worker import failure_of
+
+
+_RemoteWorker = ray.remote(WorkerActor)  # the class is shipped to the cluster once, not per actor
 
 
 @dataclass
@@ -81,8 +85,8 @@ class RayExecutor(Executor):
         gpu = task.settings.device != "cpu"
         options = dict(num_gpus=1, num_cpus=0) if gpu else dict(num_cpus=max(1, task.settings.threads))
         # max_restarts 0: a restarted actor would come back without its task; a death is reported instead.
-        actor = ray.remote(WorkerActor).options(
-            max_restarts=0, **options,
+        actor = _RemoteWorker.options(
+            max_restarts=0, runtime_env=RUNTIME_ENV, **options,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
         ).remote()
         actor.run.remote(task)

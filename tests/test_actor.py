@@ -3,6 +3,7 @@ wait after RoundResults until the controller has committed them (its next `take`
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 from flexorch.contract.messages import Failed, Finished, Ready, RoundResults, WorkerTask
@@ -55,3 +56,12 @@ def test_an_exception_in_the_worker_is_its_failed_message(monkeypatch):
     while not isinstance(messages[-1], Failed):
         messages += worker.take()
     assert messages[-1].error == "RuntimeError: boom" and "Traceback" in messages[-1].traceback
+
+
+def test_a_log_that_cannot_be_opened_on_the_node_is_a_failed_message(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where job_dir/logs would be")
+    worker = WorkerActor()
+    worker.run(dataclasses.replace(TASK, log_path=str(blocked / "logs" / "w0.log")))
+    (message,) = worker.take()
+    assert isinstance(message, Failed) and "not-a-folder" in message.error

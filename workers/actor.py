@@ -37,7 +37,11 @@ class WorkerActor:
     def run(self, task: WorkerTask) -> None:
         # As in a local worker: the planner numbers GPUs as NVML does (by PCI bus), not fastest first.
         os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        redirect_output(task.log_path)
+        try:
+            redirect_output(task.log_path)  # job_dir/logs at the same path on this node
+        except OSError as exc:  # nobody reads this call's result: the failure goes to the outbox
+            self._send(failure_of(task, exc))
+            return
         self._send(Ready(task.name, os.getpid()))
         # A thread, so that `take` (the actor's own thread) can answer while the rounds run.
         threading.Thread(target=self._run, args=(task,), name=f"flexorch-{task.name}", daemon=True).start()
