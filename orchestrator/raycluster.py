@@ -37,7 +37,7 @@ _HEAD_RESOURCE = "node:__internal_head__"
 def connect(address: str) -> None:
     """Join the cluster at `address` ("auto": RAY_ADDRESS, else a cluster started on this machine).
     Worker output stays in the job's logs (log_to_driver off): it would break the live display."""
-    if ray.is_initialized():
+    if ray.is_initialized():  # a driver already connected (the Python API in a Ray session, tests) keeps it
         return
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=RUNTIME_ENV)

@@ -116,11 +116,11 @@ class RayExecutor(Executor):
                 yield Died(handle.task.name, None, cause=_death_cause(handle, exc))
                 continue
             for message in batch:
-                yield from self._receive(handle, message)
-            if not handle.done:
+                yield self._receive(handle, message)
+            if not handle.done:  # asking again also tells the worker its RoundResults are committed
                 handle.pending = handle.actor.take.remote()
 
-    def _receive(self, handle: _Actor, message: WorkerMessage) -> Iterator[ExecutorMessage]:
+    def _receive(self, handle: _Actor, message: WorkerMessage) -> ExecutorMessage:
         handle.last_heard = self.clock()
         if isinstance(message, RoundResults):
             message = self._commit(handle.task, message)
@@ -130,7 +130,7 @@ class RayExecutor(Executor):
             handle.computing = True
         if isinstance(message, (Finished, Failed)):
             handle.done = True
-        yield message
+        return message
 
     @staticmethod
     def _commit(task: WorkerTask, message: RoundResults) -> RoundDone | Failed:

@@ -74,6 +74,19 @@ def test_ray_not_installed_is_exit_2_saying_how_to_install(tmp_path, layerwise):
     assert not (tmp_path / "job.pkl").exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+def test_no_cluster_to_join_is_exit_2_in_one_line(tmp_path, layerwise):
+    job = write_job(tmp_path, layerwise("llama"), executor="ray", devices="auto")
+    # An empty Ray temp dir: no cluster started on this machine to find (and nothing is started).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "ray")}
+    result = subprocess.run([sys.executable, "-m", "flexorch.orchestrator.cli", "plan", str(job)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: executor ray: cannot connect to a Ray cluster at ray_address auto (")
+    assert line.endswith("start one with `ray start --head` or set ray_address")
+
+
 # -- inside the namespace ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():
