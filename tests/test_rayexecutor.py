@@ -4,7 +4,7 @@ failing the job at once naming it, and resume.
 
 Hermetic: the cluster is started inside a private network namespace (`unshare -n`, then `ip link
 set lo up`), so every Ray process binds to 127.0.0.1 and nothing is reachable from outside. The one
-test run in the ordinary suite re-runs this module in such a namespace (the tests marked `inside`);
+test run in the ordinary suite re-runs this module's `ray_cluster` tests in such a namespace;
 it skips, saying why, where Ray, unshare or namespaces are not available. One cluster is shared by
 the module's tests: Ray takes seconds to start.
 """
@@ -32,8 +32,15 @@ from test_controller import PROMPTS, write_job
 
 NETNS_ENV = "FLEXORCH_TEST_IN_NETNS"
 IN_NETNS = os.environ.get(NETNS_ENV) == "1"
-inside = pytest.mark.skipif(not IN_NETNS, reason="runs in a private network namespace, started by "
-                                                 "test_ray_cluster_tests_pass_in_a_private_network_namespace")
+
+
+def inside(test):
+    """A test of the cluster: selected by its marker in the namespace, skipped in the ordinary run."""
+    skip = pytest.mark.skipif(not IN_NETNS, reason="runs in a private network namespace, started by "
+                                                   "test_ray_cluster_tests_pass_in_a_private_network_namespace")
+    return pytest.mark.ray_cluster(skip(test))
+
+
 BATCH_TOKENS = 256  # the same batches under both executors
 
 
@@ -56,7 +63,7 @@ def test_ray_cluster_tests_pass_in_a_private_network_namespace():
     if why:
         pytest.skip(why)
     command = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-               sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not private_network", __file__]
+               sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "ray_cluster", __file__]
     result = subprocess.run(command, env={**os.environ, NETNS_ENV: "1"}, capture_output=True, text=True,
                             timeout=540, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
