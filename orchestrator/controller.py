@@ -68,7 +68,10 @@ def plan_job(job_path: str | Path) -> tuple[JobSpec, Plan]:
 
 
 def plan_spec(spec: JobSpec) -> Plan:
-    return prepare_job(spec, spec.model, _describe_model(spec.model)).plan
+    job = prepare_job(spec, spec.model, _describe_model(spec.model))
+    if job.nodes and is_layerwise_dir(spec.model):  # read-only, and the plan is where a user finds out
+        _ray_cluster(spec).check_model(_used_nodes(job), spec.model)
+    return job.plan
 
 
 def _describe_model(path: Path) -> Manifest:

@@ -53,11 +53,11 @@ def probe_nodes(disk_path: Path) -> tuple[Node, ...]:
     alive = sorted((n for n in ray.nodes() if n["Alive"]),
                    key=lambda n: (_HEAD_RESOURCE not in n["Resources"], n["NodeManagerAddress"], n["NodeID"]))
     probes = _get([_on(n["NodeID"], probe).remote(disk_path) for n in alive], "probing the nodes")
-    return tuple(Node(f"node{i}", n["NodeManagerAddress"], n["NodeID"], _schedulable(hw, n["Resources"]))
+    return tuple(Node(f"node{i}", n["NodeManagerAddress"], n["NodeID"], schedulable(hw, n["Resources"]))
                  for i, (n, hw) in enumerate(zip(alive, probes)))
 
 
-def _schedulable(hardware: Hardware, resources: dict) -> Hardware:
+def schedulable(hardware: Hardware, resources: dict) -> Hardware:
     """What Ray may schedule on the node: `ray start --num-gpus/--num-cpus` can offer less than the
     machine has, and the planner must not split more cores or GPUs than that."""
     gpus = hardware.gpus[: int(resources.get("GPU", 0))]
