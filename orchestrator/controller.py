@@ -24,11 +24,11 @@ from rich.console import Console
 from flexorch.orchestrator import jobstate
 from flexorch.contract.atomic import atomic_write_text
 from flexorch.orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
-from flexorch.orchestrator.hardware import probe
+from flexorch.orchestrator.hardware import Node, probe
 from flexorch.orchestrator.merge import collect_results, write_output
 from flexorch.orchestrator.summary import Summary, summarize
 from flexorch.orchestrator.modelstore import is_hf_checkpoint, resolve_model
-from flexorch.orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_plan
+from flexorch.orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_cluster_plan, make_plan
 from flexorch.orchestrator.progress import WorkerLine, make_progress
 from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer, model_max_length, read_prompts, token_ids_for,
                                   tokenize_prompts, updated_prompts_path, write_updated_prompts)
@@ -59,6 +59,7 @@ class PreparedJob:
     manifest: Manifest  # what the plan was made from (an HF dir's is described: no checksums)
     tokenizer: object
     plan: Plan
+    nodes: tuple[Node, ...] = ()  # executor ray: the cluster the plan was made for
 
 
 def plan_job(job_path: str | Path) -> tuple[JobSpec, Plan]:
@@ -68,7 +69,10 @@ def plan_job(job_path: str | Path) -> tuple[JobSpec, Plan]:
 
 
 def plan_spec(spec: JobSpec) -> Plan:
-    return prepare_job(spec, spec.model, _describe_model(spec.model)).plan
+    job = prepare_job(spec, spec.model, _describe_model(spec.model))
+    if job.nodes and is_layerwise_dir(spec.model):  # read-only, and the plan is where a user finds out
+        _ray_cluster(spec).check_model(_used_nodes(job), spec.model)
+    return job.plan
 
 
 def _describe_model(path: Path) -> Manifest:
@@ -83,6 +87,7 @@ def _describe_model(path: Path) -> Manifest:
 
 def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJob:
     """Prompts → token ids → score ids → hardware → plan. `model_dir` holds the tokenizer."""
+    cluster = _ray_cluster(spec) if spec.executor == "ray" else None  # no Ray, no cluster: say so first
     prompts = read_prompts(spec.prompts)
     tokenizer = load_tokenizer(model_dir, spec.allow_remote_code)
     max_length = spec.max_length or model_max_length(manifest.config)
@@ -92,10 +97,27 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     score = ScoreSpec(kind=spec.score.kind, token_ids=token_ids, generate_tokens=spec.generate_tokens)
     # Free disk where activations would go: the planner's disk budget (probe walks up to a parent
     # that exists, so job_dir need not exist yet).
-    hardware = probe(disk_path=spec.disk_folder or spec.job_dir)
-    plan = make_plan(hardware, manifest, spec, [p.n_tokens for p in tokenized],
-                     suffix_counts=[len(p.suffix_ids) for p in tokenized])
+    disk_path = spec.disk_folder or spec.job_dir
+    sizes = dict(prompt_tokens=[p.n_tokens for p in tokenized], suffix_counts=[len(p.suffix_ids) for p in tokenized])
+    if cluster is not None:
+        nodes = cluster.probe_nodes(disk_path)
+        plan = make_cluster_plan(nodes, manifest, spec, **sizes)
+        return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan, nodes)
+    plan = make_plan(probe(disk_path=disk_path), manifest, spec, **sizes)
     return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan)
+
+
+def _ray_cluster(spec: JobSpec):
+    """orchestrator.raycluster, connected to the job's cluster; or one line saying how to get Ray."""
+    try:
+        from flexorch.orchestrator import raycluster
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "ray":
+            raise
+        raise UserError(f"{spec.path}: executor: ray needs Ray, which is not installed: "
+                        "pip install flexorch[ray]") from None
+    raycluster.connect(spec.ray_address)
+    return raycluster
 
 
 @dataclass(frozen=True)
@@ -118,6 +140,7 @@ class WorkerRecord:
     device: str
     prompts: int  # in its slice
     prompts_reused: int  # of those, committed by an earlier run
+    node: str | None = None  # executor ray: its node, "node1 (10.0.0.2)"
     rounds: int = 0  # rounds committed in this run
     pid: int | None = None
     seconds: float = 0.0  # from process start to Finished
@@ -212,6 +235,8 @@ def run_job(spec: JobSpec, console: Console, restart: bool = False,
     job = prepare_job(spec, spec.model, _describe_model(spec.model))
     model_dir = resolve_model(spec.model, console=console)
     manifest = read_manifest(model_dir)  # with the layer checksums the fingerprint needs
+    if job.nodes:
+        _ray_cluster(spec).check_model(_used_nodes(job), model_dir)
     fingerprint = jobstate.make_fingerprint(manifest, model_dir, spec.prompts, job.tokenized, job.score,
                                             job.plan.dtype)
     with jobstate.locked(spec.job_dir):
@@ -303,9 +328,11 @@ def _make_tasks(run: _Run, faults: dict[str, WorkerHooks]) -> list[WorkerTask]:
     tasks = []
     completed = run.state.completed
     previous = _previous_figures(run.state.job_dir)
+    nodes = {node.name: node for node in run.job.nodes}
     for wp in run.job.plan.workers:
         reused = sum(1 for i in wp.prompt_indices if i in completed)
-        record = WorkerRecord(wp.name, wp.device, len(wp.prompt_indices), reused)
+        node = f"{wp.node} ({nodes[wp.node].address})" if wp.node else None
+        record = WorkerRecord(wp.name, wp.device, len(wp.prompt_indices), reused, node)
         run.records[wp.name] = record
         rounds = _rounds_left(wp, run.job.tokenized, completed)
         if not rounds:
@@ -316,7 +343,7 @@ def _make_tasks(run: _Run, faults: dict[str, WorkerHooks]) -> list[WorkerTask]:
             name=wp.name, model_dir=str(run.model_dir), settings=wp.settings, score=run.job.score,
             rounds=rounds, parts_dir=str(run.state.parts_dir), planned_rounds=len(wp.rounds),
             log_path=str(run.state.job_dir / LOGS_DIR / f"{wp.name}.log"),
-            hooks=faults.get(wp.name, WorkerHooks()),
+            hooks=faults.get(wp.name, WorkerHooks()), return_results=bool(wp.node),
         ))
     return tasks
 
@@ -349,7 +376,7 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
         return None
     lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds))
              for r, wp in zip(run.records.values(), run.job.plan.workers)]
-    with make_progress(console, lines) as progress, LocalProcessExecutor(worker_timeout=worker_timeout) as executor:
+    with make_progress(console, lines) as progress, _executor(run.job, worker_timeout) as executor:
         if run.job.plan.parallel == "pipeline":
             tasks = _link_stages(tasks, executor)
         executor.start(tasks)
@@ -362,6 +389,20 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
             if isinstance(message, FAILURES):
                 return _failure(run, record, message)
     return None
+
+
+def _executor(job: PreparedJob, worker_timeout: float | None):
+    if not job.nodes:
+        return LocalProcessExecutor(worker_timeout=worker_timeout)
+    from flexorch.orchestrator.rayexecutor import RayExecutor
+
+    nodes = {node.name: node for node in job.nodes}
+    return RayExecutor({wp.name: nodes[wp.node] for wp in job.plan.workers}, worker_timeout=worker_timeout)
+
+
+def _used_nodes(job: PreparedJob) -> list[Node]:
+    used = {wp.node for wp in job.plan.workers}
+    return [node for node in job.nodes if node.name in used]
 
 
 def _link_stages(tasks: list[WorkerTask], executor) -> list[WorkerTask]:
@@ -386,7 +427,8 @@ def _failure(run: _Run, record: WorkerRecord, message) -> str:
             raise UserError(f"worker {record.name} ({record.device}): {message.error}")
         what = message.error + (f" (traceback in {log})" if message.traceback else "")
     elif isinstance(message, (Died, Hung)):
-        what = message.describe() + (f"; its log: {log}" if isinstance(message, Died) else "")
+        on_node = f" on {record.node}" if record.node else ""  # executor ray: the log is on the worker's machine
+        what = message.describe() + (f"; its log: {log}{on_node}" if isinstance(message, Died) else "")
     else:
         what = str(message)
     record.error = what

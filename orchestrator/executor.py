@@ -5,10 +5,11 @@ workers send (`workers.worker`), plus two the executor itself makes up when a wo
 for itself: `Died` (its process ended without finishing) and `Hung` (it said nothing for longer
 than `worker_timeout`).
 
-`LocalProcessExecutor` runs one spawned process per task on this machine. Another executor — one
-Ray actor per task, say — implements the same three methods: `start` creates the actors, `messages`
-turns their replies and their deaths (`ray.wait` on the actors' object refs) into the same message
-stream, `stop` kills them. The controller does not change.
+`LocalProcessExecutor` runs one spawned process per task on this machine. `RayExecutor`
+(orchestrator/rayexecutor.py, executor: ray) runs one Ray actor per task and implements the same
+methods: `start` creates the actors, `messages` turns their replies and their deaths (`ray.wait` on
+the actors' object refs) into the same message stream, `stop` kills them. The controller does not
+change.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ class Died:
 
     worker: str
     exitcode: int | None
+    cause: str = ""  # where no exit code tells it (a Ray actor's death): what is known, one line
 
     def describe(self) -> str:
+        if self.cause:
+            return self.cause
         if self.exitcode is not None and self.exitcode < 0:
             try:
                 name = signal.Signals(-self.exitcode).name

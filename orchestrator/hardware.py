@@ -43,6 +43,19 @@ class Hardware:
         return cls(**{**data, "gpus": gpus})
 
 
+@dataclass(frozen=True)
+class Node:
+    """One machine of a Ray cluster (orchestrator/raycluster.py probes them)."""
+
+    name: str  # "node0", ...: the head first, then by address; a device on it is "node1:cuda:0"
+    address: str  # its IP address
+    node_id: str  # Ray's node id (hex): where the executor places the node's workers
+    hardware: Hardware  # as probed on the node, GPUs and cores capped to what Ray may schedule there
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def probe(disk_path: Path = Path("."), nvml=None, environ: dict | None = None) -> Hardware:
     """Describe this machine. `nvml` (default: the `pynvml` module) and `environ` (default:
     `os.environ`) are parameters so tests can describe GPUs and CUDA_VISIBLE_DEVICES."""

@@ -70,7 +70,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
-from flexorch.orchestrator.hardware import Hardware, format_bytes
+from flexorch.orchestrator.hardware import Hardware, Node, format_bytes
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
 from flexorch.contract.protocol import EngineSettings
@@ -175,6 +175,7 @@ class WorkerPlan:
     predicted_read_seconds: float
     predicted_compute_seconds: float
     reasons: tuple[str, ...]
+    node: str = ""  # executor ray: its node ("node1"; `device` is then "node1:cuda:0"); "": this machine
 
     @property
     def predicted_seconds(self) -> float:
@@ -346,6 +347,82 @@ def make_plan(hardware: Hardware, manifest: Manifest, spec, prompt_tokens: Seque
     if parallel == "data":
         return Plan("data", dtype, data, tuple(reasons + data_reasons), predictions)
     return Plan("pipeline", dtype, pipeline, tuple(reasons), predictions)
+
+
+def make_cluster_plan(nodes: Sequence[Node], manifest: Manifest, spec, prompt_tokens: Sequence[int], *,
+                      suffix_counts: Sequence[int] | None = None) -> Plan:
+    """make_plan for a Ray cluster (executor: ray): data mode over devices of several machines,
+    named "node1:cuda:0". Each worker is sized by its own node's hardware; the workers of one node
+    share its RAM, disk and cores. Pipeline mode is refused by the spec (docs/design.md says why)."""
+    reasons: list[str] = [_describe_nodes(nodes)]
+    if not prompt_tokens:
+        raise _error(spec, "prompts", "no prompts to score")
+    dtype = _resolve_dtype(spec, manifest, reasons)
+    if spec.parallel == "pipeline":  # load_job refuses it; a spec built another way is refused here too
+        raise _error(spec, "parallel", "pipeline is refused with executor: ray (see README, Several machines)")
+    if spec.parallel == "auto":
+        reasons.append("parallel data (auto): executor ray runs data mode only (pipeline stages would hand "
+                       "activations on over the network at every shard)")
+    job = _describe_job(nodes[0].hardware, manifest, spec, dtype, prompt_tokens, suffix_counts)
+    seats = _resolve_cluster_devices(spec, nodes, reasons)
+    if len(seats) > len(job.tokens):
+        reasons.append(f"{len(seats) - len(job.tokens)} device(s) left idle: only {len(job.tokens)} prompt(s)")
+        seats = seats[:len(job.tokens)]
+    threads = _cluster_threads(seats)
+    rates = [_flops_rate(device, node.hardware, dtype, threads[i]) for i, (node, device) in enumerate(seats)]
+    slices = _balanced_slices(job.tokens, rates)
+    if len(seats) > 1:
+        reasons.append(f"prompts split into {len(seats)} contiguous slices balanced by tokens, weighted by "
+                       "each device's predicted throughput")
+    workers = []
+    for i, ((node, device), indices) in enumerate(zip(seats, slices)):
+        hw, sharing = node.hardware, sum(n is node for n, _ in seats)
+        budget = _Budget(_gpu_budget(hw, device, spec), _usable(_cap(hw.ram_available, spec.limits.ram)) // sharing,
+                         _usable(hw.disk_free) // sharing)
+        on_node = replace(job, read_rate=hw.disk_read_bytes_per_s or DEFAULT_DISK_READ_BYTES_PER_S)
+        plan = _plan_worker(on_node, hw, f"worker{i}", device, indices, threads[i], rates[i], budget)
+        workers.append(replace(plan, device=f"{node.name}:{device}", node=node.name))
+    return Plan("data", dtype, tuple(workers), tuple(reasons), (_prediction("data", workers),))
+
+
+def _describe_nodes(nodes: Sequence[Node]) -> str:
+    listed = "; ".join(f"{n.name} {n.address} ({len(n.hardware.gpus)} GPU, {n.hardware.cpu_count} cores, "
+                       f"{format_bytes(n.hardware.ram_available)} RAM)" for n in nodes)
+    return f"Ray cluster of {len(nodes)} node(s): {listed}"
+
+
+def _resolve_cluster_devices(spec, nodes: Sequence[Node], reasons: list[str]) -> list[tuple[Node, str]]:
+    """(node, device as its worker sees it) per worker, in the order of the job's devices."""
+    if spec.devices == "auto":
+        seats = [(n, f"cuda:{gpu.index}") for n in nodes for gpu in n.hardware.gpus]
+        why = "every GPU of the cluster"
+        if not seats:
+            seats, why = [(n, "cpu") for n in nodes], "no GPU in the cluster: one CPU worker per node"
+        reasons.append(f"devices {', '.join(f'{n.name}:{d}' for n, d in seats)} (auto): {why}")
+        return seats
+    by_name = {n.name: n for n in nodes}
+    seats = []
+    for entry in spec.devices:
+        name, device = entry.split(":", 1)
+        node = by_name.get(name)
+        if node is None:
+            raise _error(spec, "devices", f"{entry}: no node {name} in the cluster (nodes: {', '.join(by_name)})")
+        present = [f"cuda:{gpu.index}" for gpu in node.hardware.gpus]
+        if device != "cpu" and device not in present:
+            raise _error(spec, "devices", f"{entry} not present ({name}'s GPUs Ray may use: "
+                                          f"{', '.join(present) or 'none'})")
+        seats.append((node, device))
+    return seats
+
+
+def _cluster_threads(seats: Sequence[tuple[Node, str]]) -> list[int]:
+    """_threads per node: each node's cores are split between its own CPU workers."""
+    threads = [0] * len(seats)
+    for node in {id(n): n for n, _ in seats}.values():
+        mine = [i for i, (n, _) in enumerate(seats) if n is node]
+        for i, t in zip(mine, _threads([seats[i][1] for i in mine], node.hardware.cpu_count)):
+            threads[i] = t
+    return threads
 
 
 def _plan_data(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> tuple[list[str], tuple[WorkerPlan, ...]]:

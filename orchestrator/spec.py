@@ -27,6 +27,14 @@ from flexorch.orchestrator.prompts import updated_prompts_path
 from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES
 
 PARALLEL_MODES = ("data", "pipeline", "auto")
+EXECUTORS = ("local", "ray")
+# A device on a Ray cluster is named by its node: "node1:cuda:0", "node0:cpu" (nodes as `flexorch
+# plan` numbers them: the head first, then by address).
+_NODE_DEVICE_RE = re.compile(r"(node\d+):(.+)")
+# Why `parallel: pipeline` is refused on a cluster: see docs/design.md ("Several machines").
+_PIPELINE_OVER_RAY = ("pipeline stages hand every batch's activations on at every shard boundary, which across "
+                      "machines is network traffic several times the model's size per pass; use parallel: data "
+                      "(each node reads the weights from its own disk)")
 PROMPT_EXTENSIONS = (".jsonl", ".pkl")
 OUTPUT_EXTENSIONS = (".pkl", ".jsonl")
 # A worker that reports no progress for this long is hung. Generous: one step of a 70B model from a
@@ -43,7 +51,7 @@ _REQUIRED = {"model": "the model dir", "prompts": "the prompts file (.jsonl or .
              "output": "the output file (.pkl or .jsonl)"}
 _TOP_KEYS = ("model", "prompts", "output", "job_dir", "score", "generate_tokens", "devices", "parallel",
              "layers_per_shard", "storage", "disk_folder", "dtype", "batch_tokens", "max_length", "limits",
-             "worker_timeout", "allow_remote_code")
+             "worker_timeout", "allow_remote_code", "executor", "ray_address")
 _SCORE_KEYS = ("kind", "tokens")
 _LIMIT_KEYS = ("gpu_memory", "ram")
 # Spellings users bring from torch and other tools; only suggested, so each dtype has one spelling.
@@ -97,6 +105,8 @@ class JobSpec:
     limits: Limits = Limits()
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT  # seconds without progress before a worker is hung
     allow_remote_code: bool = False  # the only way trust_remote_code is ever turned on
+    executor: str = "local"  # one of EXECUTORS: worker processes on this machine, or Ray actors on a cluster
+    ray_address: str = "auto"  # executor ray: "auto" (RAY_ADDRESS or a cluster running here), host:port, ray://...
 
     @property
     def prompts_format(self) -> str:
@@ -143,12 +153,16 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
     disk_folder = _disk_folder(problems, raw.get("disk_folder"), base, storage)
     if generate_tokens is not None and prompts is not None:
         _check_written_paths(problems, model, prompts, output, job_dir, disk_folder, generate_tokens)
+    executor = _choice(problems, "executor", raw.get("executor"), EXECUTORS, default="local", auto=False)
+    parallel = _choice(problems, "parallel", raw.get("parallel"), PARALLEL_MODES, default="data")
+    if executor == "ray" and parallel == "pipeline":
+        problems.add("parallel", f"pipeline is refused with executor: ray: {_PIPELINE_OVER_RAY}")
 
     values = dict(
         path=path, model=model, prompts=prompts, output=output, job_dir=job_dir, score=score,
         generate_tokens=generate_tokens,
-        devices=_devices(problems, raw.get("devices")),
-        parallel=_choice(problems, "parallel", raw.get("parallel"), PARALLEL_MODES, default="data"),
+        devices=_devices(problems, raw.get("devices"), executor),
+        parallel=parallel,
         layers_per_shard=_int(problems, "layers_per_shard", raw.get("layers_per_shard")),
         storage=storage, disk_folder=disk_folder,
         dtype=_choice(problems, "dtype", raw.get("dtype"), DTYPES, aliases=_DTYPE_ALIASES),
@@ -157,6 +171,8 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
         limits=_limits(problems, raw.get("limits")),
         worker_timeout=_seconds(problems, "worker_timeout", raw.get("worker_timeout"), DEFAULT_WORKER_TIMEOUT),
         allow_remote_code=_bool(problems, "allow_remote_code", raw.get("allow_remote_code"), default=False),
+        executor=executor,
+        ray_address=_ray_address(problems, raw.get("ray_address"), executor),
     )
     problems.raise_if_any()
     return JobSpec(**values)
@@ -494,29 +510,44 @@ def _tokens(problems: _Problems, value) -> tuple[str, ...] | None:
     return tuple(value)
 
 
-def _devices(problems: _Problems, value) -> str | tuple[str, ...] | None:
-    """"auto", or device strings from cpu | 0 | cuda | cuda:N or a list of them."""
+def _devices(problems: _Problems, value, executor: str | None) -> str | tuple[str, ...] | None:
+    """"auto", or device strings from cpu | 0 | cuda | cuda:N or a list of them; with executor ray,
+    each prefixed by its node (node0:cpu, node1:cuda:0)."""
     if value is None or value == "auto":
         return "auto"
     items = value if isinstance(value, list) else [value]
     if not items:
         problems.add("devices", "expected auto, cpu, a GPU index or a list of them, got an empty list")
         return None
-    devices = []
-    for item in items:
-        device = _device(item)
-        if device is None:
-            hint = _did_you_mean(item.strip().lower(), ("cpu", "cuda", "auto")) if isinstance(item, str) else ""
-            problems.add("devices", f"{_show(item)} is not a device: expected cpu, a GPU index (0, 1, ...), "
-                                    f"cuda or cuda:N{hint}")
-        devices.append(device)
+    devices = [_placed_device(problems, item, executor) for item in items]
     # Several CPU workers share the machine's cores (useful for tests); a GPU runs one worker.
-    repeated = sorted({d for d in devices if d not in (None, "cpu") and devices.count(d) > 1})
+    repeated = sorted({d for d in devices if d is not None and not d.endswith("cpu") and devices.count(d) > 1})
     if repeated:
         problems.add("devices", f"{', '.join(repeated)} listed more than once (one worker per GPU)")
     if None in devices or repeated:
         return None
     return tuple(devices)
+
+
+def _placed_device(problems: _Problems, item, executor: str | None) -> str | None:
+    """One devices entry: a device, on a Ray cluster prefixed by its node."""
+    node, rest = None, item
+    if isinstance(item, str) and (match := _NODE_DEVICE_RE.fullmatch(item.strip().lower())):
+        node, rest = match[1], match[2]
+    device = _device(rest)
+    if device is None:
+        hint = _did_you_mean(rest.strip().lower(), ("cpu", "cuda", "auto")) if isinstance(rest, str) else ""
+        problems.add("devices", f"{_show(item)} is not a device: expected cpu, a GPU index (0, 1, ...), "
+                                f"cuda or cuda:N{hint}")
+        return None
+    if executor == "ray" and node is None:
+        problems.add("devices", f"{_show(item)}: with executor: ray name the node too, e.g. node0:{device} "
+                                "(`flexorch plan` lists the nodes), or use devices: auto")
+        return None
+    if executor == "local" and node is not None:
+        problems.add("devices", f"{_show(item)} names a node: only with executor: ray")
+        return None
+    return f"{node}:{device}" if node else device
 
 
 def _device(item) -> str | None:
@@ -531,6 +562,19 @@ def _device(item) -> str | None:
         return "cuda:0"
     match = re.fullmatch(r"(?:cuda:)?(\d+)", text)
     return f"cuda:{int(match[1])}" if match else None
+
+
+def _ray_address(problems: _Problems, value, executor: str | None) -> str | None:
+    """"auto" (ray.init's: RAY_ADDRESS, else a cluster started on this machine), host:port or ray://host:port."""
+    if value is None:
+        return "auto"
+    if executor == "local":
+        problems.add("ray_address", "is only used with executor: ray")
+        return None
+    if isinstance(value, str) and (value == "auto" or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", value)):
+        return value
+    problems.add("ray_address", f"expected auto, host:port or ray://host:port, got {_show(value)}")
+    return None
 
 
 def _limits(problems: _Problems, value) -> Limits | None:

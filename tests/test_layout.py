@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -48,8 +49,14 @@ def test_the_sides_are_found():
     assert {"flexorch.contract.shards", "flexorch.contract.messages"} <= set(modules("flexorch.contract"))
 
 
+# executor: ray's modules: the only ones that import ray (an optional extra, flexorch[ray]).
+RAY_MODULES = {"flexorch.orchestrator.raycluster", "flexorch.orchestrator.rayexecutor"}
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+
+
 def test_orchestrator_contract_and_api_import_without_torch():
     names = ["flexorch"] + modules("flexorch.orchestrator") + modules("flexorch.contract")
+    names = [n for n in names if HAVE_RAY or n not in RAY_MODULES]
     code = f"import sys, {', '.join(names)}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -67,6 +74,20 @@ def test_workers_and_contract_never_import_the_orchestrator(side):
     offenders = {p.name: sorted(n for n in imported_names(p) if n.startswith(("flexorch.orchestrator", "orchestrator")))
                  for p in SIDES[side].glob("*.py")}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_only_the_ray_modules_import_ray():
+    offenders = {f"{side}.{p.stem}" for side in SIDES for p in SIDES[side].glob("*.py")
+                 if any(n.split(".")[0] == "ray" for n in imported_names(p))}
+    assert offenders == RAY_MODULES
+
+
+def test_the_local_path_does_not_load_ray():
+    local = ["flexorch", "flexorch.orchestrator.cli", "flexorch.orchestrator.controller",
+             "flexorch.orchestrator.executor"] + modules("flexorch.workers")
+    code = f"import sys, {', '.join(local)}; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_contract_imports_nothing_of_either_side():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from flexorch.orchestrator.hardware import GpuInfo, Hardware
-from flexorch.orchestrator.planner import Plan, make_plan, render_plan
+from flexorch.orchestrator.hardware import GpuInfo, Hardware, Node
+from flexorch.orchestrator.planner import Plan, make_cluster_plan, make_plan, render_plan
 from flexorch.orchestrator.shapes import llama_shaped_manifest
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import Manifest
@@ -232,6 +232,57 @@ def test_more_devices_than_prompts_leaves_some_idle():
     plan = make_plan(machine(cpus=8), small_fp32(), Spec(devices=("cpu", "cpu", "cpu")), [150, 150])
     assert [w.prompt_indices for w in plan.workers] == [(0,), (1,)]
     assert any("1 device(s) left idle" in r for r in plan.reasons)
+
+
+# -- a Ray cluster (executor: ray) ----------------------------------------------------------------
+def node(i: int, hardware: Hardware) -> Node:
+    return Node(f"node{i}", f"10.0.0.{i + 1}", f"{i:056x}", hardware)
+
+
+def test_cluster_devices_auto_are_every_gpu_of_every_node_named_by_node():
+    rtx = "NVIDIA GeForce RTX 3090"
+    nodes = (node(0, machine(gpu(0, rtx, 24 * GB), gpu(1, rtx, 24 * GB))), node(1, machine(gpu(0, rtx, 24 * GB))))
+    plan = make_cluster_plan(nodes, llama2_13b(), Spec(devices="auto", parallel="auto"), [100] * 6)
+    assert [(w.device, w.node, w.settings.device) for w in plan.workers] == [
+        ("node0:cuda:0", "node0", "cuda:0"), ("node0:cuda:1", "node0", "cuda:1"), ("node1:cuda:0", "node1", "cuda:0")]
+    assert [w.prompt_indices for w in plan.workers] == [(0, 1), (2, 3), (4, 5)]
+    assert plan.parallel == "data" and any("executor ray runs data mode only" in r for r in plan.reasons)
+    assert plan.reasons[0].startswith("Ray cluster of 2 node(s): node0 10.0.0.1 (2 GPU, 8 cores")
+    from rich.console import Console
+
+    console = Console(record=True, width=100)
+    render_plan(plan, console)
+    assert "node1:cuda:0" in console.export_text()
+
+
+def test_cluster_workers_share_their_own_nodes_cores_and_ram():
+    # node0: 8 cores for two CPU workers; node1: 2 cores and 2 GB of RAM for one (fewer layers fit).
+    nodes = (node(0, machine(cpus=8)), node(1, machine(cpus=2, ram=2 * GB)))
+    spec = Spec(devices=("node0:cpu", "node1:cpu", "node0:cpu"))
+    plan = make_cluster_plan(nodes, small_fp32(), spec, [150] * 30)
+    assert [(w.device, w.settings.threads) for w in plan.workers] == [("node0:cpu", 4), ("node1:cpu", 2),
+                                                                      ("node0:cpu", 4)]
+    # Slices weighted by throughput: node1's worker has half the cores of the others.
+    assert [len(w.prompt_indices) for w in plan.workers] == [12, 6, 12]
+    lps = [w.settings.layers_per_shard for w in plan.workers]
+    assert lps[1] < lps[0] == lps[2] == 16 and plan.workers[1].predicted_peak_ram <= 0.9 * 2 * GB
+    # The same devices on one machine with both nodes' cores would split them evenly.
+    assert make_plan(machine(cpus=10), small_fp32(), Spec(devices=("cpu",) * 3), [150] * 30).workers[0].settings.threads == 3
+
+
+def test_cluster_devices_on_missing_nodes_or_gpus_are_errors():
+    nodes = (node(0, machine()), node(1, machine(gpu(0, "NVIDIA A100", 80 * GB))))
+    with pytest.raises(UserError, match=r"devices: node2:cpu: no node node2 in the cluster \(nodes: node0, node1\)"):
+        make_cluster_plan(nodes, small_fp32(), Spec(devices=("node2:cpu",)), [100])
+    with pytest.raises(UserError, match=r"devices: node1:cuda:1 not present \(node1's GPUs Ray may use: cuda:0\)"):
+        make_cluster_plan(nodes, small_fp32(), Spec(devices=("node1:cuda:1",)), [100])
+
+
+def test_cluster_without_gpus_gets_one_cpu_worker_per_node():
+    plan = make_cluster_plan((node(0, machine(cpus=4)), node(1, machine(cpus=4))), small_fp32(), Spec(), [100] * 4)
+    assert [w.device for w in plan.workers] == ["node0:cpu", "node1:cpu"]
+    assert [w.settings.threads for w in plan.workers] == [4, 4]
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
 # -- CPU only ------------------------------------------------------------------------------------

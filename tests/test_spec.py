@@ -133,6 +133,16 @@ def test_devices_normalized(folder, devices, expected):
     assert load_job(write_job(folder, minimal(devices=devices))).devices == expected
 
 
+def test_executor_ray_names_each_device_by_its_node(folder):
+    spec = load_job(write_job(folder, minimal(executor="ray", devices=["node0:cpu", "node1:cuda:1", "NODE1:0",
+                                                                       "node0:cpu"])))
+    assert spec.devices == ("node0:cpu", "node1:cuda:1", "node1:cuda:0", "node0:cpu")
+    assert (spec.executor, spec.ray_address) == ("ray", "auto")
+    spec = load_job(write_job(folder, minimal(executor="ray", ray_address="ray://head.example:10001")))
+    assert (spec.devices, spec.ray_address) == ("auto", "ray://head.example:10001")
+    assert load_job(write_job(folder, minimal())).executor == "local"
+
+
 @pytest.mark.parametrize("text, size", [
     ("6GB", 6 * 10**9), ("6 GiB", 6 * 2**30), ("512MB", 512 * 10**6), ("8G", 8 * 10**9), ("8gb", 8 * 10**9),
     ("1.5GiB", 3 * 2**29), ("2Ki", 2048), ("100", 100), ("1TB", 10**12), (4096, 4096),
@@ -250,6 +260,16 @@ def test_all_problems_in_one_error(folder):
     ({"score": {"kind": "suffix_logprob"}, "generate_tokens": 3},
      "generate_tokens: must be 1 with score.kind suffix_logprob"),
     ({"disk_folder": "acts", "storage": "cpu"}, "disk_folder: is only used with storage: disk (storage is cpu)"),
+    # executor
+    ({"executor": "slurm"}, "executor: expected local | ray, got 'slurm'"),
+    ({"ray_address": "auto"}, "ray_address: is only used with executor: ray"),
+    ({"executor": "ray", "ray_address": "head"}, "ray_address: expected auto, host:port or ray://host:port, got 'head'"),
+    ({"devices": ["node1:cpu"]}, "devices: 'node1:cpu' names a node: only with executor: ray"),
+    ({"executor": "ray", "devices": ["cuda:0"]}, "devices: 'cuda:0': with executor: ray name the node too, "
+                                                 "e.g. node0:cuda:0"),
+    ({"executor": "ray", "devices": ["node0:1", "node0:cuda:1"]}, "devices: node0:cuda:1 listed more than once"),
+    ({"executor": "ray", "parallel": "pipeline"}, "parallel: pipeline is refused with executor: ray: pipeline "
+                                                  "stages hand every batch's activations on at every shard boundary"),
 ])
 def test_bad_values_name_the_key(folder, overrides, expected):
     path = write_job(folder, minimal(**overrides))

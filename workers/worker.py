@@ -25,8 +25,8 @@ from pathlib import Path
 
 from flexorch.contract.errors import UserError
 from flexorch.contract.messages import (FAIL_DISK_FULL, FAIL_ERROR, FAIL_USER, Failed, Finished, PipelineLinks,
-                                        Progress, Ready, Round, RoundDone, SteppedDown, WorkerHooks, WorkerMessage,
-                                        WorkerTask)
+                                        Progress, Ready, Round, RoundDone, RoundResults, SteppedDown, WorkerHooks,
+                                        WorkerMessage, WorkerTask)
 from flexorch.contract.parts import DiskFullError, part_name, write_part
 from flexorch.contract.protocol import EngineSettings, ProgressEvent
 from flexorch.workers.stepdown import is_out_of_memory, step_down
@@ -91,7 +91,8 @@ def run_task(task: WorkerTask, send: Callable[[WorkerMessage], None]) -> None:
     from flexorch.workers.pipeline import PipelineStage
 
     parts_dir = Path(task.parts_dir)
-    parts_dir.mkdir(parents=True, exist_ok=True)
+    if not task.return_results:  # otherwise the controller writes them, on its own machine
+        parts_dir.mkdir(parents=True, exist_ok=True)
     forward = _ProgressForwarder(send, task)
     settings = task.settings
     with _open_ring(task.pipeline) as ring:
@@ -137,11 +138,15 @@ def _score_round(task: WorkerTask, rnd: Round, settings: EngineSettings, forward
 
 
 def _commit(task: WorkerTask, rnd: Round, rounds_done: int, results, summary, parts_dir: Path, send) -> None:
-    """Write the round's part and tell the controller."""
+    """Write the round's part and tell the controller (or, with `return_results`, send the results
+    for the controller to write)."""
     got = tuple(r.index for r in results)
     if got != rnd.indices:
         raise RuntimeError(f"engine returned prompts {got[:8]} for round {rnd.round_id}, "
                            f"expected {rnd.indices[:8]}")
+    if task.return_results:
+        send(RoundResults(task.name, rnd.round_id, rnd.indices, tuple(results), summary))
+        return
     path = parts_dir / part_name(task.name, rnd)
     if task.hooks.disk_full_after_rounds == rounds_done:
         raise DiskFullError(errno.ENOSPC, f"disk full while writing results to {path} (injected)")
@@ -192,7 +197,7 @@ def _exit_when_closed(death_conn) -> None:
     threading.Thread(target=watch, name="death-pipe", daemon=True).start()
 
 
-def _redirect_output(log_path: str | None) -> None:
+def redirect_output(log_path: str | None) -> None:
     if log_path is None:
         return
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +232,7 @@ def worker_main(task: WorkerTask, conn, death_conn) -> None:
     # which on a machine with mixed cards would give this worker another card than planned.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     _exit_when_closed(death_conn)
-    _redirect_output(task.log_path)
+    redirect_output(task.log_path)
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} worker {task.name} pid {os.getpid()} on {task.settings.device}: "
           f"{len(task.rounds)} rounds, {task.n_prompts} prompts", flush=True)
     conn.send(Ready(task.name, os.getpid()))

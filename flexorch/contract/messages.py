@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flexorch.contract.protocol import EngineSettings, EngineSummary, ProgressEvent, ScoreSpec, TokenizedPrompt
+from flexorch.contract.protocol import (EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec,
+                                       TokenizedPrompt)
 
 
 # -- what the controller hands a worker -------------------------------------------------------------
@@ -63,6 +64,9 @@ class WorkerTask:
     hooks: WorkerHooks = field(default_factory=WorkerHooks)
     engine_hooks: object | None = None  # passed to the engine as is (workers.engine.EngineHooks)
     pipeline: PipelineLinks | None = None  # None: data mode (this worker streams the whole model)
+    # True: send each round's results back (RoundResults) for the controller to commit, instead of
+    # writing the part: a worker on another machine (a Ray actor) may not see the job_dir.
+    return_results: bool = False
 
     @property
     def n_prompts(self) -> int:
@@ -89,6 +93,18 @@ class RoundDone:
     round_id: int
     indices: tuple[int, ...]  # prompts committed by this round (a pipeline stage: computed, for progress)
     part: str  # the part file holding them; "" for a pipeline stage that does not own the head
+    summary: EngineSummary
+
+
+@dataclass(frozen=True)
+class RoundResults:
+    """A round's results, sent instead of a part by a worker whose task has `return_results`; the
+    executor commits them as the part a local worker would have written and passes on RoundDone."""
+
+    worker: str
+    round_id: int
+    indices: tuple[int, ...]
+    results: tuple[PromptResult, ...]  # in the order of `indices`
     summary: EngineSummary
 
 
@@ -121,4 +137,4 @@ class Failed:
     kind: str = FAIL_ERROR  # FAIL_USER: bad input found while running (a corrupt layer file)
 
 
-WorkerMessage = Ready | Progress | RoundDone | SteppedDown | Finished | Failed
+WorkerMessage = Ready | Progress | RoundDone | RoundResults | SteppedDown | Finished | Failed
