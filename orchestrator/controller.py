@@ -36,6 +36,7 @@ from flexorch.orchestrator.spec import JobSpec, load_job
 from flexorch.contract.errors import JobFailed, Terminated, UserError
 from flexorch.contract.leftovers import ACTIVATIONS, atomic_temps, remove_dead
 from flexorch.contract.manifest import Manifest, is_layerwise_dir, read_json_object, read_manifest
+from flexorch.contract.models import check_model_type
 from flexorch.contract.protocol import PromptResult, ScoreSpec, TokenizedPrompt
 from flexorch.contract.messages import (FAIL_USER, Failed, Finished, PipelineLinks, Ready, Round, RoundDone,
                                         SteppedDown, WorkerHooks, WorkerTask)
@@ -88,6 +89,7 @@ def _describe_model(path: Path) -> Manifest:
 def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJob:
     """Prompts → token ids → score ids → hardware → plan. `model_dir` holds the tokenizer."""
     cluster = _ray_cluster(spec) if spec.executor == "ray" else None  # no Ray, no cluster: say so first
+    check_model_type(manifest.model_type, spec.allow_untested_models, str(spec.model))
     prompts = read_prompts(spec.prompts)
     tokenizer = load_tokenizer(model_dir, spec.allow_remote_code)
     max_length = spec.max_length or model_max_length(manifest.config)

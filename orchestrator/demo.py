@@ -32,6 +32,23 @@ ARCHITECTURES: dict[str, dict] = {
     "qwen3": dict(head_dim=16, tie_word_embeddings=False),
     "gemma": dict(head_dim=16, tie_word_embeddings=True),
     "phi3": dict(sliding_window=12, tie_word_embeddings=False, pad_token_id=0),
+    # Soft-capping values far below the defaults (50, 30), so that they change these tiny models' scores.
+    "gemma2": dict(head_dim=16, sliding_window=12, tie_word_embeddings=True, attn_logit_softcapping=0.5,
+                   final_logit_softcapping=0.2),
+    # Local and global layers: each type its own window and rotary base.
+    "gemma3_text": dict(head_dim=16, sliding_window=12, tie_word_embeddings=True,
+                        layer_types=["sliding_attention", "full_attention"] * 2),
+    "olmo2": dict(tie_word_embeddings=False),
+    # Every multiplier away from 1, so that each one is applied where transformers applies it.
+    "granite": dict(tie_word_embeddings=True, embedding_multiplier=4.0, logits_scaling=0.25,
+                    residual_multiplier=0.5, attention_multiplier=0.1),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, tie_word_embeddings=False),
+    # A shared expert beside the routed ones, and one dense layer among the MoE layers.
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=96, mlp_only_layers=[2], tie_word_embeddings=False),
+    "qwen3_moe": dict(head_dim=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                      tie_word_embeddings=False),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48, tie_word_embeddings=False),
 }
 
 # Weight layouts a checkpoint dir can use (all of which `flexorch prepare` reads).

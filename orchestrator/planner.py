@@ -51,8 +51,9 @@ and last layers_per_shard, which grows into the memory left.
 
 Time model: read seconds = bytes of one pass x passes (generate_tokens) x rounds / read rate (the
 disk's, or the PCIe link's if slower); compute seconds = 2 x FLOPs-bearing params x tokens / device
-throughput (decoder layers on every token of every step, the lm head on the scored positions
-only; the embedding is a lookup). With the double buffer reading and computing overlap, so a
+throughput (decoder layers on every token of every step — in a MoE layer only the
+num_experts_per_tok experts a token is routed to — the lm head on the scored positions only; the
+embedding is a lookup). With the double buffer reading and computing overlap, so a
 worker takes about the larger of the two. The throughput constants are rough defaults, to be
 replaced by calibration. A pipeline stage reads 1/n of each pass and computes 1/n of every token's
 layers, all stages at once: the job's read and compute split n ways (the fill and drain of each
@@ -526,6 +527,7 @@ def _plan_worker(job: _Job, hardware: Hardware, name: str, device: str, indices:
         device=device, dtype=job.dtype, layers_per_shard=lps, storage=storage, batch_tokens=batch,
         disk_folder=_disk_folder(spec, name) if storage == "disk" else None,
         threads=threads if kind == "cpu" else 0,
+        allow_untested_models=spec.allow_untested_models,
     )
     slice_load = sum((job.loads[i] for i in indices), _Load())
     return WorkerPlan(
@@ -602,8 +604,19 @@ def _describe_model(manifest: Manifest, dtype: str) -> _Model:
         stored_shards=(sum(manifest.stored_bytes(e) for e in by_kind[EMBED]),
                        *(manifest.stored_bytes(e) for e in by_kind[DECODER]),
                        sum(manifest.stored_bytes(e) for e in tail)),
-        decoder_params=sum(e.params for e in by_kind[DECODER]), head_params=sum(e.params for e in heads),
+        decoder_params=sum(_active_params(e, config) for e in by_kind[DECODER]),
+        head_params=sum(e.params for e in heads),
     )
+
+
+def _active_params(entry, config: dict) -> int:
+    """Parameters a token goes through in a decoder layer: in a MoE layer, only the experts its router
+    picks (num_experts_per_tok of `experts`), not all of them (Qwen3-30B-A3B: ~3 of 30 B)."""
+    if not entry.experts:
+        return entry.params
+    per_token = config.get("num_experts_per_tok") or entry.experts
+    expert_params = entry.expert_bytes * entry.experts // DTYPE_BYTES.get(entry.dtype, 2)
+    return entry.params - expert_params + expert_params * per_token // entry.experts
 
 
 def _prompt_load(model: _Model, spec, tokens: int, suffixes: int, scored: int) -> _Load:

@@ -21,7 +21,7 @@ import re
 import shutil
 import struct
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ from flexorch.contract.errors import UserError
 from flexorch.contract.leftovers import prepare_temps, remove_dead
 from flexorch.contract.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest,
                               read_json_object)
+from flexorch.orchestrator.experts import ExpertLayout, FusedExperts, fuse_experts, has_expert_tensors, module_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -92,19 +93,28 @@ class LayerSource:
     tensors: tuple[SourceTensor, ...]
     dtype: str  # widest floating dtype of its tensors (a tied head: the embedding's)
     tied_to: str | None = None
+    experts: ExpertLayout | None = None  # a MoE layer: `tensors` are its plain ones, the experts are fused
 
     @property
     def file(self) -> str | None:
         return None if self.tied_to else f"layers/{self.position:03d}_{self.name}.safetensors"
 
     def relative(self, tensor: SourceTensor) -> str:
-        return tensor.name[len(self.source_prefix):]
+        name = tensor.name[len(self.source_prefix):]
+        return self.experts.renamed.get(name, name) if self.experts else name
+
+    def outputs(self) -> dict[str, SourceTensor | FusedExperts]:
+        """The tensors of the layer file by name: each has dtype, shape and nbytes."""
+        fused = {f.name: f for f in self.experts.fused} if self.experts else {}
+        return {self.relative(t): t for t in self.tensors} | fused
 
     def entry(self, nbytes: int, sha256: str | None) -> LayerEntry:
+        experts = self.experts or ExpertLayout((), {}, ())
         return LayerEntry(
             name=self.name, kind=self.kind, file=self.file, bytes=nbytes, sha256=sha256, dtype=self.dtype,
-            params=sum(math.prod(t.shape) for t in self.tensors), source_prefix=self.source_prefix,
-            tensors=tuple(self.relative(t) for t in self.tensors), tied_to=self.tied_to,
+            params=sum(math.prod(t.shape) for t in self.outputs().values()), source_prefix=self.source_prefix,
+            tensors=tuple(self.outputs()), tied_to=self.tied_to, experts=experts.experts,
+            expert_bytes=experts.expert_bytes, expert_tensors=tuple(f.name for f in experts.fused),
         )
 
 
@@ -285,6 +295,7 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
         (LM_HEAD, LM_HEAD, _PREFIXES[LM_HEAD]),
     ]
     layers = []
+    module_shapes = _module_shapes_if_moe(checkpoint)
     for position, (name, kind, prefix) in enumerate(slots):
         if kind == LM_HEAD and checkpoint.tied:
             layers.append(LayerSource(position, name, kind, prefix, (), layers[0].dtype, tied_to=EMBED))
@@ -293,8 +304,19 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
             why = "" if kind != LM_HEAD else " and the config does not tie word embeddings"
             raise UserError(f"{checkpoint.src}: no tensors for layer {name!r} ({prefix}*){why}")
         tensors = tuple(sorted(groups[name], key=lambda t: t.name))
-        layers.append(LayerSource(position, name, kind, prefix, tensors, _layer_dtype(tensors)))
+        layer = LayerSource(position, name, kind, prefix, tensors, _layer_dtype(tensors))
+        if kind == DECODER and has_expert_tensors([layer.relative(t) for t in tensors]):
+            experts = fuse_experts(f"{checkpoint.src}: {name}", tensors, prefix, module_shapes[position - 1])
+            layer = replace(layer, tensors=experts.plain, experts=experts)
+        layers.append(layer)
     return layers
+
+
+def _module_shapes_if_moe(checkpoint: Checkpoint) -> list[dict[str, tuple[int, ...]]] | None:
+    """transformers' per-layer tensor shapes, needed only to lay out experts (building them costs seconds)."""
+    if not has_expert_tensors([t.name for t in checkpoint.tensors]):
+        return None
+    return module_shapes(checkpoint.src, checkpoint.num_layers)
 
 
 def _layer_of(tensor_name: str, num_layers: int) -> str | None:
@@ -367,7 +389,8 @@ def _read_layer(layer: LayerSource) -> dict[str, torch.Tensor]:
     """The layer's tensors, named relative to it. Each weight file is opened for this layer only:
     the tensors are views of its memory map, whose pages count in RSS while the map lives."""
     by_file: dict[Path, list[SourceTensor]] = defaultdict(list)
-    for tensor in layer.tensors:
+    experts = [t for f in layer.experts.fused for part in f.parts for t in part] if layer.experts else []
+    for tensor in (*layer.tensors, *experts):
         by_file[tensor.file].append(tensor)
     out = {}
     for path, tensors in by_file.items():
@@ -375,12 +398,14 @@ def _read_layer(layer: LayerSource) -> dict[str, torch.Tensor]:
             from safetensors import safe_open
 
             with safe_open(path, framework="pt", device="cpu") as f:
-                out.update({layer.relative(t): f.get_tensor(t.name) for t in tensors})
+                out.update({t.name: f.get_tensor(t.name) for t in tensors})
         else:
             state = _load_bin(path)
             # save_file needs contiguous tensors; a no-op for what save_pretrained wrote
-            out.update({layer.relative(t): state[t.name].contiguous() for t in tensors})
-    return out
+            out.update({t.name: state[t.name].contiguous() for t in tensors})
+    plain = {layer.relative(t): out[t.name] for t in layer.tensors}
+    fused = {f.name: f.build(lambda t: out.pop(t.name)) for f in (layer.experts.fused if layer.experts else ())}
+    return plain | fused
 
 
 def _planned_file_bytes(layer: LayerSource) -> int:
@@ -392,7 +417,7 @@ def _planned_file_bytes(layer: LayerSource) -> int:
     import torch
     from safetensors.torch import save
 
-    tensors = {layer.relative(t): t for t in layer.tensors}
+    tensors = layer.outputs()
     stand_ins = save({name: torch.empty(0, dtype=t.dtype) for name, t in tensors.items()})
     order = json.loads(stand_ins[8:8 + struct.unpack("<Q", stand_ins[:8])[0]])
     order.pop("__metadata__", None)

@@ -51,7 +51,7 @@ _REQUIRED = {"model": "the model dir", "prompts": "the prompts file (.jsonl or .
              "output": "the output file (.pkl or .jsonl)"}
 _TOP_KEYS = ("model", "prompts", "output", "job_dir", "score", "generate_tokens", "devices", "parallel",
              "layers_per_shard", "storage", "disk_folder", "dtype", "batch_tokens", "max_length", "limits",
-             "worker_timeout", "allow_remote_code", "executor", "ray_address")
+             "worker_timeout", "allow_remote_code", "executor", "ray_address", "allow_untested_models")
 _SCORE_KEYS = ("kind", "tokens")
 _LIMIT_KEYS = ("gpu_memory", "ram")
 # Spellings users bring from torch and other tools; only suggested, so each dtype has one spelling.
@@ -107,6 +107,7 @@ class JobSpec:
     allow_remote_code: bool = False  # the only way trust_remote_code is ever turned on
     executor: str = "local"  # one of EXECUTORS: worker processes on this machine, or Ray actors on a cluster
     ray_address: str = "auto"  # executor ray: "auto" (RAY_ADDRESS or a cluster running here), host:port, ray://...
+    allow_untested_models: bool = False  # run a model type outside contract/models.TESTED_MODEL_TYPES
 
     @property
     def prompts_format(self) -> str:
@@ -173,6 +174,8 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
         allow_remote_code=_bool(problems, "allow_remote_code", raw.get("allow_remote_code"), default=False),
         executor=executor,
         ray_address=_ray_address(problems, raw.get("ray_address"), executor),
+        allow_untested_models=_bool(problems, "allow_untested_models", raw.get("allow_untested_models"),
+                                    default=False),
     )
     problems.raise_if_any()
     return JobSpec(**values)

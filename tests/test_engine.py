@@ -153,10 +153,11 @@ def test_greedy_generation_matches_unsplit_model(arch, layerwise, references):
         assert [tuple(g) for g in result.generated] == generated
 
 
-def test_token_probs_are_columns_of_the_full_softmax(layerwise, references):
-    ref = references("llama")
+@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+def test_token_probs_are_columns_of_the_full_softmax(arch, layerwise, references):
+    ref = references(arch)
     token_ids = (5, 17, 200)
-    results, _ = score_prompts(layerwise("llama"), ref.prompts,
+    results, _ = score_prompts(layerwise(arch), ref.prompts,
                                ScoreSpec("token_probs", token_ids=token_ids, generate_tokens=2), settings())
     for result, expected in zip(results, ref.probs):
         np.testing.assert_allclose(result.scores, expected[:, :2, list(token_ids)], atol=2e-6, rtol=0)
@@ -213,14 +214,30 @@ def test_corrupt_layer_is_detected_before_use(layerwise, references, tmp_path):
         score_prompts(model_dir, ref.prompts, ScoreSpec(), settings())
 
 
-def test_unsupported_architecture_is_refused(layerwise, tmp_path):
+def test_untested_model_type_is_refused_unless_allowed(layerwise, references, tmp_path):
+    """A Llama relabelled seed_oss (untested; transformers' Seed-OSS has Llama's layers): refused by
+    name with the tested list, and with allow_untested_models run through the general adapter."""
     model_dir = tmp_path / "model"
     shutil.copytree(layerwise("llama"), model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    config.update(model_type="seed_oss", architectures=["SeedOssForCausalLM"])
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="gpt2"):
-        score_prompts(model_dir, tokenize(layerwise("llama")), ScoreSpec(), settings())
+    ref = references("llama")
+    with pytest.raises(UserError, match=r"'seed_oss' is not tested .*tested: llama, .*mixtral.*allow_untested_models"):
+        score_prompts(model_dir, ref.prompts, ScoreSpec(), settings())
+    results, _ = score_prompts(model_dir, ref.prompts, ScoreSpec(), settings(allow_untested_models=True))
+    for result, expected in zip(results, ref.probs):
+        np.testing.assert_allclose(result.scores[:, 0], expected[:, 0], atol=2e-6, rtol=0)
+
+
+def test_a_model_without_the_decoder_shape_is_refused(layerwise, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(layerwise("llama"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_layer=4, n_head=4)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="GPT2LMHeadModel is not embeddings → decoder layers → norm → lm head"):
+        score_prompts(model_dir, tokenize(layerwise("llama")), ScoreSpec(), settings(allow_untested_models=True))
 
 
 _RSS_SCRIPT = textwrap.dedent("""

@@ -92,6 +92,7 @@ class Spec:
     limits: Limits = field(default_factory=Limits)
     worker_timeout: float = 1800.0
     allow_remote_code: bool = False
+    allow_untested_models: bool = False
 
 
 SMALL_GPU = gpu(0, "NVIDIA GeForce RTX 2060", 6 * GiB, free=6 * GB)
@@ -372,3 +373,15 @@ def test_render_plan_prints_the_workers_and_the_reasons():
     render_plan(make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400), console)
     text = console.export_text()
     assert "cuda:0" in text and "storage cpu (auto)" in text and "layers_per_shard 1 (auto)" in text
+
+
+def test_moe_compute_counts_only_the_routed_experts():
+    from flexorch.contract.manifest import DECODER, LayerEntry
+    from flexorch.orchestrator.planner import _active_params
+
+    # 1000 dense parameters + 8 experts of 100 (200 bytes each in float16); a token visits 2 experts
+    entry = LayerEntry(name="layer.0", kind=DECODER, file="layers/001_layer.0.safetensors", bytes=3600,
+                       sha256=None, dtype="float16", params=1800, source_prefix="model.layers.0.",
+                       experts=8, expert_bytes=200)
+    assert _active_params(entry, {"num_experts_per_tok": 2}) == 1000 + 2 * 100
+    assert _active_params(replace(entry, experts=0, expert_bytes=0), {}) == 1800

@@ -18,6 +18,7 @@ from flexorch.orchestrator.demo import ARCHITECTURES, build_checkpoint
 from flexorch.orchestrator.prepare import describe_checkpoint, prepare_checkpoint
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import read_manifest
+from flexorch.contract.models import DENSE_MODEL_TYPES, MOE_MODEL_TYPES
 
 ROUND_TRIP_LAYOUTS = ("safetensors", "safetensors-sharded", "bin-sharded")
 
@@ -40,8 +41,29 @@ def without_checksums(manifest):
     return dataclasses.replace(manifest, layers=tuple(dataclasses.replace(e, sha256=None) for e in manifest.layers))
 
 
-@pytest.mark.parametrize("layout", ROUND_TRIP_LAYOUTS)
-@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+# Every layout for the first six architectures; reading a layout does not depend on the architecture,
+# so the others are converted from one (keeps the suite fast).
+ARCH_LAYOUTS = [(arch, layout) for arch in ARCHITECTURES
+                for layout in (ROUND_TRIP_LAYOUTS if arch in DENSE_MODEL_TYPES[:6] else ("safetensors-sharded",))]
+# A fused experts tensor's parts, per expert, in order: the checkpoint's projection names for each.
+EXPERT_PARTS = {"gate_up_proj": (("w1", "gate_proj"), ("w3", "up_proj")), "down_proj": (("w2", "down_proj"),)}
+
+
+def expert_sources(entry, fused_name: str, expected: dict) -> list[list[str]]:
+    """The checkpoint names of each expert's parts of `fused_name` ("mlp.experts.gate_up_proj")."""
+    prefix = entry.source_prefix
+    out = []
+    for e in range(entry.experts):
+        names = []
+        for aliases in EXPERT_PARTS[fused_name.rsplit(".", 1)[1]]:
+            candidates = [f"{prefix}{block}.experts.{e}.{proj}.weight" for block in ("mlp", "block_sparse_moe")
+                          for proj in aliases]
+            names.append(next(c for c in candidates if c in expected))
+        out.append(names)
+    return out
+
+
+@pytest.mark.parametrize("arch, layout", ARCH_LAYOUTS)
 def test_round_trip_every_tensor_once_bit_equal(arch, layout, checkpoint, layerwise):
     src, dst = checkpoint(arch, layout), layerwise(arch, layout)
     manifest = read_manifest(dst)
@@ -61,13 +83,21 @@ def test_round_trip_every_tensor_once_bit_equal(arch, layout, checkpoint, layerw
         stored = load_file(path)
         assert sorted(stored) == sorted(entry.tensors)
         for name, tensor in stored.items():
-            original = expected[entry.source_prefix + name]
+            if name in entry.expert_tensors:  # experts fused as transformers holds them: (expert, rows, cols)
+                parts = expert_sources(entry, name, expected)
+                original = torch.stack([torch.cat([expected[n] for n in names]) for names in parts])
+                seen += [n for names in parts for n in names]
+            else:
+                original = expected[entry.source_prefix + name.replace("mlp.gate.", "block_sparse_moe.gate.")
+                                    if arch == "mixtral" else entry.source_prefix + name]
+                seen.append(entry.source_prefix + name)
             assert tensor.dtype == original.dtype and torch.equal(tensor, original), name
-            seen.append(entry.source_prefix + name)
+    if arch == "mixtral":  # transformers renames block_sparse_moe to mlp on load; so does prepare
+        seen = [n.replace("mlp.gate.", "block_sparse_moe.gate.") for n in seen]
     assert len(seen) == len(set(seen))
     assert sorted(seen) == sorted(expected)  # the tiny tied checkpoints store no lm_head.weight
     tied = manifest.entry("lm_head").tied_to == "embed"
-    assert tied == (arch in ("qwen2", "gemma"))
+    assert tied == (arch in ("qwen2", "gemma", "gemma2", "gemma3_text", "granite"))
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (dst / name).read_bytes() == (src / name).read_bytes()
 
@@ -81,11 +111,29 @@ def test_single_bin_file(checkpoint, layerwise):
     assert all(torch.equal(stored[name], expected[name]) for name in expected)
 
 
-@pytest.mark.parametrize("layout", ROUND_TRIP_LAYOUTS)
-@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+@pytest.mark.parametrize("arch, layout", ARCH_LAYOUTS)
 def test_describe_equals_written_manifest_but_checksums(arch, layout, checkpoint, layerwise):
     written = read_manifest(layerwise(arch, layout))
     assert describe_checkpoint(checkpoint(arch, layout)) == without_checksums(written)
+
+
+@pytest.mark.parametrize("arch", MOE_MODEL_TYPES)
+def test_experts_are_described_so_each_can_be_read_alone(arch, layerwise):
+    """Expert e of a MoE layer is slice [e] of each fused tensor: `expert_bytes` apart in the file."""
+    manifest = read_manifest(layerwise(arch))
+    config = manifest.config
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    for entry in manifest.decoder_layers:
+        dense = entry.index in config.get("mlp_only_layers", [])
+        assert entry.experts == (0 if dense else experts)
+        if dense:
+            assert entry.expert_tensors == () and entry.expert_bytes == 0
+            continue
+        stored = load_file(layerwise(arch) / entry.file)
+        assert entry.expert_tensors == ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+        assert all(stored[name].shape[0] == experts for name in entry.expert_tensors)
+        assert entry.expert_bytes * experts == sum(stored[n].numel() * stored[n].element_size()
+                                                   for n in entry.expert_tensors)
 
 
 def test_ignorable_buffers_and_tied_head_copy_are_dropped(checkpoint, tmp_path):

@@ -79,7 +79,7 @@ def test_jobspec_example_parses(folder, monkeypatch):
         generate_tokens=1, devices="auto", parallel="data", layers_per_shard=None, storage=None,
         disk_folder=None, dtype=None, batch_tokens=None, max_length=None,
         limits=Limits(gpu_memory=6 * 10**9, ram=8 * 10**9),
-        worker_timeout=DEFAULT_WORKER_TIMEOUT, allow_remote_code=False,
+        worker_timeout=DEFAULT_WORKER_TIMEOUT, allow_remote_code=False, allow_untested_models=False,
     )
     assert spec.prompts_format == "jsonl" and spec.output_format == "pkl"
 
@@ -103,6 +103,7 @@ max_length: 2048
 limits: {gpu_memory: 6 GiB, ram: 512MB}
 worker_timeout: 90.5
 allow_remote_code: true
+allow_untested_models: true
 """))
     assert spec.prompts == folder / "data/questions.pkl"
     assert spec.output == folder / "results/scores.jsonl"
@@ -112,7 +113,7 @@ allow_remote_code: true
     assert (spec.layers_per_shard, spec.storage, spec.disk_folder) == (3, "disk", Path("/scratch/acts"))
     assert (spec.dtype, spec.batch_tokens, spec.max_length) == ("bfloat16", 4096, 2048)
     assert spec.limits == Limits(gpu_memory=6 * 2**30, ram=512 * 10**6)
-    assert (spec.worker_timeout, spec.allow_remote_code) == (90.5, True)
+    assert (spec.worker_timeout, spec.allow_remote_code, spec.allow_untested_models) == (90.5, True, True)
     assert spec.to_dict()["devices"] == ["cuda:0", "cuda:1"]  # JSON-ready for the plan and report
 
 
@@ -227,6 +228,7 @@ def test_all_problems_in_one_error(folder):
     ({"layers_per_shard": 2.5}, "layers_per_shard: expected an integer >= 1 or auto, got 2.5"),
     ({"max_length": [1]}, "max_length: expected an integer >= 1 or auto, got a list"),
     ({"allow_remote_code": "yes"}, "allow_remote_code: expected true or false, got 'yes'"),
+    ({"allow_untested_models": 1}, "allow_untested_models: expected true or false, got 1"),
     ({"worker_timeout": "soon"}, "worker_timeout: expected a number of seconds > 0, got 'soon'"),
     ({"model": 7}, "model: expected a path, got 7"),
     ({"score": "token_probs"}, "score: expected a mapping"),

@@ -1,14 +1,19 @@
 """Runs a Hugging Face causal LM as separate stages: embeddings → decoder layers → norm → lm head.
 
-The skeleton is built from the config with every parameter on the meta device (no weight memory)
-while buffers — rotary frequencies, Gemma's embedding scale — are real, computed by transformers
-itself. Weights are assigned per layer as they stream in and dropped back to meta afterwards, so
-every architecture's arithmetic is transformers' own modules; we only supply masks and positions.
+Any `*ForCausalLM` whose decoder has that shape runs here (Llama, Gemma 1-3, Qwen, Mixtral, OLMo,
+Granite, ...): the skeleton is built from the config with every parameter on the meta device (no
+weight memory) while buffers — rotary frequencies, Gemma's embedding scale — are real, computed by
+transformers itself. Weights are assigned per layer as they stream in and dropped back to meta
+afterwards, so every architecture's arithmetic is transformers' own modules (attention soft-capping,
+Granite's residual multiplier, MoE routers and experts included); we supply masks and positions,
+and apply the few scalars transformers applies in the model's forward rather than in a module
+(`Scaling`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +23,7 @@ from torch import nn
 
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, NORM
-
-# Architectures whose stage-wise scores are tested against the un-split model.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+from flexorch.contract.models import check_model_type
 
 
 # Both context managers below patch process-wide state (nn.Module.register_parameter, the default
@@ -126,39 +129,98 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+@dataclass(frozen=True)
+class LayerKind:
+    """What a decoder layer's mask and rotary table depend on; layers of one kind share them.
+
+    rotary_type: the layer type whose rotary table the layer takes where the model keeps one per
+    type (Gemma 3: local and global attention use different bases), else None.
+    window: the sliding window, None for full attention."""
+
+    rotary_type: str | None
+    window: int | None
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Scalars transformers applies in a model's forward rather than in one of its modules, from the
+    config: they must be applied between our stages."""
+
+    embedding: float = 1.0  # Granite: GraniteModel.forward multiplies the embeddings
+    logits_divisor: float = 1.0  # Granite: GraniteForCausalLM.forward divides the logits
+    logits_factor: float = 1.0  # Cohere: CohereForCausalLM.forward multiplies them by logit_scale
+    softcap: float | None = None  # Gemma 2/3: the final logits are tanh soft-capped
+
+    @classmethod
+    def from_config(cls, config) -> "Scaling":
+        return cls(embedding=getattr(config, "embedding_multiplier", None) or 1.0,
+                   logits_divisor=getattr(config, "logits_scaling", None) or 1.0,
+                   logits_factor=getattr(config, "logit_scale", None) or 1.0,
+                   softcap=getattr(config, "final_logit_softcapping", None) or None)
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """The modules of a `*ForCausalLM` in forward order, as transformers names them."""
+
+    embed: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    head: nn.Module
+    rotary: nn.Module
+
+
+def decoder_parts(model: nn.Module, where: str) -> DecoderParts:
+    """The stages of `model`, or a UserError when its decoder is not embeddings → layers → norm → head
+    with one rotary embedding (those are the models the engine can cut into shards)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    found = {name: getattr(base, name, None) for name in ("embed_tokens", "layers", "norm", "rotary_emb")}
+    found["lm_head"] = model.get_output_embeddings()
+    missing = [name for name, module in found.items() if module is None]
+    if missing or not isinstance(found["layers"], nn.ModuleList):
+        raise UserError(f"{where}: {type(model).__name__} is not embeddings → decoder layers → norm → lm head "
+                        f"with rotary positions (missing: {', '.join(missing) or 'a list of layers'})")
+    return DecoderParts(found["embed_tokens"], found["layers"], found["norm"], found["lm_head"], found["rotary_emb"])
+
+
+def layer_kinds(config, rotary: nn.Module) -> tuple[LayerKind, ...]:
+    """Each decoder layer's kind. With `layer_types`, only sliding_attention layers have a window
+    (Gemma 2/3, Qwen with use_sliding_window); without, every layer takes config.sliding_window
+    (Mistral, Phi-3)."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    per_type = "layer_type" in inspect.signature(rotary.forward).parameters  # Gemma3RotaryEmbedding
+    if not types:
+        return tuple(LayerKind(None, window) for _ in range(config.num_hidden_layers))
+    return tuple(LayerKind(t if per_type else None, window if t == "sliding_attention" else None)
+                 for t in types[:config.num_hidden_layers])
+
+
 class ModelAdapter:
     """A meta skeleton of the model and the calls that run each stage on `device`."""
 
     def __init__(self, model_dir: str | Path, device: torch.device, dtype: torch.dtype,
-                 allow_remote_code: bool = False):
+                 allow_remote_code: bool = False, allow_untested: bool = False):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=allow_remote_code)
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserError(
-                f"{model_dir}: architecture {config.model_type!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        config._attn_implementation = "sdpa"
+        check_model_type(config.model_type, allow_untested, str(model_dir))
+        # transformers' default attention, as the un-split from_pretrained picks it: sdpa, or eager where
+        # sdpa cannot express the model's attention (Gemma 2's soft-capping). Both take our 4D mask.
         with _SKELETON_LOCK, _parameters_on_meta(), _default_dtype(dtype):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=allow_remote_code)
         model.eval().requires_grad_(False)
+        parts = decoder_parts(model, str(model_dir))
         self.config = config
         self.device, self.dtype = device, dtype
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self._modules: dict[str, nn.Module] = {EMBED: base.embed_tokens, NORM: base.norm, LM_HEAD: model.lm_head}
-        self._layers = base.layers
-        for module in (base.embed_tokens, base.rotary_emb):  # the real buffers (rotary, embed scale)
+        self._modules: dict[str, nn.Module] = {EMBED: parts.embed, NORM: parts.norm, LM_HEAD: parts.head}
+        self._layers = parts.layers
+        for module in (parts.embed, parts.rotary):  # the real buffers (rotary, embed scale)
             for name, buffer in module.named_buffers(recurse=False):
                 setattr(module, name, buffer.to(device))
-        self.rotary = base.rotary_emb.to(device)
-        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
-        layer_types = getattr(config, "layer_types", None)
-        window = getattr(config, "sliding_window", None)
-        self.sliding_windows: tuple[int | None, ...] = tuple(
-            (window if layer_types[i] == "sliding_attention" else None) if layer_types else window
-            for i in range(config.num_hidden_layers)
-        )
+        self.rotary = parts.rotary.to(device)
+        self.scaling = Scaling.from_config(config)
+        self.layer_kinds = layer_kinds(config, parts.rotary)
 
     @property
     def num_layers(self) -> int:
@@ -183,10 +245,13 @@ class ModelAdapter:
     # -- stages ------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (rows, L) → hidden: (rows, L, d_model)."""
-        return self._modules[EMBED](input_ids)
+        hidden = self._modules[EMBED](input_ids)
+        return hidden * self.scaling.embedding if self.scaling.embedding != 1.0 else hidden
 
-    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        """The (cos, sin) every decoder layer takes; position_ids: (rows, L)."""
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor, kind: LayerKind):
+        """The (cos, sin) the decoder layers of `kind` take; position_ids: (rows, L)."""
+        if kind.rotary_type is not None:
+            return self.rotary(hidden, position_ids, kind.rotary_type)
         return self.rotary(hidden, position_ids)
 
     def decoder_layer(self, index: int, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
@@ -198,7 +263,13 @@ class ModelAdapter:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (n, d_model) of the positions to score → float32 logits (n, vocab)."""
-        logits = self._modules[LM_HEAD](self._modules[NORM](hidden)).float()
-        if self.logit_softcap:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        logits = self._modules[LM_HEAD](self._modules[NORM](hidden))
+        scaling = self.scaling
+        if scaling.logits_factor != 1.0:
+            logits = logits * scaling.logits_factor
+        if scaling.logits_divisor != 1.0:
+            logits = logits / scaling.logits_divisor
+        logits = logits.float()
+        if scaling.softcap:
+            logits = torch.tanh(logits / scaling.softcap) * scaling.softcap
         return logits

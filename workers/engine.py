@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from flexorch.workers.activations import make_store
-from flexorch.workers.adapter import ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
+from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
 from flexorch.workers.layerfile import LayerwiseModel
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
 from flexorch.contract.shards import owner, plan_shards
@@ -107,14 +107,14 @@ class _Pass:
         self.packed = [pack_rows([rows[i] for i in batch]) for batch in self.batches]
         self.targets = [score_targets([rows[i] for i in batch], kind) for batch in self.batches]
         self.tokens = sum(p.input_ids.numel() for p in self.packed)
-        self._layouts: dict[tuple[int, int | None], tuple] = {}  # (batch, window) → cached layout
+        self._layouts: dict[tuple[int, LayerKind], tuple] = {}  # (batch, layer kind) → cached layout
         self._layout_bytes = 0
 
-    def layout(self, b: int, window: int | None, build: Callable[[], tuple]) -> tuple:
+    def layout(self, b: int, kind: LayerKind, build: Callable[[], tuple]) -> tuple:
         """(mask, position_ids, position_embeddings) of batch b: the same for every layer of a pass,
         so kept while they fit _LAYOUT_CACHE_BYTES (rebuilding them per layer cost ~7% of a
         1024-wide layer's time on CPU); beyond that, rebuilt."""
-        key = (b, window)
+        key = (b, kind)
         if key in self._layouts:
             return self._layouts[key]
         layout = build()
@@ -133,7 +133,7 @@ class Engine:
         self.device = torch.device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
         self.model = LayerwiseModel(model_dir)
-        self.adapter = ModelAdapter(model_dir, self.device, self.dtype)
+        self.adapter = ModelAdapter(model_dir, self.device, self.dtype, allow_untested=settings.allow_untested_models)
         self.shards = plan_shards(self.model.manifest, settings.layers_per_shard)
         index, stages = (link.index, link.count) if link else (LocalLink.index, LocalLink.count)
         self.own_shards = [s for s in self.shards if owner(s.index, stages) == index]
@@ -231,15 +231,15 @@ class Engine:
     def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, current: _Pass, b: int) -> torch.Tensor:
         packed = current.packed[b]
 
-        def build(window: int | None) -> tuple:
+        def build(kind: LayerKind) -> tuple:
             position_ids = packed.position_ids.to(self.device)
             segments = PackedBatch(packed.input_ids, position_ids, packed.segment_ids.to(self.device))
-            mask = additive_mask(attention_allowed(segments, window), self.dtype)
-            return mask, position_ids, self.adapter.position_embeddings(hidden, position_ids)
+            mask = additive_mask(attention_allowed(segments, kind.window), self.dtype)
+            return mask, position_ids, self.adapter.position_embeddings(hidden, position_ids, kind)
 
         for i in indices:
-            window = self.adapter.sliding_windows[i]
-            mask, position_ids, position_embeddings = current.layout(b, window, lambda: build(window))
+            kind = self.adapter.layer_kinds[i]
+            mask, position_ids, position_embeddings = current.layout(b, kind, lambda: build(kind))
             hidden = self.adapter.decoder_layer(i, hidden, mask, position_ids, position_embeddings)
         return hidden
 

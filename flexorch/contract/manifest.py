@@ -44,6 +44,12 @@ class LayerEntry:
     source_prefix: str  # e.g. "model.layers.3."
     tensors: tuple[str, ...] = ()  # tensor names in the file (relative to the layer)
     tied_to: str | None = None  # e.g. "embed" for a tied lm head
+    # Mixture-of-experts layers: the fused experts tensors (expert first: expert e is slice [e] of each,
+    # one contiguous byte range per tensor, so experts can be read alone), their count and the bytes
+    # of one expert across them. 0 / () for every other layer.
+    experts: int = 0
+    expert_bytes: int = 0
+    expert_tensors: tuple[str, ...] = ()
 
     @property
     def index(self) -> int | None:
@@ -103,7 +109,9 @@ class Manifest:
             raise ManifestError("manifest is malformed: 'layers' must be a non-empty list of objects")
         try:
             entries = tuple(
-                LayerEntry(**{**layer, "tensors": tuple(layer.get("tensors") or ())}) for layer in layers
+                LayerEntry(**{**layer, "tensors": tuple(layer.get("tensors") or ()),
+                              "expert_tensors": tuple(layer.get("expert_tensors") or ())})
+                for layer in layers
             )
             manifest = cls(**{**data, "layers": entries, "architectures": tuple(data.get("architectures") or ())})
         except (KeyError, TypeError) as exc:
@@ -118,7 +126,8 @@ _NONE = type(None)
 _FIELD_TYPES = {"version": int, "model_type": str, "dtype": str, "num_layers": int, "hidden_size": int,
                 "vocab_size": int, "config": dict, "source": str}
 _ENTRY_TYPES = {"name": str, "kind": str, "file": (str, _NONE), "bytes": int, "sha256": (str, _NONE),
-                "dtype": str, "params": int, "source_prefix": str, "tied_to": (str, _NONE)}
+                "dtype": str, "params": int, "source_prefix": str, "tied_to": (str, _NONE), "experts": int,
+                "expert_bytes": int}
 
 
 def _type_problem(manifest: "Manifest") -> str | None:
@@ -132,7 +141,7 @@ def _type_problem(manifest: "Manifest") -> str | None:
                 where = f"layer {owner!r}: " if isinstance(owner, str) else ""
                 return f"{where}{name} is {str(value)[:40]!r}, expected {'a count' if counts else expected}"
     bad = next((e.name for e in manifest.layers
-                if not all(isinstance(t, str) for t in e.tensors + manifest.architectures)), None)
+                if not all(isinstance(t, str) for t in e.tensors + e.expert_tensors + manifest.architectures)), None)
     return f"layer {bad!r}: tensors and architectures must be strings" if bad is not None else None
 
 

@@ -89,6 +89,7 @@ class EngineSettings:
     disk_folder: str | None = None  # storage == "disk": where activation files go
     verify_checksums: bool = True  # hash each layer file while reading it
     threads: int = 0  # CPU threads for torch (0: torch's default); set when workers share the CPU
+    allow_untested_models: bool = False  # the job's allow_untested_models: run a model type outside TESTED_MODEL_TYPES
 
 
 @dataclass(frozen=True)
