@@ -30,7 +30,8 @@ from flexorch.workers.activations import make_store
 from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
 from flexorch.workers.layerfile import LayerwiseModel
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
-from flexorch.contract.shards import owner, plan_shards
+from flexorch.contract.shards import DENSE_PART, owner, plan_shards
+from flexorch.workers.experts import StreamedExperts
 from flexorch.workers.link import Link, LocalLink
 from flexorch.workers.prefetch import LoadedShard, ShardLoader
 from flexorch.contract.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
@@ -134,15 +135,18 @@ class Engine:
         self.dtype = getattr(torch, settings.dtype)
         self.model = LayerwiseModel(model_dir)
         self.adapter = ModelAdapter(model_dir, self.device, self.dtype, allow_untested=settings.allow_untested_models)
-        self.shards = plan_shards(self.model.manifest, settings.layers_per_shard)
+        self.shards = plan_shards(self.model.manifest, settings.layers_per_shard, settings.experts_per_group)
         index, stages = (link.index, link.count) if link else (LocalLink.index, LocalLink.count)
         self.own_shards = [s for s in self.shards if owner(s.index, stages) == index]
-        self.head = owner(len(self.shards) - 1, stages)
+        self.head = owner(self.shards[-1].index, stages)
         self.scores_here = index == self.head
         self.on_progress = on_progress or (lambda event: None)
         self.hooks = hooks or EngineHooks()
         self.vocab_size = self.adapter.config.vocab_size
         self.peak_device_per_shard: list[int] = []
+        # A streamed MoE layer between its steps, and where its batches wait: with the activations.
+        self._streamed: StreamedExperts | None = None
+        self._keep_on = self.device if settings.storage == "gpu" else torch.device("cpu")
 
     def run(self, prompts: Sequence[TokenizedPrompt]) -> tuple[list[PromptResult], EngineSummary]:
         start = time.perf_counter()
@@ -198,6 +202,18 @@ class Engine:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        if loaded.shard.experts is None:
+            self._run_layers(loaded, current, link, scores)
+        elif loaded.shard.experts == DENSE_PART:
+            self._run_dense_part(loaded, current, link)
+        else:
+            self._run_expert_group(loaded, link, len(current.packed))
+        _trim_heap()
+        if cuda:
+            self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
+
+    def _run_layers(self, loaded: LoadedShard, current: _Pass, link: Link, scores) -> None:
+        """Whole layers: per batch, receive, compute, send (or score)."""
         modules = []
         for name in loaded.shard.names:
             entry = self.model.entry(name)
@@ -224,9 +240,34 @@ class Engine:
             del hidden
         for _, module in modules:
             self.adapter.release(module)
-        _trim_heap()
-        if cuda:
-            self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
+
+    def _run_dense_part(self, loaded: LoadedShard, current: _Pass, link: Link) -> None:
+        """A streamed MoE layer's first step (workers/experts.py): attention and router over every
+        batch; the outputs wait, without the experts' share, for the groups of experts."""
+        shard, entry = loaded.shard, self.model.entry(loaded.shard.names[0])
+        layer = self.adapter.module(DECODER, entry.index)
+        self._streamed = StreamedExperts(layer, entry.expert_tensors, self._keep_on)
+        self.adapter.assign(layer, loaded.tensors[entry.name])  # the layer's tensors but the experts'
+        for b in range(len(current.packed)):
+            if self.hooks.before_batch:
+                self.hooks.before_batch(loaded.step, shard.index, b)
+            hidden = link.receive(loaded.step, shard.index, b).to(self.device)
+            if b + 1 < len(current.packed):
+                link.prefetch(loaded.step, shard.index, b + 1)
+            self._streamed.keep(self._decoder_layers([entry.index], hidden, current, b))
+        self.adapter.release(layer)
+
+    def _run_expert_group(self, loaded: LoadedShard, link: Link, batches: int) -> None:
+        """One group of a streamed MoE layer's experts over every batch; after the last, the layer's
+        outputs go on."""
+        shard = loaded.shard
+        first, end = shard.experts
+        self._streamed.add_group(first, end, loaded.tensors[shard.names[0]], self.device)
+        if shard.last_step:
+            for b in range(batches):
+                link.send(loaded.step, shard.index + 1, b, self._streamed.output(b))
+            self._streamed.restore()
+            self._streamed = None
 
     def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, current: _Pass, b: int) -> torch.Tensor:
         packed = current.packed[b]

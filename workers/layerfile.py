@@ -19,6 +19,7 @@ import torch
 from flexorch.contract.errors import UserError
 from flexorch.contract.modeldir import read_raw_header
 from flexorch.contract.manifest import LayerEntry, Manifest, read_manifest
+from flexorch.contract.shards import DENSE_PART
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -168,6 +169,59 @@ class LayerwiseModel:
         }
         if entry.tied_to:
             return {"weight": tensors["weight"]}
+        return tensors
+
+    def part_specs(self, name: str, experts: tuple[int, int] | None) -> tuple[TensorSpec, ...]:
+        """What a shard step reads of layer `name` (Shard.experts): everything (None), the tensors
+        but the fused experts ones (DENSE_PART), or experts first..end-1 of each fused tensor — expert
+        e is slice [e], so a group is one contiguous range per tensor (start/end: its bytes in the
+        data region; shape: the group's)."""
+        header = self.header(name)
+        if experts is None:
+            return header.tensors
+        entry = self.entry(name)
+        if experts == DENSE_PART:
+            return tuple(spec for spec in header.tensors if spec.name not in entry.expert_tensors)
+        first, end = experts
+        out = []
+        for spec in header.tensors:
+            if spec.name in entry.expert_tensors:
+                per_expert = (spec.end - spec.start) // entry.experts
+                out.append(TensorSpec(spec.name, spec.dtype, (end - first, *spec.shape[1:]),
+                                      spec.start + first * per_expert, spec.start + end * per_expert))
+        return tuple(out)
+
+    def part_bytes(self, name: str, experts: tuple[int, int] | None) -> int:
+        """Buffer bytes `read_part_into` needs (each tensor starts ALIGN-aligned)."""
+        if experts is None:
+            return aligned(self.data_bytes(name))
+        return sum(aligned(spec.end - spec.start) for spec in self.part_specs(name, experts))
+
+    def read_part_into(self, name: str, experts: tuple[int, int] | None, buffer: torch.Tensor,
+                       verify: bool = False) -> dict[str, torch.Tensor]:
+        """`read_into` for one step of a streamed MoE layer (see part_specs): the ranges are read one
+        by one into `buffer`; verify hashes the whole file once first (the ranges do not cover it)."""
+        if experts is None:
+            return self.read_into(name, buffer, verify=verify)
+        stored = self.stored_entry(name)
+        if verify and stored.name not in self._verified:
+            self.verify(name)
+            self._verified.add(stored.name)
+        path = self.path / stored.file
+        data_offset = self.header(name).data_offset
+        tensors, offset = {}, 0
+        with open(path, "rb", buffering=0) as f:
+            for spec in self.part_specs(name, experts):
+                size = spec.end - spec.start
+                f.seek(data_offset + spec.start)
+                view, done = memoryview(buffer[offset:offset + size].numpy()), 0
+                while done < size:
+                    got = f.readinto(view[done:])
+                    if not got:
+                        raise LayerIntegrityError(f"{path}: layer {stored.name!r} is truncated")
+                    done += got
+                tensors[spec.name] = buffer[offset:offset + size].view(spec.dtype).view(spec.shape)
+                offset += aligned(size)
         return tensors
 
     def load(self, name: str, verify: bool = False) -> dict[str, torch.Tensor]:

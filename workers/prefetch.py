@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flexorch.contract.shards import Shard
-from flexorch.workers.layerfile import LayerwiseModel, aligned
+from flexorch.workers.layerfile import LayerwiseModel
 
 
 @dataclass
@@ -55,7 +55,7 @@ class ShardLoader:
         self.model, self.shards, self.device, self.dtype = model, shards, device, dtype
         self.passes, self.verify = passes, verify
         self.stats = LoaderStats()
-        slot_bytes = max(sum(aligned(model.data_bytes(name)) for name in shard.names) for shard in shards)
+        slot_bytes = max(sum(model.part_bytes(name, shard.experts) for name in shard.names) for shard in shards)
         cuda = device.type == "cuda"
         # Slots live where the compute reads them; on CUDA, file bytes stage through pinned memory.
         self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
@@ -121,10 +121,12 @@ class ShardLoader:
         target = self._staging if self._staging is not None else self._slots[slot]
         views, offset, nbytes = {}, 0, 0
         for name in shard.names:
-            size = self.model.data_bytes(name)
-            views[name] = self.model.read_into(name, target[offset:offset + size], verify=self.verify)
-            nbytes += self.model.layer_bytes(name)
-            offset += aligned(size)
+            size = self.model.part_bytes(name, shard.experts)
+            views[name] = self.model.read_part_into(name, shard.experts, target[offset:offset + size],
+                                                    verify=self.verify)
+            nbytes += (self.model.layer_bytes(name) if shard.experts is None
+                       else sum(spec.end - spec.start for spec in self.model.part_specs(name, shard.experts)))
+            offset += size
         ready = None
         if self._copy_stream is not None:
             with torch.cuda.stream(self._copy_stream):

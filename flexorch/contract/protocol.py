@@ -89,6 +89,7 @@ class EngineSettings:
     disk_folder: str | None = None  # storage == "disk": where activation files go
     verify_checksums: bool = True  # hash each layer file while reading it
     threads: int = 0  # CPU threads for torch (0: torch's default); set when workers share the CPU
+    experts_per_group: int = 0  # MoE layers: stream experts this many at a time (contract/shards.py); 0: whole layers
     allow_untested_models: bool = False  # the job's allow_untested_models: run a model type outside TESTED_MODEL_TYPES
 
 
