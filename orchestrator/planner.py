@@ -251,6 +251,20 @@ class _Model:
     stored_shards: tuple[int, ...]  # as stored: the embedding, each decoder layer, norm + head (plan_shards)
     decoder_params: int
     head_params: int
+    moe: _Experts | None = None  # the MoE layers' sizes (None: a dense model)
+    experts_per_group: int = 0  # > 0: MoE layers stream their experts this many at a time
+    pending_per_token: int = 0  # bytes a streamed MoE layer keeps per token between its steps
+
+    def streamed(self, group: int) -> "_Model":
+        """This model with its MoE layers run as steps (contract/shards.py): the unit a slot holds is
+        the largest of a dense decoder layer, a MoE layer's dense part and `group` experts. Between
+        its steps a streamed layer keeps every token's output and experts' input (2 x hidden) and its
+        k routes (an int64 id and a float32 weight each)."""
+        e = self.moe
+        stored = max(e.stored_dense_layer, e.stored_dense_part, group * e.stored_expert)
+        return replace(self, experts_per_group=group, stored_layer=stored,
+                       layer=math.ceil(stored * self.layer / self.stored_layer),
+                       pending_per_token=2 * self.hidden * self.dtype_bytes + e.per_token * (8 + 4))
 
     def stage_bytes(self, lps: int, stages: int) -> int:
         """Bytes per pass read by the busiest pipeline stage (shard s on stage s % stages)."""
@@ -267,6 +281,17 @@ class _Model:
     def resident_weights(self, lps: int) -> int:
         """Device bytes of the double-buffered shards (plus their converted copies)."""
         return RESIDENT_SHARDS * (self.stored_shard(lps) + (self.shard(lps) if self.converted else 0))
+
+
+@dataclass(frozen=True)
+class _Experts:
+    """The sizes of a MoE model's layers, as stored (manifest: experts, expert_bytes)."""
+
+    experts: int  # per MoE layer (the most of any layer)
+    per_token: int  # num_experts_per_tok: the experts each token is routed to
+    stored_expert: int  # one expert's bytes across its fused tensors
+    stored_dense_part: int  # a MoE layer without its experts: attention, router, norms, shared expert
+    stored_dense_layer: int  # the largest decoder layer without experts (0: none)
 
 
 @dataclass(slots=True)  # not frozen: built ~10^6 times on big jobs, and frozen init is 3x slower; never mutated
@@ -502,13 +527,17 @@ def _choose_parallel(data: ModePrediction, pipeline: ModePrediction) -> tuple[st
 def _plan_worker(job: _Job, hardware: Hardware, name: str, device: str, indices: tuple[int, ...],
                  threads: int, rate: float, budget: _Budget, stages: int = 1) -> WorkerPlan:
     """Per worker, in order: batch_tokens, storage and rounds (at the smallest shard), then
-    layers_per_shard grows into what is left. `stages` > 1: one stage of a pipeline, which reads
+    layers_per_shard — or, for a MoE model streaming its experts, experts_per_group — grows into what
+    is left. `stages` > 1: one stage of a pipeline, which reads
     and computes 1/stages of every pass over `indices`."""
     spec, reasons = job.spec, []
     kind = _kind(device)
     storages = ("cpu",) if stages > 1 else _storages(spec, device)
     floor = _lps_floor(job, reasons)
     longest_index = max(indices, key=lambda i: (job.lengths[i], -i))
+    job = _stream_experts_if_needed(job, device, floor, longest_index, budget)
+    if job.model.experts_per_group:
+        floor = 1
     _check_minimum(job, device, floor, longest_index, budget)
     batch = _choose_batch(job, device, indices, floor, longest_index, budget, reasons)
     read_per_round = job.model.bytes_per_pass * spec.generate_tokens / _read_rate(job, hardware, device) / stages
@@ -518,7 +547,12 @@ def _plan_worker(job: _Job, hardware: Hardware, name: str, device: str, indices:
     storage, rounds = _choose_storage(job, _Setup(device, floor, batch, NO_STORAGE), indices, storages, budget,
                                       min_flops, target_flops, reasons, pipeline=stages > 1)
     most = max(floor, job.model.num_layers // (PIPELINE_GROUPS_PER_STAGE * stages)) if stages > 1 else None
-    lps = _choose_lps(job, _Setup(device, floor, batch, storage), rounds, budget, reasons, most)
+    if job.model.experts_per_group:
+        lps = 1
+        job = _grow_expert_groups(job, _Setup(device, lps, batch, storage), rounds, budget, reasons)
+        reasons.append("layers_per_shard 1: expert streaming runs one layer per shard")
+    else:
+        lps = _choose_lps(job, _Setup(device, floor, batch, storage), rounds, budget, reasons, most)
     setup = _Setup(device, lps, batch, storage)
     peaks = _max_peaks(job, setup, rounds)
     if kind == "cpu":
@@ -527,7 +561,7 @@ def _plan_worker(job: _Job, hardware: Hardware, name: str, device: str, indices:
         device=device, dtype=job.dtype, layers_per_shard=lps, storage=storage, batch_tokens=batch,
         disk_folder=_disk_folder(spec, name) if storage == "disk" else None,
         threads=threads if kind == "cpu" else 0,
-        allow_untested_models=spec.allow_untested_models,
+        experts_per_group=job.model.experts_per_group, allow_untested_models=spec.allow_untested_models,
     )
     slice_load = sum((job.loads[i] for i in indices), _Load())
     return WorkerPlan(
@@ -593,8 +627,7 @@ def _describe_model(manifest: Manifest, dtype: str) -> _Model:
     config = manifest.config
     return _Model(
         num_layers=manifest.num_layers, hidden=manifest.hidden_size,
-        # GPT-style MLPs are 4x hidden; a config without the key is assumed to be one.
-        intermediate=int(config.get("intermediate_size") or 4 * manifest.hidden_size),
+        intermediate=_intermediate(manifest, config),
         # 64 is the smallest common head dim, so hidden // 64 heads overestimates the scores.
         heads=int(config.get("num_attention_heads") or max(1, manifest.hidden_size // 64)),
         vocab=manifest.vocab_size, dtype_bytes=DTYPE_BYTES[dtype],
@@ -605,8 +638,31 @@ def _describe_model(manifest: Manifest, dtype: str) -> _Model:
                        *(manifest.stored_bytes(e) for e in by_kind[DECODER]),
                        sum(manifest.stored_bytes(e) for e in tail)),
         decoder_params=sum(_active_params(e, config) for e in by_kind[DECODER]),
-        head_params=sum(e.params for e in heads),
+        head_params=sum(e.params for e in heads), moe=_describe_experts(by_kind[DECODER], config),
     )
+
+
+def _intermediate(manifest: Manifest, config: dict) -> int:
+    """The widest MLP intermediate a forward holds per token. GPT-style MLPs are 4x hidden (a config
+    without the key is assumed to be one). In a MoE layer a token's k routes are k rows of the expert
+    width (moe_intermediate_size, or intermediate_size where the experts use it: Mixtral), all alive
+    at once in transformers' grouped_mm experts: whichever experts the router picks, a batch's expert
+    rows are at most k x its tokens."""
+    dense = int(config.get("intermediate_size") or 4 * manifest.hidden_size)
+    if not any(entry.experts for entry in manifest.layers):
+        return dense
+    expert_width = int(config.get("moe_intermediate_size") or dense)
+    return max(dense, int(config.get("num_experts_per_tok") or 1) * expert_width)
+
+
+def _describe_experts(decoders, config: dict) -> _Experts | None:
+    moe = [e for e in decoders if e.experts]
+    if not moe:
+        return None
+    return _Experts(experts=max(e.experts for e in moe), per_token=int(config.get("num_experts_per_tok") or 1),
+                    stored_expert=max(e.expert_bytes for e in moe),
+                    stored_dense_part=max(e.bytes - e.experts * e.expert_bytes for e in moe),
+                    stored_dense_layer=max((e.bytes for e in decoders if not e.experts), default=0))
 
 
 def _active_params(entry, config: dict) -> int:
@@ -718,14 +774,17 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     row is `longest` tokens."""
     m, cuda = job.model, setup.device != "cpu"
     per_token = m.hidden * m.dtype_bytes
+    # a streamed MoE layer's batches wait with the activations (on the device only with storage gpu)
     activations = math.ceil(load.act_tokens * per_token)
+    pending = math.ceil(load.act_tokens * m.pending_per_token)
     in_flight = 2 * setup.batch * per_token
     compute = (m.resident_weights(setup.lps) + in_flight
                + (_working_bytes(m, setup.batch, longest, job.scored_ratio) if setup.batch else 0))
     ram = WORKER_BASE_RAM[_kind(setup.device)] + load.result_bytes
     ram += STAGING_BUFFERS * m.stored_shard(setup.lps) if cuda else compute
     ram += activations if setup.storage == "cpu" else in_flight if setup.storage == "disk" else 0
-    device = CUDA_CONTEXT_BYTES + compute + (activations if setup.storage == "gpu" else 0) if cuda else 0
+    ram += pending if setup.storage != "gpu" else 0
+    device = CUDA_CONTEXT_BYTES + compute + (activations + pending if setup.storage == "gpu" else 0) if cuda else 0
     return _Peaks(device=device, ram=ram, disk=DISK_COPIES * activations if setup.storage == "disk" else 0)
 
 
@@ -775,6 +834,44 @@ def _lps_floor(job: _Job, reasons: list[str]) -> int:
         reasons.append(f"layers_per_shard {requested} capped at the model's {job.model.num_layers} decoder layers")
         return job.model.num_layers
     return requested
+
+
+def _minimum_fits(job: _Job, device: str, lps: int, longest_index: int, budget: _Budget) -> bool:
+    load = job.loads[longest_index]
+    longest = job.lengths[longest_index]
+    return _fits(_peaks(job, _Setup(device, lps, longest, NO_STORAGE), load, longest), budget)
+
+
+def _stream_experts_if_needed(job: _Job, device: str, lps: int, longest_index: int, budget: _Budget) -> _Job:
+    """A MoE model whose layers do not fit whole streams its experts, one layer per shard: planned
+    first with one expert per group (the least weight memory, leaving the most for the batch and the
+    rounds), then `_grow_expert_groups` fills what is left."""
+    m = job.model
+    if m.moe is None or job.spec.layers_per_shard not in (None, 1) or _minimum_fits(job, device, lps, longest_index,
+                                                                                    budget):
+        return job
+    return replace(job, model=m.streamed(1))
+
+
+def _grow_expert_groups(job: _Job, setup: _Setup, rounds, budget: _Budget, reasons: list[str]) -> _Job:
+    """As many experts per group as fit beside the chosen batch and rounds (fewer, larger reads).
+
+    How many tokens a group gets is data-dependent (the router decides), so memory is sized for the
+    worst case: each token goes to num_experts_per_tok experts, so a batch's expert rows are at most
+    batch_tokens x k whichever group they fall into, and the working memory counts that many
+    (`_intermediate`). What a layer keeps between its steps is per token, not per expert: fixed by
+    the round's tokens (`_Model.streamed`)."""
+    m = job.model
+    moe = m.moe
+    group = _largest_fitting(range(1, moe.experts + 1),
+                             lambda g: _fits(_max_peaks(replace(job, model=m.streamed(g)), setup, rounds), budget))
+    whole = moe.stored_dense_part + moe.experts * moe.stored_expert
+    reasons.append(f"experts_per_group {group} (auto): a whole MoE layer ({format_bytes(whole)}, double-buffered) "
+                   f"does not fit on {setup.device}; each MoE layer streams as its dense part "
+                   f"({format_bytes(moe.stored_dense_part)}) then its {moe.experts} experts {group} at a time "
+                   f"({format_bytes(group * moe.stored_expert)}), the next step prefetched, one layer per shard; "
+                   "as many per group as fit beside the batch and rounds")
+    return replace(job, model=m.streamed(group or 1))
 
 
 def _check_minimum(job: _Job, device: str, lps: int, longest_index: int, budget: _Budget) -> None:

@@ -7,6 +7,8 @@ downloaded; the tests use it to describe models too big to build.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flexorch.contract.manifest import DECODER, EMBED, FORMAT_VERSION, LM_HEAD, NORM, LayerEntry, Manifest
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -44,3 +46,30 @@ def llama2_70b() -> Manifest:
 def llama2_13b() -> Manifest:
     """Llama-2-13B in fp16: 40 layers of 634 MB."""
     return llama_shaped_manifest(40, 5120, 13824, 32000, heads=40, kv_heads=40)
+
+
+def moe_shaped_manifest(layers: int, hidden: int, moe_intermediate: int, experts: int, per_token: int, vocab: int,
+                        heads: int, kv_heads: int, dtype: str = "float16") -> Manifest:
+    """A Mixtral-shaped MoE model: Llama's attention and norms, a router (experts x hidden) and
+    `experts` experts of gate/up/down (hidden x moe_intermediate) per layer, fused as prepare stores them."""
+    size = DTYPE_BYTES[dtype]
+    dense = llama_shaped_manifest(layers, hidden, 0, vocab, heads, kv_heads, dtype)
+    expert_params = 3 * hidden * moe_intermediate
+    router = experts * hidden
+
+    def moe(entry: LayerEntry) -> LayerEntry:
+        if entry.kind != DECODER:
+            return entry
+        params = entry.params + router + experts * expert_params
+        return replace(entry, params=params, bytes=params * size, experts=experts, expert_bytes=expert_params * size,
+                       expert_tensors=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+
+    config = {**dense.config, "intermediate_size": moe_intermediate, "num_local_experts": experts,
+              "num_experts_per_tok": per_token}
+    return replace(dense, model_type="mixtral", architectures=("MixtralForCausalLM",),
+                   layers=tuple(moe(e) for e in dense.layers), config=config)
+
+
+def mixtral_8x7b() -> Manifest:
+    """Mixtral-8x7B in fp16: 32 layers of 2.9 GB (8 experts of 352 MB), 2 of 8 experts per token."""
+    return moe_shaped_manifest(32, 4096, 14336, 8, 2, 32000, heads=32, kv_heads=8)

@@ -13,7 +13,7 @@ import pytest
 
 from flexorch.orchestrator.hardware import GpuInfo, Hardware, Node
 from flexorch.orchestrator.planner import Plan, make_cluster_plan, make_plan, render_plan
-from flexorch.orchestrator.shapes import llama_shaped_manifest
+from flexorch.orchestrator.shapes import llama_shaped_manifest, mixtral_8x7b
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import Manifest
 
@@ -385,3 +385,27 @@ def test_moe_compute_counts_only_the_routed_experts():
                        experts=8, expert_bytes=200)
     assert _active_params(entry, {"num_experts_per_tok": 2}) == 1000 + 2 * 100
     assert _active_params(replace(entry, experts=0, expert_bytes=0), {}) == 1800
+
+
+def test_mixtral_on_a_6gb_gpu_streams_its_experts_in_groups():
+    # Mixtral-8x7B fp16 (orchestrator/shapes.py): a decoder layer is 2,902,540,288 bytes — attention, norms
+    # and router 83,968,000, 8 experts of 352,321,536. Two whole layers (5.8 GB) exceed the 5.4 GB budget.
+    plan = make_plan(machine(SMALL_GPU), mixtral_8x7b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400)
+    (worker,) = plan.workers
+    # Planned at one expert per group, the batch grows to 8192 tokens; then the groups grow into what is left:
+    # two slots of 3 experts 2 x 1,056,964,608 + CUDA context 524,288,000 + in flight 2 x 8192 x 4096 x 2
+    # = 134,217,728 + working: a token's 2 routes are 2 rows of 14336, (3 x 28672 + 6 x 4096) x 8192 x 2
+    # = 1,811,939,328, scores 8192 x 300 x 32 x 6 = 471,859,200, mask 8192 x 300 x 2 = 4,915,200
+    #                                                                              = 5,061,148,672
+    # (4 experts per group would add 704,643,072: over the 5.4 GB budget).
+    assert (worker.settings.experts_per_group, worker.settings.layers_per_shard) == (3, 1)
+    assert worker.settings.batch_tokens == 8192
+    assert worker.predicted_peak_device_memory == 5_061_148_672 <= 0.9 * 6 * GB
+    assert any("experts_per_group 3 (auto)" in r for r in worker.reasons)
+    # Compute counts the 2 routed experts of 8: 2 x 32 x (83,968,000 / 2 + 2 x 176,160,768) params x 300 tokens
+    # per prompt, plus the head, at 20 TFLOP/s.
+    active = 32 * (83_968_000 // 2 + 2 * 176_160_768)
+    assert worker.predicted_compute_seconds == pytest.approx(400 * 2 * (active * 300 + 4096 * 32000 * 4) / 20e12)
+    # A card that holds two whole layers streams none.
+    (roomy,) = make_plan(machine(gpu(0, "NVIDIA H100", 80 * GB)), mixtral_8x7b(), Spec(), [300] * 400).workers
+    assert roomy.settings.experts_per_group == 0
