@@ -78,3 +78,20 @@ def test_layer_bytes_needs_no_read(llama_copy):
     sizes = {entry.name: entry.bytes for entry in model.manifest.layers}
     shutil.rmtree(llama_copy / "layers")
     assert {name: model.layer_bytes(name) for name in sizes} == sizes
+
+
+def test_experts_are_read_alone_as_slices_of_the_fused_tensors(layerwise):
+    from flexorch.contract.shards import DENSE_PART
+
+    model = LayerwiseModel(layerwise("mixtral"))
+    entry = model.entry("layer.1")
+    whole = model.load("layer.1")
+    buffer = torch.empty(model.part_bytes("layer.1", (1, 3)), dtype=torch.uint8)
+    group = model.read_part_into("layer.1", (1, 3), buffer, verify=True)
+    assert sorted(group) == sorted(entry.expert_tensors)
+    for name, tensor in group.items():
+        assert torch.equal(tensor, whole[name][1:3])
+    dense = model.read_part_into("layer.1", DENSE_PART, torch.empty(model.part_bytes("layer.1", DENSE_PART),
+                                                                     dtype=torch.uint8))
+    assert sorted(dense) == sorted(set(whole) - set(entry.expert_tensors))
+    assert all(torch.equal(dense[name], whole[name]) for name in dense)

@@ -42,7 +42,8 @@ def settings(**changes) -> EngineSettings:
     return EngineSettings(**{**base, **changes})
 
 
-def run_stages(model_dir, rounds, score: ScoreSpec, n: int, hooks=None, capacity: int = 2):
+def run_stages(model_dir, rounds, score: ScoreSpec, n: int, hooks=None, capacity: int = 2,
+               stage_settings: EngineSettings | None = None):
     """Run `n` stages as threads over `rounds` (lists of prompts): (per stage, per round: (results,
     summary)), and the rings (for their inbox counters)."""
     channels = [queue.Queue(maxsize=capacity) for _ in range(n)]
@@ -53,7 +54,7 @@ def run_stages(model_dir, rounds, score: ScoreSpec, n: int, hooks=None, capacity
     def stage(i):
         try:
             for round_id, prompts in enumerate(rounds):
-                out[i].append(score_prompts(model_dir, prompts, score, settings(),
+                out[i].append(score_prompts(model_dir, prompts, score, stage_settings or settings(),
                                             hooks=(hooks or {}).get(i),
                                             link=PipelineStage(i, n, rings[i], round_id)))
         except BaseException as exc:  # reported by the test thread
@@ -99,6 +100,18 @@ def test_stages_equal_data_mode_bit_for_bit(layerwise, score, n):
             assert_same_results(results, want)
         else:
             assert results == []  # only the head stage holds scores
+
+
+def test_streamed_experts_stay_on_their_layers_stage(layerwise):
+    """A MoE layer's steps share its shard index, so one stage runs them all; scores equal data mode's."""
+    model = layerwise("qwen2_moe")
+    prompts = tokenize(model)
+    streamed = settings(experts_per_group=3)
+    score = ScoreSpec("next_token_probs", generate_tokens=2)
+    want, _ = score_prompts(model, prompts, score, streamed)
+    out, _ = run_stages(model, [prompts], score, 2, stage_settings=streamed)
+    head = plan_shards(LayerwiseModel(model).manifest, 1, 3)[-1].index % 2
+    assert_same_results(out[head][0][0], want)
 
 
 def test_each_stage_reads_only_its_shards(layerwise):
