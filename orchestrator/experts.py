@@ -8,7 +8,8 @@ then up rows; `mlp.experts.down_proj`: (experts, hidden, moe_intermediate)), and
 `block_sparse_moe` to `mlp` (its conversion_mapping.py). `prepare` writes that layout, so a layer
 file loads into the module with no conversion, and expert e is slice [e] of each fused tensor: one
 contiguous byte range per tensor, which is how experts are read alone (the manifest's
-`experts` / `expert_bytes`).
+`experts` / `expert_bytes`). Fusing copies a layer's experts once, so converting a MoE layer peaks
+at about twice its size (a dense layer: once).
 
 Which names the model wants is read from transformers' own skeleton (built on the meta device), not
 assumed: a transformers version that keeps experts as a list of modules gets the checkpoint's names

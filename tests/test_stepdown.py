@@ -28,6 +28,16 @@ def test_steps_down_batch_then_shard_then_storage_then_stops():
     assert (settings.batch_tokens, settings.layers_per_shard, settings.storage) == (1000, 1, "cpu")
 
 
+def test_streamed_experts_step_down_to_one_per_group():
+    settings = EngineSettings("cuda:0", "float16", layers_per_shard=1, storage="cpu", batch_tokens=1000,
+                              experts_per_group=6)
+    steps = []
+    while (next_step := step_down(settings, min_batch_tokens=1000)) is not None:
+        settings, what = next_step
+        steps.append(what)
+    assert steps == ["experts_per_group 6 -> 3", "experts_per_group 3 -> 1"]
+
+
 def test_cpu_worker_has_no_storage_step():
     settings = EngineSettings("cpu", "float32", layers_per_shard=1, storage="gpu", batch_tokens=64)
     assert step_down(settings, min_batch_tokens=64) is None

@@ -166,12 +166,13 @@ class Engine:
                     loaded = loader.next_shard()  # load weight (prefetched on the loader's thread)
                     self._run_shard(loaded, current, link, scores)  # per batch: receive, compute, send
                     loader.release(loaded)  # the compute using it has been issued
-                    tokens += current.tokens
+                    done = current.tokens if shard.last_step else 0  # a streamed MoE layer: once, at its end
+                    tokens += done
                     last = position == len(self.own_shards) - 1
                     self.on_progress(ProgressEvent(
                         stage=position + 1, stages=len(self.own_shards), step=step + 1, steps=steps,
                         prompts_done=len(prompts) if last else 0,
-                        prompts=len(prompts), tokens_done=current.tokens,
+                        prompts=len(prompts), tokens_done=done,
                         bytes_read=loader.stats.bytes_read, seconds=time.perf_counter() - start))
                     if self.hooks.after_shard:
                         self.hooks.after_shard(step, shard.index)

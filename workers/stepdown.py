@@ -2,8 +2,8 @@
 
 The planner's prediction can be wrong (another process took GPU memory, fragmentation), so a
 worker that runs out of memory steps down and retries the round rather than failing: first fewer
-tokens per batch (cheapest: same weights traffic), then fewer layers per shard, then activations
-off the GPU. Scores do not depend on any of these, only speed does.
+tokens per batch (cheapest: same weights traffic), then fewer experts per group (a MoE model
+streaming its experts), then fewer layers per shard, then activations off the GPU. Scores do not depend on any of these, only speed does.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ def step_down(settings: EngineSettings, min_batch_tokens: int) -> tuple[EngineSe
         smaller = max(min_batch_tokens, settings.batch_tokens // 2)
         return (dataclasses.replace(settings, batch_tokens=smaller),
                 f"batch_tokens {settings.batch_tokens} -> {smaller}")
+    if settings.experts_per_group > 1:  # streamed MoE layers: smaller steps, the same weights read
+        fewer = settings.experts_per_group // 2
+        return (dataclasses.replace(settings, experts_per_group=fewer),
+                f"experts_per_group {settings.experts_per_group} -> {fewer}")
     if settings.layers_per_shard > 1:
         fewer = settings.layers_per_shard // 2
         return (dataclasses.replace(settings, layers_per_shard=fewer),
