@@ -16,6 +16,10 @@ goes through a shard before the next one comes; hidden states wait in the activa
   stored, and, where the compute dtype differs from the checkpoint's, the converted copies of
   both (workers/prefetch.py). A shard is max(embed, norm + head, layers_per_shard x largest
   decoder layer): the edges can outweigh a decoder layer (a 128k-vocab 70B head is 2 GB in fp16).
+  A MoE model whose layers do not fit whole streams its experts (one layer per shard): the slot
+  unit is then the largest of a MoE layer's dense part, experts_per_group experts and a dense
+  layer, and a streamed layer keeps per token its output, its experts' input and k routes between
+  its steps, with the activations (`_Model.streamed`).
 * On CUDA, weights reach the device through pinned host staging (RAM) of one stored shard.
 * Batch in flight: its input and output hidden states, 2 x batch_tokens x hidden x dtype bytes,
   on the compute device whatever the storage.
@@ -47,7 +51,8 @@ Decisions, in order: parallel, dtype, devices and the prompt slices (contiguous,
 tokens weighted by device throughput) for the job; then per worker: batch_tokens (the largest
 power of two up to a cap that fits at the smallest shard, never below the longest prompt), the
 activation storage and the rounds (consecutive prompts, the resume unit, sized by time and memory),
-and last layers_per_shard, which grows into the memory left.
+and last layers_per_shard, which grows into the memory left — or, for a MoE model streaming its
+experts (planned at one expert per group), experts_per_group.
 
 Time model: read seconds = bytes of one pass x passes (generate_tokens) x rounds / read rate (the
 disk's, or the PCIe link's if slower); compute seconds = 2 x FLOPs-bearing params x tokens / device
