@@ -172,9 +172,10 @@ def test_sigint_or_sigterm_stops_every_worker_and_exits_130_or_143(tmp_path, lay
 def test_untested_model_type_is_refused_before_any_work(tmp_path, layerwise, capsys):
     model = tmp_path / "model"
     shutil.copytree(layerwise("llama"), model)
-    manifest = json.loads((model / "flexorch_manifest.json").read_text())
-    manifest["model_type"] = "seed_oss"
-    (model / "flexorch_manifest.json").write_text(json.dumps(manifest))
+    for name in ("flexorch_manifest.json", "config.json"):  # relabelled consistently: prepared as seed_oss
+        data = json.loads((model / name).read_text())
+        data["model_type"] = "seed_oss"
+        (model / name).write_text(json.dumps(data))
     job = write_job(tmp_path, model)
     _fails_with(job, capsys, "model type 'seed_oss' is not tested", "mixtral", "allow_untested_models: true")
     assert not (tmp_path / "job.job").exists()  # nothing started
