@@ -252,14 +252,23 @@ def test_corrupt_layer_is_detected_before_use(layerwise, references, tmp_path):
         score_prompts(model_dir, ref.prompts, ScoreSpec(), settings())
 
 
+def relabel(model_dir, **config):
+    """Change config.json, and the manifest's copy of what it says, as if prepared so."""
+    path = model_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    manifest = json.loads((model_dir / "flexorch_manifest.json").read_text())
+    manifest["model_type"] = config["model_type"]
+    manifest["architectures"] = config["architectures"]
+    manifest["config"].update(config)
+    (model_dir / "flexorch_manifest.json").write_text(json.dumps(manifest))
+
+
 def test_untested_model_type_is_refused_unless_allowed(layerwise, references, tmp_path):
     """A Llama relabelled seed_oss (untested; transformers' Seed-OSS has Llama's layers): refused by
     name with the tested list, and with allow_untested_models run through the general adapter."""
     model_dir = tmp_path / "model"
     shutil.copytree(layerwise("llama"), model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    config.update(model_type="seed_oss", architectures=["SeedOssForCausalLM"])
-    (model_dir / "config.json").write_text(json.dumps(config))
+    relabel(model_dir, model_type="seed_oss", architectures=["SeedOssForCausalLM"])
     ref = references("llama")
     with pytest.raises(UserError, match=r"'seed_oss' is not tested .*tested: llama, .*mixtral.*allow_untested_models"):
         score_prompts(model_dir, ref.prompts, ScoreSpec(), settings())
@@ -271,9 +280,7 @@ def test_untested_model_type_is_refused_unless_allowed(layerwise, references, tm
 def test_a_model_without_the_decoder_shape_is_refused(layerwise, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(layerwise("llama"), model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_layer=4, n_head=4)
-    (model_dir / "config.json").write_text(json.dumps(config))
+    relabel(model_dir, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_layer=4, n_head=4)
     with pytest.raises(UserError, match="GPT2LMHeadModel is not embeddings → decoder layers → norm → lm head"):
         score_prompts(model_dir, tokenize(layerwise("llama")), ScoreSpec(), settings(allow_untested_models=True))
 

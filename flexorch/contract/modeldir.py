@@ -117,10 +117,13 @@ def _check_shapes(manifest, shapes: dict[str, dict], where: str) -> None:
         if found is not None and found != shape:
             raise UserError(f"{where}: layer {name!r} weight has shape {list(found)}, the config says {list(shape)}")
     decoders = [entry for entry in manifest.layers if entry.kind == "decoder"]
-    first = shapes[decoders[0].name] if decoders else {}
+    # A MoE model may mix dense and MoE layers (Qwen2-MoE's mlp_only_layers, DeepSeek's first dense
+    # layers): each layer is compared with the first of its kind.
+    first = {}
     for entry in decoders:
         if set(shapes[entry.name]) != set(entry.tensors):
             raise UserError(f"{where}: layer {entry.name!r}: its file holds other tensors than the manifest lists")
-        if shapes[entry.name] != first:
-            raise UserError(f"{where}: layer {entry.name!r} has other tensors or shapes than {decoders[0].name!r}: "
+        like = first.setdefault(bool(entry.experts), entry.name)
+        if shapes[entry.name] != shapes[like]:
+            raise UserError(f"{where}: layer {entry.name!r} has other tensors or shapes than {like!r}: "
                             "the layers are not of one model (re-run `flexorch prepare`)")
