@@ -25,6 +25,40 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
+class Throughput:
+    """FLOP/s measured through whole decoder layers on one device in one dtype at one batch size."""
+
+    device: str  # "cpu" (all its cores) | "cuda:N"
+    dtype: str
+    batch_tokens: int
+    flops_per_s: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Figures measured on this machine (orchestrator/calibrate.py), cached per machine. The
+    planner reads them as data; a figure left None (or a device/dtype with no Throughput) falls
+    back to the planner's assumed constant, and `flexorch plan` says which is which."""
+
+    machine: str  # what the figures belong to: host, CPU model and cores, GPU names
+    measured_at: str  # UTC, ISO 8601
+    seconds: float  # how long measuring took
+    disk_path: str = ""  # where the read rate was measured
+    disk_read_bytes_per_s: float | None = None  # cold: the page cache dropped with posix_fadvise(DONTNEED)
+    worker_start_seconds: float | None = None  # process spawn to torch + transformers imported and a first forward
+    worker_base_ram: int | None = None  # RSS of a CPU worker then: interpreter, torch, transformers, kernels
+    throughput: tuple[Throughput, ...] = ()
+    host_to_device_bytes_per_s: tuple[tuple[str, float], ...] = ()  # ("cuda:N", pinned copy rate)
+    cuda_context_bytes: int | None = None  # device memory in use before torch allocates anything
+    cuda_worker_base_ram: int | None = None  # RSS of a GPU worker once its CUDA context is up
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        return cls(**{**data, "throughput": tuple(Throughput(**t) for t in data.get("throughput", ())),
+                      "host_to_device_bytes_per_s": tuple(tuple(p) for p in data.get("host_to_device_bytes_per_s", ()))})
+
+
+@dataclass(frozen=True)
 class Hardware:
     gpus: tuple[GpuInfo, ...]
     ram_total: int  # bytes
@@ -32,7 +66,8 @@ class Hardware:
     cpu_count: int  # cores this process may run on
     disk_path: str  # where activations would go
     disk_free: int  # bytes free there
-    disk_read_bytes_per_s: float | None = None  # measured sequential read rate; None: planner's default
+    disk_read_bytes_per_s: float | None = None  # measured sequential read rate; None: calibration's or a default
+    calibration: Calibration | None = None  # measured figures; None: the planner's assumed constants
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,7 +75,8 @@ class Hardware:
     @classmethod
     def from_dict(cls, data: dict) -> "Hardware":
         gpus = tuple(GpuInfo(**gpu) for gpu in data.get("gpus", ()))
-        return cls(**{**data, "gpus": gpus})
+        calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") else None
+        return cls(**{**data, "gpus": gpus, "calibration": calibration})
 
 
 @dataclass(frozen=True)

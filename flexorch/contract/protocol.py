@@ -89,6 +89,7 @@ class EngineSettings:
     disk_folder: str | None = None  # storage == "disk": where activation files go
     verify_checksums: bool = True  # hash each layer file while reading it
     threads: int = 0  # CPU threads for torch (0: torch's default); set when workers share the CPU
+    resident: bool = False  # keep every shard once read: the model is read once per worker, not once per pass
 
 
 @dataclass(frozen=True)
