@@ -32,7 +32,7 @@ from flexorch.workers.layerfile import LayerwiseModel
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
 from flexorch.contract.shards import owner, plan_shards
 from flexorch.workers.link import Link, LocalLink
-from flexorch.workers.prefetch import LoadedShard, ShardLoader
+from flexorch.workers.prefetch import LoadedShard, ResidentShards, ShardLoader
 from flexorch.contract.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
 from flexorch.workers.scoring import compute_scores, score_targets
 
@@ -128,8 +128,9 @@ class _Pass:
 class Engine:
     def __init__(self, model_dir: str | Path, settings: EngineSettings, score: ScoreSpec,
                  on_progress: Callable[[ProgressEvent], None] | None = None, hooks: EngineHooks | None = None,
-                 link: Link | None = None):
+                 link: Link | None = None, resident: ResidentShards | None = None):
         self.settings, self.score, self.link = settings, score, link
+        self.resident = resident
         self.device = torch.device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
         self.model = LayerwiseModel(model_dir)
@@ -151,7 +152,7 @@ class Engine:
         scores = [[] for _ in prompts]  # per prompt: one BatchScores slice per step
         link = self.link or LocalLink(make_store(self.settings.storage, self.device, self.settings.disk_folder))
         loader = ShardLoader(self.model, self.own_shards, self.device, self.dtype, passes=steps,
-                             verify=self.settings.verify_checksums)
+                             verify=self.settings.verify_checksums, resident=self.resident)
         tokens = 0
         with torch.inference_mode(), loader, link:
             for step in range(steps):
@@ -266,11 +267,14 @@ class Engine:
 def score_prompts(model_dir: str | Path, prompts: Sequence[TokenizedPrompt], score: ScoreSpec,
                   settings: EngineSettings, on_progress: Callable[[ProgressEvent], None] | None = None,
                   hooks: EngineHooks | None = None, link: Link | None = None,
-                  ) -> tuple[list[PromptResult], EngineSummary]:
+                  resident: ResidentShards | None = None) -> tuple[list[PromptResult], EngineSummary]:
     """Scores of `prompts` (one pass over the model per generation step), in their order.
 
     `link`: None in data mode (a LocalLink over the settings' activation store); a pipeline stage
-    streams only its shards and returns results only if it owns the head (the others return none)."""
+    streams only its shards and returns results only if it owns the head (the others return none).
+    With `resident` (settings.resident), shards read once stay there for the next pass and call."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    return Engine(model_dir, settings, score, on_progress, hooks, link).run(prompts)
+    if settings.resident and resident is None:
+        resident = ResidentShards()  # one call: still read once for all its generation steps
+    return Engine(model_dir, settings, score, on_progress, hooks, link, resident).run(prompts)
