@@ -74,7 +74,7 @@ from flexorch.orchestrator.figures import Figures, figures_of
 from flexorch.orchestrator.hardware import Hardware, Node, format_bytes
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
-from flexorch.contract.protocol import EngineSettings
+from flexorch.contract.protocol import STORAGES, EngineSettings
 from flexorch.contract.shards import decoder_groups, owner, shard_bytes
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -616,7 +616,7 @@ def _time(job: _Job, setup: _Setup, indices: tuple[int, ...], rounds, threads: i
     # Every shard boundary writes each batch's activations and reads them back (at the last step's
     # length: an upper bound for the earlier steps).
     shards = len(decoder_groups(m.num_layers, setup.lps)) + 2
-    traffic = 0 if setup.resident else (shards - 1) * 2 * slice_load.act_tokens * m.hidden * m.dtype_bytes * steps
+    traffic = (shards - 1) * 2 * slice_load.act_tokens * m.hidden * m.dtype_bytes * steps
     disk_traffic = traffic if setup.storage == "disk" else 0
     link_traffic = traffic if setup.device != "cpu" and setup.storage != "gpu" else 0
     compute = slice_load.flops / (figures.flops(setup.device, job.dtype, threads, setup.batch) * stages)
@@ -636,7 +636,8 @@ def _choose(options: Sequence[_Option]) -> _Option:
     near = [o for o in options if o.time.total <= fastest * (1 + TIME_TOLERANCE)]
     least = min(_memory(o) for o in near)
     small = [o for o in near if _memory(o) <= least * (1 + MEMORY_TOLERANCE)]
-    return min(small, key=lambda o: (o.time.total, _memory(o), o.peaks.disk))
+    # equal times (reading dominates every option): activations nearest the compute, the simplest store
+    return min(small, key=lambda o: (o.time.total, STORAGES.index(o.setup.storage), _memory(o)))
 
 
 def _memory(option: _Option) -> int:

@@ -234,6 +234,20 @@ def test_two_24gb_gpus_get_a_worker_each_with_prompts_balanced_by_tokens():
     assert [w.settings.batch_tokens for w in plan.workers] == [100, 300]
 
 
+def test_a_model_that_fits_whole_on_the_gpu_stays_resident_when_rereading_it_costs_time():
+    # Llama-2-13B fp16 (26 GB) on an 80 GB A100, 8 prompts, 8 greedy steps: streaming reads the model once per
+    # step (8 x 26 GB at the assumed disk's 2 GB/s = 104 s) for 7 s of compute; resident reads it once (13 s).
+    big = gpu(0, "NVIDIA A100-SXM4-80GB", 80 * GB)
+    (worker,) = make_plan(machine(big, ram=256 * GB), llama2_13b(), Spec(generate_tokens=8), [300] * 8).workers
+    assert worker.settings.resident and worker.settings.storage == "gpu"
+    assert worker.predicted_read_seconds == pytest.approx(26_031_415_296 / 2e9, rel=1e-3)
+    assert 26 * GB < worker.predicted_peak_device_memory < 0.9 * 80 * GB
+    assert any(r.startswith("resident (auto): the whole model fits on cuda:0") for r in worker.reasons)
+    # One step reads the model once either way: streaming needs less memory for the same time.
+    (once,) = make_plan(machine(big, ram=256 * GB), llama2_13b(), Spec(), [300] * 8).workers
+    assert not once.settings.resident and once.settings.layers_per_shard == 1
+
+
 def test_devices_listed_explicitly_and_missing_ones():
     gpus = (gpu(0, "NVIDIA GeForce RTX 3090", 24 * GB), gpu(1, "NVIDIA GeForce RTX 3090", 24 * GB))
     plan = make_plan(machine(*gpus), llama2_13b(), Spec(devices=("cuda:1",)), [100] * 4)
