@@ -24,10 +24,11 @@ from rich.console import Console
 from flexorch.orchestrator import jobstate
 from flexorch.contract.atomic import atomic_write_text
 from flexorch.orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
+from flexorch.orchestrator.calibrate import calibrated
 from flexorch.orchestrator.hardware import Node, probe
 from flexorch.orchestrator.merge import collect_results, write_output
 from flexorch.orchestrator.summary import Summary, summarize
-from flexorch.orchestrator.modelstore import is_hf_checkpoint, resolve_model
+from flexorch.orchestrator.modelstore import default_cache_dir, is_hf_checkpoint, resolve_model
 from flexorch.orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_cluster_plan, make_plan
 from flexorch.orchestrator.progress import WorkerLine, make_progress
 from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer, model_max_length, read_prompts, token_ids_for,
@@ -103,7 +104,8 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
         nodes = cluster.probe_nodes(disk_path)
         plan = make_cluster_plan(nodes, manifest, spec, **sizes)
         return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan, nodes)
-    plan = make_plan(probe(disk_path=disk_path), manifest, spec, **sizes)
+    hardware = calibrated(probe(disk_path=disk_path), default_cache_dir(), console=Console(stderr=True))
+    plan = make_plan(hardware, manifest, spec, **sizes)
     return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan)
 
 

@@ -246,3 +246,24 @@ def render_hardware(hw: Hardware, console) -> None:
     if hw.disk_read_bytes_per_s:
         host.add_row("disk read", f"{format_bytes(hw.disk_read_bytes_per_s)}/s")
     console.print(host)
+    if hw.calibration is not None:
+        render_calibration(hw.calibration, console)
+
+
+def render_calibration(c: Calibration, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Calibration (measured {c.measured_at} in {c.seconds:.0f} s)", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    if c.disk_read_bytes_per_s:
+        table.add_row("disk read, cold", f"{format_bytes(c.disk_read_bytes_per_s)}/s at {c.disk_path}")
+    if c.worker_start_seconds is not None:
+        table.add_row("worker start-up", f"{c.worker_start_seconds:.1f} s")
+    if c.worker_base_ram is not None:
+        table.add_row("worker fixed RAM", format_bytes(c.worker_base_ram))
+    for t in c.throughput:
+        table.add_row(f"{t.device} {t.dtype} @ {t.batch_tokens} tokens", f"{t.flops_per_s / 1e9:.0f} GFLOP/s")
+    for device, rate in c.host_to_device_bytes_per_s:
+        table.add_row(f"{device} host-to-device", f"{format_bytes(rate)}/s")
+    console.print(table)
