@@ -178,7 +178,7 @@ def figures_of(hardware: Hardware) -> Figures:
         return Figure(float(measured), when) if measured is not None else Figure(float(assumed), f"assumed: {why}")
 
     disk = hardware.disk_read_bytes_per_s
-    disk_read = (Figure(disk, "measured (given with the hardware)") if disk else
+    disk_read = (Figure(disk, "given with the hardware") if disk else
                  pick(calibration and calibration.disk_read_bytes_per_s, DEFAULT_DISK_READ_BYTES_PER_S,
                       "a typical NVMe SSD"))
     return Figures(

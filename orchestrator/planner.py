@@ -14,7 +14,8 @@ goes through a shard before the next one comes; hidden states wait in the activa
 
 * Weights: two shard slots (the one computing + the one prefetching) of the largest shard as
   stored, and, where the compute dtype differs from the checkpoint's, the converted copies of
-  both (workers/prefetch.py). A shard is max(embed, norm + head, layers_per_shard x largest
+  both (workers/prefetch.py). Resident (the whole model kept for the job): every shard in the
+  compute dtype, no slots. A shard is max(embed, norm + head, layers_per_shard x largest
   decoder layer): the edges can outweigh a decoder layer (a 128k-vocab 70B head is 2 GB in fp16).
 * On CUDA, weights reach the device through pinned host staging (RAM) of one stored shard.
 * Batch in flight: its input and output hidden states, 2 x batch_tokens x hidden x dtype bytes,
@@ -29,7 +30,8 @@ goes through a shard before the next one comes; hidden states wait in the activa
   last generation step (each step re-runs prompts with one more token per suffix). storage gpu:
   on the device; cpu: in RAM; disk: two copies on disk, and in RAM only the batch in flight.
 * Round results: the scores of the round's prompts, held in RAM until the round is committed.
-* Process baseline: Python + torch (+ the CUDA runtime on a GPU) in RAM; the CUDA context on the GPU.
+* Process baseline: Python + torch (+ the CUDA runtime on a GPU) in RAM; the CUDA context on the GPU
+  (figures.py: measured by calibration, else assumed).
 
 Pipeline stages (parallel: pipeline; workers/pipeline.py) are sized as a data worker running the
 whole prompt set, with three differences. Activations wait in RAM (storage cpu): they arrive from
@@ -39,22 +41,31 @@ waiting at its door while it streams its shard. And each stage's channel holds u
 PIPELINE_CHANNEL_BATCHES batches in flight (reserved at the device's largest batch, then counted at
 the chosen one). Its two shard slots are sized by the largest shard of the model (it may own it).
 
-A worker fits when each peak <= its budget less SAFETY_FRACTION. Budgets: GPU = min(free memory,
+A worker fits when each peak <= its budget less the safety margin (figures.SAFETY_FRACTION: 5% when
+the worker's fixed memory is measured, 10% when assumed). Budgets: GPU = min(free memory,
 limits.gpu_memory); RAM = min(available, limits.ram) split evenly between the workers; disk = free
 space at the probed disk path, split evenly between the workers.
 
-Decisions, in order: parallel, dtype, devices and the prompt slices (contiguous, balanced by
-tokens weighted by device throughput) for the job; then per worker: batch_tokens (the largest
-power of two up to a cap that fits at the smallest shard, never below the longest prompt), the
-activation storage and the rounds (consecutive prompts, the resume unit, sized by time and memory),
-and last layers_per_shard, which grows into the memory left.
+Decisions: parallel, dtype, devices and the prompt slices (contiguous, balanced by tokens weighted
+by device throughput) for the job; then per worker an objective, not a fill rule: every combination
+of batch_tokens (powers of two up to the device's cap, and the longest prompt), storage,
+layers_per_shard (powers of two and all) and, where layers_per_shard is auto, keeping the whole
+model resident, is sized (rounds: consecutive prompts, the resume unit, of about
+ROUND_TARGET_SECONDS of compute that fit in memory) and timed. The fastest wins, except that among
+the combinations within TIME_TOLERANCE of it, those within MEMORY_TOLERANCE of the least memory are
+preferred (the fastest of them). So layers per shard grow only where that buys time (fewer
+activation round trips), and a model that fits stays resident only where re-reading it would cost
+time (several rounds or generation steps that reading dominates).
 
-Time model: read seconds = bytes of one pass x passes (generate_tokens) x rounds / read rate (the
-disk's, or the PCIe link's if slower); compute seconds = 2 x FLOPs-bearing params x tokens / device
-throughput (decoder layers on every token of every step, the lm head on the scored positions
-only; the embedding is a lookup). With the double buffer reading and computing overlap, so a
-worker takes about the larger of the two. The throughput constants are rough defaults, to be
-replaced by calibration. A pipeline stage reads 1/n of each pass and computes 1/n of every token's
+Time model (seconds; rates from figures.py: measured by calibration, else assumed):
+start-up + fill + max(read, compute), where read = bytes of one pass x passes (generate_tokens x
+rounds; 1 when resident) / read rate (the disk's, or the PCIe link's if slower), plus the disk
+store's activation traffic (it shares the disk); compute = 2 x FLOPs-bearing params x tokens /
+throughput at the batch size (decoder layers on every token of every step, the lm head on the
+scored positions only; the embedding is a lookup), plus activations between host and device at each
+shard boundary where they do not wait on the GPU, and the disk store's copies; fill = the
+embedding and the first decoder group of each round, read before the double buffer can overlap
+anything. Reading and computing overlap, so a worker takes about the larger of the two. A pipeline stage reads 1/n of each pass and computes 1/n of every token's
 layers, all stages at once: the job's read and compute split n ways (the fill and drain of each
 step, and the channel copies, are not counted).
 
