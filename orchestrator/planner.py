@@ -30,6 +30,7 @@ goes through a shard before the next one comes; hidden states wait in the activa
   last generation step (each step re-runs prompts with one more token per suffix). storage gpu:
   on the device; cpu: in RAM; disk: two copies on disk, and in RAM only the batch in flight.
 * Round results: the scores of the round's prompts, held in RAM until the round is committed.
+* Layouts: each batch's additive mask, kept for the pass up to LAYOUT_CACHE_BYTES (engine.py).
 * Process baseline: Python + torch (+ the CUDA runtime on a GPU) in RAM; the CUDA context on the GPU
   (figures.py: measured by calibration, else assumed).
 
@@ -85,7 +86,7 @@ from flexorch.orchestrator.figures import Figures, figures_of
 from flexorch.orchestrator.hardware import Hardware, Node, format_bytes
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
-from flexorch.contract.protocol import STORAGES, EngineSettings
+from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, STORAGES, EngineSettings
 from flexorch.contract.shards import decoder_groups, owner, shard_bytes
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -925,7 +926,9 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     per_token = m.hidden * m.dtype_bytes
     activations = math.ceil(load.act_tokens * per_token)
     in_flight = 2 * setup.batch * per_token
-    compute = (m.resident_weights(setup.lps, setup.resident) + in_flight
+    # every batch's additive mask (rows x L x L ~ its padded tokens x L), kept for the pass while it fits
+    layouts = min(LAYOUT_CACHE_BYTES, math.ceil(load.act_tokens * min(longest, setup.batch or longest) * m.dtype_bytes))
+    compute = (m.resident_weights(setup.lps, setup.resident) + in_flight + layouts
                + (_working_bytes(m, setup.batch, longest, job.scored_ratio) if setup.batch else 0))
     ram = int(job.figures.base_ram[_kind(setup.device)].value) + load.result_bytes
     ram += STAGING_BUFFERS * m.stored_shard(setup.lps) if cuda else compute

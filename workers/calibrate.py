@@ -64,6 +64,21 @@ def _flops(shape: dict, device: str, dtype: str, batch: int) -> float:
     return 2 * params * rows * length / best
 
 
+def _skeleton(shape: dict) -> None:
+    """What a worker builds before its first weight (workers/adapter.py): the model class's skeleton
+    on the meta device, which imports the auto classes and generation code, and its loader thread."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(LlamaConfig(**shape, num_hidden_layers=1))
+    loader = threading.Thread(target=lambda: torch.empty(1 << 20).sum())  # its malloc arena, as the loader's
+    loader.start()
+    loader.join()
+
+
 def _sync(device) -> None:
     import torch
 
@@ -101,8 +116,10 @@ def measure(devices: list[str]) -> dict:
     import torch  # noqa: F401  what a worker imports, in the order it does
     import flexorch.workers.engine  # noqa: F401
 
-    _flops({**CPU_SHAPE, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-            "num_key_value_heads": 4}, "cpu", "float32", 64)  # a first forward: thread pools, kernels
+    tiny = {**CPU_SHAPE, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 4}
+    _skeleton(tiny)
+    _flops(tiny, "cpu", "float32", 64)  # a first forward: thread pools, kernels
     result = {"import_seconds": time.perf_counter() - start, "worker_base_ram": _rss(), "throughput": []}
     for device in devices:
         kind = "cpu" if device == "cpu" else "cuda"

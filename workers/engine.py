@@ -33,7 +33,7 @@ from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
 from flexorch.contract.shards import owner, plan_shards
 from flexorch.workers.link import Link, LocalLink
 from flexorch.workers.prefetch import LoadedShard, ResidentShards, ShardLoader
-from flexorch.contract.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
+from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
 from flexorch.workers.scoring import compute_scores, score_targets
 
 def _load_libc():
@@ -45,8 +45,6 @@ def _load_libc():
 
 _LIBC = _load_libc() if sys.platform.startswith("linux") else None
 
-# Masks and rotary tables kept per pass (on the device) — small next to one layer's weights.
-_LAYOUT_CACHE_BYTES = 64 << 20
 
 Row = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (prefix_ids, suffix_ids) of one packed row
 
@@ -112,14 +110,14 @@ class _Pass:
 
     def layout(self, b: int, window: int | None, build: Callable[[], tuple]) -> tuple:
         """(mask, position_ids, position_embeddings) of batch b: the same for every layer of a pass,
-        so kept while they fit _LAYOUT_CACHE_BYTES (rebuilding them per layer cost ~7% of a
+        so kept while they fit LAYOUT_CACHE_BYTES (rebuilding them per layer cost ~7% of a
         1024-wide layer's time on CPU); beyond that, rebuilt."""
         key = (b, window)
         if key in self._layouts:
             return self._layouts[key]
         layout = build()
         size = sum(t.numel() * t.element_size() for t in (layout[0], layout[1], *layout[2]))
-        if self._layout_bytes + size <= _LAYOUT_CACHE_BYTES:
+        if self._layout_bytes + size <= LAYOUT_CACHE_BYTES:
             self._layouts[key] = layout
             self._layout_bytes += size
         return layout
