@@ -376,8 +376,9 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
     (the others are stopped). Every worker is stopped on the way out, whatever happens."""
     if not tasks:
         return None
-    lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds), wp.predicted_seconds,
-                        wp.predicted_pass_shares)
+    # ETAs count from Ready: the predicted start-up is behind the worker by then
+    lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds),
+                        wp.predicted_seconds - wp.predicted_start_seconds, wp.predicted_pass_shares)
              for r, wp in zip(run.records.values(), run.job.plan.workers)]
     with make_progress(console, lines) as progress, _executor(run.job, worker_timeout) as executor:
         if run.job.plan.parallel == "pipeline":

@@ -6,8 +6,9 @@ a round streams the model once per generation step (`stages` shards per pass). S
 the planner predicts they cost (WorkerPlan.predicted_pass_shares: the embedding is a lookup, the
 decoder shards carry the FLOPs), so the bar does not jump to a third after the embedding.
 
-ETAs: a worker's from its own pace since it started (before any progress, the planner's prediction);
-the job's is its slowest worker's, since workers run side by side.
+ETAs: a worker's blends the planner's prediction with its own pace since it started, weighted by the
+share done, so it starts at the prediction and converges on the pace instead of leaping after the
+first shard; the job's is its slowest worker's, since workers run side by side.
 """
 
 from __future__ import annotations
@@ -60,16 +61,19 @@ class _WorkerState:
         return (e.step - 1 + in_pass) / e.steps
 
     def eta_seconds(self, now: float) -> float | None:
-        """Seconds left: this run's pace once it has one, else the planner's prediction for what is left."""
+        """Seconds left: the planner's total for this run and the one its pace so far implies, weighted
+        by the share done (so the estimate starts at the prediction and converges on the pace)."""
+        todo = self.line.prompts - self.line.reused
         left = self.line.prompts - self.position()
         if left <= 0 or self.status == "done":
             return 0.0
-        done_now = self.position() - self.line.reused
-        if self.started is not None and done_now > 0:
-            return (now - self.started) * left / done_now
-        if self.line.predicted_seconds and self.line.prompts > self.line.reused:
-            return self.line.predicted_seconds * left / (self.line.prompts - self.line.reused)
-        return None
+        done = (self.position() - self.line.reused) / todo if todo else 1.0
+        elapsed = now - self.started if self.started is not None else 0.0
+        predicted = self.line.predicted_seconds or None
+        if done <= 0 or self.started is None:
+            return predicted * left / todo if predicted else None
+        total = (1 - done) * (predicted if predicted else elapsed / done) + done * (elapsed / done)
+        return max(total - elapsed, 0.0)
 
     def position(self) -> float:
         """Prompts done, counting the current round in part."""

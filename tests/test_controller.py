@@ -208,8 +208,12 @@ def test_progress_weighs_shards_by_predicted_cost_and_the_job_eta_is_the_slowest
     display.handle(Progress("w0", 0, _event(1, prompts=4)))  # the embedding: no work done yet
     assert display.workers["w0"].position() == 0.0
     clock.now = 10.0
-    display.handle(Progress("w0", 0, _event(2, prompts=4)))  # half the pass in 10 s: 10 s left
+    display.handle(Progress("w0", 0, _event(2, prompts=4)))  # half the pass in 10 s
     display.handle(Progress("w1", 0, _event(3, prompts=4)))  # all the pass's work in 10 s: done
-    assert display.workers["w0"].eta_seconds(clock.now) == pytest.approx(10.0)
+    # half done: half the predicted 100 s and half the 20 s its pace implies -> 60 s in all, 50 s left
+    assert display.workers["w0"].eta_seconds(clock.now) == pytest.approx(50.0)
     assert display.workers["w1"].eta_seconds(clock.now) == pytest.approx(0.0)
-    assert display.eta_seconds() == pytest.approx(10.0)
+    assert display.eta_seconds() == pytest.approx(50.0)
+    clock.now = 19.0
+    display.handle(Progress("w0", 0, _event(3, prompts=4)))  # nearly all of it: the pace decides
+    assert display.workers["w0"].eta_seconds(clock.now) == pytest.approx(0.0)
