@@ -85,3 +85,14 @@ def test_hardware_with_calibration_round_trips_through_json():
 def test_the_cold_read_probe_reads_the_whole_file(tmp_path):
     rate = calibrate.measure_disk(tmp_path, size=32 << 20)
     assert rate > 1e6 and not any(tmp_path.iterdir())
+
+
+def test_probe_calibrate_measures_caches_and_prints_the_figures(tmp_path, monkeypatch, capsys):
+    from flexorch.orchestrator import cli
+
+    monkeypatch.setenv("FLEXORCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "measure", lambda hardware, key, disk_dir: replace(MEASURED, machine=key))
+    assert cli.main(["probe", "--calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "Calibration (measured 2026-11-25 23:00 UTC" in out and "worker fixed RAM" in out
+    assert len(list((tmp_path / "calibration").glob("*.json"))) == 1
