@@ -12,7 +12,7 @@ from flexorch.orchestrator.figures import figures_of
 from flexorch.orchestrator.hardware import Calibration, Hardware, Throughput
 from flexorch.orchestrator.planner import make_plan
 
-from test_planner import GB, Limits, Spec, machine, small_fp32
+from test_planner import Limits, Spec, machine, small_fp32
 
 MEASURED = Calibration(
     machine="box", measured_at="2026-11-25 23:00 UTC", seconds=12.0, disk_path="/cache", disk_read_bytes_per_s=1e9,

@@ -30,7 +30,6 @@ def _rss() -> int:
 
 
 def _layer(shape: dict, device, dtype):
-    import torch
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
