@@ -116,6 +116,7 @@ def grid(shape: Shape, threads: int) -> list[dict]:
 
 def auto_plan(layerwise: Path, prompts, ram_cap: int | None):
     from flexorch.contract.manifest import read_manifest
+    from flexorch.contract.protocol import ScoreKind
     from flexorch.orchestrator.calibrate import calibrated
     from flexorch.orchestrator.hardware import probe
     from flexorch.orchestrator.modelstore import default_cache_dir
@@ -127,8 +128,11 @@ def auto_plan(layerwise: Path, prompts, ram_cap: int | None):
     spec = JobSpec(path=job_dir / "job.yaml", model=layerwise, prompts=job_dir / "p.jsonl", output=job_dir / "o.pkl",
                    job_dir=job_dir, devices=("cpu",), score=ScoreSettings(kind="suffix_logprob"),
                    limits=Limits(ram=ram_cap))
+    kind = ScoreKind.SUFFIX_LOGPROB
     plan = make_plan(hardware, read_manifest(layerwise), spec, [p.n_tokens for p in prompts],
-                     suffix_counts=[len(p.suffix_ids) for p in prompts])
+                     suffix_counts=[len(p.suffix_ids) for p in prompts],
+                     scored_counts=[len(kind.positions(len(p.prefix_ids), tuple(map(len, p.suffix_ids))))
+                                    for p in prompts])
     return plan.workers[0], hardware.calibration
 
 

@@ -99,7 +99,9 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     # Free disk where activations would go: the planner's disk budget (probe walks up to a parent
     # that exists, so job_dir need not exist yet).
     disk_path = spec.disk_folder or spec.job_dir
-    sizes = dict(prompt_tokens=[p.n_tokens for p in tokenized], suffix_counts=[len(p.suffix_ids) for p in tokenized])
+    sizes = dict(prompt_tokens=[p.n_tokens for p in tokenized], suffix_counts=[len(p.suffix_ids) for p in tokenized],
+                 scored_counts=[len(score.kind.positions(len(p.prefix_ids), tuple(map(len, p.suffix_ids))))
+                                for p in tokenized])
     if cluster is not None:
         nodes = cluster.probe_nodes(disk_path)
         plan = make_cluster_plan(nodes, manifest, spec, **sizes)

@@ -326,15 +326,17 @@ class _Peaks:
 
 # -- make_plan -----------------------------------------------------------------------------------
 def make_plan(hardware: Hardware, manifest: Manifest, spec, prompt_tokens: Sequence[int], *,
-              suffix_counts: Sequence[int] | None = None) -> Plan:
+              suffix_counts: Sequence[int] | None = None, scored_counts: Sequence[int] | None = None) -> Plan:
     """Decide everything about running `spec` on `hardware`. `prompt_tokens[i]`: prompt i's packed
     tokens (prefix + all suffixes); `suffix_counts[i]`: its number of suffixes (sizes the scores and
-    the tokens added per generation step; default DEFAULT_SUFFIXES_PER_PROMPT)."""
+    the tokens added per generation step; default DEFAULT_SUFFIXES_PER_PROMPT); `scored_counts[i]`:
+    the positions the head scores (ScoreKind.positions; default: every token for suffix_logprob, one
+    per suffix otherwise), which size the head's logits."""
     reasons: list[str] = []
     if not prompt_tokens:
         raise _error(spec, "prompts", "no prompts to score")
     dtype = _resolve_dtype(spec, manifest, reasons)
-    job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts)
+    job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts)
     devices = _resolve_devices(spec, hardware, reasons)
     if spec.parallel != "data" and len(devices) == 1:
         reasons.append(f"parallel data ({'auto' if spec.parallel == 'auto' else 'from pipeline'}): one device, "
@@ -358,7 +360,7 @@ def make_plan(hardware: Hardware, manifest: Manifest, spec, prompt_tokens: Seque
 
 
 def make_cluster_plan(nodes: Sequence[Node], manifest: Manifest, spec, prompt_tokens: Sequence[int], *,
-                      suffix_counts: Sequence[int] | None = None) -> Plan:
+                      suffix_counts: Sequence[int] | None = None, scored_counts: Sequence[int] | None = None) -> Plan:
     """make_plan for a Ray cluster (executor: ray): data mode over devices of several machines,
     named "node1:cuda:0". Each worker is sized by its own node's hardware; the workers of one node
     share its RAM, disk and cores. Pipeline mode is refused by the spec (docs/design.md says why)."""
@@ -371,7 +373,7 @@ def make_cluster_plan(nodes: Sequence[Node], manifest: Manifest, spec, prompt_to
     if spec.parallel == "auto":
         reasons.append("parallel data (auto): executor ray runs data mode only (pipeline stages would hand "
                        "activations on over the network at every shard)")
-    job = _describe_job(nodes[0].hardware, manifest, spec, dtype, prompt_tokens, suffix_counts)
+    job = _describe_job(nodes[0].hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts)
     seats = _resolve_cluster_devices(spec, nodes, reasons)
     if len(seats) > len(job.tokens):
         reasons.append(f"{len(seats) - len(job.tokens)} device(s) left idle: only {len(job.tokens)} prompt(s)")
@@ -789,13 +791,13 @@ def _resolve_devices(spec, hardware: Hardware, reasons: list[str]) -> tuple[str,
 
 
 def _describe_job(hardware: Hardware, manifest: Manifest, spec, dtype: str, prompt_tokens: Sequence[int],
-                  suffix_counts: Sequence[int] | None) -> _Job:
+                  suffix_counts: Sequence[int] | None, scored_counts: Sequence[int] | None = None) -> _Job:
     model = _describe_model(manifest, dtype)
     steps = spec.generate_tokens
     suffixes = [min(n, DEFAULT_SUFFIXES_PER_PROMPT) for n in prompt_tokens] if suffix_counts is None else suffix_counts
     tokens = tuple(int(n) for n in prompt_tokens)
     lengths = tuple(n + (steps - 1) * s for n, s in zip(tokens, suffixes))
-    scored = [n if spec.score.kind == "suffix_logprob" else s for n, s in zip(tokens, suffixes)]
+    scored = scored_counts or [n if spec.score.kind == "suffix_logprob" else s for n, s in zip(tokens, suffixes)]
     loads = tuple(_prompt_load(model, spec, n, s, c) for n, s, c in zip(tokens, suffixes, scored))
     return _Job(
         spec=spec, model=model, dtype=dtype, tokens=tokens, lengths=lengths, loads=loads,

@@ -406,3 +406,15 @@ def test_render_plan_prints_the_workers_and_the_reasons():
     render_plan(make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400), console)
     text = console.export_text()
     assert "cuda:0" in text and "storage cpu (auto)" in text and "layers_per_shard 1 (auto)" in text
+
+
+def test_the_heads_logits_are_sized_by_the_positions_it_scores():
+    # suffix_logprob on a 32k-vocabulary model: with scored positions given (8 of each 150-token prompt), the
+    # head's float32 logits and log-softmax are counted for those, not for every token.
+    spec = Spec(score=Score(kind="suffix_logprob"), layers_per_shard=1, batch_tokens=1024)
+    every = make_plan(machine(cpus=8), small_fp32(), spec, [150] * 8).workers[0]
+    scored = make_plan(machine(cpus=8), small_fp32(), spec, [150] * 8, scored_counts=[8] * 8).workers[0]
+    # Working memory at batch 1024 is the larger of a decoder layer's (80,044,032: see the test above) and
+    # the head's: every token, 2 copies x 1024 x 32000 x 4 = 262,144,000; the scored ones (1024 x 8 / 150 = 55
+    # rows), 2 x 55 x 32000 x 4 = 14,080,000, so the decoder layer's.
+    assert every.predicted_peak_ram - scored.predicted_peak_ram == 262_144_000 - 80_044_032
