@@ -44,9 +44,13 @@ def cmd_demo_model(args) -> int:
 
 
 def cmd_probe(args) -> int:
+    from flexorch.orchestrator.calibrate import calibrated
     from flexorch.orchestrator.hardware import probe, render_hardware
+    from flexorch.orchestrator.modelstore import default_cache_dir
 
     hardware = probe(disk_path=Path(args.disk_path))
+    if args.calibrate:
+        hardware = calibrated(hardware, default_cache_dir(), force=True, console=_console(stderr=True))
     if args.json:
         print(json.dumps(hardware.to_dict(), indent=2))
     else:
@@ -98,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="print the hardware the planner sees")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--disk-path", default=".", help="where activations would go (for free disk)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine now (disk read rate, throughput, a worker's memory and start-up) and "
+                        "cache it for the planner")
     p.set_defaults(run=cmd_probe)
 
     p = sub.add_parser("plan", help="validate a job and print the plan, changing nothing")

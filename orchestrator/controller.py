@@ -24,10 +24,11 @@ from rich.console import Console
 from flexorch.orchestrator import jobstate
 from flexorch.contract.atomic import atomic_write_text
 from flexorch.orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
+from flexorch.orchestrator.calibrate import calibrated
 from flexorch.orchestrator.hardware import Node, probe
 from flexorch.orchestrator.merge import collect_results, write_output
 from flexorch.orchestrator.summary import Summary, summarize
-from flexorch.orchestrator.modelstore import is_hf_checkpoint, resolve_model
+from flexorch.orchestrator.modelstore import default_cache_dir, is_hf_checkpoint, resolve_model
 from flexorch.orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_cluster_plan, make_plan
 from flexorch.orchestrator.progress import WorkerLine, make_progress
 from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer, model_max_length, read_prompts, token_ids_for,
@@ -100,12 +101,15 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     # Free disk where activations would go: the planner's disk budget (probe walks up to a parent
     # that exists, so job_dir need not exist yet).
     disk_path = spec.disk_folder or spec.job_dir
-    sizes = dict(prompt_tokens=[p.n_tokens for p in tokenized], suffix_counts=[len(p.suffix_ids) for p in tokenized])
+    sizes = dict(prompt_tokens=[p.n_tokens for p in tokenized], suffix_counts=[len(p.suffix_ids) for p in tokenized],
+                 scored_counts=[len(score.kind.positions(len(p.prefix_ids), tuple(map(len, p.suffix_ids))))
+                                for p in tokenized])
     if cluster is not None:
         nodes = cluster.probe_nodes(disk_path)
         plan = make_cluster_plan(nodes, manifest, spec, **sizes)
         return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan, nodes)
-    plan = make_plan(probe(disk_path=disk_path), manifest, spec, **sizes)
+    hardware = calibrated(probe(disk_path=disk_path), default_cache_dir(), console=Console(stderr=True))
+    plan = make_plan(hardware, manifest, spec, **sizes)
     return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan)
 
 
@@ -376,7 +380,9 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
     (the others are stopped). Every worker is stopped on the way out, whatever happens."""
     if not tasks:
         return None
-    lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds))
+    # ETAs count from Ready: the predicted start-up is behind the worker by then
+    lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds),
+                        wp.predicted_seconds - wp.predicted_start_seconds, wp.predicted_pass_shares)
              for r, wp in zip(run.records.values(), run.job.plan.workers)]
     with make_progress(console, lines) as progress, _executor(run.job, worker_timeout) as executor:
         if run.job.plan.parallel == "pipeline":

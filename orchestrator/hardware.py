@@ -25,6 +25,40 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
+class Throughput:
+    """FLOP/s measured through whole decoder layers on one device in one dtype at one batch size."""
+
+    device: str  # "cpu" (all its cores) | "cuda:N"
+    dtype: str
+    batch_tokens: int
+    flops_per_s: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Figures measured on this machine (orchestrator/calibrate.py), cached per machine. The
+    planner reads them as data; a figure left None (or a device/dtype with no Throughput) falls
+    back to the planner's assumed constant, and `flexorch plan` says which is which."""
+
+    machine: str  # what the figures belong to: host, CPU model and cores, GPU names
+    measured_at: str  # UTC, ISO 8601
+    seconds: float  # how long measuring took
+    disk_path: str = ""  # where the read rate was measured
+    disk_read_bytes_per_s: float | None = None  # cold: the page cache dropped with posix_fadvise(DONTNEED)
+    worker_start_seconds: float | None = None  # process spawn to torch + transformers imported and a first forward
+    worker_base_ram: int | None = None  # RSS of a CPU worker then: interpreter, torch, transformers, kernels
+    throughput: tuple[Throughput, ...] = ()
+    host_to_device_bytes_per_s: tuple[tuple[str, float], ...] = ()  # ("cuda:N", pinned copy rate)
+    cuda_context_bytes: int | None = None  # device memory in use before torch allocates anything
+    cuda_worker_base_ram: int | None = None  # RSS of a GPU worker once its CUDA context is up
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        return cls(**{**data, "throughput": tuple(Throughput(**t) for t in data.get("throughput", ())),
+                      "host_to_device_bytes_per_s": tuple(tuple(p) for p in data.get("host_to_device_bytes_per_s", ()))})
+
+
+@dataclass(frozen=True)
 class Hardware:
     gpus: tuple[GpuInfo, ...]
     ram_total: int  # bytes
@@ -32,7 +66,8 @@ class Hardware:
     cpu_count: int  # cores this process may run on
     disk_path: str  # where activations would go
     disk_free: int  # bytes free there
-    disk_read_bytes_per_s: float | None = None  # measured sequential read rate; None: planner's default
+    disk_read_bytes_per_s: float | None = None  # measured sequential read rate; None: calibration's or a default
+    calibration: Calibration | None = None  # measured figures; None: the planner's assumed constants
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,7 +75,8 @@ class Hardware:
     @classmethod
     def from_dict(cls, data: dict) -> "Hardware":
         gpus = tuple(GpuInfo(**gpu) for gpu in data.get("gpus", ()))
-        return cls(**{**data, "gpus": gpus})
+        calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") else None
+        return cls(**{**data, "gpus": gpus, "calibration": calibration})
 
 
 @dataclass(frozen=True)
@@ -210,3 +246,24 @@ def render_hardware(hw: Hardware, console) -> None:
     if hw.disk_read_bytes_per_s:
         host.add_row("disk read", f"{format_bytes(hw.disk_read_bytes_per_s)}/s")
     console.print(host)
+    if hw.calibration is not None:
+        render_calibration(hw.calibration, console)
+
+
+def render_calibration(c: Calibration, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Calibration (measured {c.measured_at} in {c.seconds:.0f} s)", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    if c.disk_read_bytes_per_s:
+        table.add_row("disk read, cold", f"{format_bytes(c.disk_read_bytes_per_s)}/s at {c.disk_path}")
+    if c.worker_start_seconds is not None:
+        table.add_row("worker start-up", f"{c.worker_start_seconds:.1f} s")
+    if c.worker_base_ram is not None:
+        table.add_row("worker fixed RAM", format_bytes(c.worker_base_ram))
+    for t in c.throughput:
+        table.add_row(f"{t.device} {t.dtype} @ {t.batch_tokens} tokens", f"{t.flops_per_s / 1e9:.0f} GFLOP/s")
+    for device, rate in c.host_to_device_bytes_per_s:
+        table.add_row(f"{device} host-to-device", f"{format_bytes(rate)}/s")
+    console.print(table)

@@ -14,7 +14,8 @@ goes through a shard before the next one comes; hidden states wait in the activa
 
 * Weights: two shard slots (the one computing + the one prefetching) of the largest shard as
   stored, and, where the compute dtype differs from the checkpoint's, the converted copies of
-  both (workers/prefetch.py). A shard is max(embed, norm + head, layers_per_shard x largest
+  both (workers/prefetch.py). Resident (the whole model kept for the job): every shard in the
+  compute dtype, no slots. A shard is max(embed, norm + head, layers_per_shard x largest
   decoder layer): the edges can outweigh a decoder layer (a 128k-vocab 70B head is 2 GB in fp16).
   A MoE model whose layers do not fit whole streams its experts (one layer per shard): the slot
   unit is then the largest of a MoE layer's dense part, experts_per_group experts and a dense
@@ -33,7 +34,9 @@ goes through a shard before the next one comes; hidden states wait in the activa
   last generation step (each step re-runs prompts with one more token per suffix). storage gpu:
   on the device; cpu: in RAM; disk: two copies on disk, and in RAM only the batch in flight.
 * Round results: the scores of the round's prompts, held in RAM until the round is committed.
-* Process baseline: Python + torch (+ the CUDA runtime on a GPU) in RAM; the CUDA context on the GPU.
+* Layouts: each batch's additive mask, kept for the pass up to LAYOUT_CACHE_BYTES (engine.py).
+* Process baseline: Python + torch (+ the CUDA runtime on a GPU) in RAM; the CUDA context on the GPU
+  (figures.py: measured by calibration, else assumed).
 
 Pipeline stages (parallel: pipeline; workers/pipeline.py) are sized as a data worker running the
 whole prompt set, with three differences. Activations wait in RAM (storage cpu): they arrive from
@@ -43,26 +46,38 @@ waiting at its door while it streams its shard. And each stage's channel holds u
 PIPELINE_CHANNEL_BATCHES batches in flight (reserved at the device's largest batch, then counted at
 the chosen one). Its two shard slots are sized by the largest shard of the model (it may own it).
 
-A worker fits when each peak <= its budget less SAFETY_FRACTION. Budgets: GPU = min(free memory,
+A worker fits when each peak <= its budget less the safety margin (figures.SAFETY_FRACTION: 5% when
+the worker's fixed memory is measured, 10% when assumed). Budgets: GPU = min(free memory,
 limits.gpu_memory); RAM = min(available, limits.ram) split evenly between the workers; disk = free
 space at the probed disk path, split evenly between the workers.
 
-Decisions, in order: parallel, dtype, devices and the prompt slices (contiguous, balanced by
-tokens weighted by device throughput) for the job; then per worker: batch_tokens (the largest
-power of two up to a cap that fits at the smallest shard, never below the longest prompt), the
-activation storage and the rounds (consecutive prompts, the resume unit, sized by time and memory),
-and last layers_per_shard, which grows into the memory left — or, for a MoE model streaming its
-experts (planned at one expert per group), experts_per_group.
+Decisions: parallel, dtype, devices and the prompt slices (contiguous, balanced by tokens weighted
+by device throughput) for the job; then per worker an objective, not a fill rule: every combination
+of batch_tokens (powers of two up to the device's cap, and the longest prompt), storage,
+layers_per_shard (powers of two and all) and, where layers_per_shard is auto, keeping the whole
+model resident, is sized (rounds: consecutive prompts, the resume unit, of about
+ROUND_TARGET_SECONDS of compute that fit in memory) and timed. The fastest wins, except that among
+the combinations within TIME_TOLERANCE of it, those within MEMORY_TOLERANCE of the least memory are
+preferred (the fastest of them). So layers per shard grow only where that buys time (fewer
+activation round trips), and a model that fits stays resident only where re-reading it would cost
+time (several rounds or generation steps that reading dominates).
 
-Time model: read seconds = bytes of one pass x passes (generate_tokens) x rounds / read rate (the
-disk's, or the PCIe link's if slower); compute seconds = 2 x FLOPs-bearing params x tokens / device
-throughput (decoder layers on every token of every step — in a MoE layer only the
-num_experts_per_tok experts a token is routed to — the lm head on the scored positions only; the
-embedding is a lookup). With the double buffer reading and computing overlap, so a
-worker takes about the larger of the two. The throughput constants are rough defaults, to be
-replaced by calibration. A pipeline stage reads 1/n of each pass and computes 1/n of every token's
+Time model (seconds; rates from figures.py: measured by calibration, else assumed):
+start-up + fill + max(read, compute), where read = bytes of one pass x passes (generate_tokens x
+rounds; 1 when resident) / read rate (the disk's, or the PCIe link's if slower), plus the disk
+store's activation traffic (it shares the disk); compute = 2 x FLOPs-bearing params x tokens /
+throughput at the batch size (decoder layers on every token of every step, the lm head on the
+scored positions only; the embedding is a lookup), plus activations between host and device at each
+shard boundary where they do not wait on the GPU, and the disk store's copies; fill = the
+embedding and the first decoder group of each round, read before the double buffer can overlap
+anything. Reading and computing overlap, so a worker takes about the larger of the two. A pipeline stage reads 1/n of each pass and computes 1/n of every token's
 layers, all stages at once: the job's read and compute split n ways (the fill and drain of each
 step, and the channel copies, are not counted).
+
+A MoE model whose layers do not fit whole streams its experts (one layer per shard, planned
+at one expert per group, then experts_per_group grows into the memory left beside the chosen
+batch and rounds); a MoE layer's compute counts only the num_experts_per_tok experts a token
+is routed to.
 
 parallel auto: one device is data. Otherwise both are planned; when data mode's slowest worker is
 predicted to spend longer reading weights than computing (few prompts, slow disk: every worker
@@ -76,24 +91,19 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
+from flexorch.orchestrator.figures import Figures, figures_of
 from flexorch.orchestrator.hardware import Hardware, Node, format_bytes
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
-from flexorch.contract.protocol import EngineSettings
-from flexorch.contract.shards import owner, shard_bytes
+from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, STORAGES, EngineSettings
+from flexorch.contract.shards import decoder_groups, owner, shard_bytes
 
 MiB, GiB = 1 << 20, 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 # -- memory constants ----------------------------------------------------------------------------
-# Allocator caching/fragmentation and whatever the estimate misses: keep 10% of each budget free.
-SAFETY_FRACTION = 0.10
-# The CUDA context (driver state, module images, cuBLAS workspace) lives outside torch's allocator:
-# 300-500 MB depending on driver and GPU; take the high end.
-CUDA_CONTEXT_BYTES = 500 * MiB
-# RSS of a worker before any weight: Python + torch + transformers measured at ~350 MB on CPU
-# (torch 2.x); the CUDA runtime and cuBLAS/cuDNN images add several hundred MB on a GPU worker.
-WORKER_BASE_RAM = {"cpu": 512 * MiB, "cuda": 1 * GiB}
+# The worker's fixed RAM, the CUDA context and the safety margin are figures (orchestrator/figures.py):
+# measured by calibration where it ran, else assumed there.
 # The loader reads into one pinned staging buffer and waits for its copy before reusing it
 # (workers/prefetch.py), so one stored shard of pinned RAM per CUDA worker.
 STAGING_BUFFERS = 1
@@ -142,30 +152,18 @@ ROUND_TARGET_SECONDS = 300.0
 # stays a small share of the time (unless the whole slice is smaller).
 ROUND_MIN_COMPUTE_OVER_READ = 4.0
 
-# -- throughput constants (rough defaults; calibration will replace them) -------------------------
-# A typical NVMe SSD's sequential read (SATA SSDs do ~0.5 GB/s, fast PCIe 4 NVMe 5-7 GB/s);
-# Hardware.disk_read_bytes_per_s overrides it when measured.
-DEFAULT_DISK_READ_BYTES_PER_S = 2e9
-# Usable bytes/s per PCIe lane by generation, after protocol overhead (~80% of the raw rate).
-PCIE_LANE_BYTES_PER_S = {1: 0.2e9, 2: 0.4e9, 3: 0.79e9, 4: 1.58e9, 5: 3.15e9}
-DEFAULT_PCIE = (3, 16)  # links NVML cannot describe: a common gen3 x16 slot
-# fp32 GEMM per core, sustained through whole decoder layers: measured 93 GFLOP/s per core on a
-# 2.8 GHz AVX-512 Xeon (16 x 1024 Llama, batch 1024); AVX2-only cores reach about half. 80 errs
-# slightly slow on the first and leaves the second within ~2x.
-CPU_FLOPS_PER_CORE = 80e9
-# Most CPUs have no native half-precision matmul (no AMX/AVX512-FP16) and upcast: about 2x slower.
-CPU_HALF_SLOWDOWN = 2.0
-# Sustained fp16/bf16 dense matmul FLOP/s, about 60% of the datasheet tensor peak. First match of a
-# substring of the NVML name wins, so longer names come before their prefixes ("A100" before "A10").
-GPU_HALF_FLOPS = (
-    ("H200", 600e12), ("H100", 500e12), ("A100", 180e12), ("L40S", 200e12), ("L40", 110e12),
-    ("A10", 75e12), ("L4", 70e12), ("4090", 100e12), ("3090", 45e12), ("V100", 70e12), ("T4", 35e12),
-)
-# An unknown card: assume a modest consumer GPU so predictions err on the slow side.
-DEFAULT_GPU_HALF_FLOPS = 20e12
-# fp32 runs on CUDA cores, not tensor cores (torch leaves TF32 matmul off): 2x-15x slower across
-# cards; 8x is the middle.
-GPU_FP32_SLOWDOWN = 8.0
+# -- the objective -------------------------------------------------------------------------------
+# Settings predicted within this share of the fastest count as equally fast, and the one needing the
+# least memory wins: 3% is about the run-to-run spread of one setting on a quiet machine
+# (bench_limit's repeats), so a smaller predicted gain is not one a user could see.
+TIME_TOLERANCE = 0.03
+# ... and of those, peaks within this share of the least count as equally small: the memory model
+# is held to 10% of measured peaks (bench_autotune), so a smaller saving is not one to trade speed for.
+MEMORY_TOLERANCE = 0.10
+# The disk store serializes each batch to a file and parses it back on the worker's CPU (about four
+# memory copies per byte written and read, ~8 GB/s each): work the compute waits for or shares cores
+# with, whatever the disk's speed. Assumed, not measured.
+DISK_STORE_COPY_BYTES_PER_S = 2e9
 
 
 # -- the plan ------------------------------------------------------------------------------------
@@ -182,11 +180,16 @@ class WorkerPlan:
     predicted_compute_seconds: float
     reasons: tuple[str, ...]
     node: str = ""  # executor ray: its node ("node1"; `device` is then "node1:cuda:0"); "": this machine
+    predicted_fill_seconds: float = 0.0  # reading no compute hides: each round's first shards
+    predicted_start_seconds: float = 0.0  # process start to the first forward
+    predicted_pass_shares: tuple[float, ...] = ()  # each shard's share of a pass's time (progress); () equal
 
     @property
     def predicted_seconds(self) -> float:
-        """Reading and computing overlap (double buffer): the slower one sets the pace."""
-        return max(self.predicted_read_seconds, self.predicted_compute_seconds)
+        """Reading and computing overlap (double buffer): the slower one sets the pace, after the
+        start-up and the reads that nothing hides."""
+        return (self.predicted_start_seconds + self.predicted_fill_seconds
+                + max(self.predicted_read_seconds, self.predicted_compute_seconds))
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,7 @@ class Plan:
     workers: tuple[WorkerPlan, ...]
     reasons: tuple[str, ...]
     predictions: tuple[ModePrediction, ...] = ()  # the modes considered (both under parallel: auto)
+    figures: tuple[str, ...] = ()  # the rates and fixed costs predicted with, each measured or assumed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -228,12 +232,13 @@ class Plan:
                 "prompt_indices": tuple(w["prompt_indices"]),
                 "rounds": tuple(tuple(r) for r in w["rounds"]),
                 "reasons": tuple(w["reasons"]),
+                "predicted_pass_shares": tuple(w.get("predicted_pass_shares", ())),
             })
             for w in data["workers"]
         )
         predictions = tuple(ModePrediction(**p) for p in data.get("predictions", ()))
         return cls(parallel=data["parallel"], dtype=data["dtype"], workers=workers, reasons=tuple(data["reasons"]),
-                   predictions=predictions)
+                   predictions=predictions, figures=tuple(data.get("figures", ())))
 
 
 # -- internal descriptions -----------------------------------------------------------------------
@@ -256,6 +261,7 @@ class _Model:
     stored_shards: tuple[int, ...]  # as stored: the embedding, each decoder layer, norm + head (plan_shards)
     decoder_params: int
     head_params: int
+    total: int  # every shard, compute dtype: a resident model
     moe: _Experts | None = None  # the MoE layers' sizes (None: a dense model)
     experts_per_group: int = 0  # > 0: MoE layers stream their experts this many at a time
     pending_per_token: int = 0  # bytes a streamed MoE layer keeps per token between its steps
@@ -283,8 +289,11 @@ class _Model:
     def stored_shard(self, lps: int) -> int:
         return max(self.stored_edge, lps * self.stored_layer)
 
-    def resident_weights(self, lps: int) -> int:
-        """Device bytes of the double-buffered shards (plus their converted copies)."""
+    def resident_weights(self, lps: int, resident: bool = False) -> int:
+        """Device bytes of the double-buffered shards (plus their converted copies); resident: every
+        shard in the compute dtype, and the one being read as stored while it is converted."""
+        if resident:
+            return self.total + (self.stored_shard(1) if self.converted else 0)
         return RESIDENT_SHARDS * (self.stored_shard(lps) + (self.shard(lps) if self.converted else 0))
 
 
@@ -323,7 +332,7 @@ class _Job:
     lengths: tuple[int, ...]  # packed tokens per prompt at the last step (the forward's row length)
     loads: tuple[_Load, ...]
     scored_ratio: float  # max over prompts of scored positions / tokens (head working memory)
-    read_rate: float  # disk bytes/s
+    figures: Figures  # the machine's rates and fixed costs, measured or assumed
 
 
 @dataclass(frozen=True)
@@ -332,6 +341,7 @@ class _Setup:
     lps: int
     batch: int
     storage: str
+    resident: bool = False  # the whole model kept on the device for the job, read once
 
 
 @dataclass(frozen=True)
@@ -350,38 +360,41 @@ class _Peaks:
 
 # -- make_plan -----------------------------------------------------------------------------------
 def make_plan(hardware: Hardware, manifest: Manifest, spec, prompt_tokens: Sequence[int], *,
-              suffix_counts: Sequence[int] | None = None) -> Plan:
+              suffix_counts: Sequence[int] | None = None, scored_counts: Sequence[int] | None = None) -> Plan:
     """Decide everything about running `spec` on `hardware`. `prompt_tokens[i]`: prompt i's packed
     tokens (prefix + all suffixes); `suffix_counts[i]`: its number of suffixes (sizes the scores and
-    the tokens added per generation step; default DEFAULT_SUFFIXES_PER_PROMPT)."""
+    the tokens added per generation step; default DEFAULT_SUFFIXES_PER_PROMPT); `scored_counts[i]`:
+    the positions the head scores (ScoreKind.positions; default: every token for suffix_logprob, one
+    per suffix otherwise), which size the head's logits."""
     reasons: list[str] = []
     if not prompt_tokens:
         raise _error(spec, "prompts", "no prompts to score")
     dtype = _resolve_dtype(spec, manifest, reasons)
-    job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts)
+    job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts)
     devices = _resolve_devices(spec, hardware, reasons)
     if spec.parallel != "data" and len(devices) == 1:
         reasons.append(f"parallel data ({'auto' if spec.parallel == 'auto' else 'from pipeline'}): one device, "
                        "and a one-stage pipeline is data mode")
+    figures = tuple(job.figures.describe(devices, dtype))
     if spec.parallel == "data" or len(devices) == 1:
         data_reasons, data = _plan_data(job, hardware, devices)
-        return Plan("data", dtype, data, tuple(reasons + data_reasons), (_prediction("data", data),))
+        return Plan("data", dtype, data, tuple(reasons + data_reasons), (_prediction("data", data),), figures)
     pipeline = _plan_pipeline(job, hardware, devices)
     if spec.parallel == "pipeline":
         reasons.append(f"parallel pipeline (from the job): {len(devices)} stages, shard s on stage s % "
                        f"{len(devices)}, each reading only its shards")
-        return Plan("pipeline", dtype, pipeline, tuple(reasons), (_prediction("pipeline", pipeline),))
+        return Plan("pipeline", dtype, pipeline, tuple(reasons), (_prediction("pipeline", pipeline),), figures)
     data_reasons, data = _plan_data(job, hardware, devices)
     predictions = (_prediction("data", data), _prediction("pipeline", pipeline))
     parallel, why = _choose_parallel(*predictions)
     reasons.append(f"parallel {parallel} (auto): {why}")
     if parallel == "data":
-        return Plan("data", dtype, data, tuple(reasons + data_reasons), predictions)
-    return Plan("pipeline", dtype, pipeline, tuple(reasons), predictions)
+        return Plan("data", dtype, data, tuple(reasons + data_reasons), predictions, figures)
+    return Plan("pipeline", dtype, pipeline, tuple(reasons), predictions, figures)
 
 
 def make_cluster_plan(nodes: Sequence[Node], manifest: Manifest, spec, prompt_tokens: Sequence[int], *,
-                      suffix_counts: Sequence[int] | None = None) -> Plan:
+                      suffix_counts: Sequence[int] | None = None, scored_counts: Sequence[int] | None = None) -> Plan:
     """make_plan for a Ray cluster (executor: ray): data mode over devices of several machines,
     named "node1:cuda:0". Each worker is sized by its own node's hardware; the workers of one node
     share its RAM, disk and cores. Pipeline mode is refused by the spec (docs/design.md says why)."""
@@ -394,24 +407,26 @@ def make_cluster_plan(nodes: Sequence[Node], manifest: Manifest, spec, prompt_to
     if spec.parallel == "auto":
         reasons.append("parallel data (auto): executor ray runs data mode only (pipeline stages would hand "
                        "activations on over the network at every shard)")
-    job = _describe_job(nodes[0].hardware, manifest, spec, dtype, prompt_tokens, suffix_counts)
+    job = _describe_job(nodes[0].hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts)
     seats = _resolve_cluster_devices(spec, nodes, reasons)
     if len(seats) > len(job.tokens):
         reasons.append(f"{len(seats) - len(job.tokens)} device(s) left idle: only {len(job.tokens)} prompt(s)")
         seats = seats[:len(job.tokens)]
     threads = _cluster_threads(seats)
-    rates = [_flops_rate(device, node.hardware, dtype, threads[i]) for i, (node, device) in enumerate(seats)]
+    on_nodes = {id(n): replace(job, figures=figures_of(n.hardware)) for n, _ in seats}  # each node's own figures
+    rates = [_cap_rate(on_nodes[id(node)], device, threads[i]) for i, (node, device) in enumerate(seats)]
     slices = _balanced_slices(job.tokens, rates)
     if len(seats) > 1:
         reasons.append(f"prompts split into {len(seats)} contiguous slices balanced by tokens, weighted by "
                        "each device's predicted throughput")
     workers = []
     for i, ((node, device), indices) in enumerate(zip(seats, slices)):
-        hw, sharing = node.hardware, sum(n is node for n, _ in seats)
-        budget = _Budget(_gpu_budget(hw, device, spec), _usable(_cap(hw.ram_available, spec.limits.ram)) // sharing,
-                         _usable(hw.disk_free) // sharing)
-        on_node = replace(job, read_rate=hw.disk_read_bytes_per_s or DEFAULT_DISK_READ_BYTES_PER_S)
-        plan = _plan_worker(on_node, hw, f"worker{i}", device, indices, threads[i], rates[i], budget)
+        hw, sharing, on_node = node.hardware, sum(n is node for n, _ in seats), on_nodes[id(node)]
+        safety = on_node.figures.safety
+        budget = _Budget(_gpu_budget(hw, device, spec, safety),
+                         _usable(_cap(hw.ram_available, spec.limits.ram), safety) // sharing,
+                         _usable(hw.disk_free, safety) // sharing)
+        plan = _plan_worker(on_node, f"worker{i}", device, indices, threads[i], budget)
         workers.append(replace(plan, device=f"{node.name}:{device}", node=node.name))
     return Plan("data", dtype, tuple(workers), tuple(reasons), (_prediction("data", workers),))
 
@@ -464,16 +479,17 @@ def _plan_data(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> tuple
         reasons.append(f"{len(devices) - n_prompts} device(s) left idle: only {n_prompts} prompt(s)")
         devices = devices[:n_prompts]
     threads = _threads(devices, hardware.cpu_count)
-    rates = [_flops_rate(device, hardware, job.dtype, threads[i]) for i, device in enumerate(devices)]
+    rates = [_cap_rate(job, device, threads[i]) for i, device in enumerate(devices)]
     slices = _balanced_slices(job.tokens, rates)
     if len(devices) > 1:
         reasons.append(f"prompts split into {len(devices)} contiguous slices balanced by tokens, weighted by "
                        "each device's predicted throughput")
-    ram_share = _usable(_cap(hardware.ram_available, job.spec.limits.ram)) // len(devices)
-    disk_share = _usable(hardware.disk_free) // len(devices)
+    safety = job.figures.safety
+    ram_share = _usable(_cap(hardware.ram_available, job.spec.limits.ram), safety) // len(devices)
+    disk_share = _usable(hardware.disk_free, safety) // len(devices)
     workers = tuple(
-        _plan_worker(job, hardware, f"worker{i}", device, indices, threads[i], rates[i],
-                     _Budget(_gpu_budget(hardware, device, job.spec), ram_share, disk_share))
+        _plan_worker(job, f"worker{i}", device, indices, threads[i],
+                     _Budget(_gpu_budget(hardware, device, job.spec, safety), ram_share, disk_share))
         for i, (device, indices) in enumerate(zip(devices, slices))
     )
     return reasons, workers
@@ -491,20 +507,21 @@ def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> t
         raise _error(spec, "storage", f"{spec.storage} is not supported with parallel: pipeline (activations "
                      "arrive from the previous stage and wait in RAM: use cpu or auto)")
     threads = _threads(devices, hardware.cpu_count)
-    rates = [_flops_rate(d, hardware, job.dtype, threads[i]) for i, d in enumerate(devices)]
+    rates = [_cap_rate(job, d, threads[i]) for i, d in enumerate(devices)]
     slowest = min(range(n), key=lambda i: rates[i])
     m, kind = job.model, kinds.pop()
     reserve = PIPELINE_CHANNEL_BATCHES * BATCH_TOKENS_CAP[kind] * m.hidden * m.dtype_bytes
-    gpu_budgets = [_gpu_budget(hardware, d, spec) for d in devices]
+    safety = job.figures.safety
+    gpu_budgets = [_gpu_budget(hardware, d, spec, safety) for d in devices]
     budget = _Budget(None if kind == "cpu" else min(gpu_budgets),
-                     _usable(_cap(hardware.ram_available, spec.limits.ram)) // n - reserve,
-                     _usable(hardware.disk_free) // n)
-    plan = _plan_worker(job, hardware, "worker0", devices[slowest], tuple(range(len(job.tokens))),
-                        threads[slowest], rates[slowest], budget, stages=n)
+                     _usable(_cap(hardware.ram_available, spec.limits.ram), safety) // n - reserve,
+                     _usable(hardware.disk_free, safety) // n)
+    plan = _plan_worker(job, "worker0", devices[slowest], tuple(range(len(job.tokens))), threads[slowest], budget,
+                        stages=n)
     channel = PIPELINE_CHANNEL_BATCHES * plan.settings.batch_tokens * m.hidden * m.dtype_bytes
     # Rounds were sized at 1/n of a pass; the busiest stage reads a little more (an edge, uneven groups).
     busiest = m.stage_bytes(plan.settings.layers_per_shard, n)
-    read = (len(plan.rounds) * spec.generate_tokens * busiest / _read_rate(job, hardware, devices[slowest]))
+    read = (len(plan.rounds) * spec.generate_tokens * busiest / _read_rate(job, devices[slowest]))
     plan = replace(plan, predicted_read_seconds=read)
     in_channel = f"up to {PIPELINE_CHANNEL_BATCHES} batches ({format_bytes(channel)}) wait in its outbound channel"
     return tuple(
@@ -529,52 +546,263 @@ def _choose_parallel(data: ModePrediction, pipeline: ModePrediction) -> tuple[st
     return "data", f"computing dominates, and data mode splits it without hand-offs between stages: {both}"
 
 
-def _plan_worker(job: _Job, hardware: Hardware, name: str, device: str, indices: tuple[int, ...],
-                 threads: int, rate: float, budget: _Budget, stages: int = 1) -> WorkerPlan:
-    """Per worker, in order: batch_tokens, storage and rounds (at the smallest shard), then
-    layers_per_shard — or, for a MoE model streaming its experts, experts_per_group — grows into what
-    is left. `stages` > 1: one stage of a pipeline, which reads
-    and computes 1/stages of every pass over `indices`."""
+def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], threads: int, budget: _Budget,
+                 stages: int = 1) -> WorkerPlan:
+    """Per worker: every combination of batch_tokens, storage, layers_per_shard (and keeping the
+    whole model resident) that fits is predicted; the fastest wins, and among those within
+    TIME_TOLERANCE of it the one with the least peak memory. `stages` > 1: one stage of a pipeline,
+    which reads and computes 1/stages of every pass over `indices`."""
     spec, reasons = job.spec, []
-    kind = _kind(device)
-    storages = ("cpu",) if stages > 1 else _storages(spec, device)
     floor = _lps_floor(job, reasons)
     longest_index = max(indices, key=lambda i: (job.lengths[i], -i))
     job = _stream_experts_if_needed(job, device, floor, longest_index, budget)
     if job.model.experts_per_group:
         floor = 1
     _check_minimum(job, device, floor, longest_index, budget)
-    batch = _choose_batch(job, device, indices, floor, longest_index, budget, reasons)
-    read_per_round = job.model.bytes_per_pass * spec.generate_tokens / _read_rate(job, hardware, device) / stages
-    rate = rate * stages  # FLOPs of the job per second: each stage computes 1/stages of them
-    min_flops = ROUND_MIN_COMPUTE_OVER_READ * read_per_round * rate
-    target_flops = max(ROUND_TARGET_SECONDS * rate, min_flops)
-    storage, rounds = _choose_storage(job, _Setup(device, floor, batch, NO_STORAGE), indices, storages, budget,
-                                      min_flops, target_flops, reasons, pipeline=stages > 1)
-    most = max(floor, job.model.num_layers // (PIPELINE_GROUPS_PER_STAGE * stages)) if stages > 1 else None
-    if job.model.experts_per_group:
-        lps = 1
-        job = _grow_expert_groups(job, _Setup(device, lps, batch, storage), rounds, budget, reasons)
-        reasons.append("layers_per_shard 1: expert streaming runs one layer per shard")
-    else:
-        lps = _choose_lps(job, _Setup(device, floor, batch, storage), rounds, budget, reasons, most)
-    setup = _Setup(device, lps, batch, storage)
-    peaks = _max_peaks(job, setup, rounds)
-    if kind == "cpu":
-        reasons.append(f"threads {threads}: the machine's {hardware.cpu_count} cores split between its CPU workers")
+    streaming = bool(job.model.experts_per_group)  # expert streaming runs one layer per shard
+    space = _Space(
+        batches=_batch_candidates(job, device, indices, floor, longest_index, budget),
+        storages=("cpu",) if stages > 1 else _storages(spec, device),
+        lps=(1,) if streaming else _lps_candidates(job, floor, stages),
+        resident=stages == 1 and spec.layers_per_shard is None and not streaming,
+    )
+    options = _search(job, device, indices, threads, budget, space, stages)
+    if not options:
+        raise _error(spec, "storage", _no_storage_message(job, device, indices, threads, space, budget, stages))
+    best = _choose(options)
+    reasons += _option_reasons(job, options, best, device, stages)
+    setup, t, peaks = best.setup, best.time, best.peaks
+    if streaming:  # searched at one expert per group; groups then grow into what is left
+        job = _grow_expert_groups(job, setup, best.rounds, budget, reasons)
+        peaks = _max_peaks(job, setup, best.rounds)
+    if device == "cpu":
+        reasons.append(f"threads {threads}: the machine's {job.figures.hardware.cpu_count} cores split between its "
+                       "CPU workers")
     settings = EngineSettings(
-        device=device, dtype=job.dtype, layers_per_shard=lps, storage=storage, batch_tokens=batch,
-        disk_folder=_disk_folder(spec, name) if storage == "disk" else None,
-        threads=threads if kind == "cpu" else 0,
+        device=device, dtype=job.dtype, layers_per_shard=setup.lps, storage=setup.storage, batch_tokens=setup.batch,
+        disk_folder=_disk_folder(spec, name) if setup.storage == "disk" else None,
+        threads=threads if device == "cpu" else 0, resident=setup.resident,
         experts_per_group=job.model.experts_per_group, allow_untested_models=spec.allow_untested_models,
     )
-    slice_load = sum((job.loads[i] for i in indices), _Load())
     return WorkerPlan(
-        name=name, device=device, settings=settings, prompt_indices=indices, rounds=rounds,
+        name=name, device=device, settings=settings, prompt_indices=indices, rounds=best.rounds,
         predicted_peak_device_memory=peaks.device, predicted_peak_ram=peaks.ram,
-        predicted_read_seconds=len(rounds) * read_per_round,
-        predicted_compute_seconds=slice_load.flops / rate, reasons=tuple(reasons),
+        predicted_read_seconds=t.read, predicted_compute_seconds=t.compute, reasons=tuple(reasons),
+        predicted_fill_seconds=t.fill, predicted_start_seconds=t.start,
+        predicted_pass_shares=_pass_shares(job, setup, indices, threads) if stages == 1 else (),
     )
+
+
+# -- the search ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Space:
+    """The values each setting may take (one value where the job fixes it)."""
+
+    batches: tuple[int, ...]  # largest first
+    storages: tuple[str, ...]
+    lps: tuple[int, ...]  # increasing
+    resident: bool  # also try keeping the whole model on the device
+
+
+@dataclass(frozen=True)
+class _Time:
+    """A worker's predicted seconds."""
+
+    read: float  # weight bytes from the disk, plus disk activations (they share it)
+    compute: float  # FLOPs at the batch's throughput, plus activation copies between host and device
+    fill: float  # reading nothing hides: each round's first shards, before the double buffer runs
+    start: float  # the worker's start-up
+
+    @property
+    def total(self) -> float:
+        return self.start + self.fill + max(self.read, self.compute)
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One combination of settings, with the rounds it allows, its peaks and its time."""
+
+    setup: _Setup
+    rounds: tuple[tuple[int, ...], ...]
+    peaks: _Peaks
+    time: _Time
+
+
+def _search(job: _Job, device: str, indices: tuple[int, ...], threads: int, budget: _Budget, space: _Space,
+            stages: int) -> list[_Option]:
+    options = []
+    for batch in space.batches:
+        for storage in space.storages:
+            for resident in (False, True) if space.resident else (False,):
+                for lps in space.lps[:1] if resident else space.lps:
+                    setup = _Setup(device, lps, batch, storage, resident)
+                    rounds = _rounds_for(job, setup, indices, threads, budget, stages)
+                    if rounds is None:
+                        break  # a longer shard needs more memory still
+                    time = _time(job, setup, indices, rounds, threads, stages)
+                    options.append(_Option(setup, rounds, _max_peaks(job, setup, rounds), time))
+    return options
+
+
+def _rounds_for(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: int, budget: _Budget,
+                stages: int) -> tuple[tuple[int, ...], ...] | None:
+    """Rounds of about ROUND_TARGET_SECONDS of compute that fit, or None when this setup cannot
+    hold the smallest useful rounds (compute >= ROUND_MIN_COMPUTE_OVER_READ x the weights' read;
+    a resident model is read once, so any round is useful)."""
+    rate = job.figures.flops(setup.device, job.dtype, threads, setup.batch) * stages
+    read_per_round = 0.0 if setup.resident else (
+        job.model.bytes_per_pass * job.spec.generate_tokens / _read_rate(job, setup.device) / stages)
+    min_flops = ROUND_MIN_COMPUTE_OVER_READ * read_per_round * rate
+    target_flops = max(ROUND_TARGET_SECONDS * rate, min_flops)
+
+    def fits(load: _Load, longest: int) -> bool:
+        return _fits(_peaks(job, setup, load, longest), budget)
+
+    if min_flops > 0 and not _holds(job, _split_rounds(job, indices, min_flops, lambda load, longest: True), fits):
+        return None
+    return _split_rounds(job, indices, target_flops, fits)
+
+
+def _time(job: _Job, setup: _Setup, indices: tuple[int, ...], rounds, threads: int, stages: int) -> _Time:
+    """See the module docstring's time model."""
+    m, figures, steps = job.model, job.figures, job.spec.generate_tokens
+    read_rate = _read_rate(job, setup.device)
+    slice_load = sum((job.loads[i] for i in indices), _Load())
+    passes = 1 if setup.resident else steps * len(rounds)
+    # Every shard boundary writes each batch's activations and reads them back (at the last step's
+    # length: an upper bound for the earlier steps).
+    shards = len(decoder_groups(m.num_layers, setup.lps)) + 2
+    traffic = (shards - 1) * 2 * slice_load.act_tokens * m.hidden * m.dtype_bytes * steps
+    disk_traffic = traffic if setup.storage == "disk" else 0
+    link_traffic = traffic if setup.device != "cpu" and setup.storage != "gpu" else 0
+    compute = slice_load.flops / (figures.flops(setup.device, job.dtype, threads, setup.batch) * stages)
+    if link_traffic:
+        compute += link_traffic / figures.host_to_device(setup.device).value
+    compute += disk_traffic / DISK_STORE_COPY_BYTES_PER_S
+    first = m.stored_shards[0] + sum(m.stored_shards[1:1 + setup.lps])  # the embedding and the first group
+    return _Time(read=(m.bytes_per_pass * passes / stages + disk_traffic) / read_rate, compute=compute,
+                 fill=(1 if setup.resident else len(rounds)) * first / read_rate, start=figures.worker_start.value)
+
+
+def _choose(options: Sequence[_Option]) -> _Option:
+    """Among the options within TIME_TOLERANCE of the fastest, those within MEMORY_TOLERANCE of the
+    least memory (device + RAM), and of those the fastest: neither a gain too small to see in time
+    nor one too small to matter in memory decides alone."""
+    fastest = min(o.time.total for o in options)
+    near = [o for o in options if o.time.total <= fastest * (1 + TIME_TOLERANCE)]
+    least = min(_memory(o) for o in near)
+    small = [o for o in near if _memory(o) <= least * (1 + MEMORY_TOLERANCE)]
+    # equal times (reading dominates every option): activations nearest the compute, the simplest store
+    return min(small, key=lambda o: (o.time.total, STORAGES.index(o.setup.storage), _memory(o)))
+
+
+def _memory(option: _Option) -> int:
+    return option.peaks.device + option.peaks.ram
+
+
+def _batch_candidates(job: _Job, device: str, indices: tuple[int, ...], lps: int, longest_index: int,
+                      budget: _Budget) -> tuple[int, ...]:
+    """Auto: powers of two up to the device's cap whose forward fits, and the longest prompt (a
+    prompt is one row of one forward), largest first. Explicit: that value, checked."""
+    longest = job.lengths[longest_index]
+
+    def fits(batch: int) -> bool:
+        setup = _Setup(device, lps, batch, NO_STORAGE)
+        return _fits(_peaks(job, setup, job.loads[longest_index], longest), budget)
+
+    requested = job.spec.batch_tokens
+    if requested is not None:
+        if requested < longest:
+            raise _error(job.spec, "batch_tokens", f"{requested} is below prompt {longest_index}'s {longest} tokens "
+                         "(a prompt is one forward pass)")
+        if not fits(requested):
+            largest = _largest_fitting(range(longest, max(requested, BATCH_TOKENS_CAP[_kind(device)]) + 1), fits)
+            raise _error(job.spec, "batch_tokens", f"{requested} does not fit on {device} with {lps} layer(s) per "
+                         f"shard: at most {largest} fits")
+        return (requested,)
+    # A batch never holds more than the worker's whole slice, so neither does the memory estimate.
+    slice_tokens = sum(job.lengths[i] for i in indices)
+    cap = min(BATCH_TOKENS_CAP[_kind(device)], 1 << max(slice_tokens - 1, 0).bit_length())
+    candidates = sorted({1 << k for k in range(cap.bit_length()) if longest <= 1 << k <= cap} | {longest},
+                        reverse=True)
+    return tuple(b for b in candidates if fits(b))  # `longest` fits: _check_minimum passed
+
+
+def _lps_candidates(job: _Job, floor: int, stages: int) -> tuple[int, ...]:
+    """Auto: powers of two and every decoder layer (at most a pipeline stage's share)."""
+    if job.spec.layers_per_shard is not None:
+        return (floor,)
+    n = job.model.num_layers
+    most = max(floor, n // (PIPELINE_GROUPS_PER_STAGE * stages)) if stages > 1 else n
+    return tuple(sorted({floor, most} | {1 << k for k in range(most.bit_length()) if floor <= 1 << k <= most}))
+
+
+def _pass_shares(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: int) -> tuple[float, ...]:
+    """Each shard's share of one pass's predicted time, for progress: a shard takes the longer of
+    computing it (decoder layers carry the FLOPs, the embedding is a lookup) and reading the next."""
+    m = job.model
+    groups = decoder_groups(m.num_layers, setup.lps)
+    layer_flops = 2 * m.decoder_params / m.num_layers * sum(job.tokens[i] for i in indices)
+    head_flops = 2 * m.head_params * sum(job.tokens[i] for i in indices) * job.scored_ratio
+    flops = [0.0] + [len(g) * layer_flops for g in groups] + [head_flops]
+    read = shard_bytes(m.stored_shards[0], m.stored_shards[1:-1], m.stored_shards[-1], setup.lps)
+    rate = job.figures.flops(setup.device, job.dtype, threads, setup.batch)
+    read_rate = _read_rate(job, setup.device)
+    next_read = [0.0 if setup.resident else b / read_rate for b in read[1:]] + [0.0]
+    costs = [max(f / rate, r) for f, r in zip(flops, next_read)]
+    total = sum(costs) or 1.0
+    return tuple(c / total for c in costs)
+
+
+def _option_reasons(job: _Job, options: Sequence[_Option], best: _Option, device: str, stages: int) -> list[str]:
+    """Why `best`: the search, then per setting the best option differing only in it."""
+    fastest = min(o.time.total for o in options)
+    reasons = [f"settings (auto): {len(options)} combination(s) of batch_tokens, storage and layers_per_shard fit; "
+               f"the fastest is predicted {_seconds(fastest)}; of those within {TIME_TOLERANCE:.0%} of it, and "
+               f"within {MEMORY_TOLERANCE:.0%} of the least memory (GPU + RAM), this one is the fastest" if len(options) > 1 else "settings: the only combination that fits"]
+    s, spec = best.setup, job.spec
+    fields = (("batch_tokens", "batch", spec.batch_tokens), ("storage", "storage", spec.storage),
+              ("layers_per_shard", "lps", spec.layers_per_shard))
+    for key, attr, given in fields:
+        if given is not None:
+            reasons.append(f"{key} {getattr(s, attr)} (from the job)")
+            continue
+        others = [o for o in options if getattr(o.setup, attr) != getattr(s, attr) and o.setup.resident == s.resident
+                  and all(getattr(o.setup, a) == getattr(s, a) for _, a, _ in fields if a != attr)]
+        value = f"{getattr(s, attr)}" + (" (all, resident)" if attr == "lps" and s.resident else "")
+        reasons.append(f"{key} {value} (auto): {_describe_option(best, device)}"
+                       + "".join(f"; {getattr(o.setup, attr)}: {_describe_option(o, device)}" for o in others[:4]))
+    if s.resident:
+        rounds, steps = len(best.rounds), spec.generate_tokens
+        reasons.append(f"resident (auto): the whole model fits on {device} beside its batches, so it is read once for "
+                       f"the job instead of {rounds * steps} time(s) ({rounds} round(s) x {steps} step(s))")
+    if stages > 1:
+        reasons.append("storage cpu: pipeline activations arrive from the previous stage and wait in RAM (a whole "
+                       "round at a slow stage)")
+    reasons.append(f"{len(best.rounds)} round(s) (the resume unit) of about {ROUND_TARGET_SECONDS:.0f} s of compute at "
+                   "most, each long enough that reading the weights stays a small share, and fitting in memory")
+    return reasons
+
+
+def _describe_option(option: _Option, device: str) -> str:
+    peak = option.peaks.device if device != "cpu" else option.peaks.ram
+    return f"{_seconds(option.time.total)}, {format_bytes(peak)}"
+
+
+def _no_storage_message(job: _Job, device: str, indices: tuple[int, ...], threads: int, space: _Space,
+                        budget: _Budget, stages: int) -> str:
+    batch, lps = space.batches[-1], space.lps[0]
+    rate = job.figures.flops(device, job.dtype, threads, batch) * stages
+    read = job.model.bytes_per_pass * job.spec.generate_tokens / _read_rate(job, device) / stages
+    smallest = _split_rounds(job, indices, ROUND_MIN_COMPUTE_OVER_READ * read * rate, lambda load, longest: True)
+    biggest = max(smallest, key=lambda r: sum(job.loads[i].act_tokens for i in r))
+    load, longest = sum((job.loads[i] for i in biggest), _Load()), _round_longest(job, biggest)
+    peaks = {s: _peaks(job, _Setup(device, lps, batch, s), load, longest) for s in space.storages}
+    needs = "; ".join(f"{s} {_shortfall(p, budget, device)}" for s, p in peaks.items())
+    what = f"{space.storages[0]} does not hold" if job.spec.storage else "no activation storage holds"
+    return (f"{what} the smallest useful round on {device} ({len(biggest)} prompt(s), compute >= "
+            f"{ROUND_MIN_COMPUTE_OVER_READ:.0f}x the time to read the weights): {needs}; "
+            "raise limits.ram, free disk space or set disk_folder elsewhere")
 
 
 # -- job-wide resolutions ------------------------------------------------------------------------
@@ -605,18 +833,18 @@ def _resolve_devices(spec, hardware: Hardware, reasons: list[str]) -> tuple[str,
 
 
 def _describe_job(hardware: Hardware, manifest: Manifest, spec, dtype: str, prompt_tokens: Sequence[int],
-                  suffix_counts: Sequence[int] | None) -> _Job:
+                  suffix_counts: Sequence[int] | None, scored_counts: Sequence[int] | None = None) -> _Job:
     model = _describe_model(manifest, dtype)
     steps = spec.generate_tokens
     suffixes = [min(n, DEFAULT_SUFFIXES_PER_PROMPT) for n in prompt_tokens] if suffix_counts is None else suffix_counts
     tokens = tuple(int(n) for n in prompt_tokens)
     lengths = tuple(n + (steps - 1) * s for n, s in zip(tokens, suffixes))
-    scored = [n if spec.score.kind == "suffix_logprob" else s for n, s in zip(tokens, suffixes)]
+    scored = scored_counts or [n if spec.score.kind == "suffix_logprob" else s for n, s in zip(tokens, suffixes)]
     loads = tuple(_prompt_load(model, spec, n, s, c) for n, s, c in zip(tokens, suffixes, scored))
     return _Job(
         spec=spec, model=model, dtype=dtype, tokens=tokens, lengths=lengths, loads=loads,
         scored_ratio=max(c / max(n, 1) for n, c in zip(tokens, scored)),
-        read_rate=hardware.disk_read_bytes_per_s or DEFAULT_DISK_READ_BYTES_PER_S,
+        figures=figures_of(hardware),
     )
 
 
@@ -644,6 +872,7 @@ def _describe_model(manifest: Manifest, dtype: str) -> _Model:
                        sum(manifest.stored_bytes(e) for e in tail)),
         decoder_params=sum(_active_params(e, config) for e in by_kind[DECODER]),
         head_params=sum(e.params for e in heads), moe=_describe_experts(by_kind[DECODER], config),
+        total=math.ceil(sum(manifest.stored_bytes(e) for e in manifest.layers) * scale),
     )
 
 
@@ -705,18 +934,18 @@ def _gpu(hardware: Hardware, device: str):
     return next(gpu for gpu in hardware.gpus if f"cuda:{gpu.index}" == device)
 
 
-def _gpu_budget(hardware: Hardware, device: str, spec) -> int | None:
+def _gpu_budget(hardware: Hardware, device: str, spec, safety: float) -> int | None:
     if device == "cpu":
         return None
-    return _usable(_cap(_gpu(hardware, device).free_memory, spec.limits.gpu_memory))
+    return _usable(_cap(_gpu(hardware, device).free_memory, spec.limits.gpu_memory), safety)
 
 
 def _cap(available: int, limit: int | None) -> int:
     return available if limit is None else min(available, limit)
 
 
-def _usable(budget: int) -> int:
-    return int(budget * (1 - SAFETY_FRACTION))
+def _usable(budget: int, safety: float) -> int:
+    return int(budget * (1 - safety))
 
 
 def _threads(devices: Sequence[str], cpu_count: int) -> list[int]:
@@ -727,22 +956,15 @@ def _threads(devices: Sequence[str], cpu_count: int) -> list[int]:
     return [share if d == "cpu" else 0 for d in devices]
 
 
-def _flops_rate(device: str, hardware: Hardware, dtype: str, threads: int) -> float:
-    if device == "cpu":
-        return threads * CPU_FLOPS_PER_CORE / (1.0 if dtype == "float32" else CPU_HALF_SLOWDOWN)
-    name = _gpu(hardware, device).name
-    half = next((flops for key, flops in GPU_HALF_FLOPS if key in name), DEFAULT_GPU_HALF_FLOPS)
-    return half / GPU_FP32_SLOWDOWN if dtype == "float32" else half
+def _cap_rate(job: _Job, device: str, threads: int) -> float:
+    """FLOP/s at the device's largest batch: how devices compare when prompts are split."""
+    return job.figures.flops(device, job.dtype, threads, BATCH_TOKENS_CAP[_kind(device)])
 
 
-def _read_rate(job: _Job, hardware: Hardware, device: str) -> float:
+def _read_rate(job: _Job, device: str) -> float:
     """Weights come from the disk, then on a GPU over its PCIe link: the slower one sets the rate."""
-    if device == "cpu":
-        return job.read_rate
-    gpu = _gpu(hardware, device)
-    gen, width = (gpu.pcie_gen, gpu.pcie_width) if gpu.pcie_gen and gpu.pcie_width else DEFAULT_PCIE
-    pcie = PCIE_LANE_BYTES_PER_S.get(gen, PCIE_LANE_BYTES_PER_S[max(PCIE_LANE_BYTES_PER_S)]) * width
-    return min(job.read_rate, pcie)
+    disk = job.figures.disk_read.value
+    return disk if device == "cpu" else min(disk, job.figures.host_to_device(device).value)
 
 
 def _balanced_slices(tokens: Sequence[int], rates: Sequence[float]) -> list[tuple[int, ...]]:
@@ -783,13 +1005,16 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     activations = math.ceil(load.act_tokens * per_token)
     pending = math.ceil(load.act_tokens * m.pending_per_token)
     in_flight = 2 * setup.batch * per_token
-    compute = (m.resident_weights(setup.lps) + in_flight
+    # every batch's additive mask (rows x L x L ~ its padded tokens x L), kept for the pass while it fits
+    layouts = min(LAYOUT_CACHE_BYTES, math.ceil(load.act_tokens * min(longest, setup.batch or longest) * m.dtype_bytes))
+    compute = (m.resident_weights(setup.lps, setup.resident) + in_flight + layouts
                + (_working_bytes(m, setup.batch, longest, job.scored_ratio) if setup.batch else 0))
-    ram = WORKER_BASE_RAM[_kind(setup.device)] + load.result_bytes
+    ram = int(job.figures.base_ram[_kind(setup.device)].value) + load.result_bytes
     ram += STAGING_BUFFERS * m.stored_shard(setup.lps) if cuda else compute
     ram += activations if setup.storage == "cpu" else in_flight if setup.storage == "disk" else 0
     ram += pending if setup.storage != "gpu" else 0
-    device = CUDA_CONTEXT_BYTES + compute + (activations + pending if setup.storage == "gpu" else 0) if cuda else 0
+    device = (int(job.figures.cuda_context.value) + compute
+              + (activations + pending if setup.storage == "gpu" else 0) if cuda else 0)
     return _Peaks(device=device, ram=ram, disk=DISK_COPIES * activations if setup.storage == "disk" else 0)
 
 
@@ -810,7 +1035,7 @@ def _max_peaks(job: _Job, setup: _Setup, rounds: Sequence[Sequence[int]]) -> _Pe
 
 def _shortfall(peaks: _Peaks, budget: _Budget, device: str) -> str:
     """The resources `peaks` overflows: 'needs X of RAM (budget Y)'."""
-    margin = f"after the {SAFETY_FRACTION:.0%} margin"
+    margin = "after the safety margin"
     parts = []
     if budget.device is not None and peaks.device > budget.device:
         parts.append(f"{format_bytes(peaks.device)} of {device} memory (budget {format_bytes(budget.device)} {margin})")
@@ -907,40 +1132,6 @@ def _check_minimum(job: _Job, device: str, lps: int, longest_index: int, budget:
                  "raise the limits")
 
 
-def _choose_batch(job: _Job, device: str, indices: tuple[int, ...], lps: int, longest_index: int,
-                  budget: _Budget, reasons: list[str]) -> int:
-    """Largest power of two <= the device's cap whose forward fits, but never below the longest
-    prompt: a prompt is one row of one forward."""
-    longest = job.lengths[longest_index]
-
-    def fits(batch: int) -> bool:
-        setup = _Setup(device, lps, batch, NO_STORAGE)
-        return _fits(_peaks(job, setup, job.loads[longest_index], longest), budget)
-
-    # A batch never holds more than the worker's whole slice, so neither does the memory estimate.
-    slice_tokens = sum(job.lengths[i] for i in indices)
-    cap = min(BATCH_TOKENS_CAP[_kind(device)], 1 << max(slice_tokens - 1, 0).bit_length())
-    candidates = sorted({1 << k for k in range(cap.bit_length()) if longest <= 1 << k <= cap} | {longest},
-                        reverse=True)
-    best = next(b for b in candidates if fits(b))  # `longest` fits: _check_minimum passed
-    requested = job.spec.batch_tokens
-    if requested is None:
-        reasons.append(f"batch_tokens {best} (auto): the largest power of two that fits, at most the slice's "
-                       f"tokens and the {_kind(device)} cap of {BATCH_TOKENS_CAP[_kind(device)]} (larger batches add "
-                       f"memory, not speed), at least the longest prompt ({longest} tokens, prompt {longest_index})")
-        return best
-    if requested < longest:
-        raise _error(job.spec, "batch_tokens", f"{requested} is below prompt {longest_index}'s {longest} tokens "
-                     "(a prompt is one forward pass)")
-    if not fits(requested):
-        device_cap = BATCH_TOKENS_CAP[_kind(device)]
-        largest = _largest_fitting(range(longest, max(requested, device_cap) + 1), fits)
-        raise _error(job.spec, "batch_tokens", f"{requested} does not fit on {device} with {lps} layer(s) per "
-                     f"shard: at most {largest} fits")
-    reasons.append(f"batch_tokens {requested} (from the job)")
-    return requested
-
-
 def _split_rounds(job: _Job, indices: Sequence[int], target_flops: float,
                   fits: Callable[[_Load, int], bool]) -> tuple[tuple[int, ...], ...] | None:
     """Consecutive rounds of about `target_flops` each that fit; None if one prompt alone does not."""
@@ -960,88 +1151,8 @@ def _split_rounds(job: _Job, indices: Sequence[int], target_flops: float,
     return tuple(rounds)
 
 
-def _choose_storage(job: _Job, setup: _Setup, indices: tuple[int, ...], storages: Sequence[str],
-                    budget: _Budget, min_flops: float, target_flops: float, reasons: list[str],
-                    pipeline: bool = False):
-    """Where activations wait, and the rounds. Auto: the first of gpu, cpu, disk that holds the
-    rounds the time target asks for; else the one giving the fewest rounds. A storage qualifies
-    only if it holds rounds of at least `min_flops` (below that, re-reading the weights every
-    round dominates). Returns (storage, rounds)."""
-    def fits_in(storage: str) -> Callable[[_Load, int], bool]:
-        at = _Setup(setup.device, setup.lps, setup.batch, storage)
-        return lambda load, longest: _fits(_peaks(job, at, load, longest), budget)
-
-    always = lambda load, longest: True  # noqa: E731
-    by_time = _split_rounds(job, indices, target_flops, always)
-    smallest = _split_rounds(job, indices, min_flops, always)
-    viable = {s: _split_rounds(job, indices, target_flops, fits_in(s)) for s in storages
-              if _holds(job, smallest, fits_in(s))}
-    if not viable:
-        raise _error(job.spec, "storage", _no_storage_message(job, setup, smallest, storages, budget))
-    storage = next((s for s in viable if viable[s] == by_time), None)
-    if storage is None:
-        storage = min(viable, key=lambda s: len(viable[s]))  # ties: the first, dict order is best first
-        why = f"no storage holds rounds of {ROUND_TARGET_SECONDS:.0f} s of compute; {storage} needs the fewest rounds"
-    else:
-        why = _STORAGE_WHY[storage if setup.device != "cpu" or storage == "disk" else "ram"]
-    auto = job.spec.storage is None
-    if pipeline:
-        why = "pipeline: activations arrive from the previous stage and wait in RAM (a whole round at a slow stage)"
-    reasons.append(f"storage {storage} (auto): {why}" if auto else f"storage {storage} (from the job)")
-    reasons.append(_rounds_reason(viable[storage], by_time))
-    return storage, viable[storage]
-
-
-_STORAGE_WHY = {
-    "gpu": "each round's activations fit on the device beside the shards",
-    "cpu": "each round's activations do not fit on the device beside the shards but do in RAM",
-    "disk": "each round's activations fit neither on the device nor in RAM",
-    "ram": "activations stay in RAM beside the weights",
-}
-
-
 def _holds(job: _Job, rounds, fits: Callable[[_Load, int], bool]) -> bool:
     return all(fits(sum((job.loads[i] for i in r), _Load()), _round_longest(job, r)) for r in rounds)
-
-
-def _no_storage_message(job: _Job, setup: _Setup, smallest, storages: Sequence[str], budget: _Budget) -> str:
-    biggest = max(smallest, key=lambda r: sum(job.loads[i].act_tokens for i in r))
-    load, longest = sum((job.loads[i] for i in biggest), _Load()), _round_longest(job, biggest)
-    peaks = {s: _peaks(job, _Setup(setup.device, setup.lps, setup.batch, s), load, longest) for s in storages}
-    needs = "; ".join(f"{s} {_shortfall(p, budget, setup.device)}" for s, p in peaks.items())
-    what = f"{storages[0]} does not hold" if job.spec.storage else "no activation storage holds"
-    return (f"{what} the smallest useful round on {setup.device} ({len(biggest)} prompt(s), compute >= "
-            f"{ROUND_MIN_COMPUTE_OVER_READ:.0f}x the time to read the weights): {needs}; "
-            "raise limits.ram, free disk space or set disk_folder elsewhere")
-
-
-def _rounds_reason(rounds, by_time) -> str:
-    if len(rounds) == 1:
-        return "1 round: the whole slice (the resume unit)"
-    sized_by = "memory" if rounds != by_time else (
-        f"about {ROUND_TARGET_SECONDS:.0f} s of compute each, and at least {ROUND_MIN_COMPUTE_OVER_READ:.0f}x the "
-        "time to read the weights")
-    return f"{len(rounds)} rounds (the resume unit), sized by {sized_by}"
-
-
-def _choose_lps(job: _Job, setup: _Setup, rounds, budget: _Budget, reasons: list[str],
-                most: int | None = None) -> int:
-    """As many decoder layers per shard as fit beside the chosen batch and rounds (at most `most`:
-    a pipeline's stages each keep PIPELINE_GROUPS_PER_STAGE groups)."""
-    if job.spec.layers_per_shard is not None:
-        reasons.append(f"layers_per_shard {setup.lps} (from the job)")
-        return setup.lps
-
-    def fits(lps: int) -> bool:
-        setup_n = _Setup(setup.device, lps, setup.batch, setup.storage)
-        return _fits(_max_peaks(job, setup_n, rounds), budget)
-
-    lps = _largest_fitting(range(setup.lps, (most or job.model.num_layers) + 1), fits) or setup.lps
-    limit = "all decoder layers" if lps == job.model.num_layers else "as many as fit with the double buffer"
-    if most is not None and lps == most:
-        limit = f"the pipeline's stages keep {PIPELINE_GROUPS_PER_STAGE} decoder groups each"
-    reasons.append(f"layers_per_shard {lps} (auto): {limit}")
-    return lps
 
 
 def _largest_fitting(candidates: range, fits: Callable[[int], bool]) -> int | None:
@@ -1090,7 +1201,8 @@ def render_plan(plan: Plan, console) -> None:
     for w in plan.workers:
         s = w.settings
         table.add_row(
-            w.name, w.device + (f"×{s.threads}" if s.threads else ""), str(s.layers_per_shard), s.storage,
+            w.name, w.device + (f"×{s.threads}" if s.threads else ""),
+            f"{s.layers_per_shard} res" if s.resident else str(s.layers_per_shard), s.storage,
             str(s.batch_tokens), str(len(w.prompt_indices)), str(len(w.rounds)),
             f"{w.predicted_peak_device_memory / 1e9:.1f} GB" if w.device != "cpu" else "-",
             f"{w.predicted_peak_ram / 1e9:.1f} GB", _seconds(w.predicted_seconds),
@@ -1101,6 +1213,8 @@ def render_plan(plan: Plan, console) -> None:
         console.print(f"- predicted {prediction.describe()}{chosen}")
     for reason in plan.reasons:
         console.print(f"- {reason}")
+    for figure in plan.figures:
+        console.print(f"- figure: {figure}")
     for w in plan.workers:
         console.print(f"- {w.name}: predicted {_seconds(w.predicted_read_seconds)} reading weights, "
                       f"{_seconds(w.predicted_compute_seconds)} computing")

@@ -2,7 +2,13 @@
 
 Both consume the executor's messages. A worker's position is counted in prompts: those committed
 (reused from an earlier run included) plus the fraction of the current round's passes done, where
-a round streams the model once per generation step (`stages` shards per pass).
+a round streams the model once per generation step (`stages` shards per pass). Shards weigh what
+the planner predicts they cost (WorkerPlan.predicted_pass_shares: the embedding is a lookup, the
+decoder shards carry the FLOPs), so the bar does not jump to a third after the embedding.
+
+ETAs: a worker's blends the planner's prediction with its own pace since it started, weighted by the
+share done, so it starts at the prediction and converges on the pace instead of leaping after the
+first shard; the job's is its slowest worker's, since workers run side by side.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from flexorch.contract.protocol import ProgressEvent
 from flexorch.contract.messages import Finished, Progress as ProgressMessage, Ready, RoundDone, SteppedDown
@@ -31,6 +37,8 @@ class WorkerLine:
     prompts: int  # in its slice, reused ones included
     reused: int  # of those, committed by an earlier run
     rounds: int  # planned rounds
+    predicted_seconds: float = 0.0  # the planner's time for the whole slice (start-up included)
+    pass_shares: tuple[float, ...] = ()  # each shard's share of a pass's predicted time; () = equal
 
 
 @dataclass
@@ -40,13 +48,32 @@ class _WorkerState:
     round_prompts: int = 0
     event: ProgressEvent | None = None
     status: str = "waiting"  # waiting | running | done | reused (nothing left to compute)
+    started: float | None = None  # clock at Ready
 
     def pass_fraction(self) -> float:
-        """Fraction of the current round's work done: shards over all passes (one per step)."""
+        """Fraction of the current round's work done: passes done (one per step), plus the predicted
+        share of the shards done in the current one."""
         e = self.event
         if e is None or e.stages == 0:
             return 0.0
-        return ((e.step - 1) * e.stages + e.stage) / (e.steps * e.stages)
+        shares = self.line.pass_shares
+        in_pass = sum(shares[:e.stage]) if len(shares) == e.stages else e.stage / e.stages
+        return (e.step - 1 + in_pass) / e.steps
+
+    def eta_seconds(self, now: float) -> float | None:
+        """Seconds left: the planner's total for this run and the one its pace so far implies, weighted
+        by the share done (so the estimate starts at the prediction and converges on the pace)."""
+        todo = self.line.prompts - self.line.reused
+        left = self.line.prompts - self.position()
+        if left <= 0 or self.status == "done":
+            return 0.0
+        done = (self.position() - self.line.reused) / todo if todo else 1.0
+        elapsed = now - self.started if self.started is not None else 0.0
+        predicted = self.line.predicted_seconds or None
+        if done <= 0 or self.started is None:
+            return predicted * left / todo if predicted else None
+        total = (1 - done) * (predicted if predicted else elapsed / done) + done * (elapsed / done)
+        return max(total - elapsed, 0.0)
 
     def position(self) -> float:
         """Prompts done, counting the current round in part."""
@@ -60,12 +87,14 @@ class _WorkerState:
         shards_done = (e.step - 1) * e.stages + e.stage
         return e.tokens_done * shards_done / e.stages / e.seconds
 
-    def detail(self) -> str:
+    def detail(self, now: float | None = None) -> str:
         e = self.event
+        eta = self.eta_seconds(now) if now is not None else None
+        left = f"  ETA {_duration(eta)}" if eta is not None and self.status != "done" else ""
         if e is None:  # between rounds, before the first, or done
-            return f"{self.status}  prompts {self.done}/{self.line.prompts}"
+            return f"{self.status}  prompts {self.done}/{self.line.prompts}{left}"
         return (f"shard {e.stage}/{e.stages} step {e.step}/{e.steps}  prompts {self.done}/{self.line.prompts}  "
-                f"{_si(self.tokens_per_second())} tok/s")
+                f"{_si(self.tokens_per_second())} tok/s{left}")
 
 
 def _si(value: float) -> str:
@@ -107,18 +136,16 @@ class JobProgress:
         return sum(w.position() for w in self.workers.values())
 
     def eta_seconds(self) -> float | None:
-        """From this run's pace (reused prompts cost nothing, so they do not count as pace)."""
-        done_now = self.position() - self.reused
-        left = self.total - self.position()
-        elapsed = self.clock() - self.started
-        return None if done_now <= 0 else elapsed * left / done_now
+        """The slowest worker's: they run side by side (reused prompts cost nothing)."""
+        etas = [w.eta_seconds(self.clock()) for w in self.workers.values()]
+        return None if any(eta is None for eta in etas) else max(etas, default=0.0)
 
     def handle(self, message) -> None:
         state = self.workers.get(getattr(message, "worker", None))
         if state is None:
             return
         if isinstance(message, Ready):
-            state.status = "running"
+            state.status, state.started = "running", self.clock()
         elif isinstance(message, ProgressMessage):
             state.event = message.event
             state.round_prompts = message.event.prompts
@@ -140,7 +167,7 @@ class LiveProgress(JobProgress):
         super().__init__(console, workers, clock)
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-            TimeRemainingColumn(), TextColumn("{task.fields[detail]}"), console=console, transient=False,
+            TextColumn("{task.fields[detail]}"), console=console, transient=False,
         )
         self.job_task = self.progress.add_task("[bold]job", total=max(self.total, 1), completed=self.reused,
                                                detail=f"{self.total} prompts, {self.reused} reused")
@@ -152,8 +179,12 @@ class LiveProgress(JobProgress):
         self.progress.start()
 
     def render(self, state: _WorkerState, message) -> None:
-        self.progress.update(self.tasks[state.line.name], completed=state.position(), detail=state.detail())
-        self.progress.update(self.job_task, completed=self.position())
+        now = self.clock()
+        self.progress.update(self.tasks[state.line.name], completed=state.position(), detail=state.detail(now))
+        eta = self.eta_seconds()
+        self.progress.update(self.job_task, completed=self.position(),
+                             detail=f"{self.total} prompts, {self.reused} reused"
+                                    + (f"  ETA {_duration(eta)}" if eta is not None else ""))
 
     def close(self) -> None:
         self.progress.stop()
@@ -187,7 +218,7 @@ class LogProgress(JobProgress):
             self._line(state, f"out of memory in round {message.round_id + 1}: retrying with {message.change}")
         elif isinstance(message, ProgressMessage):
             if self.clock() - self.last_line[line.name] >= LOG_INTERVAL_S:
-                self._line(state, state.detail() + self._job_status())
+                self._line(state, state.detail(self.clock()) + self._job_status())
 
     def _job_status(self) -> str:
         eta = self.eta_seconds()

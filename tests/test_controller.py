@@ -192,3 +192,28 @@ def test_live_progress_tracks_workers_and_the_job():
         assert live.position() == pytest.approx(3 * 6 / 8 + 3)
         assert live.progress.tasks[0].completed == pytest.approx(live.position())
     assert "w1 (cuda:0)" in out.getvalue()
+
+
+def test_progress_weighs_shards_by_predicted_cost_and_the_job_eta_is_the_slowest_workers():
+    clock = _Clock()
+    # 4 shards: the embedding costs nothing, two decoder shards half each, the head nothing
+    shares = (0.0, 0.5, 0.5, 0.0)
+    lines = [WorkerLine("w0", "cpu", 4, 0, 1, predicted_seconds=100.0, pass_shares=shares),
+             WorkerLine("w1", "cpu", 4, 0, 1, predicted_seconds=40.0, pass_shares=shares)]
+    display = LogProgress(Console(file=io.StringIO()), lines, clock=clock)
+    assert display.eta_seconds() == 100.0  # before anything runs: the planner's prediction, slowest worker
+    display.handle(Ready("w0", 1))
+    display.handle(Ready("w1", 2))
+    clock.now = 1.0
+    display.handle(Progress("w0", 0, _event(1, prompts=4)))  # the embedding: no work done yet
+    assert display.workers["w0"].position() == 0.0
+    clock.now = 10.0
+    display.handle(Progress("w0", 0, _event(2, prompts=4)))  # half the pass in 10 s
+    display.handle(Progress("w1", 0, _event(3, prompts=4)))  # all the pass's work in 10 s: done
+    # half done: half the predicted 100 s and half the 20 s its pace implies -> 60 s in all, 50 s left
+    assert display.workers["w0"].eta_seconds(clock.now) == pytest.approx(50.0)
+    assert display.workers["w1"].eta_seconds(clock.now) == pytest.approx(0.0)
+    assert display.eta_seconds() == pytest.approx(50.0)
+    clock.now = 19.0
+    display.handle(Progress("w0", 0, _event(3, prompts=4)))  # nearly all of it: the pace decides
+    assert display.workers["w0"].eta_seconds(clock.now) == pytest.approx(0.0)

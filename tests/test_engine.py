@@ -364,3 +364,20 @@ def test_streamed_experts_keep_peak_rss_below_the_cap_and_the_whole_layer_run(tm
     # the two slots shrink from two layers to two steps: at least half of that difference shows in RSS
     saved = 2 * (layer.bytes - streamed.experts_per_group * layer.expert_bytes)
     assert peaks["whole"] - peaks["streamed"] > saved / 2
+
+def test_a_resident_model_is_read_once_for_every_step_and_call(layerwise, references):
+    from flexorch.workers.prefetch import ResidentShards
+
+    ref = references("llama")
+    score = ScoreSpec("next_token_probs", generate_tokens=GREEDY_STEPS)
+    streamed, one_pass = score_prompts(layerwise("llama"), ref.prompts[:1], ScoreSpec("next_token_probs"), settings())
+    resident = ResidentShards()
+    first, summary = score_prompts(layerwise("llama"), ref.prompts, score, settings(resident=True), resident=resident)
+    # three greedy steps, one read of the model
+    assert summary.bytes_read == one_pass.bytes_read
+    again, summary = score_prompts(layerwise("llama"), ref.prompts, score, settings(resident=True), resident=resident)
+    assert summary.bytes_read == 0  # a later round reads nothing
+    for a, b, expected, generated in zip(first, again, ref.probs, ref.generated):
+        np.testing.assert_allclose(a.scores, expected, atol=2e-6, rtol=0)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        assert [tuple(g) for g in a.generated] == generated

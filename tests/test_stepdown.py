@@ -103,3 +103,10 @@ def test_out_of_memory_steps_down_batch_tokens_first(layerwise, tmp_path):
 def test_out_of_memory_with_nothing_smaller_names_the_smallest_settings(layerwise, tmp_path):
     with pytest.raises(OutOfMemoryFailure, match=rf"batch_tokens {LONGEST}, layers_per_shard 1, storage cpu"):
         _run(layerwise("llama"), tmp_path, times=100, batch_tokens=LONGEST)
+
+
+def test_a_resident_model_is_streamed_again_before_anything_else_shrinks():
+    settings = EngineSettings(device="cuda:0", dtype="float16", layers_per_shard=1, storage="gpu", batch_tokens=512,
+                              resident=True)
+    smaller, change = step_down(settings, min_batch_tokens=100)
+    assert (smaller.resident, smaller.batch_tokens, change) == (False, 512, "resident -> streamed")

@@ -33,8 +33,8 @@ from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
 from flexorch.contract.shards import DENSE_PART, owner, plan_shards
 from flexorch.workers.experts import StreamedExperts
 from flexorch.workers.link import Link, LocalLink
-from flexorch.workers.prefetch import LoadedShard, ShardLoader
-from flexorch.contract.protocol import EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
+from flexorch.workers.prefetch import LoadedShard, ResidentShards, ShardLoader
+from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
 from flexorch.workers.scoring import compute_scores, score_targets
 
 def _load_libc():
@@ -46,8 +46,6 @@ def _load_libc():
 
 _LIBC = _load_libc() if sys.platform.startswith("linux") else None
 
-# Masks and rotary tables kept per pass (on the device) — small next to one layer's weights.
-_LAYOUT_CACHE_BYTES = 64 << 20
 
 Row = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (prefix_ids, suffix_ids) of one packed row
 
@@ -113,14 +111,14 @@ class _Pass:
 
     def layout(self, b: int, kind: LayerKind, build: Callable[[], tuple]) -> tuple:
         """(mask, position_ids, position_embeddings) of batch b: the same for every layer of a pass,
-        so kept while they fit _LAYOUT_CACHE_BYTES (rebuilding them per layer cost ~7% of a
+        so kept while they fit LAYOUT_CACHE_BYTES (rebuilding them per layer cost ~7% of a
         1024-wide layer's time on CPU); beyond that, rebuilt."""
         key = (b, kind)
         if key in self._layouts:
             return self._layouts[key]
         layout = build()
         size = sum(t.numel() * t.element_size() for t in (layout[0], layout[1], *layout[2]))
-        if self._layout_bytes + size <= _LAYOUT_CACHE_BYTES:
+        if self._layout_bytes + size <= LAYOUT_CACHE_BYTES:
             self._layouts[key] = layout
             self._layout_bytes += size
         return layout
@@ -129,8 +127,9 @@ class _Pass:
 class Engine:
     def __init__(self, model_dir: str | Path, settings: EngineSettings, score: ScoreSpec,
                  on_progress: Callable[[ProgressEvent], None] | None = None, hooks: EngineHooks | None = None,
-                 link: Link | None = None):
+                 link: Link | None = None, resident: ResidentShards | None = None):
         self.settings, self.score, self.link = settings, score, link
+        self.resident = resident
         self.device = torch.device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
         self.model = LayerwiseModel(model_dir)
@@ -155,7 +154,7 @@ class Engine:
         scores = [[] for _ in prompts]  # per prompt: one BatchScores slice per step
         link = self.link or LocalLink(make_store(self.settings.storage, self.device, self.settings.disk_folder))
         loader = ShardLoader(self.model, self.own_shards, self.device, self.dtype, passes=steps,
-                             verify=self.settings.verify_checksums)
+                             verify=self.settings.verify_checksums, resident=self.resident)
         tokens = 0
         with torch.inference_mode(), loader, link:
             for step in range(steps):
@@ -308,11 +307,14 @@ class Engine:
 def score_prompts(model_dir: str | Path, prompts: Sequence[TokenizedPrompt], score: ScoreSpec,
                   settings: EngineSettings, on_progress: Callable[[ProgressEvent], None] | None = None,
                   hooks: EngineHooks | None = None, link: Link | None = None,
-                  ) -> tuple[list[PromptResult], EngineSummary]:
+                  resident: ResidentShards | None = None) -> tuple[list[PromptResult], EngineSummary]:
     """Scores of `prompts` (one pass over the model per generation step), in their order.
 
     `link`: None in data mode (a LocalLink over the settings' activation store); a pipeline stage
-    streams only its shards and returns results only if it owns the head (the others return none)."""
+    streams only its shards and returns results only if it owns the head (the others return none).
+    With `resident` (settings.resident), shards read once stay there for the next pass and call."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    return Engine(model_dir, settings, score, on_progress, hooks, link).run(prompts)
+    if settings.resident and resident is None:
+        resident = ResidentShards()  # one call: still read once for all its generation steps
+    return Engine(model_dir, settings, score, on_progress, hooks, link, resident).run(prompts)

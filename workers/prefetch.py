@@ -7,6 +7,11 @@ it carries. On CUDA, file bytes land in a pinned host staging buffer and reach t
 non-blocking copy on a side stream; the consumer waits on that copy's event, and the loader waits
 on the consumer's "done" event before overwriting a slot, so neither side ever blocks the other's
 stream needlessly. On CPU the slot buffer is the read target itself: the same code, no copy.
+
+Resident (EngineSettings.resident, chosen by the planner when the whole model fits on the device
+and re-reading it would cost time): no slots; each shard gets a buffer of its own the first time
+it is read and stays in a `ResidentShards` the worker keeps across its rounds, so the model is read
+once per worker instead of once per pass and round.
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ class LoaderStats:
 
 
 _DONE = object()
+_NO_SLOT = -1  # a resident shard's buffer is its own
+
+
+class ResidentShards:
+    """Shards kept on the device once read: shard index → layer name → tensors."""
+
+    def __init__(self):
+        self.tensors: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
 
 
 class ShardLoader:
@@ -51,14 +64,15 @@ class ShardLoader:
     """
 
     def __init__(self, model: LayerwiseModel, shards: list[Shard], device: torch.device, dtype: torch.dtype,
-                 passes: int = 1, verify: bool = True):
+                 passes: int = 1, verify: bool = True, resident: ResidentShards | None = None):
         self.model, self.shards, self.device, self.dtype = model, shards, device, dtype
-        self.passes, self.verify = passes, verify
+        self.passes, self.verify, self.resident = passes, verify, resident
         self.stats = LoaderStats()
         slot_bytes = max(sum(model.part_bytes(name, shard.experts) for name in shard.names) for shard in shards)
         cuda = device.type == "cuda"
         # Slots live where the compute reads them; on CUDA, file bytes stage through pinned memory.
-        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        slots = 0 if resident is not None else 2
+        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
         self._staging = torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) if cuda else None
         self._copy_stream = torch.cuda.Stream(device) if cuda else None
         self._slot_done = [None, None]  # CUDA events: compute finished with the slot's last shard
@@ -96,6 +110,8 @@ class ShardLoader:
 
     def release(self, loaded: LoadedShard) -> None:
         """The compute using `loaded` has been issued; its slot may be refilled after it completes."""
+        if loaded.slot == _NO_SLOT:
+            return  # resident: the tensors stay for the next pass and round
         if self._copy_stream is not None:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
@@ -108,17 +124,28 @@ class ShardLoader:
         try:
             for step in range(self.passes):
                 for shard in self.shards:
-                    slot = self._free_slots.get()
+                    if self.resident is not None and shard.index in self.resident.tensors:
+                        self._ready.put(LoadedShard(shard, step, self.resident.tensors[shard.index], 0, _NO_SLOT))
+                        continue
+                    slot = self._free_slots.get() if self.resident is None else _NO_SLOT
                     if self._stop.is_set():
                         return
-                    self._ready.put(self._load(shard, step, slot))
+                    loaded = self._load(shard, step, slot)
+                    if self.resident is not None:
+                        self.resident.tensors[shard.index] = loaded.tensors
+                    self._ready.put(loaded)
             self._ready.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which raises it in the main thread
             self._ready.put(exc)
 
     def _load(self, shard: Shard, step: int, slot: int) -> LoadedShard:
         start = time.perf_counter()
-        target = self._staging if self._staging is not None else self._slots[slot]
+        if slot == _NO_SLOT:
+            size = sum(aligned(self.model.data_bytes(name)) for name in shard.names)
+            destination = torch.empty(size, dtype=torch.uint8, device=self.device)
+        else:
+            destination = self._slots[slot]
+        target = self._staging if self._staging is not None else destination
         views, offset, nbytes = {}, 0, 0
         for name in shard.names:
             size = self.model.part_bytes(name, shard.experts)
@@ -130,10 +157,10 @@ class ShardLoader:
         ready = None
         if self._copy_stream is not None:
             with torch.cuda.stream(self._copy_stream):
-                if self._slot_done[slot] is not None:  # compute may still read this slot's last shard
+                if slot != _NO_SLOT and self._slot_done[slot] is not None:  # compute may still read its last shard
                     self._copy_stream.wait_event(self._slot_done[slot])
-                self._slots[slot][:offset].copy_(self._staging[:offset], non_blocking=True)
-                views = {name: self._rebase(tensors, target, self._slots[slot]) for name, tensors in views.items()}
+                destination[:offset].copy_(self._staging[:offset], non_blocking=True)
+                views = {name: self._rebase(tensors, target, destination) for name, tensors in views.items()}
                 views = self._convert(views)
                 ready = torch.cuda.Event()
                 ready.record(self._copy_stream)

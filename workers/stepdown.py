@@ -34,6 +34,8 @@ def step_down(settings: EngineSettings, min_batch_tokens: int) -> tuple[EngineSe
 
     min_batch_tokens: the longest prompt's packed length (a prompt is never split across batches).
     """
+    if settings.resident:  # the whole model on the device: the largest saving, streaming it again
+        return dataclasses.replace(settings, resident=False), "resident -> streamed"
     if settings.batch_tokens > min_batch_tokens:
         smaller = max(min_batch_tokens, settings.batch_tokens // 2)
         return (dataclasses.replace(settings, batch_tokens=smaller),

@@ -89,18 +89,20 @@ def run_task(task: WorkerTask, send: Callable[[WorkerMessage], None]) -> None:
     # torch and transformers: only once the pipe is known to work
     from flexorch.workers.engine import score_prompts
     from flexorch.workers.pipeline import PipelineStage
+    from flexorch.workers.prefetch import ResidentShards
 
     parts_dir = Path(task.parts_dir)
     if not task.return_results:  # otherwise the controller writes them, on its own machine
         parts_dir.mkdir(parents=True, exist_ok=True)
     forward = _ProgressForwarder(send, task)
     settings = task.settings
+    resident = ResidentShards() if settings.resident else None
     with _open_ring(task.pipeline) as ring:
         for rounds_done, rnd in enumerate(task.rounds):
             _inject_faults(task.hooks, rounds_done)
             forward.round_id = rnd.round_id
             if ring is None:
-                results, summary, settings = _score_round(task, rnd, settings, forward, send)
+                results, summary, settings = _score_round(task, rnd, settings, forward, send, resident)
             else:  # no step-down: one stage batching differently would desynchronise the pipeline
                 stage = PipelineStage(ring.index, ring.count, ring, rnd.round_id)
                 results, summary = score_prompts(task.model_dir, rnd.prompts, task.score, settings,
@@ -122,18 +124,22 @@ def _open_ring(links: PipelineLinks | None):
     return Ring(links.index, links.count, links.inbound, links.outbound)
 
 
-def _score_round(task: WorkerTask, rnd: Round, settings: EngineSettings, forward, send):
-    """Data mode: the round's (results, summary, settings), stepping down after out-of-memory errors."""
+def _score_round(task: WorkerTask, rnd: Round, settings: EngineSettings, forward, send, resident=None):
+    """Data mode: the round's (results, summary, settings), stepping down after out-of-memory errors.
+    `resident`: the worker's ResidentShards (settings.resident), kept across its rounds."""
     from flexorch.workers.engine import score_prompts
 
     while True:
         try:
             results, summary = score_prompts(task.model_dir, rnd.prompts, task.score, settings,
-                                             on_progress=forward, hooks=task.engine_hooks)
+                                             on_progress=forward, hooks=task.engine_hooks,
+                                             resident=resident if settings.resident else None)
             return results, summary, settings
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
+            if resident is not None:
+                resident.tensors.clear()  # a retry re-reads them (or streams, after stepping down from resident)
             settings = _smaller_settings(task, rnd, settings, exc, send)
 
 

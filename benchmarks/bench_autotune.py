@@ -1,0 +1,218 @@
+"""Benchmark 8 (issue 12): auto's settings against every combination, measured on this machine.
+
+For each model shape (wide and shallow, narrow and deep, a large vocabulary whose embedding and head
+outweigh a decoder layer) every combination of layers_per_shard x storage x batch_tokens is run on the
+same prompts, then `auto` as the planner chooses it (with this machine's calibration) under two RAM
+caps: none, and a tight one (1.15x the smallest peak any combination measured). Under each cap the
+combinations whose peak fits are the candidates; reported: auto's time against the best found, auto's
+peak against the smallest peak among combinations within 10% of the best time, and the planner's
+predicted time and peak against auto's measured ones. Goals (issue 12): time <= 1.10x best, peak <=
+1.2x, prediction within 15% (time) and 10% (peak).
+
+Each shape's runs share one child process (torch and transformers imported once); the peak RSS of
+each run is the process's high-water mark reset before it (/proc/self/clear_refs). Times are the
+engine's, start-up excluded (the same for every setting). Weights are in the page cache.
+
+    python benchmarks/bench_autotune.py [--quick] [--machine NAME]
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import common as c
+
+PROMPTS = c.PromptSet(n_prompts=4, prefix_words=30, n_suffixes=4)
+BATCHES = (256, 1024)
+STORAGES = ("cpu", "disk")
+TIGHT_CAP_OVER_SMALLEST = 1.15
+GOALS = {"time": 1.10, "peak": 1.2, "predicted_time": 0.15, "predicted_peak": 0.10}
+
+
+@dataclass(frozen=True)
+class Shape(c.ModelShape):
+    vocab: int = 384  # the demo tokenizer's; larger only widens the embedding and head (ids stay < 384)
+
+    @property
+    def name(self) -> str:
+        return f"llama-{self.layers}x{self.hidden}-v{self.vocab}-{self.dtype}"
+
+
+SHAPES = {
+    "wide-shallow": Shape(layers=4, hidden=1024, intermediate=2816, heads=16, kv_heads=16),
+    "narrow-deep": Shape(layers=24, hidden=256, intermediate=688, heads=4, kv_heads=4),
+    "large-vocab": Shape(layers=4, hidden=512, intermediate=1376, heads=8, kv_heads=8, vocab=32000),
+}
+QUICK = {"quick": Shape(layers=4, hidden=128, intermediate=344, heads=4, kv_heads=4, vocab=4096)}
+
+
+def ensure_layerwise(shape: Shape) -> tuple[Path, Path]:
+    from flexorch.orchestrator.demo import build_checkpoint
+    from flexorch.orchestrator.prepare import prepare_checkpoint
+
+    def build(path: Path) -> None:
+        build_checkpoint(path, "llama", layout="safetensors", dtype=shape.dtype, seed=0, hidden_size=shape.hidden,
+                         intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         vocab_size=shape.vocab, max_position_embeddings=4096)
+
+    checkpoint = c._build_atomically(c.CACHE / shape.name / "hf", build)
+    layerwise = c.CACHE / shape.name / "layerwise"
+    if not layerwise.exists():
+        prepare_checkpoint(checkpoint, layerwise)
+    return checkpoint, layerwise
+
+
+# -- the child: every run of one shape ----------------------------------------------------------------
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def child_runs(params: dict) -> dict:
+    import gc
+
+    import numpy as np
+
+    from flexorch.contract.protocol import EngineSettings, ScoreSpec
+    from flexorch.workers.engine import _trim_heap, score_prompts
+    from flexorch.workers.prefetch import ResidentShards
+
+    prompts = c.prompts_from_json(params["prompts"])
+    score_prompts(params["layerwise"], prompts[:1], ScoreSpec("suffix_logprob"),
+                  EngineSettings(**params["runs"][0]["settings"]))  # warm-up: kernels, allocator
+    results, reference = [], None
+    for run in params["runs"]:
+        settings = EngineSettings(**run["settings"])
+        resident = ResidentShards() if settings.resident else None
+        gc.collect()
+        _trim_heap()
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
+        seconds, logprobs = 0.0, {}
+        for indices in run["rounds"]:
+            out, summary = score_prompts(params["layerwise"], [prompts[i] for i in indices],
+                                         ScoreSpec("suffix_logprob"), settings, resident=resident)
+            seconds += summary.seconds
+            logprobs |= {r.index: r.scores["logprob"] for r in out}
+        scores = np.concatenate([logprobs[i] for i in sorted(logprobs)])
+        reference = scores if reference is None else reference
+        results.append({"seconds": seconds, "peak_rss": _vm_hwm(),
+                        "max_score_diff": float(np.abs(scores - reference).max())})
+    return {"runs": results}
+
+
+# -- the parent ---------------------------------------------------------------------------------------
+def grid(shape: Shape, threads: int) -> list[dict]:
+    lps_values = sorted({1, 2, shape.layers})
+    return [{"label": f"lps {lps}, {storage}, bt {batch}", "rounds": None,
+             "settings": {"device": "cpu", "dtype": shape.dtype, "layers_per_shard": lps, "storage": storage,
+                          "batch_tokens": batch, "threads": threads, "verify_checksums": True,
+                          "disk_folder": str(c.CACHE / "autotune-activations") if storage == "disk" else None}}
+            for lps, storage, batch in itertools.product(lps_values, STORAGES, BATCHES)]
+
+
+def auto_plan(layerwise: Path, prompts, ram_cap: int | None):
+    from flexorch.contract.manifest import read_manifest
+    from flexorch.contract.protocol import ScoreKind
+    from flexorch.orchestrator.calibrate import calibrated
+    from flexorch.orchestrator.hardware import probe
+    from flexorch.orchestrator.modelstore import default_cache_dir
+    from flexorch.orchestrator.planner import make_plan
+    from flexorch.orchestrator.spec import JobSpec, Limits, ScoreSettings
+
+    hardware = calibrated(probe(c.CACHE), default_cache_dir())
+    job_dir = c.CACHE / "autotune-job"
+    spec = JobSpec(path=job_dir / "job.yaml", model=layerwise, prompts=job_dir / "p.jsonl", output=job_dir / "o.pkl",
+                   job_dir=job_dir, devices=("cpu",), score=ScoreSettings(kind="suffix_logprob"),
+                   limits=Limits(ram=ram_cap))
+    kind = ScoreKind.SUFFIX_LOGPROB
+    plan = make_plan(hardware, read_manifest(layerwise), spec, [p.n_tokens for p in prompts],
+                     suffix_counts=[len(p.suffix_ids) for p in prompts],
+                     scored_counts=[len(kind.positions(len(p.prefix_ids), tuple(map(len, p.suffix_ids))))
+                                    for p in prompts])
+    return plan.workers[0], hardware.calibration
+
+
+def compare(grid_runs: list[dict], auto: dict, cap: int | None) -> dict:
+    feasible = [r for r in grid_runs if "error" not in r and (cap is None or r["peak_rss"] <= cap)]
+    best = min(feasible, key=lambda r: r["seconds"])
+    near = [r for r in feasible if r["seconds"] <= 1.10 * best["seconds"]]
+    smallest = min(near, key=lambda r: r["peak_rss"])
+    return {"cap": cap, "feasible": len(feasible), "best": best["label"], "best_seconds": best["seconds"],
+            "smallest_near_best": smallest["label"], "smallest_peak": smallest["peak_rss"],
+            "auto_over_best_time": auto["seconds"] / best["seconds"],
+            "auto_over_smallest_peak": auto["peak_rss"] / smallest["peak_rss"],
+            "auto_under_cap": cap is None or auto["peak_rss"] <= cap,
+            "predicted_over_measured_time": auto["predicted_seconds"] / auto["seconds"],
+            "predicted_over_measured_peak": auto["predicted_peak_ram"] / auto["peak_rss"]}
+
+
+def bench_shape(name: str, shape: Shape, script: Path) -> dict:
+    import os
+
+    checkpoint, layerwise = ensure_layerwise(shape)
+    prompts = c.tokenize(checkpoint, c.make_texts(PROMPTS))
+    c.warm_page_cache([layerwise])
+    threads = len(os.sched_getaffinity(0))
+    runs = grid(shape, threads)
+    everything = list(range(len(prompts)))
+    params = {"prompts": c.prompts_to_json(prompts), "layerwise": str(layerwise)}
+    measured = c.run_child(script, {**params, "method": "runs",
+                                    "runs": [{**r, "rounds": [everything]} for r in runs]})
+    if "error" in measured:
+        return {"shape": asdict(shape), "error": measured}
+    grid_runs = [{**r, **m} for r, m in zip(runs, measured["runs"])]
+    smallest_peak = min(r["peak_rss"] for r in grid_runs)
+    caps = (None, int(TIGHT_CAP_OVER_SMALLEST * smallest_peak))
+    autos = []
+    for cap in caps:
+        worker, calibration = auto_plan(layerwise, prompts, cap)
+        autos.append({"label": f"auto (cap {c.fmt_bytes(cap) if cap else 'none'})", "cap": cap,
+                      "settings": asdict(worker.settings), "rounds": [list(r) for r in worker.rounds],
+                      "predicted_seconds": worker.predicted_seconds - worker.predicted_start_seconds,
+                      "predicted_peak_ram": worker.predicted_peak_ram, "reasons": list(worker.reasons)})
+    measured = c.run_child(script, {**params, "method": "runs", "runs": autos})
+    if "error" in measured:
+        return {"shape": asdict(shape), "grid": grid_runs, "error": measured}
+    autos = [{**a, **m} for a, m in zip(autos, measured["runs"])]
+    comparisons = [compare(grid_runs, a, a["cap"]) for a in autos]
+    return {"shape": {**asdict(shape), "name": name}, "grid": grid_runs, "auto": autos, "comparisons": comparisons,
+            "calibration": asdict(calibration) if calibration else None}
+
+
+def main() -> None:
+    import os
+
+    parser = c.base_parser(__doc__.splitlines()[0])
+    args = parser.parse_args()
+    shapes = QUICK if args.quick else SHAPES
+    machine = c.machine_info()
+    script = Path(__file__)
+    start = time.perf_counter()
+    results = {name: bench_shape(name, shape, script) for name, shape in shapes.items()}
+    rows = []
+    for name, result in results.items():
+        for comp in result.get("comparisons", ()):
+            rows.append([name, c.fmt_bytes(comp["cap"]) if comp["cap"] else "none", comp["best"],
+                         c.fmt_ratio(comp["auto_over_best_time"]), c.fmt_ratio(comp["auto_over_smallest_peak"]),
+                         c.fmt_ratio(comp["predicted_over_measured_time"]),
+                         c.fmt_ratio(comp["predicted_over_measured_peak"])])
+        if "error" in result:
+            rows.append([name, "-", str(result["error"])[:60], "-", "-", "-", "-"])
+    c.print_table("auto vs the best combination found", ("shape", "RAM cap", "best found", "auto/best time",
+                                                          "auto/least peak", "pred/meas time", "pred/meas peak"),
+                  rows, caption=f"goals: time <= {GOALS['time']}x, peak <= {GOALS['peak']}x, predictions within "
+                                f"{GOALS['predicted_time']:.0%} / {GOALS['predicted_peak']:.0%}")
+    payload = {"goals": GOALS, "prompts": asdict(PROMPTS), "results": results,
+               "seconds": time.perf_counter() - start, "load_average_after": os.getloadavg()}
+    print(c.write_results("autotune", {**payload, "quick": args.quick}, machine, args.machine))
+
+
+if __name__ == "__main__":
+    if c.is_child():
+        c.child_main({"runs": child_runs})
+    else:
+        main()

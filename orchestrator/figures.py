@@ -1,0 +1,194 @@
+"""The machine's rates and fixed costs the planner predicts with, each measured or assumed.
+
+`figures_of(hardware)` reads `Hardware.calibration` (orchestrator/calibrate.py measures it once per
+machine) and falls back, figure by figure, to the constants below. Every figure keeps its source
+("measured <when>" or "assumed: <why>") so `flexorch plan` can say which predictions rest on what.
+Pure: no I/O, no torch; the planner stays a function of (hardware, manifest, spec).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from flexorch.orchestrator.hardware import Calibration, Hardware, format_bytes
+
+MiB, GiB = 1 << 20, 1 << 30
+
+# -- assumed constants, used where calibration has not measured the figure -----------------------
+# A typical NVMe SSD's sequential read (SATA SSDs do ~0.5 GB/s, fast PCIe 4 NVMe 5-7 GB/s).
+DEFAULT_DISK_READ_BYTES_PER_S = 2e9
+# Usable bytes/s per PCIe lane by generation, after protocol overhead (~80% of the raw rate).
+PCIE_LANE_BYTES_PER_S = {1: 0.2e9, 2: 0.4e9, 3: 0.79e9, 4: 1.58e9, 5: 3.15e9}
+DEFAULT_PCIE = (3, 16)  # links NVML cannot describe: a common gen3 x16 slot
+# fp32 GEMM per core, sustained through whole decoder layers: measured 93 GFLOP/s per core on a
+# 2.8 GHz AVX-512 Xeon (16 x 1024 Llama, batch 1024); AVX2-only cores reach about half. 80 errs
+# slightly slow on the first and leaves the second within ~2x.
+CPU_FLOPS_PER_CORE = 80e9
+# Most CPUs have no native half-precision matmul (no AMX/AVX512-FP16) and upcast: about 2x slower.
+CPU_HALF_SLOWDOWN = 2.0
+# Sustained fp16/bf16 dense matmul FLOP/s, about 60% of the datasheet tensor peak. First match of a
+# substring of the NVML name wins, so longer names come before their prefixes ("A100" before "A10").
+GPU_HALF_FLOPS = (
+    ("H200", 600e12), ("H100", 500e12), ("A100", 180e12), ("L40S", 200e12), ("L40", 110e12),
+    ("A10", 75e12), ("L4", 70e12), ("4090", 100e12), ("3090", 45e12), ("V100", 70e12), ("T4", 35e12),
+)
+# An unknown card: assume a modest consumer GPU so predictions err on the slow side.
+DEFAULT_GPU_HALF_FLOPS = 20e12
+# fp32 runs on CUDA cores, not tensor cores (torch leaves TF32 matmul off): 2x-15x slower across
+# cards; 8x is the middle.
+GPU_FP32_SLOWDOWN = 8.0
+# Throughput at a batch of b tokens relative to a large batch: b / (b + half). CPU: half = 100 tokens;
+# on the 2-core Xeon 512 tokens ran 9% slower than 1024 (36.6 vs 33.5 s), this curve gives 8%.
+# CUDA: half = 512 tokens, an assumption (tensor cores reach most of their rate from a few hundred
+# rows of a wide matrix); calibration replaces both. Without a curve every batch would predict the
+# same time and the memory tie-break would pick the smallest.
+BATCH_HALF_SATURATION = {"cpu": 100, "cuda": 512}
+# RSS of a worker before any weight: Python + torch + transformers measured at ~350 MB on CPU
+# (torch 2.x); the CUDA runtime and cuBLAS/cuDNN images add several hundred MB on a GPU worker.
+WORKER_BASE_RAM = {"cpu": 512 * MiB, "cuda": 1 * GiB}
+# The CUDA context (driver state, module images, cuBLAS workspace) lives outside torch's allocator:
+# 300-500 MB depending on driver and GPU; take the high end.
+CUDA_CONTEXT_BYTES = 500 * MiB
+# Spawn to first forward: interpreter, torch, transformers (9-14 s measured on the 2-core demo box
+# with other jobs running; ~3 s on a quiet workstation). The slow end: a prediction should not flatter.
+WORKER_START_SECONDS = 10.0
+# Allocator caching/fragmentation and whatever the estimate misses: keep this share of each budget
+# free. With the worker's fixed memory measured the estimate's error is the variable part's alone
+# (within 5% on the benchmark shapes), so half the margin suffices; a 600 MB cap on a job needing
+# ~550 MB is then met rather than refused.
+SAFETY_FRACTION = {"assumed": 0.10, "measured": 0.05}
+
+
+@dataclass(frozen=True)
+class Figure:
+    value: float
+    source: str  # "measured <UTC time>" | "assumed: <why>"
+
+    @property
+    def measured(self) -> bool:
+        return self.source.startswith("measured")
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What the planner predicts with. Rates are per second; memory in bytes."""
+
+    hardware: Hardware
+    disk_read: Figure
+    worker_start: Figure
+    base_ram: dict[str, Figure]  # "cpu" | "cuda"
+    cuda_context: Figure
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.hardware.calibration
+
+    @property
+    def safety(self) -> float:
+        return SAFETY_FRACTION["measured" if self.base_ram["cpu"].measured else "assumed"]
+
+    def flops(self, device: str, dtype: str, threads: int, batch: int) -> float:
+        """FLOP/s through decoder layers at `batch` tokens per forward."""
+        kind = "cpu" if device == "cpu" else "cuda"
+        points = self._measured_points(device, dtype)
+        if points:
+            rate = _interpolate(points, batch)
+            return rate * threads / self.hardware.cpu_count if kind == "cpu" else rate
+        return self._assumed_peak(device, dtype, threads) * _saturation(batch, kind)
+
+    def flops_source(self, device: str, dtype: str) -> str:
+        points = self._measured_points(device, dtype)
+        if points:
+            return f"measured at batches {', '.join(str(b) for b, _ in points)} ({self.calibration.measured_at})"
+        return "assumed: a table by device and dtype, not measured here"
+
+    def host_to_device(self, device: str) -> Figure:
+        measured = dict(self.calibration.host_to_device_bytes_per_s) if self.calibration else {}
+        if device in measured:
+            return Figure(measured[device], f"measured {self.calibration.measured_at}")
+        gpu = next(g for g in self.hardware.gpus if f"cuda:{g.index}" == device)
+        known = gpu.pcie_gen and gpu.pcie_width
+        gen, width = (gpu.pcie_gen, gpu.pcie_width) if known else DEFAULT_PCIE
+        lane = PCIE_LANE_BYTES_PER_S.get(gen, PCIE_LANE_BYTES_PER_S[max(PCIE_LANE_BYTES_PER_S)])
+        return Figure(lane * width, f"assumed: PCIe gen{gen} x{width}{'' if known else ' (link not reported)'}")
+
+    def describe(self, devices: tuple[str, ...], dtype: str) -> list[str]:
+        """One line per figure the plan used: its value and whether it was measured."""
+        lines = [f"disk read {format_bytes(self.disk_read.value)}/s cold ({self.disk_read.source})",
+                 f"worker start-up {self.worker_start.value:.1f} s ({self.worker_start.source})"]
+        for kind in sorted({"cpu" if d == "cpu" else "cuda" for d in devices}):
+            base = self.base_ram[kind]
+            lines.append(f"{kind} worker fixed RAM {format_bytes(base.value)} ({base.source})")
+        for device in dict.fromkeys(devices):
+            lines.append(f"{device} {dtype} throughput {self.flops(device, dtype, self._all_threads(device), 1024) / 1e9:.0f} "
+                         f"GFLOP/s at 1024 tokens ({self.flops_source(device, dtype)})")
+            if device != "cpu":
+                link = self.host_to_device(device)
+                lines.append(f"{device} host-to-device {format_bytes(link.value)}/s ({link.source})")
+        if any(d != "cpu" for d in devices):
+            lines.append(f"CUDA context {format_bytes(self.cuda_context.value)} ({self.cuda_context.source})")
+        lines.append(f"safety margin {self.safety:.0%} of each memory budget "
+                     f"({'the fixed memory is measured' if self.base_ram['cpu'].measured else 'nothing measured'})")
+        return lines
+
+    def _all_threads(self, device: str) -> int:
+        return self.hardware.cpu_count if device == "cpu" else 0
+
+    def _measured_points(self, device: str, dtype: str) -> list[tuple[int, float]]:
+        if self.calibration is None:
+            return []
+        return sorted((t.batch_tokens, t.flops_per_s) for t in self.calibration.throughput
+                      if t.device == device and t.dtype == dtype)
+
+    def _assumed_peak(self, device: str, dtype: str, threads: int) -> float:
+        if device == "cpu":
+            return threads * CPU_FLOPS_PER_CORE / (1.0 if dtype == "float32" else CPU_HALF_SLOWDOWN)
+        name = next(g.name for g in self.hardware.gpus if f"cuda:{g.index}" == device)
+        half = next((flops for key, flops in GPU_HALF_FLOPS if key in name), DEFAULT_GPU_HALF_FLOPS)
+        return half / GPU_FP32_SLOWDOWN if dtype == "float32" else half
+
+
+# The batch cap per device kind (planner.BATCH_TOKENS_CAP): the assumed peak is reached there.
+_SATURATION_CAP = {"cpu": 1024, "cuda": 16384}
+
+
+def _saturation(batch: int, kind: str) -> float:
+    """Throughput at `batch` relative to the device's batch cap (1.0 there)."""
+    half, cap = BATCH_HALF_SATURATION[kind], _SATURATION_CAP[kind]
+    return (batch / (batch + half)) / (cap / (cap + half))
+
+
+def _interpolate(points: list[tuple[int, float]], batch: int) -> float:
+    """Measured rate at `batch`: linear in log2(batch) between measured batches, flat beyond them."""
+    if batch <= points[0][0]:
+        return points[0][1]
+    for (b0, r0), (b1, r1) in zip(points, points[1:]):
+        if batch <= b1:
+            t = (math.log2(batch) - math.log2(b0)) / (math.log2(b1) - math.log2(b0))
+            return r0 + t * (r1 - r0)
+    return points[-1][1]
+
+
+def figures_of(hardware: Hardware) -> Figures:
+    calibration = hardware.calibration
+    when = f"measured {calibration.measured_at}" if calibration else ""
+
+    def pick(measured, assumed, why: str) -> Figure:
+        return Figure(float(measured), when) if measured is not None else Figure(float(assumed), f"assumed: {why}")
+
+    disk = hardware.disk_read_bytes_per_s
+    disk_read = (Figure(disk, "given with the hardware") if disk else
+                 pick(calibration and calibration.disk_read_bytes_per_s, DEFAULT_DISK_READ_BYTES_PER_S,
+                      "a typical NVMe SSD"))
+    return Figures(
+        hardware=hardware, disk_read=disk_read,
+        worker_start=pick(calibration and calibration.worker_start_seconds, WORKER_START_SECONDS,
+                          "import of torch and transformers on a slow machine"),
+        base_ram={"cpu": pick(calibration and calibration.worker_base_ram, WORKER_BASE_RAM["cpu"],
+                              "Python, torch and transformers"),
+                  "cuda": pick(calibration and calibration.cuda_worker_base_ram, WORKER_BASE_RAM["cuda"],
+                               "Python, torch, transformers and the CUDA runtime")},
+        cuda_context=pick(calibration and calibration.cuda_context_bytes, CUDA_CONTEXT_BYTES,
+                          "the high end of 300-500 MB across drivers"),
+    )

@@ -1,0 +1,98 @@
+"""Calibration: measured once per machine, cached, and read by the planner as data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from flexorch.orchestrator import calibrate
+from flexorch.orchestrator.figures import figures_of
+from flexorch.orchestrator.hardware import Calibration, Hardware, Throughput
+from flexorch.orchestrator.planner import make_plan
+
+from test_planner import Limits, Spec, machine, small_fp32
+
+MEASURED = Calibration(
+    machine="box", measured_at="2026-11-25 23:00 UTC", seconds=12.0, disk_path="/cache", disk_read_bytes_per_s=1e9,
+    worker_start_seconds=4.0, worker_base_ram=300_000_000,
+    throughput=(Throughput("cpu", "float32", 256, 100e9), Throughput("cpu", "float32", 1024, 200e9)),
+)
+
+
+def test_measured_figures_replace_the_assumed_ones_and_say_so():
+    hardware = replace(machine(cpus=8), calibration=MEASURED)
+    figures = figures_of(hardware)
+    assert figures.disk_read.value == 1e9 and figures.disk_read.measured
+    assert figures.base_ram["cpu"].value == 300_000_000 and figures.safety == 0.05
+    # measured at all 8 cores: 4 threads get half; between measured batches, linear in log2(batch)
+    assert figures.flops("cpu", "float32", 8, 1024) == 200e9
+    assert figures.flops("cpu", "float32", 4, 512) == pytest.approx(0.5 * 150e9)
+    assert figures.flops("cpu", "float32", 8, 64) == 100e9  # flat beyond the measured batches
+    lines = figures.describe(("cpu",), "float32")
+    assert any(line.startswith("disk read 1.00 GB/s cold (measured 2026-11-25 23:00 UTC)") for line in lines)
+    # bfloat16 was not measured: assumed, and said so
+    assert figures_of(hardware).flops_source("cpu", "bfloat16").startswith("assumed")
+    assert not figures_of(machine()).disk_read.measured
+
+
+def test_a_plan_made_with_calibration_prints_its_figures_and_uses_them():
+    hardware = replace(machine(cpus=8), calibration=MEASURED)
+    plan = make_plan(hardware, small_fp32(), Spec(), [150] * 32)
+    (worker,) = plan.workers
+    assert worker.predicted_start_seconds == 4.0
+    assert any("worker fixed RAM 300.00 MB (measured" in f for f in plan.figures)
+    # 32 x 150 tokens at 1024 per batch: 2 x 12.85M params x 16 layers x 4800 tokens / 200 GFLOP/s
+    assert worker.predicted_compute_seconds == pytest.approx(
+        2 * 16 * 12_847_104 * 4800 / 200e9 + 2 * 32_768_000 * 128 / 200e9, rel=0.02)
+
+
+def test_a_measured_base_lets_a_tight_cap_be_met():
+    # 700 MB RAM: with the assumed 512 MiB base and 10% margin nothing fits; measured (300 MB, 5%) it does.
+    spec = Spec(limits=Limits(ram=700_000_000))
+    with pytest.raises(Exception, match="does not fit"):
+        make_plan(machine(cpus=8), small_fp32(), spec, [150] * 32)
+    plan = make_plan(replace(machine(cpus=8), calibration=MEASURED), small_fp32(), spec, [150] * 32)
+    assert plan.workers[0].predicted_peak_ram <= 0.95 * 700_000_000
+
+
+def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXORCH_CALIBRATE", "1")
+    calls = []
+
+    def fake_measure(hardware, key, disk_dir):
+        calls.append(key)
+        return replace(MEASURED, machine=key)
+
+    monkeypatch.setattr(calibrate, "measure", fake_measure)
+    first = calibrate.calibrated(machine(), tmp_path)
+    again = calibrate.calibrated(machine(), tmp_path)
+    assert len(calls) == 1 and first.calibration == again.calibration
+    (cached,) = (tmp_path / "calibration").glob("*.json")
+    assert Calibration.from_dict(json.loads(cached.read_text())) == first.calibration
+    calibrate.calibrated(machine(), tmp_path, force=True)
+    assert len(calls) == 2
+    monkeypatch.setenv("FLEXORCH_CALIBRATE", "0")
+    assert calibrate.calibrated(machine(), tmp_path).calibration is None
+
+
+def test_hardware_with_calibration_round_trips_through_json():
+    hardware = replace(machine(), calibration=MEASURED)
+    assert Hardware.from_dict(json.loads(json.dumps(hardware.to_dict()))) == hardware
+
+
+def test_the_cold_read_probe_reads_the_whole_file(tmp_path):
+    rate = calibrate.measure_disk(tmp_path, size=32 << 20)
+    assert rate > 1e6 and not any(tmp_path.iterdir())
+
+
+def test_probe_calibrate_measures_caches_and_prints_the_figures(tmp_path, monkeypatch, capsys):
+    from flexorch.orchestrator import cli
+
+    monkeypatch.setenv("FLEXORCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "measure", lambda hardware, key, disk_dir: replace(MEASURED, machine=key))
+    assert cli.main(["probe", "--calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "Calibration (measured 2026-11-25 23:00 UTC" in out and "worker fixed RAM" in out
+    assert len(list((tmp_path / "calibration").glob("*.json"))) == 1

@@ -1,0 +1,145 @@
+"""Measure what the planner needs of this machine's devices, in a fresh process started as a worker
+is (orchestrator/calibrate.py runs it and caches the result): a worker's fixed RSS once torch and
+transformers are imported and a first forward ran, FLOP/s through a Llama decoder layer per device,
+dtype and batch size, and on each GPU the pinned host-to-device copy rate, the CUDA context and the
+worker's RSS with it. Prints one JSON object on stdout.
+
+    python -m flexorch.workers.calibrate [--devices cpu,cuda:0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+# The reference layer: the benchmarks' CPU shape (16 x 1024 Llama) and a 7B-like one on a GPU. Rows of
+# 256 tokens: attention stays a small share, as with the short prompts flexorch scores.
+CPU_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16)
+GPU_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+ROW_TOKENS = 256
+BATCHES = {"cpu": (256, 1024), "cuda": (1024, 4096, 16384)}
+DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("float16", "bfloat16", "float32")}
+HOST_TO_DEVICE_BYTES = 256 << 20
+REPEATS = 2  # after a warm-up; the best counts (other processes only ever slow a run down)
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def _layer(shape: dict, device, dtype):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(**shape, num_hidden_layers=1)
+    config._attn_implementation = "sdpa"  # as workers/adapter.py
+    layer = LlamaDecoderLayer(config, 0).to(device=device, dtype=dtype).eval()
+    return layer, LlamaRotaryEmbedding(config).to(device), sum(p.numel() for p in layer.parameters())
+
+
+def _flops(shape: dict, device: str, dtype: str, batch: int) -> float:
+    """FLOP/s (2 x params x tokens) of one decoder layer's forward over `batch` tokens."""
+    import torch
+
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    layer, rotary, params = _layer(shape, dev, dt)
+    rows, length = max(1, batch // ROW_TOKENS), min(batch, ROW_TOKENS)
+    hidden = torch.randn(rows, length, shape["hidden_size"], device=dev, dtype=dt)
+    positions = torch.arange(length, device=dev).expand(rows, length)
+    causal = torch.full((length, length), float("-inf"), device=dev, dtype=dt).triu(1)
+    mask = causal.expand(rows, 1, length, length)
+    best = float("inf")
+    with torch.inference_mode():
+        embeddings = rotary(hidden, positions)
+        for repeat in range(REPEATS + 1):
+            _sync(dev)
+            start = time.perf_counter()
+            layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
+            _sync(dev)
+            if repeat:  # the first run pays for kernel selection and allocation
+                best = min(best, time.perf_counter() - start)
+    return 2 * params * rows * length / best
+
+
+def _skeleton(shape: dict) -> None:
+    """What a worker builds before its first weight (workers/adapter.py): the model class's skeleton
+    on the meta device, which imports the auto classes and generation code, and its loader thread."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(LlamaConfig(**shape, num_hidden_layers=1))
+    loader = threading.Thread(target=lambda: torch.empty(1 << 20).sum())  # its malloc arena, as the loader's
+    loader.start()
+    loader.join()
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _host_to_device(device: str) -> float:
+    import torch
+
+    host = torch.empty(HOST_TO_DEVICE_BYTES, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(HOST_TO_DEVICE_BYTES, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(REPEATS + 1):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        target.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return HOST_TO_DEVICE_BYTES / best
+
+
+def _gpu_figures(device: str) -> dict:
+    import torch
+
+    torch.cuda.set_device(device)
+    torch.empty(1, device=device)  # creates the context
+    free, total = torch.cuda.mem_get_info(device)
+    return {"cuda_context_bytes": total - free, "cuda_worker_base_ram": _rss(),
+            "host_to_device": [device, _host_to_device(device)]}
+
+
+def measure(devices: list[str]) -> dict:
+    start = time.perf_counter()
+    import torch  # noqa: F401  what a worker imports, in the order it does
+    import flexorch.workers.engine  # noqa: F401
+
+    tiny = {**CPU_SHAPE, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 4}
+    _skeleton(tiny)
+    _flops(tiny, "cpu", "float32", 64)  # a first forward: thread pools, kernels
+    result = {"import_seconds": time.perf_counter() - start, "worker_base_ram": _rss(), "throughput": []}
+    for device in devices:
+        kind = "cpu" if device == "cpu" else "cuda"
+        if kind == "cuda":
+            gpu = _gpu_figures(device)
+            result.setdefault("host_to_device_bytes_per_s", []).append(gpu.pop("host_to_device"))
+            result.update(gpu)  # the first GPU's context and RSS stand for all (one model of card per box)
+        shape = CPU_SHAPE if kind == "cpu" else GPU_SHAPE
+        for dtype in DTYPES[kind]:
+            for batch in BATCHES[kind]:
+                result["throughput"].append({"device": device, "dtype": dtype, "batch_tokens": batch,
+                                             "flops_per_s": _flops(shape, device, dtype, batch)})
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", default="cpu", help="comma-separated: cpu,cuda:0,...")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.devices.split(","))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
