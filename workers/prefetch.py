@@ -141,7 +141,7 @@ class ShardLoader:
     def _load(self, shard: Shard, step: int, slot: int) -> LoadedShard:
         start = time.perf_counter()
         if slot == _NO_SLOT:
-            size = sum(aligned(self.model.data_bytes(name)) for name in shard.names)
+            size = sum(self.model.part_bytes(name, shard.experts) for name in shard.names)
             destination = torch.empty(size, dtype=torch.uint8, device=self.device)
         else:
             destination = self._slots[slot]
