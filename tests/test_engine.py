@@ -164,7 +164,7 @@ def test_token_probs_are_columns_of_the_full_softmax(layerwise, references):
 
 def test_prefix_is_computed_once_per_prompt():
     rows = [((1, 2, 3, 4, 5), ((6,), (7, 8), ())), ((1, 2), ((3,),))]
-    packed = _Pass(rows, batch_tokens=1000, kind="next_token_probs")
+    packed = _Pass.of_rows(rows, batch_tokens=1000, kind="next_token_probs")
     # one row per prompt: prefix + every suffix once (5 + 3 = 8 tokens), padded to the longest row
     assert packed.packed[0].input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 0, 0, 0, 0, 0]]
     assert packed.packed[0].position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 5, 6]

@@ -4,7 +4,9 @@ Loop order is shard-major: a shard (a few decoder layers, or the embeddings, or 
 is loaded once per pass and every batch of prompts goes through it before the next shard comes;
 activations wait in an ActivationStore. Each prompt is one packed row — its prefix once, then
 every suffix with positions restarting after the prefix and a mask that keeps suffixes apart — so
-the prefix is computed once per layer, not once per suffix.
+the prefix is computed once per layer, not once per suffix. With several generation steps the
+first step keeps every layer's keys and values (workers/kvcache.py) and each later step computes
+only the newest token of every suffix against them.
 
 Where a batch's input comes from and its output goes is the `Link` (workers/link.py): in data mode
 the one-stage `LocalLink` over the activation store; in pipeline mode (workers/pipeline.py) the
@@ -28,6 +30,7 @@ import torch
 
 from flexorch.workers.activations import make_store
 from flexorch.workers.adapter import ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
+from flexorch.workers.kvcache import KVCache, NoCache, append_columns, pack_new_tokens
 from flexorch.workers.layerfile import LayerwiseModel
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
 from flexorch.contract.shards import owner, plan_shards
@@ -99,16 +102,38 @@ def _trim_heap() -> None:
 
 
 class _Pass:
-    """One pass over the model for one generation step: batches, their layout and scores."""
+    """One pass over the model for one generation step: batches, their layout and scores.
 
-    def __init__(self, rows: list[Row], batch_tokens: int, kind: str):
-        self.rows = rows
-        self.batches = make_batches(rows, batch_tokens)
-        self.packed = [pack_rows([rows[i] for i in batch]) for batch in self.batches]
-        self.targets = [score_targets([rows[i] for i in batch], kind) for batch in self.batches]
+    packed[b]: the tokens batch b computes, (rows, Q); keys[b]: the layout of every key they attend
+    to, (rows, K): packed[b] itself when the pass computes the rows in full; against the KV cache,
+    the cached columns followed by packed[b] (the newest token of each suffix)."""
+
+    def __init__(self, rows: list[Row], batches: list[list[int]], kind: str, cached: list[PackedBatch] | None = None):
+        self.rows, self.batches = rows, batches
+        batch_rows = [[rows[i] for i in batch] for batch in batches]
+        if cached is None:
+            self.packed = [pack_rows(r) for r in batch_rows]
+            self.keys = self.packed
+            self.targets = [score_targets(r, kind) for r in batch_rows]
+        else:
+            self.packed = [pack_new_tokens(r) for r in batch_rows]
+            self.keys = [append_columns(k, p) for k, p in zip(cached, self.packed)]
+            # one column per suffix: scored as a row with no prefix and one-token suffixes
+            self.targets = [score_targets([((), tuple(s[-1:] for s in suffixes)) for _, suffixes in r], kind)
+                            for r in batch_rows]
         self.tokens = sum(p.input_ids.numel() for p in self.packed)
         self._layouts: dict[tuple[int, int | None], tuple] = {}  # (batch, window) → cached layout
         self._layout_bytes = 0
+
+    @classmethod
+    def of_rows(cls, rows: list[Row], batch_tokens: int, kind: str) -> "_Pass":
+        """The rows computed in full, batched within `batch_tokens`."""
+        return cls(rows, make_batches(rows, batch_tokens), kind)
+
+    def next_step(self, rows: list[Row], kind: str) -> "_Pass":
+        """The next generation step against the KV cache: the same batches (the cache is kept per
+        batch), each suffix one token longer in `rows`."""
+        return _Pass(rows, self.batches, kind, cached=self.keys)
 
     def layout(self, b: int, window: int | None, build: Callable[[], tuple]) -> tuple:
         """(mask, position_ids, position_embeddings) of batch b: the same for every layer of a pass,
@@ -150,17 +175,19 @@ class Engine:
         generated = [[() for _ in p.suffix_ids] for p in prompts]  # per prompt, per suffix
         scores = [[] for _ in prompts]  # per prompt: one BatchScores slice per step
         link = self.link or LocalLink(make_store(self.settings.storage, self.device, self.settings.disk_folder))
+        cache = self._kv_cache(steps)
         loader = ShardLoader(self.model, self.own_shards, self.device, self.dtype, passes=steps,
                              verify=self.settings.verify_checksums)
-        tokens = 0
-        with torch.inference_mode(), loader, link:
+        tokens, current = 0, None
+        with torch.inference_mode(), loader, link, cache:
             for step in range(steps):
                 rows = [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen)))
                         for p, gen in zip(prompts, generated)]
-                current = _Pass(rows, self.settings.batch_tokens, self.score.kind)
+                current = (current.next_step(rows, self.score.kind) if current and cache.enabled
+                           else _Pass.of_rows(rows, self.settings.batch_tokens, self.score.kind))
                 for position, shard in enumerate(self.own_shards):
                     loaded = loader.next_shard()  # load weight (prefetched on the loader's thread)
-                    self._run_shard(loaded, current, link, scores)  # per batch: receive, compute, send
+                    self._run_shard(loaded, current, link, cache, scores)  # per batch: receive, compute, send
                     loader.release(loaded)  # the compute using it has been issued
                     tokens += current.tokens
                     last = position == len(self.own_shards) - 1
@@ -184,6 +211,12 @@ class Engine:
             peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens)
         return results, summary
 
+    def _kv_cache(self, steps: int) -> KVCache:
+        """Keys and values kept between steps in the activations' tier; none for a single step."""
+        if steps == 1 or not self.settings.kv_cache:
+            return NoCache()
+        return KVCache(make_store(self.settings.storage, self.device, self.settings.disk_folder), steps)
+
     def _next_ids(self, scores) -> tuple[tuple[int, ...], ...] | None:
         """The argmax id each suffix appends for the next step, per prompt (() for a kind that
         generates none); None where this stage does not score. In a pipeline every stage waits for
@@ -194,7 +227,7 @@ class Engine:
             return ()
         return tuple(tuple(int(t) for t in prompt_scores[-1][1]) for prompt_scores in scores)
 
-    def _run_shard(self, loaded: LoadedShard, current: _Pass, link: Link, scores) -> None:
+    def _run_shard(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache, scores) -> None:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -216,7 +249,9 @@ class Engine:
                 if b + 1 < len(current.packed):
                     link.prefetch(loaded.step, loaded.shard.index, b + 1)
             if layer_indices:
-                hidden = self._decoder_layers(layer_indices, hidden, current, b)
+                if b + 1 < len(current.packed):
+                    cache.prefetch(loaded.step, layer_indices, b + 1)
+                hidden = self._decoder_layers(layer_indices, hidden, current, b, cache.layer, loaded.step)
             if LM_HEAD in kinds:
                 self._score_batch(hidden, current, b, scores)
             else:
@@ -228,19 +263,23 @@ class Engine:
         if cuda:
             self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
 
-    def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, current: _Pass, b: int) -> torch.Tensor:
-        packed = current.packed[b]
+    def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, current: _Pass, b: int,
+                        layer_cache: Callable, step: int) -> torch.Tensor:
+        """hidden: (rows, Q, d_model) of batch b through decoder layers `indices`; `layer_cache(step,
+        layer, batch)`: the layer's KV cache for the batch, or None."""
+        packed, keys = current.packed[b], current.keys[b]
 
         def build(window: int | None) -> tuple:
             position_ids = packed.position_ids.to(self.device)
-            segments = PackedBatch(packed.input_ids, position_ids, packed.segment_ids.to(self.device))
-            mask = additive_mask(attention_allowed(segments, window), self.dtype)
+            layout = PackedBatch(keys.input_ids, keys.position_ids.to(self.device), keys.segment_ids.to(self.device))
+            mask = additive_mask(attention_allowed(layout, window, queries=packed.shape[1]), self.dtype)
             return mask, position_ids, self.adapter.position_embeddings(hidden, position_ids)
 
         for i in indices:
             window = self.adapter.sliding_windows[i]
             mask, position_ids, position_embeddings = current.layout(b, window, lambda: build(window))
-            hidden = self.adapter.decoder_layer(i, hidden, mask, position_ids, position_embeddings)
+            hidden = self.adapter.decoder_layer(i, hidden, mask, position_ids, position_embeddings,
+                                                layer_cache(step, i, b))
         return hidden
 
     def _score_batch(self, hidden: torch.Tensor, current: _Pass, b: int, scores) -> None:

@@ -89,6 +89,7 @@ class EngineSettings:
     disk_folder: str | None = None  # storage == "disk": where activation files go
     verify_checksums: bool = True  # hash each layer file while reading it
     threads: int = 0  # CPU threads for torch (0: torch's default); set when workers share the CPU
+    kv_cache: bool = True  # generate_tokens > 1: keep keys/values in `storage`, later steps compute new tokens only
 
 
 @dataclass(frozen=True)
