@@ -30,7 +30,7 @@ from flexorch.contract.messages import WorkerHooks
 from flexorch.contract.parts import read_part_indices
 
 from test_controller import PROMPTS, submit, write_job
-from test_engine import tokenize
+from test_engine import assert_greedy_extension, references, tokenize  # noqa: F401 (references: a fixture)
 from test_planner import Spec, machine, small_fp32
 
 BATCH_TOKENS = 64  # several batches per pass for the test prompts
@@ -42,9 +42,9 @@ def settings(**changes) -> EngineSettings:
     return EngineSettings(**{**base, **changes})
 
 
-def run_stages(model_dir, rounds, score: ScoreSpec, n: int, hooks=None, capacity: int = 2):
+def run_stages(model_dir, rounds, score: ScoreSpec, n: int, hooks=None, capacity: int = 2, **changes):
     """Run `n` stages as threads over `rounds` (lists of prompts): (per stage, per round: (results,
-    summary)), and the rings (for their inbox counters)."""
+    summary)), and the rings (for their inbox counters). `changes`: to the engine settings."""
     channels = [queue.Queue(maxsize=capacity) for _ in range(n)]
     rings = [Ring(i, n, channels[i], channels[(i + 1) % n]) for i in range(n)]
     out: list[list] = [[] for _ in range(n)]
@@ -53,7 +53,7 @@ def run_stages(model_dir, rounds, score: ScoreSpec, n: int, hooks=None, capacity
     def stage(i):
         try:
             for round_id, prompts in enumerate(rounds):
-                out[i].append(score_prompts(model_dir, prompts, score, settings(),
+                out[i].append(score_prompts(model_dir, prompts, score, settings(**changes),
                                             hooks=(hooks or {}).get(i),
                                             link=PipelineStage(i, n, rings[i], round_id)))
         except BaseException as exc:  # reported by the test thread
@@ -99,6 +99,15 @@ def test_stages_equal_data_mode_bit_for_bit(layerwise, score, n):
             assert_same_results(results, want)
         else:
             assert results == []  # only the head stage holds scores
+
+
+@pytest.mark.parametrize("n, steps, layers", [(2, 5, 1), (3, 3, 2), (2, 2, 3)])
+def test_stages_with_the_kv_cache_equal_the_unsplit_greedy_extension(layerwise, references, n, steps, layers):
+    """Each stage keeps the keys and values of its own layers; later steps hand on one token per suffix."""
+    model, ref = layerwise("llama"), references("llama")
+    out, _ = run_stages(model, [ref.prompts], ScoreSpec(generate_tokens=steps), n, layers_per_shard=layers)
+    head = (len(plan_shards(LayerwiseModel(model).manifest, layers)) - 1) % n
+    assert_greedy_extension(out[head][0][0], ref, steps)
 
 
 def test_each_stage_reads_only_its_shards(layerwise):
