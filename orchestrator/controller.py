@@ -445,5 +445,5 @@ def _write_outputs(run: _Run) -> list[PromptResult]:
     run.summary = summarize(job.score.kind, [r.scores for r in results], job.prompts)
     if spec.generate_tokens > 1:
         texts = [[job.tokenizer.decode(list(ids)) for ids in r.generated] for r in results]
-        write_updated_prompts(spec.output, job.prompts, texts, spec.prompts_format)
+        write_updated_prompts(spec.output, job.prompts, texts, spec.prompts_format, [r.generated for r in results])
     return results
