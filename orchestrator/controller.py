@@ -195,6 +195,8 @@ class _Run:
         return {
             "status": self.status, "error": self.error, "job": str(spec.path.resolve()),
             "model": str(self.model_dir), "output": str(spec.output.resolve()),
+            # scores of compressed weights are approximate: the report says so
+            "compression": self.job.manifest.compression,
             "prompts": n, "prompts_reused": reused, "prompts_computed": n - reused, "runs": self.state.runs,
             "seconds": round(time.monotonic() - self.started, 3),
             "workers": [vars(r) for r in self.records.values()], "plan": self.job.plan.to_dict(),

@@ -607,8 +607,12 @@ def _describe_model(manifest: Manifest, dtype: str) -> _Model:
         intermediate=int(config.get("intermediate_size") or 4 * manifest.hidden_size),
         heads=attention_heads, vocab=manifest.vocab_size, dtype_bytes=DTYPE_BYTES[dtype],
         kv_bytes=2 * kv_heads * head_dim * DTYPE_BYTES[dtype],
-        layer=math.ceil(stored_layer * scale), edge=math.ceil(stored_edge * scale),
-        stored_layer=stored_layer, stored_edge=stored_edge, converted=manifest.dtype != dtype,
+        # compressed decoder layers are dequantised per shard: a full copy in the compute dtype
+        layer=(max(e.params for e in by_kind[DECODER]) * DTYPE_BYTES[dtype] if manifest.compression
+               else math.ceil(stored_layer * scale)),
+        edge=math.ceil(stored_edge * scale),
+        stored_layer=stored_layer, stored_edge=stored_edge,
+        converted=manifest.dtype != dtype or manifest.compression is not None,
         bytes_per_pass=sum(manifest.stored_bytes(e) for e in manifest.layers),
         stored_shards=(sum(manifest.stored_bytes(e) for e in by_kind[EMBED]),
                        *(manifest.stored_bytes(e) for e in by_kind[DECODER]),
