@@ -183,8 +183,7 @@ class Engine:
             for step in range(steps):
                 rows = [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen)))
                         for p, gen in zip(prompts, generated)]
-                current = (current.next_step(rows, self.score.kind) if current and cache.enabled
-                           else _Pass.of_rows(rows, self.settings.batch_tokens, self.score.kind))
+                current = self._pass(rows, current, cache)  # the step's batches, their layout and targets
                 for position, shard in enumerate(self.own_shards):
                     loaded = loader.next_shard()  # load weight (prefetched on the loader's thread)
                     self._run_shard(loaded, current, link, cache, scores)  # per batch: receive, compute, send
@@ -210,6 +209,13 @@ class Engine:
             peak_device_memory=max(self.peak_device_per_shard, default=0),
             peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens)
         return results, summary
+
+    def _pass(self, rows: list[Row], previous: _Pass | None, cache: KVCache) -> _Pass:
+        """The first step (or every step without a cache): the rows in full; a later step with the
+        cache: each suffix's newest token, in the previous step's batches."""
+        if previous is not None and cache.enabled:
+            return previous.next_step(rows, self.score.kind)
+        return _Pass.of_rows(rows, self.settings.batch_tokens, self.score.kind)
 
     def _kv_cache(self, steps: int) -> KVCache:
         """Keys and values kept between steps in the activations' tier; none for a single step."""
@@ -251,7 +257,7 @@ class Engine:
             if layer_indices:
                 if b + 1 < len(current.packed):
                     cache.prefetch(loaded.step, layer_indices, b + 1)
-                hidden = self._decoder_layers(layer_indices, hidden, current, b, cache.layer, loaded.step)
+                hidden = self._decoder_layers(layer_indices, hidden, current, b, cache, loaded.step)
             if LM_HEAD in kinds:
                 self._score_batch(hidden, current, b, scores)
             else:
@@ -264,9 +270,9 @@ class Engine:
             self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
 
     def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, current: _Pass, b: int,
-                        layer_cache: Callable, step: int) -> torch.Tensor:
-        """hidden: (rows, Q, d_model) of batch b through decoder layers `indices`; `layer_cache(step,
-        layer, batch)`: the layer's KV cache for the batch, or None."""
+                        cache: KVCache, step: int) -> torch.Tensor:
+        """hidden: (rows, Q, d_model) of batch b at `step` through decoder layers `indices`, each
+        with its keys and values of the earlier steps from `cache`."""
         packed, keys = current.packed[b], current.keys[b]
 
         def build(window: int | None) -> tuple:
@@ -279,7 +285,7 @@ class Engine:
             window = self.adapter.sliding_windows[i]
             mask, position_ids, position_embeddings = current.layout(b, window, lambda: build(window))
             hidden = self.adapter.decoder_layer(i, hidden, mask, position_ids, position_embeddings,
-                                                layer_cache(step, i, b))
+                                                cache.layer(step, i, b))
         return hidden
 
     def _score_batch(self, hidden: torch.Tensor, current: _Pass, b: int, scores) -> None:
