@@ -336,6 +336,9 @@ def make_plan(hardware: Hardware, manifest: Manifest, spec, prompt_tokens: Seque
     if not prompt_tokens:
         raise _error(spec, "prompts", "no prompts to score")
     dtype = _resolve_dtype(spec, manifest, reasons)
+    if manifest.compression:
+        reasons.append(f"weights {manifest.compression} (flexorch prepare --compress): decoder projections "
+                       f"dequantised per shard into {dtype}; scores are approximate")
     job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts)
     devices = _resolve_devices(spec, hardware, reasons)
     if spec.parallel != "data" and len(devices) == 1:

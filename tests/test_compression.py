@@ -125,10 +125,15 @@ def test_the_report_names_the_scheme(compressed, layerwise, tmp_path):
 
 
 def test_the_planner_counts_the_dequantised_copy(compressed):
-    from flexorch.orchestrator.planner import _describe_model
+    from test_planner import Spec, machine
+
+    from flexorch.orchestrator.planner import _describe_model, make_plan
 
     manifest = read_manifest(compressed("llama", "int4"))
     model = _describe_model(manifest, "float32")
     # a shard slot holds the int4 file; beside it, the layer dequantised to float32
     assert model.converted and model.layer == max(e.params for e in manifest.decoder_layers) * 4
     assert model.stored_layer < model.layer / 4
+    plan = make_plan(machine(), manifest, Spec(), [40])
+    assert "weights int4 (flexorch prepare --compress): decoder projections dequantised per shard into " \
+           "float32; scores are approximate" in plan.reasons
