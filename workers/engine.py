@@ -218,8 +218,9 @@ class Engine:
         return _Pass.of_rows(rows, self.settings.batch_tokens, self.score.kind)
 
     def _kv_cache(self, steps: int) -> KVCache:
-        """Keys and values kept between steps in the activations' tier; none for a single step."""
-        if steps == 1 or not self.settings.kv_cache:
+        """Keys and values kept between steps in the activations' tier; none for a single step (or a
+        kind that appends no token: every step would compute the same rows)."""
+        if steps == 1 or not self.settings.kv_cache or not self.score.kind.generates:
             return NoCache()
         return KVCache(make_store(self.settings.storage, self.device, self.settings.disk_folder), steps)
 
