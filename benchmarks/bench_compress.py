@@ -6,11 +6,12 @@ distribution (next_token_probs), and agreement of the multiple-choice answer, th
 highest log P(suffix | prefix) (suffix_logprob), with the uncompressed model's. Weights are read
 cold (page cache evicted before each run) so the bytes saved show up as time saved.
 
-    python benchmarks/bench_compress.py [--quick] [--warm]
+    python benchmarks/bench_compress.py [--quick] [--warm] [--prompts 32]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -61,9 +62,13 @@ def main() -> None:
     parser = c.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--warm", action="store_true", help="keep the page cache (default: evict before each run)")
     parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--prompts", type=int, help="number of prompts (default: the prompt set's); few prompts "
+                        "make the read a larger share of the time")
     args = parser.parse_args()
     shape = c.QUICK_SHAPE if args.quick else c.DEFAULT_SHAPE
     prompt_set = c.QUICK_PROMPTS if args.quick else c.PromptSet()
+    if args.prompts:
+        prompt_set = dataclasses.replace(prompt_set, n_prompts=args.prompts)
     machine = c.machine_info()
     prompts = c.tokenize(c.ensure_checkpoint(shape), c.make_texts(prompt_set))
     runs, rows = {}, []

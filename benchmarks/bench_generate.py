@@ -7,11 +7,12 @@ values. Per step, from the engine's progress events: seconds of that pass. Goal:
 costs less than a quarter of the first for 150-token prompts. Every run's scores and generated ids
 are compared with the recompute run's (they must agree within float rounding).
 
-    python benchmarks/bench_generate.py [--quick] [--steps 4] [--storages cpu,disk]
+    python benchmarks/bench_generate.py [--quick] [--steps 4] [--storages cpu,disk] [--prompts 32]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -57,9 +58,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--storages", default="cpu,disk", help="tiers the cache is tried in")
     parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--prompts", type=int, help="number of prompts (default: the prompt set's)")
     args = parser.parse_args()
     shape = c.QUICK_SHAPE if args.quick else c.DEFAULT_SHAPE
     prompt_set = c.QUICK_PROMPTS if args.quick else c.PromptSet()
+    if args.prompts:
+        prompt_set = dataclasses.replace(prompt_set, n_prompts=args.prompts)
     machine = c.machine_info()
     checkpoint, layerwise = c.ensure_checkpoint(shape), c.ensure_layerwise(shape)
     prompts = c.tokenize(checkpoint, c.make_texts(prompt_set))
