@@ -14,6 +14,7 @@ import pickle
 import queue
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,17 @@ def rounds_of_one_prompt(monkeypatch):
 JOB = {"generate_tokens": 2, "batch_tokens": 256, "layers_per_shard": 1}
 
 
+def assert_same_scores(output, data_output: bytes) -> None:
+    """The pipeline's output against the data worker's. Not bit for bit: the stages run with fewer
+    threads each (the planner splits the cores), and the KV cache's steps multiply matrices of a
+    few rows, whose float32 sums BLAS splits differently by thread count (at equal threads they are
+    bit-equal: test_stages_equal_data_mode_bit_for_bit)."""
+    got, want = pickle.loads(Path(output).read_bytes()), pickle.loads(data_output)
+    assert len(got) == len(want) == len(PROMPTS)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def data_run(tmp_path_factory, layerwise):
     """One data-mode worker: (output bytes, report)."""
@@ -168,8 +180,7 @@ def test_two_stages_equal_one_data_worker_and_read_one_model_between_them(tmp_pa
     data_output, data_report = data_run
     job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"], parallel="pipeline", **JOB)
     assert submit(job) == 0
-    got, want = pickle.loads((tmp_path / "job.pkl").read_bytes()), pickle.loads(data_output)
-    assert len(got) == len(PROMPTS) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert_same_scores(tmp_path / "job.pkl", data_output)
     report = json.loads((tmp_path / "job.job" / "report.json").read_text())
     assert report["plan"]["parallel"] == "pipeline" and report["status"] == "completed"
     assert [w["status"] for w in report["workers"]] == ["finished", "finished"]
@@ -198,7 +209,7 @@ def test_a_killed_middle_stage_fails_the_pipeline_and_resubmit_resumes(tmp_path,
     assert submit(job) == 0
     report = json.loads((tmp_path / "job.job" / "report.json").read_text())
     assert report["prompts_reused"] == committed and report["runs"] == 2
-    assert (tmp_path / "job.pkl").read_bytes() == data_run[0]
+    assert_same_scores(tmp_path / "job.pkl", data_run[0])
 
 
 # -- the planner's choice ---------------------------------------------------------------------------
