@@ -28,7 +28,8 @@ def _console(stderr: bool = False):
 def cmd_prepare(args) -> int:
     from flexorch.orchestrator.prepare import prepare_checkpoint
 
-    prepare_checkpoint(Path(args.src), Path(args.dst), force=args.force, console=_console(stderr=True))
+    prepare_checkpoint(Path(args.src), Path(args.dst), force=args.force, console=_console(stderr=True),
+                       compress=args.compress)
     return EXIT_OK
 
 
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="Hugging Face checkpoint dir (safetensors or pytorch .bin)")
     p.add_argument("dst", help="layerwise dir to write")
     p.add_argument("--force", action="store_true", help="replace an existing DST")
+    p.add_argument("--compress", choices=("int8", "int4"),
+                   help="store decoder weights quantised group-wise (fewer bytes per pass; scores become approximate)")
     p.set_defaults(run=cmd_prepare)
 
     p = sub.add_parser("probe", help="print the hardware the planner sees")

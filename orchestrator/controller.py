@@ -201,6 +201,8 @@ class _Run:
         return {
             "status": self.status, "error": self.error, "job": str(spec.path.resolve()),
             "model": str(self.model_dir), "output": str(spec.output.resolve()),
+            # scores of compressed weights are approximate: the report says so
+            "compression": self.job.manifest.compression,
             "prompts": n, "prompts_reused": reused, "prompts_computed": n - reused, "runs": self.state.runs,
             "seconds": round(time.monotonic() - self.started, 3),
             "workers": [vars(r) for r in self.records.values()], "plan": self.job.plan.to_dict(),
@@ -453,5 +455,5 @@ def _write_outputs(run: _Run) -> list[PromptResult]:
     run.summary = summarize(job.score.kind, [r.scores for r in results], job.prompts)
     if spec.generate_tokens > 1:
         texts = [[job.tokenizer.decode(list(ids)) for ids in r.generated] for r in results]
-        write_updated_prompts(spec.output, job.prompts, texts, spec.prompts_format)
+        write_updated_prompts(spec.output, job.prompts, texts, spec.prompts_format, [r.generated for r in results])
     return results

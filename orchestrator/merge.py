@@ -3,7 +3,9 @@
 `.pkl` is the seed's format: a list with one entry per prompt (the float32 array, or the
 suffix_logprob dict of arrays), pickle protocol 4. `.jsonl` has one object per prompt with its
 `index`, its `id` and `answer` if the prompt had them, the same fields as lists, the token strings
-of token_probs (`tokens`) and the prompt's extra fields, passed through.
+of token_probs (`tokens`), `generated_ids` for the kinds that generate (per suffix, the argmax token
+id of each step: the tokens, not their decoded text, which can cut a multi-byte character in two)
+and the prompt's extra fields, passed through.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def jsonl_record(kind: str, result: PromptResult, prompt: Prompt | None = None,
                  token_labels: Sequence[str] = ()) -> dict:
     """One output line: index, id and answer (if any), the scores as (nested) lists — a field named
     by the kind (`next_token_probs`, `token_probs`), or suffix_logprob's `logprob`, `is_greedy`,
-    `n_tokens` —, `tokens` for token_probs, then the prompt's extra fields."""
+    `n_tokens` —, `tokens` for token_probs, `generated_ids` for the kinds that generate, then the
+    prompt's extra fields."""
     record: dict = {"index": result.index}
     if prompt is not None:
         record.update({k: v for k, v in (("id", prompt.id), ("answer", prompt.answer)) if v is not None})
@@ -78,6 +81,8 @@ def jsonl_record(kind: str, result: PromptResult, prompt: Prompt | None = None,
         record[kind] = np.asarray(result.scores).tolist()
     if token_labels:
         record["tokens"] = list(token_labels)
+    if result.generated:
+        record["generated_ids"] = [list(ids) for ids in result.generated]
     if prompt is not None:
         record.update(prompt.fields)  # the reader refuses extra fields named like ours
     return record

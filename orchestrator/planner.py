@@ -30,9 +30,15 @@ goes through a shard before the next one comes; hidden states wait in the activa
   attention materialises them and softmaxes in float32); the 4D mask tokens x L x dtype bytes.
   The head shard instead holds float32 logits and their softmax for the scored positions. The
   larger of the two counts.
-* Round activations: hidden x dtype bytes per padded token of the worker's current round, at the
-  last generation step (each step re-runs prompts with one more token per suffix). storage gpu:
+* Round activations: hidden x dtype bytes per padded token of the worker's current round at the
+  first generation step (later steps, against the KV cache, carry one token per suffix). storage gpu:
   on the device; cpu: in RAM; disk: two copies on disk, and in RAM only the batch in flight.
+* KV cache (generate_tokens > 1): every decoder layer's keys and values of every token of the
+  round but the last step's, 2 x layers x kv_heads x head_dim x dtype bytes per padded token, in
+  the activations' tier (gpu: device; cpu: RAM; disk: disk). The batch in flight also holds one
+  layer's cache of its batch twice (read, and joined with the new token's) on the compute device;
+  on disk, RAM holds the next batch's cache of a shard's layers (read ahead). A pipeline stage
+  keeps only its own layers' cache: counting all of them is conservative.
 * Round results: the scores of the round's prompts, held in RAM until the round is committed.
 * Layouts: each batch's additive mask, kept for the pass up to LAYOUT_CACHE_BYTES (engine.py).
 * Process baseline: Python + torch (+ the CUDA runtime on a GPU) in RAM; the CUDA context on the GPU
@@ -66,8 +72,9 @@ Time model (seconds; rates from figures.py: measured by calibration, else assume
 start-up + fill + max(read, compute), where read = bytes of one pass x passes (generate_tokens x
 rounds; 1 when resident) / read rate (the disk's, or the PCIe link's if slower), plus the disk
 store's activation traffic (it shares the disk); compute = 2 x FLOPs-bearing params x tokens /
-throughput at the batch size (decoder layers on every token of every step, the lm head on the
-scored positions only; the embedding is a lookup), plus activations between host and device at each
+throughput at the batch size (decoder layers on every token of the first step and, with the KV
+cache, one token per suffix of each later step — attention over the cache is not counted —, the
+lm head on the scored positions only; the embedding is a lookup), plus activations between host and device at each
 shard boundary where they do not wait on the GPU, and the disk store's copies; fill = the
 embedding and the first decoder group of each round, read before the double buffer can overlap
 anything. Reading and computing overlap, so a worker takes about the larger of the two. A pipeline stage reads 1/n of each pass and computes 1/n of every token's
@@ -252,6 +259,7 @@ class _Model:
     heads: int
     vocab: int
     dtype_bytes: int  # compute dtype
+    kv_bytes: int  # keys + values of one token in one decoder layer, compute dtype (the KV cache)
     layer: int  # largest decoder layer, compute dtype
     edge: int  # larger of the embedding shard and the norm + head shard, compute dtype
     stored_layer: int  # the same two, as stored in the files (what the slots and staging hold)
@@ -312,13 +320,14 @@ class _Experts:
 class _Load:
     """Additive cost of some prompts (one prompt, a round, a slice)."""
 
-    act_tokens: float = 0.0  # padded tokens waiting between shards at the last step
+    act_tokens: float = 0.0  # padded tokens waiting between shards (the first step's: the most)
     result_bytes: int = 0  # scores held in RAM until the round is committed
     flops: float = 0.0  # all generation steps
+    cache_tokens: float = 0.0  # padded tokens whose keys and values the KV cache keeps (per layer)
 
     def __add__(self, other: "_Load") -> "_Load":
         return _Load(self.act_tokens + other.act_tokens, self.result_bytes + other.result_bytes,
-                     self.flops + other.flops)
+                     self.flops + other.flops, self.cache_tokens + other.cache_tokens)
 
 
 @dataclass(frozen=True)
@@ -329,7 +338,7 @@ class _Job:
     model: _Model
     dtype: str
     tokens: tuple[int, ...]  # packed tokens per prompt, first step
-    lengths: tuple[int, ...]  # packed tokens per prompt at the last step (the forward's row length)
+    lengths: tuple[int, ...]  # the forward's row length per prompt: the first step's (later ones: the KV cache)
     loads: tuple[_Load, ...]
     scored_ratio: float  # max over prompts of scored positions / tokens (head working memory)
     figures: Figures  # the machine's rates and fixed costs, measured or assumed
@@ -370,6 +379,9 @@ def make_plan(hardware: Hardware, manifest: Manifest, spec, prompt_tokens: Seque
     if not prompt_tokens:
         raise _error(spec, "prompts", "no prompts to score")
     dtype = _resolve_dtype(spec, manifest, reasons)
+    if manifest.compression:
+        reasons.append(f"weights {manifest.compression} (flexorch prepare --compress): decoder projections "
+                       f"dequantised per shard into {dtype}; scores are approximate")
     job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts)
     devices = _resolve_devices(spec, hardware, reasons)
     if spec.parallel != "data" and len(devices) == 1:
@@ -835,10 +847,9 @@ def _resolve_devices(spec, hardware: Hardware, reasons: list[str]) -> tuple[str,
 def _describe_job(hardware: Hardware, manifest: Manifest, spec, dtype: str, prompt_tokens: Sequence[int],
                   suffix_counts: Sequence[int] | None, scored_counts: Sequence[int] | None = None) -> _Job:
     model = _describe_model(manifest, dtype)
-    steps = spec.generate_tokens
     suffixes = [min(n, DEFAULT_SUFFIXES_PER_PROMPT) for n in prompt_tokens] if suffix_counts is None else suffix_counts
     tokens = tuple(int(n) for n in prompt_tokens)
-    lengths = tuple(n + (steps - 1) * s for n, s in zip(tokens, suffixes))
+    lengths = tokens  # the KV cache keeps later steps to one token per suffix: rows never grow
     scored = scored_counts or [n if spec.score.kind == "suffix_logprob" else s for n, s in zip(tokens, suffixes)]
     loads = tuple(_prompt_load(model, spec, n, s, c) for n, s, c in zip(tokens, suffixes, scored))
     return _Job(
@@ -858,14 +869,21 @@ def _describe_model(manifest: Manifest, dtype: str) -> _Model:
                       sum(manifest.stored_bytes(e) for e in tail))
     heads = [manifest.entry(e.tied_to) if e.tied_to else e for e in manifest.layers if e.kind == LM_HEAD]
     config = manifest.config
+    # 64 is the smallest common head dim, so hidden // 64 heads overestimates the scores.
+    attention_heads = int(config.get("num_attention_heads") or max(1, manifest.hidden_size // 64))
+    head_dim = int(config.get("head_dim") or manifest.hidden_size // attention_heads)
+    kv_heads = int(config.get("num_key_value_heads") or attention_heads)
     return _Model(
         num_layers=manifest.num_layers, hidden=manifest.hidden_size,
         intermediate=_intermediate(manifest, config),
-        # 64 is the smallest common head dim, so hidden // 64 heads overestimates the scores.
-        heads=int(config.get("num_attention_heads") or max(1, manifest.hidden_size // 64)),
-        vocab=manifest.vocab_size, dtype_bytes=DTYPE_BYTES[dtype],
-        layer=math.ceil(stored_layer * scale), edge=math.ceil(stored_edge * scale),
-        stored_layer=stored_layer, stored_edge=stored_edge, converted=manifest.dtype != dtype,
+        heads=attention_heads, vocab=manifest.vocab_size, dtype_bytes=DTYPE_BYTES[dtype],
+        kv_bytes=2 * kv_heads * head_dim * DTYPE_BYTES[dtype],
+        # compressed decoder layers are dequantised per shard: a full copy in the compute dtype
+        layer=(max(e.params for e in by_kind[DECODER]) * DTYPE_BYTES[dtype] if manifest.compression
+               else math.ceil(stored_layer * scale)),
+        edge=math.ceil(stored_edge * scale),
+        stored_layer=stored_layer, stored_edge=stored_edge,
+        converted=manifest.dtype != dtype or manifest.compression is not None,
         bytes_per_pass=sum(manifest.stored_bytes(e) for e in manifest.layers),
         stored_shards=(sum(manifest.stored_bytes(e) for e in by_kind[EMBED]),
                        *(manifest.stored_bytes(e) for e in by_kind[DECODER]),
@@ -911,10 +929,11 @@ def _active_params(entry, config: dict) -> int:
 
 def _prompt_load(model: _Model, spec, tokens: int, suffixes: int, scored: int) -> _Load:
     steps = spec.generate_tokens
-    step_tokens = [tokens + step * suffixes for step in range(steps)]
+    step_tokens = [tokens] + [suffixes] * (steps - 1)  # later steps: the newest token of each suffix
     flops = sum(2.0 * (model.decoder_params * n + model.head_params * scored) for n in step_tokens)
-    return _Load(act_tokens=step_tokens[-1] * PADDING_ALLOWANCE,
-                 result_bytes=_result_bytes(model, spec, suffixes), flops=flops)
+    cached = tokens + (steps - 2) * suffixes if steps > 1 else 0  # the last step's keys are never kept
+    return _Load(act_tokens=tokens * PADDING_ALLOWANCE, result_bytes=_result_bytes(model, spec, suffixes),
+                 flops=flops, cache_tokens=cached * PADDING_ALLOWANCE)
 
 
 def _result_bytes(model: _Model, spec, suffixes: int) -> int:
@@ -1001,21 +1020,26 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     row is `longest` tokens."""
     m, cuda = job.model, setup.device != "cpu"
     per_token = m.hidden * m.dtype_bytes
+    kv_per_token = m.num_layers * m.kv_bytes if load.cache_tokens else 0  # no cache: one step
     # a streamed MoE layer's batches wait with the activations (on the device only with storage gpu)
     activations = math.ceil(load.act_tokens * per_token)
     pending = math.ceil(load.act_tokens * m.pending_per_token)
-    in_flight = 2 * setup.batch * per_token
+    cache = math.ceil(load.cache_tokens * kv_per_token)
+    in_flight = 2 * setup.batch * per_token + (2 * setup.batch * m.kv_bytes if cache else 0)
+    cache_read_ahead = setup.lps * setup.batch * m.kv_bytes if cache else 0  # disk: the next batch's
     # every batch's additive mask (rows x L x L ~ its padded tokens x L), kept for the pass while it fits
     layouts = min(LAYOUT_CACHE_BYTES, math.ceil(load.act_tokens * min(longest, setup.batch or longest) * m.dtype_bytes))
     compute = (m.resident_weights(setup.lps, setup.resident) + in_flight + layouts
                + (_working_bytes(m, setup.batch, longest, job.scored_ratio) if setup.batch else 0))
     ram = int(job.figures.base_ram[_kind(setup.device)].value) + load.result_bytes
     ram += STAGING_BUFFERS * m.stored_shard(setup.lps) if cuda else compute
-    ram += activations if setup.storage == "cpu" else in_flight if setup.storage == "disk" else 0
+    ram += (activations + cache if setup.storage == "cpu"
+            else in_flight + cache_read_ahead if setup.storage == "disk" else 0)
     ram += pending if setup.storage != "gpu" else 0
     device = (int(job.figures.cuda_context.value) + compute
-              + (activations + pending if setup.storage == "gpu" else 0) if cuda else 0)
-    return _Peaks(device=device, ram=ram, disk=DISK_COPIES * activations if setup.storage == "disk" else 0)
+              + (activations + pending + cache if setup.storage == "gpu" else 0) if cuda else 0)
+    disk = DISK_COPIES * activations + cache if setup.storage == "disk" else 0
+    return _Peaks(device=device, ram=ram, disk=disk)
 
 
 def _fits(peaks: _Peaks, budget: _Budget) -> bool:

@@ -47,6 +47,7 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
 )
 COPIED_FILES = (CONFIG_NAME, "generation_config.json", *TOKENIZER_FILES)
+COMPRESSION_SCHEMES = ("int8", "int4")  # workers/compression.SCHEMES (not imported: it needs torch)
 
 # Weight files of layouts we do not read (GGUF, Meta's consolidated.*.pth, ...), to tell "unknown
 # layout" from "no weights at all".
@@ -126,12 +127,16 @@ def describe_checkpoint(src: str | Path) -> Manifest:
     return _manifest(checkpoint, [layer.entry(_planned_file_bytes(layer), None) for layer in layers])
 
 
-def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False, console=None) -> Manifest:
+def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False, console=None,
+                       compress: str | None = None) -> Manifest:
     """Convert the Hugging Face checkpoint dir `src` into the layerwise dir `dst`; returns its manifest.
 
     Everything is checked before a byte is written; an existing `dst` is refused unless `force`,
-    and then replaced only once the new dir is complete.
+    and then replaced only once the new dir is complete. `compress` ("int8" | "int4"): store the
+    decoder layers' projection weights quantised (workers/compression.py; scores become approximate).
     """
+    if compress not in (None, *COMPRESSION_SCHEMES):
+        raise UserError(f"--compress {compress}: expected one of {', '.join(COMPRESSION_SCHEMES)}")
     src, dst = Path(src), Path(dst)
     checkpoint = scan_checkpoint(src)
     layers = group_layers(checkpoint)
@@ -143,7 +148,7 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
     if tmp.exists():  # left by a killed run that had our pid
         shutil.rmtree(tmp)
     try:
-        manifest = _write_layerwise(checkpoint, layers, tmp, console)
+        manifest = _write_layerwise(checkpoint, layers, tmp, console, compress)
         _move_into_place(tmp, dst)
     finally:
         if tmp.exists():  # only when the conversion failed or was interrupted
@@ -352,37 +357,43 @@ def _manifest(checkpoint: Checkpoint, entries: list[LayerEntry]) -> Manifest:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Path, console) -> Manifest:
+def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Path, console,
+                     compress: str | None = None) -> Manifest:
     (out / "layers").mkdir(parents=True)
     entries = []
     with _progress(console, len(layers), checkpoint.src.name) as advance:
         for layer in layers:
-            entries.append(_write_layer(layer, out))
+            entries.append(_write_layer(layer, out, compress if layer.kind == DECODER else None))
             advance(layer.name)
     for name in COPIED_FILES:
         if (checkpoint.src / name).is_file():
             shutil.copy2(checkpoint.src / name, out / name)
-    manifest = _manifest(checkpoint, entries)
+    manifest = replace(_manifest(checkpoint, entries), compression=compress)
     (out / MANIFEST_NAME).write_text(manifest.to_json())  # last: a dir with a manifest is complete
     return manifest
 
 
-def _write_layer(layer: LayerSource, out: Path) -> LayerEntry:
+def _write_layer(layer: LayerSource, out: Path, compress: str | None = None) -> LayerEntry:
     if layer.tied_to:
         return layer.entry(0, None)
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from flexorch.workers.compression import compress_layer
     from flexorch.workers.layerfile import sha256_file
 
     path = out / layer.file
+    tensors = _read_layer(layer)
+    if compress:
+        tensors = compress_layer(tensors, compress)
     try:
-        save_file(_read_layer(layer), path)  # the tensors (and their file mappings) go when this returns
+        save_file(tensors, path)  # the tensors (and their file mappings) go when this returns
     except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors: make them one
         code = re.search(r"os error (\d+)", str(exc))
         number = int(code[1]) if code else errno.EIO
         raise OSError(number, os.strerror(number), str(path)) from None
-    return layer.entry(path.stat().st_size, sha256_file(path))
+    entry = layer.entry(path.stat().st_size, sha256_file(path))
+    return replace(entry, compression=compress, tensors=tuple(tensors)) if compress else entry
 
 
 def _read_layer(layer: LayerSource) -> dict[str, torch.Tensor]:
@@ -469,6 +480,8 @@ def _print_summary(manifest: Manifest, dst: Path, console) -> None:
     table.add_row("total size", format_bytes(manifest.total_bytes))
     table.add_row("largest layer", f"{largest.name} ({format_bytes(largest.bytes)})")
     table.add_row("dtype", manifest.dtype)
+    if manifest.compression:
+        table.add_row("compression", f"{manifest.compression}, group-wise absmax (decoder projections)")
     table.add_row("lm head", f"tied to {head.tied_to}" if head.tied_to else "own weights")
     console.print(table)
 

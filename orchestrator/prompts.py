@@ -26,7 +26,9 @@ from flexorch.contract.guard import Limits, check_plain, parse_guarded, scan_pic
 from flexorch.contract.protocol import TokenizedPrompt
 
 PROMPT_FORMATS = ("jsonl", "pkl")
-_PROMPT_KEYS = ("prefix", "suffixes", "id", "answer")
+# generated_ids: what _updated prompts carry beside the text; accepted so they read back as prompts,
+# and not passed through (the output writes the new run's own).
+_PROMPT_KEYS = ("prefix", "suffixes", "id", "answer", "generated_ids")
 # Extra fields of a prompt are kept and written to .jsonl output beside the scores, so they may not
 # take the names the output uses for its own fields.
 RESERVED_FIELDS = frozenset({"index", "prefix", "suffixes", "tokens", "generated", "logprob", "is_greedy",
@@ -388,11 +390,13 @@ def updated_prompts_path(output: Path, fmt: str) -> Path:
 
 
 def write_updated_prompts(path_of_output: Path, prompts: Sequence[Prompt], generated_text: Sequence[Sequence[str]],
-                          fmt: str) -> Path:
+                          fmt: str, generated_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> Path:
     """Write the prompts with each suffix extended by its generated text, in the prompts' own format
     (`fmt`: "pkl" or "jsonl"), atomically; returns the path written.
 
-    generated_text[i][j] is the text generated after suffix j of prompt i.
+    generated_text[i][j] is the text generated after suffix j of prompt i; generated_ids[i][j] the
+    token ids it decodes from, written beside it in .jsonl as `generated_ids` (the text alone can
+    cut a byte-level token in two). .pkl stays the seed's (prefix, suffixes) pairs.
     """
     fmt = fmt.lstrip(".")
     if fmt not in PROMPT_FORMATS:
@@ -407,8 +411,10 @@ def write_updated_prompts(path_of_output: Path, prompts: Sequence[Prompt], gener
     if fmt == "pkl":  # the seed's format: (prefix, tuple of suffixes)
         data = pickle.dumps([(prompt.prefix, suffixes) for prompt, suffixes in extended], protocol=_PICKLE_PROTOCOL)
     else:
-        lines = [json.dumps({**prompt.to_dict(), "suffixes": list(suffixes)}, ensure_ascii=False)
-                 for prompt, suffixes in extended]
+        ids = generated_ids if generated_ids is not None else [None] * len(extended)
+        lines = [json.dumps({**prompt.to_dict(), "suffixes": list(suffixes),
+                             **({"generated_ids": [list(s) for s in g]} if g is not None else {})}, ensure_ascii=False)
+                 for (prompt, suffixes), g in zip(extended, ids)]
         data = ("\n".join(lines) + "\n").encode("utf-8")
     path = updated_prompts_path(path_of_output, fmt)
     atomic_write_bytes(path, data)

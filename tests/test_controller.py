@@ -113,8 +113,10 @@ def test_three_workers_equal_one_worker_and_the_unsplit_model(tmp_path, checkpoi
 
     updated = [json.loads(line) for line in (tmp_path / "three_updated.jsonl").read_text().splitlines()]
     assert len(updated) == len(PROMPTS) and updated[1]["id"] == "fox"
-    for prompt, new in zip(PROMPTS, updated):
+    for prompt, new, line, probs in zip(PROMPTS, updated, lines, want):
         assert all(s.startswith(old) and len(s) > len(old) for old, s in zip(prompt["suffixes"], new["suffixes"]))
+        # the ids chosen, beside the text they decode to: each step's argmax, per suffix
+        assert line["generated_ids"] == new["generated_ids"] == probs.argmax(-1).tolist()
     assert (tmp_path / "one_updated.jsonl").exists()  # the prompts' own format, next to the output
 
     report = json.loads((tmp_path / "three.job" / "report.json").read_text())

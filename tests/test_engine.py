@@ -8,6 +8,7 @@ for several shard sizes, storages and batch budgets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import subprocess
@@ -20,7 +21,9 @@ import pytest
 import torch
 
 from flexorch.orchestrator.demo import ARCHITECTURES
+from flexorch.workers.adapter import _cache_kwarg, attention_allowed
 from flexorch.workers.engine import EngineHooks, _Pass, make_batches, score_prompts
+from flexorch.workers.kvcache import append_columns, pack_new_tokens
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import read_manifest
 from flexorch.contract.models import MOE_MODEL_TYPES
@@ -37,7 +40,7 @@ TEXTS = [
      [" than its memory", " B", " C D E"]),
     ("0 1 2 3", [" 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20", " 4"]),
 ]
-GREEDY_STEPS = 3
+GREEDY_STEPS = 5  # the longest generation tested (the KV cache: 2, 3 and 5 steps)
 
 
 def tokenize(model_dir) -> list[TokenizedPrompt]:
@@ -145,15 +148,50 @@ def test_suffix_logprob_matches_unsplit_model(arch, layerwise, references, tmp_p
             assert scores["logprob"].dtype == np.float64
 
 
+def assert_greedy_extension(results, ref: Reference, steps: int) -> None:
+    """Scores and ids of `steps` greedy steps equal the un-split model's greedy extension."""
+    for result, expected, generated in zip(results, ref.probs, ref.generated):
+        assert result.scores.shape == expected[:, :steps].shape
+        np.testing.assert_allclose(result.scores, expected[:, :steps], atol=2e-6, rtol=0)
+        assert [tuple(g) for g in result.generated] == [g[:steps] for g in generated]
+
+
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["kv-cache", "recompute"])
 @pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
-def test_greedy_generation_matches_unsplit_model(arch, layerwise, references):
+def test_greedy_generation_matches_unsplit_model(arch, kv_cache, layerwise, references):
     ref = references(arch)
     results, _ = score_prompts(layerwise(arch), ref.prompts, ScoreSpec("next_token_probs", generate_tokens=3),
-                               settings(layers_per_shard=2, batch_tokens=64))
-    for result, expected, generated in zip(results, ref.probs, ref.generated):
-        assert result.scores.shape == expected.shape
-        np.testing.assert_allclose(result.scores, expected, atol=2e-6, rtol=0)
-        assert [tuple(g) for g in result.generated] == generated
+                               settings(layers_per_shard=2, batch_tokens=64, kv_cache=kv_cache))
+    assert_greedy_extension(results, ref, 3)
+
+
+# (steps, layers_per_shard, storage, batch_tokens): 2, 3 and 5 steps, the cache in every tier, one and
+# several layers per shard, one batch, a few, one prompt per batch.
+KV_CONFIGS = [(2, 1, "cpu", 4096), (3, 2, "disk", 1), (5, 3, "gpu", 60), (5, 2, "cpu", 1), (2, 3, "disk", 60)]
+
+
+@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+def test_kv_cache_generation_matches_unsplit_greedy_extension(arch, layerwise, references, tmp_path):
+    ref = references(arch)
+    for steps, layers, storage, budget in KV_CONFIGS:
+        results, _ = score_prompts(
+            layerwise(arch), ref.prompts, ScoreSpec("next_token_probs", generate_tokens=steps),
+            settings(layers_per_shard=layers, storage=storage, batch_tokens=budget, disk_folder=str(tmp_path)))
+        assert_greedy_extension(results, ref, steps)
+    assert not any(tmp_path.iterdir()), "the disk tier's cache files are removed after the round"
+
+
+def test_cached_steps_compute_one_token_per_suffix(layerwise, references):
+    ref = references("llama")
+    run = lambda kv: score_prompts(layerwise("llama"), ref.prompts, ScoreSpec(generate_tokens=3),  # noqa: E731
+                                   settings(batch_tokens=1, kv_cache=kv))[1]
+    first = sum(p.n_tokens for p in ref.prompts)  # one prompt per batch: no padding
+    suffixes = sum(len(p.suffix_ids) for p in ref.prompts)
+    shards = 6  # the embedding, 4 decoder layers, norm + head
+    # with the cache each later step computes the newest token of every suffix; without, every row
+    # again, one token longer per suffix each step
+    assert run(True).tokens == shards * (first + 2 * suffixes)
+    assert run(False).tokens == shards * (3 * first + (1 + 2) * suffixes)
 
 
 # Experts per group: one (every score kind, greedy steps too), two (the last group smaller where the
@@ -203,10 +241,46 @@ def test_token_probs_are_columns_of_the_full_softmax(arch, layerwise, references
 
 def test_prefix_is_computed_once_per_prompt():
     rows = [((1, 2, 3, 4, 5), ((6,), (7, 8), ())), ((1, 2), ((3,),))]
-    packed = _Pass(rows, batch_tokens=1000, kind="next_token_probs")
+    packed = _Pass.of_rows(rows, batch_tokens=1000, kind="next_token_probs")
     # one row per prompt: prefix + every suffix once (5 + 3 = 8 tokens), padded to the longest row
     assert packed.packed[0].input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 0, 0, 0, 0, 0]]
     assert packed.packed[0].position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 5, 6]
+
+
+def test_a_new_token_sees_its_prefix_its_suffix_and_its_own_generated_tokens():
+    """One row: prefix (2 tokens), suffix 1 (1 token), suffix 2 (empty), after two cached steps: the
+    newest token of each suffix attends to the prefix, its suffix and its earlier generated token."""
+    rows = [((1, 2), ((3,), ()))]
+    keys = _Pass.of_rows(rows, 1000, "next_token_probs").keys[0]
+    rows = [((1, 2), ((3, 10), (20,)))]  # step 1: each suffix got its first generated token
+    keys = append_columns(keys, pack_new_tokens(rows))
+    rows = [((1, 2), ((3, 10, 11), (20, 21)))]  # step 2
+    new = pack_new_tokens(rows)
+    assert new.position_ids.tolist() == [[4, 3]]  # where they sit in prefix + suffix + generated
+    allowed = attention_allowed(append_columns(keys, new), None, queries=2)[0, 0].int().tolist()
+    #        prefix  s1   step 1: s1 s2   step 2: s1 s2
+    assert allowed == [[1, 1, 1, 1, 0, 1, 0],
+                       [1, 1, 0, 0, 1, 0, 1]]
+    window = attention_allowed(append_columns(keys, new), 2, queries=2)[0, 0].int().tolist()
+    assert window == [[0, 0, 0, 1, 0, 1, 0], [0, 0, 0, 0, 1, 0, 1]]  # positions 3..4 and 2..3 only
+
+
+FORWARDS = {  # a decoder layer's forward as each transformers version names its cache
+    "cache": lambda self, hidden_states, attention_mask=None, cache=None, **kwargs: None,  # 5.2x
+    "past_key_values": lambda self, hidden_states, attention_mask=None, past_key_values=None, **kwargs: None,
+    "past_key_value": lambda self, hidden_states, attention_mask=None, past_key_value=None, **kwargs: None,  # 4.x
+}
+
+
+@pytest.mark.parametrize("name", tuple(FORWARDS))
+def test_the_cache_goes_under_the_name_the_decoder_layer_takes(name):
+    forward = FORWARDS[name]
+
+    @functools.wraps(forward)
+    def deprecating(*args, **kwargs):  # as transformers' deprecate_kwarg wraps forward
+        return forward(*args, **kwargs)
+
+    assert _cache_kwarg(forward) == _cache_kwarg(deprecating) == name
 
 
 def test_batches_respect_the_token_budget():

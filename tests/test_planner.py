@@ -373,14 +373,48 @@ def test_dtype_auto_keeps_the_checkpoints_and_a_conversion_costs_memory():
         make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS, dtype="float32"), [300] * 4)
 
 
-def test_generation_steps_grow_the_rows_and_multiply_the_reads():
-    one = make_plan(machine(cpus=8), small_fp32(), Spec(layers_per_shard=1), [150] * 32).workers[0]
+def test_generation_steps_multiply_the_reads_and_cached_steps_compute_one_token_per_suffix():
+    one = make_plan(machine(cpus=8), small_fp32(), Spec(layers_per_shard=1), [150] * 32, suffix_counts=[4] * 32).workers[0]
     three = make_plan(machine(cpus=8), small_fp32(), Spec(generate_tokens=3, layers_per_shard=1), [150] * 32,
                       suffix_counts=[4] * 32).workers[0]
     assert three.predicted_read_seconds == pytest.approx(3 * one.predicted_read_seconds)
-    assert three.predicted_compute_seconds > 3 * one.predicted_compute_seconds  # rows grow by 4 tokens a step
-    with pytest.raises(UserError, match=r"batch_tokens: 150 is below prompt 0's 158 tokens"):
-        make_plan(machine(), small_fp32(), Spec(generate_tokens=3, batch_tokens=150), [150], suffix_counts=[4])
+    # small_fp32: 16 x 12,847,104 decoder params, 32,768,000 in the head, which reads the 4 suffixes'
+    # last tokens each step; steps 2 and 3 run the decoder on those 4 tokens only (the KV cache).
+    decoder, head = 16 * 12_847_104, 32_768_000
+    ratio = (decoder * (150 + 4 + 4) + head * 3 * 4) / (decoder * 150 + head * 4)
+    assert three.predicted_compute_seconds == pytest.approx(ratio * one.predicted_compute_seconds)
+    # rows do not grow either: a batch of 150 tokens holds the 150-token prompt for every step
+    plan = make_plan(machine(), small_fp32(), Spec(generate_tokens=3, batch_tokens=150), [150], suffix_counts=[4])
+    assert plan.workers[0].settings.batch_tokens == 150
+
+
+def test_the_kv_cache_is_counted_in_its_tier_and_shrinks_rounds_that_must_stay_in_ram():
+    # small_fp32 keeps 16 layers x (keys + values) 2 x 1024 x 4 B = 131,072 B per token. 32 prompts of
+    # 150 tokens, 4 suffixes, 3 steps keep (150 + 4) x 1.25 padding = 192.5 tokens each: 807,403,520 B
+    # in all; the batch in flight holds one layer's cache of its 1024 tokens twice (16,777,216 B), and
+    # the two extra steps' results are 2 x 32 x 4 x 32000 x 4 B = 32,768,000 B.
+    job = dict(suffix_counts=[4] * 32)
+    fixed = dict(layers_per_shard=1, batch_tokens=1024)  # the same settings with and without the cache
+    one = make_plan(machine(cpus=8), small_fp32(), Spec(**fixed), [150] * 32, **job).workers[0]
+    three = make_plan(machine(cpus=8), small_fp32(), Spec(generate_tokens=3, **fixed), [150] * 32, **job).workers[0]
+    assert (one.settings, one.rounds) == (three.settings, three.rounds)  # storage cpu, 1 round
+    assert three.predicted_peak_ram - one.predicted_peak_ram == 807_403_520 + 16_777_216 + 32_768_000
+
+    # 320 prompts (25.2 MB of cache each) with 2 GB of RAM to spare beyond a one-step job's: held in RAM
+    # the cache makes rounds of 87 prompts; on disk it would keep one round, but its traffic costs more
+    # than reading the weights 4 times (predicted 55.5 s vs 43.2 s), so auto keeps it in RAM.
+    n, job = 320, dict(suffix_counts=[4] * 320)
+    spare = make_plan(machine(cpus=8), small_fp32(), Spec(layers_per_shard=1), [150] * n, **job).workers[0]
+    limits = Limits(ram=int((spare.predicted_peak_ram + 2 * GB) / 0.9) + 1)  # the planner keeps 10% free
+    auto = make_plan(machine(cpus=8), small_fp32(), Spec(generate_tokens=3, layers_per_shard=1, limits=limits),
+                     [150] * n, **job).workers[0]
+    assert (auto.settings.storage, len(auto.rounds)) == ("cpu", 4)
+    assert any(r.startswith("storage cpu (auto)") and "disk: " in r for r in auto.reasons)
+    ram = make_plan(machine(cpus=8), small_fp32(),
+                    Spec(generate_tokens=3, layers_per_shard=1, limits=limits, storage="cpu"), [150] * n,
+                    **job).workers[0]
+    assert [len(r) for r in ram.rounds] == [87, 87, 87, 59]
+    assert any(r.startswith("4 round(s) (the resume unit)") for r in ram.reasons)
 
 
 def test_no_prompts_is_an_error():

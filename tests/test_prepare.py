@@ -202,10 +202,10 @@ def test_failure_mid_way_leaves_no_half_made_dir(failure, existing, checkpoint, 
         prepare_checkpoint(checkpoint("qwen2", "safetensors"), dst)
     write_layer, written = prepare._write_layer, []
 
-    def fail_on_third_layer(layer, out):
+    def fail_on_third_layer(layer, out, *args):
         if len(written) == 2:
             raise failure
-        written.append(write_layer(layer, out))
+        written.append(write_layer(layer, out, *args))
         return written[-1]
 
     monkeypatch.setattr(prepare, "_write_layer", fail_on_third_layer)

@@ -167,6 +167,15 @@ def test_updated_pickle_round_trips_in_seed_format(tmp_path):
     assert sorted(p.name for p in written.parent.iterdir()) == ["scores_updated.pkl"]  # no temp file left
 
 
+def test_updated_jsonl_carries_the_generated_token_ids_and_reads_back(tmp_path):
+    prompts = [Prompt("Q1", (" A", " B"), id=1)]
+    written = write_updated_prompts(tmp_path / "scores.jsonl", prompts, [[" x", "\ufffd"]], "jsonl",
+                                    generated_ids=[((87, 88), (200, 201))])
+    assert json.loads(written.read_text(encoding="utf-8")) == {
+        "prefix": "Q1", "suffixes": [" A x", " B\ufffd"], "id": 1, "generated_ids": [[87, 88], [200, 201]]}
+    assert read_prompts(written) == [Prompt("Q1", (" A x", " B\ufffd"), 1)]
+
+
 def test_updated_jsonl_keeps_ids(tmp_path):
     prompts = [Prompt("Q1", (" A",), id=1), Prompt("Qé", (" B",))]
     written = write_updated_prompts(tmp_path / "scores.pkl", prompts, [[" x"], [" ÿ"]], "jsonl")

@@ -3,6 +3,9 @@
 One interface, three stores. Memory is bounded by construction: `gpu` holds every batch on the
 device, `cpu` holds them in (pinned, on CUDA) host memory, `disk` holds only the batch in flight —
 each batch is a safetensors file (no pickle), overwritten in place shard after shard.
+
+Keys are batch ids, or tuples of ints: the KV cache (workers/kvcache.py) keeps each decoder layer's
+keys and values per batch in a store of the same tier, under (layer, batch, block).
 """
 
 from __future__ import annotations
@@ -17,16 +20,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+Key = int | tuple[int, ...]
+
+
 class ActivationStore:
     """hidden: (rows, L, d_model) per batch id."""
 
-    def put(self, batch_id: int, hidden: torch.Tensor) -> None:
+    def put(self, batch_id: Key, hidden: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def get(self, batch_id: int) -> torch.Tensor:
+    def get(self, batch_id: Key, keep: bool = False) -> torch.Tensor:
+        """The tensor put under `batch_id`, on the device; `keep`: it will be read again (the KV
+        cache's prompt block, read at every generation step), so the store does not drop it."""
         raise NotImplementedError
 
-    def prefetch(self, batch_id: int) -> None:
+    def prefetch(self, batch_id: Key) -> None:
         """A hint: `batch_id` is the next one to be read."""
 
     def close(self) -> None:
@@ -42,8 +50,8 @@ class DeviceStore(ActivationStore):
     def put(self, batch_id, hidden):
         self._batches[batch_id] = hidden
 
-    def get(self, batch_id):
-        return self._batches.pop(batch_id)
+    def get(self, batch_id, keep=False):
+        return self._batches[batch_id] if keep else self._batches.pop(batch_id)
 
     def close(self):
         self._batches.clear()
@@ -62,10 +70,11 @@ class HostStore(ActivationStore):
         host.copy_(hidden, non_blocking=self._pin)
         self._batches[batch_id] = host
 
-    def get(self, batch_id):
+    def get(self, batch_id, keep=False):
         if self._pin:  # the put's device-to-host copy must have landed
             torch.cuda.current_stream(self.device).synchronize()
-        return self._batches.pop(batch_id).to(self.device, non_blocking=self._pin)
+        host = self._batches[batch_id] if keep else self._batches.pop(batch_id)
+        return host.to(self.device, non_blocking=self._pin)
 
     def close(self):
         self._batches.clear()
@@ -88,8 +97,9 @@ class DiskStore(ActivationStore):
         self._reads: dict[int, Future] = {}
         self._write: Future | None = None
 
-    def _path(self, batch_id: int) -> Path:
-        return self.root / f"batch{batch_id:06d}.safetensors"
+    def _path(self, batch_id: Key) -> Path:
+        parts = batch_id if isinstance(batch_id, tuple) else (batch_id,)
+        return self.root / f"batch{'-'.join(f'{part:06d}' for part in parts)}.safetensors"
 
     def put(self, batch_id, hidden):
         self._wait_for_write()  # at most one batch waits to be written
@@ -100,7 +110,7 @@ class DiskStore(ActivationStore):
         if batch_id not in self._reads:
             self._reads[batch_id] = self._io.submit(load_file, self._path(batch_id), "cpu")
 
-    def get(self, batch_id):
+    def get(self, batch_id, keep=False):  # the file stays until close (or the next put): `keep` holds
         self.prefetch(batch_id)
         return self._reads.pop(batch_id).result()["hidden"].to(self.device)
 

@@ -103,8 +103,10 @@ def pack_rows(rows: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]]) -
     return PackedBatch(ids, pos, seg)
 
 
-def attention_allowed(batch: PackedBatch, sliding_window: int | None) -> torch.Tensor:
-    """(rows, 1, L, L) bool: may query q attend to key k.
+def attention_allowed(batch: PackedBatch, sliding_window: int | None, queries: int | None = None) -> torch.Tensor:
+    """(rows, 1, Q, L) bool: may query q attend to key k; the queries are the last Q columns of
+    `batch` (all of them by default; a generation step's new tokens against the KV cache, whose
+    columns `batch` lays out first).
 
     A prefix token sees the earlier prefix; a suffix token sees the whole prefix and the earlier
     tokens of its own suffix — exactly its view in the un-split prefix + suffix sequence. A sliding
@@ -113,13 +115,15 @@ def attention_allowed(batch: PackedBatch, sliding_window: int | None) -> torch.T
     """
     seg, pos = batch.segment_ids, batch.position_ids
     length = seg.shape[1]
-    index = torch.arange(length)
-    causal = index[None, :, None] >= index[None, None, :]  # (1, q, k)
-    seg_q, seg_k = seg[:, :, None], seg[:, None, :]
+    first = length - (length if queries is None else queries)
+    index = torch.arange(length, device=seg.device)
+    q_index = index[first:]
+    causal = q_index[None, :, None] >= index[None, None, :]  # (1, q, k)
+    seg_q, seg_k = seg[:, first:, None], seg[:, None, :]
     allowed = causal & ((seg_k == seg_q) | (seg_k == 0)) & (seg_k >= 0) & (seg_q >= 0)
     if sliding_window is not None:
-        allowed &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
-    allowed |= (seg_q < 0) & (index[:, None] == index[None, :])
+        allowed &= (pos[:, first:, None] - pos[:, None, :]) < sliding_window
+    allowed |= (seg_q < 0) & (q_index[:, None] == index[None, :])
     return allowed[:, None]
 
 
@@ -196,6 +200,15 @@ def layer_kinds(config, rotary: nn.Module) -> tuple[LayerKind, ...]:
                  for t in types[:config.num_hidden_layers])
 
 
+def _cache_kwarg(forward) -> str:
+    """The name a decoder layer takes its KV cache under: transformers renamed it from
+    `past_key_value` (4.x) to `past_key_values` (5.x) to `cache` (5.2x, the old name deprecated).
+    Read from the signature (decorators keep it through functools.wraps)."""
+    parameters = inspect.signature(forward).parameters
+    return next((name for name in ("cache", "past_key_values", "past_key_value") if name in parameters),
+                "past_key_values")
+
+
 class ModelAdapter:
     """A meta skeleton of the model and the calls that run each stage on `device`."""
 
@@ -221,6 +234,7 @@ class ModelAdapter:
         self.rotary = parts.rotary.to(device)
         self.scaling = Scaling.from_config(config)
         self.layer_kinds = layer_kinds(config, parts.rotary)
+        self._cache_kwarg = _cache_kwarg(type(self._layers[0]).forward)
 
     @property
     def num_layers(self) -> int:
@@ -255,10 +269,13 @@ class ModelAdapter:
         return self.rotary(hidden, position_ids)
 
     def decoder_layer(self, index: int, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
-                      position_embeddings) -> torch.Tensor:
-        """hidden: (rows, L, d_model) → same; mask: additive (rows, 1, L, L)."""
+                      position_embeddings, cache=None) -> torch.Tensor:
+        """hidden: (rows, Q, d_model) → same; mask: additive (rows, 1, Q, K); `cache`: an object with
+        transformers' `update(keys, values, layer_idx, ...) -> (keys, values)` (workers/kvcache.py),
+        or None: the keys are the Q tokens' own (K == Q)."""
+        extra = {self._cache_kwarg: cache} if cache is not None else {}
         out = self._layers[index](hidden, attention_mask=mask, position_ids=position_ids,
-                                  position_embeddings=position_embeddings)
+                                  position_embeddings=position_embeddings, **extra)
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

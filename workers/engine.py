@@ -4,7 +4,9 @@ Loop order is shard-major: a shard (a few decoder layers, or the embeddings, or 
 is loaded once per pass and every batch of prompts goes through it before the next shard comes;
 activations wait in an ActivationStore. Each prompt is one packed row — its prefix once, then
 every suffix with positions restarting after the prefix and a mask that keeps suffixes apart — so
-the prefix is computed once per layer, not once per suffix.
+the prefix is computed once per layer, not once per suffix. With several generation steps the
+first step keeps every layer's keys and values (workers/kvcache.py) and each later step computes
+only the newest token of every suffix against them.
 
 Where a batch's input comes from and its output goes is the `Link` (workers/link.py): in data mode
 the one-stage `LocalLink` over the activation store; in pipeline mode (workers/pipeline.py) the
@@ -28,8 +30,9 @@ import torch
 
 from flexorch.workers.activations import make_store
 from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
+from flexorch.workers.kvcache import KVCache, NoCache, append_columns, pack_new_tokens
 from flexorch.workers.layerfile import LayerwiseModel
-from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
+from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD
 from flexorch.contract.shards import DENSE_PART, owner, plan_shards
 from flexorch.workers.experts import StreamedExperts
 from flexorch.workers.link import Link, LocalLink
@@ -98,16 +101,38 @@ def _trim_heap() -> None:
 
 
 class _Pass:
-    """One pass over the model for one generation step: batches, their layout and scores."""
+    """One pass over the model for one generation step: batches, their layout and scores.
 
-    def __init__(self, rows: list[Row], batch_tokens: int, kind: str):
-        self.rows = rows
-        self.batches = make_batches(rows, batch_tokens)
-        self.packed = [pack_rows([rows[i] for i in batch]) for batch in self.batches]
-        self.targets = [score_targets([rows[i] for i in batch], kind) for batch in self.batches]
+    packed[b]: the tokens batch b computes, (rows, Q); keys[b]: the layout of every key they attend
+    to, (rows, K): packed[b] itself when the pass computes the rows in full; against the KV cache,
+    the cached columns followed by packed[b] (the newest token of each suffix)."""
+
+    def __init__(self, rows: list[Row], batches: list[list[int]], kind: str, cached: list[PackedBatch] | None = None):
+        self.rows, self.batches = rows, batches
+        batch_rows = [[rows[i] for i in batch] for batch in batches]
+        if cached is None:
+            self.packed = [pack_rows(r) for r in batch_rows]
+            self.keys = self.packed
+            self.targets = [score_targets(r, kind) for r in batch_rows]
+        else:
+            self.packed = [pack_new_tokens(r) for r in batch_rows]
+            self.keys = [append_columns(k, p) for k, p in zip(cached, self.packed)]
+            # one column per suffix: scored as a row with no prefix and one-token suffixes
+            self.targets = [score_targets([((), tuple(s[-1:] for s in suffixes)) for _, suffixes in r], kind)
+                            for r in batch_rows]
         self.tokens = sum(p.input_ids.numel() for p in self.packed)
         self._layouts: dict[tuple[int, LayerKind], tuple] = {}  # (batch, layer kind) → cached layout
         self._layout_bytes = 0
+
+    @classmethod
+    def of_rows(cls, rows: list[Row], batch_tokens: int, kind: str) -> "_Pass":
+        """The rows computed in full, batched within `batch_tokens`."""
+        return cls(rows, make_batches(rows, batch_tokens), kind)
+
+    def next_step(self, rows: list[Row], kind: str) -> "_Pass":
+        """The next generation step against the KV cache: the same batches (the cache is kept per
+        batch), each suffix one token longer in `rows`."""
+        return _Pass(rows, self.batches, kind, cached=self.keys)
 
     def layout(self, b: int, kind: LayerKind, build: Callable[[], tuple]) -> tuple:
         """(mask, position_ids, position_embeddings) of batch b: the same for every layer of a pass,
@@ -153,17 +178,18 @@ class Engine:
         generated = [[() for _ in p.suffix_ids] for p in prompts]  # per prompt, per suffix
         scores = [[] for _ in prompts]  # per prompt: one BatchScores slice per step
         link = self.link or LocalLink(make_store(self.settings.storage, self.device, self.settings.disk_folder))
+        cache = self._kv_cache(steps)
         loader = ShardLoader(self.model, self.own_shards, self.device, self.dtype, passes=steps,
                              verify=self.settings.verify_checksums, resident=self.resident)
-        tokens = 0
-        with torch.inference_mode(), loader, link:
+        tokens, current = 0, None
+        with torch.inference_mode(), loader, link, cache:
             for step in range(steps):
                 rows = [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen)))
                         for p, gen in zip(prompts, generated)]
-                current = _Pass(rows, self.settings.batch_tokens, self.score.kind)
+                current = self._pass(rows, current, cache)  # the step's batches, their layout and targets
                 for position, shard in enumerate(self.own_shards):
                     loaded = loader.next_shard()  # load weight (prefetched on the loader's thread)
-                    self._run_shard(loaded, current, link, scores)  # per batch: receive, compute, send
+                    self._run_shard(loaded, current, link, cache, scores)  # per batch: receive, compute, send
                     loader.release(loaded)  # the compute using it has been issued
                     done = current.tokens if shard.last_step else 0  # a streamed MoE layer: once, at its end
                     tokens += done
@@ -188,6 +214,20 @@ class Engine:
             peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens)
         return results, summary
 
+    def _pass(self, rows: list[Row], previous: _Pass | None, cache: KVCache) -> _Pass:
+        """The first step (or every step without a cache): the rows in full; a later step with the
+        cache: each suffix's newest token, in the previous step's batches."""
+        if previous is not None and cache.enabled:
+            return previous.next_step(rows, self.score.kind)
+        return _Pass.of_rows(rows, self.settings.batch_tokens, self.score.kind)
+
+    def _kv_cache(self, steps: int) -> KVCache:
+        """Keys and values kept between steps in the activations' tier; none for a single step (or a
+        kind that appends no token: every step would compute the same rows)."""
+        if steps == 1 or not self.settings.kv_cache or not self.score.kind.generates:
+            return NoCache()
+        return KVCache(make_store(self.settings.storage, self.device, self.settings.disk_folder), steps)
+
     def _next_ids(self, scores) -> tuple[tuple[int, ...], ...] | None:
         """The argmax id each suffix appends for the next step, per prompt (() for a kind that
         generates none); None where this stage does not score. In a pipeline every stage waits for
@@ -198,21 +238,21 @@ class Engine:
             return ()
         return tuple(tuple(int(t) for t in prompt_scores[-1][1]) for prompt_scores in scores)
 
-    def _run_shard(self, loaded: LoadedShard, current: _Pass, link: Link, scores) -> None:
+    def _run_shard(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache, scores) -> None:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         if loaded.shard.experts is None:
-            self._run_layers(loaded, current, link, scores)
+            self._run_layers(loaded, current, link, cache, scores)
         elif loaded.shard.experts == DENSE_PART:
-            self._run_dense_part(loaded, current, link)
+            self._run_dense_part(loaded, current, link, cache)
         else:
             self._run_expert_group(loaded, link, len(current.packed))
         _trim_heap()
         if cuda:
             self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
 
-    def _run_layers(self, loaded: LoadedShard, current: _Pass, link: Link, scores) -> None:
+    def _run_layers(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache, scores) -> None:
         """Whole layers: per batch, receive, compute, send (or score)."""
         modules = []
         for name in loaded.shard.names:
@@ -232,7 +272,9 @@ class Engine:
                 if b + 1 < len(current.packed):
                     link.prefetch(loaded.step, loaded.shard.index, b + 1)
             if layer_indices:
-                hidden = self._decoder_layers(layer_indices, hidden, current, b)
+                if b + 1 < len(current.packed):
+                    cache.prefetch(loaded.step, layer_indices, b + 1)
+                hidden = self._decoder_layers(layer_indices, hidden, current, b, cache, loaded.step)
             if LM_HEAD in kinds:
                 self._score_batch(hidden, current, b, scores)
             else:
@@ -241,7 +283,7 @@ class Engine:
         for _, module in modules:
             self.adapter.release(module)
 
-    def _run_dense_part(self, loaded: LoadedShard, current: _Pass, link: Link) -> None:
+    def _run_dense_part(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache) -> None:
         """A streamed MoE layer's first step (workers/experts.py): attention and router over every
         batch; the outputs wait, without the experts' share, for the groups of experts."""
         shard, entry = loaded.shard, self.model.entry(loaded.shard.names[0])
@@ -254,7 +296,7 @@ class Engine:
             hidden = link.receive(loaded.step, shard.index, b).to(self.device)
             if b + 1 < len(current.packed):
                 link.prefetch(loaded.step, shard.index, b + 1)
-            self._streamed.keep(self._decoder_layers([entry.index], hidden, current, b))
+            self._streamed.keep(self._decoder_layers([entry.index], hidden, current, b, cache, loaded.step))
         self.adapter.release(layer)
 
     def _run_expert_group(self, loaded: LoadedShard, link: Link, batches: int) -> None:
@@ -269,19 +311,23 @@ class Engine:
             self._streamed.restore()
             self._streamed = None
 
-    def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, current: _Pass, b: int) -> torch.Tensor:
-        packed = current.packed[b]
+    def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, current: _Pass, b: int,
+                        cache: KVCache, step: int) -> torch.Tensor:
+        """hidden: (rows, Q, d_model) of batch b at `step` through decoder layers `indices`, each
+        with its keys and values of the earlier steps from `cache`."""
+        packed, keys = current.packed[b], current.keys[b]
 
         def build(kind: LayerKind) -> tuple:
             position_ids = packed.position_ids.to(self.device)
-            segments = PackedBatch(packed.input_ids, position_ids, packed.segment_ids.to(self.device))
-            mask = additive_mask(attention_allowed(segments, kind.window), self.dtype)
+            layout = PackedBatch(keys.input_ids, keys.position_ids.to(self.device), keys.segment_ids.to(self.device))
+            mask = additive_mask(attention_allowed(layout, kind.window, queries=packed.shape[1]), self.dtype)
             return mask, position_ids, self.adapter.position_embeddings(hidden, position_ids, kind)
 
         for i in indices:
             kind = self.adapter.layer_kinds[i]
             mask, position_ids, position_embeddings = current.layout(b, kind, lambda: build(kind))
-            hidden = self.adapter.decoder_layer(i, hidden, mask, position_ids, position_embeddings)
+            hidden = self.adapter.decoder_layer(i, hidden, mask, position_ids, position_embeddings,
+                                                cache.layer(step, i, b))
         return hidden
 
     def _score_batch(self, hidden: torch.Tensor, current: _Pass, b: int, scores) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flexorch.contract.shards import Shard
+from flexorch.workers.compression import decompress_layer
 from flexorch.workers.layerfile import LayerwiseModel
 
 
@@ -183,15 +184,23 @@ class ShardLoader:
         return out
 
     def _convert(self, views: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-        """Floating tensors to the compute dtype (a copy only where the checkpoint's dtype differs)."""
-        return {name: {k: self._to_compute_dtype(t) for k, t in tensors.items()} for name, tensors in views.items()}
+        """Compressed weights dequantised, floating tensors in the compute dtype (a copy only where
+        the stored dtype differs): on the device, right after the read."""
+        out = {}
+        for name, tensors in views.items():
+            plain = decompress_layer(tensors, self.dtype)
+            out[name] = {k: self._to_compute_dtype(t) if k in tensors else self._for_compute(t)
+                         for k, t in plain.items()}
+        return out
 
     def _to_compute_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point() or tensor.dtype == self.dtype:
             return tensor
-        converted = tensor.to(self.dtype)
+        return self._for_compute(tensor.to(self.dtype))
+
+    def _for_compute(self, made: torch.Tensor) -> torch.Tensor:
         if self._copy_stream is not None:
             # made on the copy stream, used on the compute stream: the caching allocator must not
             # hand its memory to the copy stream again before the compute is done with it
-            converted.record_stream(torch.cuda.default_stream(self.device))
-        return converted
+            made.record_stream(torch.cuda.default_stream(self.device))
+        return made

@@ -8,6 +8,8 @@ A layerwise dir (written by `flexorch prepare`) holds:
 Tensor names inside a layer file are relative to the layer's module (``self_attn.q_proj.weight``);
 ``source_prefix`` + name gives the name in the source checkpoint (``model.layers.3.``).
 A tied lm head has no file of its own: ``tied_to`` names the layer whose ``weight`` it reuses.
+A dir prepared with ``--compress int8|int4`` records the scheme in the manifest and in every decoder
+layer's entry (workers/compression.py); one dir holds one scheme.
 
 Pure Python (json only): the planner reads manifests without importing torch.
 """
@@ -50,6 +52,7 @@ class LayerEntry:
     experts: int = 0
     expert_bytes: int = 0
     expert_tensors: tuple[str, ...] = ()
+    compression: str | None = None  # "int8" | "int4": its projection weights are quantised (decoder layers)
 
     @property
     def index(self) -> int | None:
@@ -69,6 +72,7 @@ class Manifest:
     layers: tuple[LayerEntry, ...]  # forward order
     config: dict = field(default_factory=dict)  # the source config.json, as read
     source: str = ""  # the source dir, for information only
+    compression: str | None = None  # "int8" | "int4" (`flexorch prepare --compress`); None: as the checkpoint
 
     # -- derived sizes, used by the planner ------------------------------------------------------
     @property
@@ -119,15 +123,30 @@ class Manifest:
         problem = _type_problem(manifest)
         if problem:
             raise ManifestError(f"manifest is malformed: {problem}")
+        manifest.check_compression()
         return manifest
+
+    def check_compression(self) -> None:
+        """Every decoder layer stored with the manifest's scheme, the other layers uncompressed: a
+        layer file copied in from a dir prepared otherwise would be read with the wrong scheme."""
+        for entry in self.layers:
+            expected = self.compression if entry.kind == DECODER else None
+            if entry.compression != expected:
+                raise ManifestError(
+                    f"layer {entry.name} is stored {_scheme(entry.compression)} but the manifest says "
+                    f"{_scheme(expected)}: one dir holds one scheme; re-run `flexorch prepare`")
+
+
+def _scheme(compression: str | None) -> str:
+    return f"compressed {compression}" if compression else "uncompressed"
 
 
 _NONE = type(None)
 _FIELD_TYPES = {"version": int, "model_type": str, "dtype": str, "num_layers": int, "hidden_size": int,
-                "vocab_size": int, "config": dict, "source": str}
+                "vocab_size": int, "config": dict, "source": str, "compression": (str, _NONE)}
 _ENTRY_TYPES = {"name": str, "kind": str, "file": (str, _NONE), "bytes": int, "sha256": (str, _NONE),
                 "dtype": str, "params": int, "source_prefix": str, "tied_to": (str, _NONE), "experts": int,
-                "expert_bytes": int}
+                "expert_bytes": int, "compression": (str, _NONE)}
 
 
 def _type_problem(manifest: "Manifest") -> str | None:

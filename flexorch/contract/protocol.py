@@ -95,6 +95,7 @@ class EngineSettings:
     experts_per_group: int = 0  # MoE layers: stream experts this many at a time (contract/shards.py); 0: whole layers
     allow_untested_models: bool = False  # the job's allow_untested_models: run a model type outside TESTED_MODEL_TYPES
     resident: bool = False  # keep every shard once read: the model is read once per worker, not once per pass
+    kv_cache: bool = True  # generate_tokens > 1: keep keys/values in `storage`, later steps compute new tokens only
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,127 @@
+"""The KV cache: every decoder layer's keys and values, kept between generation steps.
+
+Step 0 computes each batch's packed rows in full (prefix once, then every suffix) and keeps what
+each attention layer made of them: its keys and values, rotary embedding applied. A later step
+feeds only the newest token of every suffix — one column per suffix (`pack_new_tokens`) — and
+attends over the kept keys and its own. Its mask is `attention_allowed` over the key layout (the
+step-0 row, then one column per suffix per step, each with the segment and position the token has
+in the full row), so the new token of suffix j sees the prefix, suffix j's tokens and the tokens
+generated after it before, never another suffix. An extra step then costs one token per suffix
+instead of the whole row again.
+
+The cache waits in an ActivationStore of the round's tier (device, RAM or disk, which the planner
+sizes to hold it), per (layer, batch) in two blocks: the prompt's, written once at step 0 and read
+at every later step, and the generated tokens', rewritten each step (one column per suffix per
+step: small). A pipeline stage keeps the cache of its own layers only: nothing of it travels.
+
+transformers' attention modules call `cache.update(keys, values, layer_idx, ...)` and attend over
+the keys and values it returns; `LayerCache` is that object for one layer and one batch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from flexorch.workers.activations import ActivationStore
+from flexorch.workers.adapter import PackedBatch
+
+PROMPT, GENERATED = 0, 1  # the two blocks of a (layer, batch)'s cache
+
+
+class LayerCache:
+    """One layer's cache for one batch at one step. Blocks are (2, rows, kv_heads, K, head_dim):
+    keys and values stacked."""
+
+    def __init__(self, store: ActivationStore | None, key: tuple[int, int], step: int,
+                 prompt: torch.Tensor | None, generated: torch.Tensor | None):
+        self.store, self.key, self.step = store, key, step  # store None: nothing read after this step
+        self.prompt, self.generated = prompt, generated
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *_transformers_args, **_transformers_kwargs):
+        """keys, values: (rows, kv_heads, Q, head_dim) of this step's tokens → those of every token
+        they attend to: the cached ones, then theirs. Keeps this step's for the next one.
+        (layer_idx and the cache kwargs are transformers' and unused: one object per layer.)"""
+        new = torch.stack([keys, values])
+        if self.store is not None:
+            if self.step == 0:
+                self.store.put((*self.key, PROMPT), new)
+            else:
+                past = [new] if self.generated is None else [self.generated, new]
+                self.store.put((*self.key, GENERATED), torch.cat(past, dim=-2))
+        blocks = [b for b in (self.prompt, self.generated) if b is not None]
+        if not blocks:
+            return keys, values
+        both = torch.cat([*blocks, new], dim=-2)
+        return both[0], both[1]
+
+
+class KVCache:
+    """The caches of one round: every layer this worker computes, every batch, `steps` steps."""
+
+    enabled = True
+
+    def __init__(self, store: ActivationStore, steps: int):
+        self.store, self.last_step = store, steps - 1
+
+    def layer(self, step: int, layer: int, batch: int) -> LayerCache:
+        keep = step < self.last_step  # what the last step computes is never read
+        prompt = self.store.get((layer, batch, PROMPT), keep=keep) if step > 0 else None
+        generated = self.store.get((layer, batch, GENERATED)) if step > 1 else None
+        return LayerCache(self.store if keep else None, (layer, batch), step, prompt, generated)
+
+    def prefetch(self, step: int, layers: Sequence[int], batch: int) -> None:
+        """A hint: `batch` goes through `layers` next (the disk tier reads its blocks meanwhile)."""
+        for layer in layers:
+            if step > 0:
+                self.store.prefetch((layer, batch, PROMPT))
+            if step > 1:
+                self.store.prefetch((layer, batch, GENERATED))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "KVCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class NoCache(KVCache):
+    """One generation step (or the cache turned off): every step recomputes the rows in full."""
+
+    enabled = False
+
+    def __init__(self):
+        pass
+
+    def layer(self, step, layer, batch):
+        return None
+
+    def prefetch(self, step, layers, batch):
+        pass
+
+    def close(self):
+        pass
+
+
+def pack_new_tokens(rows: Sequence[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]]) -> PackedBatch:
+    """The newest token of every suffix of each (prefix_ids, suffix_ids) row, one column per suffix:
+    (rows, max suffixes), with the segment (j + 1 for suffix j) and position it has in the full row."""
+    width = max(len(suffixes) for _, suffixes in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, (prefix, suffixes) in enumerate(rows):
+        for j, suffix in enumerate(suffixes):
+            ids[r, j], pos[r, j], seg[r, j] = suffix[-1], len(prefix) + len(suffix) - 1, j + 1
+    return PackedBatch(ids, pos, seg)
+
+
+def append_columns(keys: PackedBatch, new: PackedBatch) -> PackedBatch:
+    """The key layout after a step against the cache: the cached columns, then the step's."""
+    return PackedBatch(torch.cat([keys.input_ids, new.input_ids], dim=1),
+                       torch.cat([keys.position_ids, new.position_ids], dim=1),
+                       torch.cat([keys.segment_ids, new.segment_ids], dim=1))
