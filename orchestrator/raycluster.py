@@ -79,8 +79,9 @@ def check_model(nodes: Sequence[Node], model_dir: Path) -> None:
 
 
 def model_problem(model_dir: str, manifest_sha256: str) -> str | None:
-    """Run on a node: None when `model_dir` there holds the manifest with that digest and layer files
-    of the sizes it lists, else what is wrong."""
+    """Run on a node: None when `model_dir` there holds the manifest with that digest and a dir that
+    agrees with it (read_manifest checks every layer file's presence, place and size), else what is
+    wrong."""
     path = Path(model_dir) / MANIFEST_NAME
     try:
         data = path.read_bytes()
@@ -88,14 +89,10 @@ def model_problem(model_dir: str, manifest_sha256: str) -> str | None:
         return f"cannot read {path} ({exc.strerror})"
     if hashlib.sha256(data).hexdigest() != manifest_sha256:
         return f"{path} differs from the controller's (another model, or another `flexorch prepare` of it)"
-    for entry in read_manifest(model_dir).layers:
-        if entry.file is None:
-            continue
-        file = Path(model_dir) / entry.file
-        size = file.stat().st_size if file.is_file() else None
-        if size != entry.bytes:
-            found = "missing" if size is None else f"{size} bytes"
-            return f"{file}: {found}, the manifest says {entry.bytes} bytes"
+    try:
+        read_manifest(model_dir)
+    except UserError as exc:
+        return str(exc)
     return None
 
 
