@@ -170,14 +170,7 @@ def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
         raise UserError(f"{source}: {problem}")
     if not isinstance(items, (list, tuple)):
         raise UserError(f"{source}: expected a list of (prefix, suffixes) pairs, got {_show(items)}")
-    problems = _Problems(source)
-    prompts = []
-    for index, item in enumerate(items):
-        prompt = _prompt_from_item(item, problems, f"prompt index {index}")
-        if prompt is not None:
-            prompts.append(prompt)
-    problems.raise_if_any()
-    return prompts
+    return _prompts_of_items(items, source, "prompt index {}")
 
 
 def _prompt_from_dict(item: dict, problems: _Problems, where: str) -> Prompt | None:
@@ -243,15 +236,22 @@ def prompts_from_objects(items, source: str = "prompts") -> list[Prompt]:
     problem = check_plain(items)  # the same guard as a file's: depth, 64-bit ints, valid Unicode
     if problem:
         raise UserError(f"{source}: {problem}")
-    problems = _Problems(Path(source))
+    prompts = _prompts_of_items(items, Path(source), "[{}]")
+    if not prompts:
+        raise UserError(f"{source}: holds no prompts")
+    return prompts
+
+
+def _prompts_of_items(items, source: Path, where: str) -> list[Prompt]:
+    """Prompts from a list of items (a pickle's, or the Python API's), every problem listed at once;
+    `where`: how a problem names item i (`where.format(i)`)."""
+    problems = _Problems(source)
     prompts = []
     for index, item in enumerate(items):
-        prompt = _prompt_from_item(item, problems, f"[{index}]")
+        prompt = _prompt_from_item(item, problems, where.format(index))
         if prompt is not None:
             prompts.append(prompt)
     problems.raise_if_any()
-    if not prompts:
-        raise UserError(f"{source}: holds no prompts")
     return prompts
 
 
