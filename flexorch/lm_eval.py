@@ -1,6 +1,6 @@
 """flexorch as an lm-evaluation-harness model: `FlexorchLM`, registered as `flexorch`.
 
-    python -m flexorch.lm_eval --model_args pretrained=DIR,devices=0+1 --tasks hellaswag
+    flexorch eval --model_args pretrained=DIR,devices=0+1 --tasks hellaswag   # or python -m flexorch.lm_eval
     lm_eval.simple_evaluate(model=FlexorchLM(pretrained=DIR), tasks=[...])
 
 lm-eval hands a model every request of a run at once, one call per request type. Each call becomes
@@ -228,21 +228,27 @@ def _default_job_root() -> Path:
     return default_cache_dir() / JOBS_DIR
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's command line with this model registered; `--model flexorch` unless another is named."""
+def run_cli(argv: Sequence[str]) -> None:
+    """lm-eval's command line with this model registered; `--model flexorch` unless another is
+    named. Raises UserError (bad model_args, a refused request)."""
     from lm_eval.__main__ import cli_evaluate
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("ls", "validate"):  # lm-eval's other commands, passed on as they are
-        pass
-    else:
+    args = list(argv)
+    if not args or args[0] not in ("ls", "validate"):  # lm-eval's other commands pass as they are
         args = args[1:] if args and args[0] == "run" else args
         if not any(a in ("--model", "-M") or a.startswith("--model=") for a in args):
             args = ["--model", MODEL_NAME, *args]
         args = ["run", *args]
-    sys.argv = ["flexorch eval", *args]
+    saved, sys.argv = sys.argv, ["flexorch eval", *args]  # lm-eval's parser reads sys.argv
     try:
         cli_evaluate()
+    finally:
+        sys.argv = saved
+
+
+def main() -> None:
+    try:
+        run_cli(sys.argv[1:])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -84,8 +84,10 @@ def tasks_dir(tmp_path_factory) -> Path:
 
 
 def evaluate(model, tasks_dir: Path, tasks=(MC, PPL), **kwargs) -> dict:
-    return simple_evaluate(model=model, tasks=list(tasks), task_manager=TaskManager(include_path=str(tasks_dir)),
-                           log_samples=True, bootstrap_iters=0, **kwargs)
+    # Only the local tasks: indexing lm-eval's thousands of built-in ones takes seconds.
+    manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    return simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, log_samples=True,
+                           bootstrap_iters=0, **kwargs)
 
 
 def responses(out: dict, task: str) -> list:
@@ -148,9 +150,9 @@ def test_two_devices_answer_as_one_and_a_rerun_resumes(layerwise, tasks_dir, job
     assert_same_answers(responses(two, MC), responses(ours, MC))
     (job,) = tmp_path.iterdir()  # one job for every loglikelihood request of the run
     assert json.loads((job / "report.json").read_text())["workers"][1]["prompts"] > 0
-    # The same evaluation again, from lm-eval's command line: every prompt is reused.
+    # The same evaluation again, from the command line (`flexorch eval`): every prompt is reused.
     again = subprocess.run(
-        [sys.executable, "-m", "flexorch.lm_eval", "--model_args",
+        [sys.executable, "-m", "flexorch.orchestrator.cli", "eval", "--model_args",
          f"pretrained={layerwise('llama')},devices=cpu,job_dir={job_root},progress=False", "--tasks", MC,
          "--include_path", str(tasks_dir)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -176,3 +178,10 @@ def test_generation_is_refused_naming_the_task(layerwise):
 def test_bad_model_args_are_user_errors(tmp_path):
     with pytest.raises(flexorch.UserError, match="pretrained: .* is not a model dir"):
         FlexorchLM(pretrained=str(tmp_path / "missing"))
+
+
+def test_eval_command_refuses_bad_model_args_in_one_line(tmp_path, tasks_dir):
+    run = subprocess.run([sys.executable, "-m", "flexorch.lm_eval", "--model_args", f"pretrained={tmp_path}/none",
+                          "--tasks", MC, "--include_path", str(tasks_dir)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == f"error: model_args: pretrained: " \
+        f"{tmp_path}/none is not a model dir"
