@@ -44,6 +44,7 @@ JOBS_DIR = "lm-eval"  # under $FLEXORCH_CACHE when model_args give no job_dir
 DEFAULT_MAX_LENGTH = 2048
 # Shorthands for the job's `limits` in key=value model_args (`ram=8GB`).
 _LIMIT_ARGS = ("gpu_memory", "ram")
+_PLACEMENT_ARGS = ("devices", "limits", "worker_timeout")
 
 TokenIds = tuple[int, ...]
 
@@ -188,10 +189,12 @@ class FlexorchLM(TemplateLM):
         return [(float(results[i].scores["logprob"][j]), bool(results[i].scores["is_greedy"][j])) for i, j in where]
 
     def _digest(self, prompts: list[dict]) -> str:
-        """Names the job folder: the same model, settings and requests resume the same job."""
+        """Names the job folder: the same model, settings and requests resume the same job. Where
+        it runs (devices, limits) changes no score, so a run cut short on two GPUs resumes on one."""
         model = self.pretrained / "manifest.json"
+        settings = {key: value for key, value in self.settings.items() if key not in _PLACEMENT_ARGS}
         identity = {"model": str(self.pretrained), "manifest": model.read_text() if model.is_file() else None,
-                    "settings": self.settings, "max_length": self.max_length, "prompts": prompts}
+                    "settings": settings, "max_length": self.max_length, "prompts": prompts}
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -146,14 +146,15 @@ def test_the_long_request_is_longer_than_the_model_and_still_matches(layerwise, 
 
 def test_two_devices_answer_as_one_and_a_rerun_resumes(layerwise, tasks_dir, job_root, ours, tmp_path):
     two = evaluate(FlexorchLM(pretrained=str(layerwise("llama")), devices="cpu+cpu", job_dir=str(tmp_path),
-                              progress=False), tasks_dir, tasks=(MC,))
+                              progress=False), tasks_dir, tasks=(MC,))  # a new job_dir: computed again
     assert_same_answers(responses(two, MC), responses(ours, MC))
     (job,) = tmp_path.iterdir()  # one job for every loglikelihood request of the run
     assert json.loads((job / "report.json").read_text())["workers"][1]["prompts"] > 0
-    # The same evaluation again, from the command line (`flexorch eval`): every prompt is reused.
+    # The same evaluation again, from the command line (`flexorch eval`), on two workers: every
+    # prompt is reused.
     again = subprocess.run(
         [sys.executable, "-m", "flexorch.orchestrator.cli", "eval", "--model_args",
-         f"pretrained={layerwise('llama')},devices=cpu,job_dir={job_root},progress=False", "--tasks", MC,
+         f"pretrained={layerwise('llama')},devices=cpu+cpu,job_dir={job_root},progress=False", "--tasks", MC,
          "--include_path", str(tasks_dir)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"|{MC}|" in again.stdout.replace(" ", "")  # lm-eval's results table
