@@ -65,8 +65,9 @@ class FlexorchLM(TemplateLM):
     model_args, whose commas split arguments); job_dir: the root of the per-evaluation job folders;
     max_length: the context limit (default: the model's, as lm-eval's hf model resolves it);
     gpu_memory / ram: the job's limits; every other keyword is a job-file key (dtype,
-    layers_per_shard, storage, batch_tokens, ...). batch_size and max_batch_size are lm-eval's and
-    ignored: flexorch plans its own batches.
+    layers_per_shard, storage, batch_tokens, ...). lm-eval's batch_size, max_batch_size and device
+    are ignored: flexorch plans its own batches, and lm-eval's command line sends device=cuda:0
+    whether or not it was asked to, so only `devices` says where flexorch runs.
     """
 
     def __init__(self, pretrained: str, devices="auto", job_dir: str | None = None, max_length: int | None = None,
@@ -87,8 +88,7 @@ class FlexorchLM(TemplateLM):
         limits = {key: settings.pop(key) for key in _LIMIT_ARGS if key in settings}
         if limits:
             settings["limits"] = {**settings.get("limits", {}), **limits}
-        chosen = devices if devices != "auto" or device is None else device
-        self.settings = {"devices": _devices(chosen), "allow_remote_code": allow_remote_code, **settings}
+        self.settings = {"devices": _devices(devices), "allow_remote_code": allow_remote_code, **settings}
 
     # -- what lm-eval asks of a model ------------------------------------------------------------------
 
