@@ -76,6 +76,7 @@ def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--cap", default="0.3GB", help="max_cpu_memory of the offloaded hf model")
     parser.add_argument("--methods", default="flexorch,hf,hf_offload")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per method")
     args = parser.parse_args()
     shape = common.QUICK_SHAPE if args.quick else common.DEFAULT_SHAPE
     prompts = common.QUICK_PROMPTS if args.quick else common.PromptSet()
@@ -87,7 +88,8 @@ def main() -> None:
             work = Path(tmp) / method
             params = {"method": method, "checkpoint": str(checkpoint), "layerwise": str(layerwise),
                       "tasks": str(tasks), "job_dir": str(work), "cap": args.cap}
-            results[method] = common.run_child(Path(__file__), params, timeout=3600)
+            results[method] = common.run_child(Path(__file__), params, timeout=args.timeout)
+            print(f"{method}: {json.dumps(results[method])}", flush=True)  # kept if a later method never ends
     weights = sum(p.stat().st_size for p in common.weight_files(checkpoint))
     rows = [[m, common.fmt_seconds(r.get("seconds")), common.fmt_bytes(r.get("peak_rss")), r.get("acc", r.get("error"))]
             for m, r in results.items()]
