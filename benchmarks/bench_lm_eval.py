@@ -53,11 +53,13 @@ def run_method(params: dict) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    if params["method"] == "flexorch":
+    if params["method"].startswith("flexorch"):
         from flexorch.lm_eval import FlexorchLM
 
+        # flexorch_1layer: one decoder layer resident at a time, what a RAM cap makes the planner choose
+        shard = {"layers_per_shard": 1} if params["method"] == "flexorch_1layer" else {}
         model, args = FlexorchLM(pretrained=params["layerwise"], devices="cpu", job_dir=params["job_dir"],
-                                 progress=False), None
+                                 progress=False, **shard), None
     else:
         model, args = "hf", {"pretrained": params["checkpoint"], "dtype": "float32", "device": "cpu"}
         if params["method"] == "hf_offload":
@@ -75,7 +77,7 @@ def run_method(params: dict) -> dict:
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--cap", default="0.3GB", help="max_cpu_memory of the offloaded hf model")
-    parser.add_argument("--methods", default="flexorch,hf,hf_offload")
+    parser.add_argument("--methods", default="flexorch,flexorch_1layer,hf,hf_offload")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per method")
     args = parser.parse_args()
     shape = common.QUICK_SHAPE if args.quick else common.DEFAULT_SHAPE
@@ -105,6 +107,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if common.is_child():
-        common.child_main({"flexorch": run_method, "hf": run_method, "hf_offload": run_method})
+        common.child_main({"flexorch": run_method, "flexorch_1layer": run_method, "hf": run_method,
+                           "hf_offload": run_method})
     else:
         main()
