@@ -1,4 +1,4 @@
-"""Benchmark 8 (issue 14): one lm-eval multiple-choice task run by `flexorch` against lm-eval's own
+"""Benchmark 10 (issue 14): one lm-eval multiple-choice task run by `flexorch` against lm-eval's own
 `hf` model, whole in RAM and with accelerate's disk offload capped below the model's size
 (`parallelize=True,max_cpu_memory=...`, what lm-eval users do today for a model larger than memory).
 
