@@ -152,9 +152,11 @@ class FlexorchLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Refused: without a KV cache each generated token would stream the whole model once more
-        over every prompt (max_gen_toks passes, 256 by default), which is what flexorch is built
-        to avoid; run generative tasks with a model that fits, or after flexorch gains a KV cache."""
+        """Refused, for now: a flexorch job runs a fixed number of greedy steps for every prompt, so
+        it cannot stop each request at its stop strings; every generated token still streams the
+        whole model once more over every prompt (max_gen_toks steps, 256 by default), even with the
+        KV cache sparing the recomputation. Wiring it up (generate_tokens=max_gen_toks, cut at the
+        stop strings) is the next step."""
         tasks = sorted({request.task_name for request in requests if request.task_name}) or ["?"]
         raise UserError(f"flexorch does not run generate_until requests (task(s) {', '.join(tasks)}): it scores "
                         f"log-likelihoods (multiple-choice and perplexity tasks); generating would stream the "
