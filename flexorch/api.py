@@ -44,6 +44,8 @@ class PromptScores:
     generated: tuple[tuple[int, ...], ...]  # per suffix, the argmax id of each greedy step
     choice: object  # the summary's argmax: a suffix index, a token index, or argmax ids per suffix
     fields: dict = field(default_factory=dict)  # the prompt's extra keys
+    prefix_ids: tuple[int, ...] | None = None  # a prompt given as token ids (prefix and suffixes are then empty)
+    suffix_ids: tuple[tuple[int, ...], ...] | None = None
 
 
 class Results(Sequence):
@@ -85,8 +87,10 @@ class Results(Sequence):
 
 
 def _records(kind: ScoreKind, prompt: PromptScores, labels: tuple[str, ...]) -> Iterator[dict]:
-    for j, suffix in enumerate(prompt.suffixes):
-        base = {"index": prompt.index, "id": prompt.id, "suffix_index": j, "suffix": suffix,
+    suffixes = prompt.suffixes if prompt.suffix_ids is None else [list(ids) for ids in prompt.suffix_ids]
+    for j, suffix in enumerate(suffixes):
+        base = {"index": prompt.index, "id": prompt.id, "suffix_index": j,
+                ("suffix" if prompt.suffix_ids is None else "suffix_ids"): suffix,
                 "answer": prompt.answer, **prompt.fields}
         if kind is ScoreKind.SUFFIX_LOGPROB:
             yield {**base, **{key: np.asarray(value)[j].item() for key, value in prompt.scores.items()}}
@@ -119,7 +123,8 @@ def score(model, prompts, *, score: str = "next_token_probs", tokens: Sequence[s
         done = run_job(spec, Console(stderr=True, quiet=not progress), restart=restart)
         summary = done.report.get("summary") or {}
         choices = summary.get("choices") or [None] * len(done.prompts)
-        scored = [PromptScores(r.index, p.id, p.prefix, p.suffixes, p.answer, r.scores, r.generated, c, p.fields)
+        scored = [PromptScores(r.index, p.id, p.prefix, p.suffixes, p.answer, r.scores, r.generated, c, p.fields,
+                               p.prefix_ids, p.suffix_ids)
                   for p, r, c in zip(done.prompts, done.results, choices)]
         return Results(spec.score.kind, scored, spec.score.tokens, done.report,
                        spec.output if output is not None else None)

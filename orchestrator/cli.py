@@ -1,4 +1,4 @@
-"""`flexorch` command line: prepare, probe, plan, submit, show, demo-model.
+"""`flexorch` command line: prepare, probe, plan, submit, show, eval, demo-model.
 
 Bad input (a `UserError`) is printed as one line on stderr with exit status 2; an interrupt exits
 130, SIGTERM 143; an OSError while running (a disk that fills, a folder that turns read-only) is one
@@ -88,6 +88,18 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args) -> int:
+    try:
+        from flexorch.lm_eval import run_cli
+    except ModuleNotFoundError as exc:
+        if exc.name != "lm_eval" and not (exc.name or "").startswith("lm_eval."):
+            raise
+        raise UserError("flexorch eval runs lm-evaluation-harness, which is not installed: "
+                        "pip install 'flexorch[lm-eval]'") from None
+    run_cli(args.lm_eval_args)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexorch", description="Score prompts with LLMs far larger than your GPU, layer by layer."
@@ -126,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_show)
 
+    # No -h of its own: `flexorch eval --help` is lm-eval's help, every flag is lm-eval's.
+    p = sub.add_parser("eval", add_help=False,
+                       help="run lm-evaluation-harness with flexorch as the model (lm-eval's flags; "
+                            "--model flexorch is the default)")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's flags")
+    p.set_defaults(run=cmd_eval)
+
     p = sub.add_parser("demo-model", help="write the built-in demo model (random weights) to DIR")
     p.add_argument("dir")
     p.add_argument("--force", action="store_true")
@@ -138,7 +157,11 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # everything after it is lm-eval's: argparse would take its flags for ours
+        args = argparse.Namespace(run=cmd_eval, lm_eval_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     # SIGTERM (kill, a batch scheduler, docker stop) unwinds as Ctrl-C does: workers stopped,
     # temp files removed, report written; exit 143 instead of 130.
     previous = signal.signal(signal.SIGTERM, _terminate)

@@ -31,8 +31,9 @@ from flexorch.orchestrator.summary import Summary, summarize
 from flexorch.orchestrator.modelstore import default_cache_dir, is_hf_checkpoint, resolve_model
 from flexorch.orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_cluster_plan, make_plan
 from flexorch.orchestrator.progress import WorkerLine, make_progress
-from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer, model_max_length, read_prompts, token_ids_for,
-                                  tokenize_prompts, updated_prompts_path, write_updated_prompts)
+from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer, model_max_length, model_vocab_size,
+                                           read_prompts, token_ids_for, tokenize_prompts, updated_prompts_path,
+                                           write_updated_prompts)
 from flexorch.orchestrator.spec import JobSpec, load_job
 from flexorch.contract.errors import JobFailed, Terminated, UserError
 from flexorch.contract.leftovers import ACTIVATIONS, atomic_temps, remove_dead
@@ -94,7 +95,8 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     prompts = read_prompts(spec.prompts)
     tokenizer = load_tokenizer(model_dir, spec.allow_remote_code)
     max_length = spec.max_length or model_max_length(manifest.config)
-    tokenized = tokenize_prompts(prompts, tokenizer, max_length, spec.prompts, spec.generate_tokens)
+    tokenized = tokenize_prompts(prompts, tokenizer, max_length, spec.prompts, spec.generate_tokens,
+                                 vocab_size=model_vocab_size(manifest.config) or len(tokenizer))
     token_ids = token_ids_for(spec.score.tokens, tokenizer, spec.path) if spec.score.kind == "token_probs" else ()
     check_answers(prompts, spec.score.kind, len(token_ids), spec.prompts)
     score = ScoreSpec(kind=spec.score.kind, token_ids=token_ids, generate_tokens=spec.generate_tokens)

@@ -17,7 +17,7 @@ import io
 import json
 import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flexorch.contract.atomic import atomic_write_bytes
@@ -28,7 +28,9 @@ from flexorch.contract.protocol import TokenizedPrompt
 PROMPT_FORMATS = ("jsonl", "pkl")
 # generated_ids: what _updated prompts carry beside the text; accepted so they read back as prompts,
 # and not passed through (the output writes the new run's own).
-_PROMPT_KEYS = ("prefix", "suffixes", "id", "answer", "generated_ids")
+_PROMPT_KEYS = ("prefix", "suffixes", "prefix_ids", "suffix_ids", "id", "answer", "generated_ids")
+# A prompt is text or token ids, whole: mixing would tokenize half of it and not the other half.
+_TEXT_KEYS, _ID_KEYS = ("prefix", "suffixes"), ("prefix_ids", "suffix_ids")
 # Extra fields of a prompt are kept and written to .jsonl output beside the scores, so they may not
 # take the names the output uses for its own fields.
 RESERVED_FIELDS = frozenset({"index", "prefix", "suffixes", "tokens", "generated", "logprob", "is_greedy",
@@ -49,17 +51,33 @@ _PICKLE_PROTOCOL = 4
 
 @dataclass(frozen=True)
 class Prompt:
+    """A prompt as text (prefix, suffixes), or as token ids (prefix_ids, suffix_ids: the text
+    fields are then empty), used as given: callers that tokenize their own way (lm-eval) say so."""
+
     prefix: str
     suffixes: tuple[str, ...]
     id: object | None = None  # a JSON scalar from the prompts file, if it gave one
     answer: int | None = None  # index of the correct suffix (token_probs with one suffix: of score.tokens)
     fields: dict = field(default_factory=dict)  # any other keys of the prompt, passed through to .jsonl output
+    prefix_ids: tuple[int, ...] | None = None
+    suffix_ids: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def is_tokenized(self) -> bool:
+        return self.prefix_ids is not None
+
+    @property
+    def n_suffixes(self) -> int:
+        return len(self.suffix_ids) if self.is_tokenized else len(self.suffixes)
 
     def to_dict(self) -> dict:
         """The prompt as a .jsonl line holds it."""
         optional = {"id": self.id, "answer": self.answer}
-        return {"prefix": self.prefix, "suffixes": list(self.suffixes),
-                **{k: v for k, v in optional.items() if v is not None}, **self.fields}
+        if self.is_tokenized:
+            body = {"prefix_ids": list(self.prefix_ids), "suffix_ids": [list(s) for s in self.suffix_ids]}
+        else:
+            body = {"prefix": self.prefix, "suffixes": list(self.suffixes)}
+        return {**body, **{k: v for k, v in optional.items() if v is not None}, **self.fields}
 
 
 class _Problems:
@@ -176,7 +194,12 @@ def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
 def _prompt_from_dict(item: dict, problems: _Problems, where: str) -> Prompt | None:
     valid = True
     extra = {key: value for key, value in item.items() if key not in _PROMPT_KEYS}
-    for key in ("prefix", "suffixes"):
+    tokenized = any(key in item for key in _ID_KEYS)
+    if tokenized and any(key in item for key in _TEXT_KEYS):
+        problems.add(where, "give either prefix and suffixes (text) or prefix_ids and suffix_ids (token ids), "
+                            "not both")
+        return None
+    for key in _ID_KEYS if tokenized else _TEXT_KEYS:
         if key not in item:
             close = difflib.get_close_matches(key, [str(k) for k in extra], n=1)
             problems.add(where, f"unknown key {close[0]!r} (did you mean '{key}'?)" if close else f"missing key '{key}'")
@@ -187,6 +210,9 @@ def _prompt_from_dict(item: dict, problems: _Problems, where: str) -> Prompt | N
             valid = False
     if not valid:
         return None
+    if tokenized:
+        return _make_id_prompt(item["prefix_ids"], item["suffix_ids"], item.get("id"), problems, where,
+                               answer=item.get("answer"), fields=extra)
     return _make_prompt(item["prefix"], item["suffixes"], item.get("id"), problems, where,
                         answer=item.get("answer"), fields=extra)
 
@@ -204,6 +230,44 @@ def _make_prompt(prefix, suffixes, prompt_id, problems: _Problems, where: str, a
         for position, suffix in enumerate(suffixes):
             if not isinstance(suffix, str):
                 problems.add(where, f"suffixes[{position}]: expected a string, got {_show(suffix)}")
+    _check_id_and_answer(prompt_id, answer, suffixes, problems, where)
+    if len(problems.lines) > count:
+        return None
+    return Prompt(prefix=prefix, suffixes=tuple(suffixes), id=prompt_id, answer=answer,
+                  fields=_plain(fields or {}))
+
+
+def _make_id_prompt(prefix_ids, suffix_ids, prompt_id, problems: _Problems, where: str, answer=None,
+                    fields: dict | None = None) -> Prompt | None:
+    """A prompt given as token ids; that they are ids of the model's vocabulary is checked when
+    it is tokenized (the reader does not know the model)."""
+    count = len(problems.lines)
+    if not _is_ids(prefix_ids):
+        problems.add(where, f"prefix_ids: expected a list of token ids (integers >= 0), got {_show(prefix_ids)}")
+    elif not prefix_ids:
+        problems.add(where, "prefix_ids: empty; the model needs at least one token to condition on")
+    if not isinstance(suffix_ids, (list, tuple)):
+        problems.add(where, f"suffix_ids: expected a list of lists of token ids, got {_show(suffix_ids)}")
+    elif not suffix_ids:
+        problems.add(where, "suffix_ids: empty; each prompt needs at least one suffix to score")
+    else:
+        for position, ids in enumerate(suffix_ids):
+            if not _is_ids(ids):
+                problems.add(where, f"suffix_ids[{position}]: expected a list of token ids (integers >= 0), "
+                                    f"got {_show(ids)}")
+    _check_id_and_answer(prompt_id, answer, suffix_ids, problems, where)
+    if len(problems.lines) > count:
+        return None
+    return Prompt(prefix="", suffixes=(), id=prompt_id, answer=answer, fields=_plain(fields or {}),
+                  prefix_ids=tuple(prefix_ids), suffix_ids=tuple(tuple(ids) for ids in suffix_ids))
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+
+
+def _check_id_and_answer(prompt_id, answer, suffixes, problems: _Problems, where: str) -> None:
     if not isinstance(prompt_id, _SCALARS):
         problems.add(where, f"id: expected a string, number, boolean or null, got {_show(prompt_id)}")
     if answer is not None and (not isinstance(answer, int) or isinstance(answer, bool) or answer < 0):
@@ -211,10 +275,6 @@ def _make_prompt(prefix, suffixes, prompt_id, problems: _Problems, where: str, a
     elif (answer is not None and isinstance(suffixes, (list, tuple)) and len(suffixes) > 1
           and answer >= len(suffixes)):
         problems.add(where, f"answer: {answer} is not the index of one of its {len(suffixes)} suffixes")
-    if len(problems.lines) > count:
-        return None
-    return Prompt(prefix=prefix, suffixes=tuple(suffixes), id=prompt_id, answer=answer,
-                  fields=_plain(fields or {}))
 
 
 def _plain(value):
@@ -268,7 +328,7 @@ def check_answers(prompts: Sequence[Prompt], kind: str, n_tokens: int, source: P
     """An answer indexes a prompt's suffixes; with token_probs and one suffix, score.tokens."""
     problems = _Problems(source)
     for index, prompt in enumerate(prompts):
-        if prompt.answer is None or len(prompt.suffixes) > 1:
+        if prompt.answer is None or prompt.n_suffixes > 1:
             continue
         choices = n_tokens if kind == "token_probs" else 1
         what = "score.tokens" if kind == "token_probs" else "its 1 suffix"
@@ -305,33 +365,30 @@ def load_tokenizer(model_dir: Path, allow_remote_code: bool = False):
 
 
 def tokenize_prompts(prompts: Sequence[Prompt], tokenizer, max_length: int | None, source: Path,
-                     generate_tokens: int = 1) -> list[TokenizedPrompt]:
+                     generate_tokens: int = 1, vocab_size: int | None = None) -> list[TokenizedPrompt]:
     """Token ids per JOBSPEC: the prefix with the tokenizer's special tokens (BOS where it adds one),
-    each suffix without. `max_length` bounds the longest sequence the model sees for a prompt:
+    each suffix without; a prompt given as ids keeps them, each checked to be below `vocab_size`
+    (the embedding's rows). `max_length` bounds the longest sequence the model sees for a prompt:
     prefix + its longest suffix + the tokens generated after the first step (positions restart for
     each suffix, so suffixes do not add up)."""
     if not prompts:
         return []
     _check_characters(prompts, tokenizer, max_length, Path(source))
-    # One batch call per kind: fast tokenizers encode a batch in parallel in Rust, which matters for
-    # tens of thousands of prompts; the attention masks are not needed.
-    encode = dict(return_attention_mask=False, return_token_type_ids=False)
-    prefix_ids = tokenizer([p.prefix for p in prompts], **encode)["input_ids"]
-    flat_suffix_ids = iter(tokenizer([s for p in prompts for s in p.suffixes], add_special_tokens=False,
-                                     **encode)["input_ids"])
+    ids = _token_ids(prompts, tokenizer)
     problems = _Problems(Path(source))
     tokenized = []
-    for index, (prompt, prefix) in enumerate(zip(prompts, prefix_ids)):
-        suffixes = tuple(tuple(next(flat_suffix_ids)) for _ in prompt.suffixes)
+    for index, (prompt, (prefix, suffixes)) in enumerate(zip(prompts, ids)):
         where = f"prompt index {index}" + (f" (id {prompt.id!r})" if prompt.id is not None else "")
         if not prefix:
             problems.add(where, "the prefix is empty and the tokenizer adds no BOS token: nothing to condition on")
+        if prompt.is_tokenized and vocab_size is not None:
+            _check_vocab(prefix, suffixes, vocab_size, problems, where)
         longest = len(prefix) + max(len(s) for s in suffixes) + generate_tokens - 1
         if max_length is not None and longest > max_length:
             generated = f" + {generate_tokens - 1} generated" if generate_tokens > 1 else ""
             problems.add(where, f"{longest} tokens (prefix {len(prefix)} + longest suffix "
                                 f"{max(len(s) for s in suffixes)}{generated}), more than max_length {max_length}")
-        tokenized.append(TokenizedPrompt(index=index, prefix_ids=tuple(prefix), suffix_ids=suffixes))
+        tokenized.append(TokenizedPrompt(index=index, prefix_ids=prefix, suffix_ids=suffixes))
     problems.raise_if_any()
     return tokenized
 
@@ -345,12 +402,40 @@ def _check_characters(prompts: Sequence[Prompt], tokenizer, max_length: int | No
         limit = min(limit, max_length * longest_token * _CHARS_SLACK)
     problems = _Problems(source)
     for index, prompt in enumerate(prompts):
+        if prompt.is_tokenized:  # given as ids: nothing to tokenize, their count is checked as is
+            continue
         chars = len(prompt.prefix) + max(len(s) for s in prompt.suffixes)
         if chars > limit:
             why = f"more than max_length {max_length} tokens can hold" if max_length is not None else "too long"
             problems.add(f"prompt index {index}", f"{chars} characters (prefix + longest suffix), {why}; "
                                                   f"at most {limit} characters are tokenized")
     problems.raise_if_any()
+
+
+def _token_ids(prompts: Sequence[Prompt], tokenizer) -> list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]]:
+    """(prefix ids, suffix ids) per prompt: given ones as they are, text tokenized."""
+    text = [p for p in prompts if not p.is_tokenized]
+    # One batch call per kind: fast tokenizers encode a batch in parallel in Rust, which matters for
+    # tens of thousands of prompts; the attention masks are not needed.
+    encode = dict(return_attention_mask=False, return_token_type_ids=False)
+    prefixes = iter(tokenizer([p.prefix for p in text], **encode)["input_ids"] if text else [])
+    suffixes = iter(tokenizer([s for p in text for s in p.suffixes], add_special_tokens=False,
+                              **encode)["input_ids"] if text else [])
+    out = []
+    for prompt in prompts:
+        if prompt.is_tokenized:
+            out.append((prompt.prefix_ids, prompt.suffix_ids))
+        else:
+            out.append((tuple(next(prefixes)), tuple(tuple(next(suffixes)) for _ in prompt.suffixes)))
+    return out
+
+
+def _check_vocab(prefix: tuple[int, ...], suffixes: tuple[tuple[int, ...], ...], vocab_size: int,
+                 problems: _Problems, where: str) -> None:
+    for name, ids in [("prefix_ids", prefix)] + [(f"suffix_ids[{j}]", s) for j, s in enumerate(suffixes)]:
+        bad = [i for i in ids if i >= vocab_size]
+        if bad:
+            problems.add(where, f"{name}: token id {bad[0]} is not in the model's vocabulary (ids 0 to {vocab_size - 1})")
 
 
 def token_ids_for(strings: tuple[str, ...], tokenizer, source: Path | None = None) -> tuple[int, ...]:
@@ -368,6 +453,15 @@ def token_ids_for(strings: tuple[str, ...], tokenizer, source: Path | None = Non
     if lines:
         raise UserError("\n".join(lines))
     return tuple(ids)
+
+
+def model_vocab_size(config: dict) -> int | None:
+    """Rows of the model's embedding, from its config.json: the bound of a valid token id."""
+    for candidate in (config, config.get("text_config") or {}):
+        value = candidate.get("vocab_size")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def model_max_length(config: dict) -> int | None:
@@ -391,12 +485,13 @@ def updated_prompts_path(output: Path, fmt: str) -> Path:
 
 def write_updated_prompts(path_of_output: Path, prompts: Sequence[Prompt], generated_text: Sequence[Sequence[str]],
                           fmt: str, generated_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> Path:
-    """Write the prompts with each suffix extended by its generated text, in the prompts' own format
-    (`fmt`: "pkl" or "jsonl"), atomically; returns the path written.
+    """Write the prompts with each suffix extended by its generated text (a prompt given as token
+    ids: by its generated ids), in the prompts' own format (`fmt`: "pkl" or "jsonl"), atomically;
+    returns the path written.
 
     generated_text[i][j] is the text generated after suffix j of prompt i; generated_ids[i][j] the
-    token ids it decodes from, written beside it in .jsonl as `generated_ids` (the text alone can
-    cut a byte-level token in two). .pkl stays the seed's (prefix, suffixes) pairs.
+    token ids it decodes from, written beside a text prompt in .jsonl as `generated_ids` (the text
+    alone can cut a byte-level token in two). .pkl stays the seed's (prefix, suffixes) pairs for text.
     """
     fmt = fmt.lstrip(".")
     if fmt not in PROMPT_FORMATS:
@@ -405,16 +500,21 @@ def write_updated_prompts(path_of_output: Path, prompts: Sequence[Prompt], gener
         raise ValueError(f"{len(generated_text)} generated texts for {len(prompts)} prompts")
     extended = []
     for index, (prompt, texts) in enumerate(zip(prompts, generated_text)):
-        if len(texts) != len(prompt.suffixes):
-            raise ValueError(f"prompt {index}: {len(texts)} generated texts for {len(prompt.suffixes)} suffixes")
-        extended.append((prompt, tuple(suffix + text for suffix, text in zip(prompt.suffixes, texts))))
-    if fmt == "pkl":  # the seed's format: (prefix, tuple of suffixes)
-        data = pickle.dumps([(prompt.prefix, suffixes) for prompt, suffixes in extended], protocol=_PICKLE_PROTOCOL)
+        if len(texts) != prompt.n_suffixes:
+            raise ValueError(f"prompt {index}: {len(texts)} generated texts for {prompt.n_suffixes} suffixes")
+        if prompt.is_tokenized:
+            ids = generated_ids[index]
+            extended.append(replace(prompt, suffix_ids=tuple(s + tuple(g) for s, g in zip(prompt.suffix_ids, ids))))
+        else:
+            extended.append(replace(prompt, suffixes=tuple(s + t for s, t in zip(prompt.suffixes, texts))))
+    if fmt == "pkl":  # the seed's format, (prefix, tuple of suffixes), where the prompt is text
+        items = [p.to_dict() if p.is_tokenized else (p.prefix, p.suffixes) for p in extended]
+        data = pickle.dumps(items, protocol=_PICKLE_PROTOCOL)
     else:
         ids = generated_ids if generated_ids is not None else [None] * len(extended)
-        lines = [json.dumps({**prompt.to_dict(), "suffixes": list(suffixes),
-                             **({"generated_ids": [list(s) for s in g]} if g is not None else {})}, ensure_ascii=False)
-                 for (prompt, suffixes), g in zip(extended, ids)]
+        lines = [json.dumps({**p.to_dict(), **({"generated_ids": [list(s) for s in g]}
+                                               if g is not None and not p.is_tokenized else {})}, ensure_ascii=False)
+                 for p, g in zip(extended, ids)]
         data = ("\n".join(lines) + "\n").encode("utf-8")
     path = updated_prompts_path(path_of_output, fmt)
     atomic_write_bytes(path, data)

@@ -57,8 +57,10 @@ def summarize(kind: str, entries: Sequence, prompts: Sequence[Prompt] | None = N
     answered = [i for i, a in enumerate(answers) if a is not None]
     acc, acc_stderr = _mean_and_stderr([choices[i] == answers[i] for i in answered])
     norm = norm_stderr = None
-    # acc_norm needs the suffixes' text: not there when summarising an output file alone
-    if kind is ScoreKind.SUFFIX_LOGPROB and prompts is not None and all(prompts[i].suffixes for i in answered):
+    # acc_norm needs the suffixes' text: not there when summarising an output file alone, nor for
+    # prompts given as token ids
+    if (kind is ScoreKind.SUFFIX_LOGPROB and prompts is not None
+            and all(prompts[i].suffixes and not prompts[i].is_tokenized for i in answered)):
         norm_choices = [_norm_choice(entries[i], prompts[i]) for i in answered]
         norm, norm_stderr = _mean_and_stderr([c == answers[i] for c, i in zip(norm_choices, answered)])
     return Summary(len(entries), kind.value, choices, tuple(answers), len(answered), acc, acc_stderr, norm,

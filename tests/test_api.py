@@ -98,3 +98,22 @@ def test_works_from_a_script_under_main_guard(tmp_path, model):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "(2,)"]
+
+
+def test_token_id_prompts_score_as_the_text_they_encode(tmp_path, model):
+    """The same ids as text or as prefix_ids/suffix_ids: the same scores (within float32 rounding:
+    the four prompts share batches differently from two)."""
+    from flexorch.orchestrator.prompts import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    text = MC[:2]
+    ids = [{"prefix_ids": tokenizer(p["prefix"])["input_ids"],
+            "suffix_ids": [tokenizer(s, add_special_tokens=False)["input_ids"] for s in p["suffixes"]],
+            "answer": p["answer"]} for p in text]
+    results = flexorch.score(model, text + ids, score="suffix_logprob", devices="cpu", progress=False)
+    for as_text, as_ids in zip(results[:2], results[2:]):
+        np.testing.assert_allclose(as_text.scores["logprob"], as_ids.scores["logprob"], rtol=0, atol=1e-5)
+        assert as_ids.prefix_ids == tuple(ids[as_text.index]["prefix_ids"]) and as_ids.suffixes == ()
+    assert results.to_records()[-1]["suffix_ids"] == ids[1]["suffix_ids"][-1]
+    with pytest.raises(flexorch.UserError, match=r"prompt index 0: prefix_ids: token id 99999 is not in the model's"):
+        flexorch.score(model, [{"prefix_ids": [1, 99999], "suffix_ids": [[2]]}], score="suffix_logprob", devices="cpu")

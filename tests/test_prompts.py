@@ -301,3 +301,59 @@ def test_single_suffix_answers_index_the_score_tokens():
         check_answers([Prompt("Q", (":",), answer=4)], "token_probs", 4, Path("p.jsonl"))
     with pytest.raises(UserError, match=r"answer: 1 is not an index of its 1 suffix"):
         check_answers([Prompt("Q", (":",), answer=1)], "suffix_logprob", 0, Path("p.jsonl"))
+
+
+# -- prompts given as token ids ----------------------------------------------------------------------
+
+
+def test_token_id_prompts_are_read_and_kept_as_given(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        '{"prefix_ids": [1, 40, 41], "suffix_ids": [[50], [51, 52], []], "id": "q", "answer": 1, "subject": "x"}',
+        '{"prefix": "The quick brown fox", "suffixes": [" jumps"]}',  # text and ids mix across prompts
+    ])
+    ids_prompt, text_prompt = read_prompts(path)
+    assert ids_prompt == Prompt("", (), "q", 1, {"subject": "x"}, prefix_ids=(1, 40, 41),
+                                suffix_ids=((50,), (51, 52), ()))
+    assert ids_prompt.is_tokenized and ids_prompt.n_suffixes == 3 and not text_prompt.is_tokenized
+    assert ids_prompt.to_dict() == json.loads(path.read_text().splitlines()[0])  # round-trips
+    tokenized = tokenize_prompts([ids_prompt, text_prompt], tokenizer, None, path, vocab_size=len(tokenizer))
+    assert tokenized[0] == TokenizedPrompt(0, (1, 40, 41), ((50,), (51, 52), ()))
+    assert tokenized[1] == TokenizedPrompt(1, tuple(tokenizer(text_prompt.prefix)["input_ids"]),
+                                           (tuple(tokenizer(" jumps", add_special_tokens=False)["input_ids"]),))
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"prefix_ids": [], "suffix_ids": [[5]]}', "prefix_ids: empty; the model needs at least one token"),
+    ('{"prefix_ids": [1, -2], "suffix_ids": [[5]]}', "prefix_ids: expected a list of token ids (integers >= 0), got a list"),
+    ('{"prefix_ids": "1 2", "suffix_ids": [[5]]}', "prefix_ids: expected a list of token ids (integers >= 0), got '1 2'"),
+    ('{"prefix_ids": [1], "suffix_ids": [[5], [true]]}', "suffix_ids[1]: expected a list of token ids"),
+    ('{"prefix_ids": [1], "suffix_ids": []}', "suffix_ids: empty; each prompt needs at least one suffix"),
+    ('{"prefix_ids": [1], "suffix_ids": [[5]], "answer": 1}', "answer: 1 is not an index of its 1 suffix"),
+    ('{"prefix_ids": [1]}', "missing key 'suffix_ids'"),
+    ('{"prefix_ids": [1], "suffixes": [" a"]}', "give either prefix and suffixes (text) or prefix_ids and"),
+])
+def test_bad_token_id_prompts_are_named(tmp_path, line, expected):
+    from flexorch.orchestrator.prompts import check_answers
+
+    path = write_jsonl(tmp_path / "p.jsonl", [line])
+    with pytest.raises(UserError) as info:
+        check_answers(read_prompts(path), "suffix_logprob", 0, path)
+    assert str(info.value).startswith(f"{path}: ") and expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tokenizer):
+    prompt = Prompt("", (), prefix_ids=(1, 2), suffix_ids=((3,), (len(tokenizer),)))
+    message = error_of(tokenize_prompts, [prompt], tokenizer, None, Path("p.jsonl"), vocab_size=len(tokenizer))
+    assert message == (f"p.jsonl: prompt index 0: suffix_ids[1]: token id {len(tokenizer)} is not in the model's "
+                       f"vocabulary (ids 0 to {len(tokenizer) - 1})")
+    message = error_of(tokenize_prompts, [prompt], tokenizer, 2, Path("p.jsonl"), vocab_size=len(tokenizer) + 1)
+    assert message == "p.jsonl: prompt index 0: 3 tokens (prefix 2 + longest suffix 1), more than max_length 2"
+
+
+def test_updated_token_id_prompts_extend_their_ids(tmp_path):
+    prompts = [Prompt("", (), id=1, prefix_ids=(1, 2), suffix_ids=((3,), ())), Prompt("Q", (" A",))]
+    for fmt in ("jsonl", "pkl"):
+        written = write_updated_prompts(tmp_path / "scores.pkl", prompts, [["ab", "c"], [" x"]], fmt,
+                                        generated_ids=[((7, 8), (9,)), ((10,),)])
+        assert read_prompts(written) == [
+            Prompt("", (), id=1, prefix_ids=(1, 2), suffix_ids=((3, 7, 8), (9,))), Prompt("Q", (" A x",))]
