@@ -15,11 +15,13 @@ change.
 from __future__ import annotations
 
 import abc
+import contextlib
 import multiprocessing
 import os
 import pickle
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import weakref
@@ -203,7 +205,8 @@ class LocalProcessExecutor(Executor):
         process = self._context.Process(target=run_from_file,
                                         args=(self.target, str(task_file), task.pipeline, send, death_child),
                                         name=f"flexorch-{task.name}", daemon=True)
-        process.start()
+        with _callers_script_hidden():
+            process.start()
         # The child holds its own copies now; closing ours means EOF arrives when the child exits.
         send.close()
         death_child.close()
@@ -281,3 +284,22 @@ class LocalProcessExecutor(Executor):
             yield message
             if not drain or handle.done:
                 return
+
+
+@contextlib.contextmanager
+def _callers_script_hidden() -> Iterator[None]:
+    """Keep spawn from re-running the caller's script in the worker: a worker needs nothing from it
+    (its entry point and task come from flexorch), a script calling flexorch.score() without an
+    `if __name__ == "__main__":` guard would start the job again there, and a script read from
+    stdin cannot be found at all. spawn re-imports __main__ from its __spec__ or __file__."""
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__spec__", "__file__") if hasattr(main, name)}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            if "__file__" in saved:
+                del main.__file__
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)

@@ -100,6 +100,19 @@ def test_works_from_a_script_under_main_guard(tmp_path, model):
     assert out.stdout.split() == ["1", "(2,)"]
 
 
+def test_works_from_a_script_without_main_guard_and_from_stdin(tmp_path, model):
+    """Workers never re-run the caller's script: without a main guard it would start the job again,
+    and a script read from stdin cannot be found by spawn at all."""
+    code = (f"import flexorch\nr = flexorch.score({str(model)!r}, [('Hi', [' a'])], score='suffix_logprob', "
+            "devices='cpu', progress=False)\nprint(len(r))\n")
+    script = tmp_path / "bare.py"
+    script.write_text(code)
+    for command, stdin in (([sys.executable, str(script)], None), ([sys.executable, "-"], code)):
+        out = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["1"]
+
+
 def test_token_id_prompts_score_as_the_text_they_encode(tmp_path, model):
     """The same ids as text or as prefix_ids/suffix_ids: the same scores (within float32 rounding:
     the four prompts share batches differently from two)."""
