@@ -1,7 +1,7 @@
 """Calibration: measure this machine once and cache the figures the planner predicts with.
 
 `calibrated(hardware)` attaches a `Calibration` to the probed `Hardware`: read from the cache
-(`$FLEXORCH_CACHE/calibration/<machine>.json`) when this machine was measured before, else measured
+(`$FLEXORCH_CACHE/calibration/<machine>.v<N>.json`) when this machine was measured before, else measured
 now (~10-15 s) and cached. What is measured: the cold read rate of the disk holding the cache (a
 file written, evicted from the page cache with posix_fadvise(DONTNEED), read back in large reads),
 and, in a fresh process started as a worker is (workers/calibrate.py), the worker's start-up time and
@@ -31,6 +31,9 @@ ENV_SWITCH = "FLEXORCH_CALIBRATE"
 DISK_PROBE_BYTES = 256 << 20
 READ_CHUNK_BYTES = 16 << 20
 CHILD_TIMEOUT_S = 120
+# Raised when what is measured changes (2: throughput per layer width, attention FLOPs counted), so a
+# cache from before is measured again rather than read with the wrong meaning.
+CALIBRATION_VERSION = 2
 
 
 def calibration_enabled() -> bool:
@@ -49,7 +52,7 @@ def calibrated(hardware: Hardware, cache_dir: Path, force: bool = False, console
     if not calibration_enabled() and not force:
         return hardware
     key = machine_key(hardware)
-    path = cache_dir / "calibration" / f"{_safe(key)}.json"
+    path = cache_dir / "calibration" / f"{_safe(key)}.v{CALIBRATION_VERSION}.json"
     if path.exists() and not force:
         return replace(hardware, calibration=Calibration.from_dict(json.loads(path.read_text())))
     if console is not None:

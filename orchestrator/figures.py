@@ -88,19 +88,25 @@ class Figures:
     def safety(self) -> float:
         return SAFETY_FRACTION["measured" if self.base_ram["cpu"].measured else "assumed"]
 
-    def flops(self, device: str, dtype: str, threads: int, batch: int) -> float:
-        """FLOP/s through decoder layers at `batch` tokens per forward."""
+    def flops(self, device: str, dtype: str, threads: int, batch: int, hidden: int | None = None) -> float:
+        """FLOP/s through decoder layers `hidden` wide (None: the widest measured) at `batch` tokens
+        per forward: measured, interpolated in log2(batch), then in log2(hidden) between the widths
+        measured (flat beyond them); else assumed."""
         kind = "cpu" if device == "cpu" else "cuda"
-        points = self._measured_points(device, dtype)
-        if points:
-            rate = _interpolate(points, batch)
+        by_width = self._measured_points(device, dtype)
+        if by_width:
+            widths = sorted(by_width)
+            rates = [(w, _interpolate(by_width[w], batch)) for w in widths]
+            rate = _interpolate(rates, hidden or widths[-1])
             return rate * threads / self.hardware.cpu_count if kind == "cpu" else rate
         return self._assumed_peak(device, dtype, threads) * _saturation(batch, kind)
 
     def flops_source(self, device: str, dtype: str) -> str:
-        points = self._measured_points(device, dtype)
-        if points:
-            return f"measured at batches {', '.join(str(b) for b, _ in points)} ({self.calibration.measured_at})"
+        by_width = self._measured_points(device, dtype)
+        if by_width:
+            batches = sorted({b for points in by_width.values() for b, _ in points})
+            return (f"measured at batches {', '.join(map(str, batches))} and widths "
+                    f"{', '.join(map(str, sorted(by_width)))} ({self.calibration.measured_at})")
         return "assumed: a table by device and dtype, not measured here"
 
     def host_to_device(self, device: str) -> Figure:
@@ -135,11 +141,13 @@ class Figures:
     def _all_threads(self, device: str) -> int:
         return self.hardware.cpu_count if device == "cpu" else 0
 
-    def _measured_points(self, device: str, dtype: str) -> list[tuple[int, float]]:
-        if self.calibration is None:
-            return []
-        return sorted((t.batch_tokens, t.flops_per_s) for t in self.calibration.throughput
-                      if t.device == device and t.dtype == dtype)
+    def _measured_points(self, device: str, dtype: str) -> dict[int, list[tuple[int, float]]]:
+        """Layer width → [(batch, FLOP/s)] sorted by batch, as measured."""
+        by_width: dict[int, list[tuple[int, float]]] = {}
+        for t in self.calibration.throughput if self.calibration else ():
+            if t.device == device and t.dtype == dtype:
+                by_width.setdefault(t.hidden, []).append((t.batch_tokens, t.flops_per_s))
+        return {w: sorted(points) for w, points in by_width.items()}
 
     def _assumed_peak(self, device: str, dtype: str, threads: int) -> float:
         if device == "cpu":
@@ -159,13 +167,13 @@ def _saturation(batch: int, kind: str) -> float:
     return (batch / (batch + half)) / (cap / (cap + half))
 
 
-def _interpolate(points: list[tuple[int, float]], batch: int) -> float:
-    """Measured rate at `batch`: linear in log2(batch) between measured batches, flat beyond them."""
-    if batch <= points[0][0]:
+def _interpolate(points: list[tuple[int, float]], x: int) -> float:
+    """The rate at `x` (a batch or a width): linear in log2(x) between measured points, flat beyond."""
+    if x <= points[0][0]:
         return points[0][1]
     for (b0, r0), (b1, r1) in zip(points, points[1:]):
-        if batch <= b1:
-            t = (math.log2(batch) - math.log2(b0)) / (math.log2(b1) - math.log2(b0))
+        if x <= b1:
+            t = (math.log2(x) - math.log2(b0)) / (math.log2(b1) - math.log2(b0))
             return r0 + t * (r1 - r0)
     return points[-1][1]
 

@@ -26,12 +26,14 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class Throughput:
-    """FLOP/s measured through whole decoder layers on one device in one dtype at one batch size."""
+    """FLOP/s measured through whole decoder layers on one device in one dtype at one batch size and
+    layer width (FLOPs: 2 x params per token, plus attention's 4 x row length x hidden)."""
 
     device: str  # "cpu" (all its cores) | "cuda:N"
     dtype: str
     batch_tokens: int
     flops_per_s: float
+    hidden: int = 1024  # the reference layer's width (narrow layers run far below a wide one's rate)
 
 
 @dataclass(frozen=True)

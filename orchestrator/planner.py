@@ -69,17 +69,18 @@ activation round trips), and a model that fits stays resident only where re-read
 time (several rounds or generation steps that reading dominates).
 
 Time model (seconds; rates from figures.py: measured by calibration, else assumed):
-start-up + fill + max(read, compute), where read = bytes of one pass x passes (generate_tokens x
-rounds; 1 when resident) / read rate (the disk's, or the PCIe link's if slower), plus the disk
-store's activation traffic (it shares the disk); compute = 2 x FLOPs-bearing params x tokens /
-throughput at the batch size (decoder layers on every token of the first step and, with the KV
-cache, one token per suffix of each later step — attention over the cache is not counted —, the
-lm head on the scored positions only; the embedding is a lookup), plus activations between host and device at each
-shard boundary where they do not wait on the GPU, and the disk store's copies; fill = the
-embedding and the first decoder group of each round, read before the double buffer can overlap
-anything. Reading and computing overlap, so a worker takes about the larger of the two. A pipeline stage reads 1/n of each pass and computes 1/n of every token's
-layers, all stages at once: the job's read and compute split n ways (the fill and drain of each
-step, and the channel copies, are not counted).
+start-up + per round: the first shard's read, then per shard of each pass the longer of computing it
+and reading the next (two slots: the loader is at most one shard ahead; the last shard of a
+generation step overlaps the next step's first read). Reads: a shard's stored bytes / read rate (the
+disk's, or the PCIe link's if slower); resident: the first pass only. Compute: FLOPs / throughput at
+the batch size and the model's layer width (a narrow layer runs far below a wide one's rate): a
+decoder group 2 x its params per token plus attention's 4 x row length x hidden per token (one row
+per prompt; a later generation step computes one token per suffix against the cached row), the lm
+head on the scored positions, the embedding a lookup; each shard boundary also moves every batch's
+activations over the host-device link where they wait off the GPU, and through files with the disk
+store. Reported apart: reading and computing totals, and the fill (what the overlap does not hide).
+A pipeline stage reads and computes 1/n of each shard (the fill and drain of each step, and the
+channel copies, are not counted).
 
 A MoE model whose layers do not fit whole streams its experts (one layer per shard, planned
 at one expert per group, then experts_per_group grows into the memory left beside the chosen
@@ -322,12 +323,21 @@ class _Load:
 
     act_tokens: float = 0.0  # padded tokens waiting between shards (the first step's: the most)
     result_bytes: int = 0  # scores held in RAM until the round is committed
-    flops: float = 0.0  # all generation steps
+    layer_flops: float = 0.0  # every decoder layer together, first generation step
+    head_flops: float = 0.0  # the lm head on the scored positions, first step
+    later_layer_flops: float = 0.0  # each later generation step (against the KV cache), per step
+    later_head_flops: float = 0.0
     cache_tokens: float = 0.0  # padded tokens whose keys and values the KV cache keeps (per layer)
 
     def __add__(self, other: "_Load") -> "_Load":
         return _Load(self.act_tokens + other.act_tokens, self.result_bytes + other.result_bytes,
-                     self.flops + other.flops, self.cache_tokens + other.cache_tokens)
+                     self.layer_flops + other.layer_flops, self.head_flops + other.head_flops,
+                     self.later_layer_flops + other.later_layer_flops, self.later_head_flops + other.later_head_flops,
+                     self.cache_tokens + other.cache_tokens)
+
+    def flops(self, steps: int) -> float:
+        """Over `steps` generation steps."""
+        return self.layer_flops + self.head_flops + (steps - 1) * (self.later_layer_flops + self.later_head_flops)
 
 
 @dataclass(frozen=True)
@@ -661,7 +671,7 @@ def _rounds_for(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: int
     """Rounds of about ROUND_TARGET_SECONDS of compute that fit, or None when this setup cannot
     hold the smallest useful rounds (compute >= ROUND_MIN_COMPUTE_OVER_READ x the weights' read;
     a resident model is read once, so any round is useful)."""
-    rate = job.figures.flops(setup.device, job.dtype, threads, setup.batch) * stages
+    rate = _rate(job, setup.device, threads, setup.batch) * stages
     read_per_round = 0.0 if setup.resident else (
         job.model.bytes_per_pass * job.spec.generate_tokens / _read_rate(job, setup.device) / stages)
     min_flops = ROUND_MIN_COMPUTE_OVER_READ * read_per_round * rate
@@ -676,24 +686,70 @@ def _rounds_for(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: int
 
 
 def _time(job: _Job, setup: _Setup, indices: tuple[int, ...], rounds, threads: int, stages: int) -> _Time:
-    """See the module docstring's time model."""
-    m, figures, steps = job.model, job.figures, job.spec.generate_tokens
+    """See the module docstring's time model: per round, the first shard's read, then per shard the
+    longer of computing it and reading the next (two slots: the loader is at most one shard ahead)."""
+    steps, stream, read, compute = job.spec.generate_tokens, 0.0, 0.0, 0.0
+    for r, indices_r in enumerate(rounds):
+        costs = _shard_costs(job, setup, sum((job.loads[i] for i in indices_r), _Load()), threads, stages,
+                             read=not setup.resident or r == 0)
+        first, later = costs.compute(first_step=True), costs.compute(first_step=False)
+        # the resident model is read during the round's first step; streamed, every step reads it
+        again = [0.0] * len(costs.reads) if setup.resident else costs.reads
+        stream += costs.reads[0] + _overlapped(first, costs.reads, again[0] if steps > 1 else 0.0)
+        if steps > 1:
+            stream += (steps - 2) * _overlapped(later, again, again[0]) + _overlapped(later, again, 0.0)
+        read += sum(costs.reads) + (steps - 1) * sum(again)
+        compute += sum(first) + (steps - 1) * sum(later)
+    return _Time(read=read, compute=compute, fill=stream - max(read, compute), start=job.figures.worker_start.value)
+
+
+@dataclass(frozen=True)
+class _ShardCosts:
+    """One pass of a round, per shard (embedding, decoder groups, norm + head): seconds to read it
+    and to compute it at the first generation step and at each later one."""
+
+    reads: tuple[float, ...]
+    first_step: tuple[float, ...]
+    later_step: tuple[float, ...]
+
+    def compute(self, first_step: bool) -> tuple[float, ...]:
+        return self.first_step if first_step else self.later_step
+
+
+def _shard_costs(job: _Job, setup: _Setup, load: _Load, threads: int, stages: int, read: bool = True) -> _ShardCosts:
+    """Decoder groups carry their layers' share of the FLOPs, the head its own, the embedding is a
+    lookup. Every shard boundary also moves each batch's activations: over the host-device link
+    where they wait off the GPU, and through files with the disk store (an upper bound for later
+    steps, which carry one token per suffix). A pipeline stage reads and computes 1/stages."""
+    m = job.model
+    rate = _rate(job, setup.device, threads, setup.batch) * stages
+    groups = decoder_groups(m.num_layers, setup.lps)
+    stored = shard_bytes(m.stored_shards[0], m.stored_shards[1:-1], m.stored_shards[-1], setup.lps)
     read_rate = _read_rate(job, setup.device)
-    slice_load = sum((job.loads[i] for i in indices), _Load())
-    passes = 1 if setup.resident else steps * len(rounds)
-    # Every shard boundary writes each batch's activations and reads them back (at the last step's
-    # length: an upper bound for the earlier steps).
-    shards = len(decoder_groups(m.num_layers, setup.lps)) + 2
-    traffic = (shards - 1) * 2 * slice_load.act_tokens * m.hidden * m.dtype_bytes * steps
-    disk_traffic = traffic if setup.storage == "disk" else 0
-    link_traffic = traffic if setup.device != "cpu" and setup.storage != "gpu" else 0
-    compute = slice_load.flops / (figures.flops(setup.device, job.dtype, threads, setup.batch) * stages)
-    if link_traffic:
-        compute += link_traffic / figures.host_to_device(setup.device).value
-    compute += disk_traffic / DISK_STORE_COPY_BYTES_PER_S
-    first = m.stored_shards[0] + sum(m.stored_shards[1:1 + setup.lps])  # the embedding and the first group
-    return _Time(read=(m.bytes_per_pass * passes / stages + disk_traffic) / read_rate, compute=compute,
-                 fill=(1 if setup.resident else len(rounds)) * first / read_rate, start=figures.worker_start.value)
+    reads = tuple(b / read_rate / stages if read else 0.0 for b in stored)
+    boundary = 2 * load.act_tokens * m.hidden * m.dtype_bytes / stages
+    move = boundary / DISK_STORE_COPY_BYTES_PER_S if setup.storage == "disk" else 0.0
+    if setup.device != "cpu" and setup.storage != "gpu":
+        move += boundary / job.figures.host_to_device(setup.device).value
+
+    def per_shard(layer_flops: float, head_flops: float) -> tuple[float, ...]:
+        decoders = [len(g) / m.num_layers * layer_flops / rate + move for g in groups]
+        return (move, *decoders, head_flops / rate)
+
+    return _ShardCosts(reads, per_shard(load.layer_flops, load.head_flops),
+                       per_shard(load.later_layer_flops, load.later_head_flops))
+
+
+def _overlapped(compute: Sequence[float], reads: Sequence[float], after_last: float) -> float:
+    """One pass whose first shard is loaded: shard k computes while shard k+1 is read, and the last
+    while `after_last` is (the next pass's first shard, or nothing)."""
+    nexts = list(reads[1:]) + [after_last]
+    return sum(max(c, r) for c, r in zip(compute, nexts))
+
+
+def _rate(job: _Job, device: str, threads: int, batch: int) -> float:
+    """FLOP/s through this model's layers (their width) at `batch` tokens per forward."""
+    return job.figures.flops(device, job.dtype, threads, batch, job.model.hidden)
 
 
 def _choose(options: Sequence[_Option]) -> _Option:
@@ -750,20 +806,14 @@ def _lps_candidates(job: _Job, floor: int, stages: int) -> tuple[int, ...]:
 
 
 def _pass_shares(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: int) -> tuple[float, ...]:
-    """Each shard's share of one pass's predicted time, for progress: a shard takes the longer of
-    computing it (decoder layers carry the FLOPs, the embedding is a lookup) and reading the next."""
-    m = job.model
-    groups = decoder_groups(m.num_layers, setup.lps)
-    layer_flops = 2 * m.decoder_params / m.num_layers * sum(job.tokens[i] for i in indices)
-    head_flops = 2 * m.head_params * sum(job.tokens[i] for i in indices) * job.scored_ratio
-    flops = [0.0] + [len(g) * layer_flops for g in groups] + [head_flops]
-    read = shard_bytes(m.stored_shards[0], m.stored_shards[1:-1], m.stored_shards[-1], setup.lps)
-    rate = job.figures.flops(setup.device, job.dtype, threads, setup.batch)
-    read_rate = _read_rate(job, setup.device)
-    next_read = [0.0 if setup.resident else b / read_rate for b in read[1:]] + [0.0]
-    costs = [max(f / rate, r) for f, r in zip(flops, next_read)]
-    total = sum(costs) or 1.0
-    return tuple(c / total for c in costs)
+    """Each shard's share of one pass's predicted time, for progress (the first step's, as `_time`
+    counts it): the longer of computing the shard and reading the next; the first also its own read."""
+    costs = _shard_costs(job, setup, sum((job.loads[i] for i in indices), _Load()), threads, 1,
+                         read=not setup.resident)
+    shares = [max(c, r) for c, r in zip(costs.first_step, list(costs.reads[1:]) + [0.0])]
+    shares[0] += costs.reads[0]
+    total = sum(shares) or 1.0
+    return tuple(c / total for c in shares)
 
 
 def _option_reasons(job: _Job, options: Sequence[_Option], best: _Option, device: str, stages: int) -> list[str]:
@@ -804,7 +854,7 @@ def _describe_option(option: _Option, device: str) -> str:
 def _no_storage_message(job: _Job, device: str, indices: tuple[int, ...], threads: int, space: _Space,
                         budget: _Budget, stages: int) -> str:
     batch, lps = space.batches[-1], space.lps[0]
-    rate = job.figures.flops(device, job.dtype, threads, batch) * stages
+    rate = _rate(job, device, threads, batch) * stages
     read = job.model.bytes_per_pass * job.spec.generate_tokens / _read_rate(job, device) / stages
     smallest = _split_rounds(job, indices, ROUND_MIN_COMPUTE_OVER_READ * read * rate, lambda load, longest: True)
     biggest = max(smallest, key=lambda r: sum(job.loads[i].act_tokens for i in r))
@@ -928,12 +978,19 @@ def _active_params(entry, config: dict) -> int:
 
 
 def _prompt_load(model: _Model, spec, tokens: int, suffixes: int, scored: int) -> _Load:
+    """A prompt is one packed row: every layer's weights see each of its tokens once (2 FLOPs per
+    weight), and attention 4 x row length x hidden per token (workers/calibrate.layer_flops, which
+    the throughput was measured with). A later generation step computes the newest token of each
+    suffix against the cached row, one scored position per suffix."""
     steps = spec.generate_tokens
-    step_tokens = [tokens] + [suffixes] * (steps - 1)  # later steps: the newest token of each suffix
-    flops = sum(2.0 * (model.decoder_params * n + model.head_params * scored) for n in step_tokens)
+    attention = 4.0 * model.num_layers * model.hidden
+    keys = tokens + steps / 2 * suffixes  # a later step's row, on average over the steps
     cached = tokens + (steps - 2) * suffixes if steps > 1 else 0  # the last step's keys are never kept
     return _Load(act_tokens=tokens * PADDING_ALLOWANCE, result_bytes=_result_bytes(model, spec, suffixes),
-                 flops=flops, cache_tokens=cached * PADDING_ALLOWANCE)
+                 layer_flops=2.0 * model.decoder_params * tokens + attention * tokens * tokens,
+                 head_flops=2.0 * model.head_params * scored,
+                 later_layer_flops=2.0 * model.decoder_params * suffixes + attention * suffixes * keys,
+                 later_head_flops=2.0 * model.head_params * suffixes, cache_tokens=cached * PADDING_ALLOWANCE)
 
 
 def _result_bytes(model: _Model, spec, suffixes: int) -> int:
@@ -977,7 +1034,7 @@ def _threads(devices: Sequence[str], cpu_count: int) -> list[int]:
 
 def _cap_rate(job: _Job, device: str, threads: int) -> float:
     """FLOP/s at the device's largest batch: how devices compare when prompts are split."""
-    return job.figures.flops(device, job.dtype, threads, BATCH_TOKENS_CAP[_kind(device)])
+    return _rate(job, device, threads, BATCH_TOKENS_CAP[_kind(device)])
 
 
 def _read_rate(job: _Job, device: str) -> float:
@@ -1164,7 +1221,7 @@ def _split_rounds(job: _Job, indices: Sequence[int], target_flops: float,
     load, longest = _Load(), 0
     for i in indices:
         grown, grown_longest = load + job.loads[i], max(longest, job.lengths[i])
-        if current and (grown.flops > target_flops or not fits(grown, grown_longest)):
+        if current and (grown.flops(job.spec.generate_tokens) > target_flops or not fits(grown, grown_longest)):
             rounds.append(tuple(current))
             current, grown, grown_longest = [], job.loads[i], job.lengths[i]
         if not current and not fits(grown, grown_longest):

@@ -43,9 +43,10 @@ def test_a_plan_made_with_calibration_prints_its_figures_and_uses_them():
     (worker,) = plan.workers
     assert worker.predicted_start_seconds == 4.0
     assert any("worker fixed RAM 300.00 MB (measured" in f for f in plan.figures)
-    # 32 x 150 tokens at 1024 per batch: 2 x 12.85M params x 16 layers x 4800 tokens / 200 GFLOP/s
-    assert worker.predicted_compute_seconds == pytest.approx(
-        2 * 16 * 12_847_104 * 4800 / 200e9 + 2 * 32_768_000 * 128 / 200e9, rel=0.02)
+    # 32 x 150 tokens at 1024 per batch: 2 x 12.85M params x 16 layers x 4800 tokens, attention 4 x 150 x 1024 per
+    # token and layer, the head on 4 suffixes' last tokens per prompt, at 200 GFLOP/s
+    flops = 2 * 16 * 12_847_104 * 4800 + 4 * 150 * 1024 * 16 * 4800 + 2 * 32_768_000 * 128
+    assert worker.predicted_compute_seconds == pytest.approx(flops / 200e9, rel=0.02)
 
 
 def test_a_measured_base_lets_a_tight_cap_be_met():

@@ -13,20 +13,34 @@ import argparse
 import json
 import time
 
-# The reference layer: the benchmarks' CPU shape (16 x 1024 Llama) and a 7B-like one on a GPU. Rows of
-# 256 tokens: attention stays a small share, as with the short prompts flexorch scores.
-CPU_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16)
-GPU_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+# Reference layers: Llama's proportions (intermediate 2.75 x hidden, 64-wide heads) at two widths per
+# device kind, a narrow one and a wide one: a narrow layer runs far below a wide one's FLOP rate
+# (fixed per-call costs, small matrices), and the planner interpolates between them by the model's
+# width. Rows of 256 tokens: attention stays a small share, as with the short prompts flexorch
+# scores. The smallest batch is a generation step's (one token per suffix).
+WIDTHS = {"cpu": (256, 1024), "cuda": (1024, 4096)}
 ROW_TOKENS = 256
-BATCHES = {"cpu": (256, 1024), "cuda": (1024, 4096, 16384)}
+BATCHES = {"cpu": (32, 256, 1024), "cuda": (64, 1024, 4096, 16384)}
 DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("float16", "bfloat16", "float32")}
 HOST_TO_DEVICE_BYTES = 256 << 20
 REPEATS = 2  # after a warm-up; the best counts (other processes only ever slow a run down)
+MIN_SECONDS, MAX_RUNS = 0.05, 50
 
 
 def _rss() -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def reference_shape(hidden: int) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_attention_heads=max(1, hidden // 64),
+                num_key_value_heads=max(1, hidden // 64))
+
+
+def layer_flops(params: int, hidden: int, tokens: int, row: int) -> float:
+    """FLOPs of one decoder layer's forward: 2 per weight per token, and attention's scores and
+    weighted sum, 4 x row x hidden per token (the planner counts the same)."""
+    return 2.0 * params * tokens + 4.0 * row * hidden * tokens
 
 
 def _layer(shape: dict, device, dtype):
@@ -39,28 +53,32 @@ def _layer(shape: dict, device, dtype):
     return layer, LlamaRotaryEmbedding(config).to(device), sum(p.numel() for p in layer.parameters())
 
 
-def _flops(shape: dict, device: str, dtype: str, batch: int) -> float:
-    """FLOP/s (2 x params x tokens) of one decoder layer's forward over `batch` tokens."""
+def _flops(shape: dict, device: str, dtype: str, batches: tuple[int, ...]) -> list[float]:
+    """FLOP/s (layer_flops) of one decoder layer's forward over each of `batches` tokens: the best of
+    REPEATS timed runs after a warm-up, more for short runs (at least MIN_SECONDS of them)."""
     import torch
 
     dev, dt = torch.device(device), getattr(torch, dtype)
     layer, rotary, params = _layer(shape, dev, dt)
-    rows, length = max(1, batch // ROW_TOKENS), min(batch, ROW_TOKENS)
-    hidden = torch.randn(rows, length, shape["hidden_size"], device=dev, dtype=dt)
-    positions = torch.arange(length, device=dev).expand(rows, length)
-    causal = torch.full((length, length), float("-inf"), device=dev, dtype=dt).triu(1)
-    mask = causal.expand(rows, 1, length, length)
-    best = float("inf")
-    with torch.inference_mode():
-        embeddings = rotary(hidden, positions)
-        for repeat in range(REPEATS + 1):
-            _sync(dev)
-            start = time.perf_counter()
-            layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
-            _sync(dev)
-            if repeat:  # the first run pays for kernel selection and allocation
-                best = min(best, time.perf_counter() - start)
-    return 2 * params * rows * length / best
+    rates = []
+    for batch in batches:
+        rows, length = max(1, batch // ROW_TOKENS), min(batch, ROW_TOKENS)
+        hidden = torch.randn(rows, length, shape["hidden_size"], device=dev, dtype=dt)
+        positions = torch.arange(length, device=dev).expand(rows, length)
+        causal = torch.full((length, length), float("-inf"), device=dev, dtype=dt).triu(1)
+        mask = causal.expand(rows, 1, length, length)
+        times: list[float] = []
+        with torch.inference_mode():
+            embeddings = rotary(hidden, positions)
+            while len(times) <= REPEATS or sum(times[1:]) < MIN_SECONDS and len(times) < MAX_RUNS:
+                _sync(dev)
+                start = time.perf_counter()
+                layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
+                _sync(dev)
+                times.append(time.perf_counter() - start)
+        # the first run pays for kernel selection and allocation
+        rates.append(layer_flops(params, shape["hidden_size"], rows * length, length) / min(times[1:]))
+    return rates
 
 
 def _skeleton(shape: dict) -> None:
@@ -115,10 +133,9 @@ def measure(devices: list[str]) -> dict:
     import torch  # noqa: F401  what a worker imports, in the order it does
     import flexorch.workers.engine  # noqa: F401
 
-    tiny = {**CPU_SHAPE, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-            "num_key_value_heads": 4}
+    tiny = reference_shape(64)
     _skeleton(tiny)
-    _flops(tiny, "cpu", "float32", 64)  # a first forward: thread pools, kernels
+    _flops(tiny, "cpu", "float32", (64,))  # a first forward: thread pools, kernels
     result = {"import_seconds": time.perf_counter() - start, "worker_base_ram": _rss(), "throughput": []}
     for device in devices:
         kind = "cpu" if device == "cpu" else "cuda"
@@ -126,11 +143,11 @@ def measure(devices: list[str]) -> dict:
             gpu = _gpu_figures(device)
             result.setdefault("host_to_device_bytes_per_s", []).append(gpu.pop("host_to_device"))
             result.update(gpu)  # the first GPU's context and RSS stand for all (one model of card per box)
-        shape = CPU_SHAPE if kind == "cpu" else GPU_SHAPE
-        for dtype in DTYPES[kind]:
-            for batch in BATCHES[kind]:
-                result["throughput"].append({"device": device, "dtype": dtype, "batch_tokens": batch,
-                                             "flops_per_s": _flops(shape, device, dtype, batch)})
+        for hidden in WIDTHS[kind]:
+            for dtype in DTYPES[kind]:
+                rates = _flops(reference_shape(hidden), device, dtype, BATCHES[kind])
+                result["throughput"] += [{"device": device, "dtype": dtype, "batch_tokens": batch, "hidden": hidden,
+                                          "flops_per_s": rate} for batch, rate in zip(BATCHES[kind], rates)]
     return result
 
 
