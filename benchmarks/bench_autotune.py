@@ -11,7 +11,10 @@ predicted time and peak against auto's measured ones. Goals (issue 12): time <= 
 
 Each shape's runs share one child process (torch and transformers imported once); the peak RSS of
 each run is the process's high-water mark reset before it (/proc/self/clear_refs). Times are the
-engine's, start-up excluded (the same for every setting). Weights are in the page cache.
+engine's, start-up excluded (the same for every setting), the best of REPEATS runs, each from cold
+files (evicted from the page cache first, as a model larger than RAM always is). The machine is
+calibrated afresh at the start (`flexorch probe --calibrate`; its duration is reported), so the
+planner predicts with figures measured in the same conditions as the runs.
 
     python benchmarks/bench_autotune.py [--quick] [--machine NAME]
 """
@@ -25,8 +28,9 @@ from pathlib import Path
 
 import common as c
 
-PROMPTS = c.PromptSet(n_prompts=4, prefix_words=30, n_suffixes=4)
-BATCHES = (256, 1024)
+PROMPTS = c.PromptSet(n_prompts=16, prefix_words=40, n_suffixes=4)
+BATCHES = (256, 512, 1024)
+REPEATS = 2
 STORAGES = ("cpu", "disk")
 TIGHT_CAP_OVER_SMALLEST = 1.15
 GOALS = {"time": 1.10, "peak": 1.2, "predicted_time": 0.15, "predicted_peak": 0.10}
@@ -82,31 +86,38 @@ def child_runs(params: dict) -> dict:
     from flexorch.workers.prefetch import ResidentShards
 
     prompts = c.prompts_from_json(params["prompts"])
-    score_prompts(params["layerwise"], prompts[:1], ScoreSpec("suffix_logprob"),
+    layerwise = params["layerwise"]
+    score_prompts(layerwise, prompts[:1], ScoreSpec("suffix_logprob"),
                   EngineSettings(**params["runs"][0]["settings"]))  # warm-up: kernels, allocator
     results, reference = [], None
     for run in params["runs"]:
         settings = EngineSettings(**run["settings"])
-        resident = ResidentShards() if settings.resident else None
-        gc.collect()
-        _trim_heap()
-        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
-        seconds, logprobs = 0.0, {}
-        for indices in run["rounds"]:
-            out, summary = score_prompts(params["layerwise"], [prompts[i] for i in indices],
-                                         ScoreSpec("suffix_logprob"), settings, resident=resident)
-            seconds += summary.seconds
-            logprobs |= {r.index: r.scores["logprob"] for r in out}
+        times, peaks = [], []
+        for _ in range(params["repeats"]):
+            resident = ResidentShards() if settings.resident else None
+            gc.collect()
+            _trim_heap()
+            c.evict_page_cache([Path(layerwise)])
+            Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
+            seconds, logprobs = 0.0, {}
+            for indices in run["rounds"]:
+                out, summary = score_prompts(layerwise, [prompts[i] for i in indices],
+                                             ScoreSpec("suffix_logprob"), settings, resident=resident)
+                seconds += summary.seconds
+                logprobs |= {r.index: r.scores["logprob"] for r in out}
+            times.append(seconds)
+            peaks.append(_vm_hwm())
+            del resident
         scores = np.concatenate([logprobs[i] for i in sorted(logprobs)])
         reference = scores if reference is None else reference
-        results.append({"seconds": seconds, "peak_rss": _vm_hwm(),
+        results.append({"seconds": min(times), "times": times, "peak_rss": max(peaks),
                         "max_score_diff": float(np.abs(scores - reference).max())})
     return {"runs": results}
 
 
 # -- the parent ---------------------------------------------------------------------------------------
 def grid(shape: Shape, threads: int) -> list[dict]:
-    lps_values = sorted({1, 2, shape.layers})
+    lps_values = sorted({1, 2, 4, shape.layers})
     return [{"label": f"lps {lps}, {storage}, bt {batch}", "rounds": None,
              "settings": {"device": "cpu", "dtype": shape.dtype, "layers_per_shard": lps, "storage": storage,
                           "batch_tokens": batch, "threads": threads, "verify_checksums": True,
@@ -114,16 +125,21 @@ def grid(shape: Shape, threads: int) -> list[dict]:
             for lps, storage, batch in itertools.product(lps_values, STORAGES, BATCHES)]
 
 
-def auto_plan(layerwise: Path, prompts, ram_cap: int | None):
-    from flexorch.contract.manifest import read_manifest
-    from flexorch.contract.protocol import ScoreKind
+def calibrate_now():
+    """This machine's figures measured afresh (and cached, as `flexorch probe --calibrate` does)."""
     from flexorch.orchestrator.calibrate import calibrated
     from flexorch.orchestrator.hardware import probe
     from flexorch.orchestrator.modelstore import default_cache_dir
+
+    return calibrated(probe(c.CACHE), default_cache_dir(), force=True)
+
+
+def auto_plan(hardware, layerwise: Path, prompts, ram_cap: int | None):
+    from flexorch.contract.manifest import read_manifest
+    from flexorch.contract.protocol import ScoreKind
     from flexorch.orchestrator.planner import make_plan
     from flexorch.orchestrator.spec import JobSpec, Limits, ScoreSettings
 
-    hardware = calibrated(probe(c.CACHE), default_cache_dir())
     job_dir = c.CACHE / "autotune-job"
     spec = JobSpec(path=job_dir / "job.yaml", model=layerwise, prompts=job_dir / "p.jsonl", output=job_dir / "o.pkl",
                    job_dir=job_dir, devices=("cpu",), score=ScoreSettings(kind="suffix_logprob"),
@@ -150,16 +166,15 @@ def compare(grid_runs: list[dict], auto: dict, cap: int | None) -> dict:
             "predicted_over_measured_peak": auto["predicted_peak_ram"] / auto["peak_rss"]}
 
 
-def bench_shape(name: str, shape: Shape, script: Path) -> dict:
+def bench_shape(name: str, shape: Shape, script: Path, hardware) -> dict:
     import os
 
     checkpoint, layerwise = ensure_layerwise(shape)
     prompts = c.tokenize(checkpoint, c.make_texts(PROMPTS))
-    c.warm_page_cache([layerwise])
     threads = len(os.sched_getaffinity(0))
     runs = grid(shape, threads)
     everything = list(range(len(prompts)))
-    params = {"prompts": c.prompts_to_json(prompts), "layerwise": str(layerwise)}
+    params = {"prompts": c.prompts_to_json(prompts), "layerwise": str(layerwise), "repeats": REPEATS}
     measured = c.run_child(script, {**params, "method": "runs",
                                     "runs": [{**r, "rounds": [everything]} for r in runs]})
     if "error" in measured:
@@ -169,7 +184,7 @@ def bench_shape(name: str, shape: Shape, script: Path) -> dict:
     caps = (None, int(TIGHT_CAP_OVER_SMALLEST * smallest_peak))
     autos = []
     for cap in caps:
-        worker, calibration = auto_plan(layerwise, prompts, cap)
+        worker, calibration = auto_plan(hardware, layerwise, prompts, cap)
         autos.append({"label": f"auto (cap {c.fmt_bytes(cap) if cap else 'none'})", "cap": cap,
                       "settings": asdict(worker.settings), "rounds": [list(r) for r in worker.rounds],
                       "predicted_seconds": worker.predicted_seconds - worker.predicted_start_seconds,
@@ -192,7 +207,9 @@ def main() -> None:
     machine = c.machine_info()
     script = Path(__file__)
     start = time.perf_counter()
-    results = {name: bench_shape(name, shape, script) for name, shape in shapes.items()}
+    hardware = calibrate_now()
+    print(f"calibrated in {hardware.calibration.seconds:.1f} s")
+    results = {name: bench_shape(name, shape, script, hardware) for name, shape in shapes.items()}
     rows = []
     for name, result in results.items():
         for comp in result.get("comparisons", ()):
@@ -206,7 +223,8 @@ def main() -> None:
                                                           "auto/least peak", "pred/meas time", "pred/meas peak"),
                   rows, caption=f"goals: time <= {GOALS['time']}x, peak <= {GOALS['peak']}x, predictions within "
                                 f"{GOALS['predicted_time']:.0%} / {GOALS['predicted_peak']:.0%}")
-    payload = {"goals": GOALS, "prompts": asdict(PROMPTS), "results": results,
+    payload = {"goals": GOALS, "prompts": asdict(PROMPTS), "repeats": REPEATS, "results": results,
+               "calibration_seconds": hardware.calibration.seconds,
                "seconds": time.perf_counter() - start, "load_average_after": os.getloadavg()}
     print(c.write_results("autotune", {**payload, "quick": args.quick}, machine, args.machine))
 
