@@ -2,8 +2,9 @@
 
 Both consume the executor's messages. A worker's position is counted in prompts: those committed
 (reused from an earlier run included) plus the fraction of the current round's passes done, where
-a round streams the model once per generation step (`stages` shards per pass). Shards weigh what
-the planner predicts they cost (WorkerPlan.predicted_pass_shares: the embedding is a lookup, the
+a round streams the model once per generation step (`stages` shards per pass), and the engine
+reports each batch within a shard too (a shard of a big model over many batches takes minutes).
+Shards weigh what the planner predicts they cost (WorkerPlan.predicted_pass_shares: the embedding is a lookup, the
 decoder shards carry the FLOPs), so the bar does not jump to a third after the embedding.
 
 ETAs: a worker's blends the planner's prediction with its own pace since it started, weighted by the
@@ -56,8 +57,10 @@ class _WorkerState:
         e = self.event
         if e is None or e.stages == 0:
             return 0.0
-        shares = self.line.pass_shares
-        in_pass = sum(shares[:e.stage]) if len(shares) == e.stages else e.stage / e.stages
+        shares = self.line.pass_shares if len(self.line.pass_shares) == e.stages else (1 / e.stages,) * e.stages
+        in_pass = sum(shares[:e.stage])
+        if e.batches and e.stage < e.stages:  # within the shard computing now
+            in_pass += shares[e.stage] * e.batch / e.batches
         return (e.step - 1 + in_pass) / e.steps
 
     def eta_seconds(self, now: float) -> float | None:
@@ -93,8 +96,10 @@ class _WorkerState:
         left = f"  ETA {_duration(eta)}" if eta is not None and self.status != "done" else ""
         if e is None:  # between rounds, before the first, or done
             return f"{self.status}  prompts {self.done}/{self.line.prompts}{left}"
-        return (f"shard {e.stage}/{e.stages} step {e.step}/{e.steps}  prompts {self.done}/{self.line.prompts}  "
-                f"{_si(self.tokens_per_second())} tok/s{left}")
+        within = f" batch {e.batch}/{e.batches}" if e.batches else ""
+        rate = f"  {_si(self.tokens_per_second())} tok/s" if e.tokens_done else ""
+        return (f"shard {e.stage}/{e.stages}{within} step {e.step}/{e.steps}  prompts {self.done}/{self.line.prompts}"
+                f"{rate}{left}")
 
 
 def _si(value: float) -> str:

@@ -9,6 +9,7 @@ no output; a hung worker is caught by worker_timeout.
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 import json
 import pickle
 
@@ -219,3 +220,21 @@ def test_progress_weighs_shards_by_predicted_cost_and_the_job_eta_is_the_slowest
     clock.now = 19.0
     display.handle(Progress("w0", 0, _event(3, prompts=4)))  # nearly all of it: the pace decides
     assert display.workers["w0"].eta_seconds(clock.now) == pytest.approx(0.0)
+
+
+def test_progress_moves_within_a_shard_batch_by_batch():
+    # One decoder shard carries the pass: without batch events the bar would sit still for all of it.
+    shares = (0.0, 1.0, 0.0)
+    display = LogProgress(Console(file=io.StringIO()), [WorkerLine("w0", "cpu", 8, 0, 1, 80.0, shares)],
+                          clock=_Clock())
+    display.handle(Ready("w0", 1))
+    positions = []
+    for batch in (1, 2, 3):
+        event = replace(_event(1, stages=3, prompts=8), batch=batch, batches=4)  # the decoder shard, 3 of 4 batches
+        display.handle(Progress("w0", 0, event))
+        positions.append(display.workers["w0"].position())
+    assert positions == pytest.approx([2.0, 4.0, 6.0])
+    assert "batch 3/4" in display.workers["w0"].detail()
+    display.handle(Progress("w0", 0, _event(2, stages=3, prompts=8)))  # the shard done: no batch part
+    assert display.workers["w0"].position() == pytest.approx(8.0)
+

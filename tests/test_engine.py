@@ -313,6 +313,19 @@ def test_hooks_see_every_shard_and_batch(layerwise, references):
     assert len(batches) == 2 * 4 * len(ref.prompts)
 
 
+def test_progress_is_reported_after_every_batch_within_a_shard(layerwise, references):
+    ref = references("llama")
+    events = []
+    score_prompts(layerwise("llama"), ref.prompts, ScoreSpec("suffix_logprob"),
+                  settings(layers_per_shard=2, batch_tokens=1), on_progress=events.append)  # a batch per prompt
+    n = len(ref.prompts)
+    # embed, 2 shards of 2 decoder layers, norm + head: each reports batches 1..n-1 as it goes (stage: the
+    # shards done before it), then its end (stage: those done with it)
+    assert [(e.stage, e.batch, e.batches) for e in events] == [
+        event for done in range(4) for event in [(done, b, n) for b in range(1, n)] + [(done + 1, 0, 0)]]
+    assert all(e.tokens_done > 0 and e.prompts == n for e in events)
+
+
 def test_corrupt_layer_is_detected_before_use(layerwise, references, tmp_path):
     ref = references("llama")
     model_dir = tmp_path / "model"

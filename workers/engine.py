@@ -171,6 +171,7 @@ class Engine:
         # A streamed MoE layer between its steps, and where its batches wait: with the activations.
         self._streamed: StreamedExperts | None = None
         self._keep_on = self.device if settings.storage == "gpu" else torch.device("cpu")
+        self._batch_done: Callable[[int, int], None] = lambda batch, batches: None
 
     def run(self, prompts: Sequence[TokenizedPrompt]) -> tuple[list[PromptResult], EngineSummary]:
         start = time.perf_counter()
@@ -189,6 +190,8 @@ class Engine:
                 current = self._pass(rows, current, cache)  # the step's batches, their layout and targets
                 for position, shard in enumerate(self.own_shards):
                     loaded = loader.next_shard()  # load weight (prefetched on the loader's thread)
+                    self._batch_done = self._progress_within(position, step, steps, len(prompts), current.tokens,
+                                                             loader, start)
                     self._run_shard(loaded, current, link, cache, scores)  # per batch: receive, compute, send
                     loader.release(loaded)  # the compute using it has been issued
                     done = current.tokens if shard.last_step else 0  # a streamed MoE layer: once, at its end
@@ -213,6 +216,17 @@ class Engine:
             peak_device_memory=max(self.peak_device_per_shard, default=0),
             peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens)
         return results, summary
+
+    def _progress_within(self, position: int, step: int, steps: int, prompts: int, tokens: int,
+                         loader: ShardLoader, start: float) -> Callable[[int, int], None]:
+        """The callback a shard calls after each batch: a shard of a big model over many batches takes
+        minutes, and progress (and its ETA) should move within it. The worker throttles what it sends."""
+        def batch_done(batch: int, batches: int) -> None:
+            self.on_progress(ProgressEvent(
+                stage=position, stages=len(self.own_shards), step=step + 1, steps=steps, prompts_done=0,
+                prompts=prompts, tokens_done=tokens, bytes_read=loader.stats.bytes_read,
+                seconds=time.perf_counter() - start, batch=batch, batches=batches))
+        return batch_done
 
     def _pass(self, rows: list[Row], previous: _Pass | None, cache: KVCache) -> _Pass:
         """The first step (or every step without a cache): the rows in full; a later step with the
@@ -280,6 +294,8 @@ class Engine:
             else:
                 link.send(loaded.step, loaded.shard.index + 1, b, hidden)
             del hidden
+            if b + 1 < len(current.packed):  # the shard's end is reported by the loop
+                self._batch_done(b + 1, len(current.packed))
         for _, module in modules:
             self.adapter.release(module)
 

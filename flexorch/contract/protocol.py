@@ -111,6 +111,8 @@ class ProgressEvent:
     tokens_done: int  # tokens pushed through the current shard, for tokens/s
     bytes_read: int  # weight bytes read so far
     seconds: float
+    batch: int = 0  # batches done of the shard after `stage` (the one computing), for progress within a shard
+    batches: int = 0  # batches of the pass (0: reported per shard only)
 
 
 @dataclass(frozen=True)
