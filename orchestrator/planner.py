@@ -13,7 +13,8 @@ layers at a time, then norm + lm head (flexorch/contract/shards.py). Every batch
 goes through a shard before the next one comes; hidden states wait in the activation store.
 
 * Weights: two shard slots (the one computing + the one prefetching) of the largest shard as
-  stored, and, where the compute dtype differs from the checkpoint's, the converted copies of
+  stored — or one, where only that fits or it costs little time (each read then waits for the
+  compute before it: EngineSettings.double_buffer) — and, where the compute dtype differs from the checkpoint's, the converted copies of
   both (workers/prefetch.py). Resident (the whole model kept for the job): every shard in the
   compute dtype, no slots. A shard is max(embed, norm + head, layers_per_shard x largest
   decoder layer): the edges can outweigh a decoder layer (a 128k-vocab 70B head is 2 GB in fp16).
@@ -60,7 +61,7 @@ space at the probed disk path, split evenly between the workers.
 Decisions: parallel, dtype, devices and the prompt slices (contiguous, balanced by tokens weighted
 by device throughput) for the job; then per worker an objective, not a fill rule: every combination
 of batch_tokens (powers of two up to the device's cap, and the longest prompt), storage,
-layers_per_shard (powers of two and all) and, where layers_per_shard is auto, keeping the whole
+layers_per_shard (powers of two and all), one or two shard slots and, where layers_per_shard is auto, keeping the whole
 model resident, is sized (rounds: consecutive prompts, the resume unit, of about
 ROUND_TARGET_SECONDS of compute that fit in memory) and timed. The fastest wins, except that among
 the combinations within TIME_TOLERANCE of it, those within MEMORY_TOLERANCE of the least memory are
@@ -117,8 +118,9 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 STAGING_BUFFERS = 1
 # Before the storage is chosen: round activations are counted nowhere (only the batch in flight).
 NO_STORAGE = "none"
-# Shard slots: the shard computing and the one prefetching (the double buffer).
-RESIDENT_SHARDS = 2
+# Shard slots: the shard computing and the one prefetching (the double buffer); one where only that
+# fits (EngineSettings.double_buffer off: a shard less memory, every read waited for).
+DOUBLE_BUFFER, SINGLE_BUFFER = 2, 1
 # MLP intermediates alive at once: gate, up and their product (SwiGLU).
 MLP_INTERMEDIATES = 3
 # Hidden-sized tensors of one decoder forward: q, k, v, attention output, residual, normed input
@@ -298,12 +300,12 @@ class _Model:
     def stored_shard(self, lps: int) -> int:
         return max(self.stored_edge, lps * self.stored_layer)
 
-    def resident_weights(self, lps: int, resident: bool = False) -> int:
-        """Device bytes of the double-buffered shards (plus their converted copies); resident: every
-        shard in the compute dtype, and the one being read as stored while it is converted."""
+    def resident_weights(self, lps: int, resident: bool = False, slots: int = DOUBLE_BUFFER) -> int:
+        """Device bytes of the shard slots (plus their converted copies); resident: every shard in
+        the compute dtype, and the one being read as stored while it is converted."""
         if resident:
             return self.total + (self.stored_shard(1) if self.converted else 0)
-        return RESIDENT_SHARDS * (self.stored_shard(lps) + (self.shard(lps) if self.converted else 0))
+        return slots * (self.stored_shard(lps) + (self.shard(lps) if self.converted else 0))
 
 
 @dataclass(frozen=True)
@@ -361,6 +363,7 @@ class _Setup:
     batch: int
     storage: str
     resident: bool = False  # the whole model kept on the device for the job, read once
+    slots: int = DOUBLE_BUFFER  # shard slots when streaming
 
 
 @dataclass(frozen=True)
@@ -587,6 +590,7 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
         storages=("cpu",) if stages > 1 else _storages(spec, device),
         lps=(1,) if streaming else _lps_candidates(job, floor, stages),
         resident=stages == 1 and spec.layers_per_shard is None and not streaming,
+        slots=(DOUBLE_BUFFER,) if stages > 1 else (DOUBLE_BUFFER, SINGLE_BUFFER),
     )
     options = _search(job, device, indices, threads, budget, space, stages)
     if not options:
@@ -605,6 +609,7 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
         disk_folder=_disk_folder(spec, name) if setup.storage == "disk" else None,
         threads=threads if device == "cpu" else 0, resident=setup.resident,
         experts_per_group=job.model.experts_per_group, allow_untested_models=spec.allow_untested_models,
+        double_buffer=setup.slots == DOUBLE_BUFFER,
     )
     return WorkerPlan(
         name=name, device=device, settings=settings, prompt_indices=indices, rounds=best.rounds,
@@ -624,6 +629,7 @@ class _Space:
     storages: tuple[str, ...]
     lps: tuple[int, ...]  # increasing
     resident: bool  # also try keeping the whole model on the device
+    slots: tuple[int, ...] = (DOUBLE_BUFFER,)  # shard slots to try when streaming (DOUBLE_BUFFER, SINGLE_BUFFER)
 
 
 @dataclass(frozen=True)
@@ -656,13 +662,14 @@ def _search(job: _Job, device: str, indices: tuple[int, ...], threads: int, budg
     for batch in space.batches:
         for storage in space.storages:
             for resident in (False, True) if space.resident else (False,):
-                for lps in space.lps[:1] if resident else space.lps:
-                    setup = _Setup(device, lps, batch, storage, resident)
-                    rounds = _rounds_for(job, setup, indices, threads, budget, stages)
-                    if rounds is None:
-                        break  # a longer shard needs more memory still
-                    time = _time(job, setup, indices, rounds, threads, stages)
-                    options.append(_Option(setup, rounds, _max_peaks(job, setup, rounds), time))
+                for slots in (DOUBLE_BUFFER,) if resident else space.slots:
+                    for lps in space.lps[:1] if resident else space.lps:
+                        setup = _Setup(device, lps, batch, storage, resident, slots)
+                        rounds = _rounds_for(job, setup, indices, threads, budget, stages)
+                        if rounds is None:
+                            break  # a longer shard needs more memory still
+                        time = _time(job, setup, indices, rounds, threads, stages)
+                        options.append(_Option(setup, rounds, _max_peaks(job, setup, rounds), time))
     return options
 
 
@@ -695,9 +702,10 @@ def _time(job: _Job, setup: _Setup, indices: tuple[int, ...], rounds, threads: i
         first, later = costs.compute(first_step=True), costs.compute(first_step=False)
         # the resident model is read during the round's first step; streamed, every step reads it
         again = [0.0] * len(costs.reads) if setup.resident else costs.reads
-        stream += costs.reads[0] + _overlapped(first, costs.reads, again[0] if steps > 1 else 0.0)
+        one_pass = _overlapped if setup.slots == DOUBLE_BUFFER else _in_turn
+        stream += costs.reads[0] + one_pass(first, costs.reads, again[0] if steps > 1 else 0.0)
         if steps > 1:
-            stream += (steps - 2) * _overlapped(later, again, again[0]) + _overlapped(later, again, 0.0)
+            stream += (steps - 2) * one_pass(later, again, again[0]) + one_pass(later, again, 0.0)
         read += sum(costs.reads) + (steps - 1) * sum(again)
         compute += sum(first) + (steps - 1) * sum(later)
     return _Time(read=read, compute=compute, fill=stream - max(read, compute), start=job.figures.worker_start.value)
@@ -747,6 +755,11 @@ def _overlapped(compute: Sequence[float], reads: Sequence[float], after_last: fl
     return sum(max(c, r) for c, r in zip(compute, nexts))
 
 
+def _in_turn(compute: Sequence[float], reads: Sequence[float], after_last: float) -> float:
+    """`_overlapped` with one slot: each read waits for the compute before it."""
+    return sum(compute) + sum(reads[1:]) + after_last
+
+
 def _rate(job: _Job, device: str, threads: int, batch: int) -> float:
     """FLOP/s through this model's layers (their width) at `batch` tokens per forward."""
     return job.figures.flops(device, job.dtype, threads, batch, job.model.hidden)
@@ -775,7 +788,7 @@ def _batch_candidates(job: _Job, device: str, indices: tuple[int, ...], lps: int
     longest = job.lengths[longest_index]
 
     def fits(batch: int) -> bool:
-        setup = _Setup(device, lps, batch, NO_STORAGE)
+        setup = _Setup(device, lps, batch, NO_STORAGE, slots=SINGLE_BUFFER)
         return _fits(_peaks(job, setup, job.loads[longest_index], longest), budget)
 
     requested = job.spec.batch_tokens
@@ -819,12 +832,13 @@ def _pass_shares(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: in
 def _option_reasons(job: _Job, options: Sequence[_Option], best: _Option, device: str, stages: int) -> list[str]:
     """Why `best`: the search, then per setting the best option differing only in it."""
     fastest = min(o.time.total for o in options)
-    reasons = [f"settings (auto): {len(options)} combination(s) of batch_tokens, storage and layers_per_shard fit; "
+    reasons = [f"settings (auto): {len(options)} combination(s) of batch_tokens, storage, layers_per_shard and shard "
+               "slots fit; "
                f"the fastest is predicted {_seconds(fastest)}; of those within {TIME_TOLERANCE:.0%} of it, and "
                f"within {MEMORY_TOLERANCE:.0%} of the least memory (GPU + RAM), this one is the fastest" if len(options) > 1 else "settings: the only combination that fits"]
     s, spec = best.setup, job.spec
     fields = (("batch_tokens", "batch", spec.batch_tokens), ("storage", "storage", spec.storage),
-              ("layers_per_shard", "lps", spec.layers_per_shard))
+              ("layers_per_shard", "lps", spec.layers_per_shard), ("shard slots", "slots", None))
     for key, attr, given in fields:
         if given is not None:
             reasons.append(f"{key} {getattr(s, attr)} (from the job)")
@@ -859,7 +873,8 @@ def _no_storage_message(job: _Job, device: str, indices: tuple[int, ...], thread
     smallest = _split_rounds(job, indices, ROUND_MIN_COMPUTE_OVER_READ * read * rate, lambda load, longest: True)
     biggest = max(smallest, key=lambda r: sum(job.loads[i].act_tokens for i in r))
     load, longest = sum((job.loads[i] for i in biggest), _Load()), _round_longest(job, biggest)
-    peaks = {s: _peaks(job, _Setup(device, lps, batch, s), load, longest) for s in space.storages}
+    peaks = {s: _peaks(job, _Setup(device, lps, batch, s, slots=space.slots[-1]), load, longest)
+             for s in space.storages}
     needs = "; ".join(f"{s} {_shortfall(p, budget, device)}" for s, p in peaks.items())
     what = f"{space.storages[0]} does not hold" if job.spec.storage else "no activation storage holds"
     return (f"{what} the smallest useful round on {device} ({len(biggest)} prompt(s), compute >= "
@@ -1086,7 +1101,7 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     cache_read_ahead = setup.lps * setup.batch * m.kv_bytes if cache else 0  # disk: the next batch's
     # every batch's additive mask (rows x L x L ~ its padded tokens x L), kept for the pass while it fits
     layouts = min(LAYOUT_CACHE_BYTES, math.ceil(load.act_tokens * min(longest, setup.batch or longest) * m.dtype_bytes))
-    compute = (m.resident_weights(setup.lps, setup.resident) + in_flight + layouts
+    compute = (m.resident_weights(setup.lps, setup.resident, setup.slots) + in_flight + layouts
                + (_working_bytes(m, setup.batch, longest, job.scored_ratio) if setup.batch else 0))
     ram = int(job.figures.base_ram[_kind(setup.device)].value) + load.result_bytes
     ram += STAGING_BUFFERS * m.stored_shard(setup.lps) if cuda else compute
@@ -1147,19 +1162,20 @@ def _lps_floor(job: _Job, reasons: list[str]) -> int:
     return requested
 
 
-def _minimum_fits(job: _Job, device: str, lps: int, longest_index: int, budget: _Budget) -> bool:
+def _minimum_fits(job: _Job, device: str, lps: int, longest_index: int, budget: _Budget, slots: int) -> bool:
     load = job.loads[longest_index]
     longest = job.lengths[longest_index]
-    return _fits(_peaks(job, _Setup(device, lps, longest, NO_STORAGE), load, longest), budget)
+    return _fits(_peaks(job, _Setup(device, lps, longest, NO_STORAGE, slots=slots), load, longest), budget)
 
 
 def _stream_experts_if_needed(job: _Job, device: str, lps: int, longest_index: int, budget: _Budget) -> _Job:
     """A MoE model whose layers do not fit whole streams its experts, one layer per shard: planned
     first with one expert per group (the least weight memory, leaving the most for the batch and the
-    rounds), then `_grow_expert_groups` fills what is left."""
+    rounds), then `_grow_expert_groups` fills what is left. Decided at two slots: streaming the
+    experts keeps the reads overlapped, where whole layers in one slot would wait for every read."""
     m = job.model
-    if m.moe is None or job.spec.layers_per_shard not in (None, 1) or _minimum_fits(job, device, lps, longest_index,
-                                                                                    budget):
+    if m.moe is None or job.spec.layers_per_shard not in (None, 1) or _minimum_fits(
+            job, device, lps, longest_index, budget, DOUBLE_BUFFER):
         return job
     return replace(job, model=m.streamed(1))
 
@@ -1186,23 +1202,23 @@ def _grow_expert_groups(job: _Job, setup: _Setup, rounds, budget: _Budget, reaso
 
 
 def _check_minimum(job: _Job, device: str, lps: int, longest_index: int, budget: _Budget) -> None:
-    """The smallest step this worker must take: its shards double-buffered and its longest prompt
-    as one forward (activations between shards not counted yet: the storage comes later)."""
+    """The smallest step this worker must take: one shard slot and its longest prompt as one forward
+    (activations between shards not counted yet: the storage comes later)."""
     longest = job.lengths[longest_index]
     load = job.loads[longest_index]
 
     def peaks_at(n: int, batch: int) -> _Peaks:
-        return _peaks(job, _Setup(device, n, batch, NO_STORAGE), load if batch else _Load(), longest)
+        return _peaks(job, _Setup(device, n, batch, NO_STORAGE, slots=SINGLE_BUFFER), load if batch else _Load(),
+                      longest)
 
     peaks = peaks_at(lps, longest)
     if _fits(peaks, budget):
         return
     weights_only = peaks_at(1, 0)
     if not _fits(weights_only, budget):
-        raise _error(job.spec, "model", f"does not fit on {device} even one layer at a time: two shards of "
-                     f"{format_bytes(job.model.shard(1))} (the double buffer; the largest of embedding, one decoder "
-                     f"layer, norm + head) {_shortfall(weights_only, budget, device)}; raise the limits or use a "
-                     "device with more memory")
+        raise _error(job.spec, "model", f"does not fit on {device} even one layer at a time: a shard of "
+                     f"{format_bytes(job.model.shard(1))} (the largest of embedding, one decoder layer, norm + head) "
+                     f"{_shortfall(weights_only, budget, device)}; raise the limits or use a device with more memory")
     if lps > 1 and _fits(peaks_at(1, longest), budget):
         at_most = _largest_fitting(range(1, lps), lambda n: _fits(peaks_at(n, longest), budget))
         raise _error(job.spec, "layers_per_shard", f"{lps} does not fit on {device}: "

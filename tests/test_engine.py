@@ -112,18 +112,20 @@ def settings(**overrides) -> EngineSettings:
     return EngineSettings(**{**base, **overrides})
 
 
-# (layers_per_shard, storage, batch_tokens): 1 and >1 layers, every storage, budgets that put all
-# prompts in one batch, split them across batches, and force one prompt per batch.
-CONFIGS = [(1, "cpu", 4096), (3, "gpu", 60), (2, "disk", 1)]
+# (layers_per_shard, storage, batch_tokens, double_buffer): 1 and >1 layers, every storage, budgets that
+# put all prompts in one batch, split them across batches, and force one prompt per batch; two shard
+# slots and one.
+CONFIGS = [(1, "cpu", 4096, True), (3, "gpu", 60, True), (2, "disk", 1, False)]
 
 
 @pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
 def test_next_token_probs_match_unsplit_model(arch, layerwise, references, tmp_path):
     ref = references(arch)
-    for layers, storage, budget in CONFIGS:
+    for layers, storage, budget, double_buffer in CONFIGS:
         results, summary = score_prompts(
             layerwise(arch), ref.prompts, ScoreSpec("next_token_probs"),
-            settings(layers_per_shard=layers, storage=storage, batch_tokens=budget, disk_folder=str(tmp_path)))
+            settings(layers_per_shard=layers, storage=storage, batch_tokens=budget, disk_folder=str(tmp_path),
+                     double_buffer=double_buffer))
         assert [r.index for r in results] == [p.index for p in ref.prompts]
         for result, expected in zip(results, ref.probs):
             assert result.scores.dtype == np.float32
@@ -136,10 +138,11 @@ def test_next_token_probs_match_unsplit_model(arch, layerwise, references, tmp_p
 @pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
 def test_suffix_logprob_matches_unsplit_model(arch, layerwise, references, tmp_path):
     ref = references(arch)
-    for layers, storage, budget in CONFIGS:
+    for layers, storage, budget, double_buffer in CONFIGS:
         results, _ = score_prompts(
             layerwise(arch), ref.prompts, ScoreSpec("suffix_logprob"),
-            settings(layers_per_shard=layers, storage=storage, batch_tokens=budget, disk_folder=str(tmp_path)))
+            settings(layers_per_shard=layers, storage=storage, batch_tokens=budget, disk_folder=str(tmp_path),
+                     double_buffer=double_buffer))
         for result, prompt, logprob, greedy in zip(results, ref.prompts, ref.logprob, ref.is_greedy):
             scores = result.scores
             np.testing.assert_allclose(scores["logprob"], logprob, atol=1e-4, rtol=0)
@@ -324,6 +327,32 @@ def test_progress_is_reported_after_every_batch_within_a_shard(layerwise, refere
     assert [(e.stage, e.batch, e.batches) for e in events] == [
         event for done in range(4) for event in [(done, b, n) for b in range(1, n)] + [(done + 1, 0, 0)]]
     assert all(e.tokens_done > 0 and e.prompts == n for e in events)
+
+
+def test_one_slot_reads_each_shard_only_after_the_one_before_is_released(layerwise):
+    from flexorch.contract.shards import plan_shards
+    from flexorch.workers.layerfile import LayerwiseModel
+    from flexorch.workers.prefetch import ShardLoader
+
+    model = LayerwiseModel(layerwise("llama"))
+    shards = plan_shards(model.manifest, 1)
+    events, read = [], model.read_part_into
+
+    def recording_read(name, experts, buffer, verify=False):
+        events.append(("read", name))
+        return read(name, experts, buffer, verify=verify)
+
+    model.read_part_into = recording_read
+    with ShardLoader(model, shards, torch.device("cpu"), torch.float32, slots=1) as loader:
+        assert len(loader._slots) == 1
+        for shard in shards:
+            loaded = loader.next_shard()
+            events.append(("release", loaded.shard.index))
+            loader.release(loaded)
+    expected = []
+    for shard in shards:
+        expected += [("read", name) for name in shard.names] + [("release", shard.index)]
+    assert events == expected
 
 
 def test_corrupt_layer_is_detected_before_use(layerwise, references, tmp_path):

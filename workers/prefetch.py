@@ -2,7 +2,8 @@
 
 Two slots bound memory: the shard being computed and the one being loaded — the loader takes a
 slot before reading and the consumer gives it back when it is done with the shard, so a third
-shard is never resident. Each slot owns a flat byte buffer on the device, reused for every shard
+shard is never resident. With one slot (EngineSettings.double_buffer off, where memory allows no
+second shard) the same code reads each shard after the previous one is computed. Each slot owns a flat byte buffer on the device, reused for every shard
 it carries. On CUDA, file bytes land in a pinned host staging buffer and reach the slot with one
 non-blocking copy on a side stream; the consumer waits on that copy's event, and the loader waits
 on the consumer's "done" event before overwriting a slot, so neither side ever blocks the other's
@@ -65,20 +66,21 @@ class ShardLoader:
     """
 
     def __init__(self, model: LayerwiseModel, shards: list[Shard], device: torch.device, dtype: torch.dtype,
-                 passes: int = 1, verify: bool = True, resident: ResidentShards | None = None):
+                 passes: int = 1, verify: bool = True, resident: ResidentShards | None = None, slots: int = 2):
         self.model, self.shards, self.device, self.dtype = model, shards, device, dtype
         self.passes, self.verify, self.resident = passes, verify, resident
         self.stats = LoaderStats()
         slot_bytes = max(sum(model.part_bytes(name, shard.experts) for name in shard.names) for shard in shards)
         cuda = device.type == "cuda"
         # Slots live where the compute reads them; on CUDA, file bytes stage through pinned memory.
-        slots = 0 if resident is not None else 2
+        if resident is not None:
+            slots = 0
         self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
         self._staging = torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) if cuda else None
         self._copy_stream = torch.cuda.Stream(device) if cuda else None
         self._slot_done = [None, None]  # CUDA events: compute finished with the slot's last shard
         self._free_slots: queue.Queue[int] = queue.Queue()
-        for slot in range(2):
+        for slot in range(len(self._slots)):
             self._free_slots.put(slot)
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()

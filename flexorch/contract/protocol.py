@@ -96,6 +96,9 @@ class EngineSettings:
     allow_untested_models: bool = False  # the job's allow_untested_models: run a model type outside TESTED_MODEL_TYPES
     resident: bool = False  # keep every shard once read: the model is read once per worker, not once per pass
     kv_cache: bool = True  # generate_tokens > 1: keep keys/values in `storage`, later steps compute new tokens only
+    # two shard slots, the next shard read while one computes; False: one slot, read after the compute
+    # (a shard less memory, no read hidden): the planner's choice when only that fits
+    double_buffer: bool = True
 
 
 @dataclass(frozen=True)
