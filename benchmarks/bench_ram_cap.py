@@ -1,4 +1,4 @@
-"""Benchmark 9 (issue 12): a RAM cap the job can meet is honoured.
+"""Benchmark 11 (issue 12): a RAM cap the job can meet is honoured.
 
 The issue's case: a 16-layer, 1024-wide fp32 Llama (825 MB of weights), 16 prompts, `storage: cpu`,
 everything else auto, submitted with `flexorch submit` as a user would: once with
