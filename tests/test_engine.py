@@ -329,6 +329,27 @@ def test_progress_is_reported_after_every_batch_within_a_shard(layerwise, refere
     assert all(e.tokens_done > 0 and e.prompts == n for e in events)
 
 
+def test_an_engine_and_its_shard_slots_are_freed_when_its_run_returns(layerwise, references):
+    # A worker runs one engine per round: a reference cycle would keep the last round's slots (a layer each)
+    # alive beside the next round's until the garbage collector happened to run.
+    import gc
+    import weakref
+
+    from flexorch.workers.engine import Engine
+
+    ref = references("llama")
+    engine = Engine(layerwise("llama"), settings(batch_tokens=1), ScoreSpec("suffix_logprob"),
+                    on_progress=lambda event: None)
+    gc.disable()
+    try:
+        engine.run(ref.prompts)
+        freed = weakref.ref(engine)
+        del engine
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
 def test_one_slot_reads_each_shard_only_after_the_one_before_is_released(layerwise):
     from flexorch.contract.shards import plan_shards
     from flexorch.workers.layerfile import LayerwiseModel

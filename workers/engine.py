@@ -171,7 +171,6 @@ class Engine:
         # A streamed MoE layer between its steps, and where its batches wait: with the activations.
         self._streamed: StreamedExperts | None = None
         self._keep_on = self.device if settings.storage == "gpu" else torch.device("cpu")
-        self._batch_done: Callable[[int, int], None] = lambda batch, batches: None
 
     def run(self, prompts: Sequence[TokenizedPrompt]) -> tuple[list[PromptResult], EngineSummary]:
         start = time.perf_counter()
@@ -191,9 +190,10 @@ class Engine:
                 current = self._pass(rows, current, cache)  # the step's batches, their layout and targets
                 for position, shard in enumerate(self.own_shards):
                     loaded = loader.next_shard()  # load weight (prefetched on the loader's thread)
-                    self._batch_done = self._progress_within(position, step, steps, len(prompts), current.tokens,
-                                                             loader, start)
-                    self._run_shard(loaded, current, link, cache, scores)  # per batch: receive, compute, send
+                    # per batch: receive, compute, send (or score), report
+                    batch_done = self._progress_within(position, step, steps, len(prompts), current.tokens, loader,
+                                                       start)
+                    self._run_shard(loaded, current, link, cache, scores, batch_done)
                     loader.release(loaded)  # the compute using it has been issued
                     done = current.tokens if shard.last_step else 0  # a streamed MoE layer: once, at its end
                     tokens += done
@@ -221,7 +221,9 @@ class Engine:
     def _progress_within(self, position: int, step: int, steps: int, prompts: int, tokens: int,
                          loader: ShardLoader, start: float) -> Callable[[int, int], None]:
         """The callback a shard calls after each batch: a shard of a big model over many batches takes
-        minutes, and progress (and its ETA) should move within it. The worker throttles what it sends."""
+        minutes, and progress (and its ETA) should move within it. The worker throttles what it sends.
+        Passed down, never kept on the engine: a closure over `self` stored on it is a reference cycle
+        that would keep the engine's shard slots alive after `run` until the garbage collector ran."""
         def batch_done(batch: int, batches: int) -> None:
             self.on_progress(ProgressEvent(
                 stage=position, stages=len(self.own_shards), step=step + 1, steps=steps, prompts_done=0,
@@ -253,12 +255,13 @@ class Engine:
             return ()
         return tuple(tuple(int(t) for t in prompt_scores[-1][1]) for prompt_scores in scores)
 
-    def _run_shard(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache, scores) -> None:
+    def _run_shard(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache, scores,
+                   batch_done: Callable[[int, int], None]) -> None:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         if loaded.shard.experts is None:
-            self._run_layers(loaded, current, link, cache, scores)
+            self._run_layers(loaded, current, link, cache, scores, batch_done)
         elif loaded.shard.experts == DENSE_PART:
             self._run_dense_part(loaded, current, link, cache)
         else:
@@ -267,7 +270,8 @@ class Engine:
         if cuda:
             self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
 
-    def _run_layers(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache, scores) -> None:
+    def _run_layers(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache, scores,
+                    batch_done: Callable[[int, int], None]) -> None:
         """Whole layers: per batch, receive, compute, send (or score)."""
         modules = []
         for name in loaded.shard.names:
@@ -296,7 +300,7 @@ class Engine:
                 link.send(loaded.step, loaded.shard.index + 1, b, hidden)
             del hidden
             if b + 1 < len(current.packed):  # the shard's end is reported by the loop
-                self._batch_done(b + 1, len(current.packed))
+                batch_done(b + 1, len(current.packed))
         for _, module in modules:
             self.adapter.release(module)
 
