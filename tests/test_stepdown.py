@@ -23,9 +23,10 @@ def test_steps_down_batch_then_shard_then_storage_then_stops():
         steps.append(what)
     assert steps == [
         "batch_tokens 4096 -> 2048", "batch_tokens 2048 -> 1024", "batch_tokens 1024 -> 1000",
-        "layers_per_shard 4 -> 2", "layers_per_shard 2 -> 1", "storage gpu -> cpu",
+        "layers_per_shard 4 -> 2", "layers_per_shard 2 -> 1", "storage gpu -> cpu", "two shard slots -> one",
     ]
     assert (settings.batch_tokens, settings.layers_per_shard, settings.storage) == (1000, 1, "cpu")
+    assert not settings.double_buffer
 
 
 def test_streamed_experts_step_down_to_one_per_group():
@@ -35,11 +36,12 @@ def test_streamed_experts_step_down_to_one_per_group():
     while (next_step := step_down(settings, min_batch_tokens=1000)) is not None:
         settings, what = next_step
         steps.append(what)
-    assert steps == ["experts_per_group 6 -> 3", "experts_per_group 3 -> 1"]
+    assert steps == ["experts_per_group 6 -> 3", "experts_per_group 3 -> 1", "two shard slots -> one"]
 
 
 def test_cpu_worker_has_no_storage_step():
-    settings = EngineSettings("cpu", "float32", layers_per_shard=1, storage="gpu", batch_tokens=64)
+    settings = EngineSettings("cpu", "float32", layers_per_shard=1, storage="gpu", batch_tokens=64,
+                              double_buffer=False)
     assert step_down(settings, min_batch_tokens=64) is None
 
 

@@ -3,7 +3,8 @@
 The planner's prediction can be wrong (another process took GPU memory, fragmentation), so a
 worker that runs out of memory steps down and retries the round rather than failing: first fewer
 tokens per batch (cheapest: same weights traffic), then fewer experts per group (a MoE model
-streaming its experts), then fewer layers per shard, then activations off the GPU. Scores do not depend on any of these, only speed does.
+streaming its experts), then fewer layers per shard, then activations off the GPU, then one shard
+slot (a layer less, reads no longer hidden). Scores do not depend on any of these, only speed does.
 """
 
 from __future__ import annotations
@@ -50,4 +51,6 @@ def step_down(settings: EngineSettings, min_batch_tokens: int) -> tuple[EngineSe
                 f"layers_per_shard {settings.layers_per_shard} -> {fewer}")
     if settings.storage == "gpu" and settings.device != "cpu":
         return dataclasses.replace(settings, storage="cpu"), "storage gpu -> cpu"
+    if settings.double_buffer:
+        return dataclasses.replace(settings, double_buffer=False), "two shard slots -> one"
     return None

@@ -178,7 +178,7 @@ def _smaller_settings(task: WorkerTask, rnd: Round, settings: EngineSettings, ex
     if smaller is None:
         raise OutOfMemoryFailure(
             f"out of memory even with the smallest settings (batch_tokens {settings.batch_tokens}, "
-            f"layers_per_shard {settings.layers_per_shard}, storage {settings.storage}): {error}"
+            f"layers_per_shard {settings.layers_per_shard}, storage {settings.storage}, one shard slot): {error}"
         ) from exc
     del exc  # its traceback holds the failed attempt's tensors
     gc.collect()
