@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,59 @@ def test_experts_are_read_alone_as_slices_of_the_fused_tensors(layerwise):
                                                                      dtype=torch.uint8))
     assert sorted(dense) == sorted(set(whole) - set(entry.expert_tensors))
     assert all(torch.equal(dense[name], whole[name]) for name in dense)
+
+
+class _RecordingSha256:
+    """hashlib.sha256 that notes the thread of every update (the chunks' order shows in the digest)."""
+
+    def __init__(self, sha, threads: list[str]):
+        self._sha, self._threads = sha, threads
+
+    def update(self, data) -> None:
+        self._threads.append(threading.current_thread().name)
+        self._sha.update(data)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def test_verifying_read_hashes_off_the_reading_thread_in_order(layerwise, monkeypatch):
+    """Small reads, so the file is many chunks: hashed out of order, the digest would not match."""
+    threads: list[str] = []
+    monkeypatch.setattr(layerfile, "_READ_CHUNK", 1024)
+    sha256 = hashlib.sha256
+    monkeypatch.setattr(layerfile.hashlib, "sha256", lambda: _RecordingSha256(sha256(), threads))
+    model = LayerwiseModel(layerwise("llama"))
+    assert model.data_bytes("layer.1") > 8 * 1024
+    read = model.load("layer.1", verify=True)
+    assert len(threads) > 8 and all(name.startswith("flexorch-hash") for name in threads)
+    assert torch.equal(read["mlp.up_proj.weight"], load_file(model.file_path("layer.1"))["mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_flipped_byte_in_any_chunk_raises_before_tensors_return(llama_copy, monkeypatch, where):
+    monkeypatch.setattr(layerfile, "_READ_CHUNK", 1024)
+    model = LayerwiseModel(llama_copy)
+    path = model.file_path("layer.1")
+    header = model.header("layer.1")
+    at = {"first": header.data_offset, "middle": header.data_offset + header.data_bytes // 2,
+          "last": header.data_offset + header.data_bytes - 1}[where]
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(LayerIntegrityError, match="checksum mismatch for layer 'layer.1'"):
+        model.load("layer.1", verify=True)
+    model.load("layer.1")  # unverified reads go on: checking is the caller's choice
+
+
+def test_a_file_cut_short_mid_read_stops_the_hash_thread(llama_copy, monkeypatch):
+    """The size was checked (header cached), then the file lost its tail: the read raises, and no
+    hashing thread is left working on the caller's buffer."""
+    monkeypatch.setattr(layerfile, "_READ_CHUNK", 1024)
+    model = LayerwiseModel(llama_copy)
+    path = model.file_path("layer.2")
+    model.header("layer.2")
+    path.write_bytes(path.read_bytes()[:-4096])
+    with pytest.raises(LayerIntegrityError, match="'layer.2' is truncated"):
+        model.load("layer.2", verify=True)
+    assert not [t for t in threading.enumerate() if t.name.startswith("flexorch-hash")]
