@@ -1,19 +1,28 @@
-"""Benchmark 4 (issue 7): reading weights from cold files.
+"""Benchmark 4 (issues 7 and 12): reading weights from cold files.
 
 1. The disk's own sequential read rate, measured in the same run: a large file of random bytes,
-   evicted from the page cache, read in 16 MiB chunks.
-2. flexorch streaming from cold layer files: weight bytes per second of wall time on an I/O-bound run
-   (one prompt) and on the full prompt set, and of the loader thread's own read time.
-3. Two workers (two processes, each streaming the whole model over half the prompts, released at the
+   evicted from the page cache, read by one thread in 16 MiB chunks; and the same file read again
+   from the page cache, which says whether that one thread was waiting for the disk or for the CPU.
+2. flexorch streaming from cold layer files, I/O bound: a prompt of a few tokens and one compute
+   thread, so a pass computes in a fraction of its read time and the loader has a core. Weight bytes
+   per second of wall time against the disk's rate (goal: >= 0.9x, issue 12), with checksums off and
+   on (on: a job's first pass). Rounds of disk probe + both runs are interleaved and each ratio is
+   taken against its own round's probe, so load from others on a shared machine touches both alike;
+   the table shows medians.
+3. For scale, the one-prompt and full prompt-set runs on all cores (on a small CPU these are bound by
+   the compute, not the disk: "compute waited" says which).
+4. Two workers (two processes, each streaming the whole model over half the prompts, released at the
    same instant) against one worker over all prompts, both from cold files: bytes read from the
    disk (/proc/<pid>/io read_bytes, page-cache hits excluded). Workers walking the layers in step
    should read each layer from disk about once between them (ratio near 1, at most 2).
 
-    python benchmarks/bench_io.py [--quick] [--probe-bytes N]
+    python benchmarks/bench_io.py [--quick] [--probe-bytes N] [--rounds N]
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +37,8 @@ def child_flexorch(params: dict) -> dict:
     if params.get("wait_for_start"):
         print("READY", flush=True)
         sys.stdin.readline()
-    return c.flexorch_run(Path(params["layerwise"]), prompts, verify=False, threads=params.get("threads", 0))
+    return c.flexorch_run(Path(params["layerwise"]), prompts, verify=params.get("verify", False),
+                          threads=params.get("threads", 0))
 
 
 def run_together(script: Path, params_list: list[dict]) -> list[dict]:
@@ -52,44 +62,124 @@ def run_together(script: Path, params_list: list[dict]) -> list[dict]:
                 process.wait()
 
 
+GOAL = 0.9  # cold read rate / the disk's (issue 12)
+IO_BOUND_PROMPT = c.PromptSet(n_prompts=1, prefix_words=2, n_suffixes=1)  # ~10 tokens
+
+
 def rate(run: dict, key: str) -> float | None:
     return run["bytes_read"] / run[key] if run.get(key) else None
+
+
+def io_bound_rounds(script: Path, base: dict, prompt: list, layerwise: Path, probe: Path, probe_bytes: int,
+                    rounds: int) -> list[dict]:
+    """Per round: the disk's cold rate, then flexorch I/O bound from cold files, checksums off and on."""
+    out = []
+    for _ in range(rounds):
+        disk = c.sequential_read_rate(probe, probe_bytes)
+        runs = {}
+        for kind, verify in (("plain", False), ("verified", True)):
+            c.evict_page_cache([layerwise])
+            runs[kind] = c.run_child(script, {**base, "prompts": prompt, "threads": 1, "verify": verify})
+        out.append({"disk": disk, **runs})
+    return out
+
+
+def summarize(rounds: list[dict], kind: str) -> dict:
+    """Medians over the rounds of run `kind`: its wall and read rates and their ratios to the disk."""
+    done = [r for r in rounds if rate(r[kind], "seconds")]
+    if not done:
+        return {"error": rounds[-1][kind].get("error", "no run finished")}
+    def median(values):
+        return statistics.median(values)
+    return {"bytes_read": done[0][kind]["bytes_read"], "seconds": median([r[kind]["seconds"] for r in done]),
+            "bytes_per_s": median([rate(r[kind], "seconds") for r in done]),
+            "read_bytes_per_s": median([rate(r[kind], "read_seconds") for r in done]),
+            "ratio": median([rate(r[kind], "seconds") / r["disk"]["bytes_per_s"] for r in done]),
+            "read_ratio": median([rate(r[kind], "read_seconds") / r["disk"]["bytes_per_s"] for r in done]),
+            "waited_share": median([r[kind]["load_seconds"] / r[kind]["seconds"] for r in done]),
+            "disk_read_bytes": median([r[kind]["disk_read_bytes"] for r in done]), "rounds": len(done)}
+
+
+def goal_cell(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f">= {GOAL:.2f}x: " + ("met" if ratio >= GOAL else "not met")
+
+
+def cpu_note(disk_rate: float, cached_rate: float) -> str:
+    """Whether the one-thread 'disk rate' is the disk's or the CPU's (see page_cache_read_rate)."""
+    if cached_rate < 1.5 * disk_rate:
+        return (f"one thread copies from the page cache at only {cached_rate / disk_rate:.1f}x the cold rate: "
+                "the disk is about as fast as one thread of Python can move bytes, so reading is CPU-bound "
+                "here and the loader competes for the cores with compute and with other load")
+    return f"one thread copies from the page cache at {cached_rate / disk_rate:.1f}x the cold rate: the disk is the limit"
+
+
+def read_table(shape, disk: dict, cached: dict, io_bound: dict, context: dict, rounds: int, load: tuple) -> None:
+    disk_rate = disk["bytes_per_s"]
+    rows = [["disk sequential read (cold file, 1 thread)", c.fmt_bytes(disk["bytes"]), c.fmt_seconds(disk["seconds"]),
+             c.fmt_bytes(disk_rate) + "/s", "1.00x", "", "", "", c.fmt_bytes(disk["disk_read_bytes"])],
+            ["same file from the page cache (1 thread)", c.fmt_bytes(cached["bytes"]),
+             c.fmt_seconds(cached["seconds"]), c.fmt_bytes(cached["bytes_per_s"]) + "/s",
+             c.fmt_ratio(cached["bytes_per_s"] / disk_rate), "", "", "", c.fmt_bytes(cached["disk_read_bytes"])]]
+    for label, run in (("flexorch I/O bound, checksums off", io_bound["plain"]),
+                       ("flexorch I/O bound, checksums on", io_bound["verified"])):
+        rows.append([label, c.fmt_bytes(run.get("bytes_read")), c.fmt_seconds(run.get("seconds")),
+                     c.fmt_bytes(run.get("bytes_per_s")) + "/s", c.fmt_ratio(run.get("ratio")),
+                     goal_cell(run.get("ratio")), c.fmt_ratio(run.get("read_ratio")),
+                     f"{run['waited_share']:.0%}" if "waited_share" in run else run.get("error", "")[:40],
+                     c.fmt_bytes(run.get("disk_read_bytes"))])
+    for label, run in context.items():
+        wall = rate(run, "seconds")
+        read = rate(run, "read_seconds")
+        rows.append([label, c.fmt_bytes(run.get("bytes_read")), c.fmt_seconds(run.get("seconds")),
+                     f"{c.fmt_bytes(wall)}/s", c.fmt_ratio(wall / disk_rate if wall else None), "",
+                     c.fmt_ratio(read / disk_rate if read else None),
+                     f"{run['load_seconds'] / run['seconds']:.0%}" if wall else run.get("error", "")[:40],
+                     c.fmt_bytes(run.get("disk_read_bytes"))])
+    c.print_table("weights read from cold files vs the disk", (
+        "run", "weight bytes", "seconds", "rate (wall)", "rate / disk", "goal", "loader's read rate / disk",
+        "compute waited", "from disk"), rows,
+        f"{shape.name}; disk and I/O-bound rows: medians of {rounds} interleaved rounds, each ratio against its "
+        f"round's disk probe; 'compute waited': share of the wall time the compute waited for weights (near "
+        f"100%: I/O bound); 'from disk' = /proc/<pid>/io read_bytes; load average {load[0]:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end.\n{cpu_note(disk_rate, cached['bytes_per_s'])}")
 
 
 def main() -> None:
     parser = c.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--probe-bytes", type=int, default=None,
                         help="size of the file read to measure the disk (default 2 GB; --quick 64 MB)")
+    parser.add_argument("--rounds", type=int, default=None, help="disk probe + I/O-bound runs (default 3; --quick 1)")
     args = parser.parse_args()
     shape = c.QUICK_SHAPE if args.quick else c.DEFAULT_SHAPE
     prompt_set = c.QUICK_PROMPTS if args.quick else c.PromptSet()
     machine, script = c.machine_info(), Path(__file__)
     checkpoint, layerwise = c.ensure_checkpoint(shape), c.ensure_layerwise(shape)
     prompts = c.prompts_to_json(c.tokenize(checkpoint, c.make_texts(prompt_set)))
-    probe_bytes = args.probe_bytes or ((64 << 20) if args.quick else 2_000_000_000)
-    disk = c.sequential_read_rate(c.CACHE / "disk-probe.bin", probe_bytes)
+    tiny = c.prompts_to_json(c.tokenize(checkpoint, c.make_texts(IO_BOUND_PROMPT)))
+    probe, probe_bytes = c.CACHE / "disk-probe.bin", args.probe_bytes or ((64 << 20) if args.quick else 2_000_000_000)
     base = {"method": "flexorch", "layerwise": str(layerwise)}
 
+    rounds = io_bound_rounds(script, base, tiny, layerwise, probe, probe_bytes, args.rounds or (1 if args.quick else 3))
+    disk = min((r["disk"] for r in rounds), key=lambda d: abs(d["bytes_per_s"] - statistics.median(
+        x["disk"]["bytes_per_s"] for x in rounds)))  # the median round's probe
+    cached = c.page_cache_read_rate(probe)
+    io_bound = {kind: summarize(rounds, kind) for kind in ("plain", "verified")}
     c.evict_page_cache([layerwise])
-    io_bound = c.run_child(script, {**base, "prompts": prompts[:1]})
+    one_prompt = c.run_child(script, {**base, "prompts": prompts[:1]})
     c.evict_page_cache([layerwise])
     full = c.run_child(script, {**base, "prompts": prompts})
+    read_table(shape, disk, cached, io_bound, {"flexorch, 1 prompt, all cores": one_prompt,
+                                               f"flexorch, {len(prompts)} prompts, all cores": full},
+               len(rounds), machine["load_average"])
+
     c.evict_page_cache([layerwise])
     (one,) = run_together(script, [{**base, "prompts": prompts, "threads": machine["cores"]}])
     half = len(prompts) // 2
     c.evict_page_cache([layerwise])
     two = run_together(script, [{**base, "prompts": part, "threads": max(1, machine["cores"] // 2)}
                                 for part in (prompts[:half], prompts[half:])])
-
-    rows = [["disk sequential read (cold file)", c.fmt_bytes(disk["bytes"]), c.fmt_seconds(disk["seconds"]),
-             c.fmt_bytes(disk["bytes_per_s"]) + "/s", "1.00x", c.fmt_bytes(disk["disk_read_bytes"])]]
-    for label, run in (("flexorch, 1 prompt (I/O bound)", io_bound), (f"flexorch, {len(prompts)} prompts", full)):
-        wall = rate(run, "seconds")
-        rows.append([label, c.fmt_bytes(run.get("bytes_read")), c.fmt_seconds(run.get("seconds")),
-                     f"{c.fmt_bytes(wall)}/s wall, {c.fmt_bytes(rate(run, 'read_seconds'))}/s reading",
-                     c.fmt_ratio(wall / disk["bytes_per_s"] if wall else None), c.fmt_bytes(run.get("disk_read_bytes"))])
-    c.print_table("weights read from cold files vs the disk", ("run", "weight bytes", "seconds", "rate",
-                  "rate / disk", "from disk"), rows, f"{shape.name}; 'from disk' = /proc/<pid>/io read_bytes")
 
     model_bytes = sum(p.stat().st_size for p in c.weight_files(layerwise))
     one_disk = one.get("disk_read_bytes", 0)
@@ -110,9 +200,14 @@ def main() -> None:
                                                                disk_read_bytes_per_s=disk["bytes_per_s"]), full)
         c.print_table("planner predictions vs measured (cold run, measured disk rate)", c.PREDICTION_COLUMNS,
                       c.prediction_rows(f"{shape.name} cold", prediction))
+    ratio = io_bound["plain"].get("ratio")
+    print(f"goal (issue 12): cold read rate >= {GOAL}x the disk's: "
+          + ("-" if ratio is None else f"{ratio:.2f}x, {'met' if ratio >= GOAL else 'not met'}"))
     path = c.write_results("io", {
         "quick": args.quick, "model": shape.name, "model_bytes": model_bytes, "prompt_set": vars(prompt_set),
-        "disk": disk, "flexorch_io_bound": io_bound, "flexorch_full": full, "one_worker": one, "two_workers": two,
+        "goal_ratio": GOAL, "disk": disk, "page_cache": cached, "io_bound_prompt": vars(IO_BOUND_PROMPT),
+        "io_bound": io_bound, "io_bound_rounds": rounds, "flexorch_one_prompt": one_prompt, "flexorch_full": full,
+        "one_worker": one, "two_workers": two, "load_average_end": os.getloadavg(),
         "two_worker_disk_bytes_ratio": two_disk / one_disk if one_disk > 0 else None, "prediction": prediction},
         machine, args.machine)
     print(f"results: {path}")
