@@ -29,9 +29,7 @@ _DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 ALIGN = 64  # layers packed into one buffer start at multiples of this, so every dtype view is aligned
-# Reads this size: large enough that a call's overhead is nothing (4 and 16 MiB read at the same rate,
-# measured), small enough that hashing the last chunk, after the file's read, adds ~2 ms a file.
-_READ_CHUNK = 4 << 20
+_READ_CHUNK = 16 << 20  # 4 to 64 MiB read at one rate (measured); hashing the last chunk adds ~9 ms a file
 
 
 class LayerIntegrityError(UserError):
@@ -110,6 +108,17 @@ class BackgroundSha256:
         for done in self._pending:
             done.result()
         return self._sha.hexdigest()
+
+
+def open_sequential(path: Path):
+    """`path` opened unbuffered for one front-to-back read. POSIX_FADV_SEQUENTIAL doubles the
+    kernel's read-ahead window for this file: a cold layer streamed ~2x faster with it (measured on a
+    virtio disk with an 8 MiB window). Telling the kernel to read the next shard ahead as well
+    (POSIX_FADV_WILLNEED, whole file or its first window) was measured slower or no faster: not done."""
+    f = open(path, "rb", buffering=0)
+    if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the kernel's own heuristics
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return f
 
 
 class LayerwiseModel:
@@ -200,7 +209,7 @@ class LayerwiseModel:
         """The file's data region into `buffer`, in _READ_CHUNK reads; with `digest`, the whole file
         (header included) is handed to it chunk by chunk as it lands."""
         target = memoryview(buffer[: header.data_bytes].numpy())
-        with open(path, "rb", buffering=0) as f:
+        with open_sequential(path) as f:
             if digest is not None:
                 digest.update(f.read(header.data_offset))
             else:
