@@ -1,8 +1,9 @@
 """Benchmark 4 (issues 7 and 12): reading weights from cold files.
 
 1. The disk's own sequential read rate, measured in the same run: a large file of random bytes,
-   evicted from the page cache, read by one thread in 16 MiB chunks; and the same file read again
-   from the page cache, which says whether that one thread was waiting for the disk or for the CPU.
+   evicted from the page cache, read by one thread in 16 MiB chunks after POSIX_FADV_SEQUENTIAL (as
+   flexorch reads; also without it, for the kernel's default read-ahead); and the same file read
+   again from the page cache, which says whether one thread waited for the disk or for the CPU.
 2. flexorch streaming from cold layer files, I/O bound: a prompt of a few tokens and one compute
    thread, so a pass computes in a fraction of its read time and the loader has a core. Weight bytes
    per second of wall time against the disk's rate (goal: >= 0.9x, issue 12), with checksums off and
@@ -72,15 +73,17 @@ def rate(run: dict, key: str) -> float | None:
 
 def io_bound_rounds(script: Path, base: dict, prompt: list, layerwise: Path, probe: Path, probe_bytes: int,
                     rounds: int) -> list[dict]:
-    """Per round: the disk's cold rate, then flexorch I/O bound from cold files, checksums off and on."""
+    """Per round: the disk's cold rate (advised and not), then flexorch I/O bound from cold files,
+    checksums off and on."""
     out = []
     for _ in range(rounds):
         disk = c.sequential_read_rate(probe, probe_bytes)
+        default = c.sequential_read_rate(probe, probe_bytes, advise=False)
         runs = {}
         for kind, verify in (("plain", False), ("verified", True)):
             c.evict_page_cache([layerwise])
             runs[kind] = c.run_child(script, {**base, "prompts": prompt, "threads": 1, "verify": verify})
-        out.append({"disk": disk, **runs})
+        out.append({"disk": disk, "disk_default_readahead": default, **runs})
     return out
 
 
@@ -100,6 +103,12 @@ def summarize(rounds: list[dict], kind: str) -> dict:
             "disk_read_bytes": median([r[kind]["disk_read_bytes"] for r in done]), "rounds": len(done)}
 
 
+def median_round(rounds: list[dict], key: str) -> dict:
+    """The probe `key` of the round whose rate is the median."""
+    middle = statistics.median(r[key]["bytes_per_s"] for r in rounds)
+    return min((r[key] for r in rounds), key=lambda d: abs(d["bytes_per_s"] - middle))
+
+
 def goal_cell(ratio: float | None) -> str:
     if ratio is None:
         return "-"
@@ -115,13 +124,12 @@ def cpu_note(disk_rate: float, cached_rate: float) -> str:
     return f"one thread copies from the page cache at {cached_rate / disk_rate:.1f}x the cold rate: the disk is the limit"
 
 
-def read_table(shape, disk: dict, cached: dict, io_bound: dict, context: dict, rounds: int, load: tuple) -> None:
-    disk_rate = disk["bytes_per_s"]
-    rows = [["disk sequential read (cold file, 1 thread)", c.fmt_bytes(disk["bytes"]), c.fmt_seconds(disk["seconds"]),
-             c.fmt_bytes(disk_rate) + "/s", "1.00x", "", "", "", c.fmt_bytes(disk["disk_read_bytes"])],
-            ["same file from the page cache (1 thread)", c.fmt_bytes(cached["bytes"]),
-             c.fmt_seconds(cached["seconds"]), c.fmt_bytes(cached["bytes_per_s"]) + "/s",
-             c.fmt_ratio(cached["bytes_per_s"] / disk_rate), "", "", "", c.fmt_bytes(cached["disk_read_bytes"])]]
+def read_table(shape, disks: dict[str, dict], io_bound: dict, context: dict, rounds: int, load: tuple) -> None:
+    disk_rate = disks["disk sequential read (cold file, 1 thread, advised)"]["bytes_per_s"]
+    rows = [[label, c.fmt_bytes(d["bytes"]), c.fmt_seconds(d["seconds"]), c.fmt_bytes(d["bytes_per_s"]) + "/s",
+             c.fmt_ratio(d["bytes_per_s"] / disk_rate), "", "", "", c.fmt_bytes(d["disk_read_bytes"])]
+            for label, d in disks.items()]
+    cached = disks["same file from the page cache (1 thread)"]
     for label, run in (("flexorch I/O bound, checksums off", io_bound["plain"]),
                        ("flexorch I/O bound, checksums on", io_bound["verified"])):
         rows.append([label, c.fmt_bytes(run.get("bytes_read")), c.fmt_seconds(run.get("seconds")),
@@ -162,15 +170,16 @@ def main() -> None:
     base = {"method": "flexorch", "layerwise": str(layerwise)}
 
     rounds = io_bound_rounds(script, base, tiny, layerwise, probe, probe_bytes, args.rounds or (1 if args.quick else 3))
-    disk = min((r["disk"] for r in rounds), key=lambda d: abs(d["bytes_per_s"] - statistics.median(
-        x["disk"]["bytes_per_s"] for x in rounds)))  # the median round's probe
+    disk, default = median_round(rounds, "disk"), median_round(rounds, "disk_default_readahead")
     cached = c.page_cache_read_rate(probe)
     io_bound = {kind: summarize(rounds, kind) for kind in ("plain", "verified")}
     c.evict_page_cache([layerwise])
     one_prompt = c.run_child(script, {**base, "prompts": prompts[:1]})
     c.evict_page_cache([layerwise])
     full = c.run_child(script, {**base, "prompts": prompts})
-    read_table(shape, disk, cached, io_bound, {"flexorch, 1 prompt, all cores": one_prompt,
+    disks = {"disk sequential read (cold file, 1 thread, advised)": disk,
+             "the same, the kernel's default read-ahead": default, "same file from the page cache (1 thread)": cached}
+    read_table(shape, disks, io_bound, {"flexorch, 1 prompt, all cores": one_prompt,
                                                f"flexorch, {len(prompts)} prompts, all cores": full},
                len(rounds), machine["load_average"])
 
@@ -205,7 +214,7 @@ def main() -> None:
           + ("-" if ratio is None else f"{ratio:.2f}x, {'met' if ratio >= GOAL else 'not met'}"))
     path = c.write_results("io", {
         "quick": args.quick, "model": shape.name, "model_bytes": model_bytes, "prompt_set": vars(prompt_set),
-        "goal_ratio": GOAL, "disk": disk, "page_cache": cached, "io_bound_prompt": vars(IO_BOUND_PROMPT),
+        "goal_ratio": GOAL, "disk": disk, "disk_default_readahead": default, "page_cache": cached, "io_bound_prompt": vars(IO_BOUND_PROMPT),
         "io_bound": io_bound, "io_bound_rounds": rounds, "flexorch_one_prompt": one_prompt, "flexorch_full": full,
         "one_worker": one, "two_workers": two, "load_average_end": os.getloadavg(),
         "two_worker_disk_bytes_ratio": two_disk / one_disk if one_disk > 0 else None, "prediction": prediction},
