@@ -86,7 +86,8 @@ def reference_scores(model_dir) -> Reference:
                 start = len(prompt.prefix_ids) - 1
                 predicted = logits[start:start + len(suffix)]
                 target = torch.tensor(suffix, dtype=torch.long)
-                logprobs.append(float(torch.log_softmax(predicted, -1).gather(1, target[:, None]).sum()))
+                # summed in float64, as the engine does (one float32 ulp at -400 is 3e-5)
+                logprobs.append(float(torch.log_softmax(predicted, -1).gather(1, target[:, None]).double().sum()))
                 greedy.append(bool((predicted.argmax(-1) == target).all()))
             ref.probs.append(np.stack(probs))
             ref.generated.append(gens)
@@ -518,3 +519,56 @@ def test_a_resident_model_is_read_once_for_every_step_and_call(layerwise, refere
         np.testing.assert_allclose(a.scores, expected, atol=2e-6, rtol=0)
         np.testing.assert_array_equal(a.scores, b.scores)
         assert [tuple(g) for g in a.generated] == generated
+
+
+# A vocabulary much larger than a decoder layer: 8192 x 64 fp32 rows are a 2 MB embedding and head,
+# against 148 KB per decoder layer of the tiny models (ids stay < 384: the rest pads the vocabulary).
+LARGE_VOCAB = 8192
+
+
+@pytest.fixture(scope="session")
+def large_vocab(tmp_path_factory):
+    """large_vocab(arch) -> (checkpoint, layerwise dir) of the tiny `arch` with LARGE_VOCAB (cached)."""
+    from flexorch.orchestrator.demo import build_checkpoint
+    from flexorch.orchestrator.prepare import prepare_checkpoint
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(f"large-vocab-{arch}")
+            src = build_checkpoint(root / "model", arch, vocab_size=LARGE_VOCAB)
+            prepare_checkpoint(src, root / "model.layers")
+            cache[arch] = (src, root / "model.layers", reference_scores(src))
+        return cache[arch]
+
+    return get
+
+
+# llama: an untied head; qwen2 and gemma2 read the embedding's file as their head, and gemma2 also
+# scales its embeddings and soft-caps its logits.
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_a_head_in_vocabulary_steps_and_a_gathered_embedding_match_unsplit_model(arch, large_vocab):
+    from flexorch.contract.shards import plan_shards
+
+    _, model, ref = large_vocab(arch)
+    head = [s for s in plan_shards(read_manifest(model), 2) if s.rows is not None]
+    assert len(head) > 5, "the head is read in steps"
+    run = settings(layers_per_shard=2, batch_tokens=60)
+
+    probs, _ = score_prompts(model, ref.prompts, ScoreSpec("next_token_probs", generate_tokens=3), run)
+    assert_greedy_extension(probs, ref, 3)
+    token_ids = (5, 17, 300, LARGE_VOCAB - 1)
+    columns, _ = score_prompts(model, ref.prompts, ScoreSpec("token_probs", token_ids=token_ids, generate_tokens=2),
+                               run)
+    for result, expected, generated in zip(columns, ref.probs, ref.generated):
+        np.testing.assert_allclose(result.scores, expected[:, :2, list(token_ids)], atol=2e-6, rtol=0)
+        assert [tuple(g) for g in result.generated] == [g[:2] for g in generated]
+    logprobs, summary = score_prompts(model, ref.prompts, ScoreSpec("suffix_logprob"), run)
+    for result, logprob, greedy in zip(logprobs, ref.logprob, ref.is_greedy):
+        np.testing.assert_allclose(result.scores["logprob"], logprob, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(result.scores["is_greedy"], greedy)
+    manifest = read_manifest(model)
+    whole_pass = sum(manifest.stored_bytes(entry) for entry in manifest.layers)  # a tied head reads the embedding's
+    # of the embedding, the rows of the prompts' ids (< 384 distinct, 96 KB) are read, not all 2 MB
+    assert summary.bytes_read < whole_pass - 0.9 * manifest.entry("embed").bytes

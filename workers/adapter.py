@@ -249,6 +249,13 @@ class ModelAdapter:
             module.load_state_dict(tensors, strict=True, assign=True)
 
     @staticmethod
+    def assign_rows(module: nn.Module, weight: torch.Tensor) -> None:
+        """Give an embedding or head some rows of its (vocab, hidden) weight: the gathered rows of a
+        pass's tokens, or a step of the head's vocabulary (load_state_dict would refuse the shape;
+        both modules read nothing but `weight` in their forward)."""
+        module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+
+    @staticmethod
     def release(module: nn.Module) -> None:
         """Drop a module's weights back to meta so their memory can be reused."""
         for sub in module.modules():
@@ -280,7 +287,16 @@ class ModelAdapter:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (n, d_model) of the positions to score → float32 logits (n, vocab)."""
-        logits = self._modules[LM_HEAD](self._modules[NORM](hidden))
+        return self.head_logits(self.final_norm(hidden))
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (n, d_model) → the same, normed: what the head reads."""
+        return self._modules[NORM](hidden)
+
+    def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """normed: (n, d_model) → float32 logits (n, rows) of the rows the head holds (all, or a
+        step of them): every scalar below is per logit, so a step's logits are those columns'."""
+        logits = self._modules[LM_HEAD](normed)
         scaling = self.scaling
         if scaling.logits_factor != 1.0:
             logits = logits * scaling.logits_factor

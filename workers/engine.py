@@ -32,13 +32,13 @@ from flexorch.workers.activations import make_store
 from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
 from flexorch.workers.kvcache import KVCache, NoCache, append_columns, pack_new_tokens
 from flexorch.workers.layerfile import LayerwiseModel
-from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD
+from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, NORM
 from flexorch.contract.shards import DENSE_PART, owner, plan_shards
 from flexorch.workers.experts import StreamedExperts
 from flexorch.workers.link import Link, LocalLink
 from flexorch.workers.prefetch import LoadedShard, ResidentShards, ShardLoader
 from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
-from flexorch.workers.scoring import compute_scores, score_targets
+from flexorch.workers.scoring import BatchScores, StepScores, compute_scores, score_targets, scored_positions
 
 def _load_libc():
     try:
@@ -171,6 +171,7 @@ class Engine:
         # A streamed MoE layer between its steps, and where its batches wait: with the activations.
         self._streamed: StreamedExperts | None = None
         self._keep_on = self.device if settings.storage == "gpu" else torch.device("cpu")
+        self._head_steps: list[StepScores] | None = None  # a head in vocabulary steps: per batch, between them
 
     def run(self, prompts: Sequence[TokenizedPrompt]) -> tuple[list[PromptResult], EngineSummary]:
         start = time.perf_counter()
@@ -188,6 +189,7 @@ class Engine:
                 rows = [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen)))
                         for p, gen in zip(prompts, generated)]
                 current = self._pass(rows, current, cache)  # the step's batches, their layout and targets
+                loader.embed_ids(torch.cat([p.input_ids.flatten() for p in current.packed]))  # rows to gather
                 for position, shard in enumerate(self.own_shards):
                     loaded = loader.next_shard()  # load weight (prefetched on the loader's thread)
                     # per batch: receive, compute, send (or score), report
@@ -260,7 +262,9 @@ class Engine:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        if loaded.shard.experts is None:
+        if loaded.shard.rows is not None:
+            self._run_head_step(loaded, current, link, scores, batch_done)
+        elif loaded.shard.experts is None:
             self._run_layers(loaded, current, link, cache, scores, batch_done)
         elif loaded.shard.experts == DENSE_PART:
             self._run_dense_part(loaded, current, link, cache)
@@ -277,7 +281,10 @@ class Engine:
         for name in loaded.shard.names:
             entry = self.model.entry(name)
             module = self.adapter.module(entry.kind, entry.index)
-            self.adapter.assign(module, loaded.tensors[name])
+            if loaded.embed_ids is not None:  # the rows of the pass's tokens
+                self.adapter.assign_rows(module, loaded.tensors[name]["weight"])
+            else:
+                self.adapter.assign(module, loaded.tensors[name])
             modules.append((entry, module))
         kinds = {entry.kind for entry, _ in modules}
         layer_indices = [entry.index for entry, _ in modules if entry.kind == DECODER]
@@ -285,7 +292,10 @@ class Engine:
             if self.hooks.before_batch:
                 self.hooks.before_batch(loaded.step, loaded.shard.index, b)
             if EMBED in kinds:
-                hidden = self.adapter.embed(packed.input_ids.to(self.device))
+                ids = packed.input_ids
+                if loaded.embed_ids is not None:  # vocabulary id → its row among the gathered ones
+                    ids = torch.searchsorted(loaded.embed_ids, ids)
+                hidden = self.adapter.embed(ids.to(self.device))
             else:
                 hidden = link.receive(loaded.step, loaded.shard.index, b).to(self.device)
                 if b + 1 < len(current.packed):
@@ -332,6 +342,38 @@ class Engine:
             self._streamed.restore()
             self._streamed = None
 
+    def _run_head_step(self, loaded: LoadedShard, current: _Pass, link: Link, scores,
+                       batch_done: Callable[[int, int], None]) -> None:
+        """One step of a head in vocabulary rows (contract/shards.py). The first (which holds the norm)
+        receives every batch and keeps its scored positions' final-norm outputs; every step adds its
+        rows' logits to each batch's running scores; after the last they are recorded."""
+        shard, (first, end) = loaded.shard, loaded.shard.rows
+        if first == 0:
+            norm = self.adapter.module(NORM)
+            self.adapter.assign(norm, loaded.tensors[shard.names[0]])
+            self._head_steps = []
+            for b in range(len(current.packed)):
+                if self.hooks.before_batch:
+                    self.hooks.before_batch(loaded.step, shard.index, b)
+                hidden = link.receive(loaded.step, shard.index, b).to(self.device)
+                if b + 1 < len(current.packed):
+                    link.prefetch(loaded.step, shard.index, b + 1)
+                normed = self.adapter.final_norm(scored_positions(hidden, current.targets[b]))
+                self._head_steps.append(StepScores(normed, current.targets[b], self.score))
+                del hidden
+            self.adapter.release(norm)
+        head = self.adapter.module(LM_HEAD)
+        self.adapter.assign_rows(head, loaded.tensors[shard.names[-1]]["weight"])
+        for b, running in enumerate(self._head_steps):
+            running.add(first, end, self.adapter.head_logits)
+            if b + 1 < len(self._head_steps):  # the step's end is reported by the loop
+                batch_done(b + 1, len(self._head_steps))
+        self.adapter.release(head)
+        if shard.last_step:
+            for b, running in enumerate(self._head_steps):
+                self._record(b, running.finish(), current, scores)
+            self._head_steps = None
+
     def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, current: _Pass, b: int,
                         cache: KVCache, step: int) -> torch.Tensor:
         """hidden: (rows, Q, d_model) of batch b at `step` through decoder layers `indices`, each
@@ -352,7 +394,11 @@ class Engine:
         return hidden
 
     def _score_batch(self, hidden: torch.Tensor, current: _Pass, b: int, scores) -> None:
-        batch_scores = compute_scores(hidden, current.targets[b], self.adapter.logits, self.score, self.vocab_size)
+        self._record(b, compute_scores(hidden, current.targets[b], self.adapter.logits, self.score, self.vocab_size),
+                     current, scores)
+
+    def _record(self, b: int, batch_scores: BatchScores, current: _Pass, scores) -> None:
+        """Batch b's scores into `scores`, per prompt."""
         first = 0
         for i in current.batches[b]:
             n = len(current.rows[i][1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,13 @@ import torch
 from flexorch.contract.errors import UserError
 from flexorch.contract.modeldir import read_raw_header
 from flexorch.contract.manifest import LayerEntry, Manifest, read_manifest
-from flexorch.contract.shards import DENSE_PART
+from flexorch.contract.shards import ALIGN, DENSE_PART
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-ALIGN = 64  # layers packed into one buffer start at multiples of this, so every dtype view is aligned
 _READ_CHUNK = 16 << 20  # 4 to 64 MiB read at one rate (measured); hashing the last chunk adds ~9 ms a file
 
 
@@ -265,18 +265,52 @@ class LayerwiseModel:
         with open(path, "rb", buffering=0) as f:
             for spec in self.part_specs(name, experts):
                 size = spec.end - spec.start
-                f.seek(data_offset + spec.start)
-                view, done = memoryview(buffer[offset:offset + size].numpy()), 0
-                while done < size:
-                    got = f.readinto(view[done:])
-                    if not got:
-                        raise LayerIntegrityError(f"{path}: layer {stored.name!r} is truncated")
-                    done += got
+                _read_exactly(f, data_offset + spec.start, buffer[offset:offset + size], path, stored.name)
                 tensors[spec.name] = buffer[offset:offset + size].view(spec.dtype).view(spec.shape)
                 offset += aligned(size)
         return tensors
+
+    def row_bytes(self, name: str) -> int:
+        """Bytes of one row of layer `name`'s (rows, hidden) weight: an embedding or a head."""
+        spec = self._weight_spec(name)
+        return (spec.end - spec.start) // spec.shape[0]
+
+    def read_rows_into(self, name: str, ranges: Sequence[tuple[int, int]], buffer: torch.Tensor,
+                       verify: bool = False) -> torch.Tensor:
+        """Rows first..end-1 of each range of layer `name`'s (rows, hidden) weight, read back to back
+        into `buffer` (flat uint8, CPU): a (sum of the ranges' rows, hidden) view of it. The weight is
+        row-major, so a range of rows is one contiguous range of bytes and one read. verify: as
+        read_part_into (the ranges do not cover the file)."""
+        stored = self.stored_entry(name)
+        if verify and stored.name not in self._verified:
+            self.verify(name)
+            self._verified.add(stored.name)
+        spec, row = self._weight_spec(name), self.row_bytes(name)
+        path, data_offset = self.path / stored.file, self.header(name).data_offset
+        offset = 0
+        with open(path, "rb", buffering=0) as f:
+            for first, end in ranges:
+                size = (end - first) * row
+                _read_exactly(f, data_offset + spec.start + first * row, buffer[offset:offset + size], path,
+                              stored.name)
+                offset += size
+        return buffer[:offset].view(spec.dtype).view(offset // row, *spec.shape[1:])
+
+    def _weight_spec(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.header(name).tensors if spec.name == "weight")
 
     def load(self, name: str, verify: bool = False) -> dict[str, torch.Tensor]:
         """Read layer `name` into a fresh buffer (convenience for tests and tools)."""
         buffer = torch.empty(aligned(self.data_bytes(name)), dtype=torch.uint8)
         return self.read_into(name, buffer, verify=verify)
+
+
+def _read_exactly(f, offset: int, target: torch.Tensor, path: Path, layer: str) -> None:
+    """Fill `target` (flat uint8, CPU) with the file's bytes from `offset`."""
+    f.seek(offset)
+    view, done = memoryview(target.numpy()), 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise LayerIntegrityError(f"{path}: layer {layer!r} is truncated")
+        done += got

@@ -9,6 +9,13 @@ non-blocking copy on a side stream; the consumer waits on that copy's event, and
 on the consumer's "done" event before overwriting a slot, so neither side ever blocks the other's
 stream needlessly. On CPU the slot buffer is the read target itself: the same code, no copy.
 
+The edges do not size the slots (contract/shards.py): a head larger than the largest decoder shard
+comes in steps of vocabulary rows, and the embedding, a lookup, is read per pass as the rows of the
+token ids the pass holds (unique, sorted, each run of consecutive ids one read), which the engine
+hands over with `embed_ids` before it asks for the pass's first shard. A pass holding more distinct
+ids than a slot has rows gets a buffer of its own: at most one row per token of the pass, so no
+larger than the pass's embedding output.
+
 Resident (EngineSettings.resident, chosen by the planner when the whole model fits on the device
 and re-reading it would cost time): no slots; each shard gets a buffer of its own the first time
 it is read and stays in a `ResidentShards` the worker keeps across its rounds, so the model is read
@@ -24,9 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexorch.contract.manifest import EMBED, LM_HEAD
 from flexorch.contract.shards import Shard
 from flexorch.workers.compression import decompress_layer
-from flexorch.workers.layerfile import LayerwiseModel
+from flexorch.workers.layerfile import LayerwiseModel, aligned
 
 
 @dataclass
@@ -37,6 +45,7 @@ class LoadedShard:
     nbytes: int  # bytes read from disk
     slot: int
     ready: object = None  # torch.cuda.Event the consumer waits on (CUDA only)
+    embed_ids: torch.Tensor | None = None  # a gathered embedding: (n,) the sorted vocabulary ids of its rows
 
 
 @dataclass
@@ -70,7 +79,13 @@ class ShardLoader:
         self.model, self.shards, self.device, self.dtype = model, shards, device, dtype
         self.passes, self.verify, self.resident = passes, verify, resident
         self.stats = LoaderStats()
-        slot_bytes = max(sum(model.part_bytes(name, shard.experts) for name in shard.names) for shard in shards)
+        # Not resident, the embedding is gathered per pass (unless it cannot be: see _gathers) and
+        # does not size the slots; resident, it is kept whole for every pass and round.
+        self._gathered = {s.index for s in shards if resident is None and self._gathers(s)}
+        sized = [s for s in shards if s.index not in self._gathered]
+        slot_bytes = max((self._step_bytes(s) for s in sized), default=0)
+        self.slot_bytes = slot_bytes
+        self._ids: queue.Queue = queue.Queue()  # per pass: the token ids the embedding is gathered for
         cuda = device.type == "cuda"
         # Slots live where the compute reads them; on CUDA, file bytes stage through pinned memory.
         if resident is not None:
@@ -96,7 +111,14 @@ class ShardLoader:
     def close(self) -> None:
         self._stop.set()
         self._free_slots.put(-1)  # wake the loader if it waits for a slot
+        self._ids.put(None)  # or for a pass's token ids
         self._thread.join()
+
+    def embed_ids(self, input_ids: torch.Tensor) -> None:
+        """The token ids of the next pass (any shape), before its first shard is asked for: the rows
+        its gathered embedding holds. Ignored where no embedding is gathered here."""
+        if self._gathered:
+            self._ids.put(torch.unique(input_ids.flatten()))  # sorted
 
     # -- consumer side ---------------------------------------------------------------------------
     def next_shard(self) -> LoadedShard:
@@ -141,28 +163,78 @@ class ShardLoader:
         except BaseException as exc:  # handed to the consumer, which raises it in the main thread
             self._ready.put(exc)
 
+    def _gathers(self, shard: Shard) -> bool:
+        """An embedding read by rows: a compressed one (never written today, workers/compression.py)
+        or one with more than its (vocab, hidden) weight is read whole, as its rows cannot be cut."""
+        if tuple(self.model.entry(name).kind for name in shard.names) != (EMBED,):
+            return False
+        entry = self.model.entry(shard.names[0])
+        return entry.tensors == ("weight",) and entry.compression is None
+
+    def _part_bytes(self, shard: Shard, name: str) -> int:
+        """Slot bytes of layer `name` in this step: a range of head rows, or model.part_bytes."""
+        if shard.rows is not None and self.model.entry(name).kind == LM_HEAD:
+            return aligned((shard.rows[1] - shard.rows[0]) * self.model.row_bytes(name))
+        return self.model.part_bytes(name, shard.experts)
+
+    def _step_bytes(self, shard: Shard) -> int:
+        return sum(self._part_bytes(shard, name) for name in shard.names)
+
+    def _buffers(self, size: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(destination on the device, read target) for `size` bytes: the slot's (and the staging
+        buffer) where they fit, else buffers of their own (resident shards, a large gather)."""
+        fits = size <= self.slot_bytes
+        if slot != _NO_SLOT and fits:
+            destination = self._slots[slot]
+        else:
+            destination = torch.empty(size, dtype=torch.uint8, device=self.device)
+        if self._staging is None:
+            return destination, destination
+        return destination, self._staging if fits else torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
     def _load(self, shard: Shard, step: int, slot: int) -> LoadedShard:
         start = time.perf_counter()
-        if slot == _NO_SLOT:
-            size = sum(self.model.part_bytes(name, shard.experts) for name in shard.names)
-            destination = torch.empty(size, dtype=torch.uint8, device=self.device)
-        else:
-            destination = self._slots[slot]
-        target = self._staging if self._staging is not None else destination
+        if shard.index in self._gathered:
+            return self._gather(shard, step, slot, start)
+        destination, target = self._buffers(self._step_bytes(shard), slot)
         views, offset, nbytes = {}, 0, 0
         for name in shard.names:
-            size = self.model.part_bytes(name, shard.experts)
-            views[name] = self.model.read_part_into(name, shard.experts, target[offset:offset + size],
-                                                    verify=self.verify)
-            nbytes += (self.model.layer_bytes(name) if shard.experts is None
-                       else sum(spec.end - spec.start for spec in self.model.part_specs(name, shard.experts)))
+            size = self._part_bytes(shard, name)
+            if shard.rows is not None and self.model.entry(name).kind == LM_HEAD:
+                views[name] = {"weight": self.model.read_rows_into(name, [shard.rows], target[offset:offset + size],
+                                                                   verify=self.verify)}
+                nbytes += (shard.rows[1] - shard.rows[0]) * self.model.row_bytes(name)
+            else:
+                views[name] = self.model.read_part_into(name, shard.experts, target[offset:offset + size],
+                                                        verify=self.verify)
+                nbytes += (self.model.layer_bytes(name) if shard.experts is None
+                           else sum(spec.end - spec.start for spec in self.model.part_specs(name, shard.experts)))
             offset += size
+        return self._finish(shard, step, slot, views, nbytes, offset, destination, target, start)
+
+    def _gather(self, shard: Shard, step: int, slot: int, start: float) -> LoadedShard:
+        """The embedding rows of the pass's token ids (embed_ids)."""
+        ids = self._ids.get()
+        if ids is None:  # closed while waiting
+            raise StopIteration
+        name = shard.names[0]
+        size = ids.numel() * self.model.row_bytes(name)
+        destination, target = self._buffers(aligned(size), slot)
+        weight = self.model.read_rows_into(name, _runs(ids), target, verify=self.verify)
+        views = {name: {"weight": weight}}
+        loaded = self._finish(shard, step, slot, views, size, size, destination, target, start)
+        loaded.embed_ids = ids
+        return loaded
+
+    def _finish(self, shard: Shard, step: int, slot: int, views, nbytes: int, offset: int,
+                destination: torch.Tensor, target: torch.Tensor, start: float) -> LoadedShard:
+        """The read views on the device, in the compute dtype."""
         ready = None
         if self._copy_stream is not None:
             with torch.cuda.stream(self._copy_stream):
                 if slot != _NO_SLOT and self._slot_done[slot] is not None:  # compute may still read its last shard
                     self._copy_stream.wait_event(self._slot_done[slot])
-                destination[:offset].copy_(self._staging[:offset], non_blocking=True)
+                destination[:offset].copy_(target[:offset], non_blocking=True)
                 views = {name: self._rebase(tensors, target, destination) for name, tensors in views.items()}
                 views = self._convert(views)
                 ready = torch.cuda.Event()
@@ -206,3 +278,15 @@ class ShardLoader:
             # hand its memory to the copy stream again before the compute is done with it
             made.record_stream(torch.cuda.default_stream(self.device))
         return made
+
+
+def _runs(ids: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted unique ids (n,) → [(first, end)] of their runs of consecutive ids: one read each."""
+    values = ids.tolist()
+    runs = []
+    for i in values:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(first, end) for first, end in runs]

@@ -3,6 +3,12 @@
 The lm head runs only on those positions: the last token of each suffix for next-token scores;
 for suffix_logprob, the last prefix token and every suffix token but the last (each predicts the
 next suffix token). Scores are float32 from the head's logits, log-probs summed in float64.
+
+A head in steps of vocabulary rows (contract/shards.py) never holds a whole row of logits but for
+next_token_probs, whose output is that row: `StepScores` keeps each scored position's final-norm
+output and reduces each step's logits online — running max and sum of exponentials (the
+logsumexp), the logits of the ids asked for, the running argmax (ties to the first index, as
+torch.argmax) — so its scores equal the whole head's up to float rounding.
 """
 
 from __future__ import annotations
@@ -58,10 +64,15 @@ class BatchScores:
     next_ids: torch.Tensor | None  # next-token kinds: (n_suffixes,) argmax ids, for generation
 
 
+def scored_positions(hidden: torch.Tensor, targets: ScoreTargets) -> torch.Tensor:
+    """hidden: (rows, L, d_model) → (n, d_model) at the scored positions."""
+    return hidden[targets.row.to(hidden.device), targets.col.to(hidden.device)]
+
+
 def compute_scores(hidden: torch.Tensor, targets: ScoreTargets, logits_fn, score: ScoreSpec,
                    vocab_size: int) -> BatchScores:
     """hidden: (rows, L, d_model) after the last decoder layer; logits_fn: (n, d) → float32 (n, vocab)."""
-    selected = hidden[targets.row.to(hidden.device), targets.col.to(hidden.device)]  # (n, d_model)
+    selected = scored_positions(hidden, targets)  # (n, d_model)
     n = selected.shape[0]
     if n == 0:  # only empty suffixes under suffix_logprob
         zeros = torch.zeros(targets.n_suffixes, dtype=torch.float64)
@@ -81,9 +92,76 @@ def compute_scores(hidden: torch.Tensor, targets: ScoreTargets, logits_fn, score
                 probs = probs[:, list(score.token_ids)]
             outputs.append(probs.cpu())
             greedy.append(logits.argmax(-1).cpu())
-    values, flags = torch.cat(outputs), torch.cat(greedy)
+    return _per_suffix(torch.cat(outputs), torch.cat(greedy), targets, score)
+
+
+def _per_suffix(values: torch.Tensor, flags: torch.Tensor, targets: ScoreTargets, score: ScoreSpec) -> BatchScores:
+    """Per scored position (n,) values and argmax ids (next-token kinds) or hits (suffix_logprob) →
+    the batch's scores per suffix: suffix_logprob sums its log-probs, greedy where every one hit."""
     if score.kind.generates:
         return BatchScores(values, None, flags)
     logprob = torch.zeros(targets.n_suffixes, dtype=torch.float64).index_add_(0, targets.owner, values)
     misses = torch.zeros(targets.n_suffixes, dtype=torch.long).index_add_(0, targets.owner, (~flags).long())
     return BatchScores(logprob, misses == 0, None)
+
+
+class StepScores:
+    """One batch's scores from a head in steps of vocabulary rows, reduced as the steps come.
+
+    normed: (n, d_model) the final-norm outputs of the batch's scored positions, kept for every
+    step; `add` takes each step's logits (n, rows of the step) through `head_logits`."""
+
+    def __init__(self, normed: torch.Tensor, targets: ScoreTargets, score: ScoreSpec):
+        n, device = normed.shape[0], normed.device
+        self.normed, self.targets, self.score = normed, targets, score
+        self.max = torch.full((n,), -torch.inf, device=device)
+        self.sum_exp = torch.zeros(n, dtype=torch.float64, device=device)
+        self.best = torch.full((n,), -torch.inf, device=device)  # the running argmax's logit
+        self.best_id = torch.zeros(n, dtype=torch.long, device=device)
+        if score.kind is ScoreKind.SUFFIX_LOGPROB:
+            self.wanted = targets.target.to(device)[:, None]  # (n, 1)
+        else:
+            self.wanted = torch.tensor(score.token_ids, dtype=torch.long, device=device).expand(n, -1)
+        self.picked = torch.zeros(self.wanted.shape, device=device)  # (n, k) the wanted ids' logits
+        self.parts: list[torch.Tensor] = []  # next_token_probs: each step's logits, the output's columns
+
+    def add(self, first: int, end: int, head_logits) -> None:
+        """The logits of vocabulary rows first..end-1 (head_logits: (m, d) → float32 (m, end - first))."""
+        n = self.normed.shape[0]
+        rows_per_call = max(1, _LOGIT_ELEMENTS // (end - first))
+        parts = []
+        for start in range(0, n, rows_per_call):
+            part = slice(start, start + rows_per_call)
+            logits = head_logits(self.normed[part])  # (m, rows)
+            if self.score.kind is ScoreKind.NEXT_TOKEN_PROBS:
+                parts.append(logits)
+            else:
+                self._reduce(part, first, logits)
+        if parts:
+            self.parts.append(torch.cat(parts))
+
+    def _reduce(self, part: slice, first: int, logits: torch.Tensor) -> None:
+        top, top_id = logits.max(-1).values, logits.argmax(-1)
+        better = top > self.best[part]  # strict: an equal logit of an earlier step keeps its lower id
+        self.best[part] = torch.where(better, top, self.best[part])
+        self.best_id[part] = torch.where(better, top_id + first, self.best_id[part])
+        new_max = torch.maximum(self.max[part], top)
+        rescale = torch.exp((self.max[part] - new_max).double())
+        exps = torch.exp(logits - new_max[:, None]).sum(-1, dtype=torch.float64)
+        self.sum_exp[part] = self.sum_exp[part] * rescale + exps
+        self.max[part] = new_max
+        wanted = self.wanted[part]
+        inside = (wanted >= first) & (wanted < first + logits.shape[1])
+        columns = (wanted - first).clamp(0, logits.shape[1] - 1)
+        self.picked[part] = torch.where(inside, logits.gather(1, columns), self.picked[part])
+
+    def finish(self) -> BatchScores:
+        if self.score.kind is ScoreKind.NEXT_TOKEN_PROBS:
+            logits = torch.cat(self.parts, dim=1)  # (n, vocab)
+            return _per_suffix(torch.softmax(logits, -1).cpu(), logits.argmax(-1).cpu(), self.targets, self.score)
+        logsumexp = self.max.double() + torch.log(self.sum_exp)  # (n,)
+        logprobs = self.picked.double() - logsumexp[:, None]  # (n, k)
+        if self.score.kind is ScoreKind.TOKEN_PROBS:
+            return _per_suffix(torch.exp(logprobs).float().cpu(), self.best_id.cpu(), self.targets, self.score)
+        hits = self.best_id == self.wanted[:, 0]
+        return _per_suffix(logprobs[:, 0].cpu(), hits.cpu(), self.targets, self.score)

@@ -28,6 +28,8 @@ FORMAT_VERSION = 1
 
 # Layer kinds in forward order.
 EMBED, DECODER, NORM, LM_HEAD = "embed", "decoder", "norm", "lm_head"
+# Bytes per element of the floating dtypes a manifest names (LayerEntry.dtype, Manifest.dtype).
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 class ManifestError(UserError):
