@@ -24,9 +24,11 @@ def llama_shaped_manifest(layers: int, hidden: int, intermediate: int, vocab: in
     embed_params = vocab * hidden
 
     def entry(name, kind, params, prefix, tied_to=None):
+        # the embedding, norm and head hold one `weight` (what lets the head be read by rows)
         return LayerEntry(name=name, kind=kind, file=None if tied_to else f"layers/{name}.safetensors",
                           bytes=0 if tied_to else params * size, sha256=None, dtype=dtype, params=params,
-                          source_prefix=prefix, tied_to=tied_to)
+                          source_prefix=prefix, tied_to=tied_to,
+                          tensors=() if kind == DECODER or tied_to else ("weight",))
 
     entries = [entry("embed", EMBED, embed_params, "model.embed_tokens.")]
     entries += [entry(f"layer.{i}", DECODER, layer_params, f"model.layers.{i}.") for i in range(layers)]
@@ -41,6 +43,11 @@ def llama_shaped_manifest(layers: int, hidden: int, intermediate: int, vocab: in
 def llama2_70b() -> Manifest:
     """Llama-2-70B in fp16: 80 layers of 1.71 GB, 32000 x 8192 embedding and head (524 MB each)."""
     return llama_shaped_manifest(80, 8192, 28672, 32000, heads=64, kv_heads=8)
+
+
+def llama3_70b() -> Manifest:
+    """Llama-3-70B in fp16: 80 layers of 1.71 GB, a 128256 x 8192 embedding and head (2.1 GB each)."""
+    return llama_shaped_manifest(80, 8192, 28672, 128256, heads=64, kv_heads=8)
 
 
 def llama2_13b() -> Manifest:

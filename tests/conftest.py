@@ -44,6 +44,30 @@ def layerwise(tmp_path_factory, checkpoint):
     return get
 
 
+# A vocabulary much larger than a decoder layer: 8192 x 64 fp32 rows are a 2 MB embedding and head,
+# against 148 KB per decoder layer of the tiny models (ids stay < 384: the rest pads the vocabulary).
+LARGE_VOCAB = 8192
+
+
+@pytest.fixture(scope="session")
+def large_vocab(tmp_path_factory):
+    """large_vocab(arch) -> (checkpoint, its layerwise dir) of the tiny `arch` with LARGE_VOCAB (cached)."""
+    from flexorch.orchestrator.demo import build_checkpoint
+    from flexorch.orchestrator.prepare import prepare_checkpoint
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(f"large-vocab-{arch}")
+            src = build_checkpoint(root / "model", arch, vocab_size=LARGE_VOCAB)
+            prepare_checkpoint(src, root / "model.layers")
+            cache[arch] = (src, root / "model.layers")
+        return cache[arch]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def _assumed_figures(monkeypatch):
     """Plans in tests use the planner's assumed figures: calibrating (10-15 s, once per machine) would

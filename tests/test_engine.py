@@ -521,25 +521,13 @@ def test_a_resident_model_is_read_once_for_every_step_and_call(layerwise, refere
         assert [tuple(g) for g in a.generated] == generated
 
 
-# A vocabulary much larger than a decoder layer: 8192 x 64 fp32 rows are a 2 MB embedding and head,
-# against 148 KB per decoder layer of the tiny models (ids stay < 384: the rest pads the vocabulary).
-LARGE_VOCAB = 8192
-
-
 @pytest.fixture(scope="session")
-def large_vocab(tmp_path_factory):
-    """large_vocab(arch) -> (checkpoint, layerwise dir) of the tiny `arch` with LARGE_VOCAB (cached)."""
-    from flexorch.orchestrator.demo import build_checkpoint
-    from flexorch.orchestrator.prepare import prepare_checkpoint
-
+def large_vocab_references(large_vocab):
     cache = {}
 
     def get(arch):
         if arch not in cache:
-            root = tmp_path_factory.mktemp(f"large-vocab-{arch}")
-            src = build_checkpoint(root / "model", arch, vocab_size=LARGE_VOCAB)
-            prepare_checkpoint(src, root / "model.layers")
-            cache[arch] = (src, root / "model.layers", reference_scores(src))
+            cache[arch] = reference_scores(large_vocab(arch)[0])
         return cache[arch]
 
     return get
@@ -548,17 +536,18 @@ def large_vocab(tmp_path_factory):
 # llama: an untied head; qwen2 and gemma2 read the embedding's file as their head, and gemma2 also
 # scales its embeddings and soft-caps its logits.
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
-def test_a_head_in_vocabulary_steps_and_a_gathered_embedding_match_unsplit_model(arch, large_vocab):
+def test_a_head_in_vocabulary_steps_and_a_gathered_embedding_match_unsplit_model(arch, large_vocab,
+                                                                                   large_vocab_references):
     from flexorch.contract.shards import plan_shards
 
-    _, model, ref = large_vocab(arch)
+    model, ref = large_vocab(arch)[1], large_vocab_references(arch)
     head = [s for s in plan_shards(read_manifest(model), 2) if s.rows is not None]
     assert len(head) > 5, "the head is read in steps"
     run = settings(layers_per_shard=2, batch_tokens=60)
 
     probs, _ = score_prompts(model, ref.prompts, ScoreSpec("next_token_probs", generate_tokens=3), run)
     assert_greedy_extension(probs, ref, 3)
-    token_ids = (5, 17, 300, LARGE_VOCAB - 1)
+    token_ids = (5, 17, 300, read_manifest(model).vocab_size - 1)
     columns, _ = score_prompts(model, ref.prompts, ScoreSpec("token_probs", token_ids=token_ids, generate_tokens=2),
                                run)
     for result, expected, generated in zip(columns, ref.probs, ref.generated):

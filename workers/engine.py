@@ -159,7 +159,9 @@ class Engine:
         self.dtype = getattr(torch, settings.dtype)
         self.model = LayerwiseModel(model_dir)
         self.adapter = ModelAdapter(model_dir, self.device, self.dtype, allow_untested=settings.allow_untested_models)
-        self.shards = plan_shards(self.model.manifest, settings.layers_per_shard, settings.experts_per_group)
+        # sized as the loader's slots hold them (data regions, aligned), so head steps fit them exactly
+        self.shards = plan_shards(self.model.manifest, settings.layers_per_shard, settings.experts_per_group,
+                                  size=lambda name: self.model.part_bytes(name, None))
         index, stages = (link.index, link.count) if link else (LocalLink.index, LocalLink.count)
         self.own_shards = [s for s in self.shards if owner(s.index, stages) == index]
         self.head = owner(self.shards[-1].index, stages)
