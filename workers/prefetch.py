@@ -61,10 +61,10 @@ _NO_SLOT = -1  # a resident shard's buffer is its own
 
 
 class ResidentShards:
-    """Shards kept on the device once read: shard index → layer name → tensors."""
+    """Shards kept on the device once read: shard (the steps of a shard apart) → layer name → tensors."""
 
     def __init__(self):
-        self.tensors: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self.tensors: dict[Shard, dict[str, dict[str, torch.Tensor]]] = {}
 
 
 class ShardLoader:
@@ -149,15 +149,15 @@ class ShardLoader:
         try:
             for step in range(self.passes):
                 for shard in self.shards:
-                    if self.resident is not None and shard.index in self.resident.tensors:
-                        self._ready.put(LoadedShard(shard, step, self.resident.tensors[shard.index], 0, _NO_SLOT))
+                    if self.resident is not None and shard in self.resident.tensors:
+                        self._ready.put(LoadedShard(shard, step, self.resident.tensors[shard], 0, _NO_SLOT))
                         continue
                     slot = self._free_slots.get() if self.resident is None else _NO_SLOT
                     if self._stop.is_set():
                         return
                     loaded = self._load(shard, step, slot)
                     if self.resident is not None:
-                        self.resident.tensors[shard.index] = loaded.tensors
+                        self.resident.tensors[shard] = loaded.tensors
                     self._ready.put(loaded)
             self._ready.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which raises it in the main thread

@@ -158,6 +158,7 @@ class StepScores:
     def finish(self) -> BatchScores:
         if self.score.kind is ScoreKind.NEXT_TOKEN_PROBS:
             logits = torch.cat(self.parts, dim=1)  # (n, vocab)
+            self.parts.clear()  # two (n, vocab) copies at once, as the whole head's logits and softmax
             return _per_suffix(torch.softmax(logits, -1).cpu(), logits.argmax(-1).cpu(), self.targets, self.score)
         logsumexp = self.max.double() + torch.log(self.sum_exp)  # (n,)
         logprobs = self.picked.double() - logsumexp[:, None]  # (n, k)
