@@ -16,8 +16,12 @@ goes through a shard before the next one comes; hidden states wait in the activa
   stored — or one, where only that fits or it costs little time (each read then waits for the
   compute before it: EngineSettings.double_buffer) — and, where the compute dtype differs from the checkpoint's, the converted copies of
   both (workers/prefetch.py). Resident (the whole model kept for the job): every shard in the
-  compute dtype, no slots. A shard is max(embed, norm + head, layers_per_shard x largest
-  decoder layer): the edges can outweigh a decoder layer (a 128k-vocab 70B head is 2 GB in fp16).
+  compute dtype, no slots. A shard is layers_per_shard x the largest decoder layer: the edges do
+  not size it (contract/shards.py). The embedding is read per pass as the rows of the pass's
+  tokens, which the slot holds (beyond it, in a buffer of their own: counted); a head larger than a
+  decoder shard (a 128k-vocab 70B's is 2.1 GB in fp16, a layer 1.7 GB) comes in steps of vocabulary
+  rows that fit one. Only an edge that cannot be cut (an embedding or head with more than its one
+  weight) still counts whole.
   A MoE model whose layers do not fit whole streams its experts (one layer per shard): the slot
   unit is then the largest of a MoE layer's dense part, experts_per_group experts and a dense
   layer, and a streamed layer keeps per token its output, its experts' input and k routes between
@@ -29,8 +33,11 @@ goes through a shard before the next one comes; hidden states wait in the activa
   prompt) long: MLP intermediates 3 x intermediate x tokens; q, k, v, attention output, residual,
   normed input 6 x hidden x tokens; attention scores tokens x L x heads x (dtype + 4) bytes (eager
   attention materialises them and softmaxes in float32); the 4D mask tokens x L x dtype bytes.
-  The head shard instead holds float32 logits and their softmax for the scored positions. The
-  larger of the two counts.
+  The head shard instead holds float32 logits and their softmax for the scored positions: of a
+  step's rows when the head comes in steps (of the whole vocabulary for next_token_probs, whose
+  output is that row). The larger of the two counts. Between a head's steps every batch of the
+  round keeps its scored positions' final-norm outputs (and, for next_token_probs, their logits so
+  far): with the weights.
 * Round activations: hidden x dtype bytes per padded token of the worker's current round at the
   first generation step (later steps, against the KV cache, carry one token per suffix). storage gpu:
   on the device; cpu: in RAM; disk: two copies on disk, and in RAM only the batch in flight.
@@ -103,12 +110,12 @@ from typing import Callable, Sequence
 from flexorch.orchestrator.figures import Figures, figures_of
 from flexorch.orchestrator.hardware import Hardware, Node, format_bytes
 from flexorch.contract.errors import UserError
-from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, Manifest
+from flexorch.contract.manifest import DECODER, DTYPE_BYTES, EMBED, LM_HEAD, NORM, Manifest
 from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, STORAGES, EngineSettings
-from flexorch.contract.shards import decoder_groups, owner, shard_bytes
+from flexorch.contract.shards import (decoder_groups, gathered, head_row_bytes, head_rows, head_step_rows, owner,
+                                      shard_bytes)
 
 MiB, GiB = 1 << 20, 1 << 30
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 # -- memory constants ----------------------------------------------------------------------------
 # The worker's fixed RAM, the CUDA context and the safety margin are figures (orchestrator/figures.py):
@@ -264,7 +271,7 @@ class _Model:
     dtype_bytes: int  # compute dtype
     kv_bytes: int  # keys + values of one token in one decoder layer, compute dtype (the KV cache)
     layer: int  # largest decoder layer, compute dtype
-    edge: int  # larger of the embedding shard and the norm + head shard, compute dtype
+    edge: int  # the larger edge that is read whole (an embedding or head that cannot be cut; else 0), compute dtype
     stored_layer: int  # the same two, as stored in the files (what the slots and staging hold)
     stored_edge: int
     converted: bool  # compute dtype differs from the checkpoint's: the loader makes a converted copy
@@ -276,6 +283,10 @@ class _Model:
     moe: _Experts | None = None  # the MoE layers' sizes (None: a dense model)
     experts_per_group: int = 0  # > 0: MoE layers stream their experts this many at a time
     pending_per_token: int = 0  # bytes a streamed MoE layer keeps per token between its steps
+    stored_tail: int = 0  # norm + head as stored (a tied head: the embedding's bytes)
+    stored_norm: int = 0
+    stored_row: int = 0  # one row of the head's weight as stored; 0: the head cannot come in steps
+    embed_row: int = 0  # one row of a gathered embedding, compute dtype; 0: read whole
 
     def streamed(self, group: int) -> "_Model":
         """This model with its MoE layers run as steps (contract/shards.py): the unit a slot holds is
@@ -293,6 +304,16 @@ class _Model:
         edge_in, *decoders, edge_out = self.stored_shards
         shards = shard_bytes(edge_in, decoders, edge_out, lps)
         return max(sum(b for s, b in enumerate(shards) if owner(s, stages) == stage) for stage in range(stages))
+
+    def head_split(self, lps: int) -> bool:
+        """Whether norm + head come in vocabulary steps (contract/shards.py): larger than a decoder shard."""
+        return bool(self.stored_row) and self.stored_tail > lps * self.stored_layer
+
+    def head_columns(self, lps: int) -> int:
+        """Logit columns of one head call: a step's rows, or the whole vocabulary."""
+        if not self.head_split(lps):
+            return self.vocab
+        return min(self.vocab, head_step_rows(lps * self.stored_layer, self.stored_norm, self.stored_row))
 
     def shard(self, lps: int) -> int:
         return max(self.edge, lps * self.layer)
@@ -930,8 +951,12 @@ def _describe_model(manifest: Manifest, dtype: str) -> _Model:
     by_kind = {kind: [e for e in manifest.layers if e.kind == kind] for kind in (EMBED, DECODER)}
     tail = [e for e in manifest.layers if e.kind not in (EMBED, DECODER)]  # norm + lm head: one shard
     stored_layer = max(manifest.stored_bytes(e) for e in by_kind[DECODER])
-    stored_edge = max(sum(manifest.stored_bytes(e) for e in by_kind[EMBED]),
-                      sum(manifest.stored_bytes(e) for e in tail))
+    stored_tail = sum(manifest.stored_bytes(e) for e in tail)
+    split = head_rows(manifest) > 0 and [e.kind for e in tail] == [NORM, LM_HEAD]
+    embed_gathered = all(gathered(e) for e in by_kind[EMBED])
+    # what the slots still hold whole: only an edge that cannot be cut (contract/shards.py)
+    stored_edge = max(0 if embed_gathered else sum(manifest.stored_bytes(e) for e in by_kind[EMBED]),
+                      0 if split else stored_tail)
     heads = [manifest.entry(e.tied_to) if e.tied_to else e for e in manifest.layers if e.kind == LM_HEAD]
     config = manifest.config
     # 64 is the smallest common head dim, so hidden // 64 heads overestimates the scores.
@@ -956,6 +981,9 @@ def _describe_model(manifest: Manifest, dtype: str) -> _Model:
         decoder_params=sum(_active_params(e, config) for e in by_kind[DECODER]),
         head_params=sum(e.params for e in heads), moe=_describe_experts(by_kind[DECODER], config),
         total=math.ceil(sum(manifest.stored_bytes(e) for e in manifest.layers) * scale),
+        stored_tail=stored_tail, stored_norm=sum(e.bytes for e in tail if e.kind == NORM),
+        stored_row=head_row_bytes(manifest) if split else 0,
+        embed_row=manifest.hidden_size * DTYPE_BYTES[dtype] if embed_gathered else 0,
     )
 
 
@@ -1076,14 +1104,15 @@ def _balanced_slices(tokens: Sequence[int], rates: Sequence[float]) -> list[tupl
 
 
 # -- memory --------------------------------------------------------------------------------------
-def _working_bytes(model: _Model, batch: int, longest: int, scored_ratio: float) -> int:
-    """Peak temporaries of one forward of `batch` padded tokens in rows of at most `longest`."""
+def _working_bytes(model: _Model, batch: int, longest: int, scored_ratio: float, columns: int) -> int:
+    """Peak temporaries of one forward of `batch` padded tokens in rows of at most `longest`; the head
+    computes `columns` logits per scored position at once."""
     d, row = model.dtype_bytes, min(longest, batch)
     decoder = ((MLP_INTERMEDIATES * model.intermediate + HIDDEN_COPIES * model.hidden) * batch * d
                + batch * row * model.heads * (d + SCORE_EXTRA_BYTES)  # attention scores
                + batch * row * d)  # 4D additive mask
     scored = min(batch, math.ceil(batch * scored_ratio))
-    head = LOGIT_COPIES * scored * model.vocab * 4
+    head = LOGIT_COPIES * scored * columns * 4
     return max(decoder, head)
 
 
@@ -1101,8 +1130,11 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     cache_read_ahead = setup.lps * setup.batch * m.kv_bytes if cache else 0  # disk: the next batch's
     # every batch's additive mask (rows x L x L ~ its padded tokens x L), kept for the pass while it fits
     layouts = min(LAYOUT_CACHE_BYTES, math.ceil(load.act_tokens * min(longest, setup.batch or longest) * m.dtype_bytes))
+    next_token = job.spec.score.kind == "next_token_probs"  # its output is the vocabulary-wide row
+    columns = m.vocab if next_token else m.head_columns(setup.lps)
     compute = (m.resident_weights(setup.lps, setup.resident, setup.slots) + in_flight + layouts
-               + (_working_bytes(m, setup.batch, longest, job.scored_ratio) if setup.batch else 0))
+               + _edges(m, setup, load, job)
+               + (_working_bytes(m, setup.batch, longest, job.scored_ratio, columns) if setup.batch else 0))
     ram = int(job.figures.base_ram[_kind(setup.device)].value) + load.result_bytes
     ram += STAGING_BUFFERS * m.stored_shard(setup.lps) if cuda else compute
     ram += (activations + cache if setup.storage == "cpu"
@@ -1112,6 +1144,20 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
               + (activations + pending + cache if setup.storage == "gpu" else 0) if cuda else 0)
     disk = DISK_COPIES * activations + cache if setup.storage == "disk" else 0
     return _Peaks(device=device, ram=ram, disk=disk)
+
+
+def _edges(m: _Model, setup: _Setup, load: _Load, job: _Job) -> int:
+    """Compute-device bytes of the edges beside the slots: between a head's vocabulary steps, the
+    round's scored positions' final-norm outputs (and for next_token_probs their logits so far);
+    a pass's gathered embedding rows where they outgrow a slot (one per distinct token at most)."""
+    held = 0
+    if m.head_split(setup.lps):
+        scored = load.act_tokens * job.scored_ratio
+        held += math.ceil(scored * (m.hidden * m.dtype_bytes
+                                    + (m.vocab * 4 if job.spec.score.kind == "next_token_probs" else 0)))
+    if m.embed_row and not setup.resident:
+        held += max(0, math.ceil(min(m.vocab, load.act_tokens)) * m.embed_row - m.stored_shard(setup.lps))
+    return held
 
 
 def _fits(peaks: _Peaks, budget: _Budget) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from flexorch.orchestrator.hardware import GpuInfo, Hardware, Node
 from flexorch.orchestrator.planner import Plan, make_cluster_plan, make_plan, render_plan
-from flexorch.orchestrator.shapes import llama_shaped_manifest, mixtral_8x7b
+from flexorch.orchestrator.shapes import llama3_70b, llama_shaped_manifest, mixtral_8x7b
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import Manifest
 
@@ -145,6 +145,21 @@ def test_70b_on_a_6gb_gpu_streams_one_layer_at_a_time_with_activations_in_ram():
     assert worker.predicted_fill_seconds == pytest.approx(4 * (524_288_000 + 1_711_308_800) / 2e9 - sends, rel=0.01)
     assert worker.predicted_start_seconds == 10.0
     assert any("storage cpu (auto)" in r for r in worker.reasons)
+
+
+def test_a_128k_vocabulary_70b_is_sized_by_its_decoder_layers_not_its_head():
+    # Llama-3-70B: Llama-2-70B's layers (1,711,308,800 bytes) with a 128256 x 8192 embedding and head of
+    # 2,101,346,304 bytes. The head comes in steps that fit a layer's slot, so the plan is the 32k model's
+    # (see the test above), plus, between the head's steps, a round's 120 x 375 x 4 / 300 = 600 scored
+    # positions' normed hidden states and logits so far, 600 x (8192 x 2 + 128256 x 4) = 317,644,800:
+    # 4,831,820,992 + 317,644,800 = 5,149,465,792 <= 5.4 GB. Two slots of the whole head would have
+    # added 2 x 390,037,504: 5.61 GB even without the held logits, which does not fit.
+    plan = make_plan(machine(SMALL_GPU), llama3_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400)
+    (worker,) = plan.workers
+    assert (worker.settings.batch_tokens, worker.settings.layers_per_shard) == (2048, 1)
+    assert worker.predicted_peak_device_memory == 4_831_820_992 + 317_644_800
+    # RAM: the pinned staging is one layer too; the scores grow with the vocabulary (120 x 4 x 96256 x 4 more)
+    assert worker.predicted_peak_ram == 3_583_770_624 + 120 * 4 * (128256 - 32000) * 4
 
 
 def test_70b_with_less_ram_keeps_activations_on_the_gpu_in_smaller_batches():
@@ -356,16 +371,18 @@ def test_cpu_peak_ram_is_the_base_the_shard_slots_and_one_forward():
     #   batch in flight 2 x 1024 x 1024 x 4                                      8,388,608
     #   activations 32 x 150 x 1.25 x 1024 x 4                                  24,576,000
     #   scores 32 x 4 x 32000 x 4                                               16,384,000
-    #   weights: 2 slots of norm + head (131,076,096, larger than a layer)  262,152,192
+    #   weights: 2 slots of a decoder layer (the 131 MB head comes in steps) 102,776,832
     #   masks kept for the pass: 32 x 187.5 padded tokens x 150 x 4              3,600,000
-    #   total                                                                  932,015,744
-    # That is the fastest (16.4 s); one slot is predicted 3% slower (the reads no longer hidden) at 14% less
-    # memory, so auto takes it (at two layers a shard: the same slot, the head's).
+    #   between the head's steps, the 32 x 187.5 x 4 / 150 = 160 scored positions' normed
+    #   hidden states and logits so far: 160 x (1024 + 32000) x 4             21,135,360
+    #   total                                                                  793,775,744
+    # That is the fastest (16.4 s). One slot is predicted 3% slower (the reads no longer hidden) for a
+    # layer's 51 MB less (6%): two are within 10% of the least memory too, so auto keeps the fastest.
     plan = make_plan(machine(cpus=4), small_fp32(), Spec(limits=Limits(ram=2 * GB)), [150] * 32)
     (worker,) = plan.workers
-    assert (worker.settings.double_buffer, worker.settings.batch_tokens) == (False, 1024)
-    assert worker.predicted_peak_ram == 932_015_744 - 131_076_096
-    assert "shard slots 1 (auto): 16.9 s, 800.94 MB; 2: 16.5 s, 932.02 MB" in worker.reasons
+    assert (worker.settings.double_buffer, worker.settings.batch_tokens) == (True, 1024)
+    assert worker.predicted_peak_ram == 793_775_744
+    assert "shard slots 2 (auto): 16.4 s, 793.78 MB; 1: 16.9 s, 742.39 MB" in worker.reasons
     assert any(r.startswith("settings (auto)") and "the fastest is predicted 16.4 s" in r for r in worker.reasons)
 
 
@@ -418,7 +435,7 @@ def test_the_kv_cache_is_counted_in_its_tier_and_shrinks_rounds_that_must_stay_i
     assert three.predicted_peak_ram - one.predicted_peak_ram == 807_403_520 + 16_777_216 + 32_768_000
 
     # 320 prompts (25.2 MB of cache each) with 2 GB of RAM to spare beyond a one-step job's: held in RAM
-    # the cache makes rounds of 83 prompts; on disk it would keep one round, but its traffic costs more
+    # the cache makes rounds of 95 prompts; on disk it would keep one round, but its traffic costs more
     # than reading the weights 4 times (predicted 56.2 s vs 46.4 s), so auto keeps it in RAM.
     n, job = 320, dict(suffix_counts=[4] * 320)
     spare = make_plan(machine(cpus=8), small_fp32(), Spec(layers_per_shard=1), [150] * n, **job).workers[0]
@@ -430,7 +447,7 @@ def test_the_kv_cache_is_counted_in_its_tier_and_shrinks_rounds_that_must_stay_i
     ram = make_plan(machine(cpus=8), small_fp32(),
                     Spec(generate_tokens=3, layers_per_shard=1, limits=limits, storage="cpu"), [150] * n,
                     **job).workers[0]
-    assert [len(r) for r in ram.rounds] == [83, 83, 83, 71]
+    assert [len(r) for r in ram.rounds] == [95, 95, 95, 35]
     assert any(r.startswith("4 round(s) (the resume unit)") for r in ram.reasons)
 
 
@@ -505,7 +522,10 @@ def test_the_heads_logits_are_sized_by_the_positions_it_scores():
     spec = Spec(score=Score(kind="suffix_logprob"), layers_per_shard=1, batch_tokens=1024)
     every = make_plan(machine(cpus=8), small_fp32(), spec, [150] * 8).workers[0]
     scored = make_plan(machine(cpus=8), small_fp32(), spec, [150] * 8, scored_counts=[8] * 8).workers[0]
-    # Working memory at batch 1024 is the larger of a decoder layer's (80,044,032: see the test above) and
-    # the head's: every token, 2 copies x 1024 x 32000 x 4 = 262,144,000; the scored ones (1024 x 8 / 150 = 55
-    # rows), 2 x 55 x 32000 x 4 = 14,080,000, so the decoder layer's.
-    assert every.predicted_peak_ram - scored.predicted_peak_ram == 262_144_000 - 80_044_032
+    # The 131 MB head comes in steps of (51,388,416 - 4,096 norm - 64) // 4,096 = 12,544 rows (a decoder
+    # layer's slot). Working memory at batch 1024 is the larger of a decoder layer's (80,044,032: see the
+    # test above) and the head's: every token, 2 copies x 1024 x 12,544 x 4 = 102,760,448; the scored ones
+    # (1024 x 8 / 150 = 55 rows), 2 x 55 x 12,544 x 4 = 5,519,360, so the decoder layer's. Between the
+    # steps, the scored positions' normed hidden states: every one of 8 x 187.5 padded tokens, 1,500 x
+    # 1024 x 4 = 6,144,000, against 1,500 x 8 / 150 x 4,096 = 327,680.
+    assert every.predicted_peak_ram - scored.predicted_peak_ram == (102_760_448 - 80_044_032) + (6_144_000 - 327_680)

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexorch.contract.manifest import EMBED, LM_HEAD
-from flexorch.contract.shards import Shard
+from flexorch.contract.manifest import LM_HEAD
+from flexorch.contract.shards import Shard, gathered
 from flexorch.workers.compression import decompress_layer
 from flexorch.workers.layerfile import LayerwiseModel, aligned
 
@@ -164,12 +164,7 @@ class ShardLoader:
             self._ready.put(exc)
 
     def _gathers(self, shard: Shard) -> bool:
-        """An embedding read by rows: a compressed one (never written today, workers/compression.py)
-        or one with more than its (vocab, hidden) weight is read whole, as its rows cannot be cut."""
-        if tuple(self.model.entry(name).kind for name in shard.names) != (EMBED,):
-            return False
-        entry = self.model.entry(shard.names[0])
-        return entry.tensors == ("weight",) and entry.compression is None
+        return len(shard.names) == 1 and gathered(self.model.entry(shard.names[0]))
 
     def _part_bytes(self, shard: Shard, name: str) -> int:
         """Slot bytes of layer `name` in this step: a range of head rows, or model.part_bytes."""

@@ -94,10 +94,26 @@ def head_steps(manifest: Manifest, index: int, tail: tuple[str, ...], budget: in
     if sum(size(name) for name in tail) <= budget or kinds != (NORM, LM_HEAD) or not rows:
         return [Shard(index, tail)]
     norm, head = tail
-    row_bytes = manifest.hidden_size * DTYPE_BYTES[head_entry(manifest).dtype]
-    per_step = max(1, (budget - size(norm) - ALIGN) // row_bytes)
+    per_step = head_step_rows(budget, size(norm), head_row_bytes(manifest))
     return [Shard(index, tail if first == 0 else (head,), rows=(first, min(first + per_step, rows)), head_rows=rows)
             for first in range(0, rows, per_step)]
+
+
+def head_step_rows(budget: int, norm_bytes: int, row_bytes: int) -> int:
+    """Rows of a head step within `budget` bytes, beside the norm (which the first step holds)."""
+    return max(1, (budget - norm_bytes - ALIGN) // row_bytes)
+
+
+def head_row_bytes(manifest: Manifest) -> int:
+    """Bytes of one row of the head's weight, as stored."""
+    return manifest.hidden_size * DTYPE_BYTES[head_entry(manifest).dtype]
+
+
+def gathered(entry: LayerEntry) -> bool:
+    """Whether an embedding is read per pass as the rows its tokens need (workers/prefetch.py): its
+    one (vocab, hidden) weight, uncompressed. Any other (compressed ones are never written today:
+    workers/compression.py) is read whole, as its rows cannot be cut out of the file."""
+    return entry.kind == EMBED and entry.tensors == ("weight",) and entry.compression is None
 
 
 def head_entry(manifest: Manifest) -> LayerEntry:
