@@ -103,6 +103,19 @@ def test_stages_equal_data_mode_bit_for_bit(layerwise, score, n):
             assert results == []  # only the head stage holds scores
 
 
+@pytest.mark.parametrize("score", [ScoreSpec("suffix_logprob"), ScoreSpec("next_token_probs", generate_tokens=2)],
+                         ids=["suffix_logprob", "generate2"])
+def test_a_head_in_vocabulary_steps_stays_on_its_stage(large_vocab, score):
+    """The head's steps share its shard index, so one stage runs them all; the embedding's stage gathers
+    each step's rows; scores equal data mode's."""
+    model = large_vocab("qwen2")[1]  # tied: the head reads the embedding's file, on another stage
+    prompts = tokenize(model)
+    want, _ = score_prompts(model, prompts, score, settings())
+    out, _ = run_stages(model, [prompts], score, 2)
+    head = plan_shards(LayerwiseModel(model).manifest, 1)[-1].index % 2
+    assert_same_results(out[head][0][0], want)
+
+
 def test_streamed_experts_stay_on_their_layers_stage(layerwise):
     """A MoE layer's steps share its shard index, so one stage runs them all; scores equal data mode's."""
     model = layerwise("qwen2_moe")
