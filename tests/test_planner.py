@@ -150,16 +150,17 @@ def test_70b_on_a_6gb_gpu_streams_one_layer_at_a_time_with_activations_in_ram():
 def test_a_128k_vocabulary_70b_is_sized_by_its_decoder_layers_not_its_head():
     # Llama-3-70B: Llama-2-70B's layers (1,711,308,800 bytes) with a 128256 x 8192 embedding and head of
     # 2,101,346,304 bytes. The head comes in steps that fit a layer's slot, so the plan is the 32k model's
-    # (see the test above), plus, between the head's steps, a round's 120 x 375 x 4 / 300 = 600 scored
-    # positions' normed hidden states and logits so far, 600 x (8192 x 2 + 128256 x 4) = 317,644,800:
-    # 4,831,820,992 + 317,644,800 = 5,149,465,792 <= 5.4 GB. Two slots of the whole head would have
+    # (see the test above), plus, between the head's steps, a round's 119 x 375 x 4 / 300 = 595 scored
+    # positions' normed hidden states and logits so far, 595 x (8192 x 2 + 128256 x 4) = 314,997,760:
+    # 4,831,595,992 + 314,997,760 = 5,146,593,752 <= 5.4 GB. Two slots of the whole head would have
     # added 2 x 390,037,504: 5.61 GB even without the held logits, which does not fit.
     plan = make_plan(machine(SMALL_GPU), llama3_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400)
     (worker,) = plan.workers
     assert (worker.settings.batch_tokens, worker.settings.layers_per_shard) == (2048, 1)
-    assert worker.predicted_peak_device_memory == 4_831_820_992 + 317_644_800
-    # RAM: the pinned staging is one layer too; the scores grow with the vocabulary (120 x 4 x 96256 x 4 more)
-    assert worker.predicted_peak_ram == 3_583_770_624 + 120 * 4 * (128256 - 32000) * 4
+    assert [len(r) for r in worker.rounds] == [119, 119, 119, 43]
+    assert worker.predicted_peak_device_memory == 4_831_595_992 + 314_997_760
+    # RAM: the pinned staging is one layer too; the scores grow with the vocabulary (119 x 4 x 96256 x 4 more)
+    assert worker.predicted_peak_ram == 3_577_114_624 + 119 * 4 * (128256 - 32000) * 4
 
 
 def test_70b_with_less_ram_keeps_activations_on_the_gpu_in_smaller_batches():
