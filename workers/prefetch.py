@@ -156,6 +156,8 @@ class ShardLoader:
                     if self._stop.is_set():
                         return
                     loaded = self._load(shard, step, slot)
+                    if loaded is None:  # closed while waiting for a pass's token ids
+                        return
                     if self.resident is not None:
                         self.resident.tensors[shard] = loaded.tensors
                     self._ready.put(loaded)
@@ -187,7 +189,7 @@ class ShardLoader:
             return destination, destination
         return destination, self._staging if fits else torch.empty(size, dtype=torch.uint8, pin_memory=True)
 
-    def _load(self, shard: Shard, step: int, slot: int) -> LoadedShard:
+    def _load(self, shard: Shard, step: int, slot: int) -> LoadedShard | None:
         start = time.perf_counter()
         if shard.index in self._gathered:
             return self._gather(shard, step, slot, start)
@@ -207,11 +209,11 @@ class ShardLoader:
             offset += size
         return self._finish(shard, step, slot, views, nbytes, offset, destination, target, start)
 
-    def _gather(self, shard: Shard, step: int, slot: int, start: float) -> LoadedShard:
-        """The embedding rows of the pass's token ids (embed_ids)."""
+    def _gather(self, shard: Shard, step: int, slot: int, start: float) -> LoadedShard | None:
+        """The embedding rows of the pass's token ids (embed_ids); None once closed."""
         ids = self._ids.get()
-        if ids is None:  # closed while waiting
-            raise StopIteration
+        if ids is None:
+            return None
         name = shard.names[0]
         size = ids.numel() * self.model.row_bytes(name)
         destination, target = self._buffers(aligned(size), slot)

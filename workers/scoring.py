@@ -141,7 +141,8 @@ class StepScores:
             self.parts.append(torch.cat(parts))
 
     def _reduce(self, part: slice, first: int, logits: torch.Tensor) -> None:
-        top, top_id = logits.max(-1).values, logits.argmax(-1)
+        top_id = logits.argmax(-1)  # the first of equal logits
+        top = logits.gather(1, top_id[:, None])[:, 0]
         better = top > self.best[part]  # strict: an equal logit of an earlier step keeps its lower id
         self.best[part] = torch.where(better, top, self.best[part])
         self.best_id[part] = torch.where(better, top_id + first, self.best_id[part])
