@@ -28,6 +28,7 @@ BATCH_TOKENS = 1024
 
 def child_run(params: dict) -> dict:
     import gc
+    import inspect
 
     import numpy as np
     import torch
@@ -49,9 +50,11 @@ def child_run(params: dict) -> dict:
     results, summary = score_prompts(params["layerwise"], prompts, score, settings)
     peak = _vm_hwm()
     model = LayerwiseModel(params["layerwise"])
-    loader = ShardLoader(model, plan_shards(model.manifest, settings.layers_per_shard), torch.device("cpu"),
-                         torch.float32)
-    # before the change the loader had no slot_bytes: its slots were the largest shard's
+    # as the engine makes it; before the change neither took these and the loader had no slot_bytes
+    size = {"size": lambda name: model.part_bytes(name, None)} if "size" in inspect.signature(plan_shards).parameters else {}
+    gather = {"gather": True} if "gather" in inspect.signature(ShardLoader).parameters else {}
+    loader = ShardLoader(model, plan_shards(model.manifest, settings.layers_per_shard, **size), torch.device("cpu"),
+                         torch.float32, **gather)
     slot_bytes = getattr(loader, "slot_bytes", None) or loader._slots[0].numel()
     scores = [r.scores["logprob"].tolist() if params["kind"] == "suffix_logprob"
               else np.asarray(r.scores).reshape(-1).tolist() for r in results]

@@ -13,7 +13,7 @@ from flexorch.workers.prefetch import ShardLoader
 def loader_of(model: LayerwiseModel, layers: int, dtype=torch.float32, passes: int = 1) -> ShardLoader:
     size = lambda name: model.part_bytes(name, None)  # noqa: E731
     shards = plan_shards(model.manifest, layers, size=size)
-    return ShardLoader(model, shards, torch.device("cpu"), dtype, passes=passes)
+    return ShardLoader(model, shards, torch.device("cpu"), dtype, passes=passes, gather=True)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # an untied head, and one reading the embedding's file
@@ -61,6 +61,16 @@ def test_a_pass_with_more_distinct_ids_than_a_slot_holds_gets_its_own_buffer(lar
         loader.embed_ids(ids)
         loaded = loader.next_shard()
         assert torch.equal(loaded.tensors["embed"]["weight"], model.load("embed")["weight"][ids])
+        loader.release(loaded)
+
+
+def test_without_gather_the_embedding_is_read_whole_and_sizes_the_slots(large_vocab):
+    model = LayerwiseModel(large_vocab("llama")[1])
+    shards = plan_shards(model.manifest, 1, size=lambda name: model.part_bytes(name, None))
+    with ShardLoader(model, shards, torch.device("cpu"), torch.float32) as loader:
+        assert loader.slot_bytes == model.part_bytes("embed", None)
+        loaded = loader.next_shard()
+        assert loaded.embed_ids is None and torch.equal(loaded.tensors["embed"]["weight"], model.load("embed")["weight"])
         loader.release(loaded)
 
 

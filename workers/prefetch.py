@@ -10,9 +10,9 @@ on the consumer's "done" event before overwriting a slot, so neither side ever b
 stream needlessly. On CPU the slot buffer is the read target itself: the same code, no copy.
 
 The edges do not size the slots (contract/shards.py): a head larger than the largest decoder shard
-comes in steps of vocabulary rows, and the embedding, a lookup, is read per pass as the rows of the
-token ids the pass holds (unique, sorted, each run of consecutive ids one read), which the engine
-hands over with `embed_ids` before it asks for the pass's first shard. A pass holding more distinct
+comes in steps of vocabulary rows, and with `gather` (the engine) the embedding, a lookup, is read
+per pass as the rows of the token ids the pass holds (unique, sorted, each run of consecutive ids
+one read), which the engine hands over with `embed_ids` before it asks for the pass's first shard. A pass holding more distinct
 ids than a slot has rows gets a buffer of its own: at most one row per token of the pass, so no
 larger than the pass's embedding output.
 
@@ -75,13 +75,14 @@ class ShardLoader:
     """
 
     def __init__(self, model: LayerwiseModel, shards: list[Shard], device: torch.device, dtype: torch.dtype,
-                 passes: int = 1, verify: bool = True, resident: ResidentShards | None = None, slots: int = 2):
+                 passes: int = 1, verify: bool = True, resident: ResidentShards | None = None, slots: int = 2,
+                 gather: bool = False):
         self.model, self.shards, self.device, self.dtype = model, shards, device, dtype
         self.passes, self.verify, self.resident = passes, verify, resident
         self.stats = LoaderStats()
-        # Not resident, the embedding is gathered per pass (unless it cannot be: see _gathers) and
-        # does not size the slots; resident, it is kept whole for every pass and round.
-        self._gathered = {s.index for s in shards if resident is None and self._gathers(s)}
+        # Gathered, the embedding (one that can be: contract/shards.py `gathered`) does not size the
+        # slots; resident, it is kept whole for every pass and round.
+        self._gathered = {s.index for s in shards if gather and resident is None and self._gathers(s)}
         sized = [s for s in shards if s.index not in self._gathered]
         slot_bytes = max((self._step_bytes(s) for s in sized), default=0)
         self.slot_bytes = slot_bytes
