@@ -51,7 +51,8 @@ def child_run(params: dict) -> dict:
     peak = _vm_hwm()
     model = LayerwiseModel(params["layerwise"])
     # as the engine makes it; before the change neither took these and the loader had no slot_bytes
-    size = {"size": lambda name: model.part_bytes(name, None)} if "size" in inspect.signature(plan_shards).parameters else {}
+    size = ({"size": lambda name: model.part_bytes(name, None)}
+            if "size" in inspect.signature(plan_shards).parameters else {})
     gather = {"gather": True} if "gather" in inspect.signature(ShardLoader).parameters else {}
     loader = ShardLoader(model, plan_shards(model.manifest, settings.layers_per_shard, **size), torch.device("cpu"),
                          torch.float32, **gather)
@@ -118,7 +119,8 @@ def main() -> None:
             if "error" in run:
                 rows.append([kind, lps, label, run["error"], "", "", "", ""])
                 continue
-            diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(run["scores"], this["scores"]))
+            diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                       for a, b in zip(run["scores"], this["scores"]))
             rows.append([kind, lps, label, c.fmt_bytes(run["slot_bytes"]), c.fmt_bytes(run["peak_rss"]),
                          c.fmt_bytes(run["peak_rss"] - run["start_rss"]),
                          c.fmt_ratio(predicted / run["peak_rss"]) if label == "this" else "", f"{diff:.1e}"])

@@ -35,9 +35,9 @@ goes through a shard before the next one comes; hidden states wait in the activa
   attention materialises them and softmaxes in float32); the 4D mask tokens x L x dtype bytes.
   The head shard instead holds float32 logits and their softmax for the scored positions: of a
   step's rows when the head comes in steps (of the whole vocabulary for next_token_probs, whose
-  output is that row). The larger of the two counts. Between a head's steps every batch of the
-  round keeps its scored positions' final-norm outputs (and, for next_token_probs, their logits so
-  far): with the weights.
+  output is that row), and between its steps every batch of the round keeps its scored positions'
+  final-norm outputs (and, for next_token_probs, their logits so far). The larger of the two counts
+  (and of a gathered embedding's rows beyond a slot).
 * Round activations: hidden x dtype bytes per padded token of the worker's current round at the
   first generation step (later steps, against the KV cache, carry one token per suffix). storage gpu:
   on the device; cpu: in RAM; disk: two copies on disk, and in RAM only the batch in flight.
@@ -1104,16 +1104,18 @@ def _balanced_slices(tokens: Sequence[int], rates: Sequence[float]) -> list[tupl
 
 
 # -- memory --------------------------------------------------------------------------------------
-def _working_bytes(model: _Model, batch: int, longest: int, scored_ratio: float, columns: int) -> int:
+def _working_bytes(model: _Model, batch: int, longest: int, scored_ratio: float, columns: int,
+                   edges: "_Edges") -> int:
     """Peak temporaries of one forward of `batch` padded tokens in rows of at most `longest`; the head
-    computes `columns` logits per scored position at once."""
+    computes `columns` logits per scored position at once. The edges' bytes beside the slots live
+    only while their shard runs, so they count with its phase, not on top of a decoder layer's."""
     d, row = model.dtype_bytes, min(longest, batch)
     decoder = ((MLP_INTERMEDIATES * model.intermediate + HIDDEN_COPIES * model.hidden) * batch * d
                + batch * row * model.heads * (d + SCORE_EXTRA_BYTES)  # attention scores
                + batch * row * d)  # 4D additive mask
     scored = min(batch, math.ceil(batch * scored_ratio))
     head = LOGIT_COPIES * scored * columns * 4
-    return max(decoder, head)
+    return max(decoder, head + edges.head_held, edges.gathered)
 
 
 def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
@@ -1133,8 +1135,8 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     next_token = job.spec.score.kind == "next_token_probs"  # its output is the vocabulary-wide row
     columns = m.vocab if next_token else m.head_columns(setup.lps)
     compute = (m.resident_weights(setup.lps, setup.resident, setup.slots) + in_flight + layouts
-               + _edges(m, setup, load, job)
-               + (_working_bytes(m, setup.batch, longest, job.scored_ratio, columns) if setup.batch else 0))
+               + (_working_bytes(m, setup.batch, longest, job.scored_ratio, columns, _edges(m, setup, load, job))
+                  if setup.batch else 0))
     ram = int(job.figures.base_ram[_kind(setup.device)].value) + load.result_bytes
     ram += STAGING_BUFFERS * m.stored_shard(setup.lps) if cuda else compute
     ram += (activations + cache if setup.storage == "cpu"
@@ -1146,18 +1148,26 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     return _Peaks(device=device, ram=ram, disk=disk)
 
 
-def _edges(m: _Model, setup: _Setup, load: _Load, job: _Job) -> int:
-    """Compute-device bytes of the edges beside the slots: between a head's vocabulary steps, the
-    round's scored positions' final-norm outputs (and for next_token_probs their logits so far);
-    a pass's gathered embedding rows where they outgrow a slot (one per distinct token at most)."""
-    held = 0
+@dataclass(frozen=True)
+class _Edges:
+    """Compute-device bytes of the edges beside the slots, each while its shard runs."""
+
+    head_held: int = 0  # between a head's vocabulary steps: the round's scored positions' state
+    gathered: int = 0  # a pass's gathered embedding rows where they outgrow a slot
+
+
+def _edges(m: _Model, setup: _Setup, load: _Load, job: _Job) -> _Edges:
+    """Between a head's vocabulary steps, the round's scored positions' final-norm outputs (and for
+    next_token_probs their logits so far); a pass's gathered embedding rows beyond a slot (one per
+    distinct token at most)."""
+    held = gathered = 0
     if m.head_split(setup.lps):
         scored = load.act_tokens * job.scored_ratio
-        held += math.ceil(scored * (m.hidden * m.dtype_bytes
-                                    + (m.vocab * 4 if job.spec.score.kind == "next_token_probs" else 0)))
+        held = math.ceil(scored * (m.hidden * m.dtype_bytes
+                                   + (m.vocab * 4 if job.spec.score.kind == "next_token_probs" else 0)))
     if m.embed_row and not setup.resident:
-        held += max(0, math.ceil(min(m.vocab, load.act_tokens)) * m.embed_row - m.stored_shard(setup.lps))
-    return held
+        gathered = max(0, math.ceil(min(m.vocab, load.act_tokens)) * m.embed_row - m.stored_shard(setup.lps))
+    return _Edges(held, gathered)
 
 
 def _fits(peaks: _Peaks, budget: _Budget) -> bool:
