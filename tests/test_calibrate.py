@@ -50,12 +50,13 @@ def test_a_plan_made_with_calibration_prints_its_figures_and_uses_them():
 
 
 def test_a_measured_base_lets_a_tight_cap_be_met():
-    # 700 MB RAM: with the assumed 512 MiB base and 10% margin nothing fits; measured (300 MB, 5%) it does.
-    spec = Spec(limits=Limits(ram=700_000_000))
+    # 600 MB RAM: with the assumed 512 MiB base and 10% margin nothing fits (a 680 MB cap is the least that
+    # does, now that the 131 MB head no longer sizes the slots); measured (300 MB, 5%) it does.
+    spec = Spec(limits=Limits(ram=600_000_000))
     with pytest.raises(Exception, match="does not fit"):
         make_plan(machine(cpus=8), small_fp32(), spec, [150] * 32)
     plan = make_plan(replace(machine(cpus=8), calibration=MEASURED), small_fp32(), spec, [150] * 32)
-    assert plan.workers[0].predicted_peak_ram <= 0.95 * 700_000_000
+    assert plan.workers[0].predicted_peak_ram <= 0.95 * 600_000_000
 
 
 def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch):
