@@ -753,7 +753,9 @@ def _shard_costs(job: _Job, setup: _Setup, load: _Load, threads: int, stages: in
     m = job.model
     rate = _rate(job, setup.device, threads, setup.batch) * stages
     groups = decoder_groups(m.num_layers, setup.lps)
-    stored = shard_bytes(m.stored_shards[0], m.stored_shards[1:-1], m.stored_shards[-1], setup.lps)
+    # streamed, the embedding reads only the rows of the pass's token ids: at most one per token
+    embed = m.stored_shards[0] if setup.resident else m.stored_shards[0] * min(1.0, load.act_tokens / m.vocab)
+    stored = shard_bytes(embed, m.stored_shards[1:-1], m.stored_shards[-1], setup.lps)
     read_rate = _read_rate(job, setup.device)
     reads = tuple(b / read_rate / stages if read else 0.0 for b in stored)
     boundary = 2 * load.act_tokens * m.hidden * m.dtype_bytes / stages
