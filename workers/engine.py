@@ -319,18 +319,24 @@ class Engine:
     def _run_dense_part(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache) -> None:
         """A streamed MoE layer's first step (workers/experts.py): attention and router over every
         batch; the outputs wait, without the experts' share, for the groups of experts."""
-        shard, entry = loaded.shard, self.model.entry(loaded.shard.names[0])
+        entry = self.model.entry(loaded.shard.names[0])
         layer = self.adapter.module(DECODER, entry.index)
         self._streamed = StreamedExperts(layer, entry.expert_tensors, self._keep_on)
         self.adapter.assign(layer, loaded.tensors[entry.name])  # the layer's tensors but the experts'
         for b in range(len(current.packed)):
-            if self.hooks.before_batch:
-                self.hooks.before_batch(loaded.step, shard.index, b)
-            hidden = link.receive(loaded.step, shard.index, b).to(self.device)
-            if b + 1 < len(current.packed):
-                link.prefetch(loaded.step, shard.index, b + 1)
+            hidden = self._receive(loaded, current, link, b)
             self._streamed.keep(self._decoder_layers([entry.index], hidden, current, b, cache, loaded.step))
         self.adapter.release(layer)
+
+    def _receive(self, loaded: LoadedShard, current: _Pass, link: Link, b: int) -> torch.Tensor:
+        """Batch b's input to this shard from the link, on the device (the next batch's prefetched),
+        after the before_batch hook."""
+        if self.hooks.before_batch:
+            self.hooks.before_batch(loaded.step, loaded.shard.index, b)
+        hidden = link.receive(loaded.step, loaded.shard.index, b).to(self.device)
+        if b + 1 < len(current.packed):
+            link.prefetch(loaded.step, loaded.shard.index, b + 1)
+        return hidden
 
     def _run_expert_group(self, loaded: LoadedShard, link: Link, batches: int) -> None:
         """One group of a streamed MoE layer's experts over every batch; after the last, the layer's
@@ -355,11 +361,7 @@ class Engine:
             self.adapter.assign(norm, loaded.tensors[shard.names[0]])
             self._head_steps = []
             for b in range(len(current.packed)):
-                if self.hooks.before_batch:
-                    self.hooks.before_batch(loaded.step, shard.index, b)
-                hidden = link.receive(loaded.step, shard.index, b).to(self.device)
-                if b + 1 < len(current.packed):
-                    link.prefetch(loaded.step, shard.index, b + 1)
+                hidden = self._receive(loaded, current, link, b)
                 normed = self.adapter.final_norm(scored_positions(hidden, current.targets[b]))
                 self._head_steps.append(StepScores(normed, current.targets[b], self.score))
                 del hidden
