@@ -299,10 +299,11 @@ class _Model:
                        layer=math.ceil(stored * self.layer / self.stored_layer),
                        pending_per_token=2 * self.hidden * self.dtype_bytes + e.per_token * (8 + 4))
 
-    def stage_bytes(self, lps: int, stages: int) -> int:
-        """Bytes per pass read by the busiest pipeline stage (shard s on stage s % stages)."""
+    def stage_bytes(self, lps: int, stages: int, embed: float | None = None) -> float:
+        """Bytes per pass read by the busiest pipeline stage (shard s on stage s % stages); `embed`:
+        what the embedding's stage reads of the table (its gathered rows), else all of it."""
         edge_in, *decoders, edge_out = self.stored_shards
-        shards = shard_bytes(edge_in, decoders, edge_out, lps)
+        shards = shard_bytes(edge_in if embed is None else embed, decoders, edge_out, lps)
         return max(sum(b for s, b in enumerate(shards) if owner(s, stages) == stage) for stage in range(stages))
 
     def head_split(self, lps: int) -> bool:
@@ -566,8 +567,11 @@ def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> t
                         stages=n)
     channel = PIPELINE_CHANNEL_BATCHES * plan.settings.batch_tokens * m.hidden * m.dtype_bytes
     # Rounds were sized at 1/n of a pass; the busiest stage reads a little more (an edge, uneven groups).
-    busiest = m.stage_bytes(plan.settings.layers_per_shard, n)
-    read = (len(plan.rounds) * spec.generate_tokens * busiest / _read_rate(job, devices[slowest]))
+    # The embedding's stage gathers the rows of each round's tokens, as a data worker does.
+    tokens = [sum(job.loads[i].act_tokens for i in r) for r in plan.rounds]
+    busiest = sum(m.stage_bytes(plan.settings.layers_per_shard, n, m.stored_shards[0] * min(1.0, t / m.vocab))
+                  for t in tokens)
+    read = spec.generate_tokens * busiest / _read_rate(job, devices[slowest])
     plan = replace(plan, predicted_read_seconds=read)
     in_channel = f"up to {PIPELINE_CHANNEL_BATCHES} batches ({format_bytes(channel)}) wait in its outbound channel"
     return tuple(
