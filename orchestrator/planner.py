@@ -306,6 +306,13 @@ class _Model:
         shards = shard_bytes(edge_in if embed is None else embed, decoders, edge_out, lps)
         return max(sum(b for s, b in enumerate(shards) if owner(s, stages) == stage) for stage in range(stages))
 
+    def embed_read(self, tokens: float, resident: bool = False) -> float:
+        """Stored bytes of the embedding one pass over `tokens` padded tokens reads: the rows of its
+        tokens where it is gathered (at most one per token), else (or resident) the whole table."""
+        if resident or not self.embed_row:
+            return self.stored_shards[0]
+        return self.stored_shards[0] * min(1.0, tokens / self.vocab)
+
     def head_split(self, lps: int) -> bool:
         """Whether norm + head come in vocabulary steps (contract/shards.py): larger than a decoder shard."""
         return bool(self.stored_row) and self.stored_tail > lps * self.stored_layer
@@ -569,8 +576,7 @@ def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> t
     # Rounds were sized at 1/n of a pass; the busiest stage reads a little more (an edge, uneven groups).
     # The embedding's stage gathers the rows of each round's tokens, as a data worker does.
     tokens = [sum(job.loads[i].act_tokens for i in r) for r in plan.rounds]
-    busiest = sum(m.stage_bytes(plan.settings.layers_per_shard, n, m.stored_shards[0] * min(1.0, t / m.vocab))
-                  for t in tokens)
+    busiest = sum(m.stage_bytes(plan.settings.layers_per_shard, n, m.embed_read(t)) for t in tokens)
     read = spec.generate_tokens * busiest / _read_rate(job, devices[slowest])
     plan = replace(plan, predicted_read_seconds=read)
     in_channel = f"up to {PIPELINE_CHANNEL_BATCHES} batches ({format_bytes(channel)}) wait in its outbound channel"
@@ -718,8 +724,8 @@ def _rounds_for(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: int
 
 
 def _time(job: _Job, setup: _Setup, indices: tuple[int, ...], rounds, threads: int, stages: int) -> _Time:
-    """See the module docstring's time model: per round, the first shard's read, then per shard the
-    longer of computing it and reading the next (two slots: the loader is at most one shard ahead)."""
+    """See the module docstring's time model: per round, the first shard's read, then each shard of
+    each pass as `_per_shard` counts it."""
     steps, stream, read, compute = job.spec.generate_tokens, 0.0, 0.0, 0.0
     for r, indices_r in enumerate(rounds):
         costs = _shard_costs(job, setup, sum((job.loads[i] for i in indices_r), _Load()), threads, stages,
@@ -727,7 +733,10 @@ def _time(job: _Job, setup: _Setup, indices: tuple[int, ...], rounds, threads: i
         first, later = costs.compute(first_step=True), costs.compute(first_step=False)
         # the resident model is read during the round's first step; streamed, every step reads it
         again = [0.0] * len(costs.reads) if setup.resident else costs.reads
-        one_pass = _overlapped if setup.slots == DOUBLE_BUFFER else _in_turn
+
+        def one_pass(compute, reads, after_last) -> float:
+            return sum(_per_shard(compute, reads, after_last, setup.slots))
+
         stream += costs.reads[0] + one_pass(first, costs.reads, again[0] if steps > 1 else 0.0)
         if steps > 1:
             stream += (steps - 2) * one_pass(later, again, again[0]) + one_pass(later, again, 0.0)
@@ -757,9 +766,8 @@ def _shard_costs(job: _Job, setup: _Setup, load: _Load, threads: int, stages: in
     m = job.model
     rate = _rate(job, setup.device, threads, setup.batch) * stages
     groups = decoder_groups(m.num_layers, setup.lps)
-    # streamed, the embedding reads only the rows of the pass's token ids: at most one per token
-    embed = m.stored_shards[0] if setup.resident else m.stored_shards[0] * min(1.0, load.act_tokens / m.vocab)
-    stored = shard_bytes(embed, m.stored_shards[1:-1], m.stored_shards[-1], setup.lps)
+    stored = shard_bytes(m.embed_read(load.act_tokens, setup.resident), m.stored_shards[1:-1], m.stored_shards[-1],
+                         setup.lps)
     read_rate = _read_rate(job, setup.device)
     reads = tuple(b / read_rate / stages if read else 0.0 for b in stored)
     boundary = 2 * load.act_tokens * m.hidden * m.dtype_bytes / stages
@@ -775,16 +783,13 @@ def _shard_costs(job: _Job, setup: _Setup, load: _Load, threads: int, stages: in
                        per_shard(load.later_layer_flops, load.later_head_flops))
 
 
-def _overlapped(compute: Sequence[float], reads: Sequence[float], after_last: float) -> float:
-    """One pass whose first shard is loaded: shard k computes while shard k+1 is read, and the last
-    while `after_last` is (the next pass's first shard, or nothing)."""
+def _per_shard(compute: Sequence[float], reads: Sequence[float], after_last: float, slots: int) -> list[float]:
+    """Each shard's time in a pass whose first shard is loaded: with two slots shard k computes while
+    shard k+1 is read (the last while `after_last` is: the next pass's first shard, or nothing), the
+    longer counts; with one slot each read waits for the compute before it, both count."""
     nexts = list(reads[1:]) + [after_last]
-    return sum(max(c, r) for c, r in zip(compute, nexts))
-
-
-def _in_turn(compute: Sequence[float], reads: Sequence[float], after_last: float) -> float:
-    """`_overlapped` with one slot: each read waits for the compute before it."""
-    return sum(compute) + sum(reads[1:]) + after_last
+    join = max if slots == DOUBLE_BUFFER else (lambda c, r: c + r)
+    return [join(c, r) for c, r in zip(compute, nexts)]
 
 
 def _rate(job: _Job, device: str, threads: int, batch: int) -> float:
@@ -847,10 +852,10 @@ def _lps_candidates(job: _Job, floor: int, stages: int) -> tuple[int, ...]:
 
 def _pass_shares(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: int) -> tuple[float, ...]:
     """Each shard's share of one pass's predicted time, for progress (the first step's, as `_time`
-    counts it): the longer of computing the shard and reading the next; the first also its own read."""
+    counts it: `_per_shard`); the first shard also its own read."""
     costs = _shard_costs(job, setup, sum((job.loads[i] for i in indices), _Load()), threads, 1,
                          read=not setup.resident)
-    shares = [max(c, r) for c, r in zip(costs.first_step, list(costs.reads[1:]) + [0.0])]
+    shares = _per_shard(costs.first_step, costs.reads, 0.0, setup.slots)
     shares[0] += costs.reads[0]
     total = sum(shares) or 1.0
     return tuple(c / total for c in shares)
