@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from flexorch.orchestrator.hardware import Calibration, Hardware, format_bytes
 
@@ -96,7 +97,7 @@ class Figures:
         by_width = self._measured_points(device, dtype)
         if by_width:
             widths = sorted(by_width)
-            rates = [(w, _interpolate(by_width[w], batch)) for w in widths]
+            rates = [(w, _interpolate(by_width[w], batch, below=_proportional)) for w in widths]
             rate = _interpolate(rates, hidden or widths[-1])
             return rate * threads / self.hardware.cpu_count if kind == "cpu" else rate
         return self._assumed_peak(device, dtype, threads) * _saturation(batch, kind)
@@ -167,10 +168,18 @@ def _saturation(batch: int, kind: str) -> float:
     return (batch / (batch + half)) / (cap / (cap + half))
 
 
-def _interpolate(points: list[tuple[int, float]], x: int) -> float:
-    """The rate at `x` (a batch or a width): linear in log2(x) between measured points, flat beyond."""
+def _proportional(x0: int, rate: float, x: int) -> float:
+    """Below the smallest batch measured a forward is bound by reading its weights, not by its
+    arithmetic: it takes as long as one of that batch, so the rate falls with the batch."""
+    return rate * x / x0
+
+
+def _interpolate(points: list[tuple[int, float]], x: int,
+                 below: Callable[[int, float, int], float] = lambda x0, rate, x: rate) -> float:
+    """The rate at `x` (a batch or a width): linear in log2(x) between measured points, flat above
+    them, `below` (flat unless given) under them."""
     if x <= points[0][0]:
-        return points[0][1]
+        return below(points[0][0], points[0][1], x)
     for (b0, r0), (b1, r1) in zip(points, points[1:]):
         if x <= b1:
             t = (math.log2(x) - math.log2(b0)) / (math.log2(b1) - math.log2(b0))

@@ -359,12 +359,11 @@ class _Load:
     later_layer_flops: float = 0.0  # each later generation step (against the KV cache), per step
     later_head_flops: float = 0.0
     cache_tokens: float = 0.0  # padded tokens whose keys and values the KV cache keeps (per layer)
+    scored: float = 0.0  # positions the head scores at the first step
+    suffixes: float = 0.0  # a later step's tokens (one per suffix), each also scored
 
     def __add__(self, other: "_Load") -> "_Load":
-        return _Load(self.act_tokens + other.act_tokens, self.result_bytes + other.result_bytes,
-                     self.layer_flops + other.layer_flops, self.head_flops + other.head_flops,
-                     self.later_layer_flops + other.later_layer_flops, self.later_head_flops + other.later_head_flops,
-                     self.cache_tokens + other.cache_tokens)
+        return _Load(*(getattr(self, f) + getattr(other, f) for f in _Load.__dataclass_fields__))
 
     def flops(self, steps: int) -> float:
         """Over `steps` generation steps."""
@@ -760,11 +759,18 @@ class _ShardCosts:
 
 def _shard_costs(job: _Job, setup: _Setup, load: _Load, threads: int, stages: int, read: bool = True) -> _ShardCosts:
     """Decoder groups carry their layers' share of the FLOPs, the head its own, the embedding is a
-    lookup. Every shard boundary also moves each batch's activations: over the host-device link
-    where they wait off the GPU, and through files with the disk store (an upper bound for later
-    steps, which carry one token per suffix). A pipeline stage reads and computes 1/stages."""
+    lookup. Each runs at the rate of the tokens one forward carries: a first step's batch, a later
+    step's one token per suffix of it, the head's scored positions of it (a matmul of a few rows runs
+    far below a full batch's rate). Every shard boundary also moves each batch's activations: over
+    the host-device link where they wait off the GPU, and through files with the disk store (an
+    upper bound for later steps, which carry one token per suffix). A pipeline stage reads and
+    computes 1/stages."""
     m = job.model
-    rate = _rate(job, setup.device, threads, setup.batch) * stages
+    batches = max(1.0, math.ceil(load.act_tokens / setup.batch))
+
+    def rate(tokens: float) -> float:  # FLOP/s of forwards of `tokens` each, summed over the stages
+        return _rate(job, setup.device, threads, max(1, round(tokens / batches))) * stages
+
     groups = decoder_groups(m.num_layers, setup.lps)
     stored = shard_bytes(m.embed_read(load.act_tokens, setup.resident), m.stored_shards[1:-1], m.stored_shards[-1],
                          setup.lps)
@@ -775,12 +781,13 @@ def _shard_costs(job: _Job, setup: _Setup, load: _Load, threads: int, stages: in
     if setup.device != "cpu" and setup.storage != "gpu":
         move += boundary / job.figures.host_to_device(setup.device).value
 
-    def per_shard(layer_flops: float, head_flops: float) -> tuple[float, ...]:
-        decoders = [len(g) / m.num_layers * layer_flops / rate + move for g in groups]
-        return (move, *decoders, head_flops / rate)
+    def per_shard(layers: float, head: float) -> tuple[float, ...]:
+        decoders = [len(g) / m.num_layers * layers + move for g in groups]
+        return (move, *decoders, head)
 
-    return _ShardCosts(reads, per_shard(load.layer_flops, load.head_flops),
-                       per_shard(load.later_layer_flops, load.later_head_flops))
+    return _ShardCosts(reads, per_shard(load.layer_flops / rate(load.act_tokens), load.head_flops / rate(load.scored)),
+                       per_shard(load.later_layer_flops / rate(load.suffixes),
+                                 load.later_head_flops / rate(load.suffixes)))
 
 
 def _per_shard(compute: Sequence[float], reads: Sequence[float], after_last: float, slots: int) -> list[float]:
@@ -1044,7 +1051,8 @@ def _prompt_load(model: _Model, spec, tokens: int, suffixes: int, scored: int) -
                  layer_flops=2.0 * model.decoder_params * tokens + attention * tokens * tokens,
                  head_flops=2.0 * model.head_params * scored,
                  later_layer_flops=2.0 * model.decoder_params * suffixes + attention * suffixes * keys,
-                 later_head_flops=2.0 * model.head_params * suffixes, cache_tokens=cached * PADDING_ALLOWANCE)
+                 later_head_flops=2.0 * model.head_params * suffixes, cache_tokens=cached * PADDING_ALLOWANCE,
+                 scored=scored, suffixes=suffixes)
 
 
 def _result_bytes(model: _Model, spec, suffixes: int) -> int:

@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import math
+
 import pytest
 
 from flexorch.orchestrator.hardware import GpuInfo, Hardware, Node
@@ -136,10 +138,18 @@ def test_70b_on_a_6gb_gpu_streams_one_layer_at_a_time_with_activations_in_ram():
     # 119 prompts, 43 x 375 of its 32000 rows for the last round.
     embeds = [524_288_000 * min(1.0, len(r) * 375 / 32000) for r in worker.rounds]
     assert worker.predicted_read_seconds == pytest.approx((4 * (137_953_296_384 - 524_288_000) + sum(embeds)) / 2e9)
-    # Compute: the FLOPs at the batch's rate, plus each batch's activations to RAM and back at every one
-    # of the 81 shard boundaries, over PCIe gen3 x16 (12.6 GB/s).
-    rate = 20e12 * (2048 / 2560) / (16384 / 16896)
-    assert worker.predicted_compute_seconds == pytest.approx(400 * (4.107350835e13 + 4 * 80 * 8192 * 300 * 300) / rate
+    # Compute: each forward at the rate of the tokens it carries (a round's padded tokens split into
+    # 2048-token batches; the head's rows are the batch's 4 scored positions per prompt), plus each batch's
+    # activations to RAM and back at every one of the 81 shard boundaries, over PCIe gen3 x16 (12.6 GB/s).
+    def rate(tokens):
+        return 20e12 * (tokens / (tokens + 512)) / (16384 / 16896)
+
+    def compute(n):
+        batches = math.ceil(n * 375 / 2048)
+        layers = n * (2 * 80 * 855_654_400 * 300 + 4 * 80 * 8192 * 300 * 300) / rate(round(n * 375 / batches))
+        return layers + n * 2 * 262_144_000 * 4 / rate(round(n * 4 / batches))
+
+    assert worker.predicted_compute_seconds == pytest.approx(sum(compute(len(r)) for r in worker.rounds)
                                                              + 81 * 2 * 400 * 375 * 8192 * 2 / (16 * 0.79e9))
     # Before the double buffer runs, each round reads the embedding and the first layer (2.24 GB at 2 GB/s), less
     # what the embedding's sending of the round's activations hides (0.12 s a full round); the worker's start-up
@@ -381,15 +391,15 @@ def test_cpu_peak_ram_is_the_base_the_shard_slots_and_one_forward():
     #   total                                                                  772,640,384
     # (Between the head's steps the 32 x 187.5 x 4 / 150 = 160 scored positions' normed hidden states and
     # logits so far, 160 x (1024 + 32000) x 4 = 21,135,360, with the head's logits of a 12,544-row step,
-    # stay below a decoder layer's working memory.) That is the fastest (16.4 s). One slot is predicted 3%
+    # stay below a decoder layer's working memory.) That is the fastest (16.5 s). One slot is predicted 3%
     # slower (the reads no longer hidden) for a layer's 51 MB less (7%): two are within 10% of the least
     # memory too, so auto keeps the fastest.
     plan = make_plan(machine(cpus=4), small_fp32(), Spec(limits=Limits(ram=2 * GB)), [150] * 32)
     (worker,) = plan.workers
     assert (worker.settings.double_buffer, worker.settings.batch_tokens) == (True, 1024)
     assert worker.predicted_peak_ram == 772_640_384
-    assert "shard slots 2 (auto): 16.4 s, 772.64 MB; 1: 16.8 s, 721.25 MB" in worker.reasons
-    assert any(r.startswith("settings (auto)") and "the fastest is predicted 16.4 s" in r for r in worker.reasons)
+    assert "shard slots 2 (auto): 16.5 s, 772.64 MB; 1: 17.0 s, 721.25 MB" in worker.reasons
+    assert any(r.startswith("settings (auto)") and "the fastest is predicted 16.5 s" in r for r in worker.reasons)
 
 
 # -- job-wide decisions --------------------------------------------------------------------------
@@ -419,10 +429,18 @@ def test_generation_steps_multiply_the_reads_and_cached_steps_compute_one_token_
     # last tokens each step; steps 2 and 3 run the decoder on those 4 tokens only (the KV cache).
     # Attention: 4 x row x hidden per token and layer; a later step's 4 tokens see the row and the new columns.
     decoder, head, attention = 16 * 12_847_104, 32_768_000, 4 * 16 * 1024
-    first = 2 * decoder * 150 + attention * 150 * 150 + 2 * head * 4
-    later = 2 * decoder * 4 + attention * 4 * (150 + 3 / 2 * 4) + 2 * head * 4
-    ratio = (first + 2 * later) / first
-    assert three.predicted_compute_seconds == pytest.approx(ratio * one.predicted_compute_seconds)
+    first_layers, first_head = 32 * (2 * decoder * 150 + attention * 150 * 150), 32 * 2 * head * 4
+    later = 32 * (2 * decoder * 4 + attention * 4 * (150 + 3 / 2 * 4) + 2 * head * 4)
+    # Each forward runs at the rate of the tokens it carries (the assumed CPU curve: 8 cores x 80 GFLOP/s at
+    # 1024 tokens, b / (b + 100) of it at b): 6,000 padded tokens in 6 batches of 1,000; the head's rows and a
+    # later step's tokens are the 128 suffixes' share of a batch, 21.
+    assert (one.settings.batch_tokens, three.settings.batch_tokens) == (1024, 1024)
+
+    def rate(tokens):
+        return 8 * 80e9 * tokens / (tokens + 100) / (1024 / 1124)
+
+    assert one.predicted_compute_seconds == pytest.approx(first_layers / rate(1000) + first_head / rate(21))
+    assert three.predicted_compute_seconds == pytest.approx(one.predicted_compute_seconds + 2 * later / rate(21))
     # rows do not grow either: a batch of 150 tokens holds the 150-token prompt for every step
     plan = make_plan(machine(), small_fp32(), Spec(generate_tokens=3, batch_tokens=150), [150], suffix_counts=[4])
     assert plan.workers[0].settings.batch_tokens == 150
