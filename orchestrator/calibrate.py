@@ -31,9 +31,10 @@ ENV_SWITCH = "FLEXORCH_CALIBRATE"
 DISK_PROBE_BYTES = 256 << 20
 READ_CHUNK_BYTES = 16 << 20
 CHILD_TIMEOUT_S = 120
-# Raised when what is measured changes (2: throughput per layer width, attention FLOPs counted), so a
-# cache from before is measured again rather than read with the wrong meaning.
-CALIBRATION_VERSION = 2
+# Raised when what is measured changes (2: throughput per layer width, attention FLOPs counted; 3: the
+# median over distinct batches, not the best run), so a cache from before is measured again rather
+# than read with the wrong meaning.
+CALIBRATION_VERSION = 3
 
 
 def calibration_enabled() -> bool:

@@ -265,7 +265,7 @@ def render_calibration(c: Calibration, console) -> None:
     if c.worker_base_ram is not None:
         table.add_row("worker fixed RAM", format_bytes(c.worker_base_ram))
     for t in c.throughput:
-        table.add_row(f"{t.device} {t.dtype} @ {t.batch_tokens} tokens", f"{t.flops_per_s / 1e9:.0f} GFLOP/s")
+        table.add_row(f"{t.device} {t.dtype} {t.hidden} wide @ {t.batch_tokens} tokens", f"{t.flops_per_s / 1e9:.0f} GFLOP/s")
     for device, rate in c.host_to_device_bytes_per_s:
         table.add_row(f"{device} host-to-device", f"{format_bytes(rate)}/s")
     console.print(table)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import math
+
 import pytest
 
 from flexorch.orchestrator import calibrate
@@ -29,7 +31,9 @@ def test_measured_figures_replace_the_assumed_ones_and_say_so():
     # measured at all 8 cores: 4 threads get half; between measured batches, linear in log2(batch)
     assert figures.flops("cpu", "float32", 8, 1024) == 200e9
     assert figures.flops("cpu", "float32", 4, 512) == pytest.approx(0.5 * 150e9)
-    assert figures.flops("cpu", "float32", 8, 64) == 100e9  # flat beyond the measured batches
+    assert figures.flops("cpu", "float32", 8, 4096) == 200e9  # flat above the measured batches
+    # below them a forward takes as long as the smallest measured one: the rate falls with the batch
+    assert figures.flops("cpu", "float32", 8, 64) == pytest.approx(100e9 / 4)
     lines = figures.describe(("cpu",), "float32")
     assert any(line.startswith("disk read 1.00 GB/s cold (measured 2026-11-25 23:00 UTC)") for line in lines)
     # bfloat16 was not measured: assumed, and said so
@@ -43,10 +47,13 @@ def test_a_plan_made_with_calibration_prints_its_figures_and_uses_them():
     (worker,) = plan.workers
     assert worker.predicted_start_seconds == 4.0
     assert any("worker fixed RAM 300.00 MB (measured" in f for f in plan.figures)
-    # 32 x 150 tokens at 1024 per batch: 2 x 12.85M params x 16 layers x 4800 tokens, attention 4 x 150 x 1024 per
-    # token and layer, the head on 4 suffixes' last tokens per prompt, at 200 GFLOP/s
-    flops = 2 * 16 * 12_847_104 * 4800 + 4 * 150 * 1024 * 16 * 4800 + 2 * 32_768_000 * 128
-    assert worker.predicted_compute_seconds == pytest.approx(flops / 200e9, rel=0.02)
+    # 32 x 150 tokens (6,000 padded) in 6 batches of 1,000: 2 x 12.85M params x 16 layers x 4800 tokens and
+    # attention 4 x 150 x 1024 per token and layer at the rate measured between 256 and 1024 tokens; the head on
+    # 4 suffixes' last tokens per prompt, 21 rows a batch, below the measured batches: at 21/256 of 256's rate.
+    layers = 2 * 16 * 12_847_104 * 4800 + 4 * 150 * 1024 * 16 * 4800
+    head = 2 * 32_768_000 * 128
+    layer_rate = 100e9 + 100e9 * math.log2(1000 / 256) / 2
+    assert worker.predicted_compute_seconds == pytest.approx(layers / layer_rate + head / (100e9 * 21 / 256))
 
 
 def test_a_measured_base_lets_a_tight_cap_be_met():
@@ -98,3 +105,40 @@ def test_probe_calibrate_measures_caches_and_prints_the_figures(tmp_path, monkey
     out = capsys.readouterr().out
     assert "Calibration (measured 2026-11-25 23:00 UTC" in out and "worker fixed RAM" in out
     assert len(list((tmp_path / "calibration").glob("*.json"))) == 1
+
+
+def test_layer_rates_are_the_median_of_interleaved_rounds(monkeypatch):
+    """Each point is measured in every round, the points in turn (a slow spell touches all alike), and its
+    rate is its FLOPs over the median of its runs: one slow run does not move it, nor does the warm-up."""
+    from flexorch.workers import calibrate as measuring
+
+    order, scripted = [], iter([9.0, 9.0, 1.0, 1.0, 1.0, 1.0, 5.0, 1.0])  # two warm-ups, then rounds
+
+    def run(point):
+        order.append((point.hidden, point.rows * point.length))
+        return next(scripted)
+
+    monkeypatch.setattr(measuring._Point, "_run", run)
+    monkeypatch.setattr(measuring, "ROUNDS", 3)
+    monkeypatch.setattr(measuring, "ROUND_SECONDS", 0.5)  # one run a round: each scripted second exceeds it
+    rates = measuring._flops([(64, "float32")], "cpu", (8, 32))
+    assert order == [(64, 8), (64, 32)] * 4
+    params = 4 * 64 * 64 + 3 * 64 * 176 + 2 * 64  # reference_shape(64): intermediate 2.75 x, no biases
+    assert [(r["hidden"], r["batch_tokens"], r["dtype"]) for r in rates] == [(64, 8, "float32"), (64, 32, "float32")]
+    assert rates[0]["flops_per_s"] == pytest.approx(measuring.layer_flops(params, 64, 8, 8) / 1.0)  # runs 1, 1, 5
+    assert rates[1]["flops_per_s"] == pytest.approx(measuring.layer_flops(params, 64, 32, 32) / 1.0)
+
+
+def test_a_measurement_gives_every_figure_the_planner_reads(monkeypatch):
+    from flexorch.orchestrator.hardware import Throughput
+    from flexorch.workers import calibrate as measuring
+
+    monkeypatch.setattr(measuring, "WIDTHS", {"cpu": (64, 128)})
+    monkeypatch.setattr(measuring, "BATCHES", {"cpu": (8, 64)})
+    monkeypatch.setattr(measuring, "ROUND_SECONDS", 0.0)
+    result = measuring.measure(["cpu"])
+    assert result["worker_base_ram"] > 50 << 20 and result["import_seconds"] > 0
+    points = [Throughput(**t) for t in result["throughput"]]
+    assert {(t.hidden, t.dtype, t.batch_tokens) for t in points} == {
+        (w, d, b) for w in (64, 128) for d in measuring.DTYPES["cpu"] for b in (8, 64)}
+    assert all(t.device == "cpu" and t.flops_per_s > 1e6 for t in points)
