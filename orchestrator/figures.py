@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from flexorch.orchestrator.hardware import Calibration, Hardware, format_bytes
+from flexorch.orchestrator.hardware import Calibration, Hardware, Throughput, format_bytes
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -89,23 +89,23 @@ class Figures:
     def safety(self) -> float:
         return SAFETY_FRACTION["measured" if self.base_ram["cpu"].measured else "assumed"]
 
-    def flops(self, device: str, dtype: str, threads: int, batch: int, hidden: int | None = None) -> float:
-        """FLOP/s through decoder layers `hidden` wide (None: the widest measured) at `batch` tokens
-        per forward: measured, interpolated in log2(batch), then in log2(hidden) between the widths
-        measured (flat beyond them); else assumed."""
+    def flops(self, device: str, dtype: str, threads: int, batch: int, hidden: int | None = None,
+              token_flops: float | None = None) -> float:
+        """FLOP/s through decoder layers of `token_flops` FLOPs per token (or `hidden` wide; None: the
+        widest measured) at `batch` tokens per forward: measured, then interpolated in log2(batch);
+        else assumed. See `_layer_curve` and `_width_curve` for the width."""
         kind = "cpu" if device == "cpu" else "cuda"
         by_width = self._measured_points(device, dtype)
         if by_width:
-            widths = sorted(by_width)
-            rates = [(w, _interpolate(by_width[w], batch, below=_proportional)) for w in widths]
-            rate = _interpolate(rates, hidden or widths[-1])
+            curve = (token_flops and _layer_curve(by_width, token_flops)) or _width_curve(by_width, hidden, batch)
+            rate = _interpolate(curve, batch, below=_proportional)
             return rate * threads / self.hardware.cpu_count if kind == "cpu" else rate
         return self._assumed_peak(device, dtype, threads) * _saturation(batch, kind)
 
     def flops_source(self, device: str, dtype: str) -> str:
         by_width = self._measured_points(device, dtype)
         if by_width:
-            batches = sorted({b for points in by_width.values() for b, _ in points})
+            batches = sorted({t.batch_tokens for points in by_width.values() for t in points})
             return (f"measured at batches {', '.join(map(str, batches))} and widths "
                     f"{', '.join(map(str, sorted(by_width)))} ({self.calibration.measured_at})")
         return "assumed: a table by device and dtype, not measured here"
@@ -142,13 +142,13 @@ class Figures:
     def _all_threads(self, device: str) -> int:
         return self.hardware.cpu_count if device == "cpu" else 0
 
-    def _measured_points(self, device: str, dtype: str) -> dict[int, list[tuple[int, float]]]:
-        """Layer width → [(batch, FLOP/s)] sorted by batch, as measured."""
-        by_width: dict[int, list[tuple[int, float]]] = {}
+    def _measured_points(self, device: str, dtype: str) -> dict[int, list[Throughput]]:
+        """Layer width → its measured points, sorted by batch."""
+        by_width: dict[int, list[Throughput]] = {}
         for t in self.calibration.throughput if self.calibration else ():
             if t.device == device and t.dtype == dtype:
-                by_width.setdefault(t.hidden, []).append((t.batch_tokens, t.flops_per_s))
-        return {w: sorted(points) for w, points in by_width.items()}
+                by_width.setdefault(t.hidden, []).append(t)
+        return {w: sorted(points, key=lambda t: t.batch_tokens) for w, points in by_width.items()}
 
     def _assumed_peak(self, device: str, dtype: str, threads: int) -> float:
         if device == "cpu":
@@ -172,6 +172,43 @@ def _proportional(x0: int, rate: float, x: int) -> float:
     """Below the smallest batch measured a forward is bound by reading its weights, not by its
     arithmetic: it takes as long as one of that batch, so the rate falls with the batch."""
     return rate * x / x0
+
+
+def _layer_curve(by_width: dict[int, list[Throughput]], token_flops: float) -> list[tuple[int, float]] | None:
+    """(batch, FLOP/s) of a layer of `token_flops` FLOPs per token, at each batch measured at every width:
+    a forward's seconds there are a fixed cost plus a cost per FLOP, fitted (least squares) to the
+    reference layers of that batch, so a layer narrower or wider than them is priced by its own FLOPs
+    (a narrow layer's fixed share is what slows it). None where that cannot be fitted: fewer than two
+    widths, no recorded FLOPs per forward, or a wider layer measured no slower than a narrower one."""
+    widths = sorted(by_width)
+    if len(widths) < 2:
+        return None
+    at = {w: {t.batch_tokens: t for t in by_width[w]} for w in widths}
+    curve = []
+    for batch in sorted(set.intersection(*(set(points) for points in at.values()))):
+        points = [at[w][batch] for w in widths]
+        if any(t.forward_flops <= 0 for t in points):
+            return None
+        xs = [t.forward_flops for t in points]
+        ys = [t.forward_flops / t.flops_per_s for t in points]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        spread = sum((x - mx) ** 2 for x in xs)
+        per_flop = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread if spread else 0.0
+        if per_flop <= 0:
+            return None
+        fixed = max(0.0, my - per_flop * mx)
+        flops = token_flops * batch
+        curve.append((batch, flops / (fixed + per_flop * flops)))
+    return curve or None
+
+
+def _width_curve(by_width: dict[int, list[Throughput]], hidden: int | None, batch: int) -> list[tuple[int, float]]:
+    """Without a layer's FLOPs: the rate at `batch` per width measured, interpolated in log2(width) at
+    `hidden` (flat beyond the widths measured), as a one-point curve."""
+    widths = sorted(by_width)
+    rates = [(w, _interpolate([(t.batch_tokens, t.flops_per_s) for t in by_width[w]], batch, below=_proportional))
+             for w in widths]
+    return [(batch, _interpolate(rates, hidden or widths[-1]))]
 
 
 def _interpolate(points: list[tuple[int, float]], x: int,

@@ -34,6 +34,7 @@ class Throughput:
     batch_tokens: int
     flops_per_s: float
     hidden: int = 1024  # the reference layer's width (narrow layers run far below a wide one's rate)
+    forward_flops: float = 0.0  # FLOPs of one measured forward (0: not recorded)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,9 @@ start-up + per round: the first shard's read, then per shard of each pass the lo
 and reading the next (two slots: the loader is at most one shard ahead; the last shard of a
 generation step overlaps the next step's first read). Reads: a shard's stored bytes / read rate (the
 disk's, or the PCIe link's if slower); resident: the first pass only. Compute: FLOPs / throughput at
-the batch size and the model's layer width (a narrow layer runs far below a wide one's rate): a
+the tokens each forward carries (a batch's share of the round; the head's scored rows; a later
+step's one token per suffix) for layers of the model's FLOPs per token (a narrow layer runs far
+below a wide one's rate: figures.py prices a forward as a fixed cost plus a cost per FLOP): a
 decoder group 2 x its params per token plus attention's 4 x row length x hidden per token (one row
 per prompt; a later generation step computes one token per suffix against the cached row), the lm
 head on the scored positions, the embedding a lookup; each shard boundary also moves every batch's
@@ -382,6 +384,7 @@ class _Job:
     loads: tuple[_Load, ...]
     scored_ratio: float  # max over prompts of scored positions / tokens (head working memory)
     figures: Figures  # the machine's rates and fixed costs, measured or assumed
+    token_flops: float  # one decoder layer's FLOPs per token, first step, over the job's prompts
 
 
 @dataclass(frozen=True)
@@ -800,8 +803,9 @@ def _per_shard(compute: Sequence[float], reads: Sequence[float], after_last: flo
 
 
 def _rate(job: _Job, device: str, threads: int, batch: int) -> float:
-    """FLOP/s through this model's layers (their width) at `batch` tokens per forward."""
-    return job.figures.flops(device, job.dtype, threads, batch, job.model.hidden)
+    """FLOP/s through this model's layers (their FLOPs per token, or else their width) at `batch`
+    tokens per forward."""
+    return job.figures.flops(device, job.dtype, threads, batch, job.model.hidden, job.token_flops)
 
 
 def _choose(options: Sequence[_Option]) -> _Option:
@@ -960,6 +964,7 @@ def _describe_job(hardware: Hardware, manifest: Manifest, spec, dtype: str, prom
         spec=spec, model=model, dtype=dtype, tokens=tokens, lengths=lengths, loads=loads,
         scored_ratio=max(c / max(n, 1) for n, c in zip(tokens, scored)),
         figures=figures_of(hardware),
+        token_flops=sum(load.layer_flops for load in loads) / max(1, sum(tokens)) / model.num_layers,
     )
 
 

@@ -142,3 +142,47 @@ def test_a_measurement_gives_every_figure_the_planner_reads(monkeypatch):
     assert {(t.hidden, t.dtype, t.batch_tokens) for t in points} == {
         (w, d, b) for w in (64, 128) for d in measuring.DTYPES["cpu"] for b in (8, 64)}
     assert all(t.device == "cpu" and t.flops_per_s > 1e6 for t in points)
+
+
+# Reference layers 256 and 1024 wide at batches 32 and 1024: each forward's FLOPs and seconds. At 1024 tokens a
+# forward costs 2 ms + 6 ps per FLOP; at 32 tokens 0.5 ms + 10 ps per FLOP.
+BY_FLOPS = Calibration(
+    machine="box", measured_at="2026-11-26 05:00 UTC", seconds=9.0, worker_base_ram=300_000_000,
+    throughput=tuple(Throughput("cpu", "float32", batch, flops / (fixed + per_flop * flops), hidden, flops)
+                     for batch, fixed, per_flop, widths in ((32, 0.5e-3, 10e-12, ((256, 6.4e7), (1024, 8.4e8))),
+                                                            (1024, 2e-3, 6e-12, ((256, 2e9), (1024, 27e9))))
+                     for hidden, flops in widths))
+
+
+def test_a_layer_is_priced_by_its_own_flops_a_fixed_cost_per_forward_plus_a_cost_per_flop():
+    figures = figures_of(replace(machine(cpus=8), calibration=BY_FLOPS))
+
+    def rate(batch, token_flops, fixed, per_flop):
+        return token_flops * batch / (fixed + per_flop * token_flops * batch)
+
+    narrow, wide = 0.7e6, 400e6  # FLOPs per token: a layer narrower than 256, one far wider than 1024
+    assert figures.flops("cpu", "float32", 8, 1024, token_flops=narrow) == pytest.approx(rate(1024, narrow, 2e-3, 6e-12))
+    assert figures.flops("cpu", "float32", 8, 32, token_flops=wide) == pytest.approx(rate(32, wide, 0.5e-3, 10e-12))
+    # the narrow layer's fixed share slows it below the narrowest reference; the wide one nears 1 / cost per FLOP
+    assert figures.flops("cpu", "float32", 8, 1024, token_flops=narrow) < 2e9 / (2e-3 + 6e-12 * 2e9)
+    assert figures.flops("cpu", "float32", 8, 1024, token_flops=wide) == pytest.approx(1 / 6e-12, rel=0.01)
+    # between the batches measured, linear in log2(batch); 4 of 8 threads get half
+    between = (rate(32, narrow, 0.5e-3, 10e-12) + rate(1024, narrow, 2e-3, 6e-12)) / 2
+    assert figures.flops("cpu", "float32", 4, 181, token_flops=narrow) == pytest.approx(between / 2, rel=1e-3)
+
+
+def test_the_planner_prices_its_model_by_the_flops_per_token_of_its_layers():
+    plan = make_plan(replace(machine(cpus=8), calibration=BY_FLOPS), small_fp32(), Spec(storage="cpu"), [150] * 32)
+    (worker,) = plan.workers
+    # small_fp32: a layer's 12,847,104 params and attention over 150-token rows, 1024 wide, per token
+    token_flops = 2 * 12_847_104 + 4 * 150 * 1024
+
+    def rate(batch):  # at `batch` tokens per forward: log2-interpolated between the fitted 32 and 1024
+        low, high = (b * token_flops / (fixed + per_flop * b * token_flops)
+                     for b, fixed, per_flop in ((32, 0.5e-3, 10e-12), (1024, 2e-3, 6e-12)))
+        return low * batch / 32 if batch < 32 else low + (high - low) * math.log2(batch / 32) / 5
+
+    # 6,000 padded tokens in 6 batches of 1,000; the head's 128 scored rows, 21 a batch
+    layers, head = 16 * 4800 * token_flops, 2 * 32_768_000 * 128
+    assert worker.settings.batch_tokens == 1024
+    assert worker.predicted_compute_seconds == pytest.approx(layers / rate(1000) + head / rate(21))

@@ -78,10 +78,14 @@ class _Point:
         while len(self.times) == start or sum(self.times[start:]) < ROUND_SECONDS and len(self.times) - start < MAX_RUNS:
             self.times.append(self._run())
 
+    @property
+    def forward_flops(self) -> float:
+        return layer_flops(self.params, self.hidden, self.rows * self.length, self.length)
+
     def rate(self) -> float:
         import statistics
 
-        return layer_flops(self.params, self.hidden, self.rows * self.length, self.length) / statistics.median(self.times)
+        return self.forward_flops / statistics.median(self.times)
 
     def _run(self) -> float:
         import torch
@@ -109,8 +113,8 @@ def _flops(shapes: list[tuple[int, str]], device: str, batches: tuple[int, ...])
     for _ in range(ROUNDS):
         for point in points.values():
             point.measure()
-    return [{"device": device, "dtype": dtype, "batch_tokens": batch, "hidden": hidden, "flops_per_s": point.rate()}
-            for (hidden, dtype, batch), point in points.items()]
+    return [{"device": device, "dtype": dtype, "batch_tokens": batch, "hidden": hidden, "flops_per_s": point.rate(),
+             "forward_flops": point.forward_flops} for (hidden, dtype, batch), point in points.items()]
 
 
 def _skeleton(shape: dict) -> None:
