@@ -262,7 +262,7 @@ class LayerwiseModel:
         path = self.path / stored.file
         data_offset = self.header(name).data_offset
         tensors, offset = {}, 0
-        with open(path, "rb", buffering=0) as f:
+        with open_sequential(path) as f:  # each range is one expert group of a tensor: large, in file order
             for spec in self.part_specs(name, experts):
                 size = spec.end - spec.start
                 _read_exactly(f, data_offset + spec.start, buffer[offset:offset + size], path, stored.name)
@@ -288,7 +288,9 @@ class LayerwiseModel:
         spec, row = self._weight_spec(name), self.row_bytes(name)
         path, data_offset = self.path / stored.file, self.header(name).data_offset
         offset = 0
-        with open(path, "rb", buffering=0) as f:
+        # one range (a head's vocabulary step) is one long read; a gather's many short ones are left to
+        # the kernel's default read-ahead, which a sequential hint would stretch over the gaps between them
+        with (open_sequential(path) if len(ranges) == 1 else open(path, "rb", buffering=0)) as f:
             for first, end in ranges:
                 size = (end - first) * row
                 _read_exactly(f, data_offset + spec.start + first * row, buffer[offset:offset + size], path,
