@@ -23,28 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 TASK = "flexorch_bench_mc"
-TASK_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
-"""
 
 
 def write_task(folder: Path, prompts: common.PromptSet) -> Path:
+    from flexorch.lm_eval import write_json_task
+
     rows = [{"question": prefix, "choices": [s.lstrip() for s in suffixes], "answer": 0}
             for prefix, suffixes in common.make_texts(prompts)]
-    data = folder / f"{TASK}.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (folder / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
-    return folder
+    return write_json_task(folder, TASK, rows, "multiple_choice", ("acc",), doc_to_text="{{question}}",
+                           doc_to_choice="choices", doc_to_target="answer")
 
 
 def run_method(params: dict) -> dict:

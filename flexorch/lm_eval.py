@@ -200,6 +200,23 @@ class FlexorchLM(TemplateLM):
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def write_json_task(folder: Path, task: str, rows: Sequence[dict], output_type: str, metrics: Sequence[str],
+                    **docs: str) -> Path:
+    """An lm-eval task over local rows, for offline runs: `rows` as `folder/<task>.jsonl`, and beside
+    it the task's YAML (`dataset_path: json`), which `TaskManager(include_path=folder)` or
+    `--include_path folder` finds. `docs`: doc_to_text, doc_to_choice, doc_to_target and the like."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{task}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "output_type": output_type, **docs,
+            "metric_list": [{"metric": metric} for metric in metrics]}
+    (folder / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder
+
+
 def _shared_context_prompts(pairs: Sequence[_Pair]) -> tuple[list[dict], list[tuple[int, int]]]:
     """One token-id prompt per distinct context, each distinct continuation of it a suffix; and per
     pair, its (prompt, suffix) position."""

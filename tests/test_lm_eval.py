@@ -24,7 +24,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import flexorch  # noqa: E402
-from flexorch.lm_eval import FlexorchLM, _shared_context_prompts, _Pair  # noqa: E402
+from flexorch.lm_eval import FlexorchLM, _Pair, _shared_context_prompts, write_json_task  # noqa: E402
 
 MC, PPL = "flexorch_tiny_mc", "flexorch_tiny_ppl"
 TOLERANCE = 1e-4  # per request, float32
@@ -43,44 +43,14 @@ QUESTIONS = [
 ]
 TEXTS = [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": LONG}, {"text": "yes no maybe"}]
 
-MC_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-PPL_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-"""
-
-
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lm-eval-tasks")
-    for task, rows, template in ((MC, QUESTIONS, MC_YAML), (PPL, TEXTS, PPL_YAML)):
-        data = root / f"{task}.jsonl"
-        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        (root / f"{task}.yaml").write_text(template.format(task=task, data=data))
-    return root
+    write_json_task(root, MC, QUESTIONS, "multiple_choice", ("acc", "acc_norm"), doc_to_text="{{question}}",
+                    doc_to_choice="choices", doc_to_target="answer")
+    return write_json_task(root, PPL, TEXTS, "loglikelihood_rolling", ("word_perplexity", "byte_perplexity",
+                                                                       "bits_per_byte"),
+                           doc_to_text="", doc_to_target="{{text}}")
 
 
 def evaluate(model, tasks_dir: Path, tasks=(MC, PPL), **kwargs) -> dict:
