@@ -7,15 +7,17 @@ caps: none, and a tight one (1.15x the smallest peak any combination measured). 
 combinations whose peak fits are the candidates; reported: auto's time against the best found, auto's
 peak against the smallest peak among combinations within 10% of the best time, and the planner's
 predicted time and peak against auto's measured ones. The best of the grid is the least of many
-noisy samples, so auto and it are also re-run in turns (REMATCH each) and their medians compared. Goals (issue 12): time <= 1.10x best, peak <=
+noisy medians, so auto and it are also re-run in turns (REMATCH each) and their medians compared. Goals (issue 12): time <= 1.10x best, peak <=
 1.2x, prediction within 15% (time) and 10% (peak).
 
 Each shape's runs share one child process (torch and transformers imported once); the peak RSS of
 each run is the process's high-water mark reset before it (/proc/self/clear_refs). Times are the
-engine's, start-up excluded (the same for every setting), the best of REPEATS runs, each from cold
+engine's, start-up excluded (the same for every setting), the median of REPEATS runs taken in turns
+with the other settings of the child (round after round), each from cold
 files (evicted from the page cache first, as a model larger than RAM always is). The machine is
-calibrated afresh at the start (`flexorch probe --calibrate`; its duration is reported), so the
-planner predicts with figures measured in the same conditions as the runs.
+calibrated afresh after each shape's grid, just before auto is planned and run (`flexorch probe
+--calibrate`; its duration is reported), so the planner predicts with figures measured in the same
+conditions as the runs it is compared with.
 
     python benchmarks/bench_autotune.py [--quick] [--machine NAME]
 """
@@ -31,7 +33,7 @@ import common as c
 
 PROMPTS = c.PromptSet(n_prompts=16, prefix_words=150, n_suffixes=4)
 BATCHES = (256, 512, 1024)
-REPEATS = 2
+REPEATS = 3
 REMATCH = 3
 STORAGES = ("cpu", "disk")
 TIGHT_CAP_OVER_SMALLEST = 1.15
@@ -80,6 +82,7 @@ def _vm(key: str) -> int:
 
 def child_runs(params: dict) -> dict:
     import gc
+    import statistics
 
     import numpy as np
 
@@ -91,11 +94,12 @@ def child_runs(params: dict) -> dict:
     layerwise = params["layerwise"]
     score_prompts(layerwise, prompts[:1], ScoreSpec("suffix_logprob"),
                   EngineSettings(**params["runs"][0]["settings"]))  # warm-up: kernels, allocator
-    results, reference = [], None
-    for run in params["runs"]:
-        settings = EngineSettings(**run["settings"])
-        times, peaks, growths = [], [], []
-        for _ in range(params["repeats"]):
+    # Repeats go round the runs (run 1, run 2, ..., run 1, ...): this VM runs faster and slower for minutes
+    # at a time, and a setting's repeats back to back would all land in one such spell.
+    measured = [{"times": [], "peaks": [], "growths": []} for _ in params["runs"]]
+    for _ in range(params["repeats"]):
+        for run, m in zip(params["runs"], measured):
+            settings = EngineSettings(**run["settings"])
             resident = ResidentShards() if settings.resident else None
             gc.collect()
             _trim_heap()
@@ -108,14 +112,15 @@ def child_runs(params: dict) -> dict:
                                              ScoreSpec("suffix_logprob"), settings, resident=resident)
                 seconds += summary.seconds
                 logprobs |= {r.index: r.scores["logprob"] for r in out}
-            times.append(seconds)
-            peaks.append(_vm("VmHWM"))
-            growths.append(peaks[-1] - before)
+            m["times"].append(seconds)
+            m["peaks"].append(_vm("VmHWM"))
+            m["growths"].append(m["peaks"][-1] - before)
+            m["scores"] = np.concatenate([logprobs[i] for i in sorted(logprobs)])
             del resident
-        scores = np.concatenate([logprobs[i] for i in sorted(logprobs)])
-        reference = scores if reference is None else reference
-        results.append({"seconds": min(times), "times": times, "peak_rss": max(peaks), "growth": max(growths),
-                        "max_score_diff": float(np.abs(scores - reference).max())})
+    results, reference = [], measured[0]["scores"]
+    for m in measured:
+        results.append({"seconds": statistics.median(m["times"]), "times": m["times"], "peak_rss": max(m["peaks"]),
+                        "growth": max(m["growths"]), "max_score_diff": float(np.abs(m["scores"] - reference).max())})
     return {"runs": results}
 
 
@@ -174,7 +179,7 @@ def compare(grid_runs: list[dict], auto: dict, cap: int | None, worker_base: int
 
 
 def rematch(script: Path, params: dict, best: dict, auto: dict) -> dict:
-    """The best of a grid of noisy runs is biased fast (the least of many samples): auto against it,
+    """The best of a grid of noisy runs is biased fast (the least of many medians): auto against it,
     re-run in turns, REMATCH times each; the ratio of their medians."""
     import statistics
 
@@ -189,7 +194,7 @@ def rematch(script: Path, params: dict, best: dict, auto: dict) -> dict:
             / statistics.median(r["seconds"] for r in best_times)}
 
 
-def bench_shape(name: str, shape: Shape, script: Path, hardware) -> dict:
+def bench_shape(name: str, shape: Shape, script: Path) -> dict:
     import os
 
     checkpoint, layerwise = ensure_layerwise(shape)
@@ -204,6 +209,8 @@ def bench_shape(name: str, shape: Shape, script: Path, hardware) -> dict:
         return {"shape": asdict(shape), "error": measured}
     grid_runs = [{**r, **m} for r, m in zip(runs, measured["runs"])]
     smallest_peak = min(r["peak_rss"] for r in grid_runs)
+    hardware = calibrate_now()
+    print(f"{name}: calibrated in {hardware.calibration.seconds:.1f} s")
     caps = (None, int(TIGHT_CAP_OVER_SMALLEST * smallest_peak))
     autos = []
     for cap in caps:
@@ -233,9 +240,7 @@ def main() -> None:
     machine = c.machine_info()
     script = Path(__file__)
     start = time.perf_counter()
-    hardware = calibrate_now()
-    print(f"calibrated in {hardware.calibration.seconds:.1f} s")
-    results = {name: bench_shape(name, shape, script, hardware) for name, shape in shapes.items()}
+    results = {name: bench_shape(name, shape, script) for name, shape in shapes.items()}
     rows = []
     for name, result in results.items():
         for comp in result.get("comparisons", ()):
@@ -254,7 +259,7 @@ def main() -> None:
                                 f"{GOALS['predicted_time']:.0%} / {GOALS['predicted_peak']:.0%}; measured peak for the "
                                 "prediction: a worker's fixed memory (calibrated) + what the run added in this process")
     payload = {"goals": GOALS, "prompts": asdict(PROMPTS), "repeats": REPEATS, "results": results,
-               "calibration_seconds": hardware.calibration.seconds,
+               "calibration_seconds": [r["calibration"]["seconds"] for r in results.values() if r.get("calibration")],
                "seconds": time.perf_counter() - start, "load_average_after": os.getloadavg()}
     print(c.write_results("autotune", {**payload, "quick": args.quick}, machine, args.machine))
 
