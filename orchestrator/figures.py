@@ -90,14 +90,15 @@ class Figures:
         return SAFETY_FRACTION["measured" if self.base_ram["cpu"].measured else "assumed"]
 
     def flops(self, device: str, dtype: str, threads: int, batch: int, hidden: int | None = None,
-              token_flops: float | None = None) -> float:
-        """FLOP/s through decoder layers of `token_flops` FLOPs per token (or `hidden` wide; None: the
-        widest measured) at `batch` tokens per forward: measured, then interpolated in log2(batch);
-        else assumed. See `_layer_curve` and `_width_curve` for the width."""
+              token_flops: float | None = None, token_attention: float = 0.0) -> float:
+        """FLOP/s through decoder layers of `token_flops` FLOPs per token, `token_attention` of them
+        attention's (or else `hidden` wide; None: the widest measured) at `batch` tokens per forward:
+        measured, then interpolated in log2(batch); else assumed. See `_layer_curve` and `_width_curve`."""
         kind = "cpu" if device == "cpu" else "cuda"
         by_width = self._measured_points(device, dtype)
         if by_width:
-            curve = (token_flops and _layer_curve(by_width, token_flops)) or _width_curve(by_width, hidden, batch)
+            curve = ((token_flops and _layer_curve(by_width, token_flops, token_attention))
+                     or _width_curve(_short_rows(by_width), hidden, batch))
             rate = _interpolate(curve, batch, below=_proportional)
             return rate * threads / self.hardware.cpu_count if kind == "cpu" else rate
         return self._assumed_peak(device, dtype, threads) * _saturation(batch, kind)
@@ -174,31 +175,68 @@ def _proportional(x0: int, rate: float, x: int) -> float:
     return rate * x / x0
 
 
-def _layer_curve(by_width: dict[int, list[Throughput]], token_flops: float) -> list[tuple[int, float]] | None:
-    """(batch, FLOP/s) of a layer of `token_flops` FLOPs per token, at each batch measured at every width:
-    a forward's seconds there are a fixed cost plus a cost per FLOP, fitted (least squares) to the
-    reference layers of that batch, so a layer narrower or wider than them is priced by its own FLOPs
-    (a narrow layer's fixed share is what slows it). None where that cannot be fitted: fewer than two
+def _short_rows(by_width: dict[int, list[Throughput]]) -> dict[int, list[Throughput]]:
+    """Per width, one point per batch: the one on the shortest rows (the series every batch has)."""
+    out = {}
+    for width, points in by_width.items():
+        shortest: dict[int, Throughput] = {}
+        for t in points:
+            if t.batch_tokens not in shortest or t.row_tokens < shortest[t.batch_tokens].row_tokens:
+                shortest[t.batch_tokens] = t
+        out[width] = [shortest[b] for b in sorted(shortest)]
+    return out
+
+
+def _seconds(t: Throughput) -> float:
+    return t.forward_flops / t.flops_per_s
+
+
+def _attention_cost(by_width: dict[int, list[Throughput]]) -> float | None:
+    """Seconds per attention FLOP: a width measured at one batch on short rows and on one long row has
+    the same weights' FLOPs in both, so the extra time is the extra attention's. The median over the
+    widths that have both; None where none has (or the longer rows were not slower)."""
+    import statistics
+
+    costs = []
+    for points in by_width.values():
+        for long in points:
+            short = [t for t in points if t.batch_tokens == long.batch_tokens and t.row_tokens < long.row_tokens]
+            if short and long.attention_flops > short[0].attention_flops:
+                costs.append((_seconds(long) - _seconds(short[0])) / (long.attention_flops - short[0].attention_flops))
+    cost = statistics.median(costs) if costs else 0.0
+    return cost if cost > 0 else None
+
+
+def _layer_curve(by_width: dict[int, list[Throughput]], token_flops: float,
+                 token_attention: float = 0.0) -> list[tuple[int, float]] | None:
+    """(batch, FLOP/s) of a layer of `token_flops` FLOPs per token (`token_attention` of them
+    attention's), at each batch measured at every width: a forward's seconds there are a fixed cost, a
+    cost per weight FLOP fitted (least squares) to the reference layers of that batch, and a cost per
+    attention FLOP (`_attention_cost`; where unmeasured, attention FLOPs cost as weight FLOPs do). So
+    a layer narrower or wider than the references, or on longer rows, is priced by its own FLOPs (a
+    narrow layer's fixed share is what slows it). None where that cannot be fitted: fewer than two
     widths, no recorded FLOPs per forward, or a wider layer measured no slower than a narrower one."""
     widths = sorted(by_width)
-    if len(widths) < 2:
+    if len(widths) < 2 or any(t.forward_flops <= 0 for points in by_width.values() for t in points):
         return None
-    at = {w: {t.batch_tokens: t for t in by_width[w]} for w in widths}
+    attention = _attention_cost(by_width)
+    short = _short_rows(by_width)
+    at = {w: {t.batch_tokens: t for t in short[w]} for w in widths}
     curve = []
     for batch in sorted(set.intersection(*(set(points) for points in at.values()))):
         points = [at[w][batch] for w in widths]
-        if any(t.forward_flops <= 0 for t in points):
-            return None
-        xs = [t.forward_flops for t in points]
-        ys = [t.forward_flops / t.flops_per_s for t in points]
+        split = attention is not None  # the weights' FLOPs and attention's apart, else all alike
+        xs = [t.forward_flops - t.attention_flops if split else t.forward_flops for t in points]
+        ys = [_seconds(t) - attention * t.attention_flops if split else _seconds(t) for t in points]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         spread = sum((x - mx) ** 2 for x in xs)
         per_flop = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread if spread else 0.0
         if per_flop <= 0:
             return None
         fixed = max(0.0, my - per_flop * mx)
-        flops = token_flops * batch
-        curve.append((batch, flops / (fixed + per_flop * flops)))
+        weights, scores = (token_flops - token_attention) * batch, token_attention * batch
+        seconds = fixed + per_flop * weights + (attention if split else per_flop) * scores
+        curve.append((batch, token_flops * batch / seconds))
     return curve or None
 
 

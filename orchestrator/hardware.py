@@ -35,6 +35,8 @@ class Throughput:
     flops_per_s: float
     hidden: int = 1024  # the reference layer's width (narrow layers run far below a wide one's rate)
     forward_flops: float = 0.0  # FLOPs of one measured forward (0: not recorded)
+    attention_flops: float = 0.0  # of those, attention's (scores and weighted sum)
+    row_tokens: int = 256  # the length of the measured forward's rows
 
 
 @dataclass(frozen=True)

@@ -385,6 +385,7 @@ class _Job:
     scored_ratio: float  # max over prompts of scored positions / tokens (head working memory)
     figures: Figures  # the machine's rates and fixed costs, measured or assumed
     token_flops: float  # one decoder layer's FLOPs per token, first step, over the job's prompts
+    token_attention: float  # of those, attention's
 
 
 @dataclass(frozen=True)
@@ -805,7 +806,8 @@ def _per_shard(compute: Sequence[float], reads: Sequence[float], after_last: flo
 def _rate(job: _Job, device: str, threads: int, batch: int) -> float:
     """FLOP/s through this model's layers (their FLOPs per token, or else their width) at `batch`
     tokens per forward."""
-    return job.figures.flops(device, job.dtype, threads, batch, job.model.hidden, job.token_flops)
+    return job.figures.flops(device, job.dtype, threads, batch, job.model.hidden, job.token_flops,
+                             job.token_attention)
 
 
 def _choose(options: Sequence[_Option]) -> _Option:
@@ -965,6 +967,8 @@ def _describe_job(hardware: Hardware, manifest: Manifest, spec, dtype: str, prom
         scored_ratio=max(c / max(n, 1) for n, c in zip(tokens, scored)),
         figures=figures_of(hardware),
         token_flops=sum(load.layer_flops for load in loads) / max(1, sum(tokens)) / model.num_layers,
+        token_attention=(sum(load.layer_flops for load in loads) / max(1, sum(tokens)) / model.num_layers
+                         - 2.0 * model.decoder_params / model.num_layers),
     )
 
 

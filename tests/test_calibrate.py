@@ -135,13 +135,18 @@ def test_a_measurement_gives_every_figure_the_planner_reads(monkeypatch):
 
     monkeypatch.setattr(measuring, "WIDTHS", {"cpu": (64, 128)})
     monkeypatch.setattr(measuring, "BATCHES", {"cpu": (8, 64)})
+    monkeypatch.setattr(measuring, "ROW_TOKENS", 32)
+    monkeypatch.setattr(measuring, "LONG_ROW", {"cpu": 64})
     monkeypatch.setattr(measuring, "ROUND_SECONDS", 0.0)
     result = measuring.measure(["cpu"])
     assert result["worker_base_ram"] > 50 << 20 and result["import_seconds"] > 0
     points = [Throughput(**t) for t in result["throughput"]]
-    assert {(t.hidden, t.dtype, t.batch_tokens) for t in points} == {
-        (w, d, b) for w in (64, 128) for d in measuring.DTYPES["cpu"] for b in (8, 64)}
+    # each batch on rows of at most 32 tokens, and 64 tokens also as one row
+    assert {(t.hidden, t.dtype, t.batch_tokens, t.row_tokens) for t in points} == {
+        (w, d, b, r) for w in (64, 128) for d in measuring.DTYPES["cpu"] for b, r in ((8, 8), (64, 32), (64, 64))}
     assert all(t.device == "cpu" and t.flops_per_s > 1e6 for t in points)
+    for t in points:  # attention: 4 x row x hidden per token
+        assert t.attention_flops == 4 * t.row_tokens * t.hidden * t.batch_tokens < t.forward_flops
 
 
 # Reference layers 256 and 1024 wide at batches 32 and 1024: each forward's FLOPs and seconds. At 1024 tokens a
@@ -186,3 +191,26 @@ def test_the_planner_prices_its_model_by_the_flops_per_token_of_its_layers():
     layers, head = 16 * 4800 * token_flops, 2 * 32_768_000 * 128
     assert worker.settings.batch_tokens == 1024
     assert worker.predicted_compute_seconds == pytest.approx(layers / rate(1000) + head / rate(21))
+
+
+def test_attention_flops_are_priced_apart_where_a_long_row_was_measured():
+    # At 1024 tokens a forward costs 2 ms + 6 ps per weight FLOP + 15 ps per attention FLOP. Measured: both
+    # widths on rows of 256, and the narrow one on one row of 1024 (the same weights, 4x the attention).
+    def point(hidden, weights, row):
+        attention = 4.0 * row * hidden * 1024
+        seconds = 2e-3 + 6e-12 * weights + 15e-12 * attention
+        return Throughput("cpu", "float32", 1024, (weights + attention) / seconds, hidden, weights + attention,
+                          attention, row)
+
+    calibration = replace(BY_FLOPS, throughput=(point(256, 1.62e9, 256), point(1024, 2.58e10, 256),
+                                                point(256, 1.62e9, 1024)))
+    figures = figures_of(replace(machine(cpus=8), calibration=calibration))
+    token_flops, token_attention = 2.6e6, 1.0e6  # a narrow layer on 500-token rows: attention is 38%
+    expected = token_flops * 1024 / (2e-3 + 6e-12 * (token_flops - token_attention) * 1024
+                                     + 15e-12 * token_attention * 1024)
+    assert figures.flops("cpu", "float32", 8, 1024, token_flops=token_flops,
+                         token_attention=token_attention) == pytest.approx(expected)
+    # without the long row, attention FLOPs would be priced as weight FLOPs: faster than measured
+    short_only = replace(calibration, throughput=calibration.throughput[:2])
+    assert figures_of(replace(machine(cpus=8), calibration=short_only)).flops(
+        "cpu", "float32", 8, 1024, token_flops=token_flops, token_attention=token_attention) > 1.2 * expected

@@ -16,11 +16,14 @@ import time
 # Reference layers: Llama's proportions (intermediate 2.75 x hidden, 64-wide heads) at two widths per
 # device kind, a narrow one and a wide one: a narrow layer runs far below a wide one's FLOP rate
 # (fixed per-call costs, small matrices), and the planner interpolates between them by the model's
-# width. Rows of 256 tokens: attention stays a small share, as with the short prompts flexorch
-# scores. The smallest batch is a generation step's (one token per suffix).
+# width. Rows of 256 tokens; the smallest batch is a generation step's (one token per suffix). Each
+# width is also measured at LONG_ROW: one row as long as the batch, the same weights' FLOPs and more
+# attention, which on CPU costs more per FLOP than the matmuls (a 256-wide layer on 512-token rows
+# ran ~20% below its 256-token rate): the planner prices attention FLOPs apart with it.
 WIDTHS = {"cpu": (256, 1024), "cuda": (1024, 4096)}
 ROW_TOKENS = 256
 BATCHES = {"cpu": (32, 256, 1024), "cuda": (64, 1024, 4096, 16384)}
+LONG_ROW = {"cpu": 1024, "cuda": 4096}
 DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("float16", "bfloat16", "float32")}
 HOST_TO_DEVICE_BYTES = 256 << 20
 REPEATS = 2  # host-to-device copies after a warm-up; the best counts (nothing else shares the link)
@@ -59,11 +62,11 @@ def _layer(shape: dict, device, dtype):
 class _Point:
     """One reference layer at one batch: its inputs (made once) and the seconds of its runs."""
 
-    def __init__(self, layer, rotary, params: int, hidden: int, batch: int, device, dtype):
+    def __init__(self, layer, rotary, params: int, hidden: int, batch: int, row: int, device, dtype):
         import torch
 
         self.layer, self.params, self.hidden = layer, params, hidden
-        self.rows, self.length = max(1, batch // ROW_TOKENS), min(batch, ROW_TOKENS)
+        self.rows, self.length = max(1, batch // row), min(batch, row)
         self.positions = torch.arange(self.length, device=device).expand(self.rows, self.length)
         causal = torch.full((self.length, self.length), float("-inf"), device=device, dtype=dtype).triu(1)
         self.inputs = [(torch.randn(self.rows, self.length, hidden, device=device, dtype=dtype),
@@ -82,6 +85,10 @@ class _Point:
     def forward_flops(self) -> float:
         return layer_flops(self.params, self.hidden, self.rows * self.length, self.length)
 
+    @property
+    def attention_flops(self) -> float:
+        return self.forward_flops - layer_flops(self.params, self.hidden, self.rows * self.length, 0)
+
     def rate(self) -> float:
         import statistics
 
@@ -99,22 +106,26 @@ class _Point:
         return time.perf_counter() - start
 
 
-def _flops(shapes: list[tuple[int, str]], device: str, batches: tuple[int, ...]) -> list[dict]:
-    """FLOP/s (layer_flops) of one decoder layer's forward per (width, dtype) in `shapes` and batch:
-    the median of its runs over ROUNDS interleaved rounds."""
+def _flops(shapes: list[tuple[int, str]], device: str, batches: tuple[int, ...], long_row: int | None = None) -> list[dict]:
+    """FLOP/s (layer_flops) of one decoder layer's forward per (width, dtype) in `shapes` and batch, on
+    rows of ROW_TOKENS, and with `long_row` also on one row of that many tokens: the median of its runs
+    over ROUNDS interleaved rounds."""
     import torch
 
     dev = torch.device(device)
     points = {}
     for hidden, dtype in shapes:
         layer, rotary, params = _layer(reference_shape(hidden), dev, getattr(torch, dtype))
-        for batch in batches:
-            points[hidden, dtype, batch] = _Point(layer, rotary, params, hidden, batch, dev, getattr(torch, dtype))
+        rows = [(batch, ROW_TOKENS) for batch in batches] + ([(long_row, long_row)] if long_row else [])
+        for batch, row in rows:
+            points[hidden, dtype, batch, row] = _Point(layer, rotary, params, hidden, batch, row, dev,
+                                                       getattr(torch, dtype))
     for _ in range(ROUNDS):
         for point in points.values():
             point.measure()
     return [{"device": device, "dtype": dtype, "batch_tokens": batch, "hidden": hidden, "flops_per_s": point.rate(),
-             "forward_flops": point.forward_flops} for (hidden, dtype, batch), point in points.items()]
+             "forward_flops": point.forward_flops, "attention_flops": point.attention_flops,
+             "row_tokens": point.length} for (hidden, dtype, batch, _), point in points.items()]
 
 
 def _skeleton(shape: dict) -> None:
@@ -179,7 +190,7 @@ def measure(devices: list[str]) -> dict:
             result.setdefault("host_to_device_bytes_per_s", []).append(gpu.pop("host_to_device"))
             result.update(gpu)  # the first GPU's context and RSS stand for all (one model of card per box)
         shapes = [(hidden, dtype) for hidden in WIDTHS[kind] for dtype in DTYPES[kind]]
-        result["throughput"] += _flops(shapes, device, BATCHES[kind])
+        result["throughput"] += _flops(shapes, device, BATCHES[kind], LONG_ROW[kind])
     return result
 
 
