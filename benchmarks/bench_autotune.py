@@ -96,10 +96,14 @@ def child_runs(params: dict) -> dict:
                   EngineSettings(**params["runs"][0]["settings"]))  # warm-up: kernels, allocator
     # Repeats go round the runs (run 1, run 2, ..., run 1, ...): this VM runs faster and slower for minutes
     # at a time, and a setting's repeats back to back would all land in one such spell.
-    measured = [{"times": [], "peaks": [], "growths": []} for _ in params["runs"]]
+    measured = [{"times": [], "peaks": [], "growths": [], "speeds": []} for _ in params["runs"]]
+    speed = params.get("speed_probe")  # the machine's speed now: a reference layer of the model's width
+    speed_at_start = statistics.median(_layer_rate(speed) for _ in range(3)) if speed else None
     for _ in range(params["repeats"]):
         for run, m in zip(params["runs"], measured):
             settings = EngineSettings(**run["settings"])
+            if speed:
+                m["speeds"].append(_layer_rate(speed))
             resident = ResidentShards() if settings.resident else None
             gc.collect()
             _trim_heap()
@@ -120,8 +124,16 @@ def child_runs(params: dict) -> dict:
     results, reference = [], measured[0]["scores"]
     for m in measured:
         results.append({"seconds": statistics.median(m["times"]), "times": m["times"], "peak_rss": max(m["peaks"]),
-                        "growth": max(m["growths"]), "max_score_diff": float(np.abs(m["scores"] - reference).max())})
+                        "growth": max(m["growths"]), "max_score_diff": float(np.abs(m["scores"] - reference).max()),
+                        **({"speed_at_start": speed_at_start, "speeds": m["speeds"]} if speed else {})})
     return {"runs": results}
+
+
+def _layer_rate(probe: dict) -> float:
+    """FLOP/s of calibration's reference layer `probe["hidden"]` wide at 1024 tokens (~0.3 s)."""
+    from flexorch.workers.calibrate import _flops
+
+    return _flops([(probe["hidden"], probe["dtype"])], "cpu", (1024,))[0]["flops_per_s"]
 
 
 # -- the parent ---------------------------------------------------------------------------------------
@@ -174,8 +186,22 @@ def compare(grid_runs: list[dict], auto: dict, cap: int | None, worker_base: int
             "auto_over_smallest_peak": auto["peak_rss"] / smallest["peak_rss"],
             "auto_under_cap": cap is None or auto["peak_rss"] <= cap,
             "predicted_over_measured_time": auto["predicted_seconds"] / auto["seconds"],
+            **_speed_adjusted(auto),
             "predicted_over_measured_peak": auto["predicted_peak_ram"] / (worker_base + auto["growth"]),
             "predicted_over_child_peak": auto["predicted_peak_ram"] / auto["peak_rss"]}
+
+
+def _speed_adjusted(auto: dict) -> dict:
+    """The prediction rests on figures measured just before auto's child started; a shared VM then runs
+    faster or slower for minutes. A reference layer timed at the child's start and before each run says
+    by how much (drift < 1: slower), and the prediction scaled by it isolates the time model's own error."""
+    import statistics
+
+    if not auto.get("speeds"):
+        return {}
+    drift = statistics.median(auto["speeds"]) / auto["speed_at_start"]
+    return {"speed_drift": drift, "predicted_over_measured_time_speed_adjusted":
+            auto["predicted_seconds"] / drift / auto["seconds"]}
 
 
 def rematch(script: Path, params: dict, best: dict, auto: dict) -> dict:
@@ -219,7 +245,8 @@ def bench_shape(name: str, shape: Shape, script: Path) -> dict:
                       "settings": asdict(worker.settings), "rounds": [list(r) for r in worker.rounds],
                       "predicted_seconds": worker.predicted_seconds - worker.predicted_start_seconds,
                       "predicted_peak_ram": worker.predicted_peak_ram, "reasons": list(worker.reasons)})
-    measured = c.run_child(script, {**params, "method": "runs", "runs": autos})
+    measured = c.run_child(script, {**params, "method": "runs", "runs": autos,
+                                    "speed_probe": {"hidden": shape.hidden, "dtype": shape.dtype}})
     if "error" in measured:
         return {"shape": asdict(shape), "grid": grid_runs, "error": measured}
     autos = [{**a, **m} for a, m in zip(autos, measured["runs"])]
@@ -249,12 +276,14 @@ def main() -> None:
                          c.fmt_ratio(comp.get("auto_over_best_time_rematch")),
                          c.fmt_ratio(comp["auto_over_smallest_peak"]),
                          c.fmt_ratio(comp["predicted_over_measured_time"]),
+                         f'{c.fmt_ratio(comp.get("predicted_over_measured_time_speed_adjusted"))} '
+                         f'({comp["speed_drift"]:.2f})' if "speed_drift" in comp else "-",
                          c.fmt_ratio(comp["predicted_over_measured_peak"])])
         if "error" in result:
-            rows.append([name, "-", str(result["error"])[:60], "-", "-", "-", "-", "-"])
+            rows.append([name, "-", str(result["error"])[:60], "-", "-", "-", "-", "-", "-"])
     c.print_table("auto vs the best combination found", ("shape", "RAM cap", "best found", "auto/best time",
                                                           "re-run in turns", "auto/least peak", "pred/meas time",
-                                                          "pred/meas peak"),
+                                                          "speed-adjusted (drift)", "pred/meas peak"),
                   rows, caption=f"goals: time <= {GOALS['time']}x, peak <= {GOALS['peak']}x, predictions within "
                                 f"{GOALS['predicted_time']:.0%} / {GOALS['predicted_peak']:.0%}; measured peak for the "
                                 "prediction: a worker's fixed memory (calibrated) + what the run added in this process")
