@@ -58,7 +58,15 @@ def calibrated(hardware: Hardware, cache_dir: Path, force: bool = False, console
         return replace(hardware, calibration=Calibration.from_dict(json.loads(path.read_text())))
     if console is not None:
         console.print(f"calibrating this machine once (cached in {path}; `flexorch probe --calibrate` redoes it)...")
-    calibration = measure(hardware, key, cache_dir)
+    try:
+        calibration = measure(hardware, key, cache_dir)
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError) as exc:
+        # the figures only sharpen the plan: without them it rests on the assumed ones, and says so
+        if console is not None:
+            from rich.markup import escape
+
+            console.print(f"[yellow]calibration failed, planning with assumed figures: {escape(_why(exc))}[/]")
+        return hardware
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(asdict(calibration), indent=1) + "\n")
     return replace(hardware, calibration=calibration)
@@ -111,6 +119,16 @@ def measure_worker(devices: list[str]) -> dict:
     # Start-up: the interpreter's start, then the imports up to a first forward (the child times those).
     result["start_seconds"] = _interpreter_seconds() + result.pop("import_seconds")
     return result
+
+
+def _why(exc: Exception) -> str:
+    """One line: what failed, and the last line the measuring process wrote to stderr."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        tail = (exc.stderr or "").strip().splitlines()[-1:] or [f"exit status {exc.returncode}"]
+        return f"the measuring process failed ({tail[0][:200]})"
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"the measuring process ran past {exc.timeout:.0f} s"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _interpreter_seconds() -> float:

@@ -214,3 +214,43 @@ def test_attention_flops_are_priced_apart_where_a_long_row_was_measured():
     short_only = replace(calibration, throughput=calibration.throughput[:2])
     assert figures_of(replace(machine(cpus=8), calibration=short_only)).flops(
         "cpu", "float32", 8, 1024, token_flops=token_flops, token_attention=token_attention) > 1.2 * expected
+
+
+def test_a_failed_calibration_plans_with_the_assumed_figures_and_says_why(tmp_path, monkeypatch):
+    import io
+    import subprocess
+
+    from rich.console import Console
+
+    monkeypatch.setenv("FLEXORCH_CALIBRATE", "1")
+
+    def crash(hardware, key, disk_dir):
+        raise subprocess.CalledProcessError(1, ["python"], stderr="Traceback ...\nRuntimeError: no kernel for this GPU\n")
+
+    monkeypatch.setattr(calibrate, "measure", crash)
+    out = io.StringIO()
+    hardware = calibrate.calibrated(machine(), tmp_path, console=Console(file=out, width=200))
+    assert hardware.calibration is None and not (tmp_path / "calibration").exists()
+    assert "calibration failed, planning with assumed figures" in out.getvalue()
+    assert "RuntimeError: no kernel for this GPU" in out.getvalue()
+    plan = make_plan(hardware, small_fp32(), Spec(), [150] * 32)
+    assert any("assumed" in line for line in plan.figures)
+
+
+def test_a_point_the_device_has_no_memory_for_is_left_out(monkeypatch):
+    import torch
+
+    from flexorch.workers import calibrate as measuring
+
+    real = measuring._Point.__init__
+
+    def short_of_memory(self, layer, rotary, params, hidden, batch, row, device, dtype):
+        if batch == 64 and row == 64:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        real(self, layer, rotary, params, hidden, batch, row, device, dtype)
+
+    monkeypatch.setattr(measuring._Point, "__init__", short_of_memory)
+    monkeypatch.setattr(measuring, "ROW_TOKENS", 32)
+    monkeypatch.setattr(measuring, "ROUND_SECONDS", 0.0)
+    rates = measuring._flops([(64, "float32")], "cpu", (8, 64), long_row=64)
+    assert [(r["batch_tokens"], r["row_tokens"]) for r in rates] == [(8, 8), (64, 32)]

@@ -109,23 +109,45 @@ class _Point:
 def _flops(shapes: list[tuple[int, str]], device: str, batches: tuple[int, ...], long_row: int | None = None) -> list[dict]:
     """FLOP/s (layer_flops) of one decoder layer's forward per (width, dtype) in `shapes` and batch, on
     rows of ROW_TOKENS, and with `long_row` also on one row of that many tokens: the median of its runs
-    over ROUNDS interleaved rounds."""
+    over ROUNDS interleaved rounds. A point the device has no memory for (a small GPU, the wide layer's
+    largest batch) is left out: the planner interpolates over the others."""
     import torch
 
     dev = torch.device(device)
     points = {}
     for hidden, dtype in shapes:
-        layer, rotary, params = _layer(reference_shape(hidden), dev, getattr(torch, dtype))
         rows = [(batch, ROW_TOKENS) for batch in batches] + ([(long_row, long_row)] if long_row else [])
+        try:
+            layer, rotary, params = _layer(reference_shape(hidden), dev, getattr(torch, dtype))
+        except torch.OutOfMemoryError:
+            _release(dev)
+            continue
         for batch, row in rows:
-            points[hidden, dtype, batch, row] = _Point(layer, rotary, params, hidden, batch, row, dev,
-                                                       getattr(torch, dtype))
+            try:
+                points[hidden, dtype, batch, row] = _Point(layer, rotary, params, hidden, batch, row, dev,
+                                                           getattr(torch, dtype))
+            except torch.OutOfMemoryError:
+                _release(dev)
     for _ in range(ROUNDS):
-        for point in points.values():
-            point.measure()
+        for key, point in list(points.items()):
+            try:
+                point.measure()
+            except torch.OutOfMemoryError:
+                del points[key]
+                _release(dev)
     return [{"device": device, "dtype": dtype, "batch_tokens": batch, "hidden": hidden, "flops_per_s": point.rate(),
              "forward_flops": point.forward_flops, "attention_flops": point.attention_flops,
              "row_tokens": point.length} for (hidden, dtype, batch, _), point in points.items()]
+
+
+def _release(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()  # the failed allocation's frame held its tensors
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _skeleton(shape: dict) -> None:
