@@ -220,12 +220,12 @@ def _layer_curve(by_width: dict[int, list[Throughput]], token_flops: float,
     if len(widths) < 2 or any(t.forward_flops <= 0 for points in by_width.values() for t in points):
         return None
     attention = _attention_cost(by_width)
+    split = attention is not None  # the weights' FLOPs and attention's apart, else all alike
     short = _short_rows(by_width)
     at = {w: {t.batch_tokens: t for t in short[w]} for w in widths}
     curve = []
     for batch in sorted(set.intersection(*(set(points) for points in at.values()))):
         points = [at[w][batch] for w in widths]
-        split = attention is not None  # the weights' FLOPs and attention's apart, else all alike
         xs = [t.forward_flops - t.attention_flops if split else t.forward_flops for t in points]
         ys = [_seconds(t) - attention * t.attention_flops if split else _seconds(t) for t in points]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)

@@ -962,13 +962,12 @@ def _describe_job(hardware: Hardware, manifest: Manifest, spec, dtype: str, prom
     lengths = tokens  # the KV cache keeps later steps to one token per suffix: rows never grow
     scored = scored_counts or [n if spec.score.kind == "suffix_logprob" else s for n, s in zip(tokens, suffixes)]
     loads = tuple(_prompt_load(model, spec, n, s, c) for n, s, c in zip(tokens, suffixes, scored))
+    token_flops = sum(load.layer_flops for load in loads) / max(1, sum(tokens)) / model.num_layers
     return _Job(
         spec=spec, model=model, dtype=dtype, tokens=tokens, lengths=lengths, loads=loads,
         scored_ratio=max(c / max(n, 1) for n, c in zip(tokens, scored)),
         figures=figures_of(hardware),
-        token_flops=sum(load.layer_flops for load in loads) / max(1, sum(tokens)) / model.num_layers,
-        token_attention=(sum(load.layer_flops for load in loads) / max(1, sum(tokens)) / model.num_layers
-                         - 2.0 * model.decoder_params / model.num_layers),
+        token_flops=token_flops, token_attention=token_flops - 2.0 * model.decoder_params / model.num_layers,
     )
 
 

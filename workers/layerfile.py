@@ -256,9 +256,8 @@ class LayerwiseModel:
         if experts is None:
             return self.read_into(name, buffer, verify=verify)
         stored = self.stored_entry(name)
-        if verify and stored.name not in self._verified:
-            self.verify(name)
-            self._verified.add(stored.name)
+        if verify:
+            self._verify_once(name)
         path = self.path / stored.file
         data_offset = self.header(name).data_offset
         tensors, offset = {}, 0
@@ -282,9 +281,8 @@ class LayerwiseModel:
         row-major, so a range of rows is one contiguous range of bytes and one read. verify: as
         read_part_into (the ranges do not cover the file)."""
         stored = self.stored_entry(name)
-        if verify and stored.name not in self._verified:
-            self.verify(name)
-            self._verified.add(stored.name)
+        if verify:
+            self._verify_once(name)
         spec, row = self._weight_spec(name), self.row_bytes(name)
         path, data_offset = self.path / stored.file, self.header(name).data_offset
         offset = 0
@@ -297,6 +295,14 @@ class LayerwiseModel:
                               stored.name)
                 offset += size
         return buffer[:offset].view(spec.dtype).view(offset // row, *spec.shape[1:])
+
+    def _verify_once(self, name: str) -> None:
+        """Hash layer `name`'s whole file the first time a part of it is read (reads of parts do not
+        cover the file, so they cannot hash as they go)."""
+        stored = self.stored_entry(name)
+        if stored.name not in self._verified:
+            self.verify(name)
+            self._verified.add(stored.name)
 
     def _weight_spec(self, name: str) -> TensorSpec:
         return next(spec for spec in self.header(name).tensors if spec.name == "weight")

@@ -169,10 +169,15 @@ class ShardLoader:
     def _gathers(self, shard: Shard) -> bool:
         return len(shard.names) == 1 and gathered(self.model.entry(shard.names[0]))
 
+    def _head_rows(self, shard: Shard, name: str) -> tuple[int, int] | None:
+        """The vocabulary rows of layer `name` this step reads: a head step's, else None (all of it)."""
+        return shard.rows if shard.rows is not None and self.model.entry(name).kind == LM_HEAD else None
+
     def _part_bytes(self, shard: Shard, name: str) -> int:
         """Slot bytes of layer `name` in this step: a range of head rows, or model.part_bytes."""
-        if shard.rows is not None and self.model.entry(name).kind == LM_HEAD:
-            return aligned((shard.rows[1] - shard.rows[0]) * self.model.row_bytes(name))
+        rows = self._head_rows(shard, name)
+        if rows is not None:
+            return aligned((rows[1] - rows[0]) * self.model.row_bytes(name))
         return self.model.part_bytes(name, shard.experts)
 
     def _step_bytes(self, shard: Shard) -> int:
@@ -197,11 +202,11 @@ class ShardLoader:
         destination, target = self._buffers(self._step_bytes(shard), slot)
         views, offset, nbytes = {}, 0, 0
         for name in shard.names:
-            size = self._part_bytes(shard, name)
-            if shard.rows is not None and self.model.entry(name).kind == LM_HEAD:
-                views[name] = {"weight": self.model.read_rows_into(name, [shard.rows], target[offset:offset + size],
+            size, rows = self._part_bytes(shard, name), self._head_rows(shard, name)
+            if rows is not None:
+                views[name] = {"weight": self.model.read_rows_into(name, [rows], target[offset:offset + size],
                                                                    verify=self.verify)}
-                nbytes += (shard.rows[1] - shard.rows[0]) * self.model.row_bytes(name)
+                nbytes += (rows[1] - rows[0]) * self.model.row_bytes(name)
             else:
                 views[name] = self.model.read_part_into(name, shard.experts, target[offset:offset + size],
                                                         verify=self.verify)
