@@ -87,7 +87,8 @@ def child_runs(params: dict) -> dict:
     import numpy as np
 
     from flexorch.contract.protocol import EngineSettings, ScoreSpec
-    from flexorch.workers.engine import _trim_heap, score_prompts
+    from flexorch.workers.engine import score_prompts
+    from flexorch.workers.heap import Heap
     from flexorch.workers.prefetch import ResidentShards
 
     prompts = c.prompts_from_json(params["prompts"])
@@ -106,7 +107,7 @@ def child_runs(params: dict) -> dict:
                 m["speeds"].append(_layer_rate(speed))
             resident = ResidentShards() if settings.resident else None
             gc.collect()
-            _trim_heap()
+            Heap().trim(slack=0)
             c.evict_page_cache([Path(layerwise)])
             Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
             before = _vm("VmRSS")

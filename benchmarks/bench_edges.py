@@ -35,7 +35,8 @@ def child_run(params: dict) -> dict:
 
     from flexorch.contract.protocol import EngineSettings, ScoreSpec
     from flexorch.contract.shards import plan_shards
-    from flexorch.workers.engine import _trim_heap, score_prompts
+    from flexorch.workers.engine import score_prompts
+    from flexorch.workers.heap import Heap
     from flexorch.workers.layerfile import LayerwiseModel
     from flexorch.workers.prefetch import ShardLoader
 
@@ -44,7 +45,7 @@ def child_run(params: dict) -> dict:
     score = ScoreSpec(params["kind"])
     score_prompts(params["layerwise"], prompts[:1], score, settings)  # warm-up: kernels, allocator
     gc.collect()
-    _trim_heap()
+    Heap().trim(slack=0)
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
     start_rss = _vm_hwm()
     results, summary = score_prompts(params["layerwise"], prompts, score, settings)

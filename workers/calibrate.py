@@ -201,6 +201,9 @@ def measure(devices: list[str]) -> dict:
     start = time.perf_counter()
     import torch  # noqa: F401  what a worker imports, in the order it does
     import flexorch.workers.engine  # noqa: F401
+    from flexorch.workers.heap import Heap
+
+    Heap().configure()  # the engine's malloc policy: its layers' intermediates reuse their memory
 
     _skeleton(reference_shape(64))
     _flops([(64, "float32")], "cpu", (64,))  # a first forward: thread pools, kernels

@@ -17,9 +17,7 @@ sending to the next, and only the stage owning the head computes scores.
 
 from __future__ import annotations
 
-import ctypes
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,20 +33,11 @@ from flexorch.workers.layerfile import LayerwiseModel
 from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, NORM
 from flexorch.contract.shards import DENSE_PART, owner, plan_shards
 from flexorch.workers.experts import StreamedExperts
+from flexorch.workers.heap import Heap
 from flexorch.workers.link import Link, LocalLink
 from flexorch.workers.prefetch import LoadedShard, ResidentShards, ShardLoader
 from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
 from flexorch.workers.scoring import BatchScores, StepScores, compute_scores, score_targets, scored_positions
-
-def _load_libc():
-    try:
-        return ctypes.CDLL("libc.so.6")  # glibc only: malloc_trim
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc() if sys.platform.startswith("linux") else None
-
 
 Row = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (prefix_ids, suffix_ids) of one packed row
 
@@ -90,14 +79,6 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; bytes on macOS
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS. glibc keeps the freed intermediates of each layer's
-    forward in its heap, and RSS then creeps up by 2-4 MB per layer (measured on a 16-layer model);
-    trimming once per shard keeps it flat at the cost of well under a millisecond."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 class _Pass:
@@ -174,6 +155,8 @@ class Engine:
         self._streamed: StreamedExperts | None = None
         self._keep_on = self.device if settings.storage == "gpu" else torch.device("cpu")
         self._head_steps: list[StepScores] | None = None  # a head in vocabulary steps: per batch, between them
+        self.heap = Heap()
+        self.heap.configure()  # intermediates reuse their memory (workers/heap.py)
 
     def run(self, prompts: Sequence[TokenizedPrompt]) -> tuple[list[PromptResult], EngineSummary]:
         start = time.perf_counter()
@@ -272,7 +255,7 @@ class Engine:
             self._run_dense_part(loaded, current, link, cache)
         else:
             self._run_expert_group(loaded, link, len(current.packed))
-        _trim_heap()
+        self.heap.trim()  # RSS stays flat across shards; the next shard's intermediates kept
         if cuda:
             self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
 
