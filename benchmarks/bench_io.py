@@ -6,8 +6,10 @@
    again from the page cache, which says whether one thread waited for the disk or for the CPU.
 2. flexorch streaming from cold layer files, I/O bound: a prompt of a few tokens and one compute
    thread, so a pass computes in a fraction of its read time and the loader has a core. Weight bytes
-   per second of wall time against the disk's rate (goal: >= 0.9x, issue 12), with checksums off and
-   on (on: a job's first pass). Rounds of disk probe + both runs are interleaved and each ratio is
+   per second of wall time against the disk's rate (goal: >= 0.9x, issue 12), with checksums off, on
+   with files no job has verified yet (each is hashed as it is read: a copied model's first job), and
+   on with files verified before (marked unchanged since, contract/verified.py: every later job, and
+   the first after `flexorch prepare`). Rounds of disk probe + both runs are interleaved and each ratio is
    taken against its own round's probe, so load from others on a shared machine touches both alike;
    the table shows medians. Each round also reads the model's layer files back to back with a bare
    loop (the same reads as the probe's, one file after another): a reader of many files gets from the
@@ -26,12 +28,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import common as c
+from flexorch.contract.verified import VERIFIED_DIR
+
+KINDS = {"plain": False, "first": True, "verified": True}  # I/O-bound runs per round: verify_checksums
 
 
 def child_flexorch(params: dict) -> dict:
@@ -77,14 +83,16 @@ def rate(run: dict, key: str) -> float | None:
 def io_bound_rounds(script: Path, base: dict, prompt: list, layerwise: Path, probe: Path, probe_bytes: int,
                     rounds: int) -> list[dict]:
     """Per round: the disk's cold rate (advised and not), then flexorch I/O bound from cold files,
-    checksums off and on."""
+    checksums off, on over unverified files (their marks removed) and on over the files it marked."""
     out = []
     for _ in range(rounds):
         disk = c.sequential_read_rate(probe, probe_bytes)
         default = c.sequential_read_rate(probe, probe_bytes, advise=False)
         files = c.files_read_rate(c.weight_files(layerwise))
         runs = {}
-        for kind, verify in (("plain", False), ("verified", True)):
+        for kind, verify in KINDS.items():
+            if kind == "first":
+                shutil.rmtree(layerwise / VERIFIED_DIR, ignore_errors=True)
             c.evict_page_cache([layerwise])
             runs[kind] = c.run_child(script, {**base, "prompts": prompt, "threads": 1, "verify": verify})
         out.append({"disk": disk, "disk_default_readahead": default, "layer_files": files, **runs})
@@ -136,7 +144,8 @@ def read_table(shape, disks: dict[str, dict], io_bound: dict, context: dict, rou
             for label, d in disks.items()]
     cached = disks["same file from the page cache (1 thread)"]
     for label, run in (("flexorch I/O bound, checksums off", io_bound["plain"]),
-                       ("flexorch I/O bound, checksums on", io_bound["verified"])):
+                       ("flexorch I/O bound, checksums on, files not verified yet", io_bound["first"]),
+                       ("flexorch I/O bound, checksums on, files verified before", io_bound["verified"])):
         rows.append([label, c.fmt_bytes(run.get("bytes_read")), c.fmt_seconds(run.get("seconds")),
                      c.fmt_bytes(run.get("bytes_per_s")) + "/s", c.fmt_ratio(run.get("ratio")),
                      goal_cell(run.get("ratio")) + (f" ({run['files_ratio']:.2f}x the bare loop over its files)"
@@ -179,7 +188,7 @@ def main() -> None:
     rounds = io_bound_rounds(script, base, tiny, layerwise, probe, probe_bytes, args.rounds or (1 if args.quick else 3))
     disk, default = median_round(rounds, "disk"), median_round(rounds, "disk_default_readahead")
     cached = c.page_cache_read_rate(probe)
-    io_bound = {kind: summarize(rounds, kind) for kind in ("plain", "verified")}
+    io_bound = {kind: summarize(rounds, kind) for kind in KINDS}
     c.evict_page_cache([layerwise])
     one_prompt = c.run_child(script, {**base, "prompts": prompts[:1]})
     c.evict_page_cache([layerwise])

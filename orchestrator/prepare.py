@@ -380,6 +380,7 @@ def _write_layer(layer: LayerSource, out: Path, compress: str | None = None) -> 
     from safetensors.torch import save_file
 
     from flexorch.workers.compression import compress_layer
+    from flexorch.contract.verified import mark
     from flexorch.workers.layerfile import sha256_file
 
     path = out / layer.file
@@ -393,6 +394,7 @@ def _write_layer(layer: LayerSource, out: Path, compress: str | None = None) -> 
         number = int(code[1]) if code else errno.EIO
         raise OSError(number, os.strerror(number), str(path)) from None
     entry = layer.entry(path.stat().st_size, sha256_file(path))
+    mark(out, layer.file, entry.sha256)  # what was just hashed is not hashed again by the first job
     return replace(entry, compression=compress, tensors=tuple(tensors)) if compress else entry
 
 

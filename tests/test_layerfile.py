@@ -114,13 +114,14 @@ class _RecordingSha256:
         return self._sha.hexdigest()
 
 
-def test_verifying_read_hashes_off_the_reading_thread_in_order(layerwise, monkeypatch):
-    """Small reads, so the file is many chunks: hashed out of order, the digest would not match."""
+def test_verifying_read_hashes_off_the_reading_thread_in_order(llama_copy, monkeypatch):
+    """Small reads, so the file is many chunks: hashed out of order, the digest would not match. A
+    copy: its files are not the ones `prepare` marked as verified."""
     threads: list[str] = []
     monkeypatch.setattr(layerfile, "_READ_CHUNK", 1024)
     sha256 = hashlib.sha256
     monkeypatch.setattr(layerfile.hashlib, "sha256", lambda: _RecordingSha256(sha256(), threads))
-    model = LayerwiseModel(layerwise("llama"))
+    model = LayerwiseModel(llama_copy)
     assert model.data_bytes("layer.1") > 8 * 1024
     read = model.load("layer.1", verify=True)
     assert len(threads) > 8 and all(name.startswith("flexorch-hash") for name in threads)

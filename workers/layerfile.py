@@ -23,6 +23,7 @@ from flexorch.contract.errors import UserError
 from flexorch.contract.modeldir import read_raw_header
 from flexorch.contract.manifest import LayerEntry, Manifest, read_manifest
 from flexorch.contract.shards import ALIGN, DENSE_PART
+from flexorch.contract.verified import is_marked, mark
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -128,7 +129,7 @@ class LayerwiseModel:
         self.path = Path(path)
         self.manifest: Manifest = read_manifest(self.path)
         self._headers: dict[str, LayerFileHeader] = {}
-        self._verified: set[str] = set()  # files hashed once by this process; later reads check sizes
+        self._verified: set[str] = set()  # files hashed (or marked, contract/verified.py): not hashed again
 
     def entry(self, name: str) -> LayerEntry:
         return self.manifest.entry(name)
@@ -173,18 +174,20 @@ class LayerwiseModel:
                 f"{self.path / stored.file}: checksum mismatch for layer {stored.name!r} "
                 "(the file changed after `flexorch prepare`; re-run it)"
             )
+        mark(self.path, stored.file, stored.sha256)
 
     def read_into(self, name: str, buffer: torch.Tensor, verify: bool = False) -> dict[str, torch.Tensor]:
         """Read layer `name` into `buffer` (flat uint8, CPU, at least data_bytes long) and return
         its tensors as views of the buffer, named relative to the layer (a tied head: {"weight"}).
 
         verify: hash the bytes as they are read (on a helper thread), the first time this object
-        reads the file; later passes over the model skip it. A mismatch raises before returning.
+        reads the file, unless it is marked as matching since (contract/verified.py); later passes
+        over the model skip it. A mismatch raises before returning.
         """
         entry, stored = self.entry(name), self.stored_entry(name)
         header = self.header(name)
         path = self.path / stored.file
-        if verify and stored.name not in self._verified:
+        if verify and not self._checked(stored):
             with BackgroundSha256() as digest:
                 self._read_data(path, stored.name, header, buffer, digest)
                 matches = digest.hexdigest() == stored.sha256
@@ -194,6 +197,7 @@ class LayerwiseModel:
                     "(the file changed after `flexorch prepare`; re-run it)"
                 )
             self._verified.add(stored.name)
+            mark(self.path, stored.file, stored.sha256)
         else:
             self._read_data(path, stored.name, header, buffer, None)
         tensors = {
@@ -300,9 +304,15 @@ class LayerwiseModel:
         """Hash layer `name`'s whole file the first time a part of it is read (reads of parts do not
         cover the file, so they cannot hash as they go)."""
         stored = self.stored_entry(name)
-        if stored.name not in self._verified:
+        if not self._checked(stored):
             self.verify(name)
             self._verified.add(stored.name)
+
+    def _checked(self, stored: LayerEntry) -> bool:
+        """Whether `stored`'s file was hashed by this object, or marked as matching and unchanged."""
+        if stored.name not in self._verified and is_marked(self.path, stored.file, stored.sha256):
+            self._verified.add(stored.name)
+        return stored.name in self._verified
 
     def _weight_spec(self, name: str) -> TensorSpec:
         return next(spec for spec in self.header(name).tensors if spec.name == "weight")
