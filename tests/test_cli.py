@@ -144,8 +144,11 @@ def test_sigint_or_sigterm_stops_every_worker_and_exits_130_or_143(tmp_path, lay
     job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
     env = {**os.environ, "FLEXORCH_TEST_FAULTS": json.dumps({"worker0": {"hang_after_rounds": 0},
                                                               "worker1": {"hang_after_rounds": 0}})}
+    # as from a terminal: a suite run in the background (`cmd &`) ignores SIGINT, and a controller
+    # started with it ignored rightly keeps ignoring it (nohup's contract)
     proc = subprocess.Popen([sys.executable, "-m", "flexorch.orchestrator.cli", "submit", str(job)], env=env,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[str] = []
     try:
         deadline = time.monotonic() + 120
