@@ -46,9 +46,7 @@ def extents(paths) -> dict | None:
     layer files and the disk probe are compared only where both are about as contiguous (layer files
     written by an older prepare into a fuller disk had 6-7 extents each and read ~15% slower than
     the same bytes copied into 1 extent)."""
-    import shutil as sh
-
-    if not sh.which("filefrag"):
+    if not shutil.which("filefrag"):
         return None
     counts = [int(subprocess.run(["filefrag", str(p)], capture_output=True, text=True).stdout.split(":")[-1].split()[0])
               for p in paths]

@@ -168,13 +168,7 @@ class LayerwiseModel:
         """Check the layer file's size and sha256 against the manifest."""
         stored = self.stored_entry(name)
         self.header(name)
-        digest = sha256_file(self.path / stored.file)
-        if digest != stored.sha256:
-            raise LayerIntegrityError(
-                f"{self.path / stored.file}: checksum mismatch for layer {stored.name!r} "
-                "(the file changed after `flexorch prepare`; re-run it)"
-            )
-        mark(self.path, stored.file, stored.sha256)
+        self._matched(stored, sha256_file(self.path / stored.file))
 
     def read_into(self, name: str, buffer: torch.Tensor, verify: bool = False) -> dict[str, torch.Tensor]:
         """Read layer `name` into `buffer` (flat uint8, CPU, at least data_bytes long) and return
@@ -190,14 +184,8 @@ class LayerwiseModel:
         if verify and not self._checked(stored):
             with BackgroundSha256() as digest:
                 self._read_data(path, stored.name, header, buffer, digest)
-                matches = digest.hexdigest() == stored.sha256
-            if not matches:
-                raise LayerIntegrityError(
-                    f"{path}: checksum mismatch for layer {stored.name!r} "
-                    "(the file changed after `flexorch prepare`; re-run it)"
-                )
-            self._verified.add(stored.name)
-            mark(self.path, stored.file, stored.sha256)
+                hexdigest = digest.hexdigest()
+            self._matched(stored, hexdigest)
         else:
             self._read_data(path, stored.name, header, buffer, None)
         tensors = {
@@ -303,10 +291,19 @@ class LayerwiseModel:
     def _verify_once(self, name: str) -> None:
         """Hash layer `name`'s whole file the first time a part of it is read (reads of parts do not
         cover the file, so they cannot hash as they go)."""
-        stored = self.stored_entry(name)
-        if not self._checked(stored):
+        if not self._checked(self.stored_entry(name)):
             self.verify(name)
-            self._verified.add(stored.name)
+
+    def _matched(self, stored: LayerEntry, digest: str) -> None:
+        """Raise unless `digest` (of `stored`'s whole file) is the manifest's; then the file counts as
+        verified, here and for later jobs (its mark)."""
+        if digest != stored.sha256:
+            raise LayerIntegrityError(
+                f"{self.path / stored.file}: checksum mismatch for layer {stored.name!r} "
+                "(the file changed after `flexorch prepare`; re-run it)"
+            )
+        self._verified.add(stored.name)
+        mark(self.path, stored.file, stored.sha256)
 
     def _checked(self, stored: LayerEntry) -> bool:
         """Whether `stored`'s file was hashed by this object, or marked as matching and unchanged."""
