@@ -33,8 +33,9 @@ READ_CHUNK_BYTES = 16 << 20
 CHILD_TIMEOUT_S = 120
 # Raised when what is measured changes (2: throughput per layer width, attention FLOPs counted; 3: the
 # median over distinct batches, not the best run; 4: a long-row point per width, attention priced
-# apart), so a cache from before is measured again rather than read with the wrong meaning.
-CALIBRATION_VERSION = 4
+# apart; 5: a GPU's fixed memory counts cuBLAS's workspaces), so a cache from before is measured again
+# rather than read with the wrong meaning.
+CALIBRATION_VERSION = 5
 
 
 def calibration_enabled() -> bool:

@@ -54,7 +54,7 @@ class Calibration:
     worker_base_ram: int | None = None  # RSS of a CPU worker then: interpreter, torch, transformers, kernels
     throughput: tuple[Throughput, ...] = ()
     host_to_device_bytes_per_s: tuple[tuple[str, float], ...] = ()  # ("cuda:N", pinned copy rate)
-    cuda_context_bytes: int | None = None  # device memory in use before torch allocates anything
+    cuda_context_bytes: int | None = None  # a worker's fixed device memory: the context and cuBLAS's workspaces
     cuda_worker_base_ram: int | None = None  # RSS of a GPU worker once its CUDA context is up
 
     @classmethod

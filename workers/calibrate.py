@@ -190,10 +190,21 @@ def _host_to_device(device: str) -> float:
 def _gpu_figures(device: str) -> dict:
     import torch
 
+    from flexorch.workers.devicememory import fixed_bytes
+
     torch.cuda.set_device(device)
     torch.empty(1, device=device)  # creates the context
-    free, total = torch.cuda.mem_get_info(device)
-    return {"cuda_context_bytes": total - free, "cuda_worker_base_ram": _rss(),
+    context = fixed_bytes(torch.device(device))
+    # From its first matmul cuBLAS keeps a workspace per handle and stream, allocated through torch's
+    # allocator: fixed device memory of every worker, beside the context.
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        operand = torch.ones(256, 256, device=device, dtype=dtype)
+        operand @ operand
+    del operand
+    torch.cuda.synchronize(device)
+    workspace = torch.cuda.memory_allocated(device)
+    return {"cuda_context_bytes": context + workspace, "cuda_workspace_bytes": workspace,
+            "cuda_worker_base_ram": _rss(),
             "host_to_device": [device, _host_to_device(device)]}
 
 

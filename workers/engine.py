@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from flexorch.workers import devicememory
 from flexorch.workers.activations import make_store
 from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
 from flexorch.workers.kvcache import KVCache, NoCache, append_columns, pack_new_tokens
@@ -157,6 +158,7 @@ class Engine:
         self._head_steps: list[StepScores] | None = None  # a head in vocabulary steps: per batch, between them
         self.heap = Heap()
         self.heap.configure()  # intermediates reuse their memory (workers/heap.py)
+        self.device_fixed = devicememory.fixed_bytes(self.device)  # the context, beside torch's allocations
 
     def run(self, prompts: Sequence[TokenizedPrompt]) -> tuple[list[PromptResult], EngineSummary]:
         start = time.perf_counter()
@@ -202,7 +204,8 @@ class Engine:
             seconds=seconds, load_seconds=stats.wait_seconds, read_seconds=stats.read_seconds,
             compute_seconds=seconds - stats.wait_seconds, bytes_read=stats.bytes_read, peak_rss=peak_rss(),
             peak_device_memory=max(self.peak_device_per_shard, default=0),
-            peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens)
+            peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens,
+            device_fixed_bytes=self.device_fixed)
         return results, summary
 
     def _progress_within(self, position: int, step: int, steps: int, prompts: int, tokens: int,
@@ -257,7 +260,7 @@ class Engine:
             self._run_expert_group(loaded, link, len(current.packed))
         self.heap.trim()  # RSS stays flat across shards; the next shard's intermediates kept
         if cuda:
-            self.peak_device_per_shard.append(torch.cuda.max_memory_allocated(self.device))
+            self.peak_device_per_shard.append(self.device_fixed + torch.cuda.max_memory_allocated(self.device))
 
     def _run_layers(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache, scores,
                     batch_done: Callable[[int, int], None]) -> None:

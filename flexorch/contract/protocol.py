@@ -126,8 +126,12 @@ class EngineSummary:
     compute_seconds: float
     bytes_read: int
     peak_rss: int  # bytes
-    peak_device_memory: int  # bytes; 0 on CPU
-    peak_device_memory_per_shard: tuple[int, ...] = ()  # CUDA only
+    # bytes; 0 on CPU. On CUDA, what the process holds of the GPU at its peak: its fixed part (the
+    # context, outside torch's allocator: workers/devicememory.py) and torch's peak allocation, which
+    # includes cuBLAS's workspaces: the quantity the planner predicts.
+    peak_device_memory: int
+    peak_device_memory_per_shard: tuple[int, ...] = ()  # CUDA only, each with the fixed part
+    device_fixed_bytes: int = 0  # CUDA only: that fixed part
     tokens: int = 0  # tokens computed (all steps, all layers counted once)
 
 
