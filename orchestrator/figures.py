@@ -48,9 +48,11 @@ BATCH_HALF_SATURATION = {"cpu": 100, "cuda": 512}
 # RSS of a worker before any weight: Python + torch + transformers measured at ~350 MB on CPU
 # (torch 2.x); the CUDA runtime and cuBLAS/cuDNN images add several hundred MB on a GPU worker.
 WORKER_BASE_RAM = {"cpu": 512 * MiB, "cuda": 1 * GiB}
-# The CUDA context (driver state, module images, cuBLAS workspace) lives outside torch's allocator:
-# 300-500 MB depending on driver and GPU; take the high end.
-CUDA_CONTEXT_BYTES = 500 * MiB
+# A GPU worker's fixed device memory: the CUDA context (driver state, module images), outside torch's
+# allocator, 300-600 MB depending on driver and GPU, and cuBLAS's workspaces (tens of MB, inside it);
+# take the high end (measured on an H100, driver 580, torch 2.11: 552 MB + 34 MB). Calibration
+# measures both.
+CUDA_CONTEXT_BYTES = 640 * MiB
 # Spawn to first forward: interpreter, torch, transformers (9-14 s measured on the 2-core demo box
 # with other jobs running; ~3 s on a quiet workstation). The slow end: a prediction should not flatter.
 WORKER_START_SECONDS = 10.0
@@ -59,6 +61,15 @@ WORKER_START_SECONDS = 10.0
 # (within 5% on the benchmark shapes), so half the margin suffices; a 600 MB cap on a job needing
 # ~550 MB is then met rather than refused.
 SAFETY_FRACTION = {"assumed": 0.10, "measured": 0.05}
+
+
+# The engine's cost per layer forward on a GPU beyond the calibrated layer's own (which a synchronised
+# forward of one reference layer measures): the slope of the engine's time against its number of
+# forwards in bench_gpu's batch grid, a 13B-shaped fp16 model on an H100 under a 6 GB cap (4096 ->
+# 16384 tokens per forward: 0.8 ms per layer forward; at 2048 it ran slower still). Without it
+# every batch from 1024 up predicted the same time and the memory tie-break chose 2048 tokens, which
+# ran 1.63x the best batch's time. Not measured per machine yet (benchmarks/results/gpu-*.json).
+GPU_FORWARD_SECONDS = 0.8e-3
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,9 @@ step's one token per suffix) for layers of the model's FLOPs per token (a narrow
 below a wide one's rate: figures.py prices a forward as a fixed cost plus a cost per FLOP): a
 decoder group 2 x its params per token plus attention's 4 x row length x hidden per token (one row
 per prompt; a later generation step computes one token per suffix against the cached row), the lm
-head on the scored positions, the embedding a lookup; each shard boundary also moves every batch's
+head on the scored positions, the embedding a lookup; on a GPU each layer forward also costs the
+engine a fixed time beyond the calibrated layer's (figures.GPU_FORWARD_SECONDS, so larger batches
+run faster there, as measured); each shard boundary also moves every batch's
 activations over the host-device link where they wait off the GPU, and through files with the disk
 store. Reported apart: reading and computing totals, and the fill (what the overlap does not hide).
 A pipeline stage reads and computes 1/n of each shard (the fill and drain of each step, and the
@@ -109,7 +111,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
-from flexorch.orchestrator.figures import Figures, figures_of
+from flexorch.orchestrator.figures import GPU_FORWARD_SECONDS, Figures, figures_of
 from flexorch.orchestrator.hardware import Hardware, Node, format_bytes
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import DECODER, DTYPE_BYTES, EMBED, LM_HEAD, NORM, Manifest
@@ -785,8 +787,12 @@ def _shard_costs(job: _Job, setup: _Setup, load: _Load, threads: int, stages: in
     if setup.device != "cpu" and setup.storage != "gpu":
         move += boundary / job.figures.host_to_device(setup.device).value
 
+    # each layer forward's fixed cost on a GPU, once per batch (figures.GPU_FORWARD_SECONDS); on a CPU
+    # the calibrated forwards carry theirs
+    forwards = batches * (GPU_FORWARD_SECONDS if setup.device != "cpu" else 0.0) / stages
+
     def per_shard(layers: float, head: float) -> tuple[float, ...]:
-        decoders = [len(g) / m.num_layers * layers + move for g in groups]
+        decoders = [len(g) / m.num_layers * layers + len(g) * forwards + move for g in groups]
         return (move, *decoders, head)
 
     return _ShardCosts(reads, per_shard(load.layer_flops / rate(load.act_tokens), load.head_flops / rate(load.scored)),
