@@ -6,6 +6,8 @@ layer, written layer by layer: the 26 GB model never exists in RAM). Then, each 
 (a) flexorch with the GPU capped at 6 GB (torch's per-process memory fraction; settings from the
     planner given that limit), weights in the page cache;
 (f) the same model held fully on the GPU, the same packed arithmetic (bench_limit's (b));
+(h) a plain Hugging Face loop over the same whole model on the GPU: one forward per prefix + suffix,
+    on a subset of prompts, scaled to the set;
 (d) accelerate offloading under the same cap (infer_auto_device_map + dispatch_model with
     max_memory {gpu: 6 GB}: layers beyond the cap wait in RAM and are moved per forward), one
     forward per prefix + suffix as its users run it, on a subset of prompts, scaled to the set.
@@ -124,7 +126,29 @@ def _cap_gpu(device: str, cap: int) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device))
 
 
+def _fixed_device_bytes(device: str) -> int:
+    """The CUDA context, measured as the engine does (its peaks include it): 0 on CPU."""
+    import torch
+
+    from flexorch.workers.devicememory import fixed_bytes
+
+    return fixed_bytes(torch.device(device))
+
+
+def _peak(device: str, fixed: int) -> int:
+    import torch
+
+    return fixed + torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+
+
 # -- the children ----------------------------------------------------------------------------------
+def child_generate(params: dict) -> dict:
+    """In a child, so that the parent never holds GPU memory: calibration and the other children
+    measure the GPU as a worker finds it."""
+    path = generate_layerwise(Path(params["target"]), params["shape"], params["dtype"], params["device"])
+    return {"path": str(path)}
+
+
 def child_flexorch(params: dict) -> dict:
     _cap_gpu(params["device"], params["cap"])
     s = params["settings"]
@@ -136,16 +160,19 @@ def child_flexorch(params: dict) -> dict:
 
 
 def child_full(params: dict) -> dict:
-    import torch
-
+    fixed = _fixed_device_bytes(params["device"])
     start = time.perf_counter()
     model = load_whole_model(Path(params["layerwise"]), params["device"])
     load_seconds = time.perf_counter() - start
     prompts = c.prompts_from_json(params["prompts"])
     c.score_in_memory(model, prompts[:2], params["batch_tokens"])  # warm-up: cuBLAS handles, allocator
     seconds = c.score_in_memory(model, prompts, params["batch_tokens"])
-    peak = torch.cuda.max_memory_allocated() if params["device"].startswith("cuda") else 0
-    return {"seconds": seconds, "load_seconds": load_seconds, "peak_device_memory": peak}
+    peak = _peak(params["device"], fixed)
+    # (h) how users score with the whole model on the GPU: one forward per prefix + suffix
+    subset = prompts[: params["loop_prompts"]]
+    loop_seconds = c.score_one_by_one(model, subset, params["device"])
+    return {"seconds": seconds, "load_seconds": load_seconds, "peak_device_memory": peak,
+            "loop_seconds_scaled": loop_seconds * len(prompts) / len(subset), "loop_prompts": len(subset)}
 
 
 def child_accelerate(params: dict) -> dict:
@@ -154,6 +181,7 @@ def child_accelerate(params: dict) -> dict:
 
     device = params["device"]
     _cap_gpu(device, params["cap"])
+    fixed = _fixed_device_bytes(device)
     start = time.perf_counter()
     model = load_whole_model(Path(params["layerwise"]), "cpu")
     if device.startswith("cuda"):
@@ -166,7 +194,7 @@ def child_accelerate(params: dict) -> dict:
     load_seconds = time.perf_counter() - start
     prompts = c.prompts_from_json(params["prompts"])
     seconds = c.score_one_by_one(model, prompts, device)
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+    peak = _peak(device, fixed)
     on_gpu = sum(1 for v in device_map.values() if v not in ("cpu", "disk"))
     return {"seconds": seconds, "load_seconds": load_seconds, "peak_device_memory": peak,
             "prompts_run": len(prompts), "modules_on_gpu": on_gpu, "modules": len(device_map)}
@@ -209,8 +237,12 @@ def child_rates(params: dict) -> dict:
             target.copy_(buffer, non_blocking=True)
         sync()
         host_to_device = 5 * buffer.numel() / (time.perf_counter() - start)
+    gpu = {}
+    if cuda:
+        props = torch.cuda.get_device_properties(torch.device(device))
+        gpu = {"gpu": props.name, "gpu_memory_bytes": props.total_memory}
     return {"matmul_flops": matmul, "matmul_dtype": str(dtype), "page_cache_bytes_per_s": page_cache,
-            "host_to_device_bytes_per_s": host_to_device}
+            "host_to_device_bytes_per_s": host_to_device, "machine": gpu}
 
 
 # -- the parent ------------------------------------------------------------------------------------
@@ -222,7 +254,13 @@ def main() -> None:
     parser.add_argument("--suffixes", type=int, default=4)
     parser.add_argument("--accelerate-prompts", type=int, default=8,
                         help="prompts (d) runs (one forward each per suffix); its time is scaled to the set")
+    parser.add_argument("--layers", type=int, default=LLAMA_2_13B["num_hidden_layers"],
+                        help="decoder layers of the 13B shape (fewer: a shorter run, the same per-layer costs)")
+    parser.add_argument("--loop-prompts", type=int, default=40,
+                        help="prompts (h) runs (one forward each per suffix); its time is scaled to the set")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="for (f) and when the planner is absent")
+    parser.add_argument("--grid-batch-tokens", default="",
+                        help="comma-separated batch_tokens to run flexorch with beside the planner's choice")
     args = parser.parse_args()
     import torch
 
@@ -232,11 +270,17 @@ def main() -> None:
         return
     smoke = args.cpu_smoke
     device, dtype = ("cpu", "float32") if smoke else ("cuda:0", "float16")
-    shape = TINY if smoke else LLAMA_2_13B
+    shape = TINY if smoke else {**LLAMA_2_13B, "num_hidden_layers": args.layers}
     n_prompts, prefix_tokens = (6, 40) if smoke else (args.prompts, args.prefix_tokens)
-    machine, script = c.machine_info(device), Path(__file__)
-    name = "tiny" if smoke else "llama2-13b-shape"
-    layerwise = generate_layerwise(c.CACHE / f"{name}-{dtype}-layerwise", shape, dtype, device)
+    # The parent stays off the GPU (its children and the calibration measure it as a worker finds it).
+    machine, script = c.machine_info("cpu") | {"device": device}, Path(__file__)
+    name = "tiny" if smoke else "llama2-13b-shape" + ("" if args.layers == LLAMA_2_13B["num_hidden_layers"]
+                                                        else f"-{args.layers}-layers")
+    made = c.run_child(script, {"method": "generate", "target": str(c.CACHE / f"{name}-{dtype}-layerwise"),
+                                "shape": shape, "dtype": dtype, "device": device})
+    if "error" in made:
+        sys.exit(f"bench_gpu: generating the model failed: {made['error']}\n{made.get('stderr_tail', '')}")
+    layerwise = Path(made["path"])
     prompts = make_token_prompts(n_prompts, prefix_tokens, args.suffixes, shape["vocab_size"])
     prompts_json = c.prompts_to_json(prompts)
     tokens = sum(p.n_tokens for p in prompts)
@@ -247,8 +291,15 @@ def main() -> None:
     weight_bytes = manifest.total_bytes
 
     cap = GPU_CAP
+    base = {"device": device, "layerwise": str(layerwise), "cap": cap}
+    rates = c.run_child(script, {**base, "method": "rates", "files": [str(layerwise / e.file)
+                                                                       for e in manifest.layers if e.file]})
+    machine |= rates.pop("machine", {})
+    # Every run reads the weights from the page cache (warmed above): so is the plan told.
     prediction = c.planner_prediction(layerwise, prompts, {"dtype": dtype}, gpu_memory=None if smoke else cap,
-                                      devices=(device,))
+                                      devices=(device,), calibrate=not smoke,
+                                      disk_read_bytes_per_s=rates.get("page_cache_bytes_per_s"))
+    calibration = prediction.pop("calibration", None)
     if "planned_settings" in prediction:
         settings, source = prediction["planned_settings"], "planner"
     else:
@@ -256,15 +307,19 @@ def main() -> None:
                     "batch_tokens": args.batch_tokens}
         source = f"fixed ({prediction.get('unavailable', '')})"
     print(f"flexorch settings ({source}): {settings}", flush=True)
-    base = {"device": device, "layerwise": str(layerwise), "cap": cap}
     ours = c.run_child(script, {**base, "method": "flexorch", "prompts": prompts_json, "settings": settings})
-    full = c.run_child(script, {**base, "method": "full", "prompts": prompts_json, "batch_tokens": args.batch_tokens})
+    full = c.run_child(script, {**base, "method": "full", "prompts": prompts_json, "batch_tokens": args.batch_tokens,
+                                "loop_prompts": args.loop_prompts})
     subset = prompts_json[: args.accelerate_prompts]
     offload = c.run_child(script, {**base, "method": "accelerate", "prompts": subset})
     if "seconds" in offload:
         offload["seconds_scaled"] = offload["seconds"] * len(prompts) / len(subset)
-    rates = c.run_child(script, {**base, "method": "rates", "files": [str(layerwise / e.file)
-                                                                       for e in manifest.layers if e.file]})
+    grid = []  # auto against hand-set batch sizes, the rest of the plan kept
+    for batch_tokens in [int(b) for b in args.grid_batch_tokens.split(",") if b]:
+        run = c.run_child(script, {**base, "method": "flexorch", "prompts": prompts_json,
+                                   "settings": {**settings, "batch_tokens": batch_tokens}})
+        grid.append({"batch_tokens": batch_tokens, **{k: run.get(k) for k in ("seconds", "peak_device_memory",
+                                                                              "device_fixed_bytes", "error")}})
 
     floor = {}
     if "matmul_flops" in rates:
@@ -282,6 +337,10 @@ def main() -> None:
         ["(f) whole model on the GPU", full.get("seconds"), None, full.get("seconds"), full.get("peak_device_memory"),
          c.fmt_ratio(ours_s / full["seconds"] if ours_s and full.get("seconds") else None) + " (ours / it)",
          f"+ {c.fmt_seconds(full.get('load_seconds'))} s to load" if "load_seconds" in full else full.get("error", "")],
+        [f"(h) plain HF loop, whole model on the GPU ({full.get('loop_prompts')} prompts, scaled)",
+         full.get("loop_seconds_scaled"), None, None, full.get("peak_device_memory"),
+         c.fmt_ratio(full["loop_seconds_scaled"] / ours_s if ours_s and "loop_seconds_scaled" in full else None)
+         + " (it / ours)", "one forward per prefix + suffix"],
         [f"(d) accelerate offload, 6 GB ({len(subset)} prompts, scaled)", offload.get("seconds_scaled"), None, None,
          offload.get("peak_device_memory"),
          c.fmt_ratio(offload["seconds_scaled"] / ours_s if ours_s and "seconds_scaled" in offload else None)
@@ -301,18 +360,24 @@ def main() -> None:
                   ("method", "seconds", "load s", "compute s", "peak GPU memory", "ratio", "note"), table, caption)
     comparison = c.compare_prediction(prediction, ours) if "seconds" in ours else prediction
     c.print_table("planner predictions vs measured", c.PREDICTION_COLUMNS, c.prediction_rows(name, comparison))
+    if grid:
+        c.print_table("auto against hand-set batch sizes", ("batch_tokens", "seconds", "peak GPU memory", "note"),
+                      [[f"{settings['batch_tokens']} (auto)", c.fmt_seconds(ours_s),
+                        c.fmt_bytes(ours.get("peak_device_memory")), ""]]
+                      + [[str(g["batch_tokens"]), c.fmt_seconds(g["seconds"]), c.fmt_bytes(g["peak_device_memory"]),
+                          str(g["error"] or "")[:60]] for g in grid])
     path = c.write_results("gpu", {
         "quick": smoke, "model": name, "dtype": dtype, "weight_bytes": weight_bytes, "gpu_cap": cap, "prompts": len(prompts),
         "tokens": tokens, "tokens_per_s": tokens_per_s, "settings": settings, "settings_source": source,
         "flexorch": ours, "full_gpu": full, "accelerate": offload, "rates": rates, "floor": floor,
         "measured_over_floor": ours_s / floor["seconds"] if ours_s and floor else None, "goal": GOAL,
-        "prediction": comparison}, machine, args.machine)
+        "prediction": comparison, "calibration": calibration, "grid": grid}, machine, args.machine)
     print(f"results: {path}")
 
 
 if __name__ == "__main__":
     if c.is_child():
-        c.child_main({"flexorch": child_flexorch, "full": child_full, "accelerate": child_accelerate,
-                      "rates": child_rates})
+        c.child_main({"generate": child_generate, "flexorch": child_flexorch, "full": child_full,
+                      "accelerate": child_accelerate, "rates": child_rates})
     else:
         sys.exit(main())

@@ -299,11 +299,12 @@ def _timed_read(*paths: Path, advise: bool = True) -> dict:
 
 # -- child processes -------------------------------------------------------------------------------
 def run_child(script: Path, params: dict, timeout: float | None = None, env: dict | None = None) -> dict:
-    """Run `script --child JSON` and return the dict its child printed; on failure the dict has
-    "error" (the child's exit status and the tail of its stderr) so the table can say why."""
-    command = [sys.executable, str(script), "--child", json.dumps(params)]
+    """Run `script --child -` with `params` as JSON on its stdin (a job's prompts outgrow the argument
+    list) and return the dict its child printed; on failure the dict has "error" (the child's exit
+    status and the tail of its stderr) so the table can say why."""
+    command = [sys.executable, str(script), "--child", "-"]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+        done = subprocess.run(command, input=json.dumps(params), capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
@@ -319,12 +320,6 @@ def _failure(returncode: int, output: str) -> dict:
     return {"error": f"exit {returncode}: {lines[-1]}", "stderr_tail": "\n".join(lines[-30:])}
 
 
-def start_child(script: Path, params: dict, env: dict | None = None) -> subprocess.Popen:
-    """Like run_child, started without waiting (several workers at once); see finish_child."""
-    return subprocess.Popen([sys.executable, str(script), "--child", json.dumps(params)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-
-
 def finish_child(process: subprocess.Popen) -> dict:
     stdout, stderr = process.communicate()
     for line in reversed(stdout.splitlines()):
@@ -336,7 +331,8 @@ def finish_child(process: subprocess.Popen) -> dict:
 def child_main(methods: dict[str, Callable[[dict], dict]]) -> None:
     """In a child: run methods[params["method"]](params) and print its result with the process's
     peak RSS. Exceptions propagate (the parent shows the traceback's tail)."""
-    params = json.loads(sys.argv[sys.argv.index("--child") + 1])
+    given = sys.argv[sys.argv.index("--child") + 1]
+    params = json.loads(sys.stdin.read() if given == "-" else given)
     result = methods[params["method"]](params)
     result.setdefault("peak_rss", peak_rss())
     print(RESULT_MARKER + json.dumps(result), flush=True)
@@ -471,10 +467,11 @@ def base_parser(description: str):
 # -- predictions (issue 7, benchmark 6) ------------------------------------------------------------
 def planner_prediction(layerwise: Path, prompts, settings: dict | None, *, ram_limit: int | None = None,
                        gpu_memory: int | None = None, disk_read_bytes_per_s: float | None = None,
-                       devices: Sequence[str] = ("cpu",)) -> dict:
+                       devices: Sequence[str] = ("cpu",), calibrate: bool = False) -> dict:
     """The planner's prediction for a run of `prompts` with these engine settings (EngineSettings
     as a dict: the planner is asked for exactly what was run; None: every choice left to it, and
-    "planned_settings" says what it chose), or {"unavailable": why}.
+    "planned_settings" says what it chose), or {"unavailable": why}. `calibrate`: with this
+    machine's figures measured now (as `flexorch probe --calibrate`), else the assumed ones.
 
     Compare with `compare_prediction(prediction, measured)`."""
     try:
@@ -486,6 +483,11 @@ def planner_prediction(layerwise: Path, prompts, settings: dict | None, *, ram_l
     from flexorch.contract.manifest import read_manifest
 
     hardware = probe(Path(layerwise))
+    if calibrate:
+        from flexorch.orchestrator.calibrate import calibrated
+        from flexorch.orchestrator.modelstore import default_cache_dir
+
+        hardware = calibrated(hardware, default_cache_dir(), force=True)
     if disk_read_bytes_per_s:
         hardware = replace(hardware, disk_read_bytes_per_s=disk_read_bytes_per_s)
     job_dir = CACHE / "plan-job"
@@ -504,7 +506,8 @@ def planner_prediction(layerwise: Path, prompts, settings: dict | None, *, ram_l
     return {"read_seconds": worker.predicted_read_seconds, "compute_seconds": worker.predicted_compute_seconds,
             "seconds": max(worker.predicted_read_seconds, worker.predicted_compute_seconds),
             "peak_ram": worker.predicted_peak_ram, "peak_device_memory": worker.predicted_peak_device_memory,
-            "rounds": len(worker.rounds), "planned_settings": asdict(worker.settings)}
+            "rounds": len(worker.rounds), "planned_settings": asdict(worker.settings),
+            "calibration": asdict(hardware.calibration) if hardware.calibration else None}
 
 
 def compare_prediction(prediction: dict, measured: dict) -> dict:
