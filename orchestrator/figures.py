@@ -68,7 +68,9 @@ SAFETY_FRACTION = {"assumed": 0.10, "measured": 0.05}
 # forwards in bench_gpu's batch grid, a 13B-shaped fp16 model on an H100 under a 6 GB cap (4096 ->
 # 16384 tokens per forward: 0.8 ms per layer forward; at 2048 it ran slower still). Without it
 # every batch from 1024 up predicted the same time and the memory tie-break chose 2048 tokens, which
-# ran 1.63x the best batch's time. Not measured per machine yet (benchmarks/results/gpu-*.json).
+# ran 1.63x the best batch's time. Not measured per machine yet (benchmarks/results/gpu-*.json), and
+# measured before the engine stopped copying layout ids to the device per layer (a pipeline drain
+# where a pass's layouts outgrow LAYOUT_CACHE_BYTES): the next GPU run re-fits it.
 GPU_FORWARD_SECONDS = 0.8e-3
 
 

@@ -287,6 +287,36 @@ def test_the_cache_goes_under_the_name_the_decoder_layer_takes(name):
     assert _cache_kwarg(forward) == _cache_kwarg(deprecating) == name
 
 
+def test_layouts_beyond_the_cache_are_rebuilt_from_ids_moved_to_the_device_once_per_pass(layerwise, references,
+                                                                                          monkeypatch):
+    """With no room to keep a pass's masks and rotary tables, each layer rebuilds them, but from
+    position and segment ids already on the device: moving them (from pageable memory, which on a
+    GPU waits for every queued kernel) happens once per batch and pass, not once per layer."""
+    import flexorch.workers.engine as engine
+
+    ref = references("llama")
+    run = settings(layers_per_shard=2, batch_tokens=60)
+    kept, _ = score_prompts(layerwise("llama"), ref.prompts, ScoreSpec("next_token_probs"), run)
+    calls, moves = [], []
+    original = engine._Pass.ids_on_device
+
+    def counted(self, b, device):
+        calls.append(b)
+        if b not in self._ids_on_device:
+            moves.append(b)
+        return original(self, b, device)
+
+    monkeypatch.setattr(engine, "LAYOUT_CACHE_BYTES", 0)
+    monkeypatch.setattr(engine._Pass, "ids_on_device", counted)
+    rebuilt, _ = score_prompts(layerwise("llama"), ref.prompts, ScoreSpec("next_token_probs"), run)
+    batches = len(make_batches([(p.prefix_ids, p.suffix_ids) for p in ref.prompts], 60))
+    layers = read_manifest(layerwise("llama")).num_layers
+    assert sorted(moves) == list(range(batches))
+    assert len(calls) == batches * layers  # every layer rebuilt its layout
+    for a, b in zip(kept, rebuilt):
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
 def test_batches_respect_the_token_budget():
     rows = [((1,) * n, ((2,),)) for n in (3, 9, 5, 9, 2, 4)]
     batches = make_batches(rows, batch_tokens=20)

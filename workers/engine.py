@@ -105,6 +105,7 @@ class _Pass:
         self.tokens = sum(p.input_ids.numel() for p in self.packed)
         self._layouts: dict[tuple[int, LayerKind], tuple] = {}  # (batch, layer kind) → cached layout
         self._layout_bytes = 0
+        self._ids_on_device: dict[int, tuple[torch.Tensor, PackedBatch]] = {}
 
     @classmethod
     def of_rows(cls, rows: list[Row], batch_tokens: int, kind: str) -> "_Pass":
@@ -115,6 +116,17 @@ class _Pass:
         """The next generation step against the KV cache: the same batches (the cache is kept per
         batch), each suffix one token longer in `rows`."""
         return _Pass(rows, self.batches, kind, cached=self.keys)
+
+    def ids_on_device(self, b: int, device: torch.device) -> tuple[torch.Tensor, PackedBatch]:
+        """(query position ids, key layout) of batch b on `device`, copied once per pass: a layout
+        rebuilt per layer (beyond LAYOUT_CACHE_BYTES) then costs GPU kernels only, where copying
+        from pageable host memory would wait for every queued kernel (a drained pipeline per layer).
+        A few bytes per token, kept for the pass."""
+        if b not in self._ids_on_device:
+            packed, keys = self.packed[b], self.keys[b]
+            self._ids_on_device[b] = (packed.position_ids.to(device), PackedBatch(
+                keys.input_ids, keys.position_ids.to(device), keys.segment_ids.to(device)))
+        return self._ids_on_device[b]
 
     def layout(self, b: int, kind: LayerKind, build: Callable[[], tuple]) -> tuple:
         """(mask, position_ids, position_embeddings) of batch b: the same for every layer of a pass,
@@ -368,11 +380,10 @@ class Engine:
                         cache: KVCache, step: int) -> torch.Tensor:
         """hidden: (rows, Q, d_model) of batch b at `step` through decoder layers `indices`, each
         with its keys and values of the earlier steps from `cache`."""
-        packed, keys = current.packed[b], current.keys[b]
+        packed = current.packed[b]
 
         def build(kind: LayerKind) -> tuple:
-            position_ids = packed.position_ids.to(self.device)
-            layout = PackedBatch(keys.input_ids, keys.position_ids.to(self.device), keys.segment_ids.to(self.device))
+            position_ids, layout = current.ids_on_device(b, self.device)
             mask = additive_mask(attention_allowed(layout, kind.window, queries=packed.shape[1]), self.dtype)
             return mask, position_ids, self.adapter.position_embeddings(hidden, position_ids, kind)
 
