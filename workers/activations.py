@@ -58,22 +58,31 @@ class DeviceStore(ActivationStore):
 
 
 class HostStore(ActivationStore):
-    """Activations in host RAM between shards (storage: cpu), pinned so copies are asynchronous."""
+    """Activations in host RAM between shards (storage: cpu), pinned so copies are asynchronous.
+
+    On CUDA each put records an event after its device-to-host copy, and a get waits for that
+    event alone: by then it has long completed (the batch was put a shard ago), where waiting for
+    the stream would also wait for every kernel queued since, draining the GPU's pipeline at each
+    batch of each shard."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._batches: dict[int, torch.Tensor] = {}
+        self._batches: dict[Key, tuple[torch.Tensor, object]] = {}  # key → (host copy, its copy's event)
         self._pin = device.type == "cuda"
 
     def put(self, batch_id, hidden):
         host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=self._pin)
         host.copy_(hidden, non_blocking=self._pin)
-        self._batches[batch_id] = host
+        copied = None
+        if self._pin:
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(self.device))
+        self._batches[batch_id] = (host, copied)
 
     def get(self, batch_id, keep=False):
-        if self._pin:  # the put's device-to-host copy must have landed
-            torch.cuda.current_stream(self.device).synchronize()
-        host = self._batches[batch_id] if keep else self._batches.pop(batch_id)
+        host, copied = self._batches[batch_id] if keep else self._batches.pop(batch_id)
+        if copied is not None:  # the put's device-to-host copy must have landed
+            copied.synchronize()
         return host.to(self.device, non_blocking=self._pin)
 
     def close(self):
