@@ -295,5 +295,5 @@ def figures_of(hardware: Hardware) -> Figures:
                   "cuda": pick(calibration and calibration.cuda_worker_base_ram, WORKER_BASE_RAM["cuda"],
                                "Python, torch, transformers and the CUDA runtime")},
         cuda_context=pick(calibration and calibration.cuda_context_bytes, CUDA_CONTEXT_BYTES,
-                          "the high end of 300-500 MB across drivers"),
+                          "the high end of 300-600 MB across drivers and GPUs, with cuBLAS's workspaces"),
     )

@@ -1171,14 +1171,24 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
                + (_working_bytes(m, setup.batch, longest, job.scored_ratio, columns, _edges(m, setup, load, job))
                   if setup.batch else 0))
     ram = int(job.figures.base_ram[_kind(setup.device)].value) + load.result_bytes
-    ram += STAGING_BUFFERS * m.stored_shard(setup.lps) if cuda else compute
-    ram += (activations + cache if setup.storage == "cpu"
-            else in_flight + cache_read_ahead if setup.storage == "disk" else 0)
+    ram += STAGING_BUFFERS * _pinned(m.stored_shard(setup.lps)) if cuda else compute
+    held = activations + cache  # in RAM with storage cpu: on a GPU worker, pinned batch by batch
+    if cuda and setup.storage == "cpu" and setup.batch:
+        batches = math.ceil(load.act_tokens / setup.batch)
+        held = batches * _pinned(setup.batch * per_token) + (
+            batches * m.num_layers * _pinned(setup.batch * m.kv_bytes) if cache else 0)
+    ram += (held if setup.storage == "cpu" else in_flight + cache_read_ahead if setup.storage == "disk" else 0)
     ram += pending if setup.storage != "gpu" else 0
     device = (int(job.figures.cuda_context.value) + compute
               + (activations + pending + cache if setup.storage == "gpu" else 0) if cuda else 0)
     disk = DISK_COPIES * activations + cache if setup.storage == "disk" else 0
     return _Peaks(device=device, ram=ram, disk=disk)
+
+
+def _pinned(size: int) -> int:
+    """Host bytes that pinning `size` takes: torch's pinned-memory allocator rounds every block up
+    to a power of two (a 1.71 GB staging buffer pins 2 GiB)."""
+    return 1 << max(size - 1, 0).bit_length() if size > 0 else 0
 
 
 @dataclass(frozen=True)

@@ -129,11 +129,13 @@ def test_70b_on_a_6gb_gpu_streams_one_layer_at_a_time_with_activations_in_ram():
     assert [len(r) for r in worker.rounds] == [119, 119, 119, 43]
     assert worker.rounds[0][0] == 0 and worker.rounds[-1][-1] == 399
     # The largest round's activations, 119 x 300 x 1.25 (padding) x 8192 x 2 = 731,136,000, do not fit beside the
-    # shards (4.83 + 0.73 > 5.4 GB) but do in RAM (budget 8 GB less 10% = 7.2 GB):
-    #   base 1 GiB 1,073,741,824 + pinned staging 1,711,308,800 + activations 731,136,000
-    #   + scores 119 x 4 suffixes x 32000 x 4 = 60,928,000                          = 3,577,114,624
+    # shards (4.98 + 0.73 > 5.4 GB) but do in RAM (budget 8 GB less 10% = 7.2 GB). Pinned memory comes in powers of
+    # two (torch's allocator rounds each block up): the 1,711,308,800-byte staging buffer takes 2 GiB, and each of
+    # the round's 22 batches of 2048 tokens takes 2048 x 8192 x 2 = 33,554,432 bytes:
+    #   base 1 GiB 1,073,741,824 + pinned staging 2,147,483,648 + activations 738,197,504
+    #   + scores 119 x 4 suffixes x 32000 x 4 = 60,928,000                          = 4,020,350,976
     assert worker.settings.storage == "cpu"
-    assert worker.predicted_peak_ram == 3_577_114_624
+    assert worker.predicted_peak_ram == 4_020_350_976
     # The embedding reads only the rows of a round's token ids (at most one per padded token): the whole table for
     # 119 prompts, 43 x 375 of its 32000 rows for the last round.
     embeds = [524_288_000 * min(1.0, len(r) * 375 / 32000) for r in worker.rounds]
@@ -168,27 +170,31 @@ def test_a_128k_vocabulary_70b_is_sized_by_its_decoder_layers_not_its_head():
     # batch x 104,448 rows a step x 4 = 23,396,352) and, between its steps, a round's 119 x 375 x 4 / 300 =
     # 595 scored positions' normed hidden states and logits so far (595 x (8192 x 2 + 128256 x 4) =
     # 314,997,760) stay below a decoder layer's 790,806,528 of working memory. Two slots of the whole norm +
-    # head would have added 2 x 390,053,888: 5,611,703,768 bytes, which does not fit in 5.4 GB.
+    # head would have added 2 x 390,053,888: 5,758,504,408 bytes, which does not fit in 5.4 GB.
     plan = make_plan(machine(SMALL_GPU), llama3_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400)
     (worker,) = plan.workers
     assert (worker.settings.batch_tokens, worker.settings.layers_per_shard) == (2048, 1)
     assert [len(r) for r in worker.rounds] == [119, 119, 119, 43]
     assert worker.predicted_peak_device_memory == 4_978_396_632
     # RAM: the pinned staging is one layer too; the scores grow with the vocabulary (119 x 4 x 96256 x 4 more)
-    assert worker.predicted_peak_ram == 3_577_114_624 + 119 * 4 * (128256 - 32000) * 4
+    assert worker.predicted_peak_ram == 4_020_350_976 + 119 * 4 * (128256 - 32000) * 4
 
 
 def test_70b_with_less_ram_keeps_activations_on_the_gpu_in_smaller_batches():
-    # RAM 3.3 GB (2.97 GB usable) and 1000-token prompts: base + staging (2.79 GB) leave no room for a round's
-    # activations in RAM. On the GPU, a 2048-token batch leaves room for rounds of 35 prompts; more rounds
+    # RAM 3.7 GB (3.33 GB usable) and 1000-token prompts: base + staging (1 GiB + 2 GiB: the 1.71 GB staging
+    # buffer pinned, rounded up to a power of two) leave no room for a round's activations in RAM. On the GPU, a 2048-token batch leaves room for rounds of 35 prompts; more rounds
     # re-read the weights, which beats writing and reading 81 x 2 activations per pass through the disk. A
     # 1024-token batch would leave room for longer rounds but pays each forward's fixed cost twice (85.0 min
     # against 71.0).
-    spec = Spec(limits=Limits(gpu_memory=6 * GB, ram=3_300_000_000))
+    spec = Spec(limits=Limits(gpu_memory=6 * GB, ram=3_700_000_000))
     (worker,) = make_plan(machine(SMALL_GPU), llama2_70b(), spec, [1000] * 400).workers
     assert (worker.settings.storage, worker.settings.batch_tokens) == ("gpu", 2048)
     assert [len(r) for r in worker.rounds] == [35] * 11 + [15]
-    assert worker.predicted_peak_device_memory <= 0.9 * 6 * GB and worker.predicted_peak_ram <= 0.9 * 3.3 * GB
+    assert worker.predicted_peak_device_memory <= 0.9 * 6 * GB and worker.predicted_peak_ram <= 0.9 * 3.7 * GB
+    # 3.3 GB would not hold the pinned staging buffer beside the worker's own RAM.
+    with pytest.raises(UserError, match=r"a shard of 1.71 GB .* needs 3.22 GB of RAM"):
+        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=Limits(gpu_memory=6 * GB, ram=3_300_000_000)),
+                  [1000] * 400)
 
 
 def test_a_disk_too_small_for_disk_storage_is_an_error():
