@@ -52,6 +52,12 @@ def replan(run: dict) -> dict:
             "predicted_compute_seconds": worker.predicted_compute_seconds,
             "predicted_read_seconds": worker.predicted_read_seconds,
             "predicted_peak_device_memory": worker.predicted_peak_device_memory,
+            "predicted_peak_ram": worker.predicted_peak_ram,
+            # measured at the batch the run's planner chose (the grid records time and GPU memory only)
+            "measured_peak_rss_then": run["flexorch"]["peak_rss"],
+            "measured_peak_device_memory_by_batch": {
+                run["settings"]["batch_tokens"]: run["flexorch"]["peak_device_memory"],
+                **{g["batch_tokens"]: g["peak_device_memory"] for g in run["grid"] if g.get("peak_device_memory")}},
             "measured_seconds_by_batch": measured, "best_batch": best,
             "chosen_measured_seconds": measured.get(chosen),
             "chosen_over_best": measured[chosen] / measured[best] if chosen in measured else None}
