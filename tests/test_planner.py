@@ -182,8 +182,9 @@ def test_a_128k_vocabulary_70b_is_sized_by_its_decoder_layers_not_its_head():
 
 def test_70b_with_less_ram_keeps_activations_on_the_gpu_in_smaller_batches():
     # RAM 3.7 GB (3.33 GB usable) and 1000-token prompts: base + staging (1 GiB + 2 GiB: the 1.71 GB staging
-    # buffer pinned, rounded up to a power of two) leave no room for a round's activations in RAM. On the GPU, a 2048-token batch leaves room for rounds of 35 prompts; more rounds
-    # re-read the weights, which beats writing and reading 81 x 2 activations per pass through the disk. A
+    # buffer pinned, rounded up to a power of two) leave no room for a round's activations in RAM. On the
+    # GPU, a 2048-token batch leaves room for rounds of 35 prompts; more rounds re-read the weights, which
+    # beats writing and reading 81 x 2 activations per pass through the disk. A
     # 1024-token batch would leave room for longer rounds but pays each forward's fixed cost twice (85.0 min
     # against 71.0).
     spec = Spec(limits=Limits(gpu_memory=6 * GB, ram=3_700_000_000))
