@@ -115,7 +115,7 @@ from flexorch.orchestrator.figures import GPU_FORWARD_SECONDS, Figures, figures_
 from flexorch.orchestrator.hardware import Hardware, Node, format_bytes
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import DECODER, DTYPE_BYTES, EMBED, LM_HEAD, NORM, Manifest
-from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, STORAGES, EngineSettings
+from flexorch.contract.protocol import HEAP_SLACK, LAYOUT_CACHE_BYTES, STORAGES, EngineSettings
 from flexorch.contract.shards import (decoder_groups, gathered, head_row_bytes, head_rows, head_step_rows, owner,
                                       shard_bytes)
 
@@ -640,12 +640,17 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
     if device == "cpu":
         reasons.append(f"threads {threads}: the machine's {job.figures.hardware.cpu_count} cores split between its "
                        "CPU workers")
+    # free heap kept between shards sits beside the peak: no more than the budget leaves
+    heap_slack = max(0, min(HEAP_SLACK, budget.ram - peaks.ram))
+    if heap_slack < HEAP_SLACK:
+        reasons.append(f"heap slack {format_bytes(heap_slack)}: free heap kept between shards, what the RAM budget "
+                       f"leaves beside the predicted peak (else {format_bytes(HEAP_SLACK)})")
     settings = EngineSettings(
         device=device, dtype=job.dtype, layers_per_shard=setup.lps, storage=setup.storage, batch_tokens=setup.batch,
         disk_folder=_disk_folder(spec, name) if setup.storage == "disk" else None,
         threads=threads if device == "cpu" else 0, resident=setup.resident,
         experts_per_group=job.model.experts_per_group, allow_untested_models=spec.allow_untested_models,
-        double_buffer=setup.slots == DOUBLE_BUFFER,
+        double_buffer=setup.slots == DOUBLE_BUFFER, heap_slack=heap_slack,
     )
     return WorkerPlan(
         name=name, device=device, settings=settings, prompt_indices=indices, rounds=best.rounds,

@@ -317,6 +317,16 @@ def test_layouts_beyond_the_cache_are_rebuilt_from_ids_moved_to_the_device_once_
         np.testing.assert_array_equal(a.scores, b.scores)
 
 
+def test_the_heap_keeps_the_planned_slack_between_shards(layerwise, references, monkeypatch):
+    from flexorch.workers.heap import Heap
+
+    slacks = []
+    monkeypatch.setattr(Heap, "trim", lambda self, slack: slacks.append(slack) or True)
+    ref = references("llama")
+    score_prompts(layerwise("llama"), ref.prompts, ScoreSpec("next_token_probs"), settings(heap_slack=12345))
+    assert slacks and set(slacks) == {12345}  # after every shard
+
+
 def test_batches_respect_the_token_budget():
     rows = [((1,) * n, ((2,),)) for n in (3, 9, 5, 9, 2, 4)]
     batches = make_batches(rows, batch_tokens=20)

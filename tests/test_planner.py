@@ -18,6 +18,7 @@ from flexorch.orchestrator.planner import Plan, make_cluster_plan, make_plan, re
 from flexorch.orchestrator.shapes import llama3_70b, llama_shaped_manifest, mixtral_8x7b
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import Manifest
+from flexorch.contract.protocol import HEAP_SLACK
 
 GB, GiB, MiB = 10**9, 2**30, 2**20
 
@@ -411,6 +412,12 @@ def test_cpu_peak_ram_is_the_base_the_shard_slots_and_one_forward():
     assert worker.predicted_peak_ram == 772_640_384
     assert "shard slots 2 (auto): 16.5 s, 772.64 MB; 1: 17.0 s, 721.25 MB" in worker.reasons
     assert any(r.startswith("settings (auto)") and "the fastest is predicted 16.5 s" in r for r in worker.reasons)
+    # The free heap a worker keeps between shards (64 MiB) fits beside that peak; under 900 MB (810 MB usable)
+    # it shrinks to what is left, 810,000,000 - 772,640,384.
+    assert worker.settings.heap_slack == HEAP_SLACK
+    (tight,) = make_plan(machine(cpus=4), small_fp32(), Spec(limits=Limits(ram=900_000_000)), [150] * 32).workers
+    assert tight.predicted_peak_ram == 772_640_384 and tight.settings.heap_slack == 37_359_616
+    assert any(r.startswith("heap slack 37.36 MB") for r in tight.reasons)
 
 
 # -- job-wide decisions --------------------------------------------------------------------------

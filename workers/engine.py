@@ -270,7 +270,7 @@ class Engine:
             self._run_dense_part(loaded, current, link, cache)
         else:
             self._run_expert_group(loaded, link, len(current.packed))
-        self.heap.trim()  # RSS stays flat across shards; the next shard's intermediates kept
+        self.heap.trim(self.settings.heap_slack)  # RSS stays flat across shards; the next shard's intermediates kept
         if cuda:
             self.peak_device_per_shard.append(self.device_fixed + torch.cuda.max_memory_allocated(self.device))
 

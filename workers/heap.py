@@ -8,7 +8,7 @@ call: on a 256-wide model the page faults took ~30% of the CPU time (sys/wall 0.
 memory ran at 140. So `configure` fixes the thresholds (which also stops glibc moving them): blocks
 up to MMAP_THRESHOLD come from the heap and are reused by the next forward, and nothing is
 trimmed behind the engine's back. Between shards `trim` gives the heap's free memory back only
-beyond HEAP_SLACK, so RSS stays flat without refaulting the next shard's intermediates (measured on
+beyond a slack (HEAP_SLACK, or less under a tight RAM budget), so RSS stays flat without refaulting the next shard's intermediates (measured on
 a 24-layer 256-wide model: faults 370k → 10k a run, near 0 once warm, peak RSS 465 → 479-483 MB;
 the 4-layer 1024-wide one: 617-635 → 606-617 MB).
 
@@ -21,9 +21,10 @@ from __future__ import annotations
 import ctypes
 import sys
 
+from flexorch.contract.protocol import HEAP_SLACK
+
 MMAP_THRESHOLD = 32 << 20  # glibc's largest dynamic threshold (64-bit): what it would settle on
 TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top kept by free() itself: `trim` decides
-HEAP_SLACK = 64 << 20  # free heap memory kept between shards: two of its largest blocks
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 

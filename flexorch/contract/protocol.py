@@ -51,6 +51,11 @@ class ScoreKind(StrEnum):
 SCORE_KINDS = tuple(kind.value for kind in ScoreKind)
 STORAGES = ("gpu", "cpu", "disk")
 DTYPES = ("float32", "float16", "bfloat16")
+# Free heap memory a worker keeps between shards (workers/heap.py: two of its largest blocks, so the
+# next shard's intermediates are not faulted in afresh); the planner lowers it where a RAM budget
+# leaves less room beside the predicted peak (EngineSettings.heap_slack).
+HEAP_SLACK = 64 << 20
+
 # The engine keeps each batch's mask and rotary tables for the whole pass while they fit in this many
 # bytes (rebuilding them per layer cost ~7% of a 1024-wide layer's time on CPU); the planner counts it.
 LAYOUT_CACHE_BYTES = 64 << 20
@@ -99,6 +104,7 @@ class EngineSettings:
     # two shard slots, the next shard read while one computes; False: one slot, read after the compute
     # (a shard less memory, no read hidden): the planner's choice when only that fits
     double_buffer: bool = True
+    heap_slack: int = HEAP_SLACK  # bytes of free heap kept between shards (workers/heap.py)
 
 
 @dataclass(frozen=True)
