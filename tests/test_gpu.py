@@ -23,7 +23,7 @@ from flexorch.workers import devicememory
 from flexorch.workers.engine import score_prompts
 
 from test_controller import reference_probs, submit, write_job
-from test_engine import CONFIGS, GREEDY_STEPS, reference_scores
+from test_engine import CONFIGS, GREEDY_STEPS, reference_scores, references  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,18 +32,6 @@ DEVICE = "cuda:0"
 # differs by a few float32 ulps of the logits.
 PROBS_ATOL = 1e-5
 LOGPROB_ATOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def references(checkpoint):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = reference_scores(checkpoint(arch))
-        return cache[arch]
-
-    return get
 
 
 def gpu_settings(**overrides) -> EngineSettings:
