@@ -38,7 +38,7 @@ def test_workstation_70b_on_6gb_streams_layer_by_layer(tmp_path):
     assert (spec.limits.gpu_memory, spec.limits.ram, spec.devices) == (6 * GB, 8 * GB, ("cuda:0",))
     plan = make_plan(machine(SIX_GB, ram=16 * GB), llama2_70b(), spec, PROMPT_TOKENS)
     (worker,) = plan.workers
-    assert (worker.settings.layers_per_shard, worker.settings.storage, worker.settings.batch_tokens) == (1, "cpu", 2048)
+    assert (worker.settings.layers_per_shard, worker.settings.storage, worker.settings.batch_tokens) == (1, "cpu", 4096)
     assert worker.predicted_peak_device_memory <= 0.9 * 6 * GB
     assert worker.predicted_peak_ram <= 0.9 * 8 * GB
 

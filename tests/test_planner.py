@@ -108,48 +108,48 @@ def test_70b_on_a_6gb_gpu_streams_one_layer_at_a_time_with_activations_in_ram():
     plan = make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400)
     (worker,) = plan.workers
     assert (plan.parallel, plan.dtype, worker.device) == ("data", "float16", "cuda:0")
-    # GPU budget: min(6 GB free, 6 GB limit) less 10% = 5.4 GB. At batch 2048, one layer per shard:
+    # GPU budget: min(6 GB free, 6 GB limit) less 10% = 5.4 GB. At batch 4096, one layer per shard:
     #   CUDA context                                           671,088,640
     #   two shards of 1,711,308,800                          3,422,617,600
-    #   batch in flight: 2 x 2048 x 8192 x 2                    67,108,864
-    #   working: MLP + hidden copies (3x28672 + 6x8192) x 2048 x 2 = 553,648,128,
-    #            scores 2048 x 300 x 64 heads x (2 + 4) = 235,929,600, mask 2048 x 300 x 2 = 1,228,800
-    #                                                          790,806,528
-    #   masks kept for the pass: 119 prompts x 375 padded tokens x 300 x 2        26,775,000
-    #   total                                                4,978,396,632  <= 5.4 GB
-    # batch 4096 would double the last two (5.80 GB > 5.4 GB); two layers per shard add 3.4 GB.
-    # Smaller batches fit too but run slower (1024: 20.7 min against 17.4): the fastest is kept.
-    assert worker.settings.batch_tokens == 2048
+    #   batch in flight: 2 x 4096 x 8192 x 2                   134,217,728
+    #   working: MLP + hidden copies (3x28672 + 6x8192) x 4096 x 2 = 1,107,296,256 (sdpa's kernel on a GPU
+    #            holds no attention scores), mask 4096 x 300 x 2 = 2,457,600  1,109,753,856
+    #   masks kept for the pass: 101 prompts x 375 padded tokens x 300 x 2        22,725,000
+    #   total                                                5,360,402,824  <= 5.4 GB
+    # batch 8192 would double the batch's share (6.6 GB > 5.4 GB); two layers per shard add 3.4 GB.
+    # Smaller batches fit too but run slower (2048: 17.6 min against 15.9; 1024: 21.1): the fastest is kept.
+    assert worker.settings.batch_tokens == 4096
     assert worker.settings.layers_per_shard == 1
-    assert worker.predicted_peak_device_memory == 4_978_396_632
+    assert worker.predicted_peak_device_memory == 5_360_402_824
     # Rounds: one pass reads 137.95 GB at 2 GB/s (default disk; PCIe gen3 x16 is faster) = 69 s, x4 = 276 s,
-    # so the target is 300 s of compute at 20 TFLOP/s (unknown card) x 2048 / (2048 + 512) / (16384 / (16384 + 512))
-    # (a 2048-token batch runs at 82% of the card's rate) = 4.92e15 FLOPs; a prompt costs
+    # so the target is 300 s of compute at 20 TFLOP/s (unknown card) x 4096 / (4096 + 512) / (16384 / (16384 + 512))
+    # (a 4096-token batch runs at 92% of the card's rate) = 5.50e15 FLOPs; a prompt costs
     # 2 x (80 x 855,654,400 x 300 + 262,144,000 x 4 scored) + attention 4 x 80 x 8192 x 300 x 300 = 4.131e13
-    # FLOPs -> 119 prompts per round.
-    assert [len(r) for r in worker.rounds] == [119, 119, 119, 43]
+    # FLOPs -> at most 133 prompts per round: 4 rounds, evened out (a last round of one prompt would read the
+    # whole model for it).
+    assert [len(r) for r in worker.rounds] == [101, 101, 101, 97]
     assert worker.rounds[0][0] == 0 and worker.rounds[-1][-1] == 399
-    # The largest round's activations, 119 x 300 x 1.25 (padding) x 8192 x 2 = 731,136,000, do not fit beside the
-    # shards (4.98 + 0.73 > 5.4 GB) but do in RAM (budget 8 GB less 10% = 7.2 GB). Pinned memory comes in powers of
+    # The largest round's activations, 101 x 300 x 1.25 (padding) x 8192 x 2 = 620,544,000, do not fit beside the
+    # shards (5.36 + 0.62 > 5.4 GB) but do in RAM (budget 8 GB less 10% = 7.2 GB). Pinned memory comes in powers of
     # two (torch's allocator rounds each block up): the 1,711,308,800-byte staging buffer takes 2 GiB, and each of
-    # the round's 22 batches of 2048 tokens takes 2048 x 8192 x 2 = 33,554,432 bytes:
-    #   base 1 GiB 1,073,741,824 + pinned staging 2,147,483,648 + activations 738,197,504
-    #   + scores 119 x 4 suffixes x 32000 x 4 = 60,928,000                          = 4,020,350,976
+    # the round's 10 batches of 4096 tokens takes 4096 x 8192 x 2 = 67,108,864 bytes:
+    #   base 1 GiB 1,073,741,824 + pinned staging 2,147,483,648 + activations 671,088,640
+    #   + scores 101 x 4 suffixes x 32000 x 4 = 51,712,000                          = 3,944,026,112
     assert worker.settings.storage == "cpu"
-    assert worker.predicted_peak_ram == 4_020_350_976
-    # The embedding reads only the rows of a round's token ids (at most one per padded token): the whole table for
-    # 119 prompts, 43 x 375 of its 32000 rows for the last round.
+    assert worker.predicted_peak_ram == 3_944_026_112
+    # The embedding reads only the rows of a round's token ids (at most one per padded token): here the whole
+    # table every round (97 x 375 padded tokens > 32000 rows).
     embeds = [524_288_000 * min(1.0, len(r) * 375 / 32000) for r in worker.rounds]
     assert worker.predicted_read_seconds == pytest.approx((4 * (137_953_296_384 - 524_288_000) + sum(embeds)) / 2e9)
     # Compute: each forward at the rate of the tokens it carries (a round's padded tokens split into
-    # 2048-token batches; the head's rows are the batch's 4 scored positions per prompt) and each layer
+    # 4096-token batches; the head's rows are the batch's 4 scored positions per prompt) and each layer
     # forward's fixed 0.8 ms on a GPU, plus each batch's activations to RAM and back at every one of the
     # 81 shard boundaries, over PCIe gen3 x16 (12.6 GB/s).
     def rate(tokens):
         return 20e12 * (tokens / (tokens + 512)) / (16384 / 16896)
 
     def compute(n):
-        batches = math.ceil(n * 375 / 2048)
+        batches = math.ceil(n * 375 / 4096)
         layers = n * (2 * 80 * 855_654_400 * 300 + 4 * 80 * 8192 * 300 * 300) / rate(round(n * 375 / batches))
         return layers + batches * 80 * 0.8e-3 + n * 2 * 262_144_000 * 4 / rate(round(n * 4 / batches))
 
@@ -167,31 +167,30 @@ def test_70b_on_a_6gb_gpu_streams_one_layer_at_a_time_with_activations_in_ram():
 def test_a_128k_vocabulary_70b_is_sized_by_its_decoder_layers_not_its_head():
     # Llama-3-70B: Llama-2-70B's layers (1,711,308,800 bytes) with a 128256 x 8192 embedding and head of
     # 2,101,346,304 bytes. The head comes in steps that fit a layer's slot, so the GPU peak is the 32k
-    # model's (see the test above): while the head runs, its logits (2 x 28 scored positions of a 2048-token
-    # batch x 104,448 rows a step x 4 = 23,396,352) and, between its steps, a round's 119 x 375 x 4 / 300 =
-    # 595 scored positions' normed hidden states and logits so far (595 x (8192 x 2 + 128256 x 4) =
-    # 314,997,760) stay below a decoder layer's 790,806,528 of working memory. Two slots of the whole norm +
-    # head would have added 2 x 390,053,888: 5,758,504,408 bytes, which does not fit in 5.4 GB.
+    # model's (see the test above): while the head runs, its logits (2 x 55 scored positions of a 4096-token
+    # batch x 104,448 rows a step x 4 = 45,957,120) and, between its steps, a round's 101 x 375 x 4 / 300 =
+    # 505 scored positions' normed hidden states and logits so far (505 x (8192 x 2 + 128256 x 4) =
+    # 267,351,040) stay below a decoder layer's 1,109,753,856 of working memory. Two slots of the whole norm +
+    # head would have added 2 x 390,053,888: 6,140,510,600 bytes, which does not fit in 5.4 GB.
     plan = make_plan(machine(SMALL_GPU), llama3_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400)
     (worker,) = plan.workers
-    assert (worker.settings.batch_tokens, worker.settings.layers_per_shard) == (2048, 1)
-    assert [len(r) for r in worker.rounds] == [119, 119, 119, 43]
-    assert worker.predicted_peak_device_memory == 4_978_396_632
-    # RAM: the pinned staging is one layer too; the scores grow with the vocabulary (119 x 4 x 96256 x 4 more)
-    assert worker.predicted_peak_ram == 4_020_350_976 + 119 * 4 * (128256 - 32000) * 4
+    assert (worker.settings.batch_tokens, worker.settings.layers_per_shard) == (4096, 1)
+    assert [len(r) for r in worker.rounds] == [101, 101, 101, 97]
+    assert worker.predicted_peak_device_memory == 5_360_402_824
+    # RAM: the pinned staging is one layer too; the scores grow with the vocabulary (101 x 4 x 96256 x 4 more)
+    assert worker.predicted_peak_ram == 3_944_026_112 + 101 * 4 * (128256 - 32000) * 4
 
 
 def test_70b_with_less_ram_keeps_activations_on_the_gpu_in_smaller_batches():
     # RAM 3.7 GB (3.33 GB usable) and 1000-token prompts: base + staging (1 GiB + 2 GiB: the 1.71 GB staging
     # buffer pinned, rounded up to a power of two) leave no room for a round's activations in RAM. On the
-    # GPU, a 2048-token batch leaves room for rounds of 35 prompts; more rounds re-read the weights, which
-    # beats writing and reading 81 x 2 activations per pass through the disk. A
-    # 1024-token batch would leave room for longer rounds but pays each forward's fixed cost twice (85.0 min
-    # against 71.0).
+    # GPU, a 4096-token batch leaves room for rounds of 37 prompts; more rounds re-read the weights, which
+    # beats writing and reading 81 x 2 activations per pass through the disk. A 2048-token batch would leave
+    # room for longer rounds but pays each forward's fixed cost twice (70.8 min against 64.1).
     spec = Spec(limits=Limits(gpu_memory=6 * GB, ram=3_700_000_000))
     (worker,) = make_plan(machine(SMALL_GPU), llama2_70b(), spec, [1000] * 400).workers
-    assert (worker.settings.storage, worker.settings.batch_tokens) == ("gpu", 2048)
-    assert [len(r) for r in worker.rounds] == [35] * 11 + [15]
+    assert (worker.settings.storage, worker.settings.batch_tokens) == ("gpu", 4096)
+    assert [len(r) for r in worker.rounds] == [37] * 10 + [30]
     assert worker.predicted_peak_device_memory <= 0.9 * 6 * GB and worker.predicted_peak_ram <= 0.9 * 3.7 * GB
     # 3.3 GB would not hold the pinned staging buffer beside the worker's own RAM.
     with pytest.raises(UserError, match=r"a shard of 1.71 GB .* needs 3.22 GB of RAM"):
@@ -238,15 +237,17 @@ def test_explicit_values_override_auto():
 def test_explicit_batch_tokens_must_hold_the_longest_prompt_and_fit():
     with pytest.raises(UserError, match=r"batch_tokens: 256 is below prompt 1's 300 tokens"):
         make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS, batch_tokens=256), [200, 300])
-    # 8192 tokens of working memory (3.2 GB) do not fit beside a shard; the largest batch that does is 7203.
-    with pytest.raises(UserError, match=r"batch_tokens: 8192 does not fit on cuda:0 .*at most 7203 fits"):
-        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS, batch_tokens=8192), [200, 300])
+    # 16384 tokens of working memory (4.4 GB) do not fit beside a shard; the largest batch that does is 9935.
+    with pytest.raises(UserError, match=r"batch_tokens: 16384 does not fit on cuda:0 .*at most 9935 fits"):
+        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS, batch_tokens=16384), [200, 300])
 
 
 def test_a_prompt_longer_than_any_batch_that_fits_is_an_error_naming_it():
-    # Prompt 2's 6000 tokens as one forward: scores alone 6000 x 6000 x 64 x 6 = 13.8 GB.
-    with pytest.raises(UserError, match=r"prompts: prompt 2 \(6000 tokens\) is one forward pass and needs"):
-        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300, 300, 6000, 300])
+    # Prompt 2's 12000 tokens as one forward: MLP and hidden copies 12000 x (3 x 28672 + 6 x 8192) x 2 = 3.2 GB
+    # and its mask 12000 x 12000 x 2 = 0.29 GB do not fit beside two shards (sdpa's kernel on a GPU keeps no
+    # scores: 6000 tokens would fit).
+    with pytest.raises(UserError, match=r"prompts: prompt 2 \(12000 tokens\) is one forward pass and needs 6.37 GB"):
+        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300, 300, 12000, 300])
 
 
 def test_storage_gpu_on_a_cpu_worker_is_an_error():
@@ -477,8 +478,8 @@ def test_the_kv_cache_is_counted_in_its_tier_and_shrinks_rounds_that_must_stay_i
     assert three.predicted_peak_ram - one.predicted_peak_ram == 807_403_520 + 16_777_216 + 32_768_000
 
     # 320 prompts (25.2 MB of cache each) with 2 GB of RAM to spare beyond a one-step job's: held in RAM
-    # the cache makes rounds of 92 prompts; on disk it would keep one round, but its traffic costs more
-    # than reading the weights 4 times (predicted 56.2 s vs 46.4 s), so auto keeps it in RAM.
+    # the cache makes rounds of at most 92 prompts (4, evened out); on disk it would keep one round, but its
+    # traffic costs more than reading the weights 4 times (predicted 64.7 s vs 52.7 s), so auto keeps it in RAM.
     n, job = 320, dict(suffix_counts=[4] * 320)
     spare = make_plan(machine(cpus=8), small_fp32(), Spec(layers_per_shard=1), [150] * n, **job).workers[0]
     limits = Limits(ram=int((spare.predicted_peak_ram + 2 * GB) / 0.9) + 1)  # the planner keeps 10% free
@@ -489,7 +490,7 @@ def test_the_kv_cache_is_counted_in_its_tier_and_shrinks_rounds_that_must_stay_i
     ram = make_plan(machine(cpus=8), small_fp32(),
                     Spec(generate_tokens=3, layers_per_shard=1, limits=limits, storage="cpu"), [150] * n,
                     **job).workers[0]
-    assert [len(r) for r in ram.rounds] == [92, 92, 92, 44]
+    assert [len(r) for r in ram.rounds] == [81, 81, 81, 77]
     assert any(r.startswith("4 round(s) (the resume unit)") for r in ram.reasons)
 
 
@@ -540,12 +541,12 @@ def test_mixtral_on_a_6gb_gpu_streams_its_experts_in_groups():
     # Planned at one expert per group, the batch grows to 8192 tokens; then the groups grow into what is left:
     # two slots of 3 experts 2 x 1,056,964,608 + CUDA context 671,088,640 + in flight 2 x 8192 x 4096 x 2
     # = 134,217,728 + working: a token's 2 routes are 2 rows of 14336, (3 x 28672 + 6 x 4096) x 8192 x 2
-    # = 1,811,939,328, scores 8192 x 300 x 32 x 6 = 471,859,200, mask 8192 x 300 x 2 = 4,915,200, and the
-    # masks and rotary tables the engine keeps for a pass (capped at 64 MiB) 67,108,864 = 5,275,058,176
-    # (4 experts per group would add 704,643,072: over the 5.4 GB budget).
+    # = 1,811,939,328 (sdpa's kernel on a GPU keeps no scores), mask 8192 x 300 x 2 = 4,915,200, and the
+    # masks and rotary tables the engine keeps for a pass (capped at 64 MiB) 67,108,864 = 4,803,198,976
+    # (4 experts per group would add 704,643,072: 5.51 GB, over the 5.4 GB budget).
     assert (worker.settings.experts_per_group, worker.settings.layers_per_shard) == (3, 1)
     assert worker.settings.batch_tokens == 8192
-    assert worker.predicted_peak_device_memory == 5_275_058_176 <= 0.9 * 6 * GB
+    assert worker.predicted_peak_device_memory == 4_803_198_976 <= 0.9 * 6 * GB
     assert any("experts_per_group 3 (auto)" in r for r in worker.reasons)
     # Compute counts the 2 routed experts of 8: 2 x 32 x (83,968,000 / 2 + 2 x 176,160,768) params x 300 tokens
     # per prompt, plus the head, at 20 TFLOP/s; the rest is activations crossing PCIe at each shard boundary
