@@ -1195,8 +1195,8 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     held = activations + cache  # in RAM with storage cpu: on a GPU worker, pinned batch by batch
     if cuda and setup.storage == "cpu" and setup.batch:
         batches = math.ceil(load.act_tokens / setup.batch)
-        held = batches * _pinned(setup.batch * per_token) + (
-            batches * m.num_layers * _pinned(setup.batch * m.kv_bytes) if cache else 0)
+        block = setup.batch * m.kv_bytes  # a batch's keys and values in one layer: the cache's unit
+        held = batches * _pinned(setup.batch * per_token) + (math.ceil(cache * _pinned(block) / block) if cache else 0)
     ram += (held if setup.storage == "cpu" else in_flight + cache_read_ahead if setup.storage == "disk" else 0)
     ram += pending if setup.storage != "gpu" else 0
     device = (int(job.figures.cuda_context.value) + compute
