@@ -8,9 +8,9 @@ call: on a 256-wide model the page faults took ~30% of the CPU time (sys/wall 0.
 memory ran at 140. So `configure` fixes the thresholds (which also stops glibc moving them): blocks
 up to MMAP_THRESHOLD come from the heap and are reused by the next forward, and nothing is
 trimmed behind the engine's back. Between shards `trim` gives the heap's free memory back only
-beyond a slack (HEAP_SLACK, or less under a tight RAM budget), so RSS stays flat without refaulting the next shard's intermediates (measured on
-a 24-layer 256-wide model: faults 370k → 10k a run, near 0 once warm, peak RSS 465 → 479-483 MB;
-the 4-layer 1024-wide one: 617-635 → 606-617 MB).
+beyond a slack (HEAP_SLACK, or less under a tight RAM budget), so RSS stays flat without refaulting
+the next shard's intermediates (measured on a 24-layer 256-wide model: faults 370k → 10k a run, near
+0 once warm, peak RSS 465 → 479-483 MB; the 4-layer 1024-wide one: 617-635 → 606-617 MB).
 
 The calibration's reference layers run under the same policy, so the planner's rates are the rates
 the engine's layers run at. Elsewhere than glibc (musl, macOS) nothing is changed.
