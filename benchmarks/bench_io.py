@@ -2,19 +2,22 @@
 
 1. The disk's own sequential read rate, measured in the same run: a large file of random bytes,
    evicted from the page cache, read by one thread in 16 MiB chunks after POSIX_FADV_SEQUENTIAL (as
-   flexorch reads; also without it, for the kernel's default read-ahead); and the same file read
-   again from the page cache, which says whether one thread waited for the disk or for the CPU.
+   flexorch reads; also without it, for the kernel's default read-ahead); the same file pulled by
+   sendfile() to /dev/null (the same read-ahead with no copy to user space: what the disk streams
+   when no thread's CPU is in the way); and the file read again from the page cache, which says
+   whether one thread waited for the disk or for the CPU.
 2. flexorch streaming from cold layer files, I/O bound: a prompt of a few tokens and one compute
    thread, so a pass computes in a fraction of its read time and the loader has a core. Weight bytes
    per second of wall time against the disk's rate (goal: >= 0.9x, issue 12), with checksums off, on
    with files no job has verified yet (each is hashed as it is read: a copied model's first job), and
    on with files verified before (marked unchanged since, contract/verified.py: every later job, and
-   the first after `flexorch prepare`). Rounds of disk probe + both runs are interleaved and each ratio is
-   taken against its own round's probe, so load from others on a shared machine touches both alike;
-   the table shows medians. Each round also reads the model's layer files back to back with a bare
-   loop (the same reads as the probe's, one file after another): a reader of many files gets from the
-   kernel what this loop gets, each file starting its read-ahead afresh (on a virtio VM, 0.6x the one
-   big file's rate), so flexorch's rate is also given against it.
+   the first after `flexorch prepare`). Two models: the default shape (51 MB layers) and LARGE_LAYERS
+   (453 MB layers, about a 7B's in fp16): a reader of many small files loses a few ms at each file's
+   start (its read-ahead starts afresh), which the larger layers make small. Rounds of disk probes +
+   every run are interleaved and each ratio is taken against its own round's probes, so load from
+   others on a shared machine touches both alike; the table shows medians. Each round also reads
+   each model's layer files back to back with a bare loop (the same reads as the probe's, one file
+   after another), and flexorch's rate is also given against it.
 3. For scale, the one-prompt and full prompt-set runs on all cores (on a small CPU these are bound by
    the compute, not the disk: "compute waited" says which).
 4. Two workers (two processes, each streaming the whole model over half the prompts, released at the
@@ -22,7 +25,7 @@
    disk (/proc/<pid>/io read_bytes, page-cache hits excluded). Workers walking the layers in step
    should read each layer from disk about once between them (ratio near 1, at most 2).
 
-    python benchmarks/bench_io.py [--quick] [--probe-bytes N] [--rounds N]
+    python benchmarks/bench_io.py [--quick] [--probe-bytes N] [--rounds N] [--small-layers-only]
 """
 
 from __future__ import annotations
@@ -87,46 +90,56 @@ def run_together(script: Path, params_list: list[dict]) -> list[dict]:
 
 GOAL = 0.9  # cold read rate / the disk's (issue 12)
 IO_BOUND_PROMPT = c.PromptSet(n_prompts=1, prefix_words=2, n_suffixes=1)  # ~10 tokens
+# Layers the size of a 7B's in fp16 (404 MB): 8 x 453 MB fp32 (3.6 GB). The default shape's 51 MB layers show
+# what a reader of many small files loses at each file's start; these show what a user's model gets.
+LARGE_LAYERS = c.ModelShape(layers=8, hidden=3072, intermediate=8192, heads=24, kv_heads=24)
 
 
 def rate(run: dict, key: str) -> float | None:
     return run["bytes_read"] / run[key] if run.get(key) else None
 
 
-def io_bound_rounds(script: Path, base: dict, prompt: list, layerwise: Path, probe: Path, probe_bytes: int,
+def io_bound_rounds(script: Path, models: dict[str, tuple[Path, list]], probe: Path, probe_bytes: int,
                     rounds: int) -> list[dict]:
-    """Per round: the disk's cold rate (advised and not), then flexorch I/O bound from cold files,
-    checksums off, on over unverified files (their marks removed) and on over the files it marked."""
+    """Per round: the disk's cold rate (read, advised and not, and sendfile), then per model (name →
+    layerwise dir, its I/O-bound prompt): a bare loop over its files, and flexorch I/O bound from
+    cold files, checksums off, on over unverified files (their marks removed) and on over the files
+    it marked."""
     out = []
     for _ in range(rounds):
-        disk = c.sequential_read_rate(probe, probe_bytes)
-        default = c.sequential_read_rate(probe, probe_bytes, advise=False)
-        files = c.files_read_rate(c.weight_files(layerwise))
-        runs = {}
-        for kind, verify in KINDS.items():
-            if kind == "first":
-                shutil.rmtree(layerwise / VERIFIED_DIR, ignore_errors=True)
-            c.evict_page_cache([layerwise])
-            runs[kind] = c.run_child(script, {**base, "prompts": prompt, "threads": 1, "verify": verify})
-        out.append({"disk": disk, "disk_default_readahead": default, "layer_files": files, **runs})
+        row = {"disk": c.sequential_read_rate(probe, probe_bytes),
+               "disk_default_readahead": c.sequential_read_rate(probe, probe_bytes, advise=False),
+               "disk_sendfile": c.sendfile_read_rate(probe)}
+        for name, (layerwise, prompt) in models.items():
+            runs = {"layer_files": c.files_read_rate(c.weight_files(layerwise))}
+            for kind, verify in KINDS.items():
+                if kind == "first":
+                    shutil.rmtree(layerwise / VERIFIED_DIR, ignore_errors=True)
+                c.evict_page_cache([layerwise])
+                runs[kind] = c.run_child(script, {"method": "flexorch", "layerwise": str(layerwise),
+                                                  "prompts": prompt, "threads": 1, "verify": verify})
+            row[name] = runs
+        out.append(row)
     return out
 
 
-def summarize(rounds: list[dict], kind: str) -> dict:
-    """Medians over the rounds of run `kind`: its wall and read rates and their ratios to the disk."""
-    done = [r for r in rounds if rate(r[kind], "seconds")]
+def summarize(rounds: list[dict], model: str, kind: str) -> dict:
+    """Medians over the rounds of `model`'s run `kind`: its wall and read rates and their ratios to
+    the disk's (each against its own round's probes)."""
+    done = [(r, r[model][kind]) for r in rounds if rate(r[model][kind], "seconds")]
     if not done:
-        return {"error": rounds[-1][kind].get("error", "no run finished")}
+        return {"error": rounds[-1][model][kind].get("error", "no run finished")}
     def median(values):
         return statistics.median(values)
-    return {"bytes_read": done[0][kind]["bytes_read"], "seconds": median([r[kind]["seconds"] for r in done]),
-            "bytes_per_s": median([rate(r[kind], "seconds") for r in done]),
-            "read_bytes_per_s": median([rate(r[kind], "read_seconds") for r in done]),
-            "ratio": median([rate(r[kind], "seconds") / r["disk"]["bytes_per_s"] for r in done]),
-            "read_ratio": median([rate(r[kind], "read_seconds") / r["disk"]["bytes_per_s"] for r in done]),
-            "files_ratio": median([rate(r[kind], "seconds") / r["layer_files"]["bytes_per_s"] for r in done]),
-            "waited_share": median([r[kind]["load_seconds"] / r[kind]["seconds"] for r in done]),
-            "disk_read_bytes": median([r[kind]["disk_read_bytes"] for r in done]), "rounds": len(done)}
+    return {"bytes_read": done[0][1]["bytes_read"], "seconds": median([run["seconds"] for _, run in done]),
+            "bytes_per_s": median([rate(run, "seconds") for _, run in done]),
+            "read_bytes_per_s": median([rate(run, "read_seconds") for _, run in done]),
+            "ratio": median([rate(run, "seconds") / r["disk"]["bytes_per_s"] for r, run in done]),
+            "sendfile_ratio": median([rate(run, "seconds") / r["disk_sendfile"]["bytes_per_s"] for r, run in done]),
+            "read_ratio": median([rate(run, "read_seconds") / r["disk"]["bytes_per_s"] for r, run in done]),
+            "files_ratio": median([rate(run, "seconds") / r[model]["layer_files"]["bytes_per_s"] for r, run in done]),
+            "waited_share": median([run["load_seconds"] / run["seconds"] for _, run in done]),
+            "disk_read_bytes": median([run["disk_read_bytes"] for _, run in done]), "rounds": len(done)}
 
 
 def median_round(rounds: list[dict], key: str) -> dict:
@@ -150,36 +163,44 @@ def cpu_note(disk_rate: float, cached_rate: float) -> str:
     return f"one thread copies from the page cache at {cached_rate / disk_rate:.1f}x the cold rate: the disk is the limit"
 
 
-def read_table(shape, disks: dict[str, dict], io_bound: dict, context: dict, rounds: int, load: tuple) -> None:
+def read_table(disks: dict[str, dict], io_bound: dict[str, dict], files: dict[str, dict], context: dict,
+               rounds: int, load: tuple) -> None:
+    """disks: probe label → its median round; io_bound: model → kind → summary; files: model → its
+    bare loop's median round; context: label → a full run (ratios against the median probe)."""
     disk_rate = disks["disk sequential read (cold file, 1 thread, advised)"]["bytes_per_s"]
-    rows = [[label, c.fmt_bytes(d["bytes"]), c.fmt_seconds(d["seconds"]), c.fmt_bytes(d["bytes_per_s"]) + "/s",
-             c.fmt_ratio(d["bytes_per_s"] / disk_rate), "", "", "", c.fmt_bytes(d["disk_read_bytes"])]
-            for label, d in disks.items()]
-    cached = disks["same file from the page cache (1 thread)"]
-    for label, run in (("flexorch I/O bound, checksums off", io_bound["plain"]),
-                       ("flexorch I/O bound, checksums on, files not verified yet", io_bound["first"]),
-                       ("flexorch I/O bound, checksums on, files verified before", io_bound["verified"])):
-        rows.append([label, c.fmt_bytes(run.get("bytes_read")), c.fmt_seconds(run.get("seconds")),
-                     c.fmt_bytes(run.get("bytes_per_s")) + "/s", c.fmt_ratio(run.get("ratio")),
-                     goal_cell(run.get("ratio")) + (f" ({run['files_ratio']:.2f}x the bare loop over its files)"
-                                                    if "files_ratio" in run else ""),
-                     c.fmt_ratio(run.get("read_ratio")),
-                     f"{run['waited_share']:.0%}" if "waited_share" in run else run.get("error", "")[:40],
-                     c.fmt_bytes(run.get("disk_read_bytes"))])
+    sendfile_rate = disks["the same, sendfile to /dev/null (no copy to user space)"]["bytes_per_s"]
+    def probe_row(label, d):
+        return [label, c.fmt_bytes(d["bytes"]), c.fmt_seconds(d["seconds"]), c.fmt_bytes(d["bytes_per_s"]) + "/s",
+                c.fmt_ratio(d["bytes_per_s"] / disk_rate), c.fmt_ratio(d["bytes_per_s"] / sendfile_rate), "", "", "",
+                c.fmt_bytes(d["disk_read_bytes"])]
+    rows = [probe_row(label, d) for label, d in disks.items()]
+    for model, kinds in io_bound.items():
+        rows.append(probe_row(f"{model}: its layer files back to back (bare loop, 1 thread, advised)", files[model]))
+        for kind, run in kinds.items():
+            rows.append([f"{model}: flexorch I/O bound, checksums {KIND_LABELS[kind]}", c.fmt_bytes(run.get("bytes_read")),
+                         c.fmt_seconds(run.get("seconds")), c.fmt_bytes(run.get("bytes_per_s")) + "/s",
+                         c.fmt_ratio(run.get("ratio")), c.fmt_ratio(run.get("sendfile_ratio")),
+                         goal_cell(run.get("ratio")) + (f" ({run['files_ratio']:.2f}x the bare loop)"
+                                                        if "files_ratio" in run else ""),
+                         c.fmt_ratio(run.get("read_ratio")),
+                         f"{run['waited_share']:.0%}" if "waited_share" in run else run.get("error", "")[:40],
+                         c.fmt_bytes(run.get("disk_read_bytes"))])
     for label, run in context.items():
-        wall = rate(run, "seconds")
-        read = rate(run, "read_seconds")
+        wall, read = rate(run, "seconds"), rate(run, "read_seconds")
         rows.append([label, c.fmt_bytes(run.get("bytes_read")), c.fmt_seconds(run.get("seconds")),
-                     f"{c.fmt_bytes(wall)}/s", c.fmt_ratio(wall / disk_rate if wall else None), "",
+                     f"{c.fmt_bytes(wall)}/s", c.fmt_ratio(wall / disk_rate if wall else None),
+                     c.fmt_ratio(wall / sendfile_rate if wall else None), "",
                      c.fmt_ratio(read / disk_rate if read else None),
                      f"{run['load_seconds'] / run['seconds']:.0%}" if wall else run.get("error", "")[:40],
                      c.fmt_bytes(run.get("disk_read_bytes"))])
+    cached = disks["same file from the page cache (1 thread)"]
     c.print_table("weights read from cold files vs the disk", (
-        "run", "weight bytes", "seconds", "rate (wall)", "rate / disk", "goal", "loader's read rate / disk",
-        "compute waited", "from disk"), rows,
-        f"{shape.name}; disk and I/O-bound rows: medians of {rounds} interleaved rounds, each ratio against its "
-        f"round's disk probe; 'compute waited': share of the wall time the compute waited for weights (near "
-        f"100%: I/O bound); 'from disk' = /proc/<pid>/io read_bytes; load average {load[0]:.1f} at the start, "
+        "run", "weight bytes", "seconds", "rate (wall)", "rate / disk", "rate / sendfile", "goal",
+        "loader's read rate / disk", "compute waited", "from disk"), rows,
+        f"disk and I/O-bound rows: medians of {rounds} interleaved rounds, each ratio against its round's "
+        f"probes ('disk': one thread reading the probe file; 'sendfile': the same file pulled with no copy); "
+        f"'compute waited': share of the wall time the compute waited for weights (near 100%: I/O bound); "
+        f"'from disk' = /proc/<pid>/io read_bytes; load average {load[0]:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end.\n{cpu_note(disk_rate, cached['bytes_per_s'])}")
 
 
@@ -188,6 +209,8 @@ def main() -> None:
     parser.add_argument("--probe-bytes", type=int, default=None,
                         help="size of the file read to measure the disk (default 2 GB; --quick 64 MB)")
     parser.add_argument("--rounds", type=int, default=None, help="disk probe + I/O-bound runs (default 3; --quick 1)")
+    parser.add_argument("--small-layers-only", action="store_true",
+                        help=f"skip the I/O-bound runs of {LARGE_LAYERS.name} (3.6 GB, built once)")
     args = parser.parse_args()
     shape = c.QUICK_SHAPE if args.quick else c.DEFAULT_SHAPE
     prompt_set = c.QUICK_PROMPTS if args.quick else c.PromptSet()
@@ -197,20 +220,27 @@ def main() -> None:
     tiny = c.prompts_to_json(c.tokenize(checkpoint, c.make_texts(IO_BOUND_PROMPT)))
     probe, probe_bytes = c.CACHE / "disk-probe.bin", args.probe_bytes or ((64 << 20) if args.quick else 2_000_000_000)
     base = {"method": "flexorch", "layerwise": str(layerwise)}
+    models = {shape.name: (layerwise, tiny)}
+    if not args.quick and not args.small_layers_only:
+        large = c.ensure_checkpoint(LARGE_LAYERS)
+        models[LARGE_LAYERS.name] = (c.ensure_layerwise(LARGE_LAYERS),
+                                     c.prompts_to_json(c.tokenize(large, c.make_texts(IO_BOUND_PROMPT))))
 
-    rounds = io_bound_rounds(script, base, tiny, layerwise, probe, probe_bytes, args.rounds or (1 if args.quick else 3))
-    disk, default = median_round(rounds, "disk"), median_round(rounds, "disk_default_readahead")
-    cached = c.page_cache_read_rate(probe)
-    io_bound = {kind: summarize(rounds, kind) for kind in KINDS}
+    rounds = io_bound_rounds(script, models, probe, probe_bytes, args.rounds or (1 if args.quick else 3))
+    disks = {label: median_round(rounds, key) for label, key in (
+        ("disk sequential read (cold file, 1 thread, advised)", "disk"),
+        ("the same, the kernel's default read-ahead", "disk_default_readahead"),
+        ("the same, sendfile to /dev/null (no copy to user space)", "disk_sendfile"))}
+    disks["same file from the page cache (1 thread)"] = c.page_cache_read_rate(probe)
+    io_bound = {name: {kind: summarize(rounds, name, kind) for kind in KINDS} for name in models}
+    files = {name: median_round([r[name] for r in rounds], "layer_files") for name in models}
+    disk = disks["disk sequential read (cold file, 1 thread, advised)"]
     c.evict_page_cache([layerwise])
     one_prompt = c.run_child(script, {**base, "prompts": prompts[:1]})
     c.evict_page_cache([layerwise])
     full = c.run_child(script, {**base, "prompts": prompts})
-    disks = {"disk sequential read (cold file, 1 thread, advised)": disk,
-             "the same, the kernel's default read-ahead": default, "same file from the page cache (1 thread)": cached,
-             "the model's layer files back to back (bare loop, 1 thread, advised)": median_round(rounds, "layer_files")}
-    read_table(shape, disks, io_bound, {"flexorch, 1 prompt, all cores": one_prompt,
-                                               f"flexorch, {len(prompts)} prompts, all cores": full},
+    read_table(disks, io_bound, files, {f"{shape.name}: flexorch, 1 prompt, all cores": one_prompt,
+                                        f"{shape.name}: flexorch, {len(prompts)} prompts, all cores": full},
                len(rounds), machine["load_average"])
 
     c.evict_page_cache([layerwise])
@@ -239,16 +269,18 @@ def main() -> None:
                                                                disk_read_bytes_per_s=disk["bytes_per_s"]), full)
         c.print_table("planner predictions vs measured (cold run, measured disk rate)", c.PREDICTION_COLUMNS,
                       c.prediction_rows(f"{shape.name} cold", prediction))
-    for kind in ("plain", "verified"):
-        ratio = io_bound[kind].get("ratio")
-        print(f"goal (issue 12): cold read rate >= {GOAL}x the disk's, checksums {KIND_LABELS[kind]}: "
-              + ("-" if ratio is None else f"{ratio:.2f}x, {'met' if ratio >= GOAL else 'not met'}"))
-    layout = {"probe": extents([probe]), "layer_files": extents(c.weight_files(layerwise))}
-    print(f"extents per file (filefrag): disk probe {layout['probe']}, layer files {layout['layer_files']}")
+    for name in models:
+        for kind in ("plain", "verified"):
+            ratio = io_bound[name][kind].get("ratio")
+            print(f"goal (issue 12): cold read rate >= {GOAL}x the disk's, {name}, checksums {KIND_LABELS[kind]}: "
+                  + ("-" if ratio is None else f"{ratio:.2f}x, {'met' if ratio >= GOAL else 'not met'}"))
+    layout = {"probe": extents([probe]), **{name: extents(c.weight_files(path)) for name, (path, _) in models.items()}}
+    print(f"extents per file (filefrag): {layout}")
     path = c.write_results("io", {
         "quick": args.quick, "model": shape.name, "model_bytes": model_bytes, "prompt_set": vars(prompt_set),
-        "goal_ratio": GOAL, "disk": disk, "disk_default_readahead": default, "page_cache": cached, "io_bound_prompt": vars(IO_BOUND_PROMPT),
-        "io_bound": io_bound, "io_bound_rounds": rounds, "flexorch_one_prompt": one_prompt, "flexorch_full": full,
+        "goal_ratio": GOAL, "disks": disks, "io_bound_prompt": vars(IO_BOUND_PROMPT),
+        "io_bound_models": {name: str(path) for name, (path, _) in models.items()}, "io_bound": io_bound,
+        "layer_files": files, "io_bound_rounds": rounds, "flexorch_one_prompt": one_prompt, "flexorch_full": full,
         "one_worker": one, "two_workers": two, "load_average_end": os.getloadavg(),
         "two_worker_disk_bytes_ratio": two_disk / one_disk if one_disk > 0 else None, "prediction": prediction,
         "extents": layout},
