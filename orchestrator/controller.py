@@ -42,6 +42,7 @@ from flexorch.contract.models import check_model_type
 from flexorch.contract.protocol import PromptResult, ScoreSpec, TokenizedPrompt
 from flexorch.contract.messages import (FAIL_USER, Failed, Finished, PipelineLinks, Ready, Round, RoundDone,
                                         SteppedDown, WorkerHooks, WorkerTask)
+from flexorch.contract.verified import unmarked_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 130, 143  # 128 + SIGINT, SIGTERM
 REPORT_NAME = "report.json"
@@ -111,7 +112,10 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
         plan = make_cluster_plan(nodes, manifest, spec, **sizes)
         return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan, nodes)
     hardware = calibrated(probe(disk_path=disk_path), default_cache_dir(), console=Console(stderr=True))
-    plan = make_plan(hardware, manifest, spec, **sizes)
+    # a checkpoint is prepared (and its files marked) before the workers read it: nothing to hash
+    unverified = (unmarked_bytes(model_dir, [(e.file, e.sha256, e.bytes) for e in manifest.layers if e.file])
+                  if is_layerwise_dir(model_dir) else 0)
+    plan = make_plan(hardware, manifest, spec, **sizes, unverified_bytes=unverified)
     return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan)
 
 

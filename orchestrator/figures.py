@@ -19,6 +19,8 @@ MiB, GiB = 1 << 20, 1 << 30
 # -- assumed constants, used where calibration has not measured the figure -----------------------
 # A typical NVMe SSD's sequential read (SATA SSDs do ~0.5 GB/s, fast PCIe 4 NVMe 5-7 GB/s).
 DEFAULT_DISK_READ_BYTES_PER_S = 2e9
+# sha256 on one core: ~1.8 GB/s with SHA-NI (the EPYC VM of the benchmarks), ~0.6 GB/s without
+DEFAULT_SHA256_BYTES_PER_S = 1e9
 # Usable bytes/s per PCIe lane by generation, after protocol overhead (~80% of the raw rate).
 PCIE_LANE_BYTES_PER_S = {1: 0.2e9, 2: 0.4e9, 3: 0.79e9, 4: 1.58e9, 5: 3.15e9}
 DEFAULT_PCIE = (3, 16)  # links NVML cannot describe: a common gen3 x16 slot
@@ -90,6 +92,7 @@ class Figures:
 
     hardware: Hardware
     disk_read: Figure
+    sha256: Figure  # hashing a layer file not verified yet, on the hash thread (workers/layerfile.py)
     worker_start: Figure
     base_ram: dict[str, Figure]  # "cpu" | "cuda"
     cuda_context: Figure
@@ -137,6 +140,7 @@ class Figures:
     def describe(self, devices: tuple[str, ...], dtype: str) -> list[str]:
         """One line per figure the plan used: its value and whether it was measured."""
         lines = [f"disk read {format_bytes(self.disk_read.value)}/s cold ({self.disk_read.source})",
+                 f"sha256 {format_bytes(self.sha256.value)}/s, for layer files not verified yet ({self.sha256.source})",
                  f"worker start-up {self.worker_start.value:.1f} s ({self.worker_start.source})"]
         for kind in sorted({"cpu" if d == "cpu" else "cuda" for d in devices}):
             base = self.base_ram[kind]
@@ -288,6 +292,8 @@ def figures_of(hardware: Hardware) -> Figures:
                       "a typical NVMe SSD"))
     return Figures(
         hardware=hardware, disk_read=disk_read,
+        sha256=pick(calibration and calibration.sha256_bytes_per_s, DEFAULT_SHA256_BYTES_PER_S,
+                    "one core hashing, between SHA-NI's rate and a core without it"),
         worker_start=pick(calibration and calibration.worker_start_seconds, WORKER_START_SECONDS,
                           "import of torch and transformers on a slow machine"),
         base_ram={"cpu": pick(calibration and calibration.worker_base_ram, WORKER_BASE_RAM["cpu"],

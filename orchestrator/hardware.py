@@ -56,6 +56,7 @@ class Calibration:
     host_to_device_bytes_per_s: tuple[tuple[str, float], ...] = ()  # ("cuda:N", pinned copy rate)
     cuda_context_bytes: int | None = None  # a worker's fixed device memory: the context and cuBLAS's workspaces
     cuda_worker_base_ram: int | None = None  # RSS of a GPU worker once its CUDA context is up
+    sha256_bytes_per_s: float | None = None  # one thread hashing in memory: what a verifying read adds
 
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":

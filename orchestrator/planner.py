@@ -81,7 +81,8 @@ Time model (seconds; rates from figures.py: measured by calibration, else assume
 start-up + per round: the first shard's read, then per shard of each pass the longer of computing it
 and reading the next (two slots: the loader is at most one shard ahead; the last shard of a
 generation step overlaps the next step's first read). Reads: a shard's stored bytes / read rate (the
-disk's, or the PCIe link's if slower); resident: the first pass only. Compute: FLOPs / throughput at
+disk's, or the PCIe link's if slower; a worker's first pass also hashes the files not verified yet,
+beside the read or taking turns with it where no core is spare); resident: the first pass only. Compute: FLOPs / throughput at
 the tokens each forward carries (a batch's share of the round; the head's scored rows; a later
 step's one token per suffix) for layers of the model's FLOPs per token (a narrow layer runs far
 below a wide one's rate: figures.py prices a forward as a fixed cost plus a cost per FLOP): a
@@ -390,6 +391,7 @@ class _Job:
     figures: Figures  # the machine's rates and fixed costs, measured or assumed
     token_flops: float  # one decoder layer's FLOPs per token, first step, over the job's prompts
     token_attention: float  # of those, attention's
+    unverified_share: float = 0.0  # of the stored bytes, those hashed on their first read (make_plan)
 
 
 @dataclass(frozen=True)
@@ -418,12 +420,14 @@ class _Peaks:
 
 # -- make_plan -----------------------------------------------------------------------------------
 def make_plan(hardware: Hardware, manifest: Manifest, spec, prompt_tokens: Sequence[int], *,
-              suffix_counts: Sequence[int] | None = None, scored_counts: Sequence[int] | None = None) -> Plan:
+              suffix_counts: Sequence[int] | None = None, scored_counts: Sequence[int] | None = None,
+              unverified_bytes: int = 0) -> Plan:
     """Decide everything about running `spec` on `hardware`. `prompt_tokens[i]`: prompt i's packed
     tokens (prefix + all suffixes); `suffix_counts[i]`: its number of suffixes (sizes the scores and
     the tokens added per generation step; default DEFAULT_SUFFIXES_PER_PROMPT); `scored_counts[i]`:
     the positions the head scores (ScoreKind.positions; default: every token for suffix_logprob, one
-    per suffix otherwise), which size the head's logits."""
+    per suffix otherwise), which size the head's logits; `unverified_bytes`: of the layer files, the
+    bytes not marked verified (contract/verified.py), which each worker hashes as it first reads them."""
     reasons: list[str] = []
     if not prompt_tokens:
         raise _error(spec, "prompts", "no prompts to score")
@@ -431,7 +435,12 @@ def make_plan(hardware: Hardware, manifest: Manifest, spec, prompt_tokens: Seque
     if manifest.compression:
         reasons.append(f"weights {manifest.compression} (flexorch prepare --compress): decoder projections "
                        f"dequantised per shard into {dtype}; scores are approximate")
-    job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts)
+    job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts, unverified_bytes)
+    if unverified_bytes:
+        sha = job.figures.sha256
+        reasons.append(f"checksums: {format_bytes(unverified_bytes)} of layer files not verified since `flexorch "
+                       f"prepare` (copied, moved, changed, or in a read-only dir): each worker's first pass hashes "
+                       f"them as it reads them (sha256 {format_bytes(sha.value)}/s, {sha.source})")
     devices = _resolve_devices(spec, hardware, reasons)
     if spec.parallel != "data" and len(devices) == 1:
         reasons.append(f"parallel data ({'auto' if spec.parallel == 'auto' else 'from pipeline'}): one device, "
@@ -747,22 +756,39 @@ def _time(job: _Job, setup: _Setup, indices: tuple[int, ...], rounds, threads: i
     """See the module docstring's time model: per round, the first shard's read, then each shard of
     each pass as `_per_shard` counts it."""
     steps, stream, read, compute = job.spec.generate_tokens, 0.0, 0.0, 0.0
+    hashing = _verifying_read_factor(job, setup.device, threads)
     for r, indices_r in enumerate(rounds):
         costs = _shard_costs(job, setup, sum((job.loads[i] for i in indices_r), _Load()), threads, stages,
                              read=not setup.resident or r == 0)
         first, later = costs.compute(first_step=True), costs.compute(first_step=False)
+        # a worker hashes the files not verified yet during its first pass; later ones read them plain
+        reads = tuple(x * hashing for x in costs.reads) if r == 0 else costs.reads
         # the resident model is read during the round's first step; streamed, every step reads it
         again = [0.0] * len(costs.reads) if setup.resident else costs.reads
 
         def one_pass(compute, reads, after_last) -> float:
             return sum(_per_shard(compute, reads, after_last, setup.slots))
 
-        stream += costs.reads[0] + one_pass(first, costs.reads, again[0] if steps > 1 else 0.0)
+        stream += reads[0] + one_pass(first, reads, again[0] if steps > 1 else 0.0)
         if steps > 1:
             stream += (steps - 2) * one_pass(later, again, again[0]) + one_pass(later, again, 0.0)
-        read += sum(costs.reads) + (steps - 1) * sum(again)
+        read += sum(reads) + (steps - 1) * sum(again)
         compute += sum(first) + (steps - 1) * sum(later)
     return _Time(read=read, compute=compute, fill=stream - max(read, compute), start=job.figures.worker_start.value)
+
+
+def _verifying_read_factor(job: _Job, device: str, threads: int) -> float:
+    """How much longer a worker's first pass reads, for the share of the files it hashes as it goes.
+    The hash runs on a thread of its own beside the read (workers/layerfile.py): with a core to spare
+    beside the compute threads and the loader the slower of the two sets the rate; without one, the
+    two take turns on the cores and their times add (a 2-core VM measured between the two: 0.90 GB/s
+    hashing at 1.8 GB/s beside a 1.29 GB/s read, where the first rule says 1.29 and this one 0.75)."""
+    if not job.unverified_share:
+        return 1.0
+    read, sha = _read_rate(job, device), job.figures.sha256.value
+    busy = (threads if device == "cpu" else 1) + 2  # compute, loader, hash
+    verifying = min(read, sha) if job.figures.hardware.cpu_count >= busy else 1.0 / (1.0 / read + 1.0 / sha)
+    return 1.0 + job.unverified_share * (read / verifying - 1.0)
 
 
 @dataclass(frozen=True)
@@ -976,7 +1002,8 @@ def _resolve_devices(spec, hardware: Hardware, reasons: list[str]) -> tuple[str,
 
 
 def _describe_job(hardware: Hardware, manifest: Manifest, spec, dtype: str, prompt_tokens: Sequence[int],
-                  suffix_counts: Sequence[int] | None, scored_counts: Sequence[int] | None = None) -> _Job:
+                  suffix_counts: Sequence[int] | None, scored_counts: Sequence[int] | None = None,
+                  unverified_bytes: int = 0) -> _Job:
     model = _describe_model(manifest, dtype)
     suffixes = [min(n, DEFAULT_SUFFIXES_PER_PROMPT) for n in prompt_tokens] if suffix_counts is None else suffix_counts
     tokens = tuple(int(n) for n in prompt_tokens)
@@ -989,6 +1016,7 @@ def _describe_job(hardware: Hardware, manifest: Manifest, spec, dtype: str, prom
         scored_ratio=max(c / max(n, 1) for n, c in zip(tokens, scored)),
         figures=figures_of(hardware),
         token_flops=token_flops, token_attention=token_flops - 2.0 * model.decoder_params / model.num_layers,
+        unverified_share=min(1.0, unverified_bytes / max(1, sum(e.bytes for e in manifest.layers))),
     )
 
 

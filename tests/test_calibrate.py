@@ -18,7 +18,7 @@ from test_planner import Limits, Spec, machine, small_fp32
 
 MEASURED = Calibration(
     machine="box", measured_at="2026-11-25 23:00 UTC", seconds=12.0, disk_path="/cache", disk_read_bytes_per_s=1e9,
-    worker_start_seconds=4.0, worker_base_ram=300_000_000,
+    worker_start_seconds=4.0, worker_base_ram=300_000_000, sha256_bytes_per_s=1.8e9,
     throughput=(Throughput("cpu", "float32", 256, 100e9), Throughput("cpu", "float32", 1024, 200e9)),
 )
 
@@ -36,6 +36,9 @@ def test_measured_figures_replace_the_assumed_ones_and_say_so():
     assert figures.flops("cpu", "float32", 8, 64) == pytest.approx(100e9 / 4)
     lines = figures.describe(("cpu",), "float32")
     assert any(line.startswith("disk read 1.00 GB/s cold (measured 2026-11-25 23:00 UTC)") for line in lines)
+    assert figures.sha256.value == 1.8e9 and any(line.startswith("sha256 1.80 GB/s") and "(measured" in line
+                                                 for line in lines)
+    assert figures_of(machine()).sha256.source.startswith("assumed")
     # bfloat16 was not measured: assumed, and said so
     assert figures_of(hardware).flops_source("cpu", "bfloat16").startswith("assumed")
     assert not figures_of(machine()).disk_read.measured
@@ -89,6 +92,10 @@ def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch):
 def test_hardware_with_calibration_round_trips_through_json():
     hardware = replace(machine(), calibration=MEASURED)
     assert Hardware.from_dict(json.loads(json.dumps(hardware.to_dict()))) == hardware
+
+
+def test_the_hash_rate_is_measured_in_memory():
+    assert calibrate.measure_sha256(4 << 20) > 1e7  # bytes/s: even a slow core hashes 10 MB/s
 
 
 def test_the_cold_read_probe_reads_the_whole_file(tmp_path):

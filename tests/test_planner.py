@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from flexorch.orchestrator.hardware import GpuInfo, Hardware, Node
+from flexorch.orchestrator.hardware import GpuInfo, Hardware, Node, format_bytes
 from flexorch.orchestrator.planner import Plan, make_cluster_plan, make_plan, render_plan
 from flexorch.orchestrator.shapes import llama3_70b, llama_shaped_manifest, mixtral_8x7b
 from flexorch.contract.errors import UserError
@@ -572,3 +572,28 @@ def test_the_heads_logits_are_sized_by_the_positions_it_scores():
     # x 1024 x 4 = 6,144,000; the scored ones (1024 x 8 / 150 = 55 rows), 2 x 55 x 12,544 x 4 = 5,519,360
     # and 1,500 x 8 / 150 x 4,096 = 327,680, so the decoder layer's.
     assert every.predicted_peak_ram - scored.predicted_peak_ram == 102_760_448 + 6_144_000 - 80_044_032
+
+
+# -- layer files not verified yet ------------------------------------------------------------------
+def test_files_not_verified_yet_are_hashed_on_each_workers_first_pass():
+    # The CPU benchmark's model on an 8-core box with the assumed figures: disk 2 GB/s, sha256 1 GB/s. A CPU
+    # worker computes on all 8 cores, so no core is spare for the hash thread beside the loader: reading and
+    # hashing take turns, 1/2 + 1/1 s per GB against 1/2 s, 3x the read time of what is hashed.
+    manifest = small_fp32()
+    total = sum(e.bytes for e in manifest.layers)
+    plain = make_plan(machine(cpus=8), manifest, Spec(devices=("cpu",)), [150] * 32)
+    (p,) = plain.workers
+    assert len(p.rounds) == 1 and not any(r.startswith("checksums") for r in plain.reasons)
+    for unverified, factor in ((total, 3.0), (total // 2, 2.0)):
+        hashed = make_plan(machine(cpus=8), manifest, Spec(devices=("cpu",)), [150] * 32, unverified_bytes=unverified)
+        (h,) = hashed.workers
+        assert h.settings == p.settings
+        assert h.predicted_read_seconds == pytest.approx(factor * p.predicted_read_seconds, rel=1e-3)
+        assert any(r.startswith(f"checksums: {format_bytes(unverified)} of layer files not verified") for r in hashed.reasons)
+    # A GPU worker computes on the device: with cores to spare the hash runs beside the read, and the slower of
+    # the two (sha256 1 GB/s against the disk's 2 GB/s) sets the rate: 2x.
+    gpu_plain = make_plan(machine(SMALL_GPU, cpus=8), manifest, Spec(), [150] * 32)
+    gpu_hashed = make_plan(machine(SMALL_GPU, cpus=8), manifest, Spec(), [150] * 32, unverified_bytes=total)
+    (gp,), (gh,) = gpu_plain.workers, gpu_hashed.workers
+    assert gp.device == "cuda:0" and len(gp.rounds) == 1
+    assert gh.predicted_read_seconds == pytest.approx(2.0 * gp.predicted_read_seconds, rel=1e-3)

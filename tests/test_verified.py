@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flexorch.contract.verified import VERIFIED_DIR, is_marked, mark, mark_path
+import flexorch
+from flexorch.contract.verified import VERIFIED_DIR, is_marked, mark, mark_path, unmarked_bytes
 from flexorch.workers import layerfile
 from flexorch.workers.layerfile import LayerIntegrityError, LayerwiseModel
 
@@ -103,3 +104,36 @@ def test_prepare_marks_what_it_wrote(layerwise):
     model = LayerwiseModel(model_dir)
     files = {model.stored_entry(e.name).file: model.stored_entry(e.name).sha256 for e in model.manifest.layers}
     assert all(mark_path(model_dir, file, digest)[0].is_file() for file, digest in files.items())
+
+
+def _stored(model_dir: Path) -> list[tuple[str, str, int]]:
+    return [(e.file, e.sha256, e.bytes) for e in LayerwiseModel(model_dir).manifest.layers if e.file]
+
+
+def test_unmarked_bytes_are_the_files_a_reader_would_hash(model_dir):
+    files = _stored(model_dir)
+    assert unmarked_bytes(model_dir, files) == sum(size for *_, size in files)  # a copy: none marked
+    LayerwiseModel(model_dir).load(LAYER, verify=True)
+    _settle(model_dir)
+    layer = LayerwiseModel(model_dir).stored_entry(LAYER).bytes
+    assert unmarked_bytes(model_dir, files) == sum(size for *_, size in files) - layer
+
+
+def test_a_plan_prices_the_files_its_workers_will_hash(model_dir):
+    """The plan's first pass of each worker hashes what is not marked; once all is, nothing is priced."""
+    prompts = [{"prefix": "The capital of France is", "suffixes": [" Paris", " Rome"]}]
+    copied = flexorch.plan(model_dir, prompts, devices="cpu")
+    total = sum(size for *_, size in _stored(model_dir))
+    assert any(r.startswith("checksums: ") and "not verified since `flexorch prepare`" in r for r in copied.reasons)
+    model = LayerwiseModel(model_dir)
+    for entry in model.manifest.layers:
+        if entry.file:
+            model.load(entry.name, verify=True)
+    for file, digest, _ in _stored(model_dir):
+        path, changed = mark_path(model_dir, file, digest)
+        os.utime(path, ns=(changed + 10**9, changed + 10**9))
+    verified = flexorch.plan(model_dir, prompts, devices="cpu")
+    assert not any(r.startswith("checksums: ") for r in verified.reasons)
+    (hashing,), (plain,) = copied.workers, verified.workers
+    assert hashing.settings == plain.settings and total > 0
+    assert hashing.predicted_read_seconds > plain.predicted_read_seconds

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 VERIFIED_DIR = ".verified"
@@ -39,6 +40,11 @@ def is_marked(model_dir: Path, file: str, sha256: str) -> bool:
         return path.stat().st_mtime_ns > changed
     except OSError:
         return False
+
+
+def unmarked_bytes(model_dir: Path, files: Iterable[tuple[str, str, int]]) -> int:
+    """Of `files` ((file, sha256, size) each), the bytes not marked: what a verifying reader hashes."""
+    return sum(size for file, sha256, size in files if not is_marked(model_dir, file, sha256))
 
 
 def mark(model_dir: Path, file: str, sha256: str) -> bool:
