@@ -10,6 +10,7 @@ peak RSS (ru_maxrss) and disk reads (/proc/self/io) are its own; the child print
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import platform
 import random
@@ -224,9 +225,12 @@ def disk_read_bytes() -> int:
     return -1
 
 
-def evict_page_cache(paths: Sequence[Path]) -> int:
+def evict_page_cache(paths: Sequence[Path], settle: bool = False) -> int:
     """Drop every file under `paths` from the page cache; returns the bytes of files evicted.
-    fsync first: POSIX_FADV_DONTNEED drops only clean pages (a freshly written file is dirty)."""
+    fsync first: POSIX_FADV_DONTNEED drops only clean pages (a freshly written file is dirty).
+    settle: then wait until the memory the eviction freed has gone back to the host where the VM takes
+    it (orchestrator/calibrate.FREED_MEMORY_SETTLE_S): read sooner, a cold read lands in those pages,
+    still backed, and runs up to 2-4x faster than a cold job's (each cold read compared is taken so)."""
     total = 0
     for root in paths:
         root = Path(root)
@@ -239,6 +243,11 @@ def evict_page_cache(paths: Sequence[Path]) -> int:
                 total += os.fstat(fd).st_size
             finally:
                 os.close(fd)
+    if settle:
+        from flexorch.orchestrator.calibrate import FREED_MEMORY_SETTLE_S, returns_freed_memory
+
+        if returns_freed_memory():
+            time.sleep(FREED_MEMORY_SETTLE_S)
     return total
 
 
@@ -263,7 +272,7 @@ def sequential_read_rate(path: Path, size: int, advise: bool = True) -> dict:
             for start in range(0, size, len(chunk)):
                 f.write(chunk[: min(len(chunk), size - start)])
         tmp.rename(path)
-    evict_page_cache([path])
+    evict_page_cache([path], settle=True)
     return _timed_read(path, advise=advise)
 
 
@@ -272,8 +281,16 @@ def sendfile_read_rate(path: Path) -> dict:
     default read-ahead with no copy to user space, so no thread's CPU in the way (measured up to 1.6x
     sequential_read_rate's on a virtio VM whose copy from fresh pages was slow). A reader that needs
     the bytes in its own buffer cannot beat this; it is the disk's own streaming rate."""
-    evict_page_cache([path])
+    evict_page_cache([path], settle=True)
     return _timed_read(path, advise=False, copy=False)
+
+
+def direct_read_rate(path: Path) -> dict:
+    """Cold rate of `path` read around the page cache (O_DIRECT) into one reused page-aligned 16 MiB
+    buffer, as flexorch's direct reads go (workers/fileread.py): what the disk delivers with no page
+    cache pages to allocate and nothing copied. No settling needed: nothing lands in the cache."""
+    evict_page_cache([path])
+    return _timed_read(path, direct=True)
 
 
 def page_cache_read_rate(path: Path) -> dict:
@@ -286,17 +303,26 @@ def page_cache_read_rate(path: Path) -> dict:
 def files_read_rate(paths: Sequence[Path]) -> dict:
     """Cold read rate of `paths` read back to back by a bare loop, as sequential_read_rate reads its one
     file: what the kernel gives a reader of many files (each starts its read-ahead afresh)."""
-    evict_page_cache(paths)
+    evict_page_cache(paths, settle=True)
     return _timed_read(*paths)
 
 
-def _timed_read(*paths: Path, advise: bool = True, copy: bool = True) -> dict:
-    """`paths` read front to back in 16 MiB steps: into a buffer, or (copy=False) sent to /dev/null."""
+def _timed_read(*paths: Path, advise: bool = True, copy: bool = True, direct: bool = False) -> dict:
+    """`paths` read front to back in 16 MiB steps: into a buffer, or (copy=False) sent to /dev/null;
+    direct: with O_DIRECT into a page-aligned buffer (an anonymous mapping)."""
     before = disk_read_bytes()
     start = time.perf_counter()
-    buffer, sink = bytearray(16 << 20), None if copy else os.open(os.devnull, os.O_WRONLY)
+    buffer, sink = mmap.mmap(-1, 16 << 20) if direct else bytearray(16 << 20), None if copy else os.open(os.devnull, os.O_WRONLY)
     try:
         for path in paths:
+            if direct:
+                fd, done = os.open(path, os.O_RDONLY | os.O_DIRECT), 0
+                try:
+                    while got := os.preadv(fd, [buffer], done):
+                        done += got
+                finally:
+                    os.close(fd)
+                continue
             with open(path, "rb", buffering=0) as f:
                 if advise and hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -363,13 +389,15 @@ def is_child() -> bool:
 
 # -- the methods -----------------------------------------------------------------------------------
 def flexorch_run(layerwise: Path, prompts, *, verify: bool, batch_tokens: int = 1024, layers_per_shard: int = 1,
-                 storage: str = "cpu", device: str = "cpu", dtype: str = "float32", threads: int = 0) -> dict:
+                 storage: str = "cpu", device: str = "cpu", dtype: str = "float32", threads: int = 0,
+                 direct_reads: bool = False) -> dict:
     """score_prompts over `prompts`; the summary's numbers plus the disk bytes read."""
     from flexorch.workers.engine import score_prompts
     from flexorch.contract.protocol import EngineSettings, ScoreSpec
 
     settings = EngineSettings(device=device, dtype=dtype, layers_per_shard=layers_per_shard, storage=storage,
-                              batch_tokens=batch_tokens, verify_checksums=verify, threads=threads)
+                              batch_tokens=batch_tokens, verify_checksums=verify, threads=threads,
+                              direct_reads=direct_reads)
     before = disk_read_bytes()
     _, summary = score_prompts(layerwise, prompts, ScoreSpec(), settings)
     return {**asdict(summary), "settings": asdict(settings), "disk_read_bytes": disk_read_bytes() - before}
