@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ import torch
 from flexorch.orchestrator.demo import ARCHITECTURES
 from flexorch.workers.adapter import _cache_kwarg, attention_allowed
 from flexorch.workers.engine import EngineHooks, _Pass, make_batches, score_prompts
+from flexorch.workers.fileread import cached_share
 from flexorch.workers.kvcache import append_columns, pack_new_tokens
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import read_manifest
@@ -116,17 +119,41 @@ def settings(**overrides) -> EngineSettings:
 # (layers_per_shard, storage, batch_tokens, double_buffer): 1 and >1 layers, every storage, budgets that
 # put all prompts in one batch, split them across batches, and force one prompt per batch; two shard
 # slots and one.
-CONFIGS = [(1, "cpu", 4096, True), (3, "gpu", 60, True), (2, "disk", 1, False)]
+# layers per shard, storage, batch tokens, two slots, layer files read cold around the page cache
+CONFIGS = [(1, "cpu", 4096, True, False), (3, "gpu", 60, True, True), (2, "disk", 1, False, True)]
+
+
+def evicted(model_dir: Path, direct: bool) -> Path:
+    """The layer files dropped from the page cache, so direct reads take them from the disk (a mostly
+    cached file is copied from the cache: workers/fileread.py)."""
+    if direct:
+        for path in (model_dir / "layers").iterdir():
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+    return model_dir
+
+
+def takes_direct_reads(model_dir: Path) -> bool:
+    try:
+        os.close(os.open(next((model_dir / "layers").iterdir()), os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
 def test_next_token_probs_match_unsplit_model(arch, layerwise, references, tmp_path):
     ref = references(arch)
-    for layers, storage, budget, double_buffer in CONFIGS:
+    for layers, storage, budget, double_buffer, direct in CONFIGS:
+        model_dir = evicted(layerwise(arch), direct)
         results, summary = score_prompts(
-            layerwise(arch), ref.prompts, ScoreSpec("next_token_probs"),
+            model_dir, ref.prompts, ScoreSpec("next_token_probs"),
             settings(layers_per_shard=layers, storage=storage, batch_tokens=budget, disk_folder=str(tmp_path),
-                     double_buffer=double_buffer))
+                     double_buffer=double_buffer, direct_reads=direct))
+        if direct and takes_direct_reads(model_dir):  # read around the cache: only the headers landed there
+            assert all(cached_share(p, p.stat().st_size) < 0.1 for p in (model_dir / "layers").glob("*_layer.*"))
         assert [r.index for r in results] == [p.index for p in ref.prompts]
         for result, expected in zip(results, ref.probs):
             assert result.scores.dtype == np.float32
@@ -139,11 +166,11 @@ def test_next_token_probs_match_unsplit_model(arch, layerwise, references, tmp_p
 @pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
 def test_suffix_logprob_matches_unsplit_model(arch, layerwise, references, tmp_path):
     ref = references(arch)
-    for layers, storage, budget, double_buffer in CONFIGS:
+    for layers, storage, budget, double_buffer, direct in CONFIGS:
         results, _ = score_prompts(
-            layerwise(arch), ref.prompts, ScoreSpec("suffix_logprob"),
+            evicted(layerwise(arch), direct), ref.prompts, ScoreSpec("suffix_logprob"),
             settings(layers_per_shard=layers, storage=storage, batch_tokens=budget, disk_folder=str(tmp_path),
-                     double_buffer=double_buffer))
+                     double_buffer=double_buffer, direct_reads=direct))
         for result, prompt, logprob, greedy in zip(results, ref.prompts, ref.logprob, ref.is_greedy):
             scores = result.scores
             np.testing.assert_allclose(scores["logprob"], logprob, atol=1e-4, rtol=0)
@@ -400,9 +427,9 @@ def test_one_slot_reads_each_shard_only_after_the_one_before_is_released(layerwi
     shards = plan_shards(model.manifest, 1)
     events, read = [], model.read_part_into
 
-    def recording_read(name, experts, buffer, verify=False):
+    def recording_read(name, experts, buffer, **options):
         events.append(("read", name))
-        return read(name, experts, buffer, verify=verify)
+        return read(name, experts, buffer, **options)
 
     model.read_part_into = recording_read
     with ShardLoader(model, shards, torch.device("cpu"), torch.float32, slots=1) as loader:

@@ -181,7 +181,8 @@ class Engine:
         cache = self._kv_cache(steps)
         loader = ShardLoader(self.model, self.own_shards, self.device, self.dtype, passes=steps,
                              verify=self.settings.verify_checksums, resident=self.resident,
-                             slots=2 if self.settings.double_buffer else 1, gather=True)
+                             slots=2 if self.settings.double_buffer else 1, gather=True,
+                             direct=self.settings.direct_reads)
         tokens, current = 0, None
         with torch.inference_mode(), loader, link, cache:
             for step in range(steps):

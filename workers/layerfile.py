@@ -1,10 +1,11 @@
 """Reading a layerwise dir: one safetensors file per layer, described by its manifest.
 
-Layer files are read with their header parsed here (8-byte length, JSON) and their data region read
+Layer files are read with their header parsed here (8-byte length, JSON) and the whole file read
 in large chunks into a caller-owned flat byte buffer — on CUDA a reused pinned buffer — of which the
-tensors are views. That costs one copy from the page cache and no per-tensor allocation, and the
-same code runs on CPU and GPU machines. A checksum, when asked for, is computed on a helper thread
-as the chunks land, and checked before the tensors are returned.
+tensors are views (the header lands in front of them: workers/fileread.py). That costs at most one
+copy from the page cache (none read direct) and no per-tensor allocation, and the same code runs on
+CPU and GPU machines. A checksum, when asked for, is computed on a helper thread as the chunks land,
+and checked before the tensors are returned.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from flexorch.contract.modeldir import read_raw_header
 from flexorch.contract.manifest import LayerEntry, Manifest, read_manifest
 from flexorch.contract.shards import ALIGN, DENSE_PART
 from flexorch.contract.verified import is_marked, mark
+from flexorch.workers.fileread import advise_sequential, page_aligned, read_file
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-_READ_CHUNK = 16 << 20  # 4 to 64 MiB read at one rate (measured); hashing the last chunk adds ~9 ms a file
 
 
 class LayerIntegrityError(UserError):
@@ -112,13 +113,9 @@ class BackgroundSha256:
 
 
 def open_sequential(path: Path):
-    """`path` opened unbuffered for one front-to-back read. POSIX_FADV_SEQUENTIAL doubles the
-    kernel's read-ahead window for this file: a cold layer streamed ~2x faster with it (measured on a
-    virtio disk with an 8 MiB window). Telling the kernel to read the next shard ahead as well
-    (POSIX_FADV_WILLNEED, whole file or its first window) was measured slower or no faster: not done."""
+    """`path` opened unbuffered for one front-to-back read (fileread.advise_sequential)."""
     f = open(path, "rb", buffering=0)
-    if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the kernel's own heuristics
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    advise_sequential(f.fileno())
     return f
 
 
@@ -170,50 +167,36 @@ class LayerwiseModel:
         self.header(name)
         self._matched(stored, sha256_file(self.path / stored.file))
 
-    def read_into(self, name: str, buffer: torch.Tensor, verify: bool = False) -> dict[str, torch.Tensor]:
-        """Read layer `name` into `buffer` (flat uint8, CPU, at least data_bytes long) and return
-        its tensors as views of the buffer, named relative to the layer (a tied head: {"weight"}).
+    def read_into(self, name: str, buffer: torch.Tensor, verify: bool = False,
+                  direct: bool = False) -> dict[str, torch.Tensor]:
+        """Read layer `name`'s file into `buffer` (flat uint8, CPU, at least part_bytes(name, None)
+        long) and return its tensors as views of the buffer, named relative to the layer (a tied
+        head: {"weight"}).
 
         verify: hash the bytes as they are read (on a helper thread), the first time this object
         reads the file, unless it is marked as matching since (contract/verified.py); later passes
         over the model skip it. A mismatch raises before returning.
+        direct: read around the page cache where that pays (fileread.read_file; `buffer` page-aligned).
         """
         entry, stored = self.entry(name), self.stored_entry(name)
         header = self.header(name)
-        path = self.path / stored.file
-        if verify and not self._checked(stored):
-            with BackgroundSha256() as digest:
-                self._read_data(path, stored.name, header, buffer, digest)
-                hexdigest = digest.hexdigest()
-            self._matched(stored, hexdigest)
-        else:
-            self._read_data(path, stored.name, header, buffer, None)
-        tensors = {
-            spec.name: buffer[spec.start:spec.end].view(spec.dtype).view(spec.shape) for spec in header.tensors
-        }
+        path, size = self.path / stored.file, header.data_offset + header.data_bytes
+        try:
+            if verify and not self._checked(stored):
+                with BackgroundSha256() as digest:
+                    read_file(path, size, buffer, direct, on_chunk=digest.update)
+                    hexdigest = digest.hexdigest()
+                self._matched(stored, hexdigest)
+            else:
+                read_file(path, size, buffer, direct)
+        except EOFError:
+            raise LayerIntegrityError(f"{path}: layer {stored.name!r} is truncated") from None
+        data = header.data_offset
+        tensors = {spec.name: buffer[data + spec.start:data + spec.end].view(spec.dtype).view(spec.shape)
+                   for spec in header.tensors}
         if entry.tied_to:
             return {"weight": tensors["weight"]}
         return tensors
-
-    @staticmethod
-    def _read_data(path: Path, stored_name: str, header: LayerFileHeader, buffer: torch.Tensor,
-                   digest: BackgroundSha256 | None) -> None:
-        """The file's data region into `buffer`, in _READ_CHUNK reads; with `digest`, the whole file
-        (header included) is handed to it chunk by chunk as it lands."""
-        target = memoryview(buffer[: header.data_bytes].numpy())
-        with open_sequential(path) as f:
-            if digest is not None:
-                digest.update(f.read(header.data_offset))
-            else:
-                f.seek(header.data_offset)
-            done = 0
-            while done < header.data_bytes:
-                got = f.readinto(target[done:done + _READ_CHUNK])
-                if not got:
-                    raise LayerIntegrityError(f"{path}: layer {stored_name!r} is truncated")
-                if digest is not None:
-                    digest.update(target[done:done + got])
-                done += got
 
     def part_specs(self, name: str, experts: tuple[int, int] | None) -> tuple[TensorSpec, ...]:
         """What a shard step reads of layer `name` (Shard.experts): everything (None), the tensors
@@ -236,17 +219,19 @@ class LayerwiseModel:
         return tuple(out)
 
     def part_bytes(self, name: str, experts: tuple[int, int] | None) -> int:
-        """Buffer bytes `read_part_into` needs (each tensor starts ALIGN-aligned)."""
+        """Buffer bytes `read_part_into` needs: the whole file in pages (read_into), or each tensor
+        starting ALIGN-aligned."""
         if experts is None:
-            return aligned(self.data_bytes(name))
+            header = self.header(name)
+            return page_aligned(header.data_offset + header.data_bytes)
         return sum(aligned(spec.end - spec.start) for spec in self.part_specs(name, experts))
 
     def read_part_into(self, name: str, experts: tuple[int, int] | None, buffer: torch.Tensor,
-                       verify: bool = False) -> dict[str, torch.Tensor]:
+                       verify: bool = False, direct: bool = False) -> dict[str, torch.Tensor]:
         """`read_into` for one step of a streamed MoE layer (see part_specs): the ranges are read one
         by one into `buffer`; verify hashes the whole file once first (the ranges do not cover it)."""
         if experts is None:
-            return self.read_into(name, buffer, verify=verify)
+            return self.read_into(name, buffer, verify=verify, direct=direct)
         stored = self.stored_entry(name)
         if verify:
             self._verify_once(name)
@@ -316,7 +301,7 @@ class LayerwiseModel:
 
     def load(self, name: str, verify: bool = False) -> dict[str, torch.Tensor]:
         """Read layer `name` into a fresh buffer (convenience for tests and tools)."""
-        buffer = torch.empty(aligned(self.data_bytes(name)), dtype=torch.uint8)
+        buffer = torch.empty(self.part_bytes(name, None), dtype=torch.uint8)
         return self.read_into(name, buffer, verify=verify)
 
 

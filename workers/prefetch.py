@@ -34,6 +34,7 @@ import torch
 from flexorch.contract.manifest import LM_HEAD
 from flexorch.contract.shards import Shard, gathered
 from flexorch.workers.compression import decompress_layer
+from flexorch.workers.fileread import page_aligned_empty
 from flexorch.workers.layerfile import LayerwiseModel, aligned
 
 
@@ -76,9 +77,9 @@ class ShardLoader:
 
     def __init__(self, model: LayerwiseModel, shards: list[Shard], device: torch.device, dtype: torch.dtype,
                  passes: int = 1, verify: bool = True, resident: ResidentShards | None = None, slots: int = 2,
-                 gather: bool = False):
+                 gather: bool = False, direct: bool = False):
         self.model, self.shards, self.device, self.dtype = model, shards, device, dtype
-        self.passes, self.verify, self.resident = passes, verify, resident
+        self.passes, self.verify, self.resident, self.direct = passes, verify, resident, direct
         self.stats = LoaderStats()
         # Gathered, the embedding (one that can be: contract/shards.py `gathered`) does not size the
         # slots; resident, it is kept whole for every pass and round.
@@ -91,8 +92,8 @@ class ShardLoader:
         # Slots live where the compute reads them; on CUDA, file bytes stage through pinned memory.
         if resident is not None:
             slots = 0
-        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
-        self._staging = torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) if cuda else None
+        self._slots = [self._empty(slot_bytes) for _ in range(slots)]
+        self._staging = page_aligned_empty(slot_bytes, pin_memory=True) if cuda else None
         self._copy_stream = torch.cuda.Stream(device) if cuda else None
         self._slot_done = [None, None]  # CUDA events: compute finished with the slot's last shard
         self._free_slots: queue.Queue[int] = queue.Queue()
@@ -190,10 +191,16 @@ class ShardLoader:
         if slot != _NO_SLOT and fits:
             destination = self._slots[slot]
         else:
-            destination = torch.empty(size, dtype=torch.uint8, device=self.device)
+            destination = self._empty(size)
         if self._staging is None:
             return destination, destination
-        return destination, self._staging if fits else torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        return destination, self._staging if fits else page_aligned_empty(size, pin_memory=True)
+
+    def _empty(self, size: int) -> torch.Tensor:
+        """A buffer on the device; on the CPU page-aligned, a direct read's target (workers/fileread.py)."""
+        if self.device.type == "cpu":
+            return page_aligned_empty(size)
+        return torch.empty(size, dtype=torch.uint8, device=self.device)
 
     def _load(self, shard: Shard, step: int, slot: int) -> LoadedShard | None:
         start = time.perf_counter()
@@ -209,7 +216,7 @@ class ShardLoader:
                 nbytes += (rows[1] - rows[0]) * self.model.row_bytes(name)
             else:
                 views[name] = self.model.read_part_into(name, shard.experts, target[offset:offset + size],
-                                                        verify=self.verify)
+                                                        verify=self.verify, direct=self.direct)
                 nbytes += (self.model.layer_bytes(name) if shard.experts is None
                            else sum(spec.end - spec.start for spec in self.model.part_specs(name, shard.experts)))
             offset += size

@@ -14,6 +14,7 @@ tensors with the same shapes. json only: the planner runs this without torch.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path, PurePosixPath
 
@@ -90,7 +91,9 @@ def read_raw_header(path: Path) -> tuple[int, dict]:
     """(header length, header without __metadata__) of a safetensors file, no data read: the one
     parser of the format's header (workers/layerfile.py adds dtypes). Raises OSError, ValueError
     (json's errors included), RecursionError or struct.error on a file that is not one."""
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):  # no read-ahead into the data, which may be read around the cache
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         (length,) = struct.unpack("<Q", f.read(8))
         if length > MAX_HEADER_BYTES:
             raise ValueError(f"header length {length} out of range")

@@ -105,6 +105,9 @@ class EngineSettings:
     # (a shard less memory, no read hidden): the planner's choice when only that fits
     double_buffer: bool = True
     heap_slack: int = HEAP_SLACK  # bytes of free heap kept between shards (workers/heap.py)
+    # read layer files around the page cache (O_DIRECT) into the slots, but those mostly cached
+    # (workers/fileread.py): the planner's choice where caching them would not pay
+    direct_reads: bool = False
 
 
 @dataclass(frozen=True)
