@@ -3,8 +3,8 @@
 `calibrated(hardware)` attaches a `Calibration` to the probed `Hardware`: read from the cache
 (`$FLEXORCH_CACHE/calibration/<machine>.v<N>.json`) when this machine was measured before, else measured
 now (~10-15 s) and cached. What is measured: the cold read rate of the disk holding the cache (a
-file written, evicted from the page cache with posix_fadvise(DONTNEED), read back in large reads),
-and, in a fresh process started as a worker is (workers/calibrate.py), the worker's start-up time and
+file written, evicted from the page cache with posix_fadvise(DONTNEED), read back in large reads once
+the memory its pages freed has settled: `ColdReadProbe`), and, in a fresh process started as a worker is (workers/calibrate.py), the worker's start-up time and
 fixed RSS, decoder-layer FLOP/s per device, dtype and batch, and on GPUs the host-to-device rate and
 the CUDA context. Probing the hardware (hardware.py) stays apart, and the planner takes the result as
 data. FLEXORCH_CALIBRATE=0 turns it off (the planner then uses its assumed figures; tests do this).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import platform
 import socket
@@ -36,7 +37,17 @@ CHILD_TIMEOUT_S = 120
 # median over distinct batches, not the best run; 4: a long-row point per width, attention priced
 # apart; 5: a GPU's fixed memory counts cuBLAS's workspaces), so a cache from before is measured again
 # rather than read with the wrong meaning.
-CALIBRATION_VERSION = 6
+# 7: the cold read waits for freed memory to settle (ColdReadProbe).
+CALIBRATION_VERSION = 7
+# A VM whose memory balloon has free page reporting (virtio balloon, feature bit 5) hands the pages the
+# guest frees back to the host about 2 s later (the kernel's PAGE_REPORTING_DELAY); used again after
+# that, each one faults in on the host. A file read right after its pages were dropped lands in the
+# pages just freed, still backed, and reads far faster than a cold job does: on a 2-core VM a 2 GB file
+# read at 1.3-2.5 GB/s at once and 0.5-0.6 GB/s 5 s (or a child process's run) later; 3 s was not
+# quite enough (0.9-1.0). The probe reads no sooner than this after its eviction there.
+FREED_MEMORY_SETTLE_S = 5.0
+VIRTIO_DEVICES = Path("/sys/bus/virtio/devices")
+_VIRTIO_BALLOON, _BALLOON_F_REPORTING = 5, 5  # device id; feature bit
 
 
 def calibration_enabled() -> bool:
@@ -76,8 +87,10 @@ def calibrated(hardware: Hardware, cache_dir: Path, force: bool = False, console
 
 def measure(hardware: Hardware, key: str, disk_dir: Path) -> Calibration:
     start = time.perf_counter()
-    disk = measure_disk(disk_dir)
-    worker = measure_worker(["cpu"] + [f"cuda:{g.index}" for g in hardware.gpus])
+    with ColdReadProbe(disk_dir) as probe:  # its freed memory settles while the worker is measured
+        worker = measure_worker(["cpu"] + [f"cuda:{g.index}" for g in hardware.gpus])
+        disk = probe.read_rate()
+        direct = probe.direct_read_rate()
     return Calibration(
         machine=key, measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         seconds=round(time.perf_counter() - start, 1), disk_path=str(disk_dir), disk_read_bytes_per_s=disk,
@@ -85,7 +98,7 @@ def measure(hardware: Hardware, key: str, disk_dir: Path) -> Calibration:
         throughput=tuple(Throughput(**t) for t in worker["throughput"]),
         host_to_device_bytes_per_s=tuple(tuple(p) for p in worker.get("host_to_device_bytes_per_s", ())),
         cuda_context_bytes=worker.get("cuda_context_bytes"), cuda_worker_base_ram=worker.get("cuda_worker_base_ram"),
-        sha256_bytes_per_s=measure_sha256(),
+        sha256_bytes_per_s=measure_sha256(), direct_read_bytes_per_s=direct,
     )
 
 
@@ -100,27 +113,93 @@ def measure_sha256(size: int = 64 << 20) -> float:
 
 def measure_disk(folder: Path, size: int = DISK_PROBE_BYTES) -> float:
     """Bytes/s reading a just-written file whose pages were dropped from the page cache."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f".read-probe-{os.getpid()}"
-    block = os.urandom(READ_CHUNK_BYTES)  # incompressible, for filesystems that compress
-    try:
-        with open(path, "wb") as f:
-            for _ in range(size // READ_CHUNK_BYTES):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())  # dirty pages cannot be dropped
-        fd = os.open(path, os.O_RDONLY)
+    with ColdReadProbe(folder, size) as probe:
+        return probe.read_rate()
+
+
+class ColdReadProbe:
+    """A file of `size` random bytes written under `folder` and dropped from the page cache at once;
+    `read_rate()` reads it back later, as a worker reads layer files, no sooner than the memory its
+    pages freed has settled where the VM takes freed memory back (FREED_MEMORY_SETTLE_S). Removed on
+    exit."""
+
+    def __init__(self, folder: Path, size: int = DISK_PROBE_BYTES, settle_s: float | None = None):
+        self.size = size
+        self.settle_s = (FREED_MEMORY_SETTLE_S if returns_freed_memory() else 0.0) if settle_s is None else settle_s
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f".read-probe-{os.getpid()}"
+        block = os.urandom(READ_CHUNK_BYTES)  # incompressible, for filesystems that compress
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            with open(self.path, "wb") as f:
+                for _ in range(size // READ_CHUNK_BYTES):
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())  # dirty pages cannot be dropped
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        except BaseException:
+            self.close()
+            raise
+        self.evicted_at = time.monotonic()
+
+    def __enter__(self) -> "ColdReadProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def read_rate(self) -> float:
+        wait = self.evicted_at + self.settle_s - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)  # one wait for the host to take the freed pages back, not a poll
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # as workers read layer files: the same rate
             start = time.perf_counter()
             while os.read(fd, READ_CHUNK_BYTES):
                 pass
-            return size / (time.perf_counter() - start)
+            return self.size / (time.perf_counter() - start)
         finally:
             os.close(fd)
-    finally:
-        path.unlink(missing_ok=True)
+
+    def direct_read_rate(self) -> float | None:
+        """The file read around the page cache (O_DIRECT, as workers/fileread.py reads layer files) into
+        one reused page-aligned buffer, the way a worker reads into its slots; None where refused. No
+        wait: a direct read never lands in the page cache."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+        except (OSError, AttributeError):  # EINVAL: this filesystem takes none; no O_DIRECT off Linux
+            return None
+        target = mmap.mmap(-1, READ_CHUNK_BYTES)  # anonymous: page-aligned, as direct reads need
+        try:
+            start, done = time.perf_counter(), 0
+            while done < self.size:
+                got = os.preadv(fd, [target], done)
+                if not got:
+                    break
+                done += got
+            return done / (time.perf_counter() - start)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+            target.close()
+
+
+def returns_freed_memory(devices: Path = VIRTIO_DEVICES) -> bool:
+    """Whether this is a VM whose memory balloon reports free pages to the host (see
+    FREED_MEMORY_SETTLE_S): a virtio balloon whose negotiated features (one '0'/'1' per bit) have bit 5."""
+    try:
+        for device in devices.iterdir():
+            if int((device / "device").read_text(), 16) == _VIRTIO_BALLOON:
+                features = (device / "features").read_text().strip()
+                if len(features) > _BALLOON_F_REPORTING and features[_BALLOON_F_REPORTING] == "1":
+                    return True
+    except (OSError, ValueError):
+        pass  # not Linux, or no virtio bus: nothing reported
+    return False
 
 
 def measure_worker(devices: list[str]) -> dict:

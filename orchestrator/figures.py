@@ -92,6 +92,7 @@ class Figures:
 
     hardware: Hardware
     disk_read: Figure
+    direct_read: Figure | None  # layer files read around the page cache (O_DIRECT); None: the filesystem refuses
     sha256: Figure  # hashing a layer file not verified yet, on the hash thread (workers/layerfile.py)
     worker_start: Figure
     base_ram: dict[str, Figure]  # "cpu" | "cuda"
@@ -140,6 +141,8 @@ class Figures:
     def describe(self, devices: tuple[str, ...], dtype: str) -> list[str]:
         """One line per figure the plan used: its value and whether it was measured."""
         lines = [f"disk read {format_bytes(self.disk_read.value)}/s cold ({self.disk_read.source})",
+                 f"direct disk read {format_bytes(self.direct_read.value)}/s, around the page cache "
+                 f"({self.direct_read.source})" if self.direct_read else "direct disk reads: refused by the filesystem",
                  f"sha256 {format_bytes(self.sha256.value)}/s, for layer files not verified yet ({self.sha256.source})",
                  f"worker start-up {self.worker_start.value:.1f} s ({self.worker_start.source})"]
         for kind in sorted({"cpu" if d == "cpu" else "cuda" for d in devices}):
@@ -290,8 +293,13 @@ def figures_of(hardware: Hardware) -> Figures:
     disk_read = (Figure(disk, "given with the hardware") if disk else
                  pick(calibration and calibration.disk_read_bytes_per_s, DEFAULT_DISK_READ_BYTES_PER_S,
                       "a typical NVMe SSD"))
+    if calibration and not disk:
+        direct = calibration.direct_read_bytes_per_s
+        direct_read = Figure(direct, when) if direct is not None else None
+    else:
+        direct_read = Figure(disk_read.value, "assumed: the disk read rate")
     return Figures(
-        hardware=hardware, disk_read=disk_read,
+        hardware=hardware, disk_read=disk_read, direct_read=direct_read,
         sha256=pick(calibration and calibration.sha256_bytes_per_s, DEFAULT_SHA256_BYTES_PER_S,
                     "one core hashing, between SHA-NI's rate and a core without it"),
         worker_start=pick(calibration and calibration.worker_start_seconds, WORKER_START_SECONDS,

@@ -57,6 +57,7 @@ class Calibration:
     cuda_context_bytes: int | None = None  # a worker's fixed device memory: the context and cuBLAS's workspaces
     cuda_worker_base_ram: int | None = None  # RSS of a GPU worker once its CUDA context is up
     sha256_bytes_per_s: float | None = None  # one thread hashing in memory: what a verifying read adds
+    direct_read_bytes_per_s: float | None = None  # the same file read around the page cache (O_DIRECT); None: refused
 
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":

@@ -81,7 +81,8 @@ Time model (seconds; rates from figures.py: measured by calibration, else assume
 start-up + per round: the first shard's read, then per shard of each pass the longer of computing it
 and reading the next (two slots: the loader is at most one shard ahead; the last shard of a
 generation step overlaps the next step's first read). Reads: a shard's stored bytes / read rate (the
-disk's, or the PCIe link's if slower; a worker's first pass also hashes the files not verified yet,
+disk's, through the page cache or, for a model larger than the RAM read by one worker per file,
+around it: `_with_reads`; or the PCIe link's if slower; a worker's first pass also hashes the files not verified yet,
 beside the read or taking turns with it where no core is spare); resident: the first pass only. Compute: FLOPs / throughput at
 the tokens each forward carries (a batch's share of the round; the head's scored rows; a later
 step's one token per suffix) for layers of the model's FLOPs per token (a narrow layer runs far
@@ -392,6 +393,7 @@ class _Job:
     token_flops: float  # one decoder layer's FLOPs per token, first step, over the job's prompts
     token_attention: float  # of those, attention's
     unverified_share: float = 0.0  # of the stored bytes, those hashed on their first read (make_plan)
+    direct_reads: bool = False  # layer files read around the page cache (_with_reads)
 
 
 @dataclass(frozen=True)
@@ -548,6 +550,8 @@ def _plan_data(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> tuple
     if len(devices) > n_prompts:
         reasons.append(f"{len(devices) - n_prompts} device(s) left idle: only {n_prompts} prompt(s)")
         devices = devices[:n_prompts]
+    job, reads = _with_reads(job, hardware, len(devices))
+    reasons.append(reads)
     threads = _threads(devices, hardware.cpu_count)
     rates = [_cap_rate(job, device, threads[i]) for i, device in enumerate(devices)]
     slices = _balanced_slices(job.tokens, rates)
@@ -576,6 +580,7 @@ def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> t
     if spec.storage not in (None, "cpu"):
         raise _error(spec, "storage", f"{spec.storage} is not supported with parallel: pipeline (activations "
                      "arrive from the previous stage and wait in RAM: use cpu or auto)")
+    job, reads = _with_reads(job, hardware, 1)  # each stage reads only its own shards
     threads = _threads(devices, hardware.cpu_count)
     rates = [_cap_rate(job, d, threads[i]) for i, d in enumerate(devices)]
     slowest = min(range(n), key=lambda i: rates[i])
@@ -594,7 +599,7 @@ def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> t
     tokens = [sum(job.loads[i].act_tokens for i in r) for r in plan.rounds]
     busiest = sum(m.stage_bytes(plan.settings.layers_per_shard, n, m.embed_read(t)) for t in tokens)
     read = spec.generate_tokens * busiest / _read_rate(job, devices[slowest])
-    plan = replace(plan, predicted_read_seconds=read)
+    plan = replace(plan, predicted_read_seconds=read, reasons=plan.reasons + (reads,))
     in_channel = f"up to {PIPELINE_CHANNEL_BATCHES} batches ({format_bytes(channel)}) wait in its outbound channel"
     return tuple(
         replace(plan, name=f"worker{i}", device=d, predicted_peak_ram=plan.predicted_peak_ram + channel,
@@ -661,7 +666,7 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
         disk_folder=_disk_folder(spec, name) if setup.storage == "disk" else None,
         threads=threads if device == "cpu" else 0, resident=setup.resident,
         experts_per_group=job.model.experts_per_group, allow_untested_models=spec.allow_untested_models,
-        double_buffer=setup.slots == DOUBLE_BUFFER, heap_slack=heap_slack,
+        double_buffer=setup.slots == DOUBLE_BUFFER, heap_slack=heap_slack, direct_reads=job.direct_reads,
     )
     return WorkerPlan(
         name=name, device=device, settings=settings, prompt_indices=indices, rounds=best.rounds,
@@ -1157,9 +1162,32 @@ def _cap_rate(job: _Job, device: str, threads: int) -> float:
     return _rate(job, device, threads, BATCH_TOKENS_CAP[_kind(device)])
 
 
+def _with_reads(job: _Job, hardware: Hardware, readers: int) -> tuple[_Job, str]:
+    """Whether layer files are read around the page cache (EngineSettings.direct_reads,
+    workers/fileread.py), and why: where caching them cannot pay. A model larger than the RAM
+    available leaves the cache before the next pass (or job) comes back to it, so every pass reads
+    it from the disk anyway; read direct, the disk writes into the slot: no cache pages to allocate,
+    no copy, and the cache's other contents kept. A model that fits is read through the cache, so
+    later passes and jobs read it from memory; so are files that `readers` > 1 workers of one
+    machine read in step (one read from the disk serves them all)."""
+    direct, size, room = job.figures.direct_read, job.model.bytes_per_pass, hardware.ram_available
+    why = (f"the model ({format_bytes(size)}) fits in the RAM available ({format_bytes(room)}): later passes "
+           "and jobs read it from memory" if size <= room else
+           f"{readers} workers read every layer file in step, one read from the disk serving them all"
+           if readers > 1 else "the filesystem refuses direct reads (calibration)" if direct is None else "")
+    if why:
+        return job, f"reads: through the page cache: {why}"
+    cached = job.figures.disk_read
+    return replace(job, direct_reads=True), (
+        f"reads: direct (O_DIRECT): the model ({format_bytes(size)}) is larger than the RAM available "
+        f"({format_bytes(room)}), so each pass reads it from the disk anyway; direct, the disk writes into the "
+        f"shard slot, nothing is copied ({format_bytes(direct.value)}/s, {direct.source}; through the cache "
+        f"{format_bytes(cached.value)}/s, {cached.source})")
+
+
 def _read_rate(job: _Job, device: str) -> float:
     """Weights come from the disk, then on a GPU over its PCIe link: the slower one sets the rate."""
-    disk = job.figures.disk_read.value
+    disk = (job.figures.direct_read if job.direct_reads else job.figures.disk_read).value
     return disk if device == "cpu" else min(disk, job.figures.host_to_device(device).value)
 
 

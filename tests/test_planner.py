@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from flexorch.orchestrator.hardware import GpuInfo, Hardware, Node, format_bytes
+from flexorch.orchestrator.hardware import Calibration, GpuInfo, Hardware, Node, format_bytes
 from flexorch.orchestrator.planner import Plan, make_cluster_plan, make_plan, render_plan
 from flexorch.orchestrator.shapes import llama3_70b, llama_shaped_manifest, mixtral_8x7b
 from flexorch.contract.errors import UserError
@@ -597,3 +597,41 @@ def test_files_not_verified_yet_are_hashed_on_each_workers_first_pass():
     (gp,), (gh,) = gpu_plain.workers, gpu_hashed.workers
     assert gp.device == "cuda:0" and len(gp.rounds) == 1
     assert gh.predicted_read_seconds == pytest.approx(2.0 * gp.predicted_read_seconds, rel=1e-3)
+
+
+def test_a_model_larger_than_the_ram_is_read_around_the_page_cache_by_a_lone_reader():
+    """The 70B (138 GB) cannot stay in 64 GB of page cache between passes: every pass reads it from the disk
+    anyway, and read direct it lands in the slot with no copy (measured here at twice the cached path's rate).
+    A model that fits is read through the cache (later passes and jobs read it from memory), and so are files
+    that several workers of the machine read in step; a filesystem that refuses direct reads is never asked."""
+    figures = Calibration(machine="box", measured_at="2026-11-26 15:00 UTC", seconds=10.0,
+                          disk_read_bytes_per_s=1e9, direct_read_bytes_per_s=2e9)
+    box = replace(machine(SMALL_GPU), calibration=figures)
+    spec = Spec(limits=WORKSTATION_LIMITS)
+    direct = make_plan(box, llama2_70b(), spec, [300] * 400)
+    (d,) = direct.workers
+    assert d.settings.direct_reads
+    assert any(r.startswith("reads: direct (O_DIRECT): the model (137.95 GB) is larger than the RAM available")
+               for r in direct.reasons)
+    refused = make_plan(replace(box, calibration=replace(figures, direct_read_bytes_per_s=None)), llama2_70b(),
+                        spec, [300] * 400)
+    (r,) = refused.workers
+    assert not r.settings.direct_reads and "reads: through the page cache: the filesystem refuses direct reads" \
+        in " ".join(refused.reasons)
+    # each round reads the model once: at 2 GB/s direct, at 1 GB/s through the cache (where the slower reads
+    # also make fewer, larger rounds pay)
+    assert d.predicted_read_seconds / len(d.rounds) == pytest.approx(137.95 / 2, rel=1e-3)
+    assert r.predicted_read_seconds / len(r.rounds) == pytest.approx(137.95, rel=1e-3)
+
+    fits = make_plan(box, llama2_13b(), Spec(), [300] * 4)
+    assert not fits.workers[0].settings.direct_reads
+    assert any(x.startswith("reads: through the page cache: the model (26.03 GB) fits in the RAM available")
+               for x in fits.reasons)
+
+    gpus = (gpu(0, "NVIDIA GeForce RTX 3090", 24 * GB), gpu(1, "NVIDIA GeForce RTX 3090", 24 * GB))
+    small_ram = replace(machine(*gpus, ram=16 * GB), calibration=figures)
+    shared = make_plan(small_ram, llama2_13b(), Spec(parallel="data"), [300] * 4)
+    assert [w.settings.direct_reads for w in shared.workers] == [False, False]
+    assert "reads: through the page cache: 2 workers read every layer file in step" in " ".join(shared.reasons)
+    stages = make_plan(small_ram, llama2_13b(), Spec(parallel="pipeline"), [300] * 4)
+    assert [w.settings.direct_reads for w in stages.workers] == [True, True]  # each stage reads its own shards
