@@ -1210,15 +1210,19 @@ def _balanced_slices(tokens: Sequence[int], rates: Sequence[float]) -> list[tupl
 
 # -- memory --------------------------------------------------------------------------------------
 def _working_bytes(model: _Model, batch: int, longest: int, scored_ratio: float, columns: int,
-                   edges: "_Edges", cuda: bool = False) -> int:
+                   edges: "_Edges") -> int:
     """Peak temporaries of one forward of `batch` padded tokens in rows of at most `longest`; the head
     computes `columns` logits per scored position at once. The edges' bytes beside the slots live
-    only while their shard runs, so they count with its phase, not on top of a decoder layer's. On a
-    GPU, sdpa's memory-efficient kernel never holds the attention scores (measured on an H100: each
-    8192 tokens more of a 13B shape's batch added 0.84 GB, against 1.18 GB of intermediates without
-    the scores and 1.83 GB with them); eager attention (soft-capped logits) and CPUs do."""
+    only while their shard runs, so they count with its phase, not on top of a decoder layer's. sdpa
+    never holds the attention scores whole: on a GPU its memory-efficient kernel (measured on an H100:
+    each 8192 tokens more of a 13B shape's batch added 0.84 GB, against 1.18 GB of intermediates
+    without the scores and 1.83 GB with them), on a CPU its flash kernel, which takes the additive
+    mask too (torch 2.13: 1024 tokens x 16 heads with a 1024-wide float mask peaked 8 MB above the
+    inputs in fp32, bf16 and fp16, against 137 MB computed eagerly; the planner charged the scores
+    and over-predicted bench_autotune's wide shape at 1024 tokens by 8-12%). Eager attention
+    (soft-capped logits) holds them."""
     d, row = model.dtype_bytes, min(longest, batch)
-    scores = 0 if cuda and not model.eager_attention else batch * row * model.heads * (d + SCORE_EXTRA_BYTES)
+    scores = batch * row * model.heads * (d + SCORE_EXTRA_BYTES) if model.eager_attention else 0
     decoder = ((MLP_INTERMEDIATES * model.intermediate + HIDDEN_COPIES * model.hidden) * batch * d
                + scores  # attention scores
                + batch * row * d)  # 4D additive mask
@@ -1244,8 +1248,8 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     next_token = job.spec.score.kind == "next_token_probs"  # its output is the vocabulary-wide row
     columns = m.vocab if next_token else m.head_columns(setup.lps)
     compute = (m.resident_weights(setup.lps, setup.resident, setup.slots) + in_flight + layouts
-               + (_working_bytes(m, setup.batch, longest, job.scored_ratio, columns, _edges(m, setup, load, job),
-                                 cuda) if setup.batch else 0))
+               + (_working_bytes(m, setup.batch, longest, job.scored_ratio, columns, _edges(m, setup, load, job))
+                  if setup.batch else 0))
     ram = int(job.figures.base_ram[_kind(setup.device)].value) + load.result_bytes
     ram += STAGING_BUFFERS * _pinned(m.stored_shard(setup.lps)) if cuda else compute
     held = activations + cache  # in RAM with storage cpu: on a GPU worker, pinned batch by batch

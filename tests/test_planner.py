@@ -394,14 +394,14 @@ def test_cpu_peak_ram_is_the_base_the_shard_slots_and_one_forward():
     # RAM limit 2 GB, 1.8 GB usable. 32 prompts of 150 tokens, batch 1024 (the CPU cap), fp32, one layer per
     # shard (more would not be faster):
     #   base                                                             536,870,912
-    #   working: (3 x 2816 + 6 x 1024) x 1024 x 4 = 59,768,832, scores 1024 x 150 x 16 x (4 + 4)
-    #            = 19,660,800, mask 1024 x 150 x 4 = 614,400                     80,044,032
+    #   working: (3 x 2816 + 6 x 1024) x 1024 x 4 = 59,768,832, mask 1024 x 150 x 4 = 614,400
+    #            (sdpa's flash kernel holds no attention scores)                  60,383,232
     #   batch in flight 2 x 1024 x 1024 x 4                                      8,388,608
     #   activations 32 x 150 x 1.25 x 1024 x 4                                  24,576,000
     #   scores 32 x 4 x 32000 x 4                                               16,384,000
     #   weights: 2 slots of a decoder layer (the 131 MB head comes in steps) 102,776,832
     #   masks kept for the pass: 32 x 187.5 padded tokens x 150 x 4              3,600,000
-    #   total                                                                  772,640,384
+    #   total                                                                  752,979,584
     # (Between the head's steps the 32 x 187.5 x 4 / 150 = 160 scored positions' normed hidden states and
     # logits so far, 160 x (1024 + 32000) x 4 = 21,135,360, with the head's logits of a 12,544-row step,
     # stay below a decoder layer's working memory.) That is the fastest (16.5 s). One slot is predicted 3%
@@ -410,15 +410,15 @@ def test_cpu_peak_ram_is_the_base_the_shard_slots_and_one_forward():
     plan = make_plan(machine(cpus=4), small_fp32(), Spec(limits=Limits(ram=2 * GB)), [150] * 32)
     (worker,) = plan.workers
     assert (worker.settings.double_buffer, worker.settings.batch_tokens) == (True, 1024)
-    assert worker.predicted_peak_ram == 772_640_384
-    assert "shard slots 2 (auto): 16.5 s, 772.64 MB; 1: 17.0 s, 721.25 MB" in worker.reasons
+    assert worker.predicted_peak_ram == 752_979_584
+    assert "shard slots 2 (auto): 16.5 s, 752.98 MB; 1: 17.0 s, 701.59 MB" in worker.reasons
     assert any(r.startswith("settings (auto)") and "the fastest is predicted 16.5 s" in r for r in worker.reasons)
     # The free heap a worker keeps between shards (64 MiB) fits beside that peak; under 900 MB (810 MB usable)
-    # it shrinks to what is left, 810,000,000 - 772,640,384.
+    # it shrinks to what is left, 810,000,000 - 752,979,584.
     assert worker.settings.heap_slack == HEAP_SLACK
     (tight,) = make_plan(machine(cpus=4), small_fp32(), Spec(limits=Limits(ram=900_000_000)), [150] * 32).workers
-    assert tight.predicted_peak_ram == 772_640_384 and tight.settings.heap_slack == 37_359_616
-    assert any(r.startswith("heap slack 37.36 MB") for r in tight.reasons)
+    assert tight.predicted_peak_ram == 752_979_584 and tight.settings.heap_slack == 57_020_416
+    assert any(r.startswith("heap slack 57.02 MB") for r in tight.reasons)
 
 
 # -- job-wide decisions --------------------------------------------------------------------------
@@ -566,12 +566,12 @@ def test_the_heads_logits_are_sized_by_the_positions_it_scores():
     every = make_plan(machine(cpus=8), small_fp32(), spec, [150] * 8).workers[0]
     scored = make_plan(machine(cpus=8), small_fp32(), spec, [150] * 8, scored_counts=[8] * 8).workers[0]
     # The 131 MB head comes in steps of (51,388,416 - 4,096 norm - 64) // 4,096 = 12,544 rows (a decoder
-    # layer's slot). Working memory at batch 1024 is the larger of a decoder layer's (80,044,032: see the
+    # layer's slot). Working memory at batch 1024 is the larger of a decoder layer's (60,383,232: see the
     # test above) and the head's, its logits and, kept between its steps, the scored positions' normed
     # hidden states: every token, 2 copies x 1024 x 12,544 x 4 = 102,760,448 and 8 x 187.5 padded tokens
     # x 1024 x 4 = 6,144,000; the scored ones (1024 x 8 / 150 = 55 rows), 2 x 55 x 12,544 x 4 = 5,519,360
     # and 1,500 x 8 / 150 x 4,096 = 327,680, so the decoder layer's.
-    assert every.predicted_peak_ram - scored.predicted_peak_ram == 102_760_448 + 6_144_000 - 80_044_032
+    assert every.predicted_peak_ram - scored.predicted_peak_ram == 102_760_448 + 6_144_000 - 60_383_232
 
 
 # -- layer files not verified yet ------------------------------------------------------------------
