@@ -48,7 +48,8 @@ def read_file(path: Path, size: int, buffer: torch.Tensor, direct: bool, on_chun
     if buffer.numel() < size:
         raise ValueError(f"a {buffer.numel()}-byte buffer cannot hold {path} ({size} bytes)")
     target = memoryview(buffer[:page_aligned(size)].numpy())
-    direct = (direct and buffer.data_ptr() % PAGE == 0 and len(target) == page_aligned(size)
+    direct = (direct and hasattr(os, "O_DIRECT")  # Linux; elsewhere always through the cache
+              and buffer.data_ptr() % PAGE == 0 and len(target) == page_aligned(size)
               and cached_share(path, size) < MOSTLY_CACHED)
     fd, direct = _open(path, direct)
     try:
