@@ -316,12 +316,9 @@ def _timed_read(*paths: Path, advise: bool = True, copy: bool = True, direct: bo
     try:
         for path in paths:
             if direct:
-                fd, done = os.open(path, os.O_RDONLY | os.O_DIRECT), 0
-                try:
-                    while got := os.preadv(fd, [buffer], done):
-                        done += got
-                finally:
-                    os.close(fd)
+                from flexorch.orchestrator.calibrate import read_direct
+
+                read_direct(path, buffer)
                 continue
             with open(path, "rb", buffering=0) as f:
                 if advise and hasattr(os, "posix_fadvise"):

@@ -111,12 +111,6 @@ def measure_sha256(size: int = 64 << 20) -> float:
     return size / (time.perf_counter() - start)
 
 
-def measure_disk(folder: Path, size: int = DISK_PROBE_BYTES) -> float:
-    """Bytes/s reading a just-written file whose pages were dropped from the page cache."""
-    with ColdReadProbe(folder, size) as probe:
-        return probe.read_rate()
-
-
 class ColdReadProbe:
     """A file of `size` random bytes written under `folder` and dropped from the page cache at once;
     `read_rate()` reads it back later, as a worker reads layer files, no sooner than the memory its
@@ -168,24 +162,28 @@ class ColdReadProbe:
         """The file read around the page cache (O_DIRECT, as workers/fileread.py reads layer files) into
         one reused page-aligned buffer, the way a worker reads into its slots; None where refused. No
         wait: a direct read never lands in the page cache."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-        except (OSError, AttributeError):  # EINVAL: this filesystem takes none; no O_DIRECT off Linux
+        if not hasattr(os, "O_DIRECT"):  # Linux only
             return None
-        target = mmap.mmap(-1, READ_CHUNK_BYTES)  # anonymous: page-aligned, as direct reads need
-        try:
-            start, done = time.perf_counter(), 0
-            while done < self.size:
-                got = os.preadv(fd, [target], done)
-                if not got:
-                    break
-                done += got
+        with mmap.mmap(-1, READ_CHUNK_BYTES) as buffer:  # anonymous: page-aligned, as direct reads need
+            start = time.perf_counter()
+            try:
+                done = read_direct(self.path, buffer)
+            except OSError:  # EINVAL: this filesystem takes none
+                return None
             return done / (time.perf_counter() - start)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-            target.close()
+
+
+def read_direct(path: Path, buffer: mmap.mmap) -> int:
+    """`path` read front to back around the page cache (O_DIRECT) into `buffer`, one page-aligned
+    buffer reused for every read; the bytes read. OSError (EINVAL) where the filesystem refuses."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        done = 0
+        while got := os.preadv(fd, [buffer], done):
+            done += got
+        return done
+    finally:
+        os.close(fd)
 
 
 def returns_freed_memory(devices: Path = VIRTIO_DEVICES) -> bool:

@@ -102,7 +102,8 @@ def test_the_cold_read_probe_reads_the_whole_file(tmp_path):
     with calibrate.ColdReadProbe(tmp_path, size=32 << 20, settle_s=0) as probe:
         assert probe.path.stat().st_size == 32 << 20
         rate = probe.read_rate()
-    assert rate > 1e6 and not any(tmp_path.iterdir())
+        direct = probe.direct_read_rate()  # None where the filesystem refuses O_DIRECT
+    assert rate > 1e6 and (direct is None or direct > 1e6) and not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("reports", [True, False])
@@ -125,9 +126,11 @@ def test_the_worker_is_measured_between_the_eviction_and_the_read(tmp_path, monk
         "start_seconds": 3.0, "worker_base_ram": 1, "throughput": []})
     monkeypatch.setattr(calibrate.ColdReadProbe, "__init__", lambda self, folder: order.append("evict") or None)
     monkeypatch.setattr(calibrate.ColdReadProbe, "read_rate", lambda self: order.append("read") or 1e9)
+    monkeypatch.setattr(calibrate.ColdReadProbe, "direct_read_rate", lambda self: order.append("direct") or 2e9)
     monkeypatch.setattr(calibrate.ColdReadProbe, "close", lambda self: order.append("removed"))
-    assert calibrate.measure(machine(), "box", tmp_path).disk_read_bytes_per_s == 1e9
-    assert order == ["evict", "worker", "read", "removed"]
+    measured = calibrate.measure(machine(), "box", tmp_path)
+    assert (measured.disk_read_bytes_per_s, measured.direct_read_bytes_per_s) == (1e9, 2e9)
+    assert order == ["evict", "worker", "read", "direct", "removed"]
 
 
 def _virtio(root, name: str, device_id: str, features: str) -> None:
