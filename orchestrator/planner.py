@@ -1171,10 +1171,15 @@ def _with_reads(job: _Job, hardware: Hardware, readers: int) -> tuple[_Job, str]
     later passes and jobs read it from memory; so are files that `readers` > 1 workers of one
     machine read in step (one read from the disk serves them all)."""
     direct, size, room = job.figures.direct_read, job.model.bytes_per_pass, hardware.ram_available
-    why = (f"the model ({format_bytes(size)}) fits in the RAM available ({format_bytes(room)}): later passes "
-           "and jobs read it from memory" if size <= room else
-           f"{readers} workers read every layer file in step, one read from the disk serving them all"
-           if readers > 1 else "the filesystem refuses direct reads (calibration)" if direct is None else "")
+    if size <= room:
+        why = f"the model ({format_bytes(size)}) fits in the RAM available ({format_bytes(room)}): later passes " \
+              "and jobs read it from memory"
+    elif readers > 1:
+        why = f"{readers} workers read every layer file in step, one read from the disk serving them all"
+    elif direct is None:
+        why = "the filesystem refuses direct reads (calibration)"
+    else:
+        why = ""
     if why:
         return job, f"reads: through the page cache: {why}"
     cached = job.figures.disk_read
