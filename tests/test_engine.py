@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from flexorch.orchestrator.demo import ARCHITECTURES
 from flexorch.workers.adapter import _cache_kwarg, attention_allowed
 from flexorch.workers.engine import EngineHooks, _Pass, make_batches, score_prompts
 from flexorch.workers.fileread import cached_share
+
+from test_fileread import evict, takes_direct_reads
 from flexorch.workers.kvcache import append_columns, pack_new_tokens
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import read_manifest
@@ -128,19 +129,8 @@ def evicted(model_dir: Path, direct: bool) -> Path:
     cached file is copied from the cache: workers/fileread.py)."""
     if direct:
         for path in (model_dir / "layers").iterdir():
-            fd = os.open(path, os.O_RDONLY)
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+            evict(path)
     return model_dir
-
-
-def takes_direct_reads(model_dir: Path) -> bool:
-    try:
-        os.close(os.open(next((model_dir / "layers").iterdir()), os.O_RDONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
@@ -152,7 +142,7 @@ def test_next_token_probs_match_unsplit_model(arch, layerwise, references, tmp_p
             model_dir, ref.prompts, ScoreSpec("next_token_probs"),
             settings(layers_per_shard=layers, storage=storage, batch_tokens=budget, disk_folder=str(tmp_path),
                      double_buffer=double_buffer, direct_reads=direct))
-        if direct and takes_direct_reads(model_dir):  # read around the cache: only the headers landed there
+        if direct and takes_direct_reads(next((model_dir / "layers").iterdir())):  # read around the cache: only the headers landed there
             assert all(cached_share(p, p.stat().st_size) < 0.1 for p in (model_dir / "layers").glob("*_layer.*"))
         assert [r.index for r in results] == [p.index for p in ref.prompts]
         for result, expected in zip(results, ref.probs):

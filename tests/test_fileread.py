@@ -13,24 +13,32 @@ from flexorch.workers import fileread
 from flexorch.workers.fileread import PAGE, cached_share, page_aligned, page_aligned_empty, read_file
 
 
+def evict(path: Path) -> None:
+    """`path` dropped from the page cache (fsync first: dirty pages are not dropped)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def takes_direct_reads(path: Path) -> bool:
+    """Whether the filesystem holding `path` opens it for direct reads (tmpfs does not)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
 def _file(tmp_path: Path, size: int, cached: bool) -> tuple[Path, bytes]:
     data = os.urandom(size)
     path = tmp_path / "layer.safetensors"
     path.write_bytes(data)
     if not cached:
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)  # dirty pages are not dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+        evict(path)
     return path, data
-
-
-def _takes_direct_reads(folder: Path) -> bool:
-    try:
-        os.close(os.open(folder / "layer.safetensors", os.O_RDONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
 
 
 def test_buffers_start_on_a_page_and_hold_what_was_asked():
@@ -47,7 +55,7 @@ def test_a_cold_file_is_read_around_the_page_cache_in_chunks_that_all_arrive(tmp
     buffer, chunks = page_aligned_empty(page_aligned(size)), []
     direct = read_file(path, size, buffer, direct=True, on_chunk=lambda c: chunks.append(bytes(c)))
     assert bytes(buffer[:size].numpy()) == data and b"".join(chunks) == data and len(chunks) == -(-size // (2 * PAGE))
-    assert direct == _takes_direct_reads(tmp_path)
+    assert direct == takes_direct_reads(path)
     if direct:
         assert cached_share(path, size) == 0.0  # nothing went through the page cache
 
