@@ -10,6 +10,17 @@ ValueError, one line naming what is wrong), a failure while running `flexorch.Jo
 Importing flexorch does not import torch: workers do, in their own processes.
 """
 
+from pathlib import Path as _Path
+
+# In a checkout this folder holds only the API and the contract; `orchestrator/` and `workers/` sit
+# beside it and pyproject maps them under this name. Python run from the checkout's root imports
+# this folder ahead of any installed flexorch, so it must find its two siblings itself, or
+# `import flexorch.orchestrator` fails whenever the install is not the editable one.
+_checkout = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).parent / "orchestrator").is_dir() and (_checkout / "orchestrator" / "__init__.py").is_file():
+    __path__.append(str(_checkout))
+del _checkout
+
 from flexorch.api import PromptScores, Results, plan, score
 from flexorch.contract.errors import JobFailed, UserError
 from flexorch.contract.protocol import ScoreKind

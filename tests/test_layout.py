@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
@@ -107,3 +108,38 @@ def test_wheel_installs_one_top_level_name(tmp_path):
         assert "flexorch/orchestrator/planner.py" in archive.namelist()
         assert "flexorch/workers/engine.py" in archive.namelist()
     assert {t for t in top if not t.endswith(".dist-info")} == {"flexorch"}
+
+
+def test_every_source_folder_is_a_listed_package():
+    """A subpackage missing from pyproject's list would be left out of a regular install."""
+    import tomllib
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join([side, *init.parent.relative_to(root).parts])
+             for side, root in {**SIDES, "flexorch": REPO / "flexorch"}.items() for init in root.rglob("__init__.py")}
+    assert found == listed
+
+
+def wheel_installed(tmp_path: Path) -> Path:
+    """The wheel installed into a folder of its own, as a plain (non-editable) `pip install .` does."""
+    setuptools = tuple(int(x) for x in importlib.metadata.version("setuptools").split(".")[:2])
+    isolation = ["--no-build-isolation"] if setuptools >= (68, 0) else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path / "dist"),
+                    str(REPO)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("flexorch-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    return tmp_path / "site"
+
+
+@pytest.mark.parametrize("where", ["repo root", "elsewhere"])
+def test_a_wheel_install_runs_from_any_folder(tmp_path, where):
+    """Python started in the checkout imports its partial flexorch/ (api, contract) ahead of the
+    installed package; the rest must still resolve. `-S` keeps this venv's editable finder out."""
+    import sysconfig
+    site = wheel_installed(tmp_path)
+    env = {"PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]]), "PATH": os.environ["PATH"]}
+    code = "import flexorch.orchestrator.cli, flexorch.workers.engine, flexorch; print(flexorch.orchestrator.cli.__file__)"
+    cwd = REPO if where == "repo root" else tmp_path
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).is_relative_to(REPO if where == "repo root" else site)
