@@ -46,8 +46,9 @@ def cmd_demo_model(args) -> int:
 
 def cmd_probe(args) -> int:
     from flexorch.orchestrator.calibrate import calibrated
-    from flexorch.orchestrator.hardware import probe, render_hardware
+    from flexorch.orchestrator.hardware import probe
     from flexorch.orchestrator.modelstore import default_cache_dir
+    from flexorch.orchestrator.render import render_hardware
 
     hardware = probe(disk_path=Path(args.disk_path))
     if args.calibrate:
@@ -61,7 +62,7 @@ def cmd_probe(args) -> int:
 
 def cmd_plan(args) -> int:
     from flexorch.orchestrator.controller import plan_job
-    from flexorch.orchestrator.planner import render_plan
+    from flexorch.orchestrator.render import render_plan
 
     _spec, plan = plan_job(Path(args.job))
     if args.json:
