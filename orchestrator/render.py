@@ -20,6 +20,15 @@ def format_seconds(s: float) -> str:
     return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
+def describe_time(start: float, fill: float, read: float, compute: float) -> str:
+    """A predicted time and the parts it adds up from: the start-up, the slower of reading and computing
+    (the other runs beside it) and what that overlap does not hide. The plan's table shows the total."""
+    pace, beside = ("reading weights", "computing") if read > compute else ("computing", "reading weights")
+    return (f"{format_seconds(start + fill + max(read, compute))} = {format_seconds(start)} start-up + "
+            f"{format_seconds(max(read, compute))} {pace} ({format_seconds(min(read, compute))} {beside} beside it) "
+            f"+ {format_seconds(fill)} not overlapped")
+
+
 def render_plan(plan: Plan, console) -> None:
     """Print a table of the workers, then why each choice was made."""
     from rich import box
@@ -30,7 +39,7 @@ def render_plan(plan: Plan, console) -> None:
     table = Table(title=f"Plan: parallel {plan.parallel}{stages}, dtype {plan.dtype}", box=box.SIMPLE_HEAD,
                   padding=0, show_edge=False,
                   caption="layers: decoder layers per shard; batch: tokens per forward; GPU, RAM: predicted "
-                          "peaks; time: predicted (reading and computing overlap)")
+                          "peaks; time: predicted, start-up included (its parts below)")
     for column in ("worker", "device", "layers", "storage", "batch", "prompts", "rounds", "GPU", "RAM", "time"):
         table.add_column(column, no_wrap=True,
                          justify="left" if column in ("worker", "device", "storage") else "right")
@@ -52,8 +61,8 @@ def render_plan(plan: Plan, console) -> None:
     for figure in plan.figures:
         console.print(f"- figure: {figure}")
     for w in plan.workers:
-        console.print(f"- {w.name}: predicted {format_seconds(w.predicted_read_seconds)} reading weights, "
-                      f"{format_seconds(w.predicted_compute_seconds)} computing")
+        console.print(f"- {w.name}: predicted " + describe_time(w.predicted_start_seconds, w.predicted_fill_seconds,
+                                                                w.predicted_read_seconds, w.predicted_compute_seconds))
         for reason in w.reasons:
             console.print(f"- {w.name}: {reason}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -184,3 +185,18 @@ def test_untested_model_type_is_refused_before_any_work(tmp_path, layerwise, cap
     assert not (tmp_path / "job.job").exists()  # nothing started
     allowed = write_job(tmp_path, model, name="allowed", allow_untested_models=True)
     assert cli.main(["plan", str(allowed)]) == 0
+
+
+# -- what plan and probe print (issue 29, friction 8) -------------------------------------------------
+def test_plan_gives_the_same_time_in_its_table_and_its_text_with_the_start_up_shown(tmp_path, layerwise, capsys):
+    job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
+    assert cli.main(["plan", str(job)]) == 0
+    out = capsys.readouterr().out
+    # the table's rows end with each worker's time; the text gives each worker's and the mode's (its slowest)
+    times = dict(re.findall(r"^(worker\d) .* (\d+\.\d (?:s|min|h))$", out, re.MULTILINE))
+    assert sorted(times) == ["worker0", "worker1"]
+    for name, time_ in times.items():
+        assert re.search(rf"^- {name}: predicted {re.escape(time_)} = \d+\.\d s start-up \+ ", out, re.MULTILINE), out
+    mode = re.search(r"^- predicted data \(2 workers\): (\d+\.\d (?:s|min|h)) = \d+\.\d s start-up \+ ", out,
+                     re.MULTILINE)
+    assert mode and mode.group(1) in times.values(), out

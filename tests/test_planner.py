@@ -488,15 +488,6 @@ def test_make_plan_is_deterministic():
     assert make_plan(*args) == make_plan(*args)
 
 
-def test_render_plan_prints_the_workers_and_the_reasons():
-    from rich.console import Console
-
-    console = Console(record=True, width=200)
-    render_plan(make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=WORKSTATION_LIMITS), [300] * 400), console)
-    text = console.export_text()
-    assert "cuda:0" in text and "storage cpu (auto)" in text and "layers_per_shard 1 (auto)" in text
-
-
 def test_moe_compute_counts_only_the_routed_experts():
     from flexorch.contract.manifest import DECODER, LayerEntry
 

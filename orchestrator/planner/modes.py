@@ -227,7 +227,8 @@ def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> t
 
 def _prediction(parallel: str, workers: Sequence[WorkerPlan]) -> ModePrediction:
     slowest = max(workers, key=lambda w: w.predicted_seconds)
-    return ModePrediction(parallel, len(workers), slowest.predicted_read_seconds, slowest.predicted_compute_seconds)
+    return ModePrediction(parallel, len(workers), slowest.predicted_read_seconds, slowest.predicted_compute_seconds,
+                          slowest.predicted_start_seconds, slowest.predicted_fill_seconds)
 
 
 def _choose_parallel(data: ModePrediction, pipeline: ModePrediction) -> tuple[str, str]:

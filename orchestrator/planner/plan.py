@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from flexorch.contract.protocol import EngineSettings
-from flexorch.orchestrator.render import format_seconds
+from flexorch.orchestrator.render import describe_time
 
 # Activation batches a pipeline channel holds before its sender blocks: one being received while the
 # next is computed keeps the receiver busy; more would only add memory (a pipeline plan's
@@ -46,22 +46,25 @@ class WorkerPlan:
 
 @dataclass(frozen=True)
 class ModePrediction:
-    """One parallel mode's predicted time: its slowest worker's reading and computing."""
+    """One parallel mode's predicted time: its slowest worker's, in the parts `WorkerPlan` has."""
 
     parallel: str  # "data" | "pipeline"
     workers: int
     read_seconds: float
     compute_seconds: float
+    start_seconds: float = 0.0
+    fill_seconds: float = 0.0
 
     @property
     def seconds(self) -> float:
-        return max(self.read_seconds, self.compute_seconds)
+        """The slowest worker's `predicted_seconds`: the time the plan's table shows for it."""
+        return self.start_seconds + self.fill_seconds + max(self.read_seconds, self.compute_seconds)
 
     def describe(self) -> str:
-        what = "stages" if self.parallel == "pipeline" else "workers"
-        return (f"{self.parallel} ({self.workers} {what}): {format_seconds(self.seconds)} "
-                f"({format_seconds(self.read_seconds)} reading weights, {format_seconds(self.compute_seconds)} "
-                "computing per worker)")
+        what = ("stage" if self.parallel == "pipeline" else "worker") + ("s" if self.workers > 1 else "")
+        return (f"{self.parallel} ({self.workers} {what}): "
+                + describe_time(self.start_seconds, self.fill_seconds, self.read_seconds, self.compute_seconds)
+                + (" for the slowest" if self.workers > 1 else ""))
 
 
 @dataclass(frozen=True)
