@@ -8,6 +8,7 @@ them. No torch import: `flexorch probe` must stay fast and work with no CUDA at 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -227,3 +228,14 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+def format_flops(rate: float) -> str:
+    """Three significant digits in the largest unit the rate reaches ("123 GFLOP/s", "420 MFLOP/s"):
+    whole GFLOP/s would print a slow CPU half-precision rate as "0 GFLOP/s"."""
+    if rate <= 0:
+        return "0 FLOP/s"
+    unit, scale = next(((u, s) for u, s in (("TFLOP/s", 1e12), ("GFLOP/s", 1e9), ("MFLOP/s", 1e6)) if rate >= s),
+                       ("MFLOP/s", 1e6))
+    value = rate / scale
+    return f"{value:.{max(0, 2 - math.floor(math.log10(value)))}f} {unit}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flexorch.orchestrator.hardware import Calibration, Hardware, format_bytes
+from flexorch.orchestrator.hardware import Calibration, Hardware, format_bytes, format_flops
 
 if TYPE_CHECKING:
     from flexorch.orchestrator.planner import Plan
@@ -108,7 +108,10 @@ def render_calibration(c: Calibration, console) -> None:
     if c.worker_base_ram is not None:
         table.add_row("worker fixed RAM", format_bytes(c.worker_base_ram))
     for t in c.throughput:
-        table.add_row(f"{t.device} {t.dtype} {t.hidden} wide @ {t.batch_tokens} tokens", f"{t.flops_per_s / 1e9:.0f} GFLOP/s")
+        # a width is measured at one batch twice, on short rows and on one long row (attention's cost)
+        rows = f"one row of {t.row_tokens}" if t.row_tokens >= t.batch_tokens else f"rows of {t.row_tokens}"
+        table.add_row(f"{t.device} {t.dtype} {t.hidden} wide @ {t.batch_tokens} tokens in {rows}",
+                      format_flops(t.flops_per_s))
     for device, rate in c.host_to_device_bytes_per_s:
         table.add_row(f"{device} host-to-device", f"{format_bytes(rate)}/s")
     console.print(table)

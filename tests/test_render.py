@@ -1,5 +1,6 @@
-"""What `flexorch plan` prints (orchestrator/render.py): a plan's table and its text tell the same
-times, start-up shown."""
+"""What `flexorch plan` and `flexorch probe` print (orchestrator/render.py): a plan's table and its text
+tell the same times, start-up shown; the calibration table lists each measured point once, at its
+measured rate."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import re
 
 from rich.console import Console
 
+from flexorch.orchestrator.hardware import Calibration, Throughput
 from flexorch.orchestrator.planner import make_plan
-from flexorch.orchestrator.render import describe_time, render_plan
+from flexorch.orchestrator.render import describe_time, render_calibration, render_plan
 
 from test_planner import SMALL_GPU, WORKSTATION_LIMITS, job_spec, llama2_70b, machine, small_fp32
 
@@ -44,3 +46,24 @@ def test_the_table_and_the_text_give_each_worker_and_mode_the_same_time():
     slowest = max(plan.workers, key=lambda w: w.predicted_seconds)
     assert f"- predicted data (2 workers): {rows[slowest.name]} = " in text
     assert plan.predictions[0].seconds == slowest.predicted_seconds
+
+
+CALIBRATION = Calibration(
+    machine="box", measured_at="2026-11-25 23:00 UTC", seconds=12.0, disk_path="/cache",
+    throughput=(Throughput("cpu", "float32", 1024, 123.4e9, hidden=256, row_tokens=256),
+                Throughput("cpu", "float32", 1024, 120.9e9, hidden=256, row_tokens=1024),
+                Throughput("cpu", "bfloat16", 32, 0.42e9, hidden=256, row_tokens=32),
+                Throughput("cuda:0", "float16", 16384, 612e12, hidden=4096, row_tokens=256)),
+)
+
+
+def test_the_calibration_table_lists_each_point_once_at_its_rate():
+    # the same width and batch measured on rows of 256 and on one row of 1024 tokens: two rows, told apart
+    text = printed(render_calibration, CALIBRATION)
+    assert "cpu float32 256 wide @ 1024 tokens in rows of 256" in text
+    assert "cpu float32 256 wide @ 1024 tokens in one row of 1024" in text
+    labels = [line.split("│")[1].strip() for line in text.splitlines() if "wide @" in line]
+    assert len(labels) == len(set(labels)) == 4
+    # a slow rate keeps its digits (not "0 GFLOP/s"), a GPU's reads in TFLOP/s
+    assert "123 GFLOP/s" in text and "121 GFLOP/s" in text and "420 MFLOP/s" in text and "612 TFLOP/s" in text
+    assert " 0 GFLOP/s" not in text
