@@ -67,8 +67,9 @@ def render_plan(plan: Plan, console) -> None:
             console.print(f"- {w.name}: {reason}")
 
 
-def render_hardware(hw: Hardware, console) -> None:
-    """Print `hw` as rich tables (one row per GPU, then RAM, CPU and disk)."""
+def render_hardware(hw: Hardware, console, calibration_note: str = "") -> None:
+    """Print `hw` as rich tables (one row per GPU, then RAM, CPU and disk, then its calibration), and
+    `calibration_note`: where the calibration comes from, or why there is none."""
     from rich.table import Table
 
     if hw.gpus:
@@ -92,13 +93,16 @@ def render_hardware(hw: Hardware, console) -> None:
         host.add_row("disk read", f"{format_bytes(hw.disk_read_bytes_per_s)}/s")
     console.print(host)
     if hw.calibration is not None:
-        render_calibration(hw.calibration, console)
+        render_calibration(hw.calibration, console, calibration_note)
+    elif calibration_note:
+        console.print(calibration_note)
 
 
-def render_calibration(c: Calibration, console) -> None:
+def render_calibration(c: Calibration, console, note: str = "") -> None:
     from rich.table import Table
 
-    table = Table(title=f"Calibration (measured {c.measured_at} in {c.seconds:.0f} s)", show_header=False)
+    table = Table(title=f"Calibration (measured {c.measured_at} in {c.seconds:.0f} s)", show_header=False,
+                  caption=note or None)
     table.add_column("what")
     table.add_column("value")
     if c.disk_read_bytes_per_s:
