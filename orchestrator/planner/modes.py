@@ -137,7 +137,7 @@ def _resolve_cluster_devices(spec: JobSpec, nodes: Sequence[Node], reasons: list
 def _plan_data(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> tuple[list[str], tuple[WorkerPlan, ...]]:
     """Data mode on this machine: its devices as seats, read through the page cache or around it."""
     reasons: list[str] = []
-    here = Node(name="", address="", node_id="", hardware=hardware)
+    here = Node(name="", address="", node_id="", hardware=hardware)  # this machine: devices keep plain names
     seats = _trim_idle([(here, device) for device in devices], len(job.tokens), reasons)
     job, reads = _with_reads(job, hardware, len(seats))
     reasons.append(reads)
