@@ -1,6 +1,6 @@
 """The modes: `make_plan` (data or pipeline on this machine) and `make_cluster_plan` (data over the
-nodes of a Ray cluster), each placing workers on seats and planning every seat through
-`_plan_worker` (search.py).
+nodes of a Ray cluster), each placing workers on seats and sizing every seat with `_plan_worker`
+(search.py).
 
 Decisions for the job: parallel, dtype, devices and the prompt slices (contiguous, balanced by tokens
 weighted by device throughput); then per worker its settings (search.py).
@@ -25,17 +25,13 @@ from dataclasses import replace
 from typing import Sequence
 
 from flexorch.contract.manifest import Manifest
-from flexorch.contract.protocol import HEAP_SLACK, EngineSettings
 from flexorch.orchestrator.figures import figures_of
 from flexorch.orchestrator.hardware import Hardware, Node, format_bytes
-from flexorch.orchestrator.planner.memory import _Budget, _cap, _gpu_budget, _max_peaks, _usable
-from flexorch.orchestrator.planner.model import DOUBLE_BUFFER, SINGLE_BUFFER, _describe_job, _error, _Job, _kind
+from flexorch.orchestrator.planner.memory import _Budget, _cap, _gpu_budget, _usable
+from flexorch.orchestrator.planner.model import _describe_job, _error, _Job, _kind
 from flexorch.orchestrator.planner.plan import PIPELINE_CHANNEL_BATCHES, ModePrediction, Plan, WorkerPlan
-from flexorch.orchestrator.planner.search import (BATCH_TOKENS_CAP, _batch_candidates, _check_minimum, _choose,
-                                                  _disk_folder, _grow_expert_groups, _lps_candidates, _lps_floor,
-                                                  _no_storage_message, _option_reasons, _search, _Space, _storages,
-                                                  _stream_experts_if_needed)
-from flexorch.orchestrator.planner.timing import _pass_shares, _rate, _read_rate, _with_reads
+from flexorch.orchestrator.planner.search import BATCH_TOKENS_CAP, _plan_worker
+from flexorch.orchestrator.planner.timing import _rate, _read_rate, _with_reads
 from flexorch.orchestrator.spec import JobSpec
 
 
@@ -238,60 +234,6 @@ def _choose_parallel(data: ModePrediction, pipeline: ModePrediction) -> tuple[st
         return "pipeline", (f"reading weights dominates data mode (every worker streams the whole model), and "
                             f"pipeline stages read 1/{pipeline.workers} each: {both}")
     return "data", f"computing dominates, and data mode splits it without hand-offs between stages: {both}"
-
-
-def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], threads: int, budget: _Budget,
-                 stages: int = 1) -> WorkerPlan:
-    """Per worker: every combination of batch_tokens, storage, layers_per_shard (and keeping the
-    whole model resident) that fits is predicted; the fastest wins, and among those within
-    TIME_TOLERANCE of it the one with the least peak memory. `stages` > 1: one stage of a pipeline,
-    which reads and computes 1/stages of every pass over `indices`."""
-    spec, reasons = job.spec, []
-    floor = _lps_floor(job, reasons)
-    longest_index = max(indices, key=lambda i: (job.lengths[i], -i))
-    job = _stream_experts_if_needed(job, device, floor, longest_index, budget)
-    if job.model.experts_per_group:
-        floor = 1
-    _check_minimum(job, device, floor, longest_index, budget)
-    streaming = bool(job.model.experts_per_group)  # expert streaming runs one layer per shard
-    space = _Space(
-        batches=_batch_candidates(job, device, indices, floor, longest_index, budget),
-        storages=("cpu",) if stages > 1 else _storages(spec, device),
-        lps=(1,) if streaming else _lps_candidates(job, floor, stages),
-        resident=stages == 1 and spec.layers_per_shard is None and not streaming,
-        slots=(DOUBLE_BUFFER,) if stages > 1 else (DOUBLE_BUFFER, SINGLE_BUFFER),
-    )
-    options = _search(job, device, indices, threads, budget, space, stages)
-    if not options:
-        raise _error(spec, "storage", _no_storage_message(job, device, indices, threads, space, budget, stages))
-    best = _choose(options)
-    reasons += _option_reasons(job, options, best, device, stages)
-    setup, t, peaks = best.setup, best.time, best.peaks
-    if streaming:  # searched at one expert per group; groups then grow into what is left
-        job = _grow_expert_groups(job, setup, best.rounds, budget, reasons)
-        peaks = _max_peaks(job, setup, best.rounds)
-    if device == "cpu":
-        reasons.append(f"threads {threads}: the machine's {job.figures.hardware.cpu_count} cores split between its "
-                       "CPU workers")
-    # free heap kept between shards sits beside the peak: no more than the budget leaves
-    heap_slack = max(0, min(HEAP_SLACK, budget.ram - peaks.ram))
-    if heap_slack < HEAP_SLACK:
-        reasons.append(f"heap slack {format_bytes(heap_slack)}: free heap kept between shards, what the RAM budget "
-                       f"leaves beside the predicted peak (else {format_bytes(HEAP_SLACK)})")
-    settings = EngineSettings(
-        device=device, dtype=job.dtype, layers_per_shard=setup.lps, storage=setup.storage, batch_tokens=setup.batch,
-        disk_folder=_disk_folder(spec, name) if setup.storage == "disk" else None,
-        threads=threads if device == "cpu" else 0, resident=setup.resident,
-        experts_per_group=job.model.experts_per_group, allow_untested_models=spec.allow_untested_models,
-        double_buffer=setup.slots == DOUBLE_BUFFER, heap_slack=heap_slack, direct_reads=job.direct_reads,
-    )
-    return WorkerPlan(
-        name=name, device=device, settings=settings, prompt_indices=indices, rounds=best.rounds,
-        predicted_peak_device_memory=peaks.device, predicted_peak_ram=peaks.ram,
-        predicted_read_seconds=t.read, predicted_compute_seconds=t.compute, reasons=tuple(reasons),
-        predicted_fill_seconds=t.fill, predicted_start_seconds=t.start,
-        predicted_pass_shares=_pass_shares(job, setup, indices, threads) if stages == 1 else (),
-    )
 
 
 def _resolve_dtype(spec: JobSpec, manifest: Manifest, reasons: list[str]) -> str:

@@ -1,4 +1,5 @@
-"""The search for one worker's settings: an objective, not a fill rule.
+"""The search for one worker's settings (`_plan_worker`, which every mode calls per seat): an objective,
+not a fill rule.
 
 Every combination of batch_tokens (powers of two up to the device's cap, and the longest prompt),
 storage, layers_per_shard (powers of two and all), one or two shard slots and, where
@@ -21,13 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from flexorch.contract.protocol import STORAGES
+from flexorch.contract.protocol import HEAP_SLACK, STORAGES, EngineSettings
 from flexorch.orchestrator.hardware import format_bytes
 from flexorch.orchestrator.planner.memory import (_Budget, _Peaks, _fits, _max_peaks, _peaks, _round_longest,
                                                   _shortfall)
 from flexorch.orchestrator.planner.model import (DOUBLE_BUFFER, NO_STORAGE, SINGLE_BUFFER, _error, _Job, _kind, _Load,
                                                  _Setup)
-from flexorch.orchestrator.planner.timing import _Time, _rate, _read_rate, _time
+from flexorch.orchestrator.planner.plan import WorkerPlan
+from flexorch.orchestrator.planner.timing import _pass_shares, _rate, _read_rate, _time, _Time
 from flexorch.orchestrator.render import format_seconds
 from flexorch.orchestrator.spec import JobSpec
 
@@ -79,6 +81,60 @@ class _Option:
     rounds: tuple[tuple[int, ...], ...]
     peaks: _Peaks
     time: _Time
+
+
+def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], threads: int, budget: _Budget,
+                 stages: int = 1) -> WorkerPlan:
+    """Per worker: every combination of batch_tokens, storage, layers_per_shard (and keeping the
+    whole model resident) that fits is predicted; the fastest wins, and among those within
+    TIME_TOLERANCE of it the one with the least peak memory. `stages` > 1: one stage of a pipeline,
+    which reads and computes 1/stages of every pass over `indices`."""
+    spec, reasons = job.spec, []
+    floor = _lps_floor(job, reasons)
+    longest_index = max(indices, key=lambda i: (job.lengths[i], -i))
+    job = _stream_experts_if_needed(job, device, floor, longest_index, budget)
+    if job.model.experts_per_group:
+        floor = 1
+    _check_minimum(job, device, floor, longest_index, budget)
+    streaming = bool(job.model.experts_per_group)  # expert streaming runs one layer per shard
+    space = _Space(
+        batches=_batch_candidates(job, device, indices, floor, longest_index, budget),
+        storages=("cpu",) if stages > 1 else _storages(spec, device),
+        lps=(1,) if streaming else _lps_candidates(job, floor, stages),
+        resident=stages == 1 and spec.layers_per_shard is None and not streaming,
+        slots=(DOUBLE_BUFFER,) if stages > 1 else (DOUBLE_BUFFER, SINGLE_BUFFER),
+    )
+    options = _search(job, device, indices, threads, budget, space, stages)
+    if not options:
+        raise _error(spec, "storage", _no_storage_message(job, device, indices, threads, space, budget, stages))
+    best = _choose(options)
+    reasons += _option_reasons(job, options, best, device, stages)
+    setup, t, peaks = best.setup, best.time, best.peaks
+    if streaming:  # searched at one expert per group; groups then grow into what is left
+        job = _grow_expert_groups(job, setup, best.rounds, budget, reasons)
+        peaks = _max_peaks(job, setup, best.rounds)
+    if device == "cpu":
+        reasons.append(f"threads {threads}: the machine's {job.figures.hardware.cpu_count} cores split between its "
+                       "CPU workers")
+    # free heap kept between shards sits beside the peak: no more than the budget leaves
+    heap_slack = max(0, min(HEAP_SLACK, budget.ram - peaks.ram))
+    if heap_slack < HEAP_SLACK:
+        reasons.append(f"heap slack {format_bytes(heap_slack)}: free heap kept between shards, what the RAM budget "
+                       f"leaves beside the predicted peak (else {format_bytes(HEAP_SLACK)})")
+    settings = EngineSettings(
+        device=device, dtype=job.dtype, layers_per_shard=setup.lps, storage=setup.storage, batch_tokens=setup.batch,
+        disk_folder=_disk_folder(spec, name) if setup.storage == "disk" else None,
+        threads=threads if device == "cpu" else 0, resident=setup.resident,
+        experts_per_group=job.model.experts_per_group, allow_untested_models=spec.allow_untested_models,
+        double_buffer=setup.slots == DOUBLE_BUFFER, heap_slack=heap_slack, direct_reads=job.direct_reads,
+    )
+    return WorkerPlan(
+        name=name, device=device, settings=settings, prompt_indices=indices, rounds=best.rounds,
+        predicted_peak_device_memory=peaks.device, predicted_peak_ram=peaks.ram,
+        predicted_read_seconds=t.read, predicted_compute_seconds=t.compute, reasons=tuple(reasons),
+        predicted_fill_seconds=t.fill, predicted_start_seconds=t.start,
+        predicted_pass_shares=_pass_shares(job, setup, indices, threads) if stages == 1 else (),
+    )
 
 
 def _search(job: _Job, device: str, indices: tuple[int, ...], threads: int, budget: _Budget, space: _Space,
