@@ -61,14 +61,32 @@ def machine_key(hardware: Hardware) -> str:
     return f"{socket.gethostname()}_{cpu}_{hardware.cpu_count}c_{gpus}"
 
 
+def cache_path(hardware: Hardware, cache_dir: Path) -> Path:
+    return cache_dir / "calibration" / f"{_safe(machine_key(hardware))}.v{CALIBRATION_VERSION}.json"
+
+
+def cached(hardware: Hardware, cache_dir: Path) -> tuple[Hardware, str]:
+    """`hardware` with this machine's cached calibration, never measuring (`flexorch probe`), and a line
+    saying where the figures come from: the cache (when it was taken is the calibration's own), or why
+    plans use assumed ones."""
+    if not calibration_enabled():
+        return hardware, f"calibration is off ({ENV_SWITCH}=0): plans use assumed figures"
+    path = cache_path(hardware, cache_dir)
+    if not path.exists():
+        return hardware, ("no calibration cached for this machine: plans use assumed figures until the next "
+                          "`flexorch plan` or `submit` measures it (or `flexorch probe --calibrate` now)")
+    return (replace(hardware, calibration=Calibration.from_dict(json.loads(path.read_text()))),
+            f"cached in {path}; `flexorch probe --calibrate` measures again")
+
+
 def calibrated(hardware: Hardware, cache_dir: Path, force: bool = False, console=None) -> Hardware:
     """`hardware` with its calibration: cached, or measured now and cached (`force`: always measured)."""
     if not calibration_enabled() and not force:
         return hardware
     key = machine_key(hardware)
-    path = cache_dir / "calibration" / f"{_safe(key)}.v{CALIBRATION_VERSION}.json"
+    path = cache_path(hardware, cache_dir)
     if path.exists() and not force:
-        return replace(hardware, calibration=Calibration.from_dict(json.loads(path.read_text())))
+        return cached(hardware, cache_dir)[0]
     if console is not None:
         console.print(f"calibrating this machine once (cached in {path}; `flexorch probe --calibrate` redoes it)...")
     try:

@@ -45,23 +45,27 @@ def cmd_demo_model(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from flexorch.orchestrator.calibrate import calibrated
-    from flexorch.orchestrator.hardware import probe, render_hardware
+    from flexorch.orchestrator.calibrate import cache_path, cached, calibrated
+    from flexorch.orchestrator.hardware import probe
     from flexorch.orchestrator.modelstore import default_cache_dir
+    from flexorch.orchestrator.render import render_hardware
 
-    hardware = probe(disk_path=Path(args.disk_path))
+    hardware, cache = probe(disk_path=Path(args.disk_path)), default_cache_dir()
     if args.calibrate:
-        hardware = calibrated(hardware, default_cache_dir(), force=True, console=_console(stderr=True))
+        hardware = calibrated(hardware, cache, force=True, console=_console(stderr=True))
+        note = f"measured now, cached in {cache_path(hardware, cache)}"
+    else:
+        hardware, note = cached(hardware, cache)
     if args.json:
         print(json.dumps(hardware.to_dict(), indent=2))
     else:
-        render_hardware(hardware, _console())
+        render_hardware(hardware, _console(), note)
     return EXIT_OK
 
 
 def cmd_plan(args) -> int:
     from flexorch.orchestrator.controller import plan_job
-    from flexorch.orchestrator.planner import render_plan
+    from flexorch.orchestrator.render import render_plan
 
     _spec, plan = plan_job(Path(args.job))
     if args.json:

@@ -29,7 +29,7 @@ from flexorch.orchestrator.hardware import Node, probe
 from flexorch.orchestrator.merge import collect_results, write_output
 from flexorch.orchestrator.summary import Summary, summarize
 from flexorch.orchestrator.modelstore import default_cache_dir, is_hf_checkpoint, resolve_model
-from flexorch.orchestrator.planner import PIPELINE_CHANNEL_BATCHES, Plan, WorkerPlan, make_cluster_plan, make_plan
+from flexorch.orchestrator.planner import Plan, WorkerPlan, make_cluster_plan, make_plan
 from flexorch.orchestrator.progress import WorkerLine, make_progress
 from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer, model_max_length, model_vocab_size,
                                            read_prompts, token_ids_for, tokenize_prompts, updated_prompts_path,
@@ -394,7 +394,7 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
              for r, wp in zip(run.records.values(), run.job.plan.workers)]
     with make_progress(console, lines) as progress, _executor(run.job, worker_timeout) as executor:
         if run.job.plan.parallel == "pipeline":
-            tasks = _link_stages(tasks, executor)
+            tasks = _link_stages(tasks, executor, run.job.plan.channel_batches)
         executor.start(tasks)
         for task in tasks:
             run.records[task.name].pid = executor.pid(task.name)
@@ -421,12 +421,13 @@ def _used_nodes(job: PreparedJob) -> list[Node]:
     return [node for node in job.nodes if node.name in used]
 
 
-def _link_stages(tasks: list[WorkerTask], executor) -> list[WorkerTask]:
-    """Pipeline: stage i (the plan's i-th worker) reads channel i and writes channel i+1, a ring.
-    Every stage runs the same rounds, so either all of them have work left or none does."""
+def _link_stages(tasks: list[WorkerTask], executor, capacity: int) -> list[WorkerTask]:
+    """Pipeline: stage i (the plan's i-th worker) reads channel i and writes channel i+1, a ring of
+    channels of `capacity` batches (the plan's). Every stage runs the same rounds, so either all of
+    them have work left or none does."""
     if len(tasks) < 2:
         raise RuntimeError(f"a pipeline needs every stage, got {len(tasks)} task(s)")
-    channels = [executor.channel(PIPELINE_CHANNEL_BATCHES) for _ in tasks]
+    channels = [executor.channel(capacity) for _ in tasks]
     n = len(tasks)
     return [replace(task, pipeline=PipelineLinks(i, n, channels[i], channels[(i + 1) % n]))
             for i, task in enumerate(tasks)]

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from flexorch.orchestrator.hardware import Calibration, Hardware, Throughput, format_bytes
+from flexorch.orchestrator.hardware import Calibration, Hardware, Throughput, format_bytes, format_flops
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -149,8 +149,9 @@ class Figures:
             base = self.base_ram[kind]
             lines.append(f"{kind} worker fixed RAM {format_bytes(base.value)} ({base.source})")
         for device in dict.fromkeys(devices):
-            lines.append(f"{device} {dtype} throughput {self.flops(device, dtype, self._all_threads(device), 1024) / 1e9:.0f} "
-                         f"GFLOP/s at 1024 tokens ({self.flops_source(device, dtype)})")
+            rate = self.flops(device, dtype, self._all_threads(device), 1024)
+            lines.append(f"{device} {dtype} throughput {format_flops(rate)} at 1024 tokens "
+                         f"({self.flops_source(device, dtype)})")
             if device != "cpu":
                 link = self.host_to_device(device)
                 lines.append(f"{device} host-to-device {format_bytes(link.value)}/s ({link.source})")

@@ -8,6 +8,7 @@ them. No torch import: `flexorch probe` must stay fast and work with no CUDA at 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -229,48 +230,12 @@ def format_bytes(n: float) -> str:
     return f"{n:.2f} TB"
 
 
-def render_hardware(hw: Hardware, console) -> None:
-    """Print `hw` as rich tables (one row per GPU, then RAM, CPU and disk)."""
-    from rich.table import Table
-
-    if hw.gpus:
-        gpus = Table(title="GPUs (numbered as torch sees them)")
-        for column in ("device", "name", "total", "free", "PCIe"):
-            gpus.add_column(column, justify="right" if column in ("total", "free") else "left")
-        for gpu in hw.gpus:
-            link = f"gen{gpu.pcie_gen} x{gpu.pcie_width}" if gpu.pcie_gen and gpu.pcie_width else "-"
-            gpus.add_row(f"cuda:{gpu.index}", gpu.name, format_bytes(gpu.total_memory),
-                         format_bytes(gpu.free_memory), link)
-        console.print(gpus)
-    else:
-        console.print("No GPU visible (no NVIDIA driver, no device, or CUDA_VISIBLE_DEVICES hides them): CPU only.")
-    host = Table(title="Host", show_header=False)
-    host.add_column("what")
-    host.add_column("value")
-    host.add_row("RAM", f"{format_bytes(hw.ram_available)} available of {format_bytes(hw.ram_total)}")
-    host.add_row("CPU cores", str(hw.cpu_count))
-    host.add_row("disk", f"{format_bytes(hw.disk_free)} free at {hw.disk_path}")
-    if hw.disk_read_bytes_per_s:
-        host.add_row("disk read", f"{format_bytes(hw.disk_read_bytes_per_s)}/s")
-    console.print(host)
-    if hw.calibration is not None:
-        render_calibration(hw.calibration, console)
-
-
-def render_calibration(c: Calibration, console) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"Calibration (measured {c.measured_at} in {c.seconds:.0f} s)", show_header=False)
-    table.add_column("what")
-    table.add_column("value")
-    if c.disk_read_bytes_per_s:
-        table.add_row("disk read, cold", f"{format_bytes(c.disk_read_bytes_per_s)}/s at {c.disk_path}")
-    if c.worker_start_seconds is not None:
-        table.add_row("worker start-up", f"{c.worker_start_seconds:.1f} s")
-    if c.worker_base_ram is not None:
-        table.add_row("worker fixed RAM", format_bytes(c.worker_base_ram))
-    for t in c.throughput:
-        table.add_row(f"{t.device} {t.dtype} {t.hidden} wide @ {t.batch_tokens} tokens", f"{t.flops_per_s / 1e9:.0f} GFLOP/s")
-    for device, rate in c.host_to_device_bytes_per_s:
-        table.add_row(f"{device} host-to-device", f"{format_bytes(rate)}/s")
-    console.print(table)
+def format_flops(rate: float) -> str:
+    """Three significant digits in the largest unit the rate reaches ("123 GFLOP/s", "420 MFLOP/s"):
+    whole GFLOP/s would print a slow CPU half-precision rate as "0 GFLOP/s"."""
+    if rate <= 0:
+        return "0 FLOP/s"
+    unit, scale = next(((u, s) for u, s in (("TFLOP/s", 1e12), ("GFLOP/s", 1e9), ("MFLOP/s", 1e6)) if rate >= s),
+                       ("MFLOP/s", 1e6))
+    value = rate / scale
+    return f"{value:.{max(0, 2 - math.floor(math.log10(value)))}f} {unit}"

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import psutil
 import pytest
@@ -184,3 +186,40 @@ def test_untested_model_type_is_refused_before_any_work(tmp_path, layerwise, cap
     assert not (tmp_path / "job.job").exists()  # nothing started
     allowed = write_job(tmp_path, model, name="allowed", allow_untested_models=True)
     assert cli.main(["plan", str(allowed)]) == 0
+
+
+# -- what plan and probe print (issue 29, friction 8) -------------------------------------------------
+def test_plan_gives_the_same_time_in_its_table_and_its_text_with_the_start_up_shown(tmp_path, layerwise, capsys):
+    job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
+    assert cli.main(["plan", str(job)]) == 0
+    out = capsys.readouterr().out
+    # the table's rows end with each worker's time; the text gives each worker's and the mode's (its slowest)
+    times = dict(re.findall(r"^(worker\d) .* (\d+\.\d (?:s|min|h))$", out, re.MULTILINE))
+    assert sorted(times) == ["worker0", "worker1"]
+    for name, time_ in times.items():
+        assert re.search(rf"^- {name}: predicted {re.escape(time_)} = \d+\.\d s start-up \+ ", out, re.MULTILINE), out
+    mode = re.search(r"^- predicted data \(2 workers\): (\d+\.\d (?:s|min|h)) = \d+\.\d s start-up \+ ", out,
+                     re.MULTILINE)
+    assert mode and mode.group(1) in times.values(), out
+
+
+def test_probe_shows_the_cached_calibration_saying_it_is_cached(tmp_path, monkeypatch, capsys):
+    from test_calibrate import MEASURED
+
+    from flexorch.orchestrator import calibrate
+
+    monkeypatch.setenv("FLEXORCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("FLEXORCH_CALIBRATE", "1")
+    monkeypatch.setattr(calibrate, "measure", lambda hardware, key, disk_dir: replace(MEASURED, machine=key))
+    assert cli.main(["probe"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no calibration cached for this machine" in out and "Calibration (" not in out
+    assert not (tmp_path / "calibration").exists()  # probe alone never measures
+    assert cli.main(["probe", "--calibrate"]) == 0
+    assert "measured now, cached in" in " ".join(capsys.readouterr().out.split())
+    assert cli.main(["probe"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps the caption
+    (cache,) = (tmp_path / "calibration").glob("*.json")
+    assert "Calibration (measured 2026-11-25 23:00 UTC in 12 s)" in out
+    assert f"cachedin{cache}" in out.replace(" ", "")  # the path may be wrapped anywhere
+    assert "worker fixed RAM" in out

@@ -85,8 +85,8 @@ def reference_probs(model_dir, steps: int) -> list[np.ndarray]:
 def many_rounds(monkeypatch):
     """One prompt per round (the planner aims at minutes of compute per round; a tiny model's whole
     slice would be one round), so tests can stop a worker between rounds."""
-    monkeypatch.setattr(planner, "ROUND_TARGET_SECONDS", 0.0)
-    monkeypatch.setattr(planner, "ROUND_MIN_COMPUTE_OVER_READ", 0.0)
+    monkeypatch.setattr(planner.search, "ROUND_TARGET_SECONDS", 0.0)
+    monkeypatch.setattr(planner.search, "ROUND_MIN_COMPUTE_OVER_READ", 0.0)
 
 
 def test_three_workers_equal_one_worker_and_the_unsplit_model(tmp_path, checkpoint, layerwise, capsys):

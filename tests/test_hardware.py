@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from flexorch.orchestrator.hardware import GpuInfo, Hardware, probe, probe_gpus, render_hardware, visible_nvml_indices
+from flexorch.orchestrator.hardware import GpuInfo, Hardware, probe, probe_gpus, visible_nvml_indices
+from flexorch.orchestrator.render import render_hardware
 
 GB = 10**9
 

@@ -20,8 +20,14 @@ SIDES = {"flexorch.orchestrator": REPO / "orchestrator", "flexorch.workers": REP
          "flexorch.contract": REPO / "flexorch" / "contract"}
 
 
+def sources(side: str) -> list[Path]:
+    """The side's .py files, its subpackages' (orchestrator/planner/) included."""
+    return sorted(SIDES[side].rglob("*.py"))
+
+
 def modules(side: str) -> list[str]:
-    return sorted(f"{side}.{p.stem}" for p in SIDES[side].glob("*.py") if p.stem != "__init__")
+    names = (".".join(p.relative_to(SIDES[side]).with_suffix("").parts) for p in sources(side))
+    return sorted(f"{side}.{name.removesuffix('.__init__')}" for name in names if name != "__init__")
 
 
 def imported_names(path: Path) -> set[str]:
@@ -65,7 +71,7 @@ def test_orchestrator_contract_and_api_import_without_torch():
 
 @pytest.mark.parametrize("side", ["flexorch.orchestrator", "flexorch.contract"])
 def test_no_module_level_torch_import(side):
-    offenders = {p.name for p in SIDES[side].glob("*.py")
+    offenders = {p.name for p in sources(side)
                  if any(n.split(".")[0] == "torch" for n in top_level_imports(p))}
     assert not offenders
 
@@ -73,12 +79,12 @@ def test_no_module_level_torch_import(side):
 @pytest.mark.parametrize("side", ["flexorch.workers", "flexorch.contract"])
 def test_workers_and_contract_never_import_the_orchestrator(side):
     offenders = {p.name: sorted(n for n in imported_names(p) if n.startswith(("flexorch.orchestrator", "orchestrator")))
-                 for p in SIDES[side].glob("*.py")}
+                 for p in sources(side)}
     assert not {k: v for k, v in offenders.items() if v}
 
 
 def test_only_the_ray_modules_import_ray():
-    offenders = {f"{side}.{p.stem}" for side in SIDES for p in SIDES[side].glob("*.py")
+    offenders = {f"{side}.{p.stem}" for side in SIDES for p in sources(side)
                  if any(n.split(".")[0] == "ray" for n in imported_names(p))}
     assert offenders == RAY_MODULES
 
@@ -105,7 +111,8 @@ def test_wheel_installs_one_top_level_name(tmp_path):
     (wheel,) = tmp_path.glob("flexorch-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         top = {name.split("/")[0] for name in archive.namelist()}
-        assert "flexorch/orchestrator/planner.py" in archive.namelist()
+        assert "flexorch/orchestrator/planner/__init__.py" in archive.namelist()
+        assert "flexorch/orchestrator/planner/search.py" in archive.namelist()
         assert "flexorch/workers/engine.py" in archive.namelist()
     assert {t for t in top if not t.endswith(".dist-info")} == {"flexorch"}
 

@@ -168,8 +168,8 @@ def test_a_slow_last_stage_keeps_the_others_from_running_ahead(layerwise):
 def one_prompt_per_round(mp: pytest.MonkeyPatch) -> None:
     """One prompt per round (a tiny model's prompts would otherwise be one round), so a stage can be
     stopped between rounds; data and pipeline runs then have the same rounds, hence the same batches."""
-    mp.setattr(planner, "ROUND_TARGET_SECONDS", 0.0)
-    mp.setattr(planner, "ROUND_MIN_COMPUTE_OVER_READ", 0.0)
+    mp.setattr(planner.search, "ROUND_TARGET_SECONDS", 0.0)
+    mp.setattr(planner.search, "ROUND_MIN_COMPUTE_OVER_READ", 0.0)
 
 
 @pytest.fixture()

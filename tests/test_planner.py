@@ -6,7 +6,7 @@ Units: GB = 10^9 bytes (what `limits: 6GB` means), GiB = 2^30.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import math
@@ -14,8 +14,11 @@ import math
 import pytest
 
 from flexorch.orchestrator.hardware import Calibration, GpuInfo, Hardware, Node, format_bytes
-from flexorch.orchestrator.planner import Plan, make_cluster_plan, make_plan, render_plan
+from flexorch.orchestrator.planner import Plan, make_cluster_plan, make_plan
+from flexorch.orchestrator.planner.model import _active_params
+from flexorch.orchestrator.render import render_plan
 from flexorch.orchestrator.shapes import llama3_70b, llama_shaped_manifest, mixtral_8x7b
+from flexorch.orchestrator.spec import JobSpec, Limits, ScoreSettings
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import Manifest
 from flexorch.contract.protocol import HEAP_SLACK
@@ -61,41 +64,14 @@ def machine(*gpus: GpuInfo, ram: int = 64 * GB, cpus: int = 8, disk_free: int = 
                     disk_free=disk_free)
 
 
-@dataclass(frozen=True)
-class Score:
-    kind: str = "next_token_probs"
-    tokens: tuple[str, ...] = ()
+def job_spec(**fields) -> JobSpec:
+    """A real JobSpec of a described job: its paths name files nothing reads."""
+    paths = {"path": Path("job.yaml"), "model": Path("model.layers"), "prompts": Path("prompts.jsonl"),
+             "output": Path("out/scores.pkl"), "job_dir": Path("out/scores.job")}
+    return JobSpec(**(paths | fields))
 
 
-@dataclass(frozen=True)
-class Limits:
-    gpu_memory: int | None = None
-    ram: int | None = None
-
-
-@dataclass(frozen=True)
-class Spec:
-    """The JobSpec attributes make_plan reads (orchestrator.spec.JobSpec has the same names)."""
-
-    path: Path = Path("job.yaml")
-    model: Path = Path("model.layers")
-    prompts: Path = Path("prompts.jsonl")
-    output: Path = Path("out/scores.pkl")
-    job_dir: Path = Path("out/scores.job")
-    score: Score = Score()
-    generate_tokens: int = 1
-    devices: str | tuple[str, ...] = "auto"
-    parallel: str = "data"
-    layers_per_shard: int | None = None
-    storage: str | None = None
-    disk_folder: Path | None = None
-    dtype: str | None = None
-    batch_tokens: int | None = None
-    max_length: int | None = None
-    limits: Limits = field(default_factory=Limits)
-    worker_timeout: float = 1800.0
-    allow_remote_code: bool = False
-    allow_untested_models: bool = False
+Spec = job_spec  # the name test_pipeline, test_calibrate, test_compression and test_engine import
 
 
 SMALL_GPU = gpu(0, "NVIDIA GeForce RTX 2060", 6 * GiB, free=6 * GB)
@@ -105,7 +81,7 @@ WORKSTATION_LIMITS = Limits(gpu_memory=6 * GB, ram=8 * GB)
 # -- a 70B model on a 6 GB GPU with 8 GB of RAM --------------------------------------------------
 def test_70b_on_a_6gb_gpu_streams_one_layer_at_a_time_with_activations_in_ram():
     # 400 prompts of 300 packed tokens, 4 suffixes each (the default count).
-    plan = make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400)
+    plan = make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=WORKSTATION_LIMITS), [300] * 400)
     (worker,) = plan.workers
     assert (plan.parallel, plan.dtype, worker.device) == ("data", "float16", "cuda:0")
     # GPU budget: min(6 GB free, 6 GB limit) less 10% = 5.4 GB. At batch 4096, one layer per shard:
@@ -172,7 +148,7 @@ def test_a_128k_vocabulary_70b_is_sized_by_its_decoder_layers_not_its_head():
     # 505 scored positions' normed hidden states and logits so far (505 x (8192 x 2 + 128256 x 4) =
     # 267,351,040) stay below a decoder layer's 1,109,753,856 of working memory. Two slots of the whole norm +
     # head would have added 2 x 390,053,888: 6,140,510,600 bytes, which does not fit in 5.4 GB.
-    plan = make_plan(machine(SMALL_GPU), llama3_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400)
+    plan = make_plan(machine(SMALL_GPU), llama3_70b(), job_spec(limits=WORKSTATION_LIMITS), [300] * 400)
     (worker,) = plan.workers
     assert (worker.settings.batch_tokens, worker.settings.layers_per_shard) == (4096, 1)
     assert [len(r) for r in worker.rounds] == [101, 101, 101, 97]
@@ -187,21 +163,21 @@ def test_70b_with_less_ram_keeps_activations_on_the_gpu_in_smaller_batches():
     # GPU, a 4096-token batch leaves room for rounds of 37 prompts; more rounds re-read the weights, which
     # beats writing and reading 81 x 2 activations per pass through the disk. A 2048-token batch would leave
     # room for longer rounds but pays each forward's fixed cost twice (70.8 min against 64.1).
-    spec = Spec(limits=Limits(gpu_memory=6 * GB, ram=3_700_000_000))
+    spec = job_spec(limits=Limits(gpu_memory=6 * GB, ram=3_700_000_000))
     (worker,) = make_plan(machine(SMALL_GPU), llama2_70b(), spec, [1000] * 400).workers
     assert (worker.settings.storage, worker.settings.batch_tokens) == ("gpu", 4096)
     assert [len(r) for r in worker.rounds] == [37] * 10 + [30]
     assert worker.predicted_peak_device_memory <= 0.9 * 6 * GB and worker.predicted_peak_ram <= 0.9 * 3.7 * GB
     # 3.3 GB would not hold the pinned staging buffer beside the worker's own RAM.
     with pytest.raises(UserError, match=r"a shard of 1.71 GB .* needs 3.22 GB of RAM"):
-        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=Limits(gpu_memory=6 * GB, ram=3_300_000_000)),
+        make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=Limits(gpu_memory=6 * GB, ram=3_300_000_000)),
                   [1000] * 400)
 
 
 def test_a_disk_too_small_for_disk_storage_is_an_error():
     # The smallest useful round is sized at the smallest batch (300 tokens: the slowest rate, so the fewest
     # prompts reach 4x the read time; attention counted): 50 prompts, two copies of 50 x 375 x 8192 x 2 bytes on disk.
-    spec = Spec(limits=Limits(gpu_memory=6 * GB, ram=4 * GB), storage="disk")
+    spec = job_spec(limits=Limits(gpu_memory=6 * GB, ram=4 * GB), storage="disk")
     with pytest.raises(UserError, match=r"storage: disk does not hold the smallest useful round on cuda:0 \(50 "
                                         r"prompt\(s\).*disk needs 614.40 MB of disk"):
         make_plan(machine(SMALL_GPU, disk_free=GB // 2), llama2_70b(), spec, [300] * 400)
@@ -210,24 +186,24 @@ def test_a_disk_too_small_for_disk_storage_is_an_error():
 def test_a_layer_that_cannot_be_double_buffered_runs_in_one_slot_and_one_that_cannot_fit_is_an_error():
     # Two 1.71 GB shards + the context need 4.09 GB; a 3 GB limit leaves 2.7 GB: one slot (each layer read after
     # the one before is computed) fits, with a 1024-token batch.
-    (worker,) = make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=Limits(gpu_memory=3 * GB)), [300] * 4).workers
+    (worker,) = make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=Limits(gpu_memory=3 * GB)), [300] * 4).workers
     assert (worker.settings.double_buffer, worker.settings.layers_per_shard) == (False, 1)
     assert worker.predicted_peak_device_memory <= 0.9 * 3 * GB
     # 2 GB leaves 1.8 GB: one 1.71 GB shard and the context do not fit.
     with pytest.raises(UserError, match=r"model: does not fit on cuda:0 even one layer at a time: a shard of 1.71 GB"):
-        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=Limits(gpu_memory=2 * GB)), [300] * 4)
+        make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=Limits(gpu_memory=2 * GB)), [300] * 4)
 
 
 # -- explicit values override auto, and must fit -------------------------------------------------
 def test_explicit_layers_per_shard_that_does_not_fit_is_an_error_saying_what_fits():
     # two layers fit in one slot (3.4 GB of the 5.4 GB budget), three do not
-    spec = Spec(limits=WORKSTATION_LIMITS, layers_per_shard=3)
+    spec = job_spec(limits=WORKSTATION_LIMITS, layers_per_shard=3)
     with pytest.raises(UserError, match=r"layers_per_shard: 3 does not fit on cuda:0.*at most 2 fit"):
         make_plan(machine(SMALL_GPU), llama2_70b(), spec, [300] * 400)
 
 
 def test_explicit_values_override_auto():
-    spec = Spec(limits=WORKSTATION_LIMITS, layers_per_shard=1, batch_tokens=1024, storage="disk")
+    spec = job_spec(limits=WORKSTATION_LIMITS, layers_per_shard=1, batch_tokens=1024, storage="disk")
     (worker,) = make_plan(machine(SMALL_GPU), llama2_70b(), spec, [300] * 400).workers
     s = worker.settings
     assert (s.layers_per_shard, s.batch_tokens, s.storage) == (1, 1024, "disk")
@@ -236,10 +212,10 @@ def test_explicit_values_override_auto():
 
 def test_explicit_batch_tokens_must_hold_the_longest_prompt_and_fit():
     with pytest.raises(UserError, match=r"batch_tokens: 256 is below prompt 1's 300 tokens"):
-        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS, batch_tokens=256), [200, 300])
+        make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=WORKSTATION_LIMITS, batch_tokens=256), [200, 300])
     # 16384 tokens of working memory (4.4 GB) do not fit beside a shard; the largest batch that does is 9935.
     with pytest.raises(UserError, match=r"batch_tokens: 16384 does not fit on cuda:0 .*at most 9935 fits"):
-        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS, batch_tokens=16384), [200, 300])
+        make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=WORKSTATION_LIMITS, batch_tokens=16384), [200, 300])
 
 
 def test_a_prompt_longer_than_any_batch_that_fits_is_an_error_naming_it():
@@ -247,19 +223,19 @@ def test_a_prompt_longer_than_any_batch_that_fits_is_an_error_naming_it():
     # and its mask 12000 x 12000 x 2 = 0.29 GB do not fit beside two shards (sdpa's kernel on a GPU keeps no
     # scores: 6000 tokens would fit).
     with pytest.raises(UserError, match=r"prompts: prompt 2 \(12000 tokens\) is one forward pass and needs 6.37 GB"):
-        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300, 300, 12000, 300])
+        make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=WORKSTATION_LIMITS), [300, 300, 12000, 300])
 
 
 def test_storage_gpu_on_a_cpu_worker_is_an_error():
     with pytest.raises(UserError, match=r"storage: gpu needs a GPU device"):
-        make_plan(machine(), small_fp32(), Spec(storage="gpu"), [150] * 4)
+        make_plan(machine(), small_fp32(), job_spec(storage="gpu"), [150] * 4)
 
 
 # -- limits cap the budgets ----------------------------------------------------------------------
 def test_limits_cap_gpu_memory_and_ram():
     big = gpu(0, "NVIDIA A100-SXM4-80GB", 80 * GB)
-    free = make_plan(machine(big, ram=256 * GB), llama2_70b(), Spec(), [300] * 400).workers[0]
-    capped = make_plan(machine(big, ram=256 * GB), llama2_70b(), Spec(limits=WORKSTATION_LIMITS),
+    free = make_plan(machine(big, ram=256 * GB), llama2_70b(), job_spec(), [300] * 400).workers[0]
+    capped = make_plan(machine(big, ram=256 * GB), llama2_70b(), job_spec(limits=WORKSTATION_LIMITS),
                        [300] * 400).workers[0]
     # Without limits: 80 GB less 10% = 72 GB. 18 layers per shard would fit (2 x 18 x 1.71 = 61.6 GB) but buy
     # no time: reading is hidden behind compute, and a bigger first shard only delays the start. Batch 8192
@@ -275,7 +251,7 @@ def test_limits_cap_gpu_memory_and_ram():
 def test_two_24gb_gpus_get_a_worker_each_with_prompts_balanced_by_tokens():
     gpus = (gpu(0, "NVIDIA GeForce RTX 3090", 24 * GB), gpu(1, "NVIDIA GeForce RTX 3090", 24 * GB))
     # 600 tokens in all: balanced by tokens, prompt 3 alone weighs as much as prompts 0-2 together.
-    plan = make_plan(machine(*gpus), llama2_13b(), Spec(), [100, 100, 100, 300])
+    plan = make_plan(machine(*gpus), llama2_13b(), job_spec(), [100, 100, 100, 300])
     assert [w.device for w in plan.workers] == ["cuda:0", "cuda:1"]
     assert [w.prompt_indices for w in plan.workers] == [(0, 1, 2), (3,)]
     assert [w.name for w in plan.workers] == ["worker0", "worker1"]
@@ -293,26 +269,26 @@ def test_a_model_that_fits_whole_on_the_gpu_stays_resident_when_rereading_it_cos
     # Llama-2-13B fp16 (26 GB) on an 80 GB A100, 8 prompts, 8 greedy steps: streaming reads the model once per
     # step (8 x 26 GB at the assumed disk's 2 GB/s = 104 s) for 7 s of compute; resident reads it once (13 s).
     big = gpu(0, "NVIDIA A100-SXM4-80GB", 80 * GB)
-    (worker,) = make_plan(machine(big, ram=256 * GB), llama2_13b(), Spec(generate_tokens=8), [300] * 8).workers
+    (worker,) = make_plan(machine(big, ram=256 * GB), llama2_13b(), job_spec(generate_tokens=8), [300] * 8).workers
     assert worker.settings.resident and worker.settings.storage == "gpu"
     assert worker.predicted_read_seconds == pytest.approx(26_031_415_296 / 2e9, rel=1e-3)
     assert 26 * GB < worker.predicted_peak_device_memory < 0.9 * 80 * GB
     assert any(r.startswith("resident (auto): the whole model fits on cuda:0") for r in worker.reasons)
     # One step reads the model once either way: streaming needs less memory for the same time.
-    (once,) = make_plan(machine(big, ram=256 * GB), llama2_13b(), Spec(), [300] * 8).workers
+    (once,) = make_plan(machine(big, ram=256 * GB), llama2_13b(), job_spec(), [300] * 8).workers
     assert not once.settings.resident and once.settings.layers_per_shard == 1
 
 
 def test_devices_listed_explicitly_and_missing_ones():
     gpus = (gpu(0, "NVIDIA GeForce RTX 3090", 24 * GB), gpu(1, "NVIDIA GeForce RTX 3090", 24 * GB))
-    plan = make_plan(machine(*gpus), llama2_13b(), Spec(devices=("cuda:1",)), [100] * 4)
+    plan = make_plan(machine(*gpus), llama2_13b(), job_spec(devices=("cuda:1",)), [100] * 4)
     assert [w.device for w in plan.workers] == ["cuda:1"]
     with pytest.raises(UserError, match=r"devices: cuda:2 not present \(visible GPUs: cuda:0, cuda:1\)"):
-        make_plan(machine(*gpus), llama2_13b(), Spec(devices=("cuda:0", "cuda:2")), [100] * 4)
+        make_plan(machine(*gpus), llama2_13b(), job_spec(devices=("cuda:0", "cuda:2")), [100] * 4)
 
 
 def test_more_devices_than_prompts_leaves_some_idle():
-    plan = make_plan(machine(cpus=8), small_fp32(), Spec(devices=("cpu", "cpu", "cpu")), [150, 150])
+    plan = make_plan(machine(cpus=8), small_fp32(), job_spec(devices=("cpu", "cpu", "cpu")), [150, 150])
     assert [w.prompt_indices for w in plan.workers] == [(0,), (1,)]
     assert any("1 device(s) left idle" in r for r in plan.reasons)
 
@@ -325,7 +301,7 @@ def node(i: int, hardware: Hardware) -> Node:
 def test_cluster_devices_auto_are_every_gpu_of_every_node_named_by_node():
     rtx = "NVIDIA GeForce RTX 3090"
     nodes = (node(0, machine(gpu(0, rtx, 24 * GB), gpu(1, rtx, 24 * GB))), node(1, machine(gpu(0, rtx, 24 * GB))))
-    plan = make_cluster_plan(nodes, llama2_13b(), Spec(devices="auto", parallel="auto"), [100] * 6)
+    plan = make_cluster_plan(nodes, llama2_13b(), job_spec(devices="auto", parallel="auto"), [100] * 6)
     assert [(w.device, w.node, w.settings.device) for w in plan.workers] == [
         ("node0:cuda:0", "node0", "cuda:0"), ("node0:cuda:1", "node0", "cuda:1"), ("node1:cuda:0", "node1", "cuda:0")]
     assert [w.prompt_indices for w in plan.workers] == [(0, 1), (2, 3), (4, 5)]
@@ -341,7 +317,7 @@ def test_cluster_devices_auto_are_every_gpu_of_every_node_named_by_node():
 def test_cluster_workers_share_their_own_nodes_cores_and_ram():
     # node0: 8 cores for two CPU workers; node1: 2 cores and 2 GB of RAM for one.
     nodes = (node(0, machine(cpus=8)), node(1, machine(cpus=2, ram=2 * GB)))
-    spec = Spec(devices=("node0:cpu", "node1:cpu", "node0:cpu"))
+    spec = job_spec(devices=("node0:cpu", "node1:cpu", "node0:cpu"))
     plan = make_cluster_plan(nodes, small_fp32(), spec, [150] * 30)
     assert [(w.device, w.settings.threads) for w in plan.workers] == [("node0:cpu", 4), ("node1:cpu", 2),
                                                                       ("node0:cpu", 4)]
@@ -351,19 +327,19 @@ def test_cluster_workers_share_their_own_nodes_cores_and_ram():
     # Each sized within its own node's RAM; one layer per shard everywhere (more buys no time on a CPU).
     assert lps == [1, 1, 1] and plan.workers[1].predicted_peak_ram <= 0.9 * 2 * GB
     # The same devices on one machine with both nodes' cores would split them evenly.
-    assert make_plan(machine(cpus=10), small_fp32(), Spec(devices=("cpu",) * 3), [150] * 30).workers[0].settings.threads == 3
+    assert make_plan(machine(cpus=10), small_fp32(), job_spec(devices=("cpu",) * 3), [150] * 30).workers[0].settings.threads == 3
 
 
 def test_cluster_devices_on_missing_nodes_or_gpus_are_errors():
     nodes = (node(0, machine()), node(1, machine(gpu(0, "NVIDIA A100", 80 * GB))))
     with pytest.raises(UserError, match=r"devices: node2:cpu: no node node2 in the cluster \(nodes: node0, node1\)"):
-        make_cluster_plan(nodes, small_fp32(), Spec(devices=("node2:cpu",)), [100])
+        make_cluster_plan(nodes, small_fp32(), job_spec(devices=("node2:cpu",)), [100])
     with pytest.raises(UserError, match=r"devices: node1:cuda:1 not present \(node1's GPUs Ray may use: cuda:0\)"):
-        make_cluster_plan(nodes, small_fp32(), Spec(devices=("node1:cuda:1",)), [100])
+        make_cluster_plan(nodes, small_fp32(), job_spec(devices=("node1:cuda:1",)), [100])
 
 
 def test_cluster_without_gpus_gets_one_cpu_worker_per_node():
-    plan = make_cluster_plan((node(0, machine(cpus=4)), node(1, machine(cpus=4))), small_fp32(), Spec(), [100] * 4)
+    plan = make_cluster_plan((node(0, machine(cpus=4)), node(1, machine(cpus=4))), small_fp32(), job_spec(), [100] * 4)
     assert [w.device for w in plan.workers] == ["node0:cpu", "node1:cpu"]
     assert [w.settings.threads for w in plan.workers] == [4, 4]
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
@@ -374,7 +350,7 @@ def test_cpu_only_machine_gets_one_cpu_worker_with_every_core():
     # 64 GB of RAM: the whole fp32 model (16 x 51 MB layers) would fit in one shard, but on a CPU reading is
     # hidden behind compute and more layers per shard buy no time, only memory (issue 12: 16 layers per shard
     # ran 2.2x slower with 3.7x the memory of one).
-    plan = make_plan(machine(cpus=8), small_fp32(), Spec(), [150] * 32)
+    plan = make_plan(machine(cpus=8), small_fp32(), job_spec(), [150] * 32)
     (worker,) = plan.workers
     s = worker.settings
     assert (worker.device, s.threads, s.layers_per_shard, s.storage, s.dtype) == ("cpu", 8, 1, "cpu", "float32")
@@ -385,7 +361,7 @@ def test_cpu_only_machine_gets_one_cpu_worker_with_every_core():
 
 
 def test_two_cpu_workers_split_the_cores_and_the_prompts():
-    plan = make_plan(machine(cpus=8), small_fp32(), Spec(devices=("cpu", "cpu")), [150] * 32)
+    plan = make_plan(machine(cpus=8), small_fp32(), job_spec(devices=("cpu", "cpu")), [150] * 32)
     assert [w.settings.threads for w in plan.workers] == [4, 4]
     assert [w.prompt_indices for w in plan.workers] == [tuple(range(16)), tuple(range(16, 32))]
 
@@ -407,7 +383,7 @@ def test_cpu_peak_ram_is_the_base_the_shard_slots_and_one_forward():
     # stay below a decoder layer's working memory.) That is the fastest (16.5 s). One slot is predicted 3%
     # slower (the reads no longer hidden) for a layer's 51 MB less (7%): two are within 10% of the least
     # memory too, so auto keeps the fastest.
-    plan = make_plan(machine(cpus=4), small_fp32(), Spec(limits=Limits(ram=2 * GB)), [150] * 32)
+    plan = make_plan(machine(cpus=4), small_fp32(), job_spec(limits=Limits(ram=2 * GB)), [150] * 32)
     (worker,) = plan.workers
     assert (worker.settings.double_buffer, worker.settings.batch_tokens) == (True, 1024)
     assert worker.predicted_peak_ram == 752_979_584
@@ -416,7 +392,7 @@ def test_cpu_peak_ram_is_the_base_the_shard_slots_and_one_forward():
     # The free heap a worker keeps between shards (64 MiB) fits beside that peak; under 900 MB (810 MB usable)
     # it shrinks to what is left, 810,000,000 - 752,979,584.
     assert worker.settings.heap_slack == HEAP_SLACK
-    (tight,) = make_plan(machine(cpus=4), small_fp32(), Spec(limits=Limits(ram=900_000_000)), [150] * 32).workers
+    (tight,) = make_plan(machine(cpus=4), small_fp32(), job_spec(limits=Limits(ram=900_000_000)), [150] * 32).workers
     assert tight.predicted_peak_ram == 752_979_584 and tight.settings.heap_slack == 57_020_416
     assert any(r.startswith("heap slack 57.02 MB") for r in tight.reasons)
 
@@ -425,23 +401,23 @@ def test_cpu_peak_ram_is_the_base_the_shard_slots_and_one_forward():
 def test_parallel_auto_and_pipeline_on_one_device_are_data():
     # Two devices: tests/test_pipeline.py.
     for parallel in ("auto", "pipeline"):
-        plan = make_plan(machine(), small_fp32(), Spec(parallel=parallel), [150] * 4)
+        plan = make_plan(machine(), small_fp32(), job_spec(parallel=parallel), [150] * 4)
         assert plan.parallel == "data" and len(plan.workers) == 1
         assert any(r.startswith("parallel data (") and "one device" in r for r in plan.reasons)
 
 
 def test_dtype_auto_keeps_the_checkpoints_and_a_conversion_costs_memory():
-    fp16 = make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 4)
+    fp16 = make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=WORKSTATION_LIMITS), [300] * 4)
     assert fp16.dtype == "float16" and any("dtype float16 (auto)" in r for r in fp16.reasons)
     # float32 compute of an fp16 checkpoint: slots hold 1.71 GB as read plus 3.42 GB converted, twice
     # (10.3 GB): no longer fits 6 GB.
     with pytest.raises(UserError, match="model: does not fit on cuda:0"):
-        make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS, dtype="float32"), [300] * 4)
+        make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=WORKSTATION_LIMITS, dtype="float32"), [300] * 4)
 
 
 def test_generation_steps_multiply_the_reads_and_cached_steps_compute_one_token_per_suffix():
-    one = make_plan(machine(cpus=8), small_fp32(), Spec(layers_per_shard=1), [150] * 32, suffix_counts=[4] * 32).workers[0]
-    three = make_plan(machine(cpus=8), small_fp32(), Spec(generate_tokens=3, layers_per_shard=1), [150] * 32,
+    one = make_plan(machine(cpus=8), small_fp32(), job_spec(layers_per_shard=1), [150] * 32, suffix_counts=[4] * 32).workers[0]
+    three = make_plan(machine(cpus=8), small_fp32(), job_spec(generate_tokens=3, layers_per_shard=1), [150] * 32,
                       suffix_counts=[4] * 32).workers[0]
     assert three.predicted_read_seconds == pytest.approx(3 * one.predicted_read_seconds)
     # small_fp32: 16 x 12,847,104 decoder params, 32,768,000 in the head, which reads the 4 suffixes'
@@ -461,7 +437,7 @@ def test_generation_steps_multiply_the_reads_and_cached_steps_compute_one_token_
     assert one.predicted_compute_seconds == pytest.approx(first_layers / rate(1000) + first_head / rate(21))
     assert three.predicted_compute_seconds == pytest.approx(one.predicted_compute_seconds + 2 * later / rate(21))
     # rows do not grow either: a batch of 150 tokens holds the 150-token prompt for every step
-    plan = make_plan(machine(), small_fp32(), Spec(generate_tokens=3, batch_tokens=150), [150], suffix_counts=[4])
+    plan = make_plan(machine(), small_fp32(), job_spec(generate_tokens=3, batch_tokens=150), [150], suffix_counts=[4])
     assert plan.workers[0].settings.batch_tokens == 150
 
 
@@ -472,8 +448,8 @@ def test_the_kv_cache_is_counted_in_its_tier_and_shrinks_rounds_that_must_stay_i
     # the two extra steps' results are 2 x 32 x 4 x 32000 x 4 B = 32,768,000 B.
     job = dict(suffix_counts=[4] * 32)
     fixed = dict(layers_per_shard=1, batch_tokens=1024)  # the same settings with and without the cache
-    one = make_plan(machine(cpus=8), small_fp32(), Spec(**fixed), [150] * 32, **job).workers[0]
-    three = make_plan(machine(cpus=8), small_fp32(), Spec(generate_tokens=3, **fixed), [150] * 32, **job).workers[0]
+    one = make_plan(machine(cpus=8), small_fp32(), job_spec(**fixed), [150] * 32, **job).workers[0]
+    three = make_plan(machine(cpus=8), small_fp32(), job_spec(generate_tokens=3, **fixed), [150] * 32, **job).workers[0]
     assert (one.settings, one.rounds) == (three.settings, three.rounds)  # storage cpu, 1 round
     assert three.predicted_peak_ram - one.predicted_peak_ram == 807_403_520 + 16_777_216 + 32_768_000
 
@@ -481,14 +457,14 @@ def test_the_kv_cache_is_counted_in_its_tier_and_shrinks_rounds_that_must_stay_i
     # the cache makes rounds of at most 92 prompts (4, evened out); on disk it would keep one round, but its
     # traffic costs more than reading the weights 4 times (predicted 64.7 s vs 52.7 s), so auto keeps it in RAM.
     n, job = 320, dict(suffix_counts=[4] * 320)
-    spare = make_plan(machine(cpus=8), small_fp32(), Spec(layers_per_shard=1), [150] * n, **job).workers[0]
+    spare = make_plan(machine(cpus=8), small_fp32(), job_spec(layers_per_shard=1), [150] * n, **job).workers[0]
     limits = Limits(ram=int((spare.predicted_peak_ram + 2 * GB) / 0.9) + 1)  # the planner keeps 10% free
-    auto = make_plan(machine(cpus=8), small_fp32(), Spec(generate_tokens=3, layers_per_shard=1, limits=limits),
+    auto = make_plan(machine(cpus=8), small_fp32(), job_spec(generate_tokens=3, layers_per_shard=1, limits=limits),
                      [150] * n, **job).workers[0]
     assert (auto.settings.storage, len(auto.rounds)) == ("cpu", 4)
     assert any(r.startswith("storage cpu (auto)") and "disk: " in r for r in auto.reasons)
     ram = make_plan(machine(cpus=8), small_fp32(),
-                    Spec(generate_tokens=3, layers_per_shard=1, limits=limits, storage="cpu"), [150] * n,
+                    job_spec(generate_tokens=3, layers_per_shard=1, limits=limits, storage="cpu"), [150] * n,
                     **job).workers[0]
     assert [len(r) for r in ram.rounds] == [81, 81, 81, 77]
     assert any(r.startswith("4 round(s) (the resume unit)") for r in ram.reasons)
@@ -496,34 +472,24 @@ def test_the_kv_cache_is_counted_in_its_tier_and_shrinks_rounds_that_must_stay_i
 
 def test_no_prompts_is_an_error():
     with pytest.raises(UserError, match="no prompts"):
-        make_plan(machine(), small_fp32(), Spec(), [])
+        make_plan(machine(), small_fp32(), job_spec(), [])
 
 
 # -- the plan as data ----------------------------------------------------------------------------
 def test_plan_round_trips_through_json():
     gpus = (gpu(0, "NVIDIA GeForce RTX 3090", 24 * GB), gpu(1, "NVIDIA GeForce RTX 3090", 24 * GB))
-    plan = make_plan(machine(*gpus), llama2_70b(), Spec(storage="disk"), [300] * 40)
+    plan = make_plan(machine(*gpus), llama2_70b(), job_spec(storage="disk"), [300] * 40)
     again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan
 
 
 def test_make_plan_is_deterministic():
-    args = (machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300 + i % 7 for i in range(400)])
+    args = (machine(SMALL_GPU), llama2_70b(), job_spec(limits=WORKSTATION_LIMITS), [300 + i % 7 for i in range(400)])
     assert make_plan(*args) == make_plan(*args)
-
-
-def test_render_plan_prints_the_workers_and_the_reasons():
-    from rich.console import Console
-
-    console = Console(record=True, width=200)
-    render_plan(make_plan(machine(SMALL_GPU), llama2_70b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400), console)
-    text = console.export_text()
-    assert "cuda:0" in text and "storage cpu (auto)" in text and "layers_per_shard 1 (auto)" in text
 
 
 def test_moe_compute_counts_only_the_routed_experts():
     from flexorch.contract.manifest import DECODER, LayerEntry
-    from flexorch.orchestrator.planner import _active_params
 
     # 1000 dense parameters + 8 experts of 100 (200 bytes each in float16); a token visits 2 experts
     entry = LayerEntry(name="layer.0", kind=DECODER, file="layers/001_layer.0.safetensors", bytes=3600,
@@ -536,7 +502,7 @@ def test_moe_compute_counts_only_the_routed_experts():
 def test_mixtral_on_a_6gb_gpu_streams_its_experts_in_groups():
     # Mixtral-8x7B fp16 (orchestrator/shapes.py): a decoder layer is 2,902,540,288 bytes — attention, norms
     # and router 83,968,000, 8 experts of 352,321,536. Two whole layers (5.8 GB) exceed the 5.4 GB budget.
-    plan = make_plan(machine(SMALL_GPU), mixtral_8x7b(), Spec(limits=WORKSTATION_LIMITS), [300] * 400)
+    plan = make_plan(machine(SMALL_GPU), mixtral_8x7b(), job_spec(limits=WORKSTATION_LIMITS), [300] * 400)
     (worker,) = plan.workers
     # Planned at one expert per group, the batch grows to 8192 tokens; then the groups grow into what is left:
     # two slots of 3 experts 2 x 1,056,964,608 + CUDA context 671,088,640 + in flight 2 x 8192 x 4096 x 2
@@ -555,14 +521,14 @@ def test_mixtral_on_a_6gb_gpu_streams_its_experts_in_groups():
     routed = 400 * 2 * (active * 300 + 4096 * 32000 * 4) / 20e12
     assert routed <= worker.predicted_compute_seconds < 1.2 * routed
     # A card that holds two whole layers streams none.
-    (roomy,) = make_plan(machine(gpu(0, "NVIDIA H100", 80 * GB)), mixtral_8x7b(), Spec(), [300] * 400).workers
+    (roomy,) = make_plan(machine(gpu(0, "NVIDIA H100", 80 * GB)), mixtral_8x7b(), job_spec(), [300] * 400).workers
     assert roomy.settings.experts_per_group == 0
 
 
 def test_the_heads_logits_are_sized_by_the_positions_it_scores():
     # suffix_logprob on a 32k-vocabulary model: with scored positions given (8 of each 150-token prompt), the
     # head's float32 logits and log-softmax are counted for those, not for every token.
-    spec = Spec(score=Score(kind="suffix_logprob"), layers_per_shard=1, batch_tokens=1024)
+    spec = job_spec(score=ScoreSettings(kind="suffix_logprob"), layers_per_shard=1, batch_tokens=1024)
     every = make_plan(machine(cpus=8), small_fp32(), spec, [150] * 8).workers[0]
     scored = make_plan(machine(cpus=8), small_fp32(), spec, [150] * 8, scored_counts=[8] * 8).workers[0]
     # The 131 MB head comes in steps of (51,388,416 - 4,096 norm - 64) // 4,096 = 12,544 rows (a decoder
@@ -581,19 +547,19 @@ def test_files_not_verified_yet_are_hashed_on_each_workers_first_pass():
     # hashing take turns, 1/2 + 1/1 s per GB against 1/2 s, 3x the read time of what is hashed.
     manifest = small_fp32()
     total = sum(e.bytes for e in manifest.layers)
-    plain = make_plan(machine(cpus=8), manifest, Spec(devices=("cpu",)), [150] * 32)
+    plain = make_plan(machine(cpus=8), manifest, job_spec(devices=("cpu",)), [150] * 32)
     (p,) = plain.workers
     assert len(p.rounds) == 1 and not any(r.startswith("checksums") for r in plain.reasons)
     for unverified, factor in ((total, 3.0), (total // 2, 2.0)):
-        hashed = make_plan(machine(cpus=8), manifest, Spec(devices=("cpu",)), [150] * 32, unverified_bytes=unverified)
+        hashed = make_plan(machine(cpus=8), manifest, job_spec(devices=("cpu",)), [150] * 32, unverified_bytes=unverified)
         (h,) = hashed.workers
         assert h.settings == p.settings
         assert h.predicted_read_seconds == pytest.approx(factor * p.predicted_read_seconds, rel=1e-3)
         assert any(r.startswith(f"checksums: {format_bytes(unverified)} of layer files not verified") for r in hashed.reasons)
     # A GPU worker computes on the device: with cores to spare the hash runs beside the read, and the slower of
     # the two (sha256 1 GB/s against the disk's 2 GB/s) sets the rate: 2x.
-    gpu_plain = make_plan(machine(SMALL_GPU, cpus=8), manifest, Spec(), [150] * 32)
-    gpu_hashed = make_plan(machine(SMALL_GPU, cpus=8), manifest, Spec(), [150] * 32, unverified_bytes=total)
+    gpu_plain = make_plan(machine(SMALL_GPU, cpus=8), manifest, job_spec(), [150] * 32)
+    gpu_hashed = make_plan(machine(SMALL_GPU, cpus=8), manifest, job_spec(), [150] * 32, unverified_bytes=total)
     (gp,), (gh,) = gpu_plain.workers, gpu_hashed.workers
     assert gp.device == "cuda:0" and len(gp.rounds) == 1
     assert gh.predicted_read_seconds == pytest.approx(2.0 * gp.predicted_read_seconds, rel=1e-3)
@@ -607,7 +573,7 @@ def test_a_model_larger_than_the_ram_is_read_around_the_page_cache_by_a_lone_rea
     figures = Calibration(machine="box", measured_at="2026-11-26 15:00 UTC", seconds=10.0,
                           disk_read_bytes_per_s=1e9, direct_read_bytes_per_s=2e9)
     box = replace(machine(SMALL_GPU), calibration=figures)
-    spec = Spec(limits=WORKSTATION_LIMITS)
+    spec = job_spec(limits=WORKSTATION_LIMITS)
     direct = make_plan(box, llama2_70b(), spec, [300] * 400)
     (d,) = direct.workers
     assert d.settings.direct_reads
@@ -623,15 +589,15 @@ def test_a_model_larger_than_the_ram_is_read_around_the_page_cache_by_a_lone_rea
     assert d.predicted_read_seconds / len(d.rounds) == pytest.approx(137.95 / 2, rel=1e-3)
     assert r.predicted_read_seconds / len(r.rounds) == pytest.approx(137.95, rel=1e-3)
 
-    fits = make_plan(box, llama2_13b(), Spec(), [300] * 4)
+    fits = make_plan(box, llama2_13b(), job_spec(), [300] * 4)
     assert not fits.workers[0].settings.direct_reads
     assert any(x.startswith("reads: through the page cache: the model (26.03 GB) fits in the RAM available")
                for x in fits.reasons)
 
     gpus = (gpu(0, "NVIDIA GeForce RTX 3090", 24 * GB), gpu(1, "NVIDIA GeForce RTX 3090", 24 * GB))
     small_ram = replace(machine(*gpus, ram=16 * GB), calibration=figures)
-    shared = make_plan(small_ram, llama2_13b(), Spec(parallel="data"), [300] * 4)
+    shared = make_plan(small_ram, llama2_13b(), job_spec(parallel="data"), [300] * 4)
     assert [w.settings.direct_reads for w in shared.workers] == [False, False]
     assert "reads: through the page cache: 2 workers read every layer file in step" in " ".join(shared.reasons)
-    stages = make_plan(small_ram, llama2_13b(), Spec(parallel="pipeline"), [300] * 4)
+    stages = make_plan(small_ram, llama2_13b(), job_spec(parallel="pipeline"), [300] * 4)
     assert [w.settings.direct_reads for w in stages.workers] == [True, True]  # each stage reads its own shards

@@ -113,8 +113,8 @@ def cluster():
 def rounds_of_one_prompt():
     """One prompt per round, so a worker can be killed between rounds (as in test_resume)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(planner, "ROUND_TARGET_SECONDS", 0.0)
-        mp.setattr(planner, "ROUND_MIN_COMPUTE_OVER_READ", 0.0)
+        mp.setattr(planner.search, "ROUND_TARGET_SECONDS", 0.0)
+        mp.setattr(planner.search, "ROUND_MIN_COMPUTE_OVER_READ", 0.0)
         yield
 
 

@@ -102,8 +102,8 @@ def rounds_of_one_prompt():
     """One prompt per round (a tiny model's slice would otherwise be one round), so a worker can
     be stopped between rounds."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(planner, "ROUND_TARGET_SECONDS", 0.0)
-        mp.setattr(planner, "ROUND_MIN_COMPUTE_OVER_READ", 0.0)
+        mp.setattr(planner.search, "ROUND_TARGET_SECONDS", 0.0)
+        mp.setattr(planner.search, "ROUND_MIN_COMPUTE_OVER_READ", 0.0)
         yield
 
 
