@@ -126,8 +126,10 @@ def _ray_cluster(spec: JobSpec):
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] != "ray":
             raise
+        from flexorch.orchestrator.extras import install_hint
+
         raise UserError(f"{spec.path}: executor: ray needs Ray, which is not installed: "
-                        "pip install flexorch[ray]") from None
+                        f"{install_hint('ray')}") from None
     raycluster.connect(spec.ray_address)
     return raycluster
 
@@ -458,7 +460,8 @@ def _write_outputs(run: _Run) -> list[PromptResult]:
     spec, job = run.job.spec, run.job
     results = collect_results(run.state.parts(), len(job.prompts))
     write_output(spec.output, job.score.kind, results, prompts=job.prompts, token_labels=spec.score.tokens)
-    run.summary = summarize(job.score.kind, [r.scores for r in results], job.prompts)
+    run.summary = summarize(job.score.kind, [r.scores for r in results], job.prompts,
+                            token_labels=spec.score.tokens)
     if spec.generate_tokens > 1:
         texts = [[job.tokenizer.decode(list(ids)) for ids in r.generated] for r in results]
         write_updated_prompts(spec.output, job.prompts, texts, spec.prompts_format, [r.generated for r in results])
