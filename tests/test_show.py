@@ -159,3 +159,21 @@ def test_show_decodes_argmax_ids_with_the_jobs_tokenizer(tmp_path, layerwise, ca
         assert ", ".join(repr(tokenizer.decode([i])) for i in ids) in out.replace("\n", "") or \
             repr(tokenizer.decode([ids[0]])) in out, out
     assert all(len(line) <= 80 for line in out.splitlines()), out
+
+
+def test_shows_acc_norm_equals_lm_evals_on_the_same_log_probs(tmp_path, layerwise, capsys):
+    from test_summary import _lm_eval_acc_norm
+
+    choices = [["café", "cafe", "naïve"], ["日本", "abcd"], ["ab", "abcdef"], ["é", "e", "ée"], ["x", "xyz"]]
+    prompts = [{"prefix": f"Question {i}:", "suffixes": [" " + c for c in cs], "answer": i % len(cs)}
+               for i, cs in enumerate(choices)]
+    write_prompts(tmp_path / "prompts.jsonl", prompts)
+    job = write_job(tmp_path, layerwise("llama"), score={"kind": "suffix_logprob"}, output=str(tmp_path / "o.jsonl"))
+    assert cli.main(["submit", str(job)]) == 0
+    capsys.readouterr()
+    assert cli.main(["show", str(tmp_path / "o.job"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    lines = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    expected = [_lm_eval_acc_norm(cs, line["logprob"], p["answer"]) for cs, line, p in zip(choices, lines, prompts)]
+    assert shown["acc_norm"] == pytest.approx(sum(expected) / len(expected))
+    assert [float(c == a) for c, a in zip(shown["norm_choices"], shown["answers"])] == expected
