@@ -189,7 +189,10 @@ class JobProgress:
         return sum(w.position() for w in self.workers.values())
 
     def eta_seconds(self) -> float | None:
-        """The slowest worker's: they run side by side (reused prompts cost nothing)."""
+        """The slowest worker's: they run side by side (reused prompts cost nothing). None once every
+        worker is done (nothing left to estimate), or where a worker's is unknown."""
+        if all(w.status in ("done", "reused") for w in self.workers.values()):
+            return None
         etas = [w.eta_seconds(self.clock()) for w in self.workers.values()]
         return None if any(eta is None for eta in etas) else max(etas, default=0.0)
 

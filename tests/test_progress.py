@@ -132,6 +132,7 @@ def test_log_progress_writes_start_first_computing_rounds_and_periodic_lines():
     display.handle(Progress("w0", 1, _event(3)))
     display.handle(RoundDone("w0", 1, (3, 4, 5), "p.npz", summary()))
     display.handle(Finished("w0", 21.0))
+    assert display.eta_seconds() is None  # every worker done: no "ETA <1s" left on the screen
     lines = out.getvalue().splitlines()
     assert lines[0] == "starting workers: 1 process(es) importing torch and loading the model (predicted 5s)"
     assert lines[1] == "w0 (cpu): started (pid 123): 6 prompts, 3 reused, 2 rounds"
