@@ -82,6 +82,8 @@ def cmd_show(args) -> int:
 
     shown = load(Path(args.path))
     if args.json:
+        if shown.note:
+            print(f"note: {shown.note}", file=sys.stderr)
         data = shown.summary.to_dict()
         if args.by:
             data["by"] = {args.by: groups_json(shown.summary, args.by)}

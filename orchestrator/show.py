@@ -41,6 +41,7 @@ class Shown:
     summary: Summary
     source: Path  # what it was read from
     model_dir: Path | None = None  # the job's model dir, whose tokenizer decodes argmax ids
+    note: str = ""  # said before the table: why the summary comes from where it does
 
 
 def load(path: Path) -> Shown:
@@ -52,13 +53,19 @@ def load(path: Path) -> Shown:
     if not path.is_file():
         raise UserError(f"{path}: no such output file or job dir")
     report = path.with_suffix(".job") / REPORT_NAME
+    alone = _file_summary(path)
     if report.is_file():
         try:
             if Path(str(read_json_object(report).get("output", ""))) == path.resolve():
-                return _from_report(report)
-        except UserError:  # a damaged report next to a good output: summarise the output alone
+                shown = _from_report(report)
+                if shown.summary.prompts == alone.prompts:
+                    return shown
+                # another job wrote this output since (two jobs given one `output`): the file is the truth
+                return Shown(alone, path, note=f"{report} describes {shown.summary.prompts} prompts, the file "
+                                               f"holds {alone.prompts}: summarised from the file alone")
+        except UserError:  # a damaged or unfinished report next to a good output: the output alone
             pass
-    return Shown(_file_summary(path), path)
+    return Shown(alone, path)
 
 
 def _from_report(report: Path) -> Shown:
@@ -277,6 +284,8 @@ def render(shown: Shown, console, rows: int | None = 20, by: str | None = None) 
 
     summary = shown.summary
     groups = by_field(summary, by) if by else ()  # a bad --by is refused before anything is printed
+    if shown.note:
+        console.print(Text(f"note: {shown.note}", overflow="fold"))
     console.print(Text(f"{summary.prompts} prompts, {summary.kind}: {shown.source}", overflow="fold"))
     decode = _decoder(shown.model_dir) if summary.kind == ScoreKind.NEXT_TOKEN_PROBS.value else None
     listed = summary.choices[:rows] if rows else summary.choices

@@ -177,3 +177,17 @@ def test_shows_acc_norm_equals_lm_evals_on_the_same_log_probs(tmp_path, layerwis
     expected = [_lm_eval_acc_norm(cs, line["logprob"], p["answer"]) for cs, line, p in zip(choices, lines, prompts)]
     assert shown["acc_norm"] == pytest.approx(sum(expected) / len(expected))
     assert [float(c == a) for c, a in zip(shown["norm_choices"], shown["answers"])] == expected
+
+
+def test_an_output_another_job_rewrote_is_summarised_from_the_file(tmp_path, capsys):
+    # two jobs given one `output`: the file holds the second's 3 prompts, report.json the first's 6
+    results = [PromptResult(i, logprob(-1.0, -0.5)) for i in range(3)]
+    path = write_output(tmp_path / "o.jsonl", "suffix_logprob", results)
+    (tmp_path / "o.job").mkdir()
+    (tmp_path / "o.job" / "report.json").write_text(json.dumps({
+        "status": "completed", "output": str(path.resolve()),
+        "summary": {"prompts": 6, "kind": "suffix_logprob", "choices": [0] * 6}}))
+    assert cli.main(["show", str(path), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["prompts"] == 3 and json.loads(out.out)["choices"] == [1, 1, 1]
+    assert "describes 6 prompts, the file holds 3: summarised from the file alone" in out.err
