@@ -134,7 +134,8 @@ class _WorkerState:
         if e is None:  # between rounds, or done
             return f"{self.status}  prompts {self.done}/{self.line.prompts}{left}"
         within = f" batch {e.batch}/{e.batches}" if e.batches else ""
-        rate = f"  {_si(self.tokens_per_second())} tok/s" if e.tokens_done else ""
+        rate = self.tokens_per_second()  # 0 until a shard of the pass has ended
+        rate = f"  {_si(rate)} tok/s" if rate > 0 else ""
         committed = f" ({self.done} committed)" if self.position() > self.done else ""
         return (f"shard {e.stage}/{e.stages}{within} step {e.step}/{e.steps}  "
                 f"prompts {self.position():.1f}/{self.line.prompts}{committed}{rate}{left}")
