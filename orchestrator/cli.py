@@ -82,13 +82,18 @@ def cmd_submit(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from flexorch.orchestrator.summary import load_summary, render_summary
+    from flexorch.orchestrator.show import groups_json, load, render
 
-    summary, source = load_summary(Path(args.path))
+    shown = load(Path(args.path))
     if args.json:
-        print(json.dumps(summary, indent=2))
+        if shown.note:
+            print(f"note: {shown.note}", file=sys.stderr)
+        data = shown.summary.to_dict()
+        if args.by:
+            data["by"] = {args.by: groups_json(shown.summary, args.by)}
+        print(json.dumps(data, indent=2))
     else:
-        render_summary(summary, source, _console(), shown=None if args.all else 20)
+        render(shown, _console(), rows=None if args.all else 20, by=args.by)
     return EXIT_OK
 
 
@@ -98,8 +103,10 @@ def cmd_eval(args) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != "lm_eval" and not (exc.name or "").startswith("lm_eval."):
             raise
-        raise UserError("flexorch eval runs lm-evaluation-harness, which is not installed: "
-                        "pip install 'flexorch[lm-eval]'") from None
+        from flexorch.orchestrator.extras import install_hint
+
+        raise UserError(f"flexorch eval runs lm-evaluation-harness, which is not installed: "
+                        f"{install_hint('lm-eval')}") from None
     run_cli(args.lm_eval_args)
     return EXIT_OK
 
@@ -139,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="summarise a run: per-prompt argmax, accuracy where prompts have answers")
     p.add_argument("path", help="an output file, or a job dir")
     p.add_argument("--all", action="store_true", help="list every prompt (default: the first 20)")
+    p.add_argument("--by", metavar="FIELD",
+                   help="accuracy per value of a prompt field kept in the output (e.g. --by subject)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_show)
 

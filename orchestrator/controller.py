@@ -40,8 +40,8 @@ from flexorch.contract.leftovers import ACTIVATIONS, atomic_temps, remove_dead
 from flexorch.contract.manifest import Manifest, is_layerwise_dir, read_json_object, read_manifest
 from flexorch.contract.models import check_model_type
 from flexorch.contract.protocol import PromptResult, ScoreSpec, TokenizedPrompt
-from flexorch.contract.messages import (FAIL_USER, Failed, Finished, PipelineLinks, Ready, Round, RoundDone,
-                                        SteppedDown, WorkerHooks, WorkerTask)
+from flexorch.contract.messages import (FAIL_USER, Failed, Finished, PipelineLinks, Progress, Ready, Round,
+                                        RoundDone, SteppedDown, WorkerHooks, WorkerTask)
 from flexorch.contract.verified import unmarked_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 130, 143  # 128 + SIGINT, SIGTERM
@@ -126,8 +126,10 @@ def _ray_cluster(spec: JobSpec):
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] != "ray":
             raise
+        from flexorch.orchestrator.extras import install_hint
+
         raise UserError(f"{spec.path}: executor: ray needs Ray, which is not installed: "
-                        "pip install flexorch[ray]") from None
+                        f"{install_hint('ray')}") from None
     raycluster.connect(spec.ray_address)
     return raycluster
 
@@ -167,12 +169,20 @@ class WorkerRecord:
     status: str = "waiting"  # waiting | running | finished | failed | stopped | reused
     error: str | None = None
     step_downs: list[dict] = field(default_factory=list)  # out-of-memory errors survived, in order
+    prompts_committed: int = 0  # by this run
+    # the round under way ({"round", "prompts", "engine_seconds"}); a run stopped now loses its work
+    in_flight: dict | None = None
 
     def update(self, message) -> None:
         if isinstance(message, Ready):
             self.pid, self.status = message.pid, "running"
+        elif isinstance(message, Progress):
+            self.in_flight = {"round": message.round_id, "prompts": message.event.prompts,
+                              "engine_seconds": round(message.event.seconds, 3)}
         elif isinstance(message, RoundDone):
             s = message.summary
+            self.in_flight = None
+            self.prompts_committed += len(message.indices)
             self.rounds += 1
             self.engine_seconds += s.seconds
             self.bytes_read += s.bytes_read
@@ -200,16 +210,34 @@ class _Run:
     status: str = "running"
     error: str | None = None
     summary: Summary | None = None  # once the output is written
+    committed: set[int] = field(default_factory=set)  # prompts committed by this run
+
+    def update(self, message) -> None:
+        self.records[message.worker].update(message)
+        if isinstance(message, RoundDone):  # a pipeline's stages report the same prompts: counted once
+            self.committed.update(message.indices)
+
+    def lost(self) -> dict:
+        """The work of the rounds under way when the run stopped: computed, never committed."""
+        flights = [r.in_flight for r in self.records.values() if r.in_flight and r.status != "finished"]
+        return {"rounds": len(flights), "prompts": sum(f["prompts"] for f in flights),
+                "engine_seconds": round(sum(f["engine_seconds"] for f in flights), 3)}
 
     def report(self) -> dict:
         spec, n = self.job.spec, len(self.job.prompts)
         reused = len([i for i in self.state.completed if i < n])
+        computed = len(self.committed)
         return {
             "status": self.status, "error": self.error, "job": str(spec.path.resolve()),
             "model": str(self.model_dir), "output": str(spec.output.resolve()),
             # scores of compressed weights are approximate: the report says so
             "compression": self.job.manifest.compression,
-            "prompts": n, "prompts_reused": reused, "prompts_computed": n - reused, "runs": self.state.runs,
+            # what is committed (reused from earlier runs, or computed by this one) is kept for a resubmit;
+            # prompts_left still have to be computed, and `lost` is what this run computed for nothing
+            "prompts": n, "prompts_reused": reused, "prompts_computed": computed,
+            "prompts_left": n - reused - computed,
+            "rounds_committed": len(set(self.state.parts()) - set(self.state.completed.values())),  # parts written
+            "lost": self.lost() if self.status != "completed" else None, "runs": self.state.runs,
             "seconds": round(time.monotonic() - self.started, 3),
             "workers": [vars(r) for r in self.records.values()], "plan": self.job.plan.to_dict(),
             "summary": self.summary.to_dict() if self.summary else None,
@@ -218,6 +246,8 @@ class _Run:
     def finish(self, status: str, error: str | None = None) -> Path:
         """Record how the run ended (workers still running were stopped) and write report.json."""
         self.status, self.error = status, error
+        if status != "completed":  # the disk is what a resubmit will find
+            self.committed |= self.state.committed_now() - set(self.state.completed)
         for record in self.records.values():
             if record.status == "running":
                 record.status = "stopped"
@@ -269,8 +299,7 @@ def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> JobResult:
     except KeyboardInterrupt as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         run.finish("interrupted", how)
-        print(f"{how}: every worker stopped; committed results are kept in {spec.job_dir} "
-              "(submit again to resume)", file=sys.stderr)
+        print(f"{how}: every worker stopped; {_kept(run)}", file=sys.stderr)
         raise
     if failure is not None:
         run.finish("failed", failure)
@@ -287,6 +316,16 @@ def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> JobResult:
                 f"{time.monotonic() - run.started:.1f} s -> {spec.output.resolve()}; report {report.resolve()}",
                 highlight=False)
     return JobResult(spec, run.job.prompts, results, run.report(), report)
+
+
+def _kept(run: _Run) -> str:
+    """What an interrupted run leaves: the committed prompts, kept, and the rounds in progress, lost."""
+    report, lost = run.report(), run.lost()
+    kept = report["prompts_reused"] + report["prompts_computed"]
+    lost_text = (f"; lost: {lost['prompts']} prompts of {lost['rounds']} round(s) in progress "
+                 f"({lost['engine_seconds']:.0f} s of compute)" if lost["rounds"] else "")
+    return (f"{kept} of {report['prompts']} prompts committed ({report['prompts_computed']} by this run), kept in "
+            f"{run.job.spec.job_dir} (submit again to resume){lost_text}")
 
 
 def _faults_from_env() -> dict[str, WorkerHooks]:
@@ -388,20 +427,22 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
     (the others are stopped). Every worker is stopped on the way out, whatever happens."""
     if not tasks:
         return None
-    # ETAs count from Ready: the predicted start-up is behind the worker by then
+    # start-up apart: a worker's ETA counts it down from the spawn, then follows the measured compute
     lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds),
-                        wp.predicted_seconds - wp.predicted_start_seconds, wp.predicted_pass_shares)
+                        wp.predicted_seconds - wp.predicted_start_seconds, wp.predicted_pass_shares,
+                        wp.predicted_start_seconds)
              for r, wp in zip(run.records.values(), run.job.plan.workers)]
     with make_progress(console, lines) as progress, _executor(run.job, worker_timeout) as executor:
         if run.job.plan.parallel == "pipeline":
             tasks = _link_stages(tasks, executor, run.job.plan.channel_batches)
+        progress.starting()
         executor.start(tasks)
         for task in tasks:
             run.records[task.name].pid = executor.pid(task.name)
         for message in executor.messages():
+            run.update(message)  # the report's figures first: a Ctrl-C between the two loses only a line
             progress.handle(message)
             record = run.records[message.worker]
-            record.update(message)
             if isinstance(message, FAILURES):
                 return _failure(run, record, message)
     return None
@@ -459,7 +500,8 @@ def _write_outputs(run: _Run) -> list[PromptResult]:
     spec, job = run.job.spec, run.job
     results = collect_results(run.state.parts(), len(job.prompts))
     write_output(spec.output, job.score.kind, results, prompts=job.prompts, token_labels=spec.score.tokens)
-    run.summary = summarize(job.score.kind, [r.scores for r in results], job.prompts)
+    run.summary = summarize(job.score.kind, [r.scores for r in results], job.prompts,
+                            token_labels=spec.score.tokens)
     if spec.generate_tokens > 1:
         texts = [[job.tokenizer.decode(list(ids)) for ids in r.generated] for r in results]
         write_updated_prompts(spec.output, job.prompts, texts, spec.prompts_format, [r.generated for r in results])

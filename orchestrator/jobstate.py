@@ -28,7 +28,7 @@ from flexorch.orchestrator.prepare import COPIED_FILES
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import Manifest
 from flexorch.contract.protocol import ScoreSpec, TokenizedPrompt
-from flexorch.contract.parts import PART_SUFFIX, PartError, read_part
+from flexorch.contract.parts import PART_SUFFIX, PartError, read_part, read_part_indices
 
 JOB_FILE = "job.json"
 PARTS_DIR = "parts"
@@ -107,6 +107,17 @@ class JobState:
     def parts(self) -> list[Path]:
         """Every part in parts/, for the merge (damaged ones were moved aside when the job opened)."""
         return sorted(self.parts_dir.glob(f"*{PART_SUFFIX}"))
+
+    def committed_now(self) -> set[int]:
+        """Prompt indices in the parts on disk now, earlier runs' included: what a stopped run keeps,
+        counted from the disk, since a part may be written after its worker's last message was read."""
+        committed: set[int] = set()
+        for part in self.parts():
+            try:
+                committed.update(read_part_indices(part))
+            except PartError:  # damaged since the job opened: not kept
+                continue
+        return committed
 
 
 def open_job(job_dir: str | Path, fingerprint: Fingerprint, n_prompts: int, restart: bool = False) -> JobState:

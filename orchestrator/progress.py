@@ -3,13 +3,20 @@
 Both consume the executor's messages. A worker's position is counted in prompts: those committed
 (reused from an earlier run included) plus the fraction of the current round's passes done, where
 a round streams the model once per generation step (`stages` shards per pass), and the engine
-reports each batch within a shard too (a shard of a big model over many batches takes minutes).
-Shards weigh what the planner predicts they cost (WorkerPlan.predicted_pass_shares: the embedding is a lookup, the
-decoder shards carry the FLOPs), so the bar does not jump to a third after the embedding.
+reports each batch within a shard too (a shard of a big model over many batches takes minutes), so
+the line moves batch by batch, not only when a round commits. Shards weigh what the planner predicts
+they cost (WorkerPlan.predicted_pass_shares: the embedding is a lookup, the decoder shards carry the
+FLOPs), so the bar does not jump to a third after the embedding.
 
-ETAs: a worker's blends the planner's prediction with its own pace since it started, weighted by the
-share done, so it starts at the prediction and converges on the pace instead of leaping after the
-first shard; the job's is its slowest worker's, since workers run side by side.
+Phases: a worker is `starting` from its spawn (importing torch, building the model: 10-30 s on a
+busy CPU) to its first progress event, then `computing`; the display says so from the moment the
+workers are spawned, so no stretch of a job passes in silence.
+
+ETAs (`eta_seconds`, a pure function): before a worker computes, the planner's start-up left plus its
+compute time; once it computes, the time left at a seconds-per-slice rate blended from the plan's
+towards the one measured on the engine's clock, the measurement weighing done / (done + PRIOR_SHARE),
+so it converges on each worker's pace as work completes. The job's is its slowest worker's, since
+workers run side by side.
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ from flexorch.contract.messages import Finished, Progress as ProgressMessage, Re
 # Plain mode writes a worker's line at most this often (plus one per committed round): enough to
 # see a job move in a CI log without a line per layer of an 80-layer model.
 LOG_INTERVAL_S = 10.0
+# The plan's rate counts as much as a measurement over this share of a worker's slice. The plan's
+# figures come from a calibration that may have been taken under other load (two CPU workers took
+# 188 s where the plan said 270 s, and an ETA that followed the plan stayed 37-51% high); a fiftieth
+# of the slice measured is already as good a guide, a quarter of it leaves the plan 7% of the say.
+PRIOR_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -38,49 +50,72 @@ class WorkerLine:
     prompts: int  # in its slice, reused ones included
     reused: int  # of those, committed by an earlier run
     rounds: int  # planned rounds
-    predicted_seconds: float = 0.0  # the planner's time for the whole slice (start-up included)
+    predicted_seconds: float = 0.0  # the planner's compute time for the whole slice (start-up excluded)
     pass_shares: tuple[float, ...] = ()  # each shard's share of a pass's predicted time; () = equal
+    predicted_start_seconds: float = 0.0  # the planner's start-up: spawn to the first forward
+
+
+def pass_fraction(event: ProgressEvent | None, shares: Sequence[float] = ()) -> float:
+    """Fraction of a round's work done at `event`: passes done (one per step), plus the predicted
+    share of the shards done in the current one, and of the batches done in the shard computing."""
+    if event is None or event.stages == 0:
+        return 0.0
+    shares = shares if len(shares) == event.stages else (1 / event.stages,) * event.stages
+    in_pass = sum(shares[:event.stage])
+    if event.batches and event.stage < event.stages:  # within the shard computing now
+        in_pass += shares[event.stage] * event.batch / event.batches
+    return (event.step - 1 + in_pass) / event.steps
+
+
+def eta_seconds(done: float, computed: float | None, since_spawn: float, predicted_compute: float,
+                predicted_start: float = 0.0) -> float | None:
+    """Seconds a worker has left, or None where nothing supports a figure.
+
+    done: fraction of its slice's work done (0..1); computed: seconds its engine has computed (None
+    while starting); since_spawn: seconds since its process was started; predicted_*: the plan's."""
+    if done >= 1:
+        return 0.0
+    if computed is None:  # starting: the start-up left (none once overdue), then the whole compute
+        return max(predicted_start - since_spawn, 0.0) + predicted_compute if predicted_compute else None
+    if done <= 0:  # computing, nothing measurable done yet (the embedding costs nothing)
+        left = predicted_compute - computed
+        return left if left > 0 else None
+    measured = computed / done  # seconds per slice at the pace so far
+    weight = done / (done + PRIOR_SHARE)
+    per_slice = measured if not predicted_compute else (1 - weight) * predicted_compute + weight * measured
+    return (1 - done) * per_slice
 
 
 @dataclass
 class _WorkerState:
     line: WorkerLine
     done: int  # prompts committed, reused included
+    spawned: float  # clock when the display began, just before the workers were spawned
     round_prompts: int = 0
     event: ProgressEvent | None = None
-    status: str = "waiting"  # waiting | running | done | reused (nothing left to compute)
-    started: float | None = None  # clock at Ready
+    status: str = "starting"  # starting | computing | done | reused (nothing left to compute)
+    pid: int | None = None
+    computed: float = 0.0  # engine seconds of the rounds committed in this run
+    round_began: float | None = None  # clock at the engine's start of the round in progress
 
     def pass_fraction(self) -> float:
-        """Fraction of the current round's work done: passes done (one per step), plus the predicted
-        share of the shards done in the current one."""
-        e = self.event
-        if e is None or e.stages == 0:
-            return 0.0
-        shares = self.line.pass_shares if len(self.line.pass_shares) == e.stages else (1 / e.stages,) * e.stages
-        in_pass = sum(shares[:e.stage])
-        if e.batches and e.stage < e.stages:  # within the shard computing now
-            in_pass += shares[e.stage] * e.batch / e.batches
-        return (e.step - 1 + in_pass) / e.steps
-
-    def eta_seconds(self, now: float) -> float | None:
-        """Seconds left: the planner's total for this run and the one its pace so far implies, weighted
-        by the share done (so the estimate starts at the prediction and converges on the pace)."""
-        todo = self.line.prompts - self.line.reused
-        left = self.line.prompts - self.position()
-        if left <= 0 or self.status == "done":
-            return 0.0
-        done = (self.position() - self.line.reused) / todo if todo else 1.0
-        elapsed = now - self.started if self.started is not None else 0.0
-        predicted = self.line.predicted_seconds or None
-        if done <= 0 or self.started is None:
-            return predicted * left / todo if predicted else None
-        total = (1 - done) * (predicted if predicted else elapsed / done) + done * (elapsed / done)
-        return max(total - elapsed, 0.0)
+        return pass_fraction(self.event, self.line.pass_shares)
 
     def position(self) -> float:
         """Prompts done, counting the current round in part."""
         return min(self.line.prompts, self.done + self.round_prompts * self.pass_fraction())
+
+    def done_fraction(self) -> float:
+        todo = self.line.prompts - self.line.reused
+        return (self.position() - self.line.reused) / todo if todo else 1.0
+
+    def eta_seconds(self, now: float) -> float | None:
+        if self.status in ("done", "reused"):
+            return 0.0
+        computed = None if self.status == "starting" else self.computed + (
+            now - self.round_began if self.round_began is not None else 0.0)
+        return eta_seconds(self.done_fraction(), computed, now - self.spawned, self.line.predicted_seconds,
+                           self.line.predicted_start_seconds)
 
     def tokens_per_second(self) -> float:
         """Tokens through the whole model per second in the current round."""
@@ -93,13 +128,17 @@ class _WorkerState:
     def detail(self, now: float | None = None) -> str:
         e = self.event
         eta = self.eta_seconds(now) if now is not None else None
-        left = f"  ETA {_duration(eta)}" if eta is not None and self.status != "done" else ""
-        if e is None:  # between rounds, before the first, or done
+        left = f"  ETA {_duration(eta)}" if eta is not None and self.status not in ("done", "reused") else ""
+        if self.status == "starting":
+            return f"starting (loading torch and the model)  prompts {self.done}/{self.line.prompts}{left}"
+        if e is None:  # between rounds, or done
             return f"{self.status}  prompts {self.done}/{self.line.prompts}{left}"
         within = f" batch {e.batch}/{e.batches}" if e.batches else ""
-        rate = f"  {_si(self.tokens_per_second())} tok/s" if e.tokens_done else ""
-        return (f"shard {e.stage}/{e.stages}{within} step {e.step}/{e.steps}  prompts {self.done}/{self.line.prompts}"
-                f"{rate}{left}")
+        rate = self.tokens_per_second()  # 0 until a shard of the pass has ended
+        rate = f"  {_si(rate)} tok/s" if rate > 0 else ""
+        committed = f" ({self.done} committed)" if self.position() > self.done else ""
+        return (f"shard {e.stage}/{e.stages}{within} step {e.step}/{e.steps}  "
+                f"prompts {self.position():.1f}/{self.line.prompts}{committed}{rate}{left}")
 
 
 def _si(value: float) -> str:
@@ -110,20 +149,24 @@ def _si(value: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(seconds)
+    if seconds < 1:
+        return "<1s"
+    seconds = int(seconds + 0.5)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class JobProgress:
-    """Tracks every worker from the executor's messages; subclasses render. A context manager."""
+    """Tracks every worker from the executor's messages; subclasses render. A context manager.
+    `starting()` marks the moment the workers are spawned."""
 
     def __init__(self, console: Console, workers: Sequence[WorkerLine], clock: Callable[[], float] = time.monotonic):
         self.console = console
         self.clock = clock
         self.started = clock()
-        self.workers = {w.name: _WorkerState(w, done=w.reused, status="waiting" if w.reused < w.prompts else "reused")
+        self.workers = {w.name: _WorkerState(w, done=w.reused, spawned=self.started,
+                                             status="starting" if w.reused < w.prompts else "reused")
                         for w in workers}
         self.total = sum(w.prompts for w in workers)
         self.reused = sum(w.reused for w in workers)
@@ -137,26 +180,45 @@ class JobProgress:
     def close(self) -> None:
         pass
 
+    def starting(self) -> None:
+        """The workers are being spawned now: their start-up counts from here."""
+        self.started = self.clock()
+        for state in self.workers.values():
+            state.spawned = self.started
+
     def position(self) -> float:
         return sum(w.position() for w in self.workers.values())
 
     def eta_seconds(self) -> float | None:
-        """The slowest worker's: they run side by side (reused prompts cost nothing)."""
+        """The slowest worker's: they run side by side (reused prompts cost nothing). None once every
+        worker is done (nothing left to estimate), or where a worker's is unknown."""
+        if all(w.status in ("done", "reused") for w in self.workers.values()):
+            return None
         etas = [w.eta_seconds(self.clock()) for w in self.workers.values()]
         return None if any(eta is None for eta in etas) else max(etas, default=0.0)
+
+    def computing(self) -> bool:
+        return any(w.status != "starting" for w in self.workers.values() if w.status != "reused")
 
     def handle(self, message) -> None:
         state = self.workers.get(getattr(message, "worker", None))
         if state is None:
             return
+        now = self.clock()
         if isinstance(message, Ready):
-            state.status, state.started = "running", self.clock()
+            state.pid = message.pid
         elif isinstance(message, ProgressMessage):
-            state.event = message.event
-            state.round_prompts = message.event.prompts
+            if state.round_began is None:  # the engine's clock starts with the round
+                state.round_began = now - message.event.seconds
+            state.status, state.event, state.round_prompts = "computing", message.event, message.event.prompts
         elif isinstance(message, RoundDone):
             state.done += len(message.indices)
-            state.event, state.round_prompts = None, 0
+            state.computed += message.summary.seconds
+            state.event, state.round_prompts, state.round_began = None, 0, None
+        elif isinstance(message, SteppedDown):  # the round starts again: its time so far was spent all the same
+            if state.round_began is not None:
+                state.computed += now - state.round_began
+            state.event, state.round_began = None, None
         elif isinstance(message, Finished):
             state.status = "done"
         self.render(state, message)
@@ -175,7 +237,7 @@ class LiveProgress(JobProgress):
             TextColumn("{task.fields[detail]}"), console=console, transient=False,
         )
         self.job_task = self.progress.add_task("[bold]job", total=max(self.total, 1), completed=self.reused,
-                                               detail=f"{self.total} prompts, {self.reused} reused")
+                                               detail=self._job_detail())
         self.tasks: dict[str, TaskID] = {}
         for name, state in self.workers.items():
             label = f"{name} ({state.line.device})"
@@ -183,25 +245,44 @@ class LiveProgress(JobProgress):
                                                       completed=state.done, detail=state.detail())
         self.progress.start()
 
+    def starting(self) -> None:
+        super().starting()
+        now = self.clock()
+        for name, state in self.workers.items():
+            self.progress.update(self.tasks[name], detail=state.detail(now))
+        self.progress.update(self.job_task, detail=self._job_detail())
+
+    def _job_detail(self) -> str:
+        eta = self.eta_seconds()
+        phase = "" if self.computing() else "  starting workers"
+        return (f"{self.total} prompts, {self.reused} reused{phase}"
+                + (f"  ETA {_duration(eta)}" if eta is not None else ""))
+
     def render(self, state: _WorkerState, message) -> None:
         now = self.clock()
         self.progress.update(self.tasks[state.line.name], completed=state.position(), detail=state.detail(now))
-        eta = self.eta_seconds()
-        self.progress.update(self.job_task, completed=self.position(),
-                             detail=f"{self.total} prompts, {self.reused} reused"
-                                    + (f"  ETA {_duration(eta)}" if eta is not None else ""))
+        self.progress.update(self.job_task, completed=self.position(), detail=self._job_detail())
 
     def close(self) -> None:
         self.progress.stop()
 
 
 class LogProgress(JobProgress):
-    """Plain lines for logs and pipes: a worker's start, its rounds, and its position every
-    LOG_INTERVAL_S."""
+    """Plain lines for logs and pipes: the workers' start, each worker's first computing moment, its
+    rounds, and its position every LOG_INTERVAL_S."""
 
     def __init__(self, console: Console, workers: Sequence[WorkerLine], clock=time.monotonic):
         super().__init__(console, workers, clock)
         self.last_line = {name: float("-inf") for name in self.workers}
+        self.announced: set[str] = set()  # workers whose first progress (start-up over) was written
+
+    def starting(self) -> None:
+        super().starting()
+        running = [w for w in self.workers.values() if w.status == "starting"]
+        predicted = max((w.line.predicted_start_seconds for w in running), default=0.0)
+        eta = f" (predicted {_duration(predicted)})" if predicted else ""
+        self.console.out(f"starting workers: {len(running)} process(es) importing torch and loading the "
+                         f"model{eta}", highlight=False)
 
     def _line(self, state: _WorkerState, text: str) -> None:
         self.last_line[state.line.name] = self.clock()
@@ -222,8 +303,10 @@ class LogProgress(JobProgress):
         elif isinstance(message, SteppedDown):
             self._line(state, f"out of memory in round {message.round_id + 1}: retrying with {message.change}")
         elif isinstance(message, ProgressMessage):
-            if self.clock() - self.last_line[line.name] >= LOG_INTERVAL_S:
-                self._line(state, state.detail(self.clock()) + self._job_status())
+            first = line.name not in self.announced
+            self.announced.add(line.name)
+            if first or self.clock() - self.last_line[line.name] >= LOG_INTERVAL_S:
+                self._line(state, ("computing: " if first else "") + state.detail(self.clock()) + self._job_status())
 
     def _job_status(self) -> str:
         eta = self.eta_seconds()

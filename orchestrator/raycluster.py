@@ -1,7 +1,7 @@
 """A Ray cluster as the planner sees it (executor: ray): connect, probe every node with a small Ray
 task, and check on every node that the model dir is the one the controller planned from.
 
-Only the ray path imports this module (it imports ray; `pip install flexorch[ray]`).
+Only the ray path imports this module (it imports ray: the `ray` extra).
 
 Data: the model dir must be readable at the same path on every node (a shared filesystem, or the
 same copy made on each). `check_model` compares each node's manifest with the controller's and

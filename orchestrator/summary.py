@@ -1,34 +1,35 @@
 """What a run's scores say, in a few numbers: each prompt's argmax and, where prompts carry an
-`answer`, accuracy as lm-evaluation-harness reports it.
+`answer`, accuracy as lm-evaluation-harness (0.4) reports it for a multiple_choice task.
 
 - suffix_logprob: the choice is the suffix with the highest log-prob (`acc`), and the one with the
-  highest log-prob per UTF-8 byte of the suffix (`acc_norm`; lm-eval's acc_norm divides by
-  characters, the same for ASCII answers).
+  highest log-prob per character of the choice (`acc_norm`): lm-eval's continuation is
+  target_delimiter + choice and it divides by len(choice), the characters (code points, not bytes)
+  without the delimiter, " " by default; so a suffix is counted without one leading space.
 - token_probs: the choice is the most probable of score.tokens after a prompt's first suffix (a
   multiple-choice prompt with one suffix and tokens " A", " B", ...: the answer indexes the tokens).
 - next_token_probs: the argmax token id after each suffix; no accuracy.
 
 Standard errors are lm-eval's: the sample standard deviation over the answered prompts / sqrt(n).
-Works on the output entries (as written to .pkl) so `flexorch show` can summarise a file alone.
+`by_field` gives the same per value of a prompt's extra field (`flexorch show --by subject`).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import pickle
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from flexorch.contract.errors import UserError
-from flexorch.contract.guard import scan_pickle
-from flexorch.contract.manifest import read_json_object
 from flexorch.contract.protocol import ScoreKind
 from flexorch.orchestrator.prompts import Prompt
+
+# lm-eval's default target_delimiter: the part of a suffix that is not the choice's.
+TARGET_DELIMITER = " "
+# An extra field is kept in the summary (for --by) when every value is a scalar this short: a group
+# label such as a subject, not a passage that would make report.json as big as the prompts.
+MAX_LABEL_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -40,31 +41,137 @@ class Summary:
     answered: int = 0  # prompts with an answer
     acc: float | None = None
     acc_stderr: float | None = None
-    acc_norm: float | None = None  # suffix_logprob only
+    acc_norm: float | None = None  # suffix_logprob of text prompts only
     acc_norm_stderr: float | None = None
+    norm_choices: tuple = ()  # per prompt: the acc_norm choice (empty when acc_norm is None)
+    ids: tuple = ()  # per prompt: its id, or None (empty when no prompt has one)
+    labels: tuple = ()  # token_probs: score.tokens, what a choice indexes
+    fields: dict = field(default_factory=dict)  # extra field -> per prompt value (short scalars only)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data, where: str) -> "Summary":
+        """A summary read back from report.json, checked: a hand-edited or foreign report is one
+        line naming it, not a traceback later."""
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: not a flexorch summary (no summary object)")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            summary = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        except TypeError as exc:
+            raise UserError(f"{where}: not a flexorch summary ({exc})") from None
+        problem = summary._problem()
+        if problem:
+            raise UserError(f"{where}: not a flexorch summary ({problem})")
+        return summary
 
-def summarize(kind: str, entries: Sequence, prompts: Sequence[Prompt] | None = None) -> Summary:
+    def _problem(self) -> str | None:
+        if not _is_int(self.prompts) or self.kind not in {k.value for k in ScoreKind}:
+            return "prompts or kind"
+        if not isinstance(self.choices, tuple) or len(self.choices) != self.prompts:
+            return "choices do not match prompts"
+        for name in ("answers", "norm_choices", "ids"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) not in (0, self.prompts):
+                return f"{name} do not match prompts"
+        for name in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                return f"{name} is not a number"
+        if not isinstance(self.fields, dict) or any(
+                not isinstance(v, list | tuple) or len(v) != self.prompts for v in self.fields.values()):
+            return "fields do not match prompts"
+        return None
+
+
+@dataclass(frozen=True)
+class Group:
+    """Accuracy over the answered prompts whose field has one value."""
+
+    value: object
+    answered: int
+    acc: float | None
+    acc_stderr: float | None
+    acc_norm: float | None = None
+    acc_norm_stderr: float | None = None
+
+
+def summarize(kind: str, entries: Sequence, prompts: Sequence[Prompt] | None = None,
+              token_labels: Sequence[str] = ()) -> Summary:
     """entries: one output entry per prompt (an array, or suffix_logprob's dict of arrays)."""
     kind = ScoreKind(kind)
     choices = tuple(_choice(kind, entry) for entry in entries)
+    ids = tuple(p.id for p in prompts) if prompts is not None and any(p.id is not None for p in prompts) else ()
+    labels = tuple(token_labels) if kind is ScoreKind.TOKEN_PROBS else ()
+    extra = _label_fields(prompts) if prompts is not None else {}
     answers = [p.answer for p in prompts] if prompts is not None else [None] * len(entries)
     if kind is ScoreKind.NEXT_TOKEN_PROBS or not any(a is not None for a in answers):
-        return Summary(len(entries), kind.value, choices)
+        return Summary(len(entries), kind.value, choices, ids=ids, labels=labels, fields=extra)
     answered = [i for i, a in enumerate(answers) if a is not None]
     acc, acc_stderr = _mean_and_stderr([choices[i] == answers[i] for i in answered])
-    norm = norm_stderr = None
+    norm_choices, norm, norm_stderr = (), None, None
     # acc_norm needs the suffixes' text: not there when summarising an output file alone, nor for
     # prompts given as token ids
     if (kind is ScoreKind.SUFFIX_LOGPROB and prompts is not None
-            and all(prompts[i].suffixes and not prompts[i].is_tokenized for i in answered)):
-        norm_choices = [_norm_choice(entries[i], prompts[i]) for i in answered]
-        norm, norm_stderr = _mean_and_stderr([c == answers[i] for c, i in zip(norm_choices, answered)])
+            and all(p.suffixes and not p.is_tokenized for p in prompts)):
+        norm_choices = tuple(_norm_choice(entry, prompt) for entry, prompt in zip(entries, prompts))
+        norm, norm_stderr = _mean_and_stderr([norm_choices[i] == answers[i] for i in answered])
     return Summary(len(entries), kind.value, choices, tuple(answers), len(answered), acc, acc_stderr, norm,
-                   norm_stderr)
+                   norm_stderr, norm_choices, ids, labels, extra)
+
+
+def norm_length(suffix: str) -> int:
+    """What lm-eval's acc_norm divides a suffix's log-prob by: the characters of its choice, the
+    suffix less one leading TARGET_DELIMITER (at least 1: lm-eval would divide an empty choice by 0)."""
+    choice = suffix[len(TARGET_DELIMITER):] if suffix.startswith(TARGET_DELIMITER) else suffix
+    return max(1, len(choice))
+
+
+def by_field(summary: Summary, name: str) -> tuple[Group, ...]:
+    """acc (and acc_norm) per value of the extra field `name`, over the answered prompts, ordered by value."""
+    if name not in summary.fields:
+        known = ", ".join(sorted(summary.fields)) or "none"
+        raise UserError(f"--by {name}: not a field of these prompts with short values (fields: {known})")
+    if not summary.answered:
+        raise UserError(f"--by {name}: no prompt has an answer, so there is no accuracy to group")
+    groups: dict[str, list[int]] = {}
+    for i, value in enumerate(summary.fields[name]):
+        if summary.answers[i] is not None:
+            groups.setdefault(_label(value), []).append(i)
+    out = []
+    for value, members in sorted(groups.items()):
+        acc, acc_stderr = _mean_and_stderr([summary.choices[i] == summary.answers[i] for i in members])
+        norm = norm_stderr = None
+        if summary.norm_choices:
+            norm, norm_stderr = _mean_and_stderr([summary.norm_choices[i] == summary.answers[i] for i in members])
+        out.append(Group(value, len(members), acc, acc_stderr, norm, norm_stderr))
+    return tuple(out)
+
+
+def _label(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _label_fields(prompts: Sequence[Prompt]) -> dict:
+    names = sorted({name for p in prompts for name in p.fields})
+    kept = {}
+    for name in names:
+        values = [p.fields.get(name) for p in prompts]
+        if all(_is_label(v) for v in values):
+            kept[name] = tuple(values)
+    return kept
+
+
+def _is_label(value) -> bool:
+    return value is None or isinstance(value, (int, float, bool)) or (
+        isinstance(value, str) and len(value) <= MAX_LABEL_CHARS)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _choice(kind: ScoreKind, entry):
@@ -76,9 +183,9 @@ def _choice(kind: ScoreKind, entry):
     return [int(i) for i in np.argmax(probs[:, 0], axis=-1)]
 
 
-def _norm_choice(entry: Mapping, prompt: Prompt) -> int:
-    lengths = np.array([max(1, len(s.encode("utf-8"))) for s in prompt.suffixes], dtype=np.float64)
-    return int(np.argmax(np.asarray(entry["logprob"]) / lengths))
+def _norm_choice(entry, prompt: Prompt) -> int:
+    lengths = np.array([norm_length(s) for s in prompt.suffixes], dtype=np.float64)
+    return int(np.argmax(np.asarray(entry["logprob"], dtype=np.float64) / lengths))
 
 
 def _mean_and_stderr(hits: list[bool]) -> tuple[float | None, float | None]:
@@ -90,100 +197,3 @@ def _mean_and_stderr(hits: list[bool]) -> tuple[float | None, float | None]:
         return mean, None
     variance = sum((h - mean) ** 2 for h in hits) / (n - 1)
     return mean, math.sqrt(variance / n)
-
-
-# -- flexorch show -----------------------------------------------------------------------------------
-REPORT_NAME = "report.json"
-
-
-def load_summary(path: Path) -> tuple[dict, Path]:
-    """The summary of a job dir, or of an output file (from its job's report.json when that is the
-    default job dir next to it, else computed from the file alone); and what it was read from."""
-    path = Path(path)
-    if path.is_dir():
-        return _report_summary(path / REPORT_NAME), path / REPORT_NAME
-    if not path.is_file():
-        raise UserError(f"{path}: no such output file or job dir")
-    report = path.with_suffix(".job") / REPORT_NAME
-    if report.is_file() and Path(read_json_object(report).get("output", "")) == path.resolve():
-        return _report_summary(report), report
-    return _file_summary(path).to_dict(), path
-
-
-def _report_summary(report: Path) -> dict:
-    if not report.is_file():
-        raise UserError(f"{report.parent}: not a job dir (no {REPORT_NAME})")
-    data = read_json_object(report)
-    if data.get("status") != "completed" or not isinstance(data.get("summary"), dict):
-        raise UserError(f"{report}: the job has not completed (status {data.get('status')!r}): nothing to show")
-    return data["summary"]
-
-
-def _file_summary(path: Path) -> Summary:
-    if path.suffix == ".jsonl":
-        try:
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise UserError(f"{path}: not a flexorch .jsonl output ({type(exc).__name__})") from None
-        if not records or not all(isinstance(r, dict) for r in records):
-            raise UserError(f"{path}: holds no results")
-        kind = next((k for k in ScoreKind if k.value in records[0]), ScoreKind.SUFFIX_LOGPROB)
-        entries = [{key: r[key] for key in ("logprob",)} if kind is ScoreKind.SUFFIX_LOGPROB else r[kind.value]
-                   for r in records]
-        prompts = [Prompt("", (), answer=r.get("answer")) for r in records]
-        return summarize(kind, entries, prompts)
-    if path.suffix == ".pkl":
-        entries = _ArraysOnlyUnpickler(path).load()
-        kind = ScoreKind.SUFFIX_LOGPROB if entries and isinstance(entries[0], dict) else ScoreKind.NEXT_TOKEN_PROBS
-        return summarize(kind, entries)
-    raise UserError(f"{path}: expected a .pkl or .jsonl output file")
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """An output .pkl holds lists, dicts and numpy arrays: numpy's array reconstruction is the only
-    global admitted, so a foreign pickle runs no code."""
-
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def __init__(self, path: Path):
-        self.path, self._file = path, io.BytesIO(path.read_bytes())
-        super().__init__(self._file)
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise UserError(f"{self.path}: not a flexorch output (refused the global '{module}.{name}')")
-
-    def load(self):
-        scan_pickle(self._file.getvalue(), str(self.path), refuse_code=None)  # memo bombs; globals: find_class
-        try:
-            return super().load()
-        except UserError:  # a refused global (UserError is a ValueError: caught here first)
-            raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
-            raise UserError(f"{self.path}: not a valid output pickle ({type(exc).__name__}: {exc})") from None
-
-
-def render_summary(summary: dict, source: Path, console, shown: int | None = 20) -> None:
-    from rich.table import Table
-
-    choices = summary.get("choices") or []
-    table = Table(title=f"{summary['prompts']} prompts, {summary['kind']} ({source})", caption=(
-        f"first {shown} of {len(choices)}: flexorch show --all lists every prompt" if shown and len(choices) > shown
-        else None))
-    answers = summary.get("answers") or []
-    table.add_column("prompt", justify="right")
-    table.add_column("argmax")
-    if answers:
-        table.add_column("answer")
-    for index, choice in enumerate(choices[:shown] if shown else choices):
-        answer = answers[index] if answers else None
-        mark = "" if answer is None else (" ✓" if answer == choice else " ✗")
-        table.add_row(str(index), str(choice), *([f"{answer if answer is not None else '-'}{mark}"] if answers else []))
-    console.print(table)
-    for name in ("acc", "acc_norm"):
-        if summary.get(name) is not None:
-            stderr = summary.get(f"{name}_stderr")
-            console.print(f"{name}: {summary[name]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
-                          + f" ({summary['answered']} prompts with an answer)")

@@ -188,6 +188,7 @@ def test_untested_model_type_is_refused_before_any_work(tmp_path, layerwise, cap
     assert cli.main(["plan", str(allowed)]) == 0
 
 
+<<<<<<< HEAD
 # -- what plan and probe print (issue 29, friction 8) -------------------------------------------------
 def test_plan_gives_the_same_time_in_its_table_and_its_text_with_the_start_up_shown(tmp_path, layerwise, capsys):
     job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
@@ -223,3 +224,40 @@ def test_probe_shows_the_cached_calibration_saying_it_is_cached(tmp_path, monkey
     assert "Calibration (measured 2026-11-25 23:00 UTC in 12 s)" in out
     assert f"cachedin{cache}" in out.replace(" ", "")  # the path may be wrapped anywhere
     assert "worker fixed RAM" in out
+=======
+def test_install_hints_are_commands_that_work_from_a_checkout(tmp_path):
+    """Installing an extra through flexorch's name fails (flexorch is not on PyPI): every hint names
+    the extra's own requirements, those pyproject.toml lists, and nothing in the tree suggests the other
+    form."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from flexorch.orchestrator.extras import install_hint
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("ray", "lm-eval"):
+        hint = install_hint(extra)
+        assert hint.startswith("pip install ") and "flexorch" not in hint
+        listed = [r.strip("'") for r in hint.removeprefix("pip install ").split(" ")]
+        assert sorted(_normal(r) for r in listed) == sorted(_normal(r) for r in extras[extra]), hint
+    hide = ("import sys; sys.modules['lm_eval'] = None; from flexorch.orchestrator.cli import main; "
+            "sys.exit(main(['eval', '--tasks', 'x']))")
+    result = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: flexorch eval runs lm-evaluation-harness, which is not installed: {install_hint('lm-eval')}"]
+    stale = re.compile(r"pip install ['\"]?flexorch\[")
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout
+    offenders = [name for name in tracked.split() if name.endswith((".py", ".md", ".toml", ".yaml", ".txt"))
+                 and name != "orchestrator/extras.py" and stale.search((root / name).read_text(errors="replace"))]
+    assert not offenders
+
+
+def _normal(requirement: str) -> tuple:
+    """A requirement with its version clauses in one order (metadata may reorder `>=a,<b`)."""
+    import re
+
+    name = re.match(r"[\w.\-\[\]]+", requirement).group()
+    return name, sorted(c.strip() for c in requirement[len(name):].split(","))
+>>>>>>> h-ux

@@ -1,5 +1,5 @@
-"""End to end through the CLI entry point on CPU (real worker processes, tiny models), and the
-progress display.
+"""End to end through the CLI entry point on CPU (real worker processes, tiny models); the progress
+display is tests/test_progress.py.
 
 Scores of `devices: [cpu, cpu, cpu]` equal one worker's bit for bit and the un-split Hugging Face
 model's within float rounding, in prompt order; a worker killed mid-job fails the job at once with
@@ -8,20 +8,14 @@ no output; a hung worker is caught by worker_timeout.
 
 from __future__ import annotations
 
-import io
-from dataclasses import replace
 import json
 import pickle
 
 import numpy as np
 import pytest
 import yaml
-from rich.console import Console
 
 from flexorch.orchestrator import cli, planner
-from flexorch.orchestrator.progress import LiveProgress, LogProgress, WorkerLine
-from flexorch.contract.protocol import EngineSummary, ProgressEvent
-from flexorch.contract.messages import Finished, Progress, Ready, RoundDone
 
 PROMPTS = [
     {"prefix": "Question: What is the capital of France? Answer:", "suffixes": [" Paris", " Mars", " A", " B"]},
@@ -144,97 +138,64 @@ def test_hung_worker_is_stopped_after_worker_timeout(tmp_path, layerwise, many_r
     assert report["workers"][0]["rounds"] == 1 and report["workers"][0]["status"] == "failed"
 
 
-# -- progress display ------------------------------------------------------------------------------
-SUMMARY = EngineSummary(seconds=1.0, load_seconds=0.1, read_seconds=0.2, compute_seconds=0.9, bytes_read=100,
-                        peak_rss=1, peak_device_memory=0)
 
 
-def _event(stage, stages=4, step=1, steps=1, prompts=3):
-    return ProgressEvent(stage=stage, stages=stages, step=step, steps=steps, prompts_done=0, prompts=prompts,
-                         tokens_done=100, bytes_read=0, seconds=stage * 0.5)
+# -- what an interrupted run reports -----------------------------------------------------------------
+def _parts_prompts(job_dir) -> int:
+    from flexorch.contract.parts import read_part_indices
+
+    return sum(len(read_part_indices(p)) for p in (job_dir / "parts").glob("*.npz"))
 
 
-class _Clock:
-    def __init__(self):
-        self.now = 0.0
+def test_a_run_killed_mid_round_reports_nothing_computed_and_the_round_lost(tmp_path, layerwise, capsys):
+    from rich.console import Console
 
-    def __call__(self):
-        return self.now
+    from flexorch.orchestrator import controller
+    from flexorch.contract.messages import WorkerHooks
 
-
-def test_log_progress_writes_start_rounds_and_periodic_lines():
-    out = io.StringIO()
-    clock = _Clock()
-    display = LogProgress(Console(file=out, width=60), [WorkerLine("w0", "cpu", 6, 3, 2)], clock=clock)
-    display.handle(Ready("w0", 123))
-    clock.now = 1.0
-    display.handle(Progress("w0", 1, _event(1)))  # first progress line: nothing printed for it yet
-    clock.now = 2.0
-    display.handle(Progress("w0", 1, _event(2)))  # within LOG_INTERVAL_S: silent
-    assert display.workers["w0"].position() == pytest.approx(3 + 3 * 2 / 4)
-    clock.now = 20.0
-    display.handle(Progress("w0", 1, _event(3)))
-    display.handle(RoundDone("w0", 1, (3, 4, 5), "p.npz", SUMMARY))
-    display.handle(Finished("w0", 21.0))
-    lines = out.getvalue().splitlines()
-    assert lines[0] == "w0 (cpu): started (pid 123): 6 prompts, 3 reused, 2 rounds"
-    assert lines[1].startswith("w0 (cpu): shard 3/4 step 1/1  prompts 3/6") and "ETA" in lines[1]
-    assert lines[2].startswith("w0 (cpu): round 2/2 committed (6/6 prompts); job 100%")
-    assert lines[3] == "w0 (cpu): finished in 21.0 s"
-    assert all(len(line) > 60 for line in lines[1:3])  # never wrapped at the console width
+    job = write_job(tmp_path, layerwise("llama"))
+    # the worker sends its first progress event, then dies (SIGKILL) on the second: one round in flight
+    faults = {"worker0": WorkerHooks(sigkill_after_progress=2)}
+    assert controller.submit(job, Console(stderr=True), faults=faults) == 1
+    report = json.loads((tmp_path / "job.job" / "report.json").read_text())
+    assert report["status"] == "failed" and _parts_prompts(tmp_path / "job.job") == 0
+    assert (report["prompts_computed"], report["prompts_left"], report["rounds_committed"]) == (0, len(PROMPTS), 0)
+    assert report["lost"]["rounds"] == 1 and report["lost"]["prompts"] == len(PROMPTS)
+    assert report["workers"][0]["in_flight"]["round"] == 0
 
 
-def test_live_progress_tracks_workers_and_the_job():
-    out = io.StringIO()
-    console = Console(file=out, force_terminal=True, width=120)
-    with LiveProgress(console, [WorkerLine("w0", "cpu", 3, 0, 1), WorkerLine("w1", "cuda:0", 3, 0, 1)]) as live:
-        live.handle(Ready("w0", 1))
-        live.handle(Progress("w0", 0, _event(2, steps=2, step=2)))  # 6 of 8 shard passes
-        assert live.workers["w0"].position() == pytest.approx(3 * 6 / 8)
-        live.handle(RoundDone("w1", 0, (3, 4, 5), "p.npz", SUMMARY))
-        assert live.position() == pytest.approx(3 * 6 / 8 + 3)
-        assert live.progress.tasks[0].completed == pytest.approx(live.position())
-    assert "w1 (cuda:0)" in out.getvalue()
+def test_an_interrupted_run_reports_what_it_committed(tmp_path, layerwise):
+    """SIGINT with one round committed per worker: report.json and the last line say so, equal to the parts."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
 
+    from test_cli import _read_until
 
-def test_progress_weighs_shards_by_predicted_cost_and_the_job_eta_is_the_slowest_workers():
-    clock = _Clock()
-    # 4 shards: the embedding costs nothing, two decoder shards half each, the head nothing
-    shares = (0.0, 0.5, 0.5, 0.0)
-    lines = [WorkerLine("w0", "cpu", 4, 0, 1, predicted_seconds=100.0, pass_shares=shares),
-             WorkerLine("w1", "cpu", 4, 0, 1, predicted_seconds=40.0, pass_shares=shares)]
-    display = LogProgress(Console(file=io.StringIO()), lines, clock=clock)
-    assert display.eta_seconds() == 100.0  # before anything runs: the planner's prediction, slowest worker
-    display.handle(Ready("w0", 1))
-    display.handle(Ready("w1", 2))
-    clock.now = 1.0
-    display.handle(Progress("w0", 0, _event(1, prompts=4)))  # the embedding: no work done yet
-    assert display.workers["w0"].position() == 0.0
-    clock.now = 10.0
-    display.handle(Progress("w0", 0, _event(2, prompts=4)))  # half the pass in 10 s
-    display.handle(Progress("w1", 0, _event(3, prompts=4)))  # all the pass's work in 10 s: done
-    # half done: half the predicted 100 s and half the 20 s its pace implies -> 60 s in all, 50 s left
-    assert display.workers["w0"].eta_seconds(clock.now) == pytest.approx(50.0)
-    assert display.workers["w1"].eta_seconds(clock.now) == pytest.approx(0.0)
-    assert display.eta_seconds() == pytest.approx(50.0)
-    clock.now = 19.0
-    display.handle(Progress("w0", 0, _event(3, prompts=4)))  # nearly all of it: the pace decides
-    assert display.workers["w0"].eta_seconds(clock.now) == pytest.approx(0.0)
-
-
-def test_progress_moves_within_a_shard_batch_by_batch():
-    # One decoder shard carries the pass: without batch events the bar would sit still for all of it.
-    shares = (0.0, 1.0, 0.0)
-    display = LogProgress(Console(file=io.StringIO()), [WorkerLine("w0", "cpu", 8, 0, 1, 80.0, shares)],
-                          clock=_Clock())
-    display.handle(Ready("w0", 1))
-    positions = []
-    for batch in (1, 2, 3):
-        event = replace(_event(1, stages=3, prompts=8), batch=batch, batches=4)  # the decoder shard, 3 of 4 batches
-        display.handle(Progress("w0", 0, event))
-        positions.append(display.workers["w0"].position())
-    assert positions == pytest.approx([2.0, 4.0, 6.0])
-    assert "batch 3/4" in display.workers["w0"].detail()
-    display.handle(Progress("w0", 0, _event(2, stages=3, prompts=8)))  # the shard done: no batch part
-    assert display.workers["w0"].position() == pytest.approx(8.0)
-
+    job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
+    env = {**os.environ, "FLEXORCH_TEST_FAULTS": json.dumps({"worker0": {"hang_after_rounds": 1},
+                                                              "worker1": {"hang_after_rounds": 1}})}
+    # one prompt per round (the planner's constants, in the controller's own process)
+    code = ("import sys; from flexorch.orchestrator import planner, cli; planner.ROUND_TARGET_SECONDS = 0.0; "
+            "planner.ROUND_MIN_COMPUTE_OVER_READ = 0.0; sys.exit(cli.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "submit", str(job)], env=env, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        _read_until(proc.stderr, "committed (", deadline, seen)
+        _read_until(proc.stderr, "committed (", deadline, seen)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        rest = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    report = json.loads((tmp_path / "job.job" / "report.json").read_text())
+    committed = _parts_prompts(tmp_path / "job.job")
+    assert report["status"] == "interrupted" and committed == 2 and report["rounds_committed"] == 2
+    assert (report["prompts_computed"], report["prompts_left"]) == (committed, len(PROMPTS) - committed)
+    assert report["lost"] == {"rounds": 0, "prompts": 0, "engine_seconds": 0}  # both hung between rounds
+    assert f"2 of {len(PROMPTS)} prompts committed (2 by this run)" in rest, "".join(seen) + rest

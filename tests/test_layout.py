@@ -56,7 +56,7 @@ def test_the_sides_are_found():
     assert {"flexorch.contract.shards", "flexorch.contract.messages"} <= set(modules("flexorch.contract"))
 
 
-# executor: ray's modules: the only ones that import ray (an optional extra, flexorch[ray]).
+# executor: ray's modules: the only ones that import ray (an optional extra, `ray`).
 RAY_MODULES = {"flexorch.orchestrator.raycluster", "flexorch.orchestrator.rayexecutor"}
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'flexorch[lm-eval]')")
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[lm-eval]')")
 pytest.importorskip("accelerate", reason="lm-eval's hf model (the reference) needs accelerate")
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-pytest.importorskip("ray", reason="ray is not installed (pip install flexorch[ray])")
+pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
 
 from flexorch.contract.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
 from flexorch.orchestrator.hardware import GpuInfo, Hardware  # noqa: E402

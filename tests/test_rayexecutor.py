@@ -47,7 +47,7 @@ BATCH_TOKENS = 256  # the same batches under both executors
 def _namespace_unavailable() -> str | None:
     """Why this machine cannot run the cluster tests, or None."""
     if importlib.util.find_spec("ray") is None:  # not imported here: the local tests run without ray loaded
-        return "ray is not installed (pip install flexorch[ray])"
+        return "ray is not installed (pip install -e '.[ray]')"
     missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
     if missing:
         return f"{' and '.join(missing)} not found (util-linux, iproute2)"
@@ -77,7 +77,7 @@ def test_ray_not_installed_is_exit_2_saying_how_to_install(tmp_path, layerwise):
     result = subprocess.run([sys.executable, "-c", hide_ray], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {job}: executor: ray needs Ray, which is not installed: pip install flexorch[ray]"]
+        f"error: {job}: executor: ray needs Ray, which is not installed: pip install 'ray[default]>=2.9'"]
     assert not (tmp_path / "job.pkl").exists()
 
 
