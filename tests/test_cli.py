@@ -188,7 +188,6 @@ def test_untested_model_type_is_refused_before_any_work(tmp_path, layerwise, cap
     assert cli.main(["plan", str(allowed)]) == 0
 
 
-<<<<<<< HEAD
 # -- what plan and probe print (issue 29, friction 8) -------------------------------------------------
 def test_plan_gives_the_same_time_in_its_table_and_its_text_with_the_start_up_shown(tmp_path, layerwise, capsys):
     job = write_job(tmp_path, layerwise("llama"), devices=["cpu", "cpu"])
@@ -224,7 +223,8 @@ def test_probe_shows_the_cached_calibration_saying_it_is_cached(tmp_path, monkey
     assert "Calibration (measured 2026-11-25 23:00 UTC in 12 s)" in out
     assert f"cachedin{cache}" in out.replace(" ", "")  # the path may be wrapped anywhere
     assert "worker fixed RAM" in out
-=======
+
+
 def test_install_hints_are_commands_that_work_from_a_checkout(tmp_path):
     """Installing an extra through flexorch's name fails (flexorch is not on PyPI): every hint names
     the extra's own requirements, those pyproject.toml lists, and nothing in the tree suggests the other
@@ -260,4 +260,3 @@ def _normal(requirement: str) -> tuple:
 
     name = re.match(r"[\w.\-\[\]]+", requirement).group()
     return name, sorted(c.strip() for c in requirement[len(name):].split(","))
->>>>>>> h-ux

@@ -178,8 +178,8 @@ def test_an_interrupted_run_reports_what_it_committed(tmp_path, layerwise):
     env = {**os.environ, "FLEXORCH_TEST_FAULTS": json.dumps({"worker0": {"hang_after_rounds": 1},
                                                               "worker1": {"hang_after_rounds": 1}})}
     # one prompt per round (the planner's constants, in the controller's own process)
-    code = ("import sys; from flexorch.orchestrator import planner, cli; planner.ROUND_TARGET_SECONDS = 0.0; "
-            "planner.ROUND_MIN_COMPUTE_OVER_READ = 0.0; sys.exit(cli.main(sys.argv[1:]))")
+    code = ("import sys; from flexorch.orchestrator import planner, cli; planner.search.ROUND_TARGET_SECONDS = 0.0; "
+            "planner.search.ROUND_MIN_COMPUTE_OVER_READ = 0.0; sys.exit(cli.main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, "submit", str(job)], env=env, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[str] = []
