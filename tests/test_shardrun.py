@@ -80,7 +80,7 @@ def test_a_dense_part_and_groups_of_experts_sum_to_transformers_whole_moe_layer(
             expected.append(out[0] if isinstance(out, tuple) else out)
     for group in (1, 2, entry.experts):
         steps = [s for s in plan_shards(manifest, 1, group) if s.names == (entry.name,)]
-        assert [type(run) for run in shard_runs(steps, None)] == (
+        assert [RUNS[step.kind] for step in steps] == (
             [DensePartRun] + [ExpertGroupRun] * -(-entry.experts // group))
         current = _Pass.of_rows(ROWS, batch_tokens=1, kind=ScoreKind.NEXT_TOKEN_PROBS)
         link = run_steps(model_dir, steps, current, [h.clone() for h in inputs])
@@ -96,7 +96,7 @@ def test_a_head_in_vocabulary_steps_records_the_whole_heads_results(score, large
     manifest = read_manifest(model_dir)
     stepped = [s for s in plan_shards(manifest, 1) if s.rows is not None]
     whole = [Shard(stepped[0].index, stepped[0].names)]  # norm + the whole head
-    assert len(stepped) > 2 and [type(run) for run in shard_runs(stepped + whole, None)] == (
+    assert len(stepped) > 2 and [RUNS[shard.kind] for shard in stepped + whole] == (
         [HeadStepRun] * len(stepped) + [LayerRun])
     torch.manual_seed(0)
     inputs = [torch.randn(*packed.shape, manifest.hidden_size)

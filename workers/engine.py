@@ -6,7 +6,9 @@ activations wait in an ActivationStore. Each prompt is one packed row — its pr
 every suffix with positions restarting after the prefix and a mask that keeps suffixes apart — so
 the prefix is computed once per layer, not once per suffix. With several generation steps the
 first step keeps every layer's keys and values (workers/kvcache.py) and each later step computes
-only the newest token of every suffix against them.
+only the newest token of every suffix against them. `Engine.run` is that schedule alone (per step,
+per shard: load, run over every batch, release, report); what running one kind of shard step means
+is its runner's (workers/shardrun.py), and what a step's batches hold is the pass's (`_Pass`).
 
 Where a batch's input comes from and its output goes is the `Link` (workers/link.py): in data mode
 the one-stage `LocalLink` over the activation store; in pipeline mode (workers/pipeline.py) the

@@ -31,7 +31,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, NORM
+from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, NORM, LayerEntry
 from flexorch.contract.protocol import ScoreSpec
 from flexorch.contract.shards import Shard, ShardKind
 from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, additive_mask, attention_allowed
@@ -150,7 +150,7 @@ class LayerRun(ShardRun):
         for module in modules:
             adapter.release(module)
 
-    def _assigned(self, loaded: LoadedShard, entry) -> torch.nn.Module:
+    def _assigned(self, loaded: LoadedShard, entry: LayerEntry) -> torch.nn.Module:
         """The skeleton's module of `entry` holding the loaded weights (a gathered embedding: the rows
         of the pass's tokens)."""
         adapter = self.context.adapter
