@@ -6,7 +6,9 @@ activations wait in an ActivationStore. Each prompt is one packed row — its pr
 every suffix with positions restarting after the prefix and a mask that keeps suffixes apart — so
 the prefix is computed once per layer, not once per suffix. With several generation steps the
 first step keeps every layer's keys and values (workers/kvcache.py) and each later step computes
-only the newest token of every suffix against them.
+only the newest token of every suffix against them. `Engine.run` is that schedule alone (per step,
+per shard: load, run over every batch, release, report); what running one kind of shard step means
+is its runner's (workers/shardrun.py), and what a step's batches hold is the pass's (`_Pass`).
 
 Where a batch's input comes from and its output goes is the `Link` (workers/link.py): in data mode
 the one-stage `LocalLink` over the activation store; in pipeline mode (workers/pipeline.py) the
@@ -26,19 +28,19 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
+from flexorch.contract.shards import owner, plan_shards
 from flexorch.workers import devicememory
 from flexorch.workers.activations import make_store
-from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, additive_mask, attention_allowed, pack_rows
-from flexorch.workers.kvcache import KVCache, NoCache, append_columns, pack_new_tokens
-from flexorch.workers.layerfile import LayerwiseModel
-from flexorch.contract.manifest import DECODER, EMBED, LM_HEAD, NORM
-from flexorch.contract.shards import DENSE_PART, owner, plan_shards
+from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, pack_rows
 from flexorch.workers.experts import StreamedExperts
 from flexorch.workers.heap import Heap
+from flexorch.workers.kvcache import KVCache, NoCache, append_columns, pack_new_tokens
+from flexorch.workers.layerfile import LayerwiseModel
 from flexorch.workers.link import Link, LocalLink
-from flexorch.workers.prefetch import LoadedShard, ResidentShards, ShardLoader
-from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
-from flexorch.workers.scoring import BatchScores, StepScores, compute_scores, score_targets, scored_positions
+from flexorch.workers.prefetch import LoadedShard, LoaderStats, ResidentShards, ShardLoader
+from flexorch.workers.scoring import StepResult, StepScores, score_targets
+from flexorch.workers.shardrun import BatchDone, ShardContext, ShardRun, shard_runs
 
 Row = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (prefix_ids, suffix_ids) of one packed row
 
@@ -106,6 +108,10 @@ class _Pass:
         self._layouts: dict[tuple[int, LayerKind], tuple] = {}  # (batch, layer kind) → cached layout
         self._layout_bytes = 0
         self._ids_on_device: dict[int, tuple[torch.Tensor, PackedBatch]] = {}
+        # What a shard cut into steps holds between them (workers/shardrun.py); None between shards.
+        self.streamed: StreamedExperts | None = None
+        self.head_steps: list[StepScores] | None = None
+        self.results: list[StepResult | None] = [None] * len(batches)  # per batch, once the head ran
 
     @classmethod
     def of_rows(cls, rows: list[Row], batch_tokens: int, kind: str) -> "_Pass":
@@ -128,6 +134,20 @@ class _Pass:
                 keys.input_ids, keys.position_ids.to(device), keys.segment_ids.to(device)))
         return self._ids_on_device[b]
 
+    def record(self, b: int, result: StepResult) -> None:
+        self.results[b] = result
+
+    def prompt_results(self) -> list[tuple[int, StepResult]]:
+        """(prompt index, its share of its batch's result), for every prompt of the pass."""
+        shares = []
+        for batch, result in zip(self.batches, self.results):
+            first = 0
+            for i in batch:
+                n = len(self.rows[i][1])
+                shares.append((i, result.suffixes(slice(first, first + n))))
+                first += n
+        return shares
+
     def layout(self, b: int, kind: LayerKind, build: Callable[[], tuple]) -> tuple:
         """(mask, position_ids, position_embeddings) of batch b: the same for every layer of a pass,
         so kept while they fit LAYOUT_CACHE_BYTES (rebuilding them per layer cost ~7% of a
@@ -143,7 +163,48 @@ class _Pass:
         return layout
 
 
+def _rows(prompts: Sequence[TokenizedPrompt], generated: list[list[tuple[int, ...]]]) -> list[Row]:
+    """Each prompt's packed row at a step: its suffixes extended by the ids generated so far."""
+    return [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen))) for p, gen in zip(prompts, generated)]
+
+
+@dataclass(frozen=True)
+class _Progress:
+    """One run's progress events: after each batch within a shard (a shard of a big model over many
+    batches takes minutes, and progress and its ETA should move within it) and at each shard's end.
+    The worker throttles what it sends. Per run, never kept on the engine (no reference cycle keeps a
+    finished engine's shard slots alive)."""
+
+    report: Callable[[ProgressEvent], None]
+    shards: int  # the shards this worker streams per pass
+    steps: int
+    prompts: int
+    stats: LoaderStats
+    start: float
+
+    def within(self, position: int, step: int, tokens: int) -> BatchDone:
+        """The callback shard `position` calls after each batch (stage: the shards done before it)."""
+        def batch_done(batch: int, batches: int) -> None:
+            self.report(self._event(position, step, 0, tokens, batch, batches))
+        return batch_done
+
+    def shard_done(self, position: int, step: int, tokens: int) -> None:
+        last = position == self.shards - 1
+        self.report(self._event(position + 1, step, self.prompts if last else 0, tokens))
+
+    def _event(self, stage: int, step: int, prompts_done: int, tokens: int, batch: int = 0,
+               batches: int = 0) -> ProgressEvent:
+        return ProgressEvent(stage=stage, stages=self.shards, step=step + 1, steps=self.steps,
+                             prompts_done=prompts_done, prompts=self.prompts, tokens_done=tokens,
+                             bytes_read=self.stats.bytes_read, seconds=time.perf_counter() - self.start,
+                             batch=batch, batches=batches)
+
+
 class Engine:
+    """Streams a layerwise model through one device: `run` is the schedule (per generation step, per
+    shard: load, run over every batch, release, report); each kind of shard step's work is its runner's
+    (workers/shardrun.py)."""
+
     def __init__(self, model_dir: str | Path, settings: EngineSettings, score: ScoreSpec,
                  on_progress: Callable[[ProgressEvent], None] | None = None, hooks: EngineHooks | None = None,
                  link: Link | None = None, resident: ResidentShards | None = None):
@@ -162,12 +223,7 @@ class Engine:
         self.scores_here = index == self.head
         self.on_progress = on_progress or (lambda event: None)
         self.hooks = hooks or EngineHooks()
-        self.vocab_size = self.adapter.config.vocab_size
         self.peak_device_per_shard: list[int] = []
-        # A streamed MoE layer between its steps, and where its batches wait: with the activations.
-        self._streamed: StreamedExperts | None = None
-        self._keep_on = self.device if settings.storage == "gpu" else torch.device("cpu")
-        self._head_steps: list[StepScores] | None = None  # a head in vocabulary steps: per batch, between them
         self.heap = Heap()
         self.heap.configure()  # intermediates reuse their memory (workers/heap.py)
         self.device_fixed = devicememory.fixed_bytes(self.device)  # the context, beside torch's allocations
@@ -176,63 +232,53 @@ class Engine:
         start = time.perf_counter()
         steps = self.score.generate_tokens
         generated = [[() for _ in p.suffix_ids] for p in prompts]  # per prompt, per suffix
-        scores = [[] for _ in prompts]  # per prompt: one BatchScores slice per step
+        scores: list[list[StepResult]] = [[] for _ in prompts]  # per prompt: its StepResult of each step
         link = self.link or LocalLink(make_store(self.settings.storage, self.device, self.settings.disk_folder))
         cache = self._kv_cache(steps)
         loader = ShardLoader(self.model, self.own_shards, self.device, self.dtype, passes=steps,
                              verify=self.settings.verify_checksums, resident=self.resident,
                              slots=2 if self.settings.double_buffer else 1, gather=True,
                              direct=self.settings.direct_reads)
+        runs = shard_runs(self.own_shards, self._context(link, cache))  # each shard's runner, by its kind
+        progress = _Progress(self.on_progress, len(self.own_shards), steps, len(prompts), loader.stats, start)
         tokens, current = 0, None
         with torch.inference_mode(), loader, link, cache:
             for step in range(steps):
-                rows = [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen)))
-                        for p, gen in zip(prompts, generated)]
-                current = self._pass(rows, current, cache)  # the step's batches, their layout and targets
+                current = self._pass(_rows(prompts, generated), current, cache)  # batches, layouts, targets
                 loader.embed_ids(torch.cat([p.input_ids.flatten() for p in current.packed]))  # rows to gather
-                for position, shard in enumerate(self.own_shards):
+                for position, (shard, run) in enumerate(zip(self.own_shards, runs)):
                     loaded = loader.next_shard()  # load weight (prefetched on the loader's thread)
                     # per batch: receive, compute, send (or score), report
-                    batch_done = self._progress_within(position, step, steps, len(prompts), current.tokens, loader,
-                                                       start)
-                    self._run_shard(loaded, current, link, cache, scores, batch_done)
+                    self._measured(run, loaded, current, progress.within(position, step, current.tokens))
                     loader.release(loaded)  # the compute using it has been issued
                     done = current.tokens if shard.last_step else 0  # a streamed MoE layer: once, at its end
                     tokens += done
-                    last = position == len(self.own_shards) - 1
-                    self.on_progress(ProgressEvent(
-                        stage=position + 1, stages=len(self.own_shards), step=step + 1, steps=steps,
-                        prompts_done=len(prompts) if last else 0,
-                        prompts=len(prompts), tokens_done=done,
-                        bytes_read=loader.stats.bytes_read, seconds=time.perf_counter() - start))
+                    progress.shard_done(position, step, done)
                     if self.hooks.after_shard:
                         self.hooks.after_shard(step, shard.index)
+                if self.scores_here:
+                    for i, result in current.prompt_results():
+                        scores[i].append(result)
                 next_ids = link.finish_step(step, self.head, self._next_ids(scores))
                 if next_ids:
                     generated = [[g + (t,) for g, t in zip(gen, ids)] for gen, ids in zip(generated, next_ids)]
         results = [self._result(p, s, g) for p, s, g in zip(prompts, scores, generated)] if self.scores_here else []
+        return results, self._summary(loader.stats, start, tokens)
+
+    def _summary(self, stats: LoaderStats, start: float, tokens: int) -> EngineSummary:
         seconds = time.perf_counter() - start
-        stats = loader.stats
-        summary = EngineSummary(
+        return EngineSummary(
             seconds=seconds, load_seconds=stats.wait_seconds, read_seconds=stats.read_seconds,
             compute_seconds=seconds - stats.wait_seconds, bytes_read=stats.bytes_read, peak_rss=peak_rss(),
             peak_device_memory=max(self.peak_device_per_shard, default=0),
             peak_device_memory_per_shard=tuple(self.peak_device_per_shard), tokens=tokens,
             device_fixed_bytes=self.device_fixed)
-        return results, summary
 
-    def _progress_within(self, position: int, step: int, steps: int, prompts: int, tokens: int,
-                         loader: ShardLoader, start: float) -> Callable[[int, int], None]:
-        """The callback a shard calls after each batch: a shard of a big model over many batches takes
-        minutes, and progress (and its ETA) should move within it. The worker throttles what it sends.
-        Passed down, never kept on the engine: a closure over `self` stored on it is a reference cycle
-        that would keep the engine's shard slots alive after `run` until the garbage collector ran."""
-        def batch_done(batch: int, batches: int) -> None:
-            self.on_progress(ProgressEvent(
-                stage=position, stages=len(self.own_shards), step=step + 1, steps=steps, prompts_done=0,
-                prompts=prompts, tokens_done=tokens, bytes_read=loader.stats.bytes_read,
-                seconds=time.perf_counter() - start, batch=batch, batches=batches))
-        return batch_done
+    def _context(self, link: Link, cache: KVCache) -> ShardContext:
+        """What this run's shard runners share. A streamed MoE layer's batches wait between its steps
+        where the activations do."""
+        keep_on = self.device if self.settings.storage == "gpu" else torch.device("cpu")
+        return ShardContext(self.model, self.adapter, link, cache, self.score, keep_on, self.hooks.before_batch)
 
     def _pass(self, rows: list[Row], previous: _Pass | None, cache: KVCache) -> _Pass:
         """The first step (or every step without a cache): the rows in full; a later step with the
@@ -248,7 +294,7 @@ class Engine:
             return NoCache()
         return KVCache(make_store(self.settings.storage, self.device, self.settings.disk_folder), steps)
 
-    def _next_ids(self, scores) -> tuple[tuple[int, ...], ...] | None:
+    def _next_ids(self, scores: list[list[StepResult]]) -> tuple[tuple[int, ...], ...] | None:
         """The argmax id each suffix appends for the next step, per prompt (() for a kind that
         generates none); None where this stage does not score. In a pipeline every stage waits for
         the head's ids in `finish_step`, which also keeps any stage from running a step ahead."""
@@ -256,166 +302,26 @@ class Engine:
             return None
         if not self.score.kind.generates:
             return ()
-        return tuple(tuple(int(t) for t in prompt_scores[-1][1]) for prompt_scores in scores)
+        return tuple(tuple(int(t) for t in per_step[-1].next_ids) for per_step in scores)
 
-    def _run_shard(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache, scores,
-                   batch_done: Callable[[int, int], None]) -> None:
+    def _measured(self, run: ShardRun, loaded: LoadedShard, current: _Pass, batch_done: BatchDone) -> None:
+        """`run` over the pass, with the shard's peak device memory recorded and the heap trimmed."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        if loaded.shard.rows is not None:
-            self._run_head_step(loaded, current, link, scores, batch_done)
-        elif loaded.shard.experts is None:
-            self._run_layers(loaded, current, link, cache, scores, batch_done)
-        elif loaded.shard.experts == DENSE_PART:
-            self._run_dense_part(loaded, current, link, cache)
-        else:
-            self._run_expert_group(loaded, link, len(current.packed))
+        run.run(loaded, current, batch_done)
         self.heap.trim(self.settings.heap_slack)  # RSS stays flat across shards; the next shard's intermediates kept
         if cuda:
             self.peak_device_per_shard.append(self.device_fixed + torch.cuda.max_memory_allocated(self.device))
 
-    def _run_layers(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache, scores,
-                    batch_done: Callable[[int, int], None]) -> None:
-        """Whole layers: per batch, receive, compute, send (or score)."""
-        modules = []
-        for name in loaded.shard.names:
-            entry = self.model.entry(name)
-            module = self.adapter.module(entry.kind, entry.index)
-            if loaded.embed_ids is not None:  # the rows of the pass's tokens
-                self.adapter.assign_rows(module, loaded.tensors[name]["weight"])
-            else:
-                self.adapter.assign(module, loaded.tensors[name])
-            modules.append((entry, module))
-        kinds = {entry.kind for entry, _ in modules}
-        layer_indices = [entry.index for entry, _ in modules if entry.kind == DECODER]
-        for b, packed in enumerate(current.packed):
-            if self.hooks.before_batch:
-                self.hooks.before_batch(loaded.step, loaded.shard.index, b)
-            if EMBED in kinds:
-                ids = packed.input_ids
-                if loaded.embed_ids is not None:  # vocabulary id → its row among the gathered ones
-                    ids = torch.searchsorted(loaded.embed_ids, ids)
-                hidden = self.adapter.embed(ids.to(self.device))
-            else:
-                hidden = link.receive(loaded.step, loaded.shard.index, b).to(self.device)
-                if b + 1 < len(current.packed):
-                    link.prefetch(loaded.step, loaded.shard.index, b + 1)
-            if layer_indices:
-                if b + 1 < len(current.packed):
-                    cache.prefetch(loaded.step, layer_indices, b + 1)
-                hidden = self._decoder_layers(layer_indices, hidden, current, b, cache, loaded.step)
-            if LM_HEAD in kinds:
-                self._score_batch(hidden, current, b, scores)
-            else:
-                link.send(loaded.step, loaded.shard.index + 1, b, hidden)
-            del hidden
-            if b + 1 < len(current.packed):  # the shard's end is reported by the loop
-                batch_done(b + 1, len(current.packed))
-        for _, module in modules:
-            self.adapter.release(module)
-
-    def _run_dense_part(self, loaded: LoadedShard, current: _Pass, link: Link, cache: KVCache) -> None:
-        """A streamed MoE layer's first step (workers/experts.py): attention and router over every
-        batch; the outputs wait, without the experts' share, for the groups of experts."""
-        entry = self.model.entry(loaded.shard.names[0])
-        layer = self.adapter.module(DECODER, entry.index)
-        self._streamed = StreamedExperts(layer, entry.expert_tensors, self._keep_on)
-        self.adapter.assign(layer, loaded.tensors[entry.name])  # the layer's tensors but the experts'
-        for b in range(len(current.packed)):
-            hidden = self._receive(loaded, current, link, b)
-            self._streamed.keep(self._decoder_layers([entry.index], hidden, current, b, cache, loaded.step))
-        self.adapter.release(layer)
-
-    def _receive(self, loaded: LoadedShard, current: _Pass, link: Link, b: int) -> torch.Tensor:
-        """Batch b's input to this shard from the link, on the device (the next batch's prefetched),
-        after the before_batch hook."""
-        if self.hooks.before_batch:
-            self.hooks.before_batch(loaded.step, loaded.shard.index, b)
-        hidden = link.receive(loaded.step, loaded.shard.index, b).to(self.device)
-        if b + 1 < len(current.packed):
-            link.prefetch(loaded.step, loaded.shard.index, b + 1)
-        return hidden
-
-    def _run_expert_group(self, loaded: LoadedShard, link: Link, batches: int) -> None:
-        """One group of a streamed MoE layer's experts over every batch; after the last, the layer's
-        outputs go on."""
-        shard = loaded.shard
-        first, end = shard.experts
-        self._streamed.add_group(first, end, loaded.tensors[shard.names[0]], self.device)
-        if shard.last_step:
-            for b in range(batches):
-                link.send(loaded.step, shard.index + 1, b, self._streamed.output(b))
-            self._streamed.restore()
-            self._streamed = None
-
-    def _run_head_step(self, loaded: LoadedShard, current: _Pass, link: Link, scores,
-                       batch_done: Callable[[int, int], None]) -> None:
-        """One step of a head in vocabulary rows (contract/shards.py). The first (which holds the norm)
-        receives every batch and keeps its scored positions' final-norm outputs; every step adds its
-        rows' logits to each batch's running scores; after the last they are recorded."""
-        shard, (first, end) = loaded.shard, loaded.shard.rows
-        if first == 0:
-            norm = self.adapter.module(NORM)
-            self.adapter.assign(norm, loaded.tensors[shard.names[0]])
-            self._head_steps = []
-            for b in range(len(current.packed)):
-                hidden = self._receive(loaded, current, link, b)
-                normed = self.adapter.final_norm(scored_positions(hidden, current.targets[b]))
-                self._head_steps.append(StepScores(normed, current.targets[b], self.score))
-                del hidden
-            self.adapter.release(norm)
-        head = self.adapter.module(LM_HEAD)
-        self.adapter.assign_rows(head, loaded.tensors[shard.names[-1]]["weight"])
-        for b, running in enumerate(self._head_steps):
-            running.add(first, end, self.adapter.head_logits)
-            if b + 1 < len(self._head_steps):  # the step's end is reported by the loop
-                batch_done(b + 1, len(self._head_steps))
-        self.adapter.release(head)
-        if shard.last_step:
-            for b, running in enumerate(self._head_steps):
-                self._record(b, running.finish(), current, scores)
-            self._head_steps = None
-
-    def _decoder_layers(self, indices: list[int], hidden: torch.Tensor, current: _Pass, b: int,
-                        cache: KVCache, step: int) -> torch.Tensor:
-        """hidden: (rows, Q, d_model) of batch b at `step` through decoder layers `indices`, each
-        with its keys and values of the earlier steps from `cache`."""
-        packed = current.packed[b]
-
-        def build(kind: LayerKind) -> tuple:
-            position_ids, layout = current.ids_on_device(b, self.device)
-            mask = additive_mask(attention_allowed(layout, kind.window, queries=packed.shape[1]), self.dtype)
-            return mask, position_ids, self.adapter.position_embeddings(hidden, position_ids, kind)
-
-        for i in indices:
-            kind = self.adapter.layer_kinds[i]
-            mask, position_ids, position_embeddings = current.layout(b, kind, lambda: build(kind))
-            hidden = self.adapter.decoder_layer(i, hidden, mask, position_ids, position_embeddings,
-                                                cache.layer(step, i, b))
-        return hidden
-
-    def _score_batch(self, hidden: torch.Tensor, current: _Pass, b: int, scores) -> None:
-        self._record(b, compute_scores(hidden, current.targets[b], self.adapter.logits, self.score, self.vocab_size),
-                     current, scores)
-
-    def _record(self, b: int, batch_scores: BatchScores, current: _Pass, scores) -> None:
-        """Batch b's scores into `scores`, per prompt."""
-        first = 0
-        for i in current.batches[b]:
-            n = len(current.rows[i][1])
-            part = slice(first, first + n)
-            flags = batch_scores.next_ids if self.score.kind.generates else batch_scores.is_greedy
-            scores[i].append((batch_scores.values[part], flags[part]))
-            first += n
-
-    def _result(self, prompt: TokenizedPrompt, per_step: list, generated) -> PromptResult:
+    def _result(self, prompt: TokenizedPrompt, per_step: list[StepResult], generated) -> PromptResult:
         if not self.score.kind.generates:  # suffix_logprob
-            logprob, is_greedy = per_step[0]
-            entry = {"logprob": logprob.numpy().astype(np.float64), "is_greedy": is_greedy.numpy().astype(bool),
+            result = per_step[0]
+            entry = {"logprob": result.values.numpy().astype(np.float64),
+                     "is_greedy": result.is_greedy.numpy().astype(bool),
                      "n_tokens": np.array([len(s) for s in prompt.suffix_ids], dtype=np.int64)}
             return PromptResult(prompt.index, entry, ())
-        values = np.stack([v.numpy() for v, _ in per_step], axis=1).astype(np.float32)  # (n_suffixes, steps, k)
+        values = np.stack([r.values.numpy() for r in per_step], axis=1).astype(np.float32)  # (n_suffixes, steps, k)
         return PromptResult(prompt.index, values, tuple(tuple(g) for g in generated))
 
 

@@ -55,13 +55,18 @@ def score_targets(rows: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]
 
 
 @dataclass(frozen=True)
-class BatchScores:
-    """Scores of one batch, per suffix (numbered over the batch)."""
+class StepResult:
+    """Scores of one generation step, per suffix: a batch's (suffixes numbered over the batch), or
+    one prompt's share of them (`suffixes`)."""
 
     values: torch.Tensor  # next_token_probs: (n_suffixes, vocab); token_probs: (n_suffixes, k);
     #                       suffix_logprob: (n_suffixes,) float64 log-probs
     is_greedy: torch.Tensor | None  # suffix_logprob: (n_suffixes,) bool
     next_ids: torch.Tensor | None  # next-token kinds: (n_suffixes,) argmax ids, for generation
+
+    def suffixes(self, part: slice) -> "StepResult":
+        """The scores of suffixes `part` alone (views, no copy)."""
+        return StepResult(*(None if t is None else t[part] for t in (self.values, self.is_greedy, self.next_ids)))
 
 
 def scored_positions(hidden: torch.Tensor, targets: ScoreTargets) -> torch.Tensor:
@@ -70,39 +75,38 @@ def scored_positions(hidden: torch.Tensor, targets: ScoreTargets) -> torch.Tenso
 
 
 def compute_scores(hidden: torch.Tensor, targets: ScoreTargets, logits_fn, score: ScoreSpec,
-                   vocab_size: int) -> BatchScores:
+                   vocab_size: int) -> StepResult:
     """hidden: (rows, L, d_model) after the last decoder layer; logits_fn: (n, d) → float32 (n, vocab)."""
     selected = scored_positions(hidden, targets)  # (n, d_model)
     n = selected.shape[0]
     if n == 0:  # only empty suffixes under suffix_logprob
         zeros = torch.zeros(targets.n_suffixes, dtype=torch.float64)
-        return BatchScores(zeros, torch.ones(targets.n_suffixes, dtype=torch.bool), None)
+        return StepResult(zeros, torch.ones(targets.n_suffixes, dtype=torch.bool), None)
     rows_per_call = max(1, _LOGIT_ELEMENTS // vocab_size)
-    outputs, greedy = [], []
+    logprobs, hits, probs, next_ids = [], [], [], []  # per call; the first two for suffix_logprob
     for start in range(0, n, rows_per_call):
         logits = logits_fn(selected[start:start + rows_per_call])  # (m, vocab) float32
         if not score.kind.generates:  # suffix_logprob
             target = targets.target[start:start + rows_per_call].to(logits.device)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            outputs.append(logprobs.gather(1, target[:, None])[:, 0].double().cpu())
-            greedy.append((logits.argmax(-1) == target).cpu())
+            logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0].double().cpu())
+            hits.append((logits.argmax(-1) == target).cpu())
         else:
-            probs = torch.softmax(logits, dim=-1)
+            columns = torch.softmax(logits, dim=-1)
             if score.kind is ScoreKind.TOKEN_PROBS:
-                probs = probs[:, list(score.token_ids)]
-            outputs.append(probs.cpu())
-            greedy.append(logits.argmax(-1).cpu())
-    return _per_suffix(torch.cat(outputs), torch.cat(greedy), targets, score)
-
-
-def _per_suffix(values: torch.Tensor, flags: torch.Tensor, targets: ScoreTargets, score: ScoreSpec) -> BatchScores:
-    """Per scored position (n,) values and argmax ids (next-token kinds) or hits (suffix_logprob) →
-    the batch's scores per suffix: suffix_logprob sums its log-probs, greedy where every one hit."""
+                columns = columns[:, list(score.token_ids)]
+            probs.append(columns.cpu())
+            next_ids.append(logits.argmax(-1).cpu())
     if score.kind.generates:
-        return BatchScores(values, None, flags)
-    logprob = torch.zeros(targets.n_suffixes, dtype=torch.float64).index_add_(0, targets.owner, values)
-    misses = torch.zeros(targets.n_suffixes, dtype=torch.long).index_add_(0, targets.owner, (~flags).long())
-    return BatchScores(logprob, misses == 0, None)
+        return StepResult(torch.cat(probs), None, torch.cat(next_ids))
+    return _summed(torch.cat(logprobs), torch.cat(hits), targets)
+
+
+def _summed(logprobs: torch.Tensor, hits: torch.Tensor, targets: ScoreTargets) -> StepResult:
+    """suffix_logprob: per scored position (n,) log-probs and whether the argmax was the target →
+    per suffix their sum, greedy where every one hit."""
+    logprob = torch.zeros(targets.n_suffixes, dtype=torch.float64).index_add_(0, targets.owner, logprobs)
+    misses = torch.zeros(targets.n_suffixes, dtype=torch.long).index_add_(0, targets.owner, (~hits).long())
+    return StepResult(logprob, misses == 0, None)
 
 
 class StepScores:
@@ -156,14 +160,14 @@ class StepScores:
         columns = (wanted - first).clamp(0, logits.shape[1] - 1)
         self.picked[part] = torch.where(inside, logits.gather(1, columns), self.picked[part])
 
-    def finish(self) -> BatchScores:
+    def finish(self) -> StepResult:
         if self.score.kind is ScoreKind.NEXT_TOKEN_PROBS:
             logits = torch.cat(self.parts, dim=1)  # (n, vocab)
             self.parts.clear()  # two (n, vocab) copies at once, as the whole head's logits and softmax
-            return _per_suffix(torch.softmax(logits, -1).cpu(), logits.argmax(-1).cpu(), self.targets, self.score)
+            return StepResult(torch.softmax(logits, -1).cpu(), None, logits.argmax(-1).cpu())
         logsumexp = self.max.double() + torch.log(self.sum_exp)  # (n,)
         logprobs = self.picked.double() - logsumexp[:, None]  # (n, k)
         if self.score.kind is ScoreKind.TOKEN_PROBS:
-            return _per_suffix(torch.exp(logprobs).float().cpu(), self.best_id.cpu(), self.targets, self.score)
+            return StepResult(torch.exp(logprobs).float().cpu(), None, self.best_id.cpu())
         hits = self.best_id == self.wanted[:, 0]
-        return _per_suffix(logprobs[:, 0].cpu(), hits.cpu(), self.targets, self.score)
+        return _summed(logprobs[:, 0].cpu(), hits.cpu(), self.targets)

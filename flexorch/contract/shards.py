@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from flexorch.contract.manifest import DECODER, DTYPE_BYTES, EMBED, LM_HEAD, NORM, LayerEntry, Manifest
 
@@ -29,6 +30,15 @@ DENSE_PART = (0, 0)  # Shard.experts of a streamed MoE layer's first step: the l
 # Each tensor a slot holds starts at a multiple of this (so every dtype view is aligned): a step of
 # head rows leaves that much room for the padding before it.
 ALIGN = 64
+
+
+class ShardKind(Enum):
+    """What a shard step holds, and so how the engine runs it (workers/shardrun.py)."""
+
+    LAYERS = "layers"  # whole layers: the embedding, decoder layers, or norm + head
+    DENSE_PART = "dense part"  # a streamed MoE layer without its experts
+    EXPERT_GROUP = "expert group"  # a group of a streamed MoE layer's experts
+    HEAD_STEP = "head step"  # some vocabulary rows of a head in steps (the first with the norm)
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,14 @@ class Shard:
     # first step also holds the norm, names ("norm", "lm_head"); the others ("lm_head",)).
     rows: tuple[int, int] | None = None
     head_rows: int = 0  # a head in steps: its number of rows (the vocabulary)
+
+    @property
+    def kind(self) -> ShardKind:
+        if self.rows is not None:
+            return ShardKind.HEAD_STEP
+        if self.experts is None:
+            return ShardKind.LAYERS
+        return ShardKind.DENSE_PART if self.experts == DENSE_PART else ShardKind.EXPERT_GROUP
 
     @property
     def last_step(self) -> bool:
