@@ -125,13 +125,13 @@ class Figures:
         if by_width:
             batches = sorted({t.batch_tokens for points in by_width.values() for t in points})
             return (f"measured at batches {', '.join(map(str, batches))} and widths "
-                    f"{', '.join(map(str, sorted(by_width)))} ({self.calibration.measured_at})")
+                    f"{', '.join(map(str, sorted(by_width)))} ({_when(self.calibration)[len('measured '):]})")
         return "assumed: a table by device and dtype, not measured here"
 
     def host_to_device(self, device: str) -> Figure:
         measured = dict(self.calibration.host_to_device_bytes_per_s) if self.calibration else {}
         if device in measured:
-            return Figure(measured[device], f"measured {self.calibration.measured_at}")
+            return Figure(measured[device], _when(self.calibration))
         gpu = next(g for g in self.hardware.gpus if f"cuda:{g.index}" == device)
         known = gpu.pcie_gen and gpu.pcie_width
         gen, width = (gpu.pcie_gen, gpu.pcie_width) if known else DEFAULT_PCIE
@@ -282,9 +282,15 @@ def _interpolate(points: list[tuple[int, float]], x: int,
     return points[-1][1]
 
 
+def _when(calibration: Calibration) -> str:
+    """A calibrated figure's source: when, and whether the measurement was disturbed."""
+    unreliable = f", unreliable: {calibration.unreliable}" if calibration.unreliable else ""
+    return f"measured {calibration.measured_at}{unreliable}"
+
+
 def figures_of(hardware: Hardware) -> Figures:
     calibration = hardware.calibration
-    when = f"measured {calibration.measured_at}" if calibration else ""
+    when = _when(calibration) if calibration else ""
 
     def pick(measured, assumed, why: str) -> Figure:
         return Figure(float(measured), when) if measured is not None else Figure(float(assumed), f"assumed: {why}")

@@ -40,6 +40,17 @@ class Throughput:
 
 
 @dataclass(frozen=True)
+class Conditions:
+    """How quiet the machine was while it was calibrated (orchestrator/calibrate.py judges them)."""
+
+    round_spread: float  # the median over the measured points of their fastest round's rate / slowest's
+    load_before: float  # 1-minute load average before measuring (after: it includes the measurement's own)
+    load_after: float
+    steal: float | None = None  # share of the CPU time the hypervisor gave to other guests; None: not reported
+    others_cpu: float | None = None  # share of the machine's CPU time other processes used meanwhile
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Figures measured on this machine (orchestrator/calibrate.py), cached per machine. The
     planner reads them as data; a figure left None (or a device/dtype with no Throughput) falls
@@ -58,11 +69,15 @@ class Calibration:
     cuda_worker_base_ram: int | None = None  # RSS of a GPU worker once its CUDA context is up
     sha256_bytes_per_s: float | None = None  # one thread hashing in memory: what a verifying read adds
     direct_read_bytes_per_s: float | None = None  # the same file read around the page cache (O_DIRECT); None: refused
+    conditions: Conditions | None = None  # None: not recorded
+    unreliable: str = ""  # why the figures are not to be trusted (disturbed twice); "" when quiet
 
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":
+        conditions = Conditions(**data["conditions"]) if data.get("conditions") else None
         return cls(**{**data, "throughput": tuple(Throughput(**t) for t in data.get("throughput", ())),
-                      "host_to_device_bytes_per_s": tuple(tuple(p) for p in data.get("host_to_device_bytes_per_s", ()))})
+                      "host_to_device_bytes_per_s": tuple(tuple(p) for p in data.get("host_to_device_bytes_per_s", ())),
+                      "conditions": conditions})
 
 
 @dataclass(frozen=True)
@@ -263,6 +278,8 @@ def render_calibration(c: Calibration, console) -> None:
     table = Table(title=f"Calibration (measured {c.measured_at} in {c.seconds:.0f} s)", show_header=False)
     table.add_column("what")
     table.add_column("value")
+    if c.unreliable:
+        table.add_row("[red]unreliable[/]", f"disturbed: {c.unreliable}")
     if c.disk_read_bytes_per_s:
         table.add_row("disk read, cold", f"{format_bytes(c.disk_read_bytes_per_s)}/s at {c.disk_path}")
     if c.worker_start_seconds is not None:
