@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flexorch.contract.atomic import atomic_write_text
+from flexorch.orchestrator import learned
 from flexorch.orchestrator.hardware import Calibration, Conditions, Hardware, Throughput
 
 ENV_SWITCH = "FLEXORCH_CALIBRATE"
@@ -85,7 +86,7 @@ def calibrated(hardware: Hardware, cache_dir: Path, force: bool = False, console
     key = machine_key(hardware)
     path = cache_dir / "calibration" / f"{_safe(key)}.v{CALIBRATION_VERSION}.json"
     if path.exists() and not force:
-        return replace(hardware, calibration=Calibration.from_dict(json.loads(path.read_text())))
+        return _with_learned(hardware, Calibration.from_dict(json.loads(path.read_text())), cache_dir)
     if console is not None:
         console.print(f"calibrating this machine once (cached in {path}; `flexorch probe --calibrate` redoes it)...")
     try:
@@ -99,7 +100,13 @@ def calibrated(hardware: Hardware, cache_dir: Path, force: bool = False, console
         return hardware
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(asdict(calibration), indent=1) + "\n")
-    return replace(hardware, calibration=calibration)
+    return _with_learned(hardware, calibration, cache_dir)
+
+
+def _with_learned(hardware: Hardware, calibration: Calibration, cache_dir: Path) -> Hardware:
+    """`hardware` with its calibration and what this machine's jobs have measured since (learned.py)."""
+    return replace(hardware, calibration=calibration,
+                   learned=learned.load(cache_dir, calibration.machine, calibration.measured_at))
 
 
 def measure_quietly(hardware: Hardware, key: str, disk_dir: Path, console=None) -> Calibration:

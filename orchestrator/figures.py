@@ -1,8 +1,10 @@
 """The machine's rates and fixed costs the planner predicts with, each measured or assumed.
 
-`figures_of(hardware)` reads `Hardware.calibration` (orchestrator/calibrate.py measures it once per
-machine) and falls back, figure by figure, to the constants below. Every figure keeps its source
-("measured <when>" or "assumed: <why>") so `flexorch plan` can say which predictions rest on what.
+`figures_of(hardware)` reads `Hardware.learned` (what this machine's jobs measured: learned.py),
+then `Hardware.calibration` (orchestrator/calibrate.py measures it once per machine), and falls back,
+figure by figure, to the constants below. Every figure keeps its source ("learned from N jobs (last
+<when>)", "measured <when>" or "assumed: <why>") so `flexorch plan` can say which predictions rest on
+what.
 Pure: no I/O, no torch; the planner stays a function of (hardware, manifest, spec).
 """
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from flexorch.orchestrator.hardware import Calibration, Hardware, Throughput, format_bytes
+from flexorch.orchestrator.learned import Key, Kind, LearnedFigures
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -79,11 +82,11 @@ GPU_FORWARD_SECONDS = 0.8e-3
 @dataclass(frozen=True)
 class Figure:
     value: float
-    source: str  # "measured <UTC time>" | "assumed: <why>"
+    source: str  # "learned from N jobs (last <UTC time>)" | "measured <UTC time>" | "assumed: <why>"
 
     @property
     def measured(self) -> bool:
-        return self.source.startswith("measured")
+        return self.source.startswith(("measured", "learned"))
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class Figures:
     worker_start: Figure
     base_ram: dict[str, Figure]  # "cpu" | "cuda"
     cuda_context: Figure
+    learned: LearnedFigures | None = None  # compute paces by width and batch (`flops` applies them)
 
     @property
     def calibration(self) -> Calibration | None:
@@ -111,14 +115,16 @@ class Figures:
         """FLOP/s through decoder layers of `token_flops` FLOPs per token, `token_attention` of them
         attention's (or else `hidden` wide; None: the widest measured) at `batch` tokens per forward:
         measured, then interpolated in log2(batch); else assumed. See `_layer_curve` and `_width_curve`."""
+        # what this machine's jobs measured on layers this wide: seconds per second predicted
+        pace = self.learned.pace(device, dtype, hidden, batch) if self.learned else 1.0
         kind = "cpu" if device == "cpu" else "cuda"
         by_width = self._measured_points(device, dtype)
         if by_width:
             curve = ((token_flops and _layer_curve(by_width, token_flops, token_attention))
                      or _width_curve(_short_rows(by_width), hidden, batch))
             rate = _interpolate(curve, batch, below=_proportional)
-            return rate * threads / self.hardware.cpu_count if kind == "cpu" else rate
-        return self._assumed_peak(device, dtype, threads) * _saturation(batch, kind)
+            return (rate * threads / self.hardware.cpu_count if kind == "cpu" else rate) / pace
+        return self._assumed_peak(device, dtype, threads) * _saturation(batch, kind) / pace
 
     def flops_source(self, device: str, dtype: str) -> str:
         by_width = self._measured_points(device, dtype)
@@ -127,6 +133,20 @@ class Figures:
             return (f"measured at batches {', '.join(map(str, batches))} and widths "
                     f"{', '.join(map(str, sorted(by_width)))} ({_when(self.calibration)[len('measured '):]})")
         return "assumed: a table by device and dtype, not measured here"
+
+    def learned_paces(self, device: str, dtype: str) -> list[str]:
+        """One line per width this machine's jobs measured: how their compute ran against the rate above."""
+        widths = sorted({s.key.hidden for s in self.learned.series if s.key.kind is Kind.COMPUTE
+                         and s.key.device == device and s.key.dtype == dtype}) if self.learned else []
+        lines = []
+        for hidden in widths:
+            paces = self.learned.compute(device, dtype, hidden)
+            at = ", ".join(f"{s.value:.2g}x at {s.key.batch}" for s in paces)
+            jobs = max(len(s.observations) for s in paces)
+            last = max(s.observations[-1].at for s in paces)
+            lines.append(f"{device} {dtype} compute on {hidden}-wide layers took the time the rate above predicts "
+                         f"times {at} tokens per forward (learned from {jobs} job{'s' if jobs > 1 else ''}, last {last})")
+        return lines
 
     def host_to_device(self, device: str) -> Figure:
         measured = dict(self.calibration.host_to_device_bytes_per_s) if self.calibration else {}
@@ -151,6 +171,7 @@ class Figures:
         for device in dict.fromkeys(devices):
             lines.append(f"{device} {dtype} throughput {self.flops(device, dtype, self._all_threads(device), 1024) / 1e9:.0f} "
                          f"GFLOP/s at 1024 tokens ({self.flops_source(device, dtype)})")
+            lines += self.learned_paces(device, dtype)
             if device != "cpu":
                 link = self.host_to_device(device)
                 lines.append(f"{device} host-to-device {format_bytes(link.value)}/s ({link.source})")
@@ -289,10 +310,13 @@ def _when(calibration: Calibration) -> str:
 
 
 def figures_of(hardware: Hardware) -> Figures:
-    calibration = hardware.calibration
+    calibration, learned = hardware.calibration, hardware.learned
     when = _when(calibration) if calibration else ""
 
-    def pick(measured, assumed, why: str) -> Figure:
+    def pick(measured, assumed, why: str, kind: Kind | None = None) -> Figure:
+        series = learned.get(Key(kind)) if learned and kind else None
+        if series is not None:
+            return Figure(series.value, series.source)
         return Figure(float(measured), when) if measured is not None else Figure(float(assumed), f"assumed: {why}")
 
     disk = hardware.disk_read_bytes_per_s
@@ -301,7 +325,8 @@ def figures_of(hardware: Hardware) -> Figures:
                       "a typical NVMe SSD"))
     if calibration and not disk:
         direct = calibration.direct_read_bytes_per_s
-        direct_read = Figure(direct, when) if direct is not None else None
+        direct_read = (pick(direct, 0, "", Kind.DIRECT_READ) if direct is not None
+                       else None)  # refused by the filesystem: no job reads around the cache either
     else:
         direct_read = Figure(disk_read.value, "assumed: the disk read rate")
     return Figures(
@@ -309,11 +334,12 @@ def figures_of(hardware: Hardware) -> Figures:
         sha256=pick(calibration and calibration.sha256_bytes_per_s, DEFAULT_SHA256_BYTES_PER_S,
                     "one core hashing, between SHA-NI's rate and a core without it"),
         worker_start=pick(calibration and calibration.worker_start_seconds, WORKER_START_SECONDS,
-                          "import of torch and transformers on a slow machine"),
+                          "import of torch and transformers on a slow machine", Kind.WORKER_START),
         base_ram={"cpu": pick(calibration and calibration.worker_base_ram, WORKER_BASE_RAM["cpu"],
                               "Python, torch and transformers"),
                   "cuda": pick(calibration and calibration.cuda_worker_base_ram, WORKER_BASE_RAM["cuda"],
                                "Python, torch, transformers and the CUDA runtime")},
         cuda_context=pick(calibration and calibration.cuda_context_bytes, CUDA_CONTEXT_BYTES,
                           "the high end of 300-600 MB across drivers and GPUs, with cuBLAS's workspaces"),
+        learned=learned,
     )

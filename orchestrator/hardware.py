@@ -13,6 +13,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flexorch.orchestrator.learned import LearnedFigures
+
 
 @dataclass(frozen=True)
 class GpuInfo:
@@ -90,15 +92,17 @@ class Hardware:
     disk_free: int  # bytes free there
     disk_read_bytes_per_s: float | None = None  # measured sequential read rate; None: calibration's or a default
     calibration: Calibration | None = None  # measured figures; None: the planner's assumed constants
+    learned: LearnedFigures | None = None  # what this machine's jobs measured (orchestrator/learned.py)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "learned": self.learned.to_dict() if self.learned else None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Hardware":
         gpus = tuple(GpuInfo(**gpu) for gpu in data.get("gpus", ()))
         calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") else None
-        return cls(**{**data, "gpus": gpus, "calibration": calibration})
+        learned = LearnedFigures.from_dict(data["learned"]) if data.get("learned") else None
+        return cls(**{**data, "gpus": gpus, "calibration": calibration, "learned": learned})
 
 
 @dataclass(frozen=True)
