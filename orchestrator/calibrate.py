@@ -112,14 +112,15 @@ def _with_learned(hardware: Hardware, calibration: Calibration, cache_dir: Path)
 def measure_quietly(hardware: Hardware, key: str, disk_dir: Path, console=None) -> Calibration:
     """A measurement; a disturbed one is taken once more, and if that is disturbed too it is kept
     (the figures still beat the assumed ones more often than not) but marked unreliable."""
+    cores = os.cpu_count() or hardware.cpu_count  # the load average and /proc/stat count all of them
     calibration = measure(hardware, key, disk_dir)
-    why = disturbance(calibration.conditions, hardware.cpu_count)
+    why = disturbance(calibration.conditions, cores)
     if not why:
         return calibration
     if console is not None:
         console.print(f"[yellow]the calibration was disturbed ({why}): measuring once more[/]")
     calibration = measure(hardware, key, disk_dir)
-    why = disturbance(calibration.conditions, hardware.cpu_count)
+    why = disturbance(calibration.conditions, cores)
     if why and console is not None:
         console.print(f"[yellow]disturbed again ({why}): its figures are kept but marked unreliable; "
                       "`flexorch probe --calibrate` on a quieter machine replaces them[/]")
@@ -190,7 +191,9 @@ def conditions_between(before: MachineLoad, after: MachineLoad, round_rates) -> 
 
 def disturbance(conditions: Conditions | None, cpu_count: int) -> str:
     """Why a measurement taken in these conditions is not to be trusted; "" when it was quiet (or
-    the conditions were not recorded)."""
+    the conditions were not recorded). `cpu_count`: the machine's cores, not only those this process
+    may use, as the load average and /proc/stat count them (a container pinned to a few cores of a
+    busy host is judged by the host's load: the round spread is the direct sign)."""
     if conditions is None:
         return ""
     c, why = conditions, []

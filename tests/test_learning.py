@@ -195,7 +195,7 @@ def _slow_calibration(key: str) -> Calibration:
                        worker_base_ram=400_000_000, throughput=throughput)
 
 
-def test_one_job_corrects_a_calibration_ten_times_too_slow(tmp_path, monkeypatch):
+def test_one_job_corrects_a_calibration_ten_times_too_slow(tmp_path, monkeypatch, capsys):
     import flexorch
     from flexorch.orchestrator.demo import build_demo_model
     from flexorch.orchestrator.prepare import prepare_checkpoint
@@ -216,14 +216,15 @@ def test_one_job_corrects_a_calibration_ten_times_too_slow(tmp_path, monkeypatch
 
     def job(n: int):
         planned = flexorch.plan(model, prompts, score="suffix_logprob", devices="cpu")
-        done = flexorch.score(model, prompts, score="suffix_logprob", devices="cpu", job_dir=tmp_path / f"job{n}",
-                              progress=False)
+        done = flexorch.score(model, prompts, score="suffix_logprob", devices="cpu", job_dir=tmp_path / f"job{n}")
         return planned, done.report
 
     first_plan, first = job(1)
     assert first_plan.workers[0].predicted_start_seconds == 60.0
-    # the slow calibration's prediction missed, and the report says so
+    # the slow calibration's prediction missed, and the report and the last lines say so
     assert any(m["what"] == "time" and m["ratio"] < 1 / 1.5 for m in first["prediction_missed"])
+    said = " ".join(capsys.readouterr().err.split())  # as one line, whatever the console's width
+    assert "prediction missed: worker0's time was" in said and "the next plan uses what this job measured" in said
     second_plan, second = job(2)
     assert any(line.startswith("worker start-up") and "(learned from 1 job" in line for line in second_plan.figures)
     assert any("compute on 256-wide layers" in line for line in second_plan.figures)
