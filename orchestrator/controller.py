@@ -308,7 +308,7 @@ def _learn(run: _Run, console: Console) -> bool:
         return False
     try:
         learned.record(default_cache_dir(), used,
-                       pace.observations(paces, used, run.job.plan.dtype, run.job.manifest.hidden_size))
+                       pace.observations(paces, run.job.hardware, run.job.plan.dtype, run.job.manifest.hidden_size))
     except OSError as exc:  # a read-only cache loses the lesson, not the job
         console.out(f"could not record this job's pace in {default_cache_dir()}: {exc}", highlight=False)
         return False

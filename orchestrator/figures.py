@@ -313,8 +313,8 @@ def figures_of(hardware: Hardware) -> Figures:
     calibration, learned = hardware.calibration, hardware.learned
     when = _when(calibration) if calibration else ""
 
-    def pick(measured, assumed, why: str, kind: Kind | None = None) -> Figure:
-        series = learned.get(Key(kind)) if learned and kind else None
+    def pick(measured, assumed, why: str, key: Key | None = None) -> Figure:
+        series = learned.get(key) if learned and key else None
         if series is not None:
             return Figure(series.value, series.source)
         return Figure(float(measured), when) if measured is not None else Figure(float(assumed), f"assumed: {why}")
@@ -325,7 +325,7 @@ def figures_of(hardware: Hardware) -> Figures:
                       "a typical NVMe SSD"))
     if calibration and not disk:
         direct = calibration.direct_read_bytes_per_s
-        direct_read = (pick(direct, 0, "", Kind.DIRECT_READ) if direct is not None
+        direct_read = (pick(direct, 0, "", Key(Kind.DIRECT_READ)) if direct is not None
                        else None)  # refused by the filesystem: no job reads around the cache either
     else:
         direct_read = Figure(disk_read.value, "assumed: the disk read rate")
@@ -334,12 +334,13 @@ def figures_of(hardware: Hardware) -> Figures:
         sha256=pick(calibration and calibration.sha256_bytes_per_s, DEFAULT_SHA256_BYTES_PER_S,
                     "one core hashing, between SHA-NI's rate and a core without it"),
         worker_start=pick(calibration and calibration.worker_start_seconds, WORKER_START_SECONDS,
-                          "import of torch and transformers on a slow machine", Kind.WORKER_START),
+                          "import of torch and transformers on a slow machine", Key(Kind.WORKER_START)),
         base_ram={"cpu": pick(calibration and calibration.worker_base_ram, WORKER_BASE_RAM["cpu"],
-                              "Python, torch and transformers"),
+                              "Python, torch and transformers", Key(Kind.BASE_RAM, "cpu")),
                   "cuda": pick(calibration and calibration.cuda_worker_base_ram, WORKER_BASE_RAM["cuda"],
-                               "Python, torch, transformers and the CUDA runtime")},
+                               "Python, torch, transformers and the CUDA runtime", Key(Kind.BASE_RAM, "cuda"))},
         cuda_context=pick(calibration and calibration.cuda_context_bytes, CUDA_CONTEXT_BYTES,
-                          "the high end of 300-600 MB across drivers and GPUs, with cuBLAS's workspaces"),
+                          "the high end of 300-600 MB across drivers and GPUs, with cuBLAS's workspaces",
+                          Key(Kind.CUDA_CONTEXT)),
         learned=learned,
     )

@@ -16,6 +16,10 @@ calibrated one and says "learned from N jobs (last <when>)". What is learned:
 - worker start-up: spawn to Finished less the engine's own seconds, the slowest worker of the job.
 - direct reads: layer files read around the page cache (a read through it says nothing of the disk
   once the files are cached).
+- a worker's fixed memory (RAM; on a GPU, device memory): what the plan used for it plus what the
+  measured peak exceeded the predicted one by, never below the calibrated figure. The predicted
+  peaks are upper bounds (a demo job peaked at 450 MB against 563 MB predicted), so only a job that
+  went over raises it, and later ones that stayed under bring it back.
 
 Robust to one noisy job: each figure is the median of its last WINDOW jobs, and with an even count
 the older of the two middle ones. One job 10x off cannot move it (beside one other it is the newer
@@ -46,6 +50,8 @@ class Kind(str, Enum):
     COMPUTE = "compute"  # measured compute seconds / the calibration's prediction: > 1 is slower
     WORKER_START = "worker_start"  # seconds
     DIRECT_READ = "direct_read"  # bytes/s
+    BASE_RAM = "base_ram"  # a worker's fixed RAM, bytes, by device kind ("cpu" | "cuda")
+    CUDA_CONTEXT = "cuda_context"  # a GPU worker's fixed device memory, bytes
 
 
 @dataclass(frozen=True)

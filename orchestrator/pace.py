@@ -11,11 +11,12 @@ prediction missed by more than MISS_RATIO either way is reported (report.json's
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Sequence
 
-from flexorch.orchestrator.hardware import format_bytes
-from flexorch.orchestrator.learned import Key, Kind, LearnedFigures
+from flexorch.orchestrator.figures import figures_of
+from flexorch.orchestrator.hardware import Hardware, format_bytes
+from flexorch.orchestrator.learned import Key, Kind
 
 MISS_RATIO = 1.5
 # Fewer bytes than this read around the page cache time the request latency more than the disk.
@@ -99,11 +100,20 @@ def missed_predictions(paces: Sequence[WorkerPace]) -> list[Missed]:
             and not 1 / MISS_RATIO <= m.ratio <= MISS_RATIO]
 
 
-def observations(paces: Sequence[WorkerPace], used: LearnedFigures, dtype: str, hidden: int) -> list[tuple[Key, float]]:
-    """What the machine learns from these workers. A compute pace is relative to the calibration: the
-    plan predicted with `used`'s pace, so the calibration alone predicted predicted_compute x that."""
+def observations(paces: Sequence[WorkerPace], hardware: Hardware, dtype: str, hidden: int) -> list[tuple[Key, float]]:
+    """What the machine learns from these workers, planned for `hardware` (its learned figures the
+    ones the plan used). A compute pace is relative to the calibration: the plan predicted with the
+    pace learned so far, so the calibration alone predicted predicted_compute x that."""
+    used = hardware.learned
+    figures, calibrated = figures_of(hardware), figures_of(replace(hardware, learned=None))
     learned: dict[Key, list[float]] = {}
     for p in paces:
+        kind = "cpu" if p.device == "cpu" else "cuda"
+        learned.setdefault(Key(Kind.BASE_RAM, kind), []).append(max(
+            calibrated.base_ram[kind].value, figures.base_ram[kind].value + p.peak_ram - p.predicted_peak_ram))
+        if kind == "cuda" and p.peak_device:
+            learned.setdefault(Key(Kind.CUDA_CONTEXT), []).append(max(
+                calibrated.cuda_context.value, figures.cuda_context.value + p.peak_device - p.predicted_peak_device))
         if p.predicted_compute > 0 and p.compute > 0:
             batch = 2 ** round(math.log2(max(1.0, p.tokens_per_forward)))
             pace = used.pace(p.device, dtype, hidden, p.tokens_per_forward) * p.compute / p.predicted_compute
@@ -113,5 +123,8 @@ def observations(paces: Sequence[WorkerPace], used: LearnedFigures, dtype: str, 
             learned.setdefault(Key(Kind.DIRECT_READ), []).append(p.bytes_read / p.read_seconds)
     if paces:  # the job waited for its slowest worker's start
         learned[Key(Kind.WORKER_START)] = [max(p.start for p in paces)]
-    # one observation per figure and job: of several workers' (two CPU workers, say), the middle one
-    return [(key, sorted(values)[len(values) // 2]) for key, values in learned.items()]
+    # one observation per figure and job: of several workers' (two CPU workers, say), the middle one;
+    # of their fixed memory, the largest (the figure sizes every worker)
+    memory = (Kind.BASE_RAM, Kind.CUDA_CONTEXT)
+    return [(key, max(values) if key.kind in memory else sorted(values)[len(values) // 2])
+            for key, values in learned.items()]

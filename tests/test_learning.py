@@ -124,28 +124,54 @@ def _pace(**changes) -> pace.WorkerPace:
     return replace(base, **changes)
 
 
+def _taught(learned_figures: LearnedFigures | None = None):
+    return replace(machine(cpus=8), calibration=MEASURED,
+                   learned=learned_figures or LearnedFigures("box", MEASURED.measured_at))
+
+
 def test_a_compute_pace_is_learned_against_the_calibration_not_against_the_pace_used():
     # the plan already predicted with a pace of 2 (10 s); 5 s were measured: the calibration's 5 s were right
     used = _series(2.0, key=Key(Kind.COMPUTE, "cpu", "float32", 1024, 512))
-    observed = dict(pace.observations([_pace()], used, "float32", 1024))
+    observed = dict(pace.observations([_pace()], _taught(used), "float32", 1024))
     assert observed == {Key(Kind.COMPUTE, "cpu", "float32", 1024, 512): pytest.approx(1.0),
-                        Key(Kind.WORKER_START): 12.0}
+                        Key(Kind.WORKER_START): 12.0, Key(Kind.BASE_RAM, "cpu"): MEASURED.worker_base_ram}
 
 
 def test_reads_are_learned_only_around_the_page_cache_and_from_enough_bytes():
-    used = LearnedFigures("box", "")
     direct = _pace(direct_reads=True, bytes_read=1 << 30, read_seconds=2.0)
-    assert dict(pace.observations([direct], used, "float32", 1024))[Key(Kind.DIRECT_READ)] == (1 << 30) / 2.0
+    assert dict(pace.observations([direct], _taught(), "float32", 1024))[Key(Kind.DIRECT_READ)] == (1 << 30) / 2.0
     for unlearned in (replace(direct, direct_reads=False), replace(direct, bytes_read=1 << 20),
                       replace(direct, device="cuda:0")):
-        assert Key(Kind.DIRECT_READ) not in dict(pace.observations([unlearned], used, "float32", 1024))
+        assert Key(Kind.DIRECT_READ) not in dict(pace.observations([unlearned], _taught(), "float32", 1024))
 
 
 def test_two_workers_give_one_observation_each_figure():
-    used = LearnedFigures("box", "")
     observed = pace.observations([_pace(compute=4.0, start=10.0), _pace(name="worker1", compute=6.0, start=14.0),
-                                  _pace(name="worker2", compute=5.0, start=11.0)], used, "float32", 1024)
-    assert dict(observed) == {Key(Kind.COMPUTE, "cpu", "float32", 1024, 512): 0.5, Key(Kind.WORKER_START): 14.0}
+                                  _pace(name="worker2", compute=5.0, start=11.0)], _taught(), "float32", 1024)
+    assert dict(observed) == {Key(Kind.COMPUTE, "cpu", "float32", 1024, 512): 0.5, Key(Kind.WORKER_START): 14.0,
+                              Key(Kind.BASE_RAM, "cpu"): MEASURED.worker_base_ram}
+
+
+def test_a_peak_over_its_prediction_raises_the_fixed_memory_and_one_under_it_never_below_the_calibration():
+    base = MEASURED.worker_base_ram  # 300 MB
+    over = dict(pace.observations([_pace(peak_ram=700_000_000)], _taught(), "float32", 1024))
+    assert over[Key(Kind.BASE_RAM, "cpu")] == base + 200_000_000  # 700 MB measured, 500 MB predicted
+    raised = _taught(LearnedFigures("box", MEASURED.measured_at).observed(Key(Kind.BASE_RAM, "cpu"), base + 200_000_000,
+                                                                         "2026-12-06 08:00 UTC"))
+    assert figures_of(raised).base_ram["cpu"].value == base + 200_000_000
+    plain = make_plan(_taught(), small_fp32(), Spec(storage="cpu"), [150] * 32).workers[0]
+    assert make_plan(raised, small_fp32(), Spec(storage="cpu"), [150] * 32).workers[0].predicted_peak_ram == \
+        plain.predicted_peak_ram + 200_000_000
+    # a later job 150 MB under its prediction (made with the raised figure) brings it back 150 MB, and one far
+    # under it no lower than the calibration
+    under = dict(pace.observations([_pace(peak_ram=350_000_000)], raised, "float32", 1024))
+    assert under[Key(Kind.BASE_RAM, "cpu")] == base + 50_000_000
+    far = dict(pace.observations([_pace(peak_ram=100_000_000)], raised, "float32", 1024))
+    assert far[Key(Kind.BASE_RAM, "cpu")] == base
+    # a GPU worker: its device memory's fixed part likewise
+    gpu = _pace(device="cuda:0", predicted_peak_device=4_000_000_000, peak_device=4_500_000_000)
+    context = figures_of(_taught()).cuda_context.value
+    assert dict(pace.observations([gpu], _taught(), "float32", 1024))[Key(Kind.CUDA_CONTEXT)] == context + 500_000_000
 
 
 def test_a_prediction_missed_by_more_than_one_and_a_half_times_is_reported():
