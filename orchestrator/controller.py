@@ -421,8 +421,8 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
     with make_progress(console, lines) as progress, _executor(run.job, worker_timeout) as executor:
         if run.job.plan.parallel == "pipeline":
             tasks = _link_stages(tasks, executor)
-        executor.start(tasks)
         launched = time.monotonic()
+        executor.start(tasks)
         for task in tasks:
             run.records[task.name].pid = executor.pid(task.name)
         for message in executor.messages():

@@ -259,3 +259,26 @@ def test_one_job_corrects_a_calibration_ten_times_too_slow(tmp_path, monkeypatch
           f"{first['workers'][0]['wall_seconds']:.1f} s; second: predicted {second_plan.workers[0].predicted_seconds:.1f} s, "
           f"measured {measured:.1f} s")
     assert second_plan.workers[0].predicted_seconds == pytest.approx(measured, rel=0.25)
+
+
+def test_a_plan_from_a_calibration_16x_too_slow_and_the_pace_one_job_learned_is_the_plan_of_the_true_rates():
+    """Friction 11: a calibration taken under load (24 GFLOP/s against a quiet ~390) made every plan
+    predict the compute ~16x too long, and choose by it. Corrected by the pace learned, the plan is the one
+    the true rates make: the same settings, the same predicted compute."""
+    slow = replace(MEASURED, throughput=tuple(replace(t, flops_per_s=t.flops_per_s / 16) for t in MEASURED.throughput))
+    spec = Spec(generate_tokens=4)
+    true_plan = make_plan(_taught(), small_fp32(), spec, [150] * 32).workers[0]
+    slow_plan = make_plan(replace(_taught(), calibration=slow), small_fp32(), spec, [150] * 32).workers[0]
+    assert slow_plan.predicted_compute_seconds > 10 * true_plan.predicted_compute_seconds
+    assert slow_plan.settings != true_plan.settings  # it chose by the wrong figures (here: 1 layer per shard, not 2)
+    # what one job measured at the true rate, against the slow plan
+    ran = _pace(tokens_per_forward=1000.0, predicted_compute=slow_plan.predicted_compute_seconds,
+                compute=true_plan.predicted_compute_seconds)
+    taught = LearnedFigures("box", MEASURED.measured_at)
+    hardware = replace(_taught(taught), calibration=slow)
+    for key, value in pace.observations([ran], hardware, "float32", 1024):
+        taught = taught.observed(key, value, "2026-12-06 08:00 UTC")
+    corrected = make_plan(replace(hardware, learned=taught), small_fp32(), spec, [150] * 32).workers[0]
+    assert corrected.settings == true_plan.settings
+    # within the share of the compute that is not FLOPs (the disk store's copies: the pace scales the FLOPs' rate)
+    assert corrected.predicted_compute_seconds == pytest.approx(true_plan.predicted_compute_seconds, rel=0.05)
