@@ -141,11 +141,12 @@ class Figures:
         lines = []
         for hidden in widths:
             paces = self.learned.compute(device, dtype, hidden)
-            at = ", ".join(f"{s.value:.2g}x at {s.key.batch}" for s in paces)
+            times, batches = (", ".join(f"{s.value:.2g}x" for s in paces), ", ".join(str(s.key.batch) for s in paces))
             jobs = max(len(s.observations) for s in paces)
             last = max(s.observations[-1].at for s in paces)
-            lines.append(f"{device} {dtype} compute on {hidden}-wide layers took the time the rate above predicts "
-                         f"times {at} tokens per forward (learned from {jobs} job{'s' if jobs > 1 else ''}, last {last})")
+            lines.append(f"{device} {dtype} compute on {hidden}-wide layers took {times} the time the rate above "
+                         f"predicts at {batches} tokens per forward (learned from {jobs} job{'s' if jobs > 1 else ''}, "
+                         f"last {last})")
         return lines
 
     def host_to_device(self, device: str) -> Figure:

@@ -11,7 +11,8 @@ prediction missed by more than MISS_RATIO either way is reported (report.json's
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Iterable, Sequence
 
 from flexorch.orchestrator.figures import figures_of
@@ -44,11 +45,17 @@ class WorkerPace:
     peak_device: int
 
 
+class Predicted(str, Enum):
+    TIME = "time"  # seconds
+    PEAK_RAM = "peak RAM"  # bytes
+    PEAK_DEVICE = "peak GPU memory"  # bytes
+
+
 @dataclass(frozen=True)
 class Missed:
     worker: str
-    what: str  # "time" | "peak RAM" | "peak GPU memory"
-    predicted: float  # seconds or bytes
+    what: Predicted
+    predicted: float
     measured: float
 
     @property
@@ -56,11 +63,12 @@ class Missed:
         return self.measured / self.predicted
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ratio": round(self.ratio, 3)}
+        return {"worker": self.worker, "what": self.what.value, "predicted": self.predicted,
+                "measured": self.measured, "ratio": round(self.ratio, 3)}
 
     def describe(self) -> str:
-        show = (lambda x: f"{x:.1f} s") if self.what == "time" else format_bytes
-        return (f"prediction missed: {self.worker}'s {self.what} was {show(self.measured)} against "
+        show = (lambda x: f"{x:.1f} s") if self.what is Predicted.TIME else format_bytes
+        return (f"prediction missed: {self.worker}'s {self.what.value} was {show(self.measured)} against "
                 f"{show(self.predicted)} predicted ({self.ratio:.2f}x)")
 
 
@@ -92,10 +100,10 @@ def _tokens_per_forward(rounds, round_tokens: Sequence[int], batch_tokens: int) 
 def missed_predictions(paces: Sequence[WorkerPace]) -> list[Missed]:
     checks = []
     for p in paces:
-        checks += [Missed(p.name, "time", p.predicted_seconds, p.seconds),
-                   Missed(p.name, "peak RAM", p.predicted_peak_ram, p.peak_ram)]
+        checks += [Missed(p.name, Predicted.TIME, p.predicted_seconds, p.seconds),
+                   Missed(p.name, Predicted.PEAK_RAM, p.predicted_peak_ram, p.peak_ram)]
         if p.device != "cpu":
-            checks.append(Missed(p.name, "peak GPU memory", p.predicted_peak_device, p.peak_device))
+            checks.append(Missed(p.name, Predicted.PEAK_DEVICE, p.predicted_peak_device, p.peak_device))
     return [m for m in checks if m.predicted > 0 and m.measured > 0
             and not 1 / MISS_RATIO <= m.ratio <= MISS_RATIO]
 

@@ -77,8 +77,8 @@ def test_figures_prefer_the_learned_ones_and_say_how_many_jobs_taught_them():
     assert figures.flops("cpu", "float32", 8, 512, hidden=4096) == before.flops("cpu", "float32", 8, 512, hidden=4096)
     lines = figures.describe(("cpu",), "float32")
     assert any(line.startswith("worker start-up 7.5 s (learned from 1 job") for line in lines)
-    assert any(line.startswith("cpu float32 compute on 1024-wide layers took the time the rate above predicts "
-                               "times 3x at 512 tokens per forward (learned from 1 job") for line in lines)
+    assert any(line.startswith("cpu float32 compute on 1024-wide layers took 3x the time the rate above predicts "
+                               "at 512 tokens per forward (learned from 1 job") for line in lines)
 
 
 def test_the_plan_predicts_with_the_learned_pace():
@@ -178,7 +178,7 @@ def test_a_prediction_missed_by_more_than_one_and_a_half_times_is_reported():
     missed = pace.missed_predictions([_pace(seconds=31.0), _pace(name="worker1", seconds=12.0, peak_ram=800_000_000),
                                       _pace(name="worker2", device="cuda:0", predicted_peak_device=4e9,
                                             peak_device=7e9)])
-    assert [(m.worker, m.what, m.ratio) for m in missed] == [
+    assert [(m.worker, m.what.value, m.ratio) for m in missed] == [
         ("worker0", "time", 1.55), ("worker1", "time", 0.6), ("worker1", "peak RAM", 1.6),
         ("worker2", "peak GPU memory", 1.75)]
     assert missed[0].to_dict() == {"worker": "worker0", "what": "time", "predicted": 20.0, "measured": 31.0,
