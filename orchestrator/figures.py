@@ -325,9 +325,9 @@ def figures_of(hardware: Hardware) -> Figures:
                  pick(calibration and calibration.disk_read_bytes_per_s, DEFAULT_DISK_READ_BYTES_PER_S,
                       "a typical NVMe SSD"))
     if calibration and not disk:
+        # None: refused by the filesystem, so no job reads around the cache either
         direct = calibration.direct_read_bytes_per_s
-        direct_read = (pick(direct, 0, "", Key(Kind.DIRECT_READ)) if direct is not None
-                       else None)  # refused by the filesystem: no job reads around the cache either
+        direct_read = None if direct is None else pick(direct, None, "", Key(Kind.DIRECT_READ))
     else:
         direct_read = Figure(disk_read.value, "assumed: the disk read rate")
     return Figures(
