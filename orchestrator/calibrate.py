@@ -6,7 +6,10 @@ now (~10-15 s) and cached. What is measured: the cold read rate of the disk hold
 file written, evicted from the page cache with posix_fadvise(DONTNEED), read back in large reads once
 the memory its pages freed has settled: `ColdReadProbe`), and, in a fresh process started as a worker is (workers/calibrate.py), the worker's start-up time and
 fixed RSS, decoder-layer FLOP/s per device, dtype and batch, and on GPUs the host-to-device rate and
-the CUDA context. Probing the hardware (hardware.py) stays apart, and the planner takes the result as
+the CUDA context. Each measurement also records how quiet the machine was (`Conditions`: the spread
+between the interleaved rounds of each point, the load average, CPU steal and other processes' CPU
+time); a disturbed one is measured once more and, disturbed again, kept but marked unreliable, which
+`flexorch probe` and the plan's figure sources say. Probing the hardware (hardware.py) stays apart, and the planner takes the result as
 data. FLEXORCH_CALIBRATE=0 turns it off (the planner then uses its assumed figures; tests do this).
 """
 
@@ -17,15 +20,18 @@ import json
 import mmap
 import os
 import platform
+import resource
 import socket
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flexorch.contract.atomic import atomic_write_text
-from flexorch.orchestrator.hardware import Calibration, Hardware, Throughput
+from flexorch.orchestrator import learned
+from flexorch.orchestrator.hardware import Calibration, Conditions, Hardware, Throughput
 
 ENV_SWITCH = "FLEXORCH_CALIBRATE"
 # Large enough that the drive's read-ahead and the first request's latency are a small share, small
@@ -37,8 +43,10 @@ CHILD_TIMEOUT_S = 120
 # median over distinct batches, not the best run; 4: a long-row point per width, attention priced
 # apart; 5: a GPU's fixed memory counts cuBLAS's workspaces), so a cache from before is measured again
 # rather than read with the wrong meaning.
-# 7: the cold read waits for freed memory to settle (ColdReadProbe).
-CALIBRATION_VERSION = 7
+# 7: the cold read waits for freed memory to settle (ColdReadProbe). 8: the conditions are recorded (a
+# cache from before was never checked for disturbance: one taken under load measured 24 GFLOP/s
+# against a quiet 390 and every later plan predicted ~5x the compute time).
+CALIBRATION_VERSION = 8
 # A VM whose memory balloon has free page reporting (virtio balloon, feature bit 5) hands the pages the
 # guest frees back to the host about 2 s later (the kernel's PAGE_REPORTING_DELAY); used again after
 # that, each one faults in on the host. A file read right after its pages were dropped lands in the
@@ -47,6 +55,16 @@ CALIBRATION_VERSION = 7
 # quite enough (0.9-1.0). The probe reads no sooner than this after its eviction there.
 FREED_MEMORY_SETTLE_S = 5.0
 VIRTIO_DEVICES = Path("/sys/bus/virtio/devices")
+PROC_STAT = Path("/proc/stat")
+# A measurement is disturbed when any of these is exceeded. Spread: the interleaved rounds of one point
+# see the same code and data, so beyond timer noise (a few % at ROUND_SECONDS) they differ only when
+# something else took the cores during one of them. Load before: more runnable processes than half the
+# cores means the measuring threads will share them. Steal: the hypervisor ran other guests on our
+# cores. Others' CPU: what the machine's CPUs spent on processes other than ours while measuring.
+MAX_ROUND_SPREAD = 1.25
+MAX_LOAD_PER_CORE = 0.5
+MAX_STEAL = 0.05
+MAX_OTHERS_CPU = 0.25
 _VIRTIO_BALLOON, _BALLOON_F_REPORTING = 5, 5  # device id; feature bit
 
 
@@ -75,7 +93,7 @@ def cached(hardware: Hardware, cache_dir: Path) -> tuple[Hardware, str]:
     if not path.exists():
         return hardware, ("no calibration cached for this machine: plans use assumed figures until the next "
                           "`flexorch plan` or `submit` measures it (or `flexorch probe --calibrate` now)")
-    return (replace(hardware, calibration=Calibration.from_dict(json.loads(path.read_text()))),
+    return (_with_learned(hardware, Calibration.from_dict(json.loads(path.read_text())), cache_dir),
             f"cached in {path}; `flexorch probe --calibrate` measures again")
 
 
@@ -90,7 +108,7 @@ def calibrated(hardware: Hardware, cache_dir: Path, force: bool = False, console
     if console is not None:
         console.print(f"calibrating this machine once (cached in {path}; `flexorch probe --calibrate` redoes it)...")
     try:
-        calibration = measure(hardware, key, cache_dir)
+        calibration = measure_quietly(hardware, key, cache_dir, console)
     except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError) as exc:
         # the figures only sharpen the plan: without them it rests on the assumed ones, and says so
         if console is not None:
@@ -100,15 +118,41 @@ def calibrated(hardware: Hardware, cache_dir: Path, force: bool = False, console
         return hardware
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(asdict(calibration), indent=1) + "\n")
-    return replace(hardware, calibration=calibration)
+    return _with_learned(hardware, calibration, cache_dir)
+
+
+def _with_learned(hardware: Hardware, calibration: Calibration, cache_dir: Path) -> Hardware:
+    """`hardware` with its calibration and what this machine's jobs have measured since (learned.py)."""
+    return replace(hardware, calibration=calibration,
+                   learned=learned.load(cache_dir, calibration.machine, calibration.measured_at))
+
+
+def measure_quietly(hardware: Hardware, key: str, disk_dir: Path, console=None) -> Calibration:
+    """A measurement; a disturbed one is taken once more, and if that is disturbed too it is kept
+    (the figures still beat the assumed ones more often than not) but marked unreliable."""
+    cores = os.cpu_count() or hardware.cpu_count  # the load average and /proc/stat count all of them
+    calibration = measure(hardware, key, disk_dir)
+    why = disturbance(calibration.conditions, cores)
+    if not why:
+        return calibration
+    if console is not None:
+        console.print(f"[yellow]the calibration was disturbed ({why}): measuring once more[/]")
+    calibration = measure(hardware, key, disk_dir)
+    why = disturbance(calibration.conditions, cores)
+    if why and console is not None:
+        console.print(f"[yellow]disturbed again ({why}): its figures are kept but marked unreliable; "
+                      "`flexorch probe --calibrate` on a quieter machine replaces them[/]")
+    return replace(calibration, unreliable=why)
 
 
 def measure(hardware: Hardware, key: str, disk_dir: Path) -> Calibration:
     start = time.perf_counter()
+    before = MachineLoad.now()
     with ColdReadProbe(disk_dir) as probe:  # its freed memory settles while the worker is measured
         worker = measure_worker(["cpu"] + [f"cuda:{g.index}" for g in hardware.gpus])
         disk = probe.read_rate()
         direct = probe.direct_read_rate()
+    conditions = conditions_between(before, MachineLoad.now(), worker.get("round_rates", ()))
     return Calibration(
         machine=key, measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         seconds=round(time.perf_counter() - start, 1), disk_path=str(disk_dir), disk_read_bytes_per_s=disk,
@@ -116,8 +160,70 @@ def measure(hardware: Hardware, key: str, disk_dir: Path) -> Calibration:
         throughput=tuple(Throughput(**t) for t in worker["throughput"]),
         host_to_device_bytes_per_s=tuple(tuple(p) for p in worker.get("host_to_device_bytes_per_s", ())),
         cuda_context_bytes=worker.get("cuda_context_bytes"), cuda_worker_base_ram=worker.get("cuda_worker_base_ram"),
-        sha256_bytes_per_s=measure_sha256(), direct_read_bytes_per_s=direct,
+        sha256_bytes_per_s=measure_sha256(), direct_read_bytes_per_s=direct, conditions=conditions,
     )
+
+
+@dataclass(frozen=True)
+class MachineLoad:
+    """A snapshot of how busy the machine is: the 1-minute load average, and the CPU seconds of the
+    whole machine (/proc/stat: busy, stolen, all) and of this process and its waited-for children."""
+
+    load: float
+    busy: float | None  # None where /proc/stat is not readable (not Linux)
+    steal: float | None
+    total: float | None
+    ours: float
+
+    @classmethod
+    def now(cls, stat: Path = PROC_STAT) -> "MachineLoad":
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        ours = sum(u.ru_utime + u.ru_stime for u in usage)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        try:
+            fields = [int(x) for x in stat.read_text().splitlines()[0].split()[1:9]]
+        except (OSError, IndexError, ValueError):
+            return cls(load, None, None, None, ours)
+        tick = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (x / tick for x in fields + [0] * (8 - len(fields)))
+        return cls(load, user + nice + system + irq + softirq, steal, sum(fields) / tick, ours)
+
+
+def round_spread(round_rates) -> float:
+    """The median over the points of their fastest round's rate over their slowest's: a slow spell
+    during one round touches every point measured in it (the rounds interleave them), while one
+    point's noise does not move the median. 1.0 with fewer than two rounds."""
+    spreads = [max(rates) / min(rates) for rates in round_rates if len(rates) > 1 and min(rates) > 0]
+    return statistics.median(spreads) if spreads else 1.0
+
+
+def conditions_between(before: MachineLoad, after: MachineLoad, round_rates) -> Conditions:
+    steal = others = None
+    if before.total is not None and after.total is not None and after.total > before.total:
+        elapsed = after.total - before.total
+        steal = (after.steal - before.steal) / elapsed
+        others = max(0.0, (after.busy - before.busy) - (after.ours - before.ours)) / elapsed
+    return Conditions(round_spread=round_spread(round_rates), load_before=before.load, load_after=after.load,
+                      steal=steal, others_cpu=others)
+
+
+def disturbance(conditions: Conditions | None, cpu_count: int) -> str:
+    """Why a measurement taken in these conditions is not to be trusted; "" when it was quiet (or
+    the conditions were not recorded). `cpu_count`: the machine's cores, not only those this process
+    may use, as the load average and /proc/stat count them (a container pinned to a few cores of a
+    busy host is judged by the host's load: the round spread is the direct sign)."""
+    if conditions is None:
+        return ""
+    c, why = conditions, []
+    if c.round_spread > MAX_ROUND_SPREAD:
+        why.append(f"its rounds differed by up to {c.round_spread:.2f}x")
+    if c.load_before > MAX_LOAD_PER_CORE * cpu_count:
+        why.append(f"load average {c.load_before:.1f} on {cpu_count} cores before it")
+    if c.steal is not None and c.steal > MAX_STEAL:
+        why.append(f"{c.steal:.0%} of the CPU time stolen by the hypervisor")
+    if c.others_cpu is not None and c.others_cpu > MAX_OTHERS_CPU:
+        why.append(f"other processes used {c.others_cpu:.0%} of the CPU time meanwhile")
+    return "; ".join(why)
 
 
 def measure_sha256(size: int = 64 << 20) -> float:

@@ -25,7 +25,8 @@ from flexorch.orchestrator import jobstate
 from flexorch.contract.atomic import atomic_write_text
 from flexorch.orchestrator.executor import FAILURES, Died, Hung, LocalProcessExecutor
 from flexorch.orchestrator.calibrate import calibrated
-from flexorch.orchestrator.hardware import Node, probe
+from flexorch.orchestrator.hardware import Hardware, Node, probe
+from flexorch.orchestrator import learned, pace
 from flexorch.orchestrator.merge import collect_results, write_output
 from flexorch.orchestrator.summary import Summary, summarize
 from flexorch.orchestrator.modelstore import default_cache_dir, is_hf_checkpoint, resolve_model
@@ -64,6 +65,7 @@ class PreparedJob:
     tokenizer: object
     plan: Plan
     nodes: tuple[Node, ...] = ()  # executor ray: the cluster the plan was made for
+    hardware: Hardware | None = None  # local: what the plan was made for (its figures: learned, measured)
 
 
 def plan_job(job_path: str | Path) -> tuple[JobSpec, Plan]:
@@ -116,7 +118,7 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     unverified = (unmarked_bytes(model_dir, [(e.file, e.sha256, e.bytes) for e in manifest.layers if e.file])
                   if is_layerwise_dir(model_dir) else 0)
     plan = make_plan(hardware, manifest, spec, **sizes, unverified_bytes=unverified)
-    return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan)
+    return PreparedJob(spec, prompts, tokenized, score, manifest, tokenizer, plan, hardware=hardware)
 
 
 def _ray_cluster(spec: JobSpec):
@@ -158,6 +160,7 @@ class WorkerRecord:
     rounds: int = 0  # rounds committed in this run
     pid: int | None = None
     seconds: float = 0.0  # from process start to Finished
+    wall_seconds: float = 0.0  # from its spawn to Finished, as the controller saw it
     engine_seconds: float = 0.0  # inside the engine (the rest is start-up: imports, device set-up)
     bytes_read: int = 0
     peak_device_memory: int = 0
@@ -211,6 +214,7 @@ class _Run:
     error: str | None = None
     summary: Summary | None = None  # once the output is written
     committed: set[int] = field(default_factory=set)  # prompts committed by this run
+    missed: list[pace.Missed] = field(default_factory=list)  # predictions the measured figures missed
 
     def update(self, message) -> None:
         self.records[message.worker].update(message)
@@ -241,6 +245,7 @@ class _Run:
             "seconds": round(time.monotonic() - self.started, 3),
             "workers": [vars(r) for r in self.records.values()], "plan": self.job.plan.to_dict(),
             "summary": self.summary.to_dict() if self.summary else None,
+            "prediction_missed": [m.to_dict() for m in self.missed],
         }
 
     def finish(self, status: str, error: str | None = None) -> Path:
@@ -311,10 +316,14 @@ def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> JobResult:
                 f"{spec.job_dir}; free space and submit again)"
         run.finish("failed", error)
         raise JobFailed(error) from None
+    learned_now = _learn(run, console)
     report = run.finish("completed")
     console.out(f"done: {len(run.job.prompts)} prompts ({len(run.state.completed)} reused) in "
                 f"{time.monotonic() - run.started:.1f} s -> {spec.output.resolve()}; report {report.resolve()}",
                 highlight=False)
+    for missed in run.missed:
+        console.out(missed.describe() + ("; the next plan uses what this job measured" if learned_now else ""),
+                    highlight=False)
     return JobResult(spec, run.job.prompts, results, run.report(), report)
 
 
@@ -326,6 +335,23 @@ def _kept(run: _Run) -> str:
                  f"({lost['engine_seconds']:.0f} s of compute)" if lost["rounds"] else "")
     return (f"{kept} of {report['prompts']} prompts committed ({report['prompts_computed']} by this run), kept in "
             f"{run.job.spec.job_dir} (submit again to resume){lost_text}")
+
+
+def _learn(run: _Run, console: Console) -> bool:
+    """Each worker's measured pace against its plan: the predictions it missed (run.missed), and the
+    figures the machine learns (orchestrator/learned.py). Whether anything was learned."""
+    paces = pace.worker_paces(run.job.plan, run.records.values(), [p.n_tokens for p in run.job.tokenized])
+    run.missed = pace.missed_predictions(paces)
+    used = run.job.hardware.learned if run.job.hardware else None
+    if used is None or not paces:  # no calibration (FLEXORCH_CALIBRATE=0, a cluster): nothing to correct
+        return False
+    try:
+        learned.record(default_cache_dir(), used,
+                       pace.observations(paces, run.job.hardware, run.job.plan.dtype, run.job.manifest.hidden_size))
+    except OSError as exc:  # a read-only cache loses the lesson, not the job
+        console.out(f"could not record this job's pace in {default_cache_dir()}: {exc}", highlight=False)
+        return False
+    return True
 
 
 def _faults_from_env() -> dict[str, WorkerHooks]:
@@ -436,6 +462,7 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
         if run.job.plan.parallel == "pipeline":
             tasks = _link_stages(tasks, executor, run.job.plan.channel_batches)
         progress.starting()
+        launched = time.monotonic()
         executor.start(tasks)
         for task in tasks:
             run.records[task.name].pid = executor.pid(task.name)
@@ -443,6 +470,8 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
             run.update(message)  # the report's figures first: a Ctrl-C between the two loses only a line
             progress.handle(message)
             record = run.records[message.worker]
+            if isinstance(message, Finished):  # the worker's whole time, start-up included (learned.py)
+                record.wall_seconds = round(time.monotonic() - launched, 3)
             if isinstance(message, FAILURES):
                 return _failure(run, record, message)
     return None

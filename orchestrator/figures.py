@@ -1,8 +1,10 @@
 """The machine's rates and fixed costs the planner predicts with, each measured or assumed.
 
-`figures_of(hardware)` reads `Hardware.calibration` (orchestrator/calibrate.py measures it once per
-machine) and falls back, figure by figure, to the constants below. Every figure keeps its source
-("measured <when>" or "assumed: <why>") so `flexorch plan` can say which predictions rest on what.
+`figures_of(hardware)` reads `Hardware.learned` (what this machine's jobs measured: learned.py),
+then `Hardware.calibration` (orchestrator/calibrate.py measures it once per machine), and falls back,
+figure by figure, to the constants below. Every figure keeps its source ("learned from N jobs (last
+<when>)", "measured <when>" or "assumed: <why>") so `flexorch plan` can say which predictions rest on
+what.
 Pure: no I/O, no torch; the planner stays a function of (hardware, manifest, spec).
 """
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from flexorch.orchestrator.hardware import Calibration, Hardware, Throughput, format_bytes, format_flops
+from flexorch.orchestrator.learned import Key, Kind, LearnedFigures
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -79,11 +82,11 @@ GPU_FORWARD_SECONDS = 0.8e-3
 @dataclass(frozen=True)
 class Figure:
     value: float
-    source: str  # "measured <UTC time>" | "assumed: <why>"
+    source: str  # "learned from N jobs (last <UTC time>)" | "measured <UTC time>" | "assumed: <why>"
 
     @property
     def measured(self) -> bool:
-        return self.source.startswith("measured")
+        return self.source.startswith(("measured", "learned"))
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class Figures:
     worker_start: Figure
     base_ram: dict[str, Figure]  # "cpu" | "cuda"
     cuda_context: Figure
+    learned: LearnedFigures | None = None  # compute paces by width and batch (`flops` applies them)
 
     @property
     def calibration(self) -> Calibration | None:
@@ -111,27 +115,44 @@ class Figures:
         """FLOP/s through decoder layers of `token_flops` FLOPs per token, `token_attention` of them
         attention's (or else `hidden` wide; None: the widest measured) at `batch` tokens per forward:
         measured, then interpolated in log2(batch); else assumed. See `_layer_curve` and `_width_curve`."""
+        # what this machine's jobs measured on layers this wide: seconds per second predicted
+        pace = self.learned.pace(device, dtype, hidden, batch) if self.learned else 1.0
         kind = "cpu" if device == "cpu" else "cuda"
         by_width = self._measured_points(device, dtype)
         if by_width:
             curve = ((token_flops and _layer_curve(by_width, token_flops, token_attention))
                      or _width_curve(_short_rows(by_width), hidden, batch))
             rate = _interpolate(curve, batch, below=_proportional)
-            return rate * threads / self.hardware.cpu_count if kind == "cpu" else rate
-        return self._assumed_peak(device, dtype, threads) * _saturation(batch, kind)
+            return (rate * threads / self.hardware.cpu_count if kind == "cpu" else rate) / pace
+        return self._assumed_peak(device, dtype, threads) * _saturation(batch, kind) / pace
 
     def flops_source(self, device: str, dtype: str) -> str:
         by_width = self._measured_points(device, dtype)
         if by_width:
             batches = sorted({t.batch_tokens for points in by_width.values() for t in points})
             return (f"measured at batches {', '.join(map(str, batches))} and widths "
-                    f"{', '.join(map(str, sorted(by_width)))} ({self.calibration.measured_at})")
+                    f"{', '.join(map(str, sorted(by_width)))} ({_when(self.calibration)[len('measured '):]})")
         return "assumed: a table by device and dtype, not measured here"
+
+    def learned_paces(self, device: str, dtype: str) -> list[str]:
+        """One line per width this machine's jobs measured: how their compute ran against the rate above."""
+        widths = sorted({s.key.hidden for s in self.learned.series if s.key.kind is Kind.COMPUTE
+                         and s.key.device == device and s.key.dtype == dtype}) if self.learned else []
+        lines = []
+        for hidden in widths:
+            paces = self.learned.compute(device, dtype, hidden)
+            times, batches = (", ".join(f"{s.value:.2g}x" for s in paces), ", ".join(str(s.key.batch) for s in paces))
+            jobs = max(len(s.observations) for s in paces)
+            last = max(s.observations[-1].at for s in paces)
+            lines.append(f"{device} {dtype} compute on {hidden}-wide layers took {times} the time the rate above "
+                         f"predicts at {batches} tokens per forward (learned from {jobs} job{'s' if jobs > 1 else ''}, "
+                         f"last {last})")
+        return lines
 
     def host_to_device(self, device: str) -> Figure:
         measured = dict(self.calibration.host_to_device_bytes_per_s) if self.calibration else {}
         if device in measured:
-            return Figure(measured[device], f"measured {self.calibration.measured_at}")
+            return Figure(measured[device], _when(self.calibration))
         gpu = next(g for g in self.hardware.gpus if f"cuda:{g.index}" == device)
         known = gpu.pcie_gen and gpu.pcie_width
         gen, width = (gpu.pcie_gen, gpu.pcie_width) if known else DEFAULT_PCIE
@@ -152,6 +173,7 @@ class Figures:
             rate = self.flops(device, dtype, self._all_threads(device), 1024)
             lines.append(f"{device} {dtype} throughput {format_flops(rate)} at 1024 tokens "
                          f"({self.flops_source(device, dtype)})")
+            lines += self.learned_paces(device, dtype)
             if device != "cpu":
                 link = self.host_to_device(device)
                 lines.append(f"{device} host-to-device {format_bytes(link.value)}/s ({link.source})")
@@ -283,11 +305,20 @@ def _interpolate(points: list[tuple[int, float]], x: int,
     return points[-1][1]
 
 
-def figures_of(hardware: Hardware) -> Figures:
-    calibration = hardware.calibration
-    when = f"measured {calibration.measured_at}" if calibration else ""
+def _when(calibration: Calibration) -> str:
+    """A calibrated figure's source: when, and whether the measurement was disturbed."""
+    unreliable = f", unreliable: {calibration.unreliable}" if calibration.unreliable else ""
+    return f"measured {calibration.measured_at}{unreliable}"
 
-    def pick(measured, assumed, why: str) -> Figure:
+
+def figures_of(hardware: Hardware) -> Figures:
+    calibration, learned = hardware.calibration, hardware.learned
+    when = _when(calibration) if calibration else ""
+
+    def pick(measured, assumed, why: str, key: Key | None = None) -> Figure:
+        series = learned.get(key) if learned and key else None
+        if series is not None:
+            return Figure(series.value, series.source)
         return Figure(float(measured), when) if measured is not None else Figure(float(assumed), f"assumed: {why}")
 
     disk = hardware.disk_read_bytes_per_s
@@ -295,8 +326,9 @@ def figures_of(hardware: Hardware) -> Figures:
                  pick(calibration and calibration.disk_read_bytes_per_s, DEFAULT_DISK_READ_BYTES_PER_S,
                       "a typical NVMe SSD"))
     if calibration and not disk:
+        # None: refused by the filesystem, so no job reads around the cache either
         direct = calibration.direct_read_bytes_per_s
-        direct_read = Figure(direct, when) if direct is not None else None
+        direct_read = None if direct is None else pick(direct, None, "", Key(Kind.DIRECT_READ))
     else:
         direct_read = Figure(disk_read.value, "assumed: the disk read rate")
     return Figures(
@@ -304,11 +336,13 @@ def figures_of(hardware: Hardware) -> Figures:
         sha256=pick(calibration and calibration.sha256_bytes_per_s, DEFAULT_SHA256_BYTES_PER_S,
                     "one core hashing, between SHA-NI's rate and a core without it"),
         worker_start=pick(calibration and calibration.worker_start_seconds, WORKER_START_SECONDS,
-                          "import of torch and transformers on a slow machine"),
+                          "import of torch and transformers on a slow machine", Key(Kind.WORKER_START)),
         base_ram={"cpu": pick(calibration and calibration.worker_base_ram, WORKER_BASE_RAM["cpu"],
-                              "Python, torch and transformers"),
+                              "Python, torch and transformers", Key(Kind.BASE_RAM, "cpu")),
                   "cuda": pick(calibration and calibration.cuda_worker_base_ram, WORKER_BASE_RAM["cuda"],
-                               "Python, torch, transformers and the CUDA runtime")},
+                               "Python, torch, transformers and the CUDA runtime", Key(Kind.BASE_RAM, "cuda"))},
         cuda_context=pick(calibration and calibration.cuda_context_bytes, CUDA_CONTEXT_BYTES,
-                          "the high end of 300-600 MB across drivers and GPUs, with cuBLAS's workspaces"),
+                          "the high end of 300-600 MB across drivers and GPUs, with cuBLAS's workspaces",
+                          Key(Kind.CUDA_CONTEXT)),
+        learned=learned,
     )

@@ -14,6 +14,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flexorch.orchestrator.learned import LearnedFigures
+
 
 @dataclass(frozen=True)
 class GpuInfo:
@@ -41,6 +43,17 @@ class Throughput:
 
 
 @dataclass(frozen=True)
+class Conditions:
+    """How quiet the machine was while it was calibrated (orchestrator/calibrate.py judges them)."""
+
+    round_spread: float  # the median over the measured points of their fastest round's rate / slowest's
+    load_before: float  # 1-minute load average before measuring (after: it includes the measurement's own)
+    load_after: float
+    steal: float | None = None  # share of the CPU time the hypervisor gave to other guests; None: not reported
+    others_cpu: float | None = None  # share of the machine's CPU time other processes used meanwhile
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Figures measured on this machine (orchestrator/calibrate.py), cached per machine. The
     planner reads them as data; a figure left None (or a device/dtype with no Throughput) falls
@@ -59,11 +72,15 @@ class Calibration:
     cuda_worker_base_ram: int | None = None  # RSS of a GPU worker once its CUDA context is up
     sha256_bytes_per_s: float | None = None  # one thread hashing in memory: what a verifying read adds
     direct_read_bytes_per_s: float | None = None  # the same file read around the page cache (O_DIRECT); None: refused
+    conditions: Conditions | None = None  # None: not recorded
+    unreliable: str = ""  # why the figures are not to be trusted (disturbed twice); "" when quiet
 
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":
+        conditions = Conditions(**data["conditions"]) if data.get("conditions") else None
         return cls(**{**data, "throughput": tuple(Throughput(**t) for t in data.get("throughput", ())),
-                      "host_to_device_bytes_per_s": tuple(tuple(p) for p in data.get("host_to_device_bytes_per_s", ()))})
+                      "host_to_device_bytes_per_s": tuple(tuple(p) for p in data.get("host_to_device_bytes_per_s", ())),
+                      "conditions": conditions})
 
 
 @dataclass(frozen=True)
@@ -76,15 +93,17 @@ class Hardware:
     disk_free: int  # bytes free there
     disk_read_bytes_per_s: float | None = None  # measured sequential read rate; None: calibration's or a default
     calibration: Calibration | None = None  # measured figures; None: the planner's assumed constants
+    learned: LearnedFigures | None = None  # what this machine's jobs measured (orchestrator/learned.py)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "learned": self.learned.to_dict() if self.learned else None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Hardware":
         gpus = tuple(GpuInfo(**gpu) for gpu in data.get("gpus", ()))
         calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") else None
-        return cls(**{**data, "gpus": gpus, "calibration": calibration})
+        learned = LearnedFigures.from_dict(data["learned"]) if data.get("learned") else None
+        return cls(**{**data, "gpus": gpus, "calibration": calibration, "learned": learned})
 
 
 @dataclass(frozen=True)

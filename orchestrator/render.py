@@ -105,6 +105,8 @@ def render_calibration(c: Calibration, console, note: str = "") -> None:
                   caption=note or None)
     table.add_column("what")
     table.add_column("value")
+    if c.unreliable:
+        table.add_row("[red]unreliable[/]", f"disturbed: {c.unreliable}")
     if c.disk_read_bytes_per_s:
         table.add_row("disk read, cold", f"{format_bytes(c.disk_read_bytes_per_s)}/s at {c.disk_path}")
     if c.worker_start_seconds is not None:

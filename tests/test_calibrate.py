@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import math
@@ -11,7 +12,7 @@ import pytest
 
 from flexorch.orchestrator import calibrate
 from flexorch.orchestrator.figures import figures_of
-from flexorch.orchestrator.hardware import Calibration, Hardware, Throughput
+from flexorch.orchestrator.hardware import Calibration, Conditions, Hardware, Throughput
 from flexorch.orchestrator.planner import make_plan
 
 from test_planner import Limits, Spec, machine, small_fp32
@@ -175,6 +176,8 @@ def test_layer_rates_are_the_median_of_interleaved_rounds(monkeypatch):
     monkeypatch.setattr(measuring, "ROUND_SECONDS", 0.5)  # one run a round: each scripted second exceeds it
     rates = measuring._flops([(64, "float32")], "cpu", (8, 32))
     assert order == [(64, 8), (64, 32)] * 4
+    flops8 = measuring.layer_flops(4 * 64 * 64 + 3 * 64 * 176 + 2 * 64, 64, 8, 8)
+    assert rates[0]["round_rates"] == pytest.approx([flops8, flops8, flops8 / 5])  # each round's own rate
     params = 4 * 64 * 64 + 3 * 64 * 176 + 2 * 64  # reference_shape(64): intermediate 2.75 x, no biases
     assert [(r["hidden"], r["batch_tokens"], r["dtype"]) for r in rates] == [(64, 8, "float32"), (64, 32, "float32")]
     assert rates[0]["flops_per_s"] == pytest.approx(measuring.layer_flops(params, 64, 8, 8) / 1.0)  # runs 1, 1, 5
@@ -306,3 +309,80 @@ def test_a_point_the_device_has_no_memory_for_is_left_out(monkeypatch):
     monkeypatch.setattr(measuring, "ROUND_SECONDS", 0.0)
     rates = measuring._flops([(64, "float32")], "cpu", (8, 64), long_row=64)
     assert [(r["batch_tokens"], r["row_tokens"]) for r in rates] == [(8, 8), (64, 32)]
+
+
+# -- disturbance ------------------------------------------------------------------------------------
+QUIET = calibrate.MachineLoad(load=0.2, busy=100.0, steal=0.0, total=400.0, ours=10.0)
+
+
+def _later(seconds: float, ours: float, others: float = 0.0, steal: float = 0.0, load: float = 0.2,
+           cores: int = 2) -> calibrate.MachineLoad:
+    """QUIET after `seconds` on `cores` cores: this process used `ours` CPU seconds, others `others`."""
+    return calibrate.MachineLoad(load, QUIET.busy + ours + others, QUIET.steal + steal, QUIET.total + seconds * cores,
+                                 QUIET.ours + ours)
+
+
+def test_the_spread_between_rounds_is_the_median_over_the_points():
+    assert calibrate.round_spread([[100, 100, 100], [50, 52, 51]]) == pytest.approx(1.02)
+    # one noisy point does not make the machine disturbed; a slow round touching every point does
+    assert calibrate.round_spread([[100, 101, 100], [50, 51, 50], [10, 30, 10]]) == pytest.approx(1.02)
+    assert calibrate.round_spread([[100, 100, 60], [50, 50, 30], [10, 10, 6]]) == pytest.approx(100 / 60)
+    assert calibrate.round_spread([[100], []]) == 1.0  # fewer than two rounds: nothing to compare
+
+
+def test_a_quiet_measurement_is_not_disturbed():
+    conditions = calibrate.conditions_between(QUIET, _later(10, ours=19.5, others=0.3, load=2.1),
+                                              [[100, 102, 101]] * 4)
+    assert conditions.steal == 0.0 and conditions.others_cpu == pytest.approx(0.3 / 20)
+    assert calibrate.disturbance(conditions, cpu_count=2) == ""
+    assert calibrate.disturbance(None, cpu_count=2) == ""  # a calibration from before: nothing recorded
+
+
+@pytest.mark.parametrize("later, rounds, load, expected", [
+    (dict(ours=10, others=9), [[100, 100]], 0.2, "other processes used 45% of the CPU time meanwhile"),
+    (dict(ours=15, steal=4), [[100, 100]], 0.2, "20% of the CPU time stolen by the hypervisor"),
+    (dict(ours=19), [[100, 70]] * 3, 0.2, "its rounds differed by up to 1.43x"),
+    (dict(ours=19), [[100, 100]], 3.5, "load average 3.5 on 2 cores before it"),
+])
+def test_each_sign_of_a_busy_machine_marks_the_measurement_disturbed(later, rounds, load, expected):
+    conditions = calibrate.conditions_between(replace(QUIET, load=load), _later(10, **later), rounds)
+    assert calibrate.disturbance(conditions, cpu_count=2) == expected
+
+
+def test_the_machine_load_is_read_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    tick = os.sysconf("SC_CLK_TCK")
+    stat.write_text(f"cpu  {3 * tick} 0 {tick} {10 * tick} 0 0 0 {2 * tick} 0 0\ncpu0 1 2 3\n")
+    load = calibrate.MachineLoad.now(stat)
+    assert (load.busy, load.steal, load.total) == (4.0, 2.0, 16.0) and load.ours > 0
+    assert calibrate.MachineLoad.now(tmp_path / "absent").total is None  # not Linux: no CPU figures
+
+
+def _disturbed(spread: float) -> Calibration:
+    return replace(MEASURED, conditions=Conditions(round_spread=spread, load_before=0.1, load_after=2.0))
+
+
+@pytest.mark.parametrize("spreads, unreliable", [((2.0, 1.01), ""), ((2.0, 1.6), "its rounds differed by up to 1.60x")])
+def test_a_disturbed_calibration_is_retried_once_then_marked_unreliable(tmp_path, monkeypatch, spreads, unreliable):
+    monkeypatch.setenv("FLEXORCH_CALIBRATE", "1")
+    takes = iter(spreads)
+    monkeypatch.setattr(calibrate, "measure", lambda hardware, key, disk_dir: _disturbed(next(takes)))
+    hardware = calibrate.calibrated(machine(), tmp_path)
+    assert next(takes, None) is None  # measured twice, no more
+    assert hardware.calibration.unreliable == unreliable
+    # cached with its mark, and every figure taken from it says so
+    assert calibrate.calibrated(machine(), tmp_path).calibration == hardware.calibration
+    figures = figures_of(hardware)
+    assert figures.disk_read.source.endswith(f", unreliable: {unreliable}") == bool(unreliable)
+    assert ("unreliable" in figures.flops_source("cpu", "float32")) == bool(unreliable)
+
+
+def test_probe_shows_an_unreliable_calibration(tmp_path, monkeypatch, capsys):
+    from flexorch.orchestrator import cli
+
+    monkeypatch.setenv("FLEXORCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "measure", lambda hardware, key, disk_dir: _disturbed(3.0))
+    monkeypatch.setenv("COLUMNS", "200")  # the reason on one line
+    assert cli.main(["probe", "--calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "unreliable" in out and "its rounds differed by up to 3.00x" in out

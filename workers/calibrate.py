@@ -73,11 +73,12 @@ class _Point:
                         causal.expand(self.rows, 1, self.length, self.length).contiguous()) for _ in range(INPUTS)]
         with torch.inference_mode():
             self.embeddings = rotary(self.inputs[0][0], self.positions)
-        self.device, self.times = device, []
+        self.device, self.times, self.round_starts = device, [], []
         self._run()  # a warm-up, not counted: kernel selection and allocation
 
     def measure(self) -> None:
         start = len(self.times)
+        self.round_starts.append(start)
         while len(self.times) == start or sum(self.times[start:]) < ROUND_SECONDS and len(self.times) - start < MAX_RUNS:
             self.times.append(self._run())
 
@@ -94,6 +95,13 @@ class _Point:
 
         return self.forward_flops / statistics.median(self.times)
 
+    def round_rates(self) -> list[float]:
+        """The rate of each round alone: how far they differ says whether the machine was quiet."""
+        import statistics
+
+        ends = self.round_starts[1:] + [len(self.times)]
+        return [self.forward_flops / statistics.median(self.times[a:b]) for a, b in zip(self.round_starts, ends)]
+
     def _run(self) -> float:
         import torch
 
@@ -109,7 +117,7 @@ class _Point:
 def _flops(shapes: list[tuple[int, str]], device: str, batches: tuple[int, ...], long_row: int | None = None) -> list[dict]:
     """FLOP/s (layer_flops) of one decoder layer's forward per (width, dtype) in `shapes` and batch, on
     rows of ROW_TOKENS, and with `long_row` also on one row of that many tokens: the median of its runs
-    over ROUNDS interleaved rounds. A point the device has no memory for (a small GPU, the wide layer's
+    over ROUNDS interleaved rounds (and each round's own rate, "round_rates"). A point the device has no memory for (a small GPU, the wide layer's
     largest batch) is left out: the planner interpolates over the others."""
     import torch
 
@@ -137,7 +145,8 @@ def _flops(shapes: list[tuple[int, str]], device: str, batches: tuple[int, ...],
                 _release(dev)
     return [{"device": device, "dtype": dtype, "batch_tokens": batch, "hidden": hidden, "flops_per_s": point.rate(),
              "forward_flops": point.forward_flops, "attention_flops": point.attention_flops,
-             "row_tokens": point.length} for (hidden, dtype, batch, _), point in points.items()]
+             "row_tokens": point.length, "round_rates": point.round_rates()}
+            for (hidden, dtype, batch, _), point in points.items()]
 
 
 def _release(device) -> None:
@@ -227,6 +236,8 @@ def measure(devices: list[str]) -> dict:
             result.update(gpu)  # the first GPU's context and RSS stand for all (one model of card per box)
         shapes = [(hidden, dtype) for hidden in WIDTHS[kind] for dtype in DTYPES[kind]]
         result["throughput"] += _flops(shapes, device, BATCHES[kind], LONG_ROW[kind])
+    # each point's rate per round, apart from its figure: the spread between them is the disturbance
+    result["round_rates"] = [point.pop("round_rates") for point in result["throughput"]]
     return result
 
 
