@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -230,7 +231,8 @@ def submit(job_path: str | Path, console: Console, restart: bool = False,
            faults: dict[str, WorkerHooks] | None = None) -> int:
     """Run the job file; returns the exit status (bad input raises UserError: the CLI exits 2)."""
     try:
-        run_job(load_job(Path(job_path)), console, restart=restart, faults=faults)
+        console.out(done_line(run_job(load_job(Path(job_path)), console, restart=restart, faults=faults)),
+                    highlight=False)
     except JobFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -240,10 +242,13 @@ def submit(job_path: str | Path, console: Console, restart: bool = False,
 
 
 def run_job(spec: JobSpec, console: Console, restart: bool = False,
-            faults: dict[str, WorkerHooks] | None = None) -> JobResult:
+            faults: dict[str, WorkerHooks] | None = None,
+            on_accepted: Callable[[], None] | None = None) -> JobResult:
     """Run a validated job to its output. Raises UserError (bad input),
     JobFailed (a worker failed: the others were stopped) or KeyboardInterrupt, each after writing
-    the report. `faults`: test hooks per worker name (default: from FLEXORCH_TEST_FAULTS)."""
+    the report. `faults`: test hooks per worker name (default: from FLEXORCH_TEST_FAULTS);
+    `on_accepted`: called once the job holds job_dir and output and job_dir's state took it (the
+    API writes its job files there then, and not for a job that is refused)."""
     # Everything is validated and planned before an HF checkpoint is converted (which can take an
     # hour for a 70B model): a typo in the prompts must not cost that.
     job = prepare_job(spec, spec.model, _describe_model(spec.model))
@@ -253,8 +258,10 @@ def run_job(spec: JobSpec, console: Console, restart: bool = False,
         _ray_cluster(spec).check_model(_used_nodes(job), model_dir)
     fingerprint = jobstate.make_fingerprint(manifest, model_dir, spec.prompts, job.tokenized, job.score,
                                             job.plan.dtype)
-    with jobstate.locked(spec.job_dir):
+    with jobstate.locked(spec.job_dir), jobstate.locked_output(spec.output):
         state = jobstate.open_job(spec.job_dir, fingerprint, len(job.prompts), restart=restart)
+        if on_accepted is not None:
+            on_accepted()
         _remove_leftovers(job)
         run = _Run(job, model_dir, state)
         tasks = _make_tasks(run, faults if faults is not None else _faults_from_env())
@@ -283,10 +290,16 @@ def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> JobResult:
         run.finish("failed", error)
         raise JobFailed(error) from None
     report = run.finish("completed")
-    console.out(f"done: {len(run.job.prompts)} prompts ({len(run.state.completed)} reused) in "
-                f"{time.monotonic() - run.started:.1f} s -> {spec.output.resolve()}; report {report.resolve()}",
-                highlight=False)
     return JobResult(spec, run.job.prompts, results, run.report(), report)
+
+
+def done_line(result: JobResult, paths: bool = True) -> str:
+    """What a completed job says last; without `paths` where they lie in a folder that is about to go
+    (the API's temporary job)."""
+    report = result.report
+    where = f" -> {result.spec.output.resolve()}; report {result.report_path.resolve()}" if paths else ""
+    return (f"done: {report['prompts']} prompts ({report['prompts_reused']} reused) in "
+            f"{report['seconds']:.1f} s{where}")
 
 
 def _faults_from_env() -> dict[str, WorkerHooks]:
