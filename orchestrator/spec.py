@@ -23,6 +23,7 @@ import yaml
 
 from flexorch.contract.errors import UserError
 from flexorch.contract.guard import Limits as ReadLimits, parse_guarded
+from flexorch.contract.models import hub_id_hint
 from flexorch.orchestrator.prompts import updated_prompts_path
 from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES
 
@@ -332,7 +333,7 @@ def _existing_dir(problems: _Problems, key: str, value, base: Path) -> Path | No
     if path is None:
         return None
     if not path.exists():
-        problems.add(key, f"{_where(value, path)} does not exist")
+        problems.add(key, f"{_where(value, path)} does not exist{hub_id_hint(value)}")
     elif not path.is_dir():
         problems.add(key, f"{_where(value, path)} is not a directory (expected a model dir)")
     return path
