@@ -422,7 +422,8 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
 
 def _executor(job: PreparedJob, worker_timeout: float | None):
     if not job.nodes:
-        return LocalProcessExecutor(worker_timeout=worker_timeout)
+        return LocalProcessExecutor(worker_timeout=worker_timeout,
+                                    start_seconds=max(wp.predicted_start_seconds for wp in job.plan.workers))
     from flexorch.orchestrator.rayexecutor import RayExecutor
 
     nodes = {node.name: node for node in job.nodes}
