@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 from flexorch.contract.errors import UserError
 from flexorch.contract.models import check_decoder_config, hub_id_hint
 from flexorch.contract.leftovers import prepare_temps, remove_dead
-from flexorch.contract.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest,
-                              read_json_object)
+from flexorch.contract.manifest import (COMPRESSION_SCHEMES, DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME,
+                                        NORM, LayerEntry, Manifest, read_json_object)
 from flexorch.orchestrator.experts import ExpertLayout, FusedExperts, fuse_experts, has_expert_tensors, module_shapes
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
 )
 COPIED_FILES = (CONFIG_NAME, "generation_config.json", *TOKENIZER_FILES)
-COMPRESSION_SCHEMES = ("int8", "int4")  # workers/compression.SCHEMES (not imported: it needs torch)
 
 # Weight files of layouts we do not read (GGUF, Meta's consolidated.*.pth, ...), to tell "unknown
 # layout" from "no weights at all".
