@@ -181,9 +181,13 @@ def _job(model, prompts, kind, tokens, devices, job_dir, output, settings) -> It
         job_path = Path(job_dir).expanduser() if _is_path(job_dir) else None
         if output is None:  # the default needs a job_dir that is a path; one that is not is refused below
             output = job_path / OUTPUT_FILE if job_path is not None else OUTPUT_FILE
-        raw = {"model": _plain(model), "prompts": _plain(prompts), "output": _plain(output), "job_dir": _plain(job_dir),
-               "score": _plain(kind) if tokens is None else {"kind": _plain(kind), "tokens": _plain(tokens)},
-               "devices": _plain(devices), **{key: _plain(value) for key, value in settings.items()}}
+        try:
+            raw = {"model": _plain(model), "prompts": _plain(prompts), "output": _plain(output),
+                   "job_dir": _plain(job_dir),
+                   "score": _plain(kind) if tokens is None else {"kind": _plain(kind), "tokens": _plain(tokens)},
+                   "devices": _plain(devices), **{key: _plain(value) for key, value in settings.items()}}
+        except RecursionError:
+            raise UserError(f"{_SOURCE}: a keyword's value is nested too deeply (or holds itself)") from None
         spec = job_from_mapping(raw, (job_path or Path()).absolute() / JOB_FILE, source=_SOURCE, base=Path.cwd())
         if any(spec.output == spec.job_dir / name for name in files):
             raise UserError(f"{_SOURCE}: output {spec.output} is where the job keeps its {spec.output.name}; "
@@ -201,8 +205,10 @@ def _is_path(value) -> bool:
 def _plain(value):
     """Keyword values as a YAML job file holds them (tuples as lists, paths as text); anything else
     as it is, for the job file's parser to accept or refuse."""
-    if isinstance(value, Path):
+    if isinstance(value, (Path, str)):  # str subclasses too (numpy's): the job file is YAML's plain data
         return str(value)
+    if isinstance(value, float):
+        return float(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

@@ -236,12 +236,15 @@ def _holding_itself():
     (dict(prompts=[{"prefix": "x", "suffixes": [" a"], "v": np.float32(0.5)}]), r"prompts\[0\]: not JSON data"),
     (dict(prompts=[_holding_itself()]), r"prompts\[0\]: not JSON data: Circular reference"),
     (dict(prompts=[{"prefix": "x", "suffixes": [" a"], "id": float("nan")}]), "id: expected a finite number, got nan"),
-    (dict(prompts=[("x", [np.str_(" a")])]), None),  # a numpy string is a str: accepted
+    (dict(prompts=[("x", [np.str_(" a")])], dtype=np.str_("float32"), worker_timeout=np.float64(60)), None),
+    (dict(limits=_holding_itself()), "a keyword's value is nested too deeply"),
 ])
 def test_bad_arguments_are_user_errors(tmp_path, model, arguments, expected):
     arguments = {"prompts": MC, **arguments}
-    if expected is None:
-        assert flexorch.plan(model, devices="cpu", **arguments).workers
+    if expected is None:  # numpy's str and float subclasses: accepted, and written as plain YAML
+        results = flexorch.score(model, devices="cpu", progress=False, job_dir=tmp_path / "job",
+                                 score="suffix_logprob", **arguments)
+        assert len(results) == 1 and "float32" in (tmp_path / "job" / "job.yaml").read_text()
         return
     with pytest.raises(flexorch.UserError, match=expected):
         flexorch.score(model, devices="cpu", progress=False, **arguments)
