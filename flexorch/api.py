@@ -135,7 +135,9 @@ def score(model, prompts, *, score: str = "next_token_probs", tokens: Sequence[s
         scored = [PromptScores(r.index, p.id, p.prefix, p.suffixes, p.answer, r.scores, r.generated, c, p.fields,
                                p.prefix_ids, p.suffix_ids)
                   for p, r, c in zip(done.prompts, done.results, choices)]
-        return Results(job.spec.score.kind, scored, job.spec.score.tokens, done.report,
+        # the paths of a temporary job are gone once this returns: the report does not name them
+        gone = {} if job_dir is not None else {"job": None, **({"output": None} if output is None else {})}
+        return Results(job.spec.score.kind, scored, job.spec.score.tokens, {**done.report, **gone},
                        job.spec.output if output is not None else None)
 
 

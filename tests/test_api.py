@@ -217,7 +217,7 @@ def test_a_call_without_job_dir_names_no_temporary_path(model, capsys):
     results = flexorch.score(model, MC, score="suffix_logprob", devices="cpu")
     err = capsys.readouterr().err
     assert "done: 3 prompts" in err and "flexorch-job-" not in err.split("done:")[1]
-    assert results.output is None
+    assert results.output is None and results.report["output"] is None and results.report["job"] is None
 
 
 def _holding_itself():
