@@ -78,7 +78,8 @@ class Hung:
 
     def describe(self) -> str:
         if self.starting:
-            return f"did not start computing within {self.seconds:g} s (interpreter, torch, device set-up); stopped"
+            return (f"did not start computing within {self.seconds:g} s (interpreter, torch, device set-up); stopped "
+                    "(raise worker_timeout if workers start slower on this machine)")
         return f"made no progress for {self.seconds:g} s (worker_timeout); stopped"
 
 
