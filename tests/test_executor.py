@@ -302,3 +302,20 @@ def test_worker_killed_at_spawn_with_a_large_task_fails_the_job_within_seconds(t
     assert sizes and sizes[0] > 64 * 1024  # the task that would have blocked
     err = capsys.readouterr().err
     assert "worker worker0 (cpu" in err and "killed by SIGKILL" in err
+
+
+def test_a_job_whose_worker_hangs_before_its_first_progress_fails_within_worker_timeout(tmp_path, layerwise,
+                                                                                         monkeypatch, capsys):
+    """The issue's case: worker_timeout 20 s, the worker hangs once started, before its first round;
+    start-up is predicted at 10 s (the assumed figure), so it gets max(20, 2 x 10) = 20 s, not 300."""
+    import json
+
+    from test_controller import submit, write_job
+
+    job = write_job(tmp_path, layerwise("llama"), worker_timeout=20)
+    monkeypatch.setenv("FLEXORCH_TEST_FAULTS", json.dumps({"worker0": {"hang_after_rounds": 0}}))
+    start = time.monotonic()
+    assert submit(job) == 1
+    assert time.monotonic() - start < 90  # 20 s of silence, plus the plan and stopping the worker
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: worker worker0 (cpu") and "did not start computing within 20 s" in err
