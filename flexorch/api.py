@@ -6,7 +6,9 @@ job file is, with the same one-line `UserError`s naming the keyword. Prompts are
 or Python objects (dicts as in a .jsonl line, or the seed's `(prefix, suffixes)` pairs); objects are
 written to `job_dir/prompts.jsonl`, and the job itself to `job_dir/job.yaml`, so a job started
 from Python can be resumed, inspected (`flexorch show JOB_DIR`) or re-run from the command line.
-Without `job_dir` the job runs in a temporary folder that is removed afterwards.
+Those two files are written only once the job is accepted (validated, job_dir and output its own),
+and never over a file of the user's. Without `job_dir` the job runs in a temporary folder that is
+removed afterwards.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import numpy as np
 import yaml
 
 from flexorch.contract.atomic import atomic_write_text
+from flexorch.contract.errors import UserError
 from flexorch.contract.protocol import ScoreKind
+from flexorch.orchestrator.jobstate import JOB_FILE as JOB_STATE_FILE
 from flexorch.orchestrator.planner import Plan
 from flexorch.orchestrator.prompts import Prompt, prompts_from_objects
 from flexorch.orchestrator.spec import JobSpec, job_from_mapping
@@ -117,17 +121,24 @@ def score(model, prompts, *, score: str = "next_token_probs", tokens: Sequence[s
     """
     from rich.console import Console
 
-    from flexorch.orchestrator.controller import run_job
+    from flexorch.orchestrator.controller import done_line, run_job
 
-    with _job(model, prompts, score, tokens, devices, job_dir, output, settings) as spec:
-        done = run_job(spec, Console(stderr=True, quiet=not progress), restart=restart)
+    with _job(model, prompts, score, tokens, devices, job_dir, output, settings) as job:
+        console = Console(stderr=True, quiet=not progress)
+        if job_dir is not None:
+            _check_own_files(job.spec.job_dir, job.files)
+        done = run_job(job.spec, console, restart=restart,
+                       on_accepted=job.write_files if job_dir is not None else None)
+        console.out(done_line(done, paths=job_dir is not None), highlight=False)  # a temporary job_dir is gone
         summary = done.report.get("summary") or {}
         choices = summary.get("choices") or [None] * len(done.prompts)
         scored = [PromptScores(r.index, p.id, p.prefix, p.suffixes, p.answer, r.scores, r.generated, c, p.fields,
                                p.prefix_ids, p.suffix_ids)
                   for p, r, c in zip(done.prompts, done.results, choices)]
-        return Results(spec.score.kind, scored, spec.score.tokens, done.report,
-                       spec.output if output is not None else None)
+        # the paths of a temporary job are gone once this returns: the report does not name them
+        gone = {} if job_dir is not None else {"job": None, **({"output": None} if output is None else {})}
+        return Results(job.spec.score.kind, scored, job.spec.score.tokens, {**done.report, **gone},
+                       job.spec.output if output is not None else None)
 
 
 def plan(model, prompts, *, score: str = "next_token_probs", tokens: Sequence[str] | None = None,
@@ -136,31 +147,70 @@ def plan(model, prompts, *, score: str = "next_token_probs", tokens: Sequence[st
     storage, batch size, predicted memory and time, and why); runs and writes nothing."""
     from flexorch.orchestrator.controller import plan_spec
 
-    with _job(model, prompts, score, tokens, devices, None, None, settings) as spec:
-        return plan_spec(spec)
+    with _job(model, prompts, score, tokens, devices, None, None, settings) as job:
+        return plan_spec(job.spec)
+
+
+@dataclass(frozen=True)
+class _ApiJob:
+    """A validated job of keywords, and the files it writes into its job_dir once it is accepted:
+    the job file (`flexorch submit JOB_DIR/job.yaml` re-runs it) and the prompts given as objects."""
+
+    spec: JobSpec
+    files: dict[str, str]  # name in job_dir -> text
+
+    def write_files(self) -> None:
+        for name, text in self.files.items():
+            path = self.spec.job_dir / name
+            if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+                atomic_write_text(path, text)
 
 
 @contextlib.contextmanager
-def _job(model, prompts, kind, tokens, devices, job_dir, output, settings) -> Iterator[JobSpec]:
-    """The validated JobSpec of the keywords, its files written into job_dir (a temporary folder,
-    removed on the way out, when none is given)."""
+def _job(model, prompts, kind, tokens, devices, job_dir, output, settings) -> Iterator[_ApiJob]:
+    """The keywords validated as a job file's keys are (the same parser), writing nothing: prompts
+    given as objects wait in a private temporary file, and without a job_dir the job runs in a
+    temporary folder; both are removed on the way out."""
     with contextlib.ExitStack() as stack:
         if job_dir is None:
             job_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="flexorch-job-"))
-        job_dir = Path(job_dir).absolute()
-        raw = {"model": _path_text(model), "prompts": _prompts_path(prompts, job_dir),
-               "output": _path_text(output) if output is not None else str(job_dir / OUTPUT_FILE),
-               "job_dir": str(job_dir), "score": {"kind": kind, **({"tokens": list(tokens)} if tokens else {})},
-               "devices": _plain(devices), **{key: _plain(value) for key, value in settings.items()}}
-        spec = job_from_mapping(raw, job_dir / JOB_FILE, source=_SOURCE, base=Path.cwd())
-        _write_job_file(spec, raw)
-        yield spec
+        files = {}
+        if not isinstance(prompts, (str, Path)):
+            files[PROMPTS_FILE] = _prompts_text(prompts)
+            staged = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flexorch-prompts-"))) / PROMPTS_FILE
+            staged.write_text(files[PROMPTS_FILE], encoding="utf-8")
+            prompts = staged
+        job_path = Path(job_dir).expanduser() if _is_path(job_dir) else None
+        if output is None:  # the default needs a job_dir that is a path; one that is not is refused below
+            output = job_path / OUTPUT_FILE if job_path is not None else OUTPUT_FILE
+        try:
+            raw = {"model": _plain(model), "prompts": _plain(prompts), "output": _plain(output),
+                   "job_dir": _plain(job_dir),
+                   "score": _plain(kind) if tokens is None else {"kind": _plain(kind), "tokens": _plain(tokens)},
+                   "devices": _plain(devices), **{key: _plain(value) for key, value in settings.items()}}
+        except RecursionError:
+            raise UserError(f"{_SOURCE}: a keyword's value is nested too deeply (or holds itself)") from None
+        spec = job_from_mapping(raw, (job_path or Path()).absolute() / JOB_FILE, source=_SOURCE, base=Path.cwd())
+        if any(spec.output == spec.job_dir / name for name in files):
+            raise UserError(f"{_SOURCE}: output {spec.output} is where the job keeps its {spec.output.name}; "
+                            "choose another output")
+        job_file = {**raw, "model": str(spec.model), "output": str(spec.output), "job_dir": str(spec.job_dir),
+                    "prompts": str(spec.job_dir / PROMPTS_FILE if PROMPTS_FILE in files else spec.prompts)}
+        files[JOB_FILE] = yaml.safe_dump(job_file, sort_keys=False)
+        yield _ApiJob(spec, files)
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, Path) or (isinstance(value, str) and bool(value.strip()))
 
 
 def _plain(value):
-    """Keyword values as a YAML job file holds them (tuples as lists, paths as text)."""
-    if isinstance(value, Path):
+    """Keyword values as a YAML job file holds them (tuples as lists, paths as text); anything else
+    as it is, for the job file's parser to accept or refuse."""
+    if isinstance(value, (Path, str)):  # str subclasses too (numpy's): the job file is YAML's plain data
         return str(value)
+    if isinstance(value, float):
+        return float(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -168,27 +218,20 @@ def _plain(value):
     return value
 
 
-def _path_text(value) -> str:
-    return str(Path(value).expanduser().absolute()) if isinstance(value, (str, Path)) else value
-
-
-def _prompts_path(prompts, job_dir: Path) -> str:
-    """A path as it is; Python objects validated (errors name `prompts[i]`) and written as .jsonl,
-    only when their content changed, so a resumed job sees the same file."""
-    if isinstance(prompts, (str, Path)):
-        return _path_text(prompts)
+def _prompts_text(prompts) -> str:
+    """Python objects as the .jsonl lines they are read back from (errors name `prompts[i]`)."""
     parsed: list[Prompt] = prompts_from_objects(prompts, source="prompts")
-    text = "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in parsed)
-    path = job_dir / PROMPTS_FILE
-    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
-        atomic_write_text(path, text)
-    return str(path)
+    return "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in parsed)
 
 
-def _write_job_file(spec: JobSpec, raw: dict) -> None:
-    """The job as a job file, with absolute paths: `flexorch submit JOB_DIR/job.yaml` re-runs it."""
-    text = yaml.safe_dump({**raw, "model": str(spec.model), "prompts": str(spec.prompts),
-                           "output": str(spec.output)}, sort_keys=False)
-    path = spec.path
-    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
-        atomic_write_text(path, text)
+def _check_own_files(job_dir: Path, files: dict[str, str]) -> None:
+    """Refuse a job_dir whose job files are someone else's: a folder of the user's that holds a
+    prompts.jsonl or job.yaml of its own, which the job would replace. In a flexorch job_dir (its
+    resume state) they are the job's: the job takes them only once accepted (same job, or restart)."""
+    if job_dir.is_dir() and (job_dir / JOB_STATE_FILE).is_file():
+        return
+    for name, text in files.items():
+        path = job_dir / name
+        if path.exists() and not (path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text):
+            raise UserError(f"{_SOURCE}: job_dir {job_dir} holds a {name} that is not this job's (no flexorch job "
+                            f"state beside it); flexorch never replaces it: choose another job_dir")

@@ -37,6 +37,7 @@ from lm_eval.models.utils import has_bos_prefix, resolve_max_length
 
 import flexorch
 from flexorch.contract.errors import UserError
+from flexorch.contract.manifest import MANIFEST_NAME
 
 MODEL_NAME = "flexorch"
 JOBS_DIR = "lm-eval"  # under $FLEXORCH_CACHE when model_args give no job_dir
@@ -193,7 +194,7 @@ class FlexorchLM(TemplateLM):
     def _digest(self, prompts: list[dict]) -> str:
         """Names the job folder: the same model, settings and requests resume the same job. Where
         it runs (devices, limits) changes no score, so a run cut short on two GPUs resumes on one."""
-        model = self.pretrained / "manifest.json"
+        model = self.pretrained / MANIFEST_NAME  # every layer's sha256: re-prepared in place, a new folder
         settings = {key: value for key, value in self.settings.items() if key not in _PLACEMENT_ARGS}
         identity = {"model": str(self.pretrained), "manifest": model.read_text() if model.is_file() else None,
                     "settings": settings, "max_length": self.max_length, "prompts": prompts}

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -145,6 +146,7 @@ class JobResult:
     results: list[PromptResult]
     report: dict
     report_path: Path
+    notes: tuple[str, ...] = ()  # said after the done line: the predictions this job missed
 
 
 # -- submit ------------------------------------------------------------------------------------------
@@ -265,7 +267,8 @@ def submit(job_path: str | Path, console: Console, restart: bool = False,
            faults: dict[str, WorkerHooks] | None = None) -> int:
     """Run the job file; returns the exit status (bad input raises UserError: the CLI exits 2)."""
     try:
-        run_job(load_job(Path(job_path)), console, restart=restart, faults=faults)
+        console.out(done_line(run_job(load_job(Path(job_path)), console, restart=restart, faults=faults)),
+                    highlight=False)
     except JobFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -275,10 +278,13 @@ def submit(job_path: str | Path, console: Console, restart: bool = False,
 
 
 def run_job(spec: JobSpec, console: Console, restart: bool = False,
-            faults: dict[str, WorkerHooks] | None = None) -> JobResult:
+            faults: dict[str, WorkerHooks] | None = None,
+            on_accepted: Callable[[], None] | None = None) -> JobResult:
     """Run a validated job to its output. Raises UserError (bad input),
     JobFailed (a worker failed: the others were stopped) or KeyboardInterrupt, each after writing
-    the report. `faults`: test hooks per worker name (default: from FLEXORCH_TEST_FAULTS)."""
+    the report. `faults`: test hooks per worker name (default: from FLEXORCH_TEST_FAULTS);
+    `on_accepted`: called once the job holds job_dir and output and job_dir's state took it (the
+    API writes its job files there then, and not for a job that is refused)."""
     # Everything is validated and planned before an HF checkpoint is converted (which can take an
     # hour for a 70B model): a typo in the prompts must not cost that.
     job = prepare_job(spec, spec.model, _describe_model(spec.model))
@@ -288,8 +294,10 @@ def run_job(spec: JobSpec, console: Console, restart: bool = False,
         _ray_cluster(spec).check_model(_used_nodes(job), model_dir)
     fingerprint = jobstate.make_fingerprint(manifest, model_dir, spec.prompts, job.tokenized, job.score,
                                             job.plan.dtype)
-    with jobstate.locked(spec.job_dir):
+    with jobstate.locked(spec.job_dir), jobstate.locked_output(spec.output):
         state = jobstate.open_job(spec.job_dir, fingerprint, len(job.prompts), restart=restart)
+        if on_accepted is not None:
+            on_accepted()
         _remove_leftovers(job)
         run = _Run(job, model_dir, state)
         tasks = _make_tasks(run, faults if faults is not None else _faults_from_env())
@@ -318,13 +326,18 @@ def _execute(run: _Run, tasks: list[WorkerTask], console: Console) -> JobResult:
         raise JobFailed(error) from None
     learned_now = _learn(run, console)
     report = run.finish("completed")
-    console.out(f"done: {len(run.job.prompts)} prompts ({len(run.state.completed)} reused) in "
-                f"{time.monotonic() - run.started:.1f} s -> {spec.output.resolve()}; report {report.resolve()}",
-                highlight=False)
-    for missed in run.missed:
-        console.out(missed.describe() + ("; the next plan uses what this job measured" if learned_now else ""),
-                    highlight=False)
-    return JobResult(spec, run.job.prompts, results, run.report(), report)
+    notes = tuple(m.describe() + ("; the next plan uses what this job measured" if learned_now else "")
+                  for m in run.missed)
+    return JobResult(spec, run.job.prompts, results, run.report(), report, notes)
+
+
+def done_line(result: JobResult, paths: bool = True) -> str:
+    """What a completed job says last: the done line, then the predictions it missed; without `paths`
+    where they lie in a folder that is about to go (the API's temporary job)."""
+    report = result.report
+    where = f" -> {result.spec.output.resolve()}; report {result.report_path.resolve()}" if paths else ""
+    return "\n".join([f"done: {report['prompts']} prompts ({report['prompts_reused']} reused) in "
+                      f"{report['seconds']:.1f} s{where}", *result.notes])
 
 
 def _kept(run: _Run) -> str:
@@ -479,7 +492,8 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
 
 def _executor(job: PreparedJob, worker_timeout: float | None):
     if not job.nodes:
-        return LocalProcessExecutor(worker_timeout=worker_timeout)
+        return LocalProcessExecutor(worker_timeout=worker_timeout,
+                                    start_seconds=max(wp.predicted_start_seconds for wp in job.plan.workers))
     from flexorch.orchestrator.rayexecutor import RayExecutor
 
     nodes = {node.name: node for node in job.nodes}

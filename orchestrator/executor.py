@@ -40,9 +40,11 @@ from flexorch.workers.worker import worker_main
 STOP_GRACE_S = 5.0
 TERMINATE_GRACE_S = 2.0
 # worker_timeout measures silence while computing. Until its first progress a worker is starting
-# (interpreter, torch import, CUDA context, first shard): on a loaded machine that alone can take
-# longer than a worker_timeout chosen for progress, so start-up gets at least this long.
-STARTUP_GRACE_S = 300.0
+# (interpreter, torch import, CUDA context, first shard), which can take longer than a worker_timeout
+# chosen for progress: start-up gets at least this many times the plan's predicted start-up (measured
+# by calibration; a loaded machine starts slower). Not a fixed grace: at 300 s a worker hung while
+# starting went unnoticed for minutes under worker_timeout: 20.
+STARTUP_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class Hung:
 
     def describe(self) -> str:
         if self.starting:
-            return f"did not start computing within {self.seconds:g} s (interpreter, torch, device set-up); stopped"
+            return (f"did not start computing within {self.seconds:g} s (interpreter, torch, device set-up); stopped "
+                    "(raise worker_timeout if workers start slower on this machine)")
         return f"made no progress for {self.seconds:g} s (worker_timeout); stopped"
 
 
@@ -167,13 +170,15 @@ class LocalProcessExecutor(Executor):
     """One `spawn`ed process per task on this machine (spawn: CUDA cannot survive fork, and a fresh
     interpreter inherits no locks or threads from the controller).
 
-    `worker_timeout`: seconds of silence after which a worker counts as hung (None: never).
+    `worker_timeout`: seconds of silence after which a worker counts as hung (None: never);
+    `start_seconds`: the plan's predicted start-up, for the allowance before a worker's first progress.
     `target`: the process entry point `target(task, conn, death_conn)`; tests pass stand-ins.
     """
 
     def __init__(self, worker_timeout: float | None = None, target: Callable = worker_main,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, start_seconds: float = 0.0):
         self.worker_timeout = worker_timeout
+        self.start_seconds = start_seconds
         self.target = target
         self.clock = clock
         self._context = multiprocessing.get_context("spawn")
@@ -256,7 +261,9 @@ class LocalProcessExecutor(Executor):
         return max(0.0, deadline - self.clock())
 
     def _allowed_silence(self, handle: _Handle) -> float:
-        return self.worker_timeout if handle.computing else max(self.worker_timeout, STARTUP_GRACE_S)
+        if handle.computing:
+            return self.worker_timeout
+        return max(self.worker_timeout, STARTUP_FACTOR * self.start_seconds)
 
     def _hung(self, waiting: list[_Handle]) -> Iterator[Hung]:
         now = self.clock()

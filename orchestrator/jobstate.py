@@ -211,3 +211,47 @@ def locked(job_dir: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def output_lock_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(f".{output.name}.lock")
+
+
+@contextlib.contextmanager
+def locked_output(output: str | Path) -> Iterator[None]:
+    """Hold `output` for one job: two jobs (each in its own job_dir) writing one output would each
+    replace the other's. The lock file beside it names the owner's pid and is removed on the way
+    out; one left by a killed job is stale (flock ends with its process) and taken over."""
+    path = output_lock_path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the output's folder, which the merge makes anyway
+    if os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            handle.close()
+            raise UserError(f"output {output} is being written by another job (pid {owner}); wait for it to "
+                            "end or choose another output") from None
+        try:
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # its owner removed it between our open and our lock: lock the one now there
+    try:
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexorch.contract.errors import UserError
+from flexorch.contract.models import check_decoder_config, hub_id_hint
 from flexorch.contract.leftovers import prepare_temps, remove_dead
-from flexorch.contract.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM, LayerEntry, Manifest,
-                              read_json_object)
+from flexorch.contract.manifest import (COMPRESSION_SCHEMES, DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME,
+                                        NORM, LayerEntry, Manifest, read_json_object)
 from flexorch.orchestrator.experts import ExpertLayout, FusedExperts, fuse_experts, has_expert_tensors, module_shapes
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
 )
 COPIED_FILES = (CONFIG_NAME, "generation_config.json", *TOKENIZER_FILES)
-COMPRESSION_SCHEMES = ("int8", "int4")  # workers/compression.SCHEMES (not imported: it needs torch)
 
 # Weight files of layouts we do not read (GGUF, Meta's consolidated.*.pth, ...), to tell "unknown
 # layout" from "no weights at all".
@@ -187,7 +187,7 @@ def weight_files(src: Path) -> tuple[str, Path | None, tuple[Path, ...]]:
 def scan_checkpoint(src: Path) -> Checkpoint:
     """Read `src`'s config and the names, dtypes and shapes of its tensors (no tensor data)."""
     if not src.is_dir():
-        raise UserError(f"{src}: no such checkpoint dir")
+        raise UserError(f"{src}: no such checkpoint dir{hub_id_hint(str(src)) if not src.exists() else ''}")
     raw = _read_raw_config(src)
     fmt, index, files = weight_files(src)
     specs = {path: _tensor_specs(path, fmt) for path in files}
@@ -219,6 +219,7 @@ def _read_raw_config(src: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: missing (a Hugging Face checkpoint dir has a config.json)")
     raw = read_json_object(path)
+    check_decoder_config(raw, str(path))
     layers = raw.get("num_hidden_layers")
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
         raise UserError(f"{path}: num_hidden_layers must be an integer >= 1, got {str(layers)[:40]}")
@@ -228,7 +229,7 @@ def _read_raw_config(src: Path) -> dict:
 def _auto_config(src: Path):
     """config.json as transformers reads it (for the model type's defaults, such as whether word
     embeddings are tied when the file does not say)."""
-    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import AutoConfig  # not the lazy top level: thread-safe
 
     try:
         return AutoConfig.from_pretrained(src)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import io
 import json
+import math
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -270,6 +271,8 @@ def _is_ids(value) -> bool:
 def _check_id_and_answer(prompt_id, answer, suffixes, problems: _Problems, where: str) -> None:
     if not isinstance(prompt_id, _SCALARS):
         problems.add(where, f"id: expected a string, number, boolean or null, got {_show(prompt_id)}")
+    elif isinstance(prompt_id, float) and not math.isfinite(prompt_id):  # JSON's NaN: equal to no id, itself included
+        problems.add(where, f"id: expected a finite number, got {prompt_id}")
     if answer is not None and (not isinstance(answer, int) or isinstance(answer, bool) or answer < 0):
         problems.add(where, f"answer: expected the index (0, 1, ...) of the correct suffix, got {_show(answer)}")
     elif (answer is not None and isinstance(suffixes, (list, tuple)) and len(suffixes) > 1
@@ -292,7 +295,7 @@ def prompts_from_objects(items, source: str = "prompts") -> list[Prompt]:
     if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
         raise UserError(f"{source}: expected a list of prompts (dicts with prefix and suffixes, or "
                         f"(prefix, suffixes) pairs), got {_show(items)}")
-    items = list(items)
+    items = [_as_json(item, f"{source}[{index}]") for index, item in enumerate(items)]
     problem = check_plain(items)  # the same guard as a file's: depth, 64-bit ints, valid Unicode
     if problem:
         raise UserError(f"{source}: {problem}")
@@ -300,6 +303,17 @@ def prompts_from_objects(items, source: str = "prompts") -> list[Prompt]:
     if not prompts:
         raise UserError(f"{source}: holds no prompts")
     return prompts
+
+
+def _as_json(item, where: str):
+    """An object as the .jsonl line it is written as and read back from: what JSON cannot hold (numpy
+    values, sets, an object holding itself) is refused here, as a file could not hold it."""
+    try:
+        return json.loads(json.dumps(item, ensure_ascii=False))
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply (or holds itself)") from None
+    except (TypeError, ValueError) as exc:  # "Object of type int64 is not JSON serializable", "Circular reference"
+        raise UserError(f"{where}: not JSON data: {exc}") from None
 
 
 def _prompts_of_items(items, source: Path, where: str) -> list[Prompt]:
@@ -351,7 +365,9 @@ def _show(value) -> str:
 def load_tokenizer(model_dir: Path, allow_remote_code: bool = False):
     """The model dir's tokenizer, from its files only (never the network); code shipped with a model
     runs only when the job says allow_remote_code: true."""
-    from transformers import AutoTokenizer
+    # From its module, not transformers' lazy top level: two threads' first `from transformers import
+    # AutoTokenizer` race in it and one gets an ImportError (two flexorch.score() calls at once).
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=allow_remote_code,

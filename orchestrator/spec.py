@@ -23,6 +23,7 @@ import yaml
 
 from flexorch.contract.errors import UserError
 from flexorch.contract.guard import Limits as ReadLimits, parse_guarded
+from flexorch.contract.models import hub_id_hint
 from flexorch.orchestrator.prompts import updated_prompts_path
 from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES
 
@@ -61,7 +62,7 @@ _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "hal
 
 # Size units. Decimal units are the SI ones disk and GPU vendors print (GB = 10^9 bytes); binary
 # units say so (GiB = 2^30), as in Kubernetes, where a bare "G" is decimal too.
-_SIZE_UNITS = {"": 1, "b": 1}
+_SIZE_UNITS = {"b": 1}
 for _power, _letter in enumerate("kmgt", start=1):
     _SIZE_UNITS |= {_letter: 1000**_power, f"{_letter}b": 1000**_power,
                     f"{_letter}i": 1024**_power, f"{_letter}ib": 1024**_power}
@@ -182,18 +183,21 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
 
 
 def parse_size(value: int | float | str) -> int:
-    """Bytes from 6GB, "6 GiB", "512MB", "8G" (decimal), "1.5TiB" or a plain number of bytes.
+    """Bytes from 6GB, "6 GiB", "512MB", "8G" (decimal), "1.5TiB" or "4096B".
 
-    Raises ValueError (with the reason) for anything else, including sizes <= 0.
+    Raises ValueError (with the reason) for anything else, including sizes <= 0 and a number
+    without a unit: `ram: 8` meant 8 GB, not the 8 bytes it would be.
     """
     if isinstance(value, bool):
-        raise ValueError("expected a size like 6GB, 6GiB or a number of bytes")
+        raise ValueError("expected a size like 6GB or 6GiB")
     if isinstance(value, (int, float)):
         number, unit = value, ""
     elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
         number, unit = float(match[1]), match[2].lower()
     else:
-        raise ValueError("expected a size like 6GB, 6GiB or a number of bytes")
+        raise ValueError("expected a size like 6GB or 6GiB")
+    if not unit:
+        raise ValueError(f"give a unit, e.g. {number:g}GB or {number:g}GiB (B for bytes)")
     if unit not in _SIZE_UNITS:
         raise ValueError(f"unknown unit {unit!r} (use B, KB, MB, GB, TB, or KiB, MiB, GiB, TiB)")
     size = number * _SIZE_UNITS[unit]
@@ -329,7 +333,7 @@ def _existing_dir(problems: _Problems, key: str, value, base: Path) -> Path | No
     if path is None:
         return None
     if not path.exists():
-        problems.add(key, f"{_where(value, path)} does not exist")
+        problems.add(key, f"{_where(value, path)} does not exist{hub_id_hint(value)}")
     elif not path.is_dir():
         problems.add(key, f"{_where(value, path)} is not a directory (expected a model dir)")
     return path
@@ -483,8 +487,10 @@ def _bool(problems: _Problems, key: str, value, default: bool) -> bool | None:
 def _score(problems: _Problems, value) -> ScoreSettings | None:
     if value is None:
         return ScoreSettings()
+    if isinstance(value, str):  # `score: suffix_logprob`, the kind alone (the API's score="...")
+        value = {"kind": value}
     if not isinstance(value, dict):
-        problems.add("score", f"expected a mapping (kind: ..., tokens: [...]), got {_show(value)}")
+        problems.add("score", f"expected a kind or a mapping (kind: ..., tokens: [...]), got {_show(value)}")
         return None
     _check_keys(problems, value, _SCORE_KEYS, prefix="score.")
     kind = _choice(problems, "score.kind", value.get("kind"), SCORE_KINDS, default="next_token_probs", auto=False)

@@ -130,3 +130,134 @@ def test_token_id_prompts_score_as_the_text_they_encode(tmp_path, model):
     assert results.to_records()[-1]["suffix_ids"] == ids[1]["suffix_ids"][-1]
     with pytest.raises(flexorch.UserError, match=r"prompt index 0: prefix_ids: token id 99999 is not in the model's"):
         flexorch.score(model, [{"prefix_ids": [1, 99999], "suffix_ids": [[2]]}], score="suffix_logprob", devices="cpu")
+
+
+# -- hostile use: refused calls write nothing, a job's files are its own ----------------------------
+
+
+def test_a_refused_call_writes_nothing(tmp_path, model, monkeypatch):
+    """Validated first: the user's own prompts.jsonl in job_dir, the working folder (job_dir="") and
+    the model dir are left as they were."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "prompts.jsonl").write_text("my own notes\n")
+    before = {p: p.read_bytes() for p in [*folder.iterdir(), *model.rglob("*")] if p.is_file()}
+    with pytest.raises(flexorch.UserError, match="batch_tokens: expected an integer >= 1 or auto, got -1"):
+        flexorch.score(model, MC, job_dir=folder, batch_tokens=-1, progress=False)
+    monkeypatch.chdir(folder)
+    with pytest.raises(flexorch.UserError, match="job_dir: expected a path, got ''"):
+        flexorch.score(model, MC, job_dir="", progress=False)
+    with pytest.raises(flexorch.UserError, match="lies inside the model dir"):
+        flexorch.score(model, MC, job_dir=model / "job", progress=False)
+    after = {p: p.read_bytes() for p in [*folder.iterdir(), *model.rglob("*")] if p.is_file()}
+    assert after == before
+
+
+def test_a_job_dir_holding_files_of_the_users_is_refused(tmp_path, model):
+    (tmp_path / "prompts.jsonl").write_text("my own notes\n")
+    with pytest.raises(flexorch.UserError, match=r"holds a prompts.jsonl that is not this job's"):
+        flexorch.score(model, MC, job_dir=tmp_path, devices="cpu", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+    assert (tmp_path / "prompts.jsonl").read_text() == "my own notes\n"
+
+
+def test_a_job_dir_in_use_is_refused_without_touching_its_files(tmp_path, model):
+    from flexorch.orchestrator import jobstate
+
+    job_dir = tmp_path / "job"
+    flexorch.score(model, MC, score="suffix_logprob", devices="cpu", job_dir=job_dir, progress=False)
+    files = {p: p.read_bytes() for p in job_dir.rglob("*") if p.is_file() and p.name != jobstate.LOCK_FILE}
+    with jobstate.locked(job_dir):  # a job running there
+        for prompts in (MC, MC[:2]):
+            with pytest.raises(flexorch.UserError, match=f"job_dir {job_dir} is in use|not this job's|different job"):
+                flexorch.score(model, prompts, score="suffix_logprob", devices="cpu", job_dir=job_dir,
+                               batch_tokens=64, progress=False)
+    assert {p: p.read_bytes() for p in files} == files
+    assert cli.main(["submit", str(job_dir / "job.yaml")]) == 0  # the first job re-runs from its job file
+
+
+def test_two_threads_scoring_at_once_both_return(model):
+    import threading
+
+    results = {}
+
+    def run(name):
+        try:
+            results[name] = flexorch.score(model, MC, score="suffix_logprob", devices="cpu", progress=False)
+        except BaseException as exc:  # noqa: BLE001 - the test reports what a thread raised
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert all(isinstance(r, flexorch.Results) for r in results.values()) and len(results) == 2, results
+    for a, b in zip(results["a"], results["b"]):
+        np.testing.assert_array_equal(a.scores["logprob"], b.scores["logprob"])
+
+
+def test_an_output_another_job_writes_is_refused_and_a_dead_jobs_lock_is_taken_over(tmp_path, model):
+    from flexorch.orchestrator import jobstate
+
+    output = tmp_path / "out" / "scores.pkl"
+    with jobstate.locked_output(output):
+        with pytest.raises(flexorch.UserError, match=rf"output {output} is being written by another job \(pid "):
+            flexorch.score(model, MC, score="suffix_logprob", devices="cpu", output=output, job_dir=tmp_path / "b",
+                           progress=False)
+    assert not output.exists()
+    lock = jobstate.output_lock_path(output)
+    lock.write_text("999999999\n")  # left by a killed job: nothing holds it
+    flexorch.score(model, MC, score="suffix_logprob", devices="cpu", output=output, progress=False)
+    assert len(pickle.loads(output.read_bytes())) == len(MC)
+    assert not lock.exists()
+
+
+def test_a_call_without_job_dir_names_no_temporary_path(model, capsys):
+    results = flexorch.score(model, MC, score="suffix_logprob", devices="cpu")
+    err = capsys.readouterr().err
+    assert "done: 3 prompts" in err and "flexorch-job-" not in err.split("done:")[1]
+    assert results.output is None and results.report["output"] is None and results.report["job"] is None
+
+
+def _holding_itself():
+    fields = {"prefix": "x", "suffixes": [" a"]}
+    fields["me"] = fields
+    return fields
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (dict(score="token_probs", tokens=" A"), "score.tokens: expected a list of strings, got ' A'"),
+    (dict(score="token_probs", tokens=" Paris"), "score.tokens: expected a list of strings, got ' Paris'"),
+    (dict(score="token_probs", tokens=5), "score.tokens: expected a list of strings, got 5"),
+    (dict(job_dir=5), "job_dir: expected a path, got 5"),
+    (dict(prompts=[{"prefix": "x", "suffixes": [" a"], "n": np.int64(3)}]),
+     r"prompts\[0\]: not JSON data: Object of type int64"),
+    (dict(prompts=[{"prefix": "x", "suffixes": [" a"], "v": np.float32(0.5)}]), r"prompts\[0\]: not JSON data"),
+    (dict(prompts=[_holding_itself()]), r"prompts\[0\]: not JSON data: Circular reference"),
+    (dict(prompts=[{"prefix": "x", "suffixes": [" a"], "id": float("nan")}]), "id: expected a finite number, got nan"),
+    (dict(prompts=[("x", [np.str_(" a")])], dtype=np.str_("float32"), worker_timeout=np.float64(60)), None),
+    (dict(limits=_holding_itself()), "a keyword's value is nested too deeply"),
+])
+def test_bad_arguments_are_user_errors(tmp_path, model, arguments, expected):
+    arguments = {"prompts": MC, **arguments}
+    if expected is None:  # numpy's str and float subclasses: accepted, and written as plain YAML
+        results = flexorch.score(model, devices="cpu", progress=False, job_dir=tmp_path / "job",
+                                 score="suffix_logprob", **arguments)
+        assert len(results) == 1 and "float32" in (tmp_path / "job" / "job.yaml").read_text()
+        return
+    with pytest.raises(flexorch.UserError, match=expected):
+        flexorch.score(model, devices="cpu", progress=False, **arguments)
+
+
+def test_a_job_dir_that_is_a_file_is_a_user_error(tmp_path, model):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(flexorch.UserError, match="job_dir: .* is a file, expected a folder"):
+        flexorch.score(model, MC, job_dir=tmp_path / "file", progress=False)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_score_as_the_kind_alone_is_the_job_files_score(tmp_path, model):
+    job = write_job(tmp_path, model, score="suffix_logprob")
+    assert cli.main(["plan", str(job)]) == 0
+    assert flexorch.plan(model, MC, score="suffix_logprob", devices="cpu").workers

@@ -137,3 +137,53 @@ def test_the_planner_counts_the_dequantised_copy(compressed):
     plan = make_plan(machine(), manifest, Spec(), [40])
     assert "weights int4 (flexorch prepare --compress): decoder projections dequantised per shard into " \
            "float32; scores are approximate" in plan.reasons
+
+
+def _rewrite_layer(model, name: str, edit) -> None:
+    """Edit a layer file's tensors and give the manifest its new checksum, as a hand-made dir would."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((model / MANIFEST_NAME).read_text())
+    entry = next(layer for layer in manifest["layers"] if layer["name"] == name)
+    tensors = load_file(model / entry["file"])
+    edit(tensors)
+    save_file(tensors, model / entry["file"])
+    entry["sha256"] = hashlib.sha256((model / entry["file"]).read_bytes()).hexdigest()
+    entry["bytes"] = (model / entry["file"]).stat().st_size
+    (model / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_scales_that_are_not_finite_are_refused_when_read(compressed, tmp_path, capsys, bad):
+    model = tmp_path / "model.layers"
+    shutil.copytree(compressed("llama", "int8"), model)
+    _rewrite_layer(model, "layer.2", lambda t: t["mlp.down_proj.weight.scale"].view(-1).__setitem__(5, bad))
+    assert submit(write_job(tmp_path, model)) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: worker worker0 (cpu): ") and "Traceback" not in err
+    assert f"{model}/layers/" in last and "layer 'layer.2': mlp.down_proj.weight.scale holds NaN or infinite " \
+                                          "scales" in last
+    assert not (tmp_path / "job.pkl").exists()
+
+
+def test_a_manifest_claiming_another_scheme_than_its_files_hold_is_refused(compressed, tmp_path):
+    model = tmp_path / "model.layers"
+    shutil.copytree(compressed("llama", "int8"), model)
+    manifest = json.loads((model / MANIFEST_NAME).read_text())
+    for layer in manifest["layers"]:
+        if layer["kind"] == "decoder":
+            layer["compression"] = "int4"  # the files hold int8
+    (model / MANIFEST_NAME).write_text(json.dumps({**manifest, "compression": "int4"}))
+    with pytest.raises(ManifestError, match="layer layer.0 holds int8 tensors but the manifest says compressed int4"):
+        read_manifest(model)
+    for layer in manifest["layers"]:
+        layer["compression"] = None
+    (model / MANIFEST_NAME).write_text(json.dumps({**manifest, "compression": None}))
+    with pytest.raises(ManifestError, match="layer layer.0 holds int8 tensors but the manifest says uncompressed"):
+        read_manifest(model)
+    (model / MANIFEST_NAME).write_text(json.dumps({**manifest, "compression": "fp8"}))
+    with pytest.raises(ManifestError, match="compression 'fp8' is not a scheme"):
+        read_manifest(model)

@@ -622,3 +622,46 @@ def test_a_head_in_vocabulary_steps_and_a_gathered_embedding_match_unsplit_model
     whole_pass = sum(manifest.stored_bytes(entry) for entry in manifest.layers)  # a tied head reads the embedding's
     # of the embedding, the rows of the prompts' ids (< 384 distinct, 96 KB) are read, not all 2 MB
     assert summary.bytes_read < whole_pass - 0.9 * manifest.entry("embed").bytes
+
+
+@pytest.fixture(scope="session")
+def last_pad_id(tmp_path_factory):
+    """last_pad_id(arch) -> (layerwise dir, Reference) of the tiny `arch` whose pad_token_id is the last
+    vocabulary id, as Qwen2/2.5/3's 151643 is (cached)."""
+    from flexorch.orchestrator.demo import build_checkpoint, build_tokenizer
+    from flexorch.orchestrator.prepare import prepare_checkpoint
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(f"last-pad-{arch}")
+            src = build_checkpoint(root / "model", arch, pad_token_id=len(build_tokenizer()) - 1)
+            prepare_checkpoint(src, root / "model.layers")
+            cache[arch] = (root / "model.layers", reference_scores(src))
+        return cache[arch]
+
+    return get
+
+
+# A pass gathers the embedding rows of its tokens (fewer than the vocabulary), so a padding_idx kept
+# from the full vocabulary points past them: every worker failed on such a config.
+@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+def test_a_pad_id_beyond_the_gathered_rows_matches_unsplit_model(arch, last_pad_id):
+    model, ref = last_pad_id(arch)
+    assert read_manifest(model).vocab_size - 1 == json.loads((model / "config.json").read_text())["pad_token_id"]
+    results, _ = score_prompts(model, ref.prompts, ScoreSpec("suffix_logprob"), settings(batch_tokens=60))
+    for result, logprob, greedy in zip(results, ref.logprob, ref.is_greedy):
+        np.testing.assert_allclose(result.scores["logprob"], logprob, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(result.scores["is_greedy"], greedy)
+
+
+def test_a_pad_id_beyond_the_gathered_rows_gives_every_score_kind(last_pad_id):
+    model, ref = last_pad_id("qwen2")
+    probs, _ = score_prompts(model, ref.prompts, ScoreSpec("next_token_probs", generate_tokens=2),
+                             settings(layers_per_shard=2, batch_tokens=60))
+    assert_greedy_extension(probs, ref, 2)
+    token_ids = (5, 17, read_manifest(model).vocab_size - 1)
+    columns, _ = score_prompts(model, ref.prompts, ScoreSpec("token_probs", token_ids=token_ids), settings())
+    for result, expected in zip(columns, ref.probs):
+        np.testing.assert_allclose(result.scores[:, 0], expected[:, 0, list(token_ids)], atol=2e-6, rtol=0)

@@ -267,3 +267,36 @@ def test_disk_filling_while_a_checkpoint_is_prepared_is_one_line_exit_1(tmp_path
         err = capsys.readouterr().err.strip()  # the progress bar leaves a blank line
         assert status == 1 and err.startswith("error: No space left on device (") and len(err.splitlines()) == 1, err
         assert not list(small.iterdir())  # the half-written dir is gone
+
+
+def _moe_layer(edit: Callable[[dict], None]) -> Callable[[dict], None]:
+    """Edit the first MoE decoder entry of a manifest."""
+    def apply(data: dict) -> None:
+        edit(next(layer for layer in data["layers"] if layer.get("experts")))
+    return apply
+
+
+# The tiny Mixtral's layers hold 4 experts.
+MOE_LIES = {
+    "twice the experts": _moe_layer(lambda layer: layer.update(experts=8)),
+    "half the experts": _moe_layer(lambda layer: layer.update(experts=2, expert_bytes=2 * layer["expert_bytes"])),
+    "no expert tensors": _moe_layer(lambda layer: layer.update(expert_tensors=[])),
+    "no experts, expert tensors kept": _moe_layer(lambda layer: layer.update(experts=0)),
+    "an expert tensor not in the file": _moe_layer(lambda layer: layer.update(
+        expert_tensors=layer["expert_tensors"][:1] + ["mlp.experts.up_proj"])),
+    "experts of 0 bytes": _moe_layer(lambda layer: layer.update(expert_bytes=0)),
+    "experts larger than the file": _moe_layer(lambda layer: layer.update(expert_bytes=layer["bytes"])),
+}
+
+
+@pytest.mark.parametrize("lie", MOE_LIES)
+def test_a_moe_manifest_whose_expert_fields_lie_is_refused_by_plan(lie, tmp_path, layerwise, capsys):
+    ctx = Ctx(tmp_path, layerwise("mixtral"))
+    job = ctx.job(model=str(ctx.manifest(MOE_LIES[lie])))
+    status = cli.main(["plan", str(job)])
+    _one_line_error(status, 2, capsys.readouterr().err, ("flexorch_manifest.json", "layer 'layer.0'"))
+
+
+def test_the_tiny_moe_manifest_passes_the_expert_checks(tmp_path, layerwise, capsys):
+    ctx = Ctx(tmp_path, layerwise("mixtral"))
+    assert cli.main(["plan", str(ctx.job(model=str(ctx.model())))]) == 0

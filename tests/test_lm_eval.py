@@ -156,3 +156,20 @@ def test_eval_command_refuses_bad_model_args_in_one_line(tmp_path, tasks_dir):
                           "--tasks", MC, "--include_path", str(tasks_dir)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == f"error: model_args: pretrained: " \
         f"{tmp_path}/none is not a model dir"
+
+
+def test_a_model_prepared_again_in_place_starts_a_fresh_job(checkpoint, tmp_path):
+    """The job folder is named by the model's manifest: new weights in the same dir are a new job,
+    not "holds results of a different job"."""
+    from flexorch.orchestrator.demo import build_checkpoint
+    from flexorch.orchestrator.prepare import prepare_checkpoint
+
+    model = tmp_path / "model.layers"
+    prepare_checkpoint(checkpoint("llama"), model)
+    lm = FlexorchLM(pretrained=str(model), devices="cpu", job_dir=str(tmp_path / "jobs"), progress=False)
+    pairs = [_Pair(tuple(lm.tok_encode("The capital of France is")), tuple(lm.tok_encode(" Paris")))]
+    first = lm._score(pairs, "loglikelihood")
+    prepare_checkpoint(build_checkpoint(tmp_path / "other", "llama", seed=1), model, force=True)
+    second = lm._score(pairs, "loglikelihood")
+    assert first != second  # other weights, scored afresh
+    assert len(list((tmp_path / "jobs").iterdir())) == 2

@@ -337,3 +337,51 @@ def test_layer_files_are_safetensors_save_file_byte_for_byte(tmp_path, dtypes):
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "theirs.safetensors")
     _save_contiguous(tensors, tmp_path / "ours.safetensors")
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+
+
+# Configs as their checkpoints on the hub write them (the fields that decide), over a tiny llama's
+# weights: the refusal comes from config.json alone, before any tensor is looked at.
+NOT_STREAMABLE = {
+    "gpt2": dict(model_type="gpt2", n_layer=4, n_embd=64, n_head=4, num_hidden_layers=None),
+    "t5": dict(model_type="t5", num_layers=4, is_encoder_decoder=True, num_hidden_layers=None),
+    "bart": dict(model_type="bart", encoder_layers=4, decoder_layers=4, is_encoder_decoder=True),
+    "qwen3_next": dict(model_type="qwen3_next", layer_types=["linear_attention"] * 3 + ["full_attention"]),
+    "falcon_h1": dict(model_type="falcon_h1"),
+    "mamba": dict(model_type="mamba", state_size=16),
+    "hybrid-layer-types": dict(layer_types=["full_attention", "mamba", "full_attention", "mamba"]),
+}
+
+
+@pytest.mark.parametrize("case", NOT_STREAMABLE)
+def test_a_model_that_is_no_attention_decoder_is_refused_even_when_untested_models_are_allowed(
+        case, checkpoint, tmp_path, capsys):
+    src = Path(shutil.copytree(checkpoint("llama", "safetensors"), tmp_path / "src"))
+    _edit_config(src, **NOT_STREAMABLE[case])
+    model_type = NOT_STREAMABLE[case].get("model_type", "llama")
+    job = tmp_path / "job.yaml"
+    (tmp_path / "prompts.jsonl").write_text('{"prefix": "Hi", "suffixes": [" a"]}\n')
+    job.write_text(json.dumps({"model": str(src), "prompts": str(tmp_path / "prompts.jsonl"),
+                               "output": str(tmp_path / "out.pkl"), "devices": "cpu", "allow_untested_models": True}))
+    capsys.readouterr()
+    for command in (["prepare", str(src), str(tmp_path / "dst")], ["plan", str(job)], ["submit", str(job)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{src}/config.json: model type {model_type!r} cannot run in flexorch" in err
+        assert "(tested: llama, mistral," in err and "allow_untested_models does not change that" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "prompts.jsonl", "src"]
+
+
+def test_a_hub_id_is_told_how_to_download_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text('{"prefix": "Hi", "suffixes": [" a"]}\n')
+    (tmp_path / "job.yaml").write_text(json.dumps({"model": "meta-llama/Llama-2-7b-hf", "prompts": "prompts.jsonl",
+                                                    "output": "out.pkl"}))
+    for command in (["prepare", "meta-llama/Llama-2-7b-hf", "dst"], ["plan", "job.yaml"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert ("it looks like a Hugging Face hub id, and flexorch reads local dirs only: download it with "
+                "`huggingface-cli download meta-llama/Llama-2-7b-hf --local-dir DIR` and give DIR") in err
+    assert main(["prepare", "no/such/dir/below", "dst"]) == 2  # a path of several folders: no hint
+    assert "hub id" not in capsys.readouterr().err

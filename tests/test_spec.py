@@ -126,6 +126,12 @@ def test_minimal_job_gets_defaults(folder):
         spec.dtype = "float16"
 
 
+def test_score_may_be_the_kind_alone(folder):
+    """`score: suffix_logprob` as the API's score="suffix_logprob": the kind, tokens left out."""
+    spec = load_job(write_job(folder, minimal(score="suffix_logprob")))
+    assert spec.score == ScoreSettings(kind="suffix_logprob")
+
+
 @pytest.mark.parametrize("devices, expected", [
     ("auto", "auto"), ("cpu", ("cpu",)), (0, ("cuda:0",)), ("cuda", ("cuda:0",)), ([0, 1], ("cuda:0", "cuda:1")),
     (["cpu", "cpu"], ("cpu", "cpu")), (["cuda:0", "cuda:1"], ("cuda:0", "cuda:1")), (["cuda", 2], ("cuda:0", "cuda:2")),
@@ -146,13 +152,13 @@ def test_executor_ray_names_each_device_by_its_node(folder):
 
 @pytest.mark.parametrize("text, size", [
     ("6GB", 6 * 10**9), ("6 GiB", 6 * 2**30), ("512MB", 512 * 10**6), ("8G", 8 * 10**9), ("8gb", 8 * 10**9),
-    ("1.5GiB", 3 * 2**29), ("2Ki", 2048), ("100", 100), ("1TB", 10**12), (4096, 4096),
+    ("1.5GiB", 3 * 2**29), ("2Ki", 2048), ("100B", 100), ("1TB", 10**12), ("4096 b", 4096),
 ])
 def test_parse_size(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["6 GX", "-1GB", "0", "GB", "", True, 0, "six GB"])
+@pytest.mark.parametrize("text", ["6 GX", "-1GB", "0", "GB", "", True, 0, "six GB", "100", 4096, 8.5])
 def test_parse_size_refuses(text):
     with pytest.raises(ValueError):
         parse_size(text)
@@ -215,7 +221,7 @@ def test_all_problems_in_one_error(folder):
         "(did you mean 'token_probs'?)",
         "generate_tokens: expected an integer >= 1, got 0",
         "unknown key 'limits.gpu_memry' (did you mean 'limits.gpu_memory'?)",
-        "limits.ram: expected a size like 6GB, 6GiB or a number of bytes, got 'lots'",
+        "limits.ram: expected a size like 6GB or 6GiB, got 'lots'",
     ]
 
 
@@ -231,7 +237,12 @@ def test_all_problems_in_one_error(folder):
     ({"allow_untested_models": 1}, "allow_untested_models: expected true or false, got 1"),
     ({"worker_timeout": "soon"}, "worker_timeout: expected a number of seconds > 0, got 'soon'"),
     ({"model": 7}, "model: expected a path, got 7"),
-    ({"score": "token_probs"}, "score: expected a mapping"),
+    ({"score": "token_probs"}, "score.tokens: is required with score.kind token_probs"),
+    ({"score": "suffix_log"}, "score.kind: expected next_token_probs | token_probs | suffix_logprob, got 'suffix_log'"),
+    ({"score": 5}, "score: expected a kind or a mapping (kind: ..., tokens: [...]), got 5"),
+    ({"score": {"kind": "token_probs", "tokens": " A"}}, "score.tokens: expected a list of strings, got ' A'"),
+    ({"limits": {"ram": 8}}, "limits.ram: give a unit, e.g. 8GB or 8GiB (B for bytes), got 8"),
+    ({"limits": {"gpu_memory": "6"}}, "limits.gpu_memory: give a unit, e.g. 6GB or 6GiB (B for bytes), got '6'"),
     ({"limits": "6GB"}, "limits: expected a mapping"),
     # out of range
     ({"layers_per_shard": 0}, "layers_per_shard: expected an integer >= 1 or auto, got 0"),

@@ -253,6 +253,10 @@ class ModelAdapter:
         """Give an embedding or head some rows of its (vocab, hidden) weight: the gathered rows of a
         pass's tokens, or a step of the head's vocabulary (load_state_dict would refuse the shape;
         both modules read nothing but `weight` in their forward)."""
+        if isinstance(module, nn.Embedding):
+            # padding_idx only keeps a row's gradient at zero; counted in the full vocabulary it points
+            # past the gathered rows (Qwen's 151643), which F.embedding refuses.
+            module.padding_idx = None
         module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
 
     @staticmethod

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-SCHEMES = ("int8", "int4")
+from flexorch.contract.manifest import COMPRESSION_SCHEMES as SCHEMES
 QMAX = {"int8": 127, "int4": 7}
 GROUP = 64  # input columns per scale: 4 bytes of scale per 64 weights (+6% on int8, +12% on int4)
 SCALE_SUFFIX = ".scale"

@@ -25,6 +25,7 @@ from flexorch.contract.modeldir import read_raw_header
 from flexorch.contract.manifest import LayerEntry, Manifest, read_manifest
 from flexorch.contract.shards import ALIGN, DENSE_PART
 from flexorch.contract.verified import is_marked, mark
+from flexorch.workers.compression import SCALE_SUFFIX
 from flexorch.workers.fileread import advise_sequential, page_aligned, read_file
 
 _DTYPES = {
@@ -127,6 +128,7 @@ class LayerwiseModel:
         self.manifest: Manifest = read_manifest(self.path)
         self._headers: dict[str, LayerFileHeader] = {}
         self._verified: set[str] = set()  # files hashed (or marked, contract/verified.py): not hashed again
+        self._scales_checked: set[str] = set()  # compressed layers whose scales were found finite
 
     def entry(self, name: str) -> LayerEntry:
         return self.manifest.entry(name)
@@ -194,6 +196,7 @@ class LayerwiseModel:
         data = header.data_offset
         tensors = {spec.name: buffer[data + spec.start:data + spec.end].view(spec.dtype).view(spec.shape)
                    for spec in header.tensors}
+        self._check_scales(stored, tensors)
         if entry.tied_to:
             return {"weight": tensors["weight"]}
         return tensors
@@ -244,6 +247,7 @@ class LayerwiseModel:
                 _read_exactly(f, data_offset + spec.start, buffer[offset:offset + size], path, stored.name)
                 tensors[spec.name] = buffer[offset:offset + size].view(spec.dtype).view(spec.shape)
                 offset += aligned(size)
+        self._check_scales(stored, tensors)
         return tensors
 
     def row_bytes(self, name: str) -> int:
@@ -272,6 +276,20 @@ class LayerwiseModel:
                               stored.name)
                 offset += size
         return buffer[:offset].view(spec.dtype).view(offset // row, *spec.shape[1:])
+
+    def _check_scales(self, stored: LayerEntry, tensors: dict[str, torch.Tensor]) -> None:
+        """A compressed layer's scales are finite (quantize writes max |w| / QMAX): NaN or Inf, in a
+        dir whose checksums were redone after damage or from a checkpoint holding them, would turn
+        scores into NaN or silently wrong numbers. Once per file, as the checksum (the scales are
+        1/16 of an int8 layer's bytes)."""
+        scales = [name for name in tensors if name.endswith(SCALE_SUFFIX)]
+        if stored.compression is None or not scales or stored.name in self._scales_checked:
+            return
+        bad = next((name for name in scales if not bool(torch.isfinite(tensors[name]).all())), None)
+        if bad is not None:
+            raise LayerIntegrityError(f"{self.path / stored.file}: layer {stored.name!r}: {bad} holds NaN or "
+                                      "infinite scales (re-run `flexorch prepare`)")
+        self._scales_checked.add(stored.name)
 
     def _verify_once(self, name: str) -> None:
         """Hash layer `name`'s whole file the first time a part of it is read (reads of parts do not

@@ -28,6 +28,9 @@ FORMAT_VERSION = 1
 
 # Layer kinds in forward order.
 EMBED, DECODER, NORM, LM_HEAD = "embed", "decoder", "norm", "lm_head"
+# `flexorch prepare --compress` schemes (workers/compression.py): a compressed tensor is stored as
+# `<name>.<scheme>` beside its `<name>.scale`.
+COMPRESSION_SCHEMES = ("int8", "int4")
 # Bytes per element of the floating dtypes a manifest names (LayerEntry.dtype, Manifest.dtype).
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -131,12 +134,22 @@ class Manifest:
     def check_compression(self) -> None:
         """Every decoder layer stored with the manifest's scheme, the other layers uncompressed: a
         layer file copied in from a dir prepared otherwise would be read with the wrong scheme."""
+        if self.compression not in (None, *COMPRESSION_SCHEMES):
+            raise ManifestError(f"compression {self.compression!r} is not a scheme (expected one of "
+                                f"{', '.join(COMPRESSION_SCHEMES)} or null); re-run `flexorch prepare`")
         for entry in self.layers:
             expected = self.compression if entry.kind == DECODER else None
             if entry.compression != expected:
                 raise ManifestError(
                     f"layer {entry.name} is stored {_scheme(entry.compression)} but the manifest says "
                     f"{_scheme(expected)}: one dir holds one scheme; re-run `flexorch prepare`")
+            # The loader dequantises by the tensors' names (contract/modeldir.py checks them against the
+            # file): a scheme the manifest does not claim would be read as the file says, not as it says.
+            held = sorted({name.rpartition(".")[2] for name in entry.tensors} & set(COMPRESSION_SCHEMES))
+            if held and held != [expected]:
+                raise ManifestError(
+                    f"layer {entry.name} holds {' and '.join(held)} tensors but the manifest says "
+                    f"{_scheme(expected)}: re-run `flexorch prepare`")
 
 
 def _scheme(compression: str | None) -> str:

@@ -42,6 +42,9 @@ def check_layout(manifest, model_dir: Path, where: str, config: dict) -> None:
         path = _inside(root, entry, where)
         shapes[entry.name] = read_header_shapes(path)
     _check_shapes(manifest, shapes, where)
+    for entry in manifest.layers:
+        if entry.kind == "decoder":
+            _check_experts(entry, shapes[entry.name], config, where)
 
 
 def _check_config(manifest, config: dict, where: str) -> None:
@@ -130,3 +133,33 @@ def _check_shapes(manifest, shapes: dict[str, dict], where: str) -> None:
         if shapes[entry.name] != shapes[like]:
             raise UserError(f"{where}: layer {entry.name!r} has other tensors or shapes than {like!r}: "
                             "the layers are not of one model (re-run `flexorch prepare`)")
+
+
+# Where configs give a MoE layer's expert count (Mixtral; Qwen-MoE, OLMoE; DeepSeek).
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _check_experts(entry, shapes: dict[str, tuple[int, ...]], config: dict, where: str) -> None:
+    """A MoE layer's expert fields against its file and config.json: the planner sizes expert groups
+    by them and the loader cuts each fused tensor into `experts` slices, so a count that lies reads
+    other bytes as experts (or a fraction of them)."""
+    name = entry.name
+    if not entry.experts:
+        if entry.expert_tensors or entry.expert_bytes:
+            raise UserError(f"{where}: layer {name!r} lists expert tensors or bytes but 0 experts")
+        return
+    if not entry.expert_tensors:
+        raise UserError(f"{where}: layer {name!r} says {entry.experts} experts but lists no expert tensors")
+    for tensor in entry.expert_tensors:
+        shape = shapes.get(tensor)
+        if shape is None:
+            raise UserError(f"{where}: layer {name!r}: expert tensor {tensor!r} is not in its file")
+        if not shape or shape[0] != entry.experts or 0 in shape:
+            raise UserError(f"{where}: layer {name!r} says {entry.experts} experts but {tensor!r} has shape "
+                            f"{list(shape)} (re-run `flexorch prepare`)")
+    declared = next((config[key] for key in _EXPERT_COUNT_KEYS if isinstance(config.get(key), int)), None)
+    if declared is not None and declared != entry.experts:
+        raise UserError(f"{where}: layer {name!r} says {entry.experts} experts, {CONFIG_NAME} says {declared}")
+    if not 0 < entry.expert_bytes * entry.experts <= entry.bytes:
+        raise UserError(f"{where}: layer {name!r} says {entry.experts} experts of {entry.expert_bytes} bytes each "
+                        f"in a file of {entry.bytes} bytes")

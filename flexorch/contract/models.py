@@ -4,6 +4,8 @@ applies the same rule."""
 
 from __future__ import annotations
 
+import re
+
 from flexorch.contract.errors import UserError
 
 # Each runs through the general adapter (workers/adapter.py) and is tested, every score kind, against
@@ -23,3 +25,45 @@ def check_model_type(model_type: str, allow_untested: bool, where: str) -> None:
         f"{where}: model type {model_type!r} is not tested with flexorch (tested: {', '.join(TESTED_MODEL_TYPES)}); "
         "set allow_untested_models: true in the job to run it anyway (scores are then unchecked)"
     )
+
+
+# Layer types of `layer_types` that are attention layers; any other (linear_attention, mamba, ...)
+# carries a recurrent state. Types known to be built of such layers, alone or mixed with attention,
+# whether or not their config lists layer_types: the engine hands only hidden states between shards,
+# so no allow_untested_models can run them.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+RECURRENT_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "falcon_h1", "jamba", "zamba", "zamba2", "bamba",
+                         "nemotron_h", "granitemoehybrid", "qwen3_next", "recurrent_gemma", "rwkv", "xlstm", "lfm2")
+ENCODER_DECODER_MODEL_TYPES = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "led", "t5gemma")
+
+
+def check_decoder_config(config: dict, where: str) -> None:
+    """Refuse, whatever allow_untested_models says, a config.json that is no decoder-only stack of
+    attention layers (embeddings → layers → norm → lm head) the engine can stream: an
+    encoder-decoder, a recurrent or hybrid model, or one whose config has no num_hidden_layers
+    (GPT-2's n_layer: learned positions and its own module names)."""
+    model_type = config.get("model_type")
+    layer_types = config.get("layer_types")
+    layer_types = layer_types if isinstance(layer_types, list) else []
+    if config.get("is_encoder_decoder") is True or model_type in ENCODER_DECODER_MODEL_TYPES:
+        reason = "an encoder-decoder"
+    elif model_type in RECURRENT_MODEL_TYPES or any(t not in ATTENTION_LAYER_TYPES for t in layer_types):
+        reason = "recurrent (state-space or linear-attention) layers"
+    elif "num_hidden_layers" not in config:
+        reason = "its config has no num_hidden_layers"
+    else:
+        return
+    raise UserError(f"{where}: model type {str(model_type)[:40]!r} cannot run in flexorch ({reason}): it streams "
+                    f"decoder-only models of attention layers (tested: {', '.join(TESTED_MODEL_TYPES)}); "
+                    "allow_untested_models does not change that")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_id_hint(value: str) -> str:
+    """For a model path that does not exist: what to do when it looks like a Hugging Face hub id."""
+    if not isinstance(value, str) or not _HUB_ID.fullmatch(value) or value.startswith(("./", "../")):
+        return ""
+    return (f"; it looks like a Hugging Face hub id, and flexorch reads local dirs only: download it with "
+            f"`huggingface-cli download {value} --local-dir DIR` and give DIR")
