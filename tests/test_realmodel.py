@@ -44,8 +44,12 @@ LOGPROB_TOLERANCE = 1e-4
 # Relative: a float32 softmax over 262,144 logits is itself up to ~1.3e-4 off (next_token_probs
 # normalises in float32, token_probs' streamed head in float64, the reference in float64).
 PROB_RTOL = 2e-4
-# Measured on these prompts: int4 changed no answer (max |d log p| TODO); one answer may flip on
-# another torch build, since each int4 weight moves by up to 1/14 of its group's largest.
+# Measured on these prompts against float32: int8 moved log-probs by up to 0.12 and no answer; int4 by
+# up to 5.3 and no answer (its smallest margin between the best two suffixes 1.4, float32's 1.2). On
+# benchmarks/bench_realmodel.py's 102 questions int8 flipped 2 answers and int4 18 (0.98 and 0.82
+# agreement), so int4 is allowed one flip of 8: these prompts kept theirs by their margins, not because
+# int4 keeps answers. The deviation bounds leave 4x and ~2x room and catch a broken dequantisation.
+MAX_COMPRESSED_DEVIATION = {"int8": 0.5, "int4": 12.0}
 INT4_MIN_AGREEMENT = 7
 
 
@@ -181,9 +185,12 @@ def test_int8_gives_the_same_answers(compressed, reference):
     results = _score(compressed["int8"], "suffix_logprob")
     assert results.report["compression"] == "int8"
     assert _answers(results) == reference.choices
+    assert np.abs(_flat(results, "logprob") - reference.logprob).max() <= MAX_COMPRESSED_DEVIATION["int8"]
 
 
 def test_int4_answers_agree_at_the_measured_level(compressed, reference):
     results = _score(compressed["int4"], "suffix_logprob")
+    assert results.report["compression"] == "int4"
     agree = sum(a == b for a, b in zip(_answers(results), reference.choices))
     assert agree >= INT4_MIN_AGREEMENT, f"int4 agreed on {agree}/8 answers"
+    assert np.abs(_flat(results, "logprob") - reference.logprob).max() <= MAX_COMPRESSED_DEVIATION["int4"]
