@@ -62,6 +62,7 @@ class Reference:
     probs: np.ndarray  # float32 (n, STEPS, vocab): the softmax after the suffix and each greedy token
     generated: list[tuple[int, ...]]  # per suffix, the argmax id of each step
     choices: list[int]  # per prompt, the suffix with the highest log-prob
+    token_ids: list[int]  # TOKENS' ids
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,8 @@ def reference(gemma3_270m) -> Reference:
     model = AutoModelForCausalLM.from_pretrained(gemma3_270m, dtype=torch.float32).eval()
     rows = [(tokenizer(p["prefix"])["input_ids"], tokenizer(s, add_special_tokens=False)["input_ids"])
             for p in PROMPTS for s in p["suffixes"]]
+    token_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TOKENS]
+    assert all(len(ids) == 1 for ids in token_ids), "each of TOKENS must be one token"
     logprob, is_greedy = [], []
     sequences = [prefix + suffix for prefix, suffix in rows]
     steps = []  # per step, (rows, vocab) the softmax after each row's last token
@@ -91,7 +94,8 @@ def reference(gemma3_270m) -> Reference:
     generated = [tuple(seq[len(prefix) + len(suffix):]) for seq, (prefix, suffix) in zip(sequences, rows)]
     bounds = np.cumsum([0] + [len(p["suffixes"]) for p in PROMPTS])
     choices = [int(np.argmax(logprob[a:b])) for a, b in zip(bounds, bounds[1:])]
-    return Reference(np.array(logprob), np.array(is_greedy), torch.stack(steps, 1).numpy(), generated, choices)
+    return Reference(np.array(logprob), np.array(is_greedy), torch.stack(steps, 1).numpy(), generated, choices,
+                     [ids[0] for ids in token_ids])
 
 
 def _forward(model, sequences: list[list[int]]) -> list[torch.Tensor]:
@@ -170,13 +174,9 @@ def test_next_token_probs_and_greedy_tokens_match_transformers(gemma3_270m, flex
 
 
 def test_token_probs_and_greedy_tokens_match_transformers(gemma3_270m, flexorch_cache, reference):
-    from transformers import AutoTokenizer
-
-    ids = [AutoTokenizer.from_pretrained(gemma3_270m)(t, add_special_tokens=False)["input_ids"] for t in TOKENS]
-    assert all(len(i) == 1 for i in ids)
     results = _score(gemma3_270m, "token_probs", tokens=TOKENS, generate_tokens=STEPS)
     probs = np.concatenate([np.asarray(r.scores) for r in results])  # (n, STEPS, len(TOKENS))
-    np.testing.assert_allclose(probs, reference.probs[:, :, [i[0] for i in ids]], rtol=PROB_RTOL, atol=1e-12)
+    np.testing.assert_allclose(probs, reference.probs[:, :, reference.token_ids], rtol=PROB_RTOL, atol=1e-12)
     # The head in vocabulary steps keeps a running argmax here, not one over whole logits.
     assert [ids for r in results for ids in r.generated] == reference.generated
 
