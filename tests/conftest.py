@@ -68,6 +68,18 @@ def large_vocab(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def gemma3_270m():
+    """The de-quantised Gemma 3 270M checkpoint dir (tests/realmodel.py: built once per machine into
+    $FLEXORCH_TEST_CACHE, reused); skipped, saying which package is missing, without the real-model extra."""
+    import realmodel
+
+    reason = realmodel.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    return realmodel.gemma3_270m()
+
+
 @pytest.fixture(autouse=True)
 def _assumed_figures(monkeypatch):
     """Plans in tests use the planner's assumed figures: calibrating (10-15 s, once per machine) would
