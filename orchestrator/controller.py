@@ -41,7 +41,8 @@ from flexorch.contract.errors import JobFailed, Terminated, UserError
 from flexorch.contract.leftovers import ACTIVATIONS, atomic_temps, remove_dead
 from flexorch.contract.manifest import Manifest, is_layerwise_dir, read_json_object, read_manifest
 from flexorch.contract.models import check_model_type
-from flexorch.contract.protocol import PromptResult, ScoreSpec, TokenizedPrompt
+from flexorch.contract.choices import Parallel
+from flexorch.contract.protocol import PromptResult, ScoreKind, ScoreSpec, TokenizedPrompt
 from flexorch.contract.messages import (FAIL_USER, Failed, Finished, PipelineLinks, Progress, Ready, Round,
                                         RoundDone, SteppedDown, WorkerHooks, WorkerTask)
 from flexorch.contract.verified import unmarked_bytes
@@ -101,7 +102,7 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     max_length = spec.max_length or model_max_length(manifest.config)
     tokenized = tokenize_prompts(prompts, tokenizer, max_length, spec.prompts, spec.generate_tokens,
                                  vocab_size=model_vocab_size(manifest.config) or len(tokenizer))
-    token_ids = token_ids_for(spec.score.tokens, tokenizer, spec.path) if spec.score.kind == "token_probs" else ()
+    token_ids = token_ids_for(spec.score.tokens, tokenizer, spec.path) if spec.score.kind is ScoreKind.TOKEN_PROBS else ()
     check_answers(prompts, spec.score.kind, len(token_ids), spec.prompts)
     score = ScoreSpec(kind=spec.score.kind, token_ids=token_ids, generate_tokens=spec.generate_tokens)
     # Free disk where activations would go: the planner's disk budget (probe walks up to a parent
@@ -472,7 +473,7 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
                         wp.predicted_start_seconds)
              for r, wp in zip(run.records.values(), run.job.plan.workers)]
     with make_progress(console, lines) as progress, _executor(run.job, worker_timeout) as executor:
-        if run.job.plan.parallel == "pipeline":
+        if run.job.plan.parallel is Parallel.PIPELINE:
             tasks = _link_stages(tasks, executor, run.job.plan.channel_batches)
         progress.starting()
         launched = time.monotonic()

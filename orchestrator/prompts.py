@@ -24,7 +24,7 @@ from pathlib import Path
 from flexorch.contract.atomic import atomic_write_bytes
 from flexorch.contract.errors import UserError
 from flexorch.contract.guard import Limits, check_plain, parse_guarded, scan_pickle
-from flexorch.contract.protocol import TokenizedPrompt
+from flexorch.contract.protocol import ScoreKind, TokenizedPrompt
 
 PROMPT_FORMATS = ("jsonl", "pkl")
 # generated_ids: what _updated prompts carry beside the text; accepted so they read back as prompts,
@@ -338,14 +338,15 @@ def _prompt_from_item(item, problems: _Problems, where: str) -> Prompt | None:
     return None
 
 
-def check_answers(prompts: Sequence[Prompt], kind: str, n_tokens: int, source: Path) -> None:
+def check_answers(prompts: Sequence[Prompt], kind: ScoreKind, n_tokens: int, source: Path) -> None:
     """An answer indexes a prompt's suffixes; with token_probs and one suffix, score.tokens."""
     problems = _Problems(source)
     for index, prompt in enumerate(prompts):
         if prompt.answer is None or prompt.n_suffixes > 1:
             continue
-        choices = n_tokens if kind == "token_probs" else 1
-        what = "score.tokens" if kind == "token_probs" else "its 1 suffix"
+        by_token = kind == ScoreKind.TOKEN_PROBS
+        choices = n_tokens if by_token else 1
+        what = "score.tokens" if by_token else "its 1 suffix"
         if prompt.answer >= choices:
             problems.add(f"prompt index {index}", f"answer: {prompt.answer} is not an index of {what}")
     problems.raise_if_any()

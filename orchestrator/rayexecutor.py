@@ -24,6 +24,7 @@ import ray
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from flexorch.contract.choices import on_cpu
 from flexorch.contract.messages import (Failed, Finished, Progress, Ready, RoundDone, RoundResults, WorkerMessage,
                                         WorkerTask)
 from flexorch.contract.parts import part_name, write_part
@@ -82,7 +83,7 @@ class RayExecutor(Executor):
     def _start_one(self, task: WorkerTask) -> _Actor:
         node = self.placement[task.name]
         # A GPU worker holds its GPU (Ray counts it; the plan chose which); a CPU worker its threads.
-        gpu = task.settings.device != "cpu"
+        gpu = not on_cpu(task.settings.device)
         options = dict(num_gpus=1, num_cpus=0) if gpu else dict(num_cpus=max(1, task.settings.threads))
         # max_restarts 0: a restarted actor would come back without its task; a death is reported instead.
         actor = _RemoteWorker.options(

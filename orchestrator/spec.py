@@ -25,9 +25,10 @@ from flexorch.contract.errors import UserError
 from flexorch.contract.guard import Limits as ReadLimits, parse_guarded
 from flexorch.contract.models import hub_id_hint
 from flexorch.orchestrator.prompts import updated_prompts_path
-from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES
+from flexorch.contract.choices import DeviceKind, Parallel, Storage, on_cpu
+from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES, ScoreKind
 
-PARALLEL_MODES = ("data", "pipeline", "auto")
+PARALLEL_MODES = tuple(mode.value for mode in Parallel)
 EXECUTORS = ("local", "ray")
 # A device on a Ray cluster is named by its node: "node1:cuda:0", "node0:cpu" (nodes as `flexorch
 # plan` numbers them: the head first, then by address).
@@ -74,8 +75,11 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    kind: str = "next_token_probs"  # one of SCORE_KINDS
+    kind: ScoreKind = ScoreKind.NEXT_TOKEN_PROBS
     tokens: tuple[str, ...] = ()  # token_probs only: strings of exactly one token each
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", ScoreKind(self.kind))  # accepts the job file's name
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,9 @@ class JobSpec:
     score: ScoreSettings = ScoreSettings()
     generate_tokens: int = 1
     devices: str | tuple[str, ...] = "auto"  # "auto" or ("cpu", "cuda:1", ...)
-    parallel: str = "data"  # one of PARALLEL_MODES
+    parallel: Parallel = Parallel.DATA
     layers_per_shard: int | None = None  # None: auto
-    storage: str | None = None  # one of STORAGES; None: auto
+    storage: Storage | None = None  # None: auto
     disk_folder: Path | None = None  # storage disk; None: inside job_dir (decided by the planner)
     dtype: str | None = None  # one of DTYPES; None: the checkpoint's
     batch_tokens: int | None = None  # None: auto
@@ -109,6 +113,10 @@ class JobSpec:
     executor: str = "local"  # one of EXECUTORS: worker processes on this machine, or Ray actors on a cluster
     ray_address: str = "auto"  # executor ray: "auto" (RAY_ADDRESS or a cluster running here), host:port, ray://...
     allow_untested_models: bool = False  # run a model type outside contract/models.TESTED_MODEL_TYPES
+
+    def __post_init__(self):  # accepts the job file's names (the API and tests build specs directly)
+        object.__setattr__(self, "parallel", Parallel(self.parallel))
+        object.__setattr__(self, "storage", None if self.storage is None else Storage(self.storage))
 
     @property
     def prompts_format(self) -> str:
@@ -148,7 +156,7 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
     job_dir = _job_dir(problems, raw.get("job_dir"), base, output)
     score = _score(problems, raw.get("score"))
     generate_tokens = _int(problems, "generate_tokens", raw.get("generate_tokens"), default=1, allow_auto=False)
-    if score is not None and score.kind == "suffix_logprob" and generate_tokens not in (None, 1):
+    if score is not None and score.kind is ScoreKind.SUFFIX_LOGPROB and generate_tokens not in (None, 1):
         problems.add("generate_tokens", f"must be 1 with score.kind suffix_logprob (the log-prob of a given "
                                         f"suffix does not depend on generation), got {generate_tokens}")
     storage = _choice(problems, "storage", raw.get("storage"), STORAGES)
@@ -157,7 +165,7 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
         _check_written_paths(problems, model, prompts, output, job_dir, disk_folder, generate_tokens)
     executor = _choice(problems, "executor", raw.get("executor"), EXECUTORS, default="local", auto=False)
     parallel = _choice(problems, "parallel", raw.get("parallel"), PARALLEL_MODES, default="data")
-    if executor == "ray" and parallel == "pipeline":
+    if executor == "ray" and parallel == Parallel.PIPELINE:
         problems.add("parallel", f"pipeline is refused with executor: ray: {_PIPELINE_OVER_RAY}")
 
     values = dict(
@@ -380,7 +388,7 @@ def _disk_folder(problems: _Problems, value, base: Path, storage: str | None) ->
     if path is None:
         return None
     # Allowed with storage auto as well: the planner may choose disk, and then uses this folder.
-    if storage not in (None, "disk"):
+    if storage not in (None, Storage.DISK):
         problems.add("disk_folder", f"is only used with storage: disk (storage is {storage})")
     elif path.exists() and not path.is_dir():
         problems.add("disk_folder", f"{_where(value, path)} is a file, expected a folder")
@@ -495,10 +503,10 @@ def _score(problems: _Problems, value) -> ScoreSettings | None:
     _check_keys(problems, value, _SCORE_KEYS, prefix="score.")
     kind = _choice(problems, "score.kind", value.get("kind"), SCORE_KINDS, default="next_token_probs", auto=False)
     tokens = _tokens(problems, value.get("tokens"))
-    if kind == "token_probs" and tokens == ():
+    if kind == ScoreKind.TOKEN_PROBS and tokens == ():
         problems.add("score.tokens", "is required with score.kind token_probs: a list of strings, "
                                      "each exactly one token (e.g. [\" A\", \" B\"])")
-    elif kind is not None and kind != "token_probs" and tokens:
+    elif kind is not None and kind != ScoreKind.TOKEN_PROBS and tokens:
         problems.add("score.tokens", f"is only used with score.kind token_probs (kind is {kind})")
     if kind is None or tokens is None:
         return None
@@ -530,7 +538,7 @@ def _devices(problems: _Problems, value, executor: str | None) -> str | tuple[st
         return None
     devices = [_placed_device(problems, item, executor) for item in items]
     # Several CPU workers share the machine's cores (useful for tests); a GPU runs one worker.
-    repeated = sorted({d for d in devices if d is not None and not d.endswith("cpu") and devices.count(d) > 1})
+    repeated = sorted({d for d in devices if d is not None and not on_cpu(d) and devices.count(d) > 1})
     if repeated:
         problems.add("devices", f"{', '.join(repeated)} listed more than once (one worker per GPU)")
     if None in devices or repeated:
@@ -565,9 +573,9 @@ def _device(item) -> str | None:
     if not isinstance(item, str):
         return None
     text = item.strip().lower()
-    if text == "cpu":
-        return "cpu"
-    if text == "cuda":
+    if text == DeviceKind.CPU:
+        return DeviceKind.CPU.value
+    if text == DeviceKind.CUDA:
         return "cuda:0"
     match = re.fullmatch(r"(?:cuda:)?(\d+)", text)
     return f"cuda:{int(match[1])}" if match else None

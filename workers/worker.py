@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from flexorch.contract.choices import on_cpu
 from flexorch.contract.errors import UserError
 from flexorch.contract.messages import (FAIL_DISK_FULL, FAIL_ERROR, FAIL_USER, Failed, Finished, PipelineLinks,
                                         Progress, Ready, Round, RoundDone, RoundResults, SteppedDown, WorkerHooks,
@@ -74,7 +75,7 @@ def configure_device(settings: EngineSettings) -> None:
     """Pin this process to its GPU, or split the CPU between workers sharing it."""
     import torch
 
-    if settings.device.startswith("cuda"):
+    if not on_cpu(settings.device):
         torch.cuda.set_device(torch.device(settings.device))
     elif settings.threads > 0:
         torch.set_num_threads(settings.threads)
@@ -182,7 +183,7 @@ def _smaller_settings(task: WorkerTask, rnd: Round, settings: EngineSettings, ex
         ) from exc
     del exc  # its traceback holds the failed attempt's tensors
     gc.collect()
-    if settings.device.startswith("cuda"):
+    if not on_cpu(settings.device):
         torch.cuda.empty_cache()
     settings, change = smaller
     send(SteppedDown(task.name, rnd.round_id, change, error, settings))
