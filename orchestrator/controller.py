@@ -492,13 +492,14 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
 
 
 def _executor(job: PreparedJob, worker_timeout: float | None):
+    start_seconds = max(wp.predicted_start_seconds for wp in job.plan.workers)
     if not job.nodes:
-        return LocalProcessExecutor(worker_timeout=worker_timeout,
-                                    start_seconds=max(wp.predicted_start_seconds for wp in job.plan.workers))
+        return LocalProcessExecutor(worker_timeout=worker_timeout, start_seconds=start_seconds)
     from flexorch.orchestrator.rayexecutor import RayExecutor
 
     nodes = {node.name: node for node in job.nodes}
-    return RayExecutor({wp.name: nodes[wp.node] for wp in job.plan.workers}, worker_timeout=worker_timeout)
+    return RayExecutor({wp.name: nodes[wp.node] for wp in job.plan.workers}, worker_timeout=worker_timeout,
+                       start_seconds=start_seconds)
 
 
 def _used_nodes(job: PreparedJob) -> list[Node]:
