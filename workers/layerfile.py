@@ -24,7 +24,7 @@ from flexorch.contract.errors import UserError
 from flexorch.contract.modeldir import read_raw_header
 from flexorch.contract.manifest import LayerEntry, Manifest, read_manifest
 from flexorch.contract.shards import ALIGN, DENSE_PART
-from flexorch.contract.verified import is_marked, mark
+from flexorch.contract.verified import is_marked, mark, sha256_file
 from flexorch.workers.compression import SCALE_SUFFIX
 from flexorch.workers.fileread import advise_sequential, page_aligned, read_file
 
@@ -77,11 +77,6 @@ def read_header(path: Path) -> LayerFileHeader:
     if 8 + length + data_bytes != size:
         raise LayerIntegrityError(f"{path}: file is {size} bytes, its header describes {8 + length + data_bytes}")
     return LayerFileHeader(8 + length, data_bytes, tuple(sorted(specs, key=lambda s: s.start)))
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class BackgroundSha256:
