@@ -37,7 +37,7 @@ from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer
                                            read_prompts, token_ids_for, tokenize_prompts, updated_prompts_path,
                                            write_updated_prompts)
 from flexorch.orchestrator.spec import JobSpec, load_job
-from flexorch.contract.errors import JobFailed, Terminated, UserError
+from flexorch.contract.errors import ExitCode, JobFailed, Terminated, UserError
 from flexorch.contract.leftovers import ACTIVATIONS, atomic_temps, remove_dead
 from flexorch.contract.manifest import Manifest, is_layerwise_dir, read_json_object, read_manifest
 from flexorch.contract.models import check_model_type
@@ -47,7 +47,6 @@ from flexorch.contract.messages import (FAIL_USER, Failed, Finished, PipelineLin
                                         RoundDone, SteppedDown, WorkerHooks, WorkerTask)
 from flexorch.contract.verified import unmarked_bytes
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 130, 143  # 128 + SIGINT, SIGTERM
 REPORT_NAME = "report.json"
 LOGS_DIR = "logs"
 # Fault injection for tests that run `flexorch submit` in a subprocess: JSON mapping a worker name
@@ -272,10 +271,10 @@ def submit(job_path: str | Path, console: Console, restart: bool = False,
                     highlight=False)
     except JobFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILED
     except KeyboardInterrupt as exc:
-        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
-    return EXIT_OK
+        return ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
+    return ExitCode.OK
 
 
 def run_job(spec: JobSpec, console: Console, restart: bool = False,

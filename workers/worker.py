@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flexorch.contract.choices import on_cpu
-from flexorch.contract.errors import UserError
+from flexorch.contract.errors import ExitCode, UserError
 from flexorch.contract.messages import (FAIL_DISK_FULL, FAIL_ERROR, FAIL_USER, Failed, Finished, PipelineLinks,
                                         Progress, Ready, Round, RoundDone, RoundResults, SteppedDown, WorkerHooks,
                                         WorkerMessage, WorkerTask)
@@ -35,8 +35,6 @@ from flexorch.workers.stepdown import is_out_of_memory, step_down
 # Progress messages are throttled to this interval: enough for a live bar and for the controller's
 # hung-worker clock, without flooding the pipe with one message per layer of a small model.
 PROGRESS_INTERVAL_S = 0.25
-EXIT_ORPHANED = 3  # the controller went away (death pipe closed)
-EXIT_FAILED = 1
 
 
 # -- the process -----------------------------------------------------------------------------------------
@@ -199,7 +197,7 @@ def _exit_when_closed(death_conn) -> None:
             death_conn.recv()
         except (EOFError, OSError):
             pass
-        os._exit(EXIT_ORPHANED)  # parts are committed atomically, so stopping mid-write loses nothing
+        os._exit(ExitCode.ORPHANED)  # parts are committed atomically, so stopping mid-write loses nothing
 
     threading.Thread(target=watch, name="death-pipe", daemon=True).start()
 
@@ -249,5 +247,5 @@ def worker_main(task: WorkerTask, conn, death_conn) -> None:
         traceback.print_exc()  # into the worker's log
         conn.send(failure_of(task, exc))
         conn.close()
-        sys.exit(EXIT_FAILED)
+        sys.exit(ExitCode.FAILED)
     conn.close()
