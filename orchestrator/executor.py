@@ -17,7 +17,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import multiprocessing
-import os
 import pickle
 import shutil
 import signal
@@ -229,7 +228,7 @@ class LocalProcessExecutor(Executor):
     def start(self, tasks: Sequence[WorkerTask]) -> None:
         handles: list[_Handle] = []
         remove_dead(tempfile.gettempdir(), TASKS)  # task dirs of controllers that were killed
-        self._task_dir = Path(tempfile.mkdtemp(prefix=f"flexorch-tasks-{os.getpid()}-"))
+        self._task_dir = Path(tempfile.mkdtemp(prefix=TASKS.prefix()))
         self._finalizer = weakref.finalize(self, _stop_processes, handles, self._task_dir)
         try:
             for task in tasks:

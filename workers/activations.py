@@ -10,7 +10,6 @@ keys and values per batch in a store of the same tier, under (layer, batch, bloc
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from flexorch.contract.leftovers import ACTIVATIONS
 from flexorch.contract.choices import Storage, on_cpu
 
 
@@ -103,7 +103,7 @@ class DiskStore(ActivationStore):
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.device = device
         # The pid in the name lets a later run remove what a killed one left (contract/leftovers.py).
-        self.root = Path(tempfile.mkdtemp(prefix=f"activations-{os.getpid()}-", dir=folder))
+        self.root = Path(tempfile.mkdtemp(prefix=ACTIVATIONS.prefix(), dir=folder))
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexorch-activations")
         self._reads: dict[int, Future] = {}
         self._write: Future | None = None
