@@ -76,19 +76,29 @@ def plan_job(job_path: str | Path) -> tuple[JobSpec, Plan]:
 
 
 def plan_spec(spec: JobSpec) -> Plan:
-    job = prepare_job(spec, spec.model, _describe_model(spec.model))
-    if job.nodes and is_layerwise_dir(spec.model):  # read-only, and the plan is where a user finds out
-        _ray_cluster(spec).check_model(_used_nodes(job), spec.model)
+    model = _identify(spec.model)
+    job = prepare_job(spec, model.path, model.manifest)
+    if job.nodes and model.layerwise:  # read-only, and the plan is where a user finds out
+        _ray_cluster(spec).check_model(_used_nodes(job), model.path)
     return job.plan
 
 
-def _describe_model(path: Path) -> Manifest:
+@dataclass(frozen=True)
+class _Model:
+    """The job's model dir, told apart once: a layerwise dir, or a checkpoint converted on first run."""
+
+    path: Path
+    manifest: Manifest  # a checkpoint's is described: no layer checksums until it is prepared
+    layerwise: bool
+
+
+def _identify(path: Path) -> _Model:
     if is_layerwise_dir(path):
-        return read_manifest(path)
+        return _Model(path, read_manifest(path), layerwise=True)
     if is_hf_checkpoint(path):
         from flexorch.orchestrator.prepare import describe_checkpoint
 
-        return describe_checkpoint(path)
+        return _Model(path, describe_checkpoint(path), layerwise=False)
     raise UserError(f"{path}: neither a layerwise dir (flexorch prepare) nor a Hugging Face checkpoint dir")
 
 
@@ -287,9 +297,12 @@ def run_job(spec: JobSpec, console: Console, restart: bool = False,
     API writes its job files there then, and not for a job that is refused)."""
     # Everything is validated and planned before an HF checkpoint is converted (which can take an
     # hour for a 70B model): a typo in the prompts must not cost that.
-    job = prepare_job(spec, spec.model, _describe_model(spec.model))
-    model_dir = resolve_model(spec.model, console=console)
-    manifest = read_manifest(model_dir)  # with the layer checksums the fingerprint needs
+    model = _identify(spec.model)
+    job = prepare_job(spec, model.path, model.manifest)
+    model_dir, manifest = model.path, model.manifest
+    if not model.layerwise:  # converted now (once; then from the cache), with the checksums the fingerprint needs
+        model_dir = resolve_model(model.path, console=console)
+        manifest = read_manifest(model_dir)
     if job.nodes:
         _ray_cluster(spec).check_model(_used_nodes(job), model_dir)
     fingerprint = jobstate.make_fingerprint(manifest, model_dir, spec.prompts, job.tokenized, job.score,
@@ -467,10 +480,10 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
     if not tasks:
         return None
     # start-up apart: a worker's ETA counts it down from the spawn, then follows the measured compute
-    lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds),
+    lines = [WorkerLine(wp.name, wp.device, r.prompts, r.prompts_reused, len(wp.rounds),
                         wp.predicted_seconds - wp.predicted_start_seconds, wp.predicted_pass_shares,
                         wp.predicted_start_seconds)
-             for r, wp in zip(run.records.values(), run.job.plan.workers)]
+             for wp in run.job.plan.workers for r in (run.records[wp.name],)]
     with make_progress(console, lines) as progress, _executor(run.job, worker_timeout) as executor:
         if run.job.plan.parallel is Parallel.PIPELINE:
             tasks = _link_stages(tasks, executor, run.job.plan.channel_batches)
