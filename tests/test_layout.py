@@ -83,6 +83,31 @@ def test_workers_and_contract_never_import_the_orchestrator(side):
     assert not {k: v for k, v in offenders.items() if v}
 
 
+# The processes the executors start: the only worker modules the orchestrator may import (a worker's
+# main and the Ray actor that runs it, with the failure message both report through).
+ENTRY_POINTS = {"flexorch.workers.worker", "flexorch.workers.actor"}
+
+
+def test_the_orchestrator_imports_no_worker_module_but_the_entry_points():
+    """What both sides need of torch code (layer files, compression) lives in flexorch/weights/."""
+    imported = {f"{p.relative_to(REPO)}: {n}" for p in sources("flexorch.orchestrator") for n in imported_names(p)
+                if n.startswith("flexorch.workers") and n not in ENTRY_POINTS}
+    assert not imported
+    assert ENTRY_POINTS <= set(modules("flexorch.workers"))
+
+
+def test_no_two_orchestrator_modules_import_each_other_even_for_types():
+    """Imports under TYPE_CHECKING count: a type-only cycle is still two modules that need each other.
+    A package's __init__ only gathers its modules' public names: its imports are not its own."""
+    root = SIDES["flexorch.orchestrator"]
+    graph = {".".join(["flexorch.orchestrator", *p.relative_to(root).with_suffix("").parts]):
+             {n for n in imported_names(p) if n.startswith("flexorch.orchestrator")}
+             for p in sources("flexorch.orchestrator") if p.name != "__init__.py"}
+    assert len(graph) >= 10
+    cycles = {tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph.get(b, ())}
+    assert not cycles
+
+
 def test_only_the_ray_modules_import_ray():
     offenders = {f"{side}.{p.stem}" for side in SIDES for p in sources(side)
                  if any(n.split(".")[0] == "ray" for n in imported_names(p))}
@@ -194,6 +219,6 @@ def test_the_choice_comparison_finder_finds_each_form(tmp_path):
 def test_no_choice_is_compared_by_its_name():
     names = _choice_names()
     assert {"gpu", "cpu", "disk", "data", "pipeline", "cuda", "suffix_logprob", "token_probs"} <= names
-    files = [p for side in SIDES for p in sources(side)] + sorted((REPO / "flexorch").glob("*.py"))
+    files = [p for side in SIDES for p in sources(side)] + sorted((REPO / "flexorch").rglob("*.py"))
     offenders = {f"{p.relative_to(REPO)}:{line}" for p in files for line in named_choice_comparisons(p, names)}
     assert not offenders, "ask the type (contract/choices.py, ScoreKind) instead: " + ", ".join(sorted(offenders))

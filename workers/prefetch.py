@@ -34,7 +34,7 @@ import torch
 from flexorch.contract.choices import on_cpu
 from flexorch.contract.manifest import LM_HEAD
 from flexorch.contract.shards import Shard, gathered
-from flexorch.workers.compression import decompress_layer
+from flexorch.weights.compression import decompress_layer
 from flexorch.workers.fileread import page_aligned_empty
 from flexorch.workers.layerfile import LayerwiseModel, aligned
 
