@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.INVALID
     except KeyboardInterrupt as exc:
         print("terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
-        return ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
+        return ExitCode.stopped_by(exc)
     except OSError as exc:  # the disk filled or a folder turned read-only while running: not a bug
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -283,7 +283,7 @@ def submit(job_path: str | Path, console: Console, restart: bool = False,
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.FAILED
     except KeyboardInterrupt as exc:
-        return ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
+        return ExitCode.stopped_by(exc)
     return ExitCode.OK
 
 
