@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from flexorch.contract.directio import read_into
 from flexorch.contract.atomic import atomic_write_text
 from flexorch.orchestrator import learned
 from flexorch.orchestrator.hardware import Calibration, Conditions, Hardware, Throughput
@@ -290,24 +291,9 @@ class ColdReadProbe:
             return None
         with mmap.mmap(-1, READ_CHUNK_BYTES) as buffer:  # anonymous: page-aligned, as direct reads need
             start = time.perf_counter()
-            try:
-                done = read_direct(self.path, buffer)
-            except OSError:  # EINVAL: this filesystem takes none
-                return None
-            return done / (time.perf_counter() - start)
-
-
-def read_direct(path: Path, buffer: mmap.mmap) -> int:
-    """`path` read front to back around the page cache (O_DIRECT) into `buffer`, one page-aligned
-    buffer reused for every read; the bytes read. OSError (EINVAL) where the filesystem refuses."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        done = 0
-        while got := os.preadv(fd, [buffer], done):
-            done += got
-        return done
-    finally:
-        os.close(fd)
+            if not read_into(self.path, self.size, memoryview(buffer), direct=True, chunk=READ_CHUNK_BYTES):
+                return None  # this filesystem takes none
+            return self.size / (time.perf_counter() - start)
 
 
 def returns_freed_memory(devices: Path = VIRTIO_DEVICES) -> bool:

@@ -14,9 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from flexorch.contract.errors import Terminated, UserError
-
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+from flexorch.contract.errors import ExitCode, Terminated, UserError
 
 
 def _console(stderr: bool = False):
@@ -30,7 +28,7 @@ def cmd_prepare(args) -> int:
 
     prepare_checkpoint(Path(args.src), Path(args.dst), force=args.force, console=_console(stderr=True),
                        compress=args.compress)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_demo_model(args) -> int:
@@ -41,7 +39,7 @@ def cmd_demo_model(args) -> int:
         raise UserError(f"{dst}: exists and is not empty (use --force to overwrite)")
     build_demo_model(dst)
     print(f"demo model (random weights: its scores are meaningless) written to {dst}", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_probe(args) -> int:
@@ -60,7 +58,7 @@ def cmd_probe(args) -> int:
         print(json.dumps(hardware.to_dict(), indent=2))
     else:
         render_hardware(hardware, _console(), note)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_plan(args) -> int:
@@ -72,7 +70,7 @@ def cmd_plan(args) -> int:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         render_plan(plan, _console())
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_submit(args) -> int:
@@ -94,7 +92,7 @@ def cmd_show(args) -> int:
         print(json.dumps(data, indent=2))
     else:
         render(shown, _console(), rows=None if args.all else 20, by=args.by)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_eval(args) -> int:
@@ -108,7 +106,7 @@ def cmd_eval(args) -> int:
         raise UserError(f"flexorch eval runs lm-evaluation-harness, which is not installed: "
                         f"{install_hint('lm-eval')}") from None
     run_cli(args.lm_eval_args)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     except KeyboardInterrupt as exc:
         print("terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+        return ExitCode.stopped_by(exc)
     except OSError as exc:  # the disk filled or a folder turned read-only while running: not a bug
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -37,16 +37,16 @@ from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer
                                            read_prompts, token_ids_for, tokenize_prompts, updated_prompts_path,
                                            write_updated_prompts)
 from flexorch.orchestrator.spec import JobSpec, load_job
-from flexorch.contract.errors import JobFailed, Terminated, UserError
+from flexorch.contract.errors import ExitCode, JobFailed, Terminated, UserError
 from flexorch.contract.leftovers import ACTIVATIONS, atomic_temps, remove_dead
 from flexorch.contract.manifest import Manifest, is_layerwise_dir, read_json_object, read_manifest
 from flexorch.contract.models import check_model_type
-from flexorch.contract.protocol import PromptResult, ScoreSpec, TokenizedPrompt
+from flexorch.contract.choices import Parallel
+from flexorch.contract.protocol import PromptResult, ScoreKind, ScoreSpec, TokenizedPrompt
 from flexorch.contract.messages import (FAIL_USER, Failed, Finished, PipelineLinks, Progress, Ready, Round,
                                         RoundDone, SteppedDown, WorkerHooks, WorkerTask)
 from flexorch.contract.verified import unmarked_bytes
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 130, 143  # 128 + SIGINT, SIGTERM
 REPORT_NAME = "report.json"
 LOGS_DIR = "logs"
 # Fault injection for tests that run `flexorch submit` in a subprocess: JSON mapping a worker name
@@ -76,19 +76,29 @@ def plan_job(job_path: str | Path) -> tuple[JobSpec, Plan]:
 
 
 def plan_spec(spec: JobSpec) -> Plan:
-    job = prepare_job(spec, spec.model, _describe_model(spec.model))
-    if job.nodes and is_layerwise_dir(spec.model):  # read-only, and the plan is where a user finds out
-        _ray_cluster(spec).check_model(_used_nodes(job), spec.model)
+    model = _identify(spec.model)
+    job = prepare_job(spec, model.path, model.manifest)
+    if job.nodes and model.layerwise:  # read-only, and the plan is where a user finds out
+        _ray_cluster(spec).check_model(_used_nodes(job), model.path)
     return job.plan
 
 
-def _describe_model(path: Path) -> Manifest:
+@dataclass(frozen=True)
+class _Model:
+    """The job's model dir, told apart once: a layerwise dir, or a checkpoint converted on first run."""
+
+    path: Path
+    manifest: Manifest  # a checkpoint's is described: no layer checksums until it is prepared
+    layerwise: bool
+
+
+def _identify(path: Path) -> _Model:
     if is_layerwise_dir(path):
-        return read_manifest(path)
+        return _Model(path, read_manifest(path), layerwise=True)
     if is_hf_checkpoint(path):
         from flexorch.orchestrator.prepare import describe_checkpoint
 
-        return describe_checkpoint(path)
+        return _Model(path, describe_checkpoint(path), layerwise=False)
     raise UserError(f"{path}: neither a layerwise dir (flexorch prepare) nor a Hugging Face checkpoint dir")
 
 
@@ -101,7 +111,7 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     max_length = spec.max_length or model_max_length(manifest.config)
     tokenized = tokenize_prompts(prompts, tokenizer, max_length, spec.prompts, spec.generate_tokens,
                                  vocab_size=model_vocab_size(manifest.config) or len(tokenizer))
-    token_ids = token_ids_for(spec.score.tokens, tokenizer, spec.path) if spec.score.kind == "token_probs" else ()
+    token_ids = token_ids_for(spec.score.tokens, tokenizer, spec.path) if spec.score.kind is ScoreKind.TOKEN_PROBS else ()
     check_answers(prompts, spec.score.kind, len(token_ids), spec.prompts)
     score = ScoreSpec(kind=spec.score.kind, token_ids=token_ids, generate_tokens=spec.generate_tokens)
     # Free disk where activations would go: the planner's disk budget (probe walks up to a parent
@@ -271,10 +281,10 @@ def submit(job_path: str | Path, console: Console, restart: bool = False,
                     highlight=False)
     except JobFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILED
     except KeyboardInterrupt as exc:
-        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
-    return EXIT_OK
+        return ExitCode.stopped_by(exc)
+    return ExitCode.OK
 
 
 def run_job(spec: JobSpec, console: Console, restart: bool = False,
@@ -287,9 +297,12 @@ def run_job(spec: JobSpec, console: Console, restart: bool = False,
     API writes its job files there then, and not for a job that is refused)."""
     # Everything is validated and planned before an HF checkpoint is converted (which can take an
     # hour for a 70B model): a typo in the prompts must not cost that.
-    job = prepare_job(spec, spec.model, _describe_model(spec.model))
-    model_dir = resolve_model(spec.model, console=console)
-    manifest = read_manifest(model_dir)  # with the layer checksums the fingerprint needs
+    model = _identify(spec.model)
+    job = prepare_job(spec, model.path, model.manifest)
+    model_dir, manifest = model.path, model.manifest
+    if not model.layerwise:  # converted now (once; then from the cache), with the checksums the fingerprint needs
+        model_dir = resolve_model(model.path, console=console)
+        manifest = read_manifest(model_dir)
     if job.nodes:
         _ray_cluster(spec).check_model(_used_nodes(job), model_dir)
     fingerprint = jobstate.make_fingerprint(manifest, model_dir, spec.prompts, job.tokenized, job.score,
@@ -467,12 +480,12 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
     if not tasks:
         return None
     # start-up apart: a worker's ETA counts it down from the spawn, then follows the measured compute
-    lines = [WorkerLine(r.name, r.device, r.prompts, r.prompts_reused, len(wp.rounds),
+    lines = [WorkerLine(wp.name, wp.device, r.prompts, r.prompts_reused, len(wp.rounds),
                         wp.predicted_seconds - wp.predicted_start_seconds, wp.predicted_pass_shares,
                         wp.predicted_start_seconds)
-             for r, wp in zip(run.records.values(), run.job.plan.workers)]
+             for wp in run.job.plan.workers for r in (run.records[wp.name],)]
     with make_progress(console, lines) as progress, _executor(run.job, worker_timeout) as executor:
-        if run.job.plan.parallel == "pipeline":
+        if run.job.plan.parallel is Parallel.PIPELINE:
             tasks = _link_stages(tasks, executor, run.job.plan.channel_batches)
         progress.starting()
         launched = time.monotonic()
@@ -491,13 +504,14 @@ def _run_workers(run: _Run, tasks: list[WorkerTask], worker_timeout: float | Non
 
 
 def _executor(job: PreparedJob, worker_timeout: float | None):
+    start_seconds = max(wp.predicted_start_seconds for wp in job.plan.workers)
     if not job.nodes:
-        return LocalProcessExecutor(worker_timeout=worker_timeout,
-                                    start_seconds=max(wp.predicted_start_seconds for wp in job.plan.workers))
+        return LocalProcessExecutor(worker_timeout=worker_timeout, start_seconds=start_seconds)
     from flexorch.orchestrator.rayexecutor import RayExecutor
 
     nodes = {node.name: node for node in job.nodes}
-    return RayExecutor({wp.name: nodes[wp.node] for wp in job.plan.workers}, worker_timeout=worker_timeout)
+    return RayExecutor({wp.name: nodes[wp.node] for wp in job.plan.workers}, worker_timeout=worker_timeout,
+                       start_seconds=start_seconds)
 
 
 def _used_nodes(job: PreparedJob) -> list[Node]:

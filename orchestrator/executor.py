@@ -17,7 +17,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import multiprocessing
-import os
 import pickle
 import shutil
 import signal
@@ -88,7 +87,17 @@ FAILURES = (Failed, Died, Hung)
 
 
 class Executor(abc.ABC):
-    """Runs WorkerTasks and reports, as one stream of messages, what their workers say."""
+    """Runs WorkerTasks and reports, as one stream of messages, what their workers say.
+
+    The hung-worker clock lives here, the same for every executor: `worker_timeout`, seconds of
+    silence after which a worker counts as hung (None: never); `start_seconds`, the plan's predicted
+    start-up, for the allowance before a worker's first progress. A worker's handle carries
+    `task`, `last_heard`, `computing` and `done`; `_kill` stops one that stopped listening."""
+
+    def __init__(self, worker_timeout: float | None, start_seconds: float, clock: Callable[[], float]):
+        self.worker_timeout = worker_timeout
+        self.start_seconds = start_seconds
+        self.clock = clock
 
     @abc.abstractmethod
     def start(self, tasks: Sequence[WorkerTask]) -> None:
@@ -117,6 +126,40 @@ class Executor(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    # -- the hung-worker clock --------------------------------------------------------------------
+    def _time_left(self, waiting: Sequence) -> float | None:
+        """Seconds until the earliest hung-worker deadline (None: wait for ever)."""
+        if self.worker_timeout is None:
+            return None
+        deadline = min(h.last_heard + self._allowed_silence(h) for h in waiting)
+        return max(0.0, deadline - self.clock())
+
+    def _allowed_silence(self, handle) -> float:
+        if handle.computing:
+            return self.worker_timeout
+        return max(self.worker_timeout, STARTUP_FACTOR * self.start_seconds)
+
+    def _hung(self, waiting: Sequence) -> Iterator[Hung]:
+        now = self.clock()
+        for handle in waiting:
+            silence = self._allowed_silence(handle)
+            if now - handle.last_heard >= silence:
+                handle.done = True
+                self._kill(handle)  # it is not listening; the other workers are the caller's call
+                yield Hung(handle.task.name, silence, starting=not handle.computing)
+
+    def _heard(self, handle, message: WorkerMessage) -> None:
+        """The clock restarts at each message; progress ends start-up, Finished or Failed the worker."""
+        handle.last_heard = self.clock()
+        if isinstance(message, (Progress, RoundDone)):
+            handle.computing = True
+        if isinstance(message, (Finished, Failed)):
+            handle.done = True
+
+    def _kill(self, handle) -> None:
+        """Stop one hung worker at once."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -170,17 +213,14 @@ class LocalProcessExecutor(Executor):
     """One `spawn`ed process per task on this machine (spawn: CUDA cannot survive fork, and a fresh
     interpreter inherits no locks or threads from the controller).
 
-    `worker_timeout`: seconds of silence after which a worker counts as hung (None: never);
-    `start_seconds`: the plan's predicted start-up, for the allowance before a worker's first progress.
+    `worker_timeout`, `start_seconds`: the hung-worker clock (Executor).
     `target`: the process entry point `target(task, conn, death_conn)`; tests pass stand-ins.
     """
 
     def __init__(self, worker_timeout: float | None = None, target: Callable = worker_main,
                  clock: Callable[[], float] = time.monotonic, start_seconds: float = 0.0):
-        self.worker_timeout = worker_timeout
-        self.start_seconds = start_seconds
+        super().__init__(worker_timeout, start_seconds, clock)
         self.target = target
-        self.clock = clock
         self._context = multiprocessing.get_context("spawn")
         self._handles: dict[str, _Handle] = {}
         self._finalizer: weakref.finalize | None = None
@@ -188,7 +228,7 @@ class LocalProcessExecutor(Executor):
     def start(self, tasks: Sequence[WorkerTask]) -> None:
         handles: list[_Handle] = []
         remove_dead(tempfile.gettempdir(), TASKS)  # task dirs of controllers that were killed
-        self._task_dir = Path(tempfile.mkdtemp(prefix=f"flexorch-tasks-{os.getpid()}-"))
+        self._task_dir = Path(tempfile.mkdtemp(prefix=TASKS.prefix()))
         self._finalizer = weakref.finalize(self, _stop_processes, handles, self._task_dir)
         try:
             for task in tasks:
@@ -253,26 +293,8 @@ class LocalProcessExecutor(Executor):
                         handle.process.join()
                         yield Died(handle.task.name, handle.process.exitcode)
 
-    def _time_left(self, waiting: list[_Handle]) -> float | None:
-        """Seconds until the earliest hung-worker deadline (None: wait for ever)."""
-        if self.worker_timeout is None:
-            return None
-        deadline = min(h.last_heard + self._allowed_silence(h) for h in waiting)
-        return max(0.0, deadline - self.clock())
-
-    def _allowed_silence(self, handle: _Handle) -> float:
-        if handle.computing:
-            return self.worker_timeout
-        return max(self.worker_timeout, STARTUP_FACTOR * self.start_seconds)
-
-    def _hung(self, waiting: list[_Handle]) -> Iterator[Hung]:
-        now = self.clock()
-        for handle in waiting:
-            silence = self._allowed_silence(handle)
-            if now - handle.last_heard >= silence:
-                handle.done = True
-                handle.process.kill()  # it is not listening; the other workers are the caller's call
-                yield Hung(handle.task.name, silence, starting=not handle.computing)
+    def _kill(self, handle: _Handle) -> None:
+        handle.process.kill()
 
     def _receive(self, handle: _Handle, drain: bool) -> Iterator[WorkerMessage]:
         """One message from `handle` (or, with `drain`, every message it left before exiting)."""
@@ -283,11 +305,7 @@ class LocalProcessExecutor(Executor):
                 handle.conn.close()
                 handle.conn = None
                 return
-            handle.last_heard = self.clock()
-            if isinstance(message, (Progress, RoundDone)):
-                handle.computing = True
-            if isinstance(message, (Finished, Failed)):
-                handle.done = True
+            self._heard(handle, message)
             yield message
             if not drain or handle.done:
                 return

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from flexorch.contract.errors import UserError
+from flexorch.orchestrator.tensors import SourceTensor
 
 if TYPE_CHECKING:
     import torch
-
-    from flexorch.orchestrator.prepare import SourceTensor
 
 _EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 # Per-expert projection names → their part of the fused tensors (Mixtral's w1/w3/w2; Qwen, OLMoE).

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from flexorch.contract.choices import DeviceKind, on_cpu
 from flexorch.orchestrator.hardware import Calibration, Hardware, Throughput, format_bytes, format_flops
 from flexorch.orchestrator.learned import Key, Kind, LearnedFigures
 
@@ -117,13 +118,13 @@ class Figures:
         measured, then interpolated in log2(batch); else assumed. See `_layer_curve` and `_width_curve`."""
         # what this machine's jobs measured on layers this wide: seconds per second predicted
         pace = self.learned.pace(device, dtype, hidden, batch) if self.learned else 1.0
-        kind = "cpu" if device == "cpu" else "cuda"
+        kind = DeviceKind.of(device)
         by_width = self._measured_points(device, dtype)
         if by_width:
             curve = ((token_flops and _layer_curve(by_width, token_flops, token_attention))
                      or _width_curve(_short_rows(by_width), hidden, batch))
             rate = _interpolate(curve, batch, below=_proportional)
-            return (rate * threads / self.hardware.cpu_count if kind == "cpu" else rate) / pace
+            return (rate * threads / self.hardware.cpu_count if kind.is_cpu else rate) / pace
         return self._assumed_peak(device, dtype, threads) * _saturation(batch, kind) / pace
 
     def flops_source(self, device: str, dtype: str) -> str:
@@ -166,7 +167,7 @@ class Figures:
                  f"({self.direct_read.source})" if self.direct_read else "direct disk reads: refused by the filesystem",
                  f"sha256 {format_bytes(self.sha256.value)}/s, for layer files not verified yet ({self.sha256.source})",
                  f"worker start-up {self.worker_start.value:.1f} s ({self.worker_start.source})"]
-        for kind in sorted({"cpu" if d == "cpu" else "cuda" for d in devices}):
+        for kind in sorted({DeviceKind.of(d) for d in devices}):
             base = self.base_ram[kind]
             lines.append(f"{kind} worker fixed RAM {format_bytes(base.value)} ({base.source})")
         for device in dict.fromkeys(devices):
@@ -174,17 +175,17 @@ class Figures:
             lines.append(f"{device} {dtype} throughput {format_flops(rate)} at 1024 tokens "
                          f"({self.flops_source(device, dtype)})")
             lines += self.learned_paces(device, dtype)
-            if device != "cpu":
+            if not on_cpu(device):
                 link = self.host_to_device(device)
                 lines.append(f"{device} host-to-device {format_bytes(link.value)}/s ({link.source})")
-        if any(d != "cpu" for d in devices):
+        if not all(on_cpu(d) for d in devices):
             lines.append(f"CUDA context {format_bytes(self.cuda_context.value)} ({self.cuda_context.source})")
         lines.append(f"safety margin {self.safety:.0%} of each memory budget "
                      f"({'the fixed memory is measured' if self.base_ram['cpu'].measured else 'nothing measured'})")
         return lines
 
     def _all_threads(self, device: str) -> int:
-        return self.hardware.cpu_count if device == "cpu" else 0
+        return self.hardware.cpu_count if on_cpu(device) else 0
 
     def _measured_points(self, device: str, dtype: str) -> dict[int, list[Throughput]]:
         """Layer width → its measured points, sorted by batch."""
@@ -195,7 +196,7 @@ class Figures:
         return {w: sorted(points, key=lambda t: t.batch_tokens) for w, points in by_width.items()}
 
     def _assumed_peak(self, device: str, dtype: str, threads: int) -> float:
-        if device == "cpu":
+        if on_cpu(device):
             return threads * CPU_FLOPS_PER_CORE / (1.0 if dtype == "float32" else CPU_HALF_SLOWDOWN)
         name = next(g.name for g in self.hardware.gpus if f"cuda:{g.index}" == device)
         half = next((flops for key, flops in GPU_HALF_FLOPS if key in name), DEFAULT_GPU_HALF_FLOPS)

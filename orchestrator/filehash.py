@@ -7,23 +7,13 @@ is hashed again. The store is a cache: a missing or unreadable one is rebuilt, n
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from flexorch.contract.atomic import atomic_write_text
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import read_json_object
-
-_BLOCK = 16 << 20
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from flexorch.contract.verified import sha256_file
 
 
 class HashStore:
@@ -43,7 +33,7 @@ class HashStore:
         known = self.entries.get(key)
         if isinstance(known, dict) and known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
             return known["sha256"]
-        digest = sha256_of(path)
+        digest = sha256_file(path)
         self.entries[key] = {"stamp": stamp, "sha256": digest}
         self.changed = True
         return digest

@@ -29,6 +29,7 @@ from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import Manifest
 from flexorch.contract.protocol import ScoreSpec, TokenizedPrompt
 from flexorch.contract.parts import PART_SUFFIX, PartError, read_part, read_part_indices
+from flexorch.contract.verified import sha256_file
 
 JOB_FILE = "job.json"
 PARTS_DIR = "parts"
@@ -71,24 +72,16 @@ def model_digest(manifest: Manifest, model_dir: str | Path) -> str:
     are covered by their checksums in the manifest, verified as workers read them."""
     data = asdict(manifest)
     data.pop("source", None)
-    data["files"] = {name: file_digest(Path(model_dir) / name) for name in COPIED_FILES
+    data["files"] = {name: sha256_file(Path(model_dir) / name) for name in COPIED_FILES
                      if (Path(model_dir) / name).is_file()}
     return _sha256_json(data)
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_fingerprint(manifest: Manifest, model_dir: str | Path, prompts_path: str | Path,
                      tokenized: Sequence[TokenizedPrompt], score: ScoreSpec, dtype: str) -> Fingerprint:
     token_ids = _sha256_json([(p.prefix_ids, p.suffix_ids) for p in tokenized])
     return Fingerprint(
-        model=model_digest(manifest, model_dir), prompts=file_digest(prompts_path), token_ids=token_ids,
+        model=model_digest(manifest, model_dir), prompts=sha256_file(prompts_path), token_ids=token_ids,
         score=f"{score.kind}{list(score.token_ids) if score.token_ids else ''}",
         generate_tokens=score.generate_tokens, dtype=dtype, flexorch=flexorch_version(),
     )

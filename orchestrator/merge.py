@@ -20,10 +20,7 @@ import numpy as np
 from flexorch.contract.atomic import atomic_writer
 from flexorch.contract.protocol import PromptResult
 from flexorch.contract.parts import read_part
-from flexorch.orchestrator.prompts import Prompt
-
-# The seed's readers may run an older Python; protocol 4 (Python 3.4+) holds numpy arrays fine.
-PICKLE_PROTOCOL = 4
+from flexorch.orchestrator.prompts import PICKLE_PROTOCOL, Prompt
 
 
 def collect_results(parts: Iterable[str | Path], n_prompts: int) -> list[PromptResult]:

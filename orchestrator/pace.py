@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Iterable, Sequence
 
+from flexorch.contract.choices import DeviceKind, Parallel, on_cpu
 from flexorch.orchestrator.figures import figures_of
 from flexorch.orchestrator.hardware import Hardware, format_bytes
 from flexorch.orchestrator.learned import Key, Kind
@@ -75,7 +76,7 @@ class Missed:
 def worker_paces(plan, records: Iterable, round_tokens: Sequence[int]) -> list[WorkerPace]:
     """`plan`'s data workers that ran their whole slice in this run, each with what it measured.
     `records`: the controller's WorkerRecords; `round_tokens[i]`: prompt i's tokens."""
-    if plan.parallel != "data":  # a pipeline stage computes a share of each pass: not its plan's figures
+    if plan.parallel is not Parallel.DATA:  # a pipeline stage computes a share of each pass: not its plan's figures
         return []
     by_name = {r.name: r for r in records}
     paces = []
@@ -102,7 +103,7 @@ def missed_predictions(paces: Sequence[WorkerPace]) -> list[Missed]:
     for p in paces:
         checks += [Missed(p.name, Predicted.TIME, p.predicted_seconds, p.seconds),
                    Missed(p.name, Predicted.PEAK_RAM, p.predicted_peak_ram, p.peak_ram)]
-        if p.device != "cpu":
+        if not on_cpu(p.device):
             checks.append(Missed(p.name, Predicted.PEAK_DEVICE, p.predicted_peak_device, p.peak_device))
     return [m for m in checks if m.predicted > 0 and m.measured > 0
             and not 1 / MISS_RATIO <= m.ratio <= MISS_RATIO]
@@ -116,17 +117,17 @@ def observations(paces: Sequence[WorkerPace], hardware: Hardware, dtype: str, hi
     figures, calibrated = figures_of(hardware), figures_of(replace(hardware, learned=None))
     learned: dict[Key, list[float]] = {}
     for p in paces:
-        kind = "cpu" if p.device == "cpu" else "cuda"
+        kind = DeviceKind.of(p.device)
         learned.setdefault(Key(Kind.BASE_RAM, kind), []).append(max(
             calibrated.base_ram[kind].value, figures.base_ram[kind].value + p.peak_ram - p.predicted_peak_ram))
-        if kind == "cuda" and p.peak_device:
+        if not kind.is_cpu and p.peak_device:
             learned.setdefault(Key(Kind.CUDA_CONTEXT), []).append(max(
                 calibrated.cuda_context.value, figures.cuda_context.value + p.peak_device - p.predicted_peak_device))
         if p.predicted_compute > 0 and p.compute > 0:
             batch = 2 ** round(math.log2(max(1.0, p.tokens_per_forward)))
             pace = used.pace(p.device, dtype, hidden, p.tokens_per_forward) * p.compute / p.predicted_compute
             learned.setdefault(Key(Kind.COMPUTE, p.device, dtype, hidden, batch), []).append(pace)
-        if p.device == "cpu" and p.direct_reads and p.bytes_read >= MIN_LEARNED_READ_BYTES and p.read_seconds > 0:
+        if kind.is_cpu and p.direct_reads and p.bytes_read >= MIN_LEARNED_READ_BYTES and p.read_seconds > 0:
             # on a GPU the loader's seconds include the copy to the device: not the disk's alone
             learned.setdefault(Key(Kind.DIRECT_READ), []).append(p.bytes_read / p.read_seconds)
     if paces:  # the job waited for its slowest worker's start

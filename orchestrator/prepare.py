@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING
 
 from flexorch.contract.errors import UserError
 from flexorch.contract.models import check_decoder_config, hub_id_hint
-from flexorch.contract.leftovers import prepare_temps, remove_dead
+from flexorch.contract.leftovers import prepare_build_dir, prepare_old_dir, prepare_temps, remove_dead
 from flexorch.contract.manifest import (COMPRESSION_SCHEMES, DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME,
                                         NORM, LayerEntry, Manifest, read_json_object)
+from flexorch.contract.verified import mark, sha256_file
 from flexorch.orchestrator.experts import ExpertLayout, FusedExperts, fuse_experts, has_expert_tensors, module_shapes
+from flexorch.orchestrator.tensors import SourceTensor
 
 if TYPE_CHECKING:
     import torch
@@ -56,15 +58,6 @@ _OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".ckpt
 _IGNORED_TENSOR = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _DECODER_PREFIX = re.compile(r"model\.layers\.(\d+)\.")
 _PREFIXES = {EMBED: "model.embed_tokens.", NORM: "model.norm.", LM_HEAD: "lm_head."}
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    name: str  # in the checkpoint: "model.layers.3.mlp.up_proj.weight"
-    file: Path  # the weight file holding it
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -133,7 +126,7 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
 
     Everything is checked before a byte is written; an existing `dst` is refused unless `force`,
     and then replaced only once the new dir is complete. `compress` ("int8" | "int4"): store the
-    decoder layers' projection weights quantised (workers/compression.py; scores become approximate).
+    decoder layers' projection weights quantised (flexorch/weights/compression.py; scores become approximate).
     """
     if compress not in (None, *COMPRESSION_SCHEMES):
         raise UserError(f"--compress {compress}: expected one of {', '.join(COMPRESSION_SCHEMES)}")
@@ -144,7 +137,7 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
         raise UserError(f"{dst}: already exists (use --force to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_dead(dst.parent, prepare_temps(dst.name))  # half-written dirs of killed conversions
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    tmp = prepare_build_dir(dst)
     if tmp.exists():  # left by a killed run that had our pid
         shutil.rmtree(tmp)
     try:
@@ -249,7 +242,7 @@ def _read_index(path: Path) -> dict[str, str]:
 def _tensor_specs(path: Path, fmt: str) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
     """name -> (dtype, shape, nbytes) of the tensors in one weight file, without reading their data."""
     if fmt == "safetensors":
-        from flexorch.workers.layerfile import read_header  # also checks the file's size against its header
+        from flexorch.weights.layerformat import read_header  # also checks the file's size against its header
 
         return {spec.name: (spec.dtype, spec.shape, spec.end - spec.start) for spec in read_header(path).tensors}
     return {name: (t.dtype, tuple(t.shape), t.nbytes) for name, t in _load_bin(path).items()}
@@ -377,9 +370,7 @@ def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Pat
 def _write_layer(layer: LayerSource, out: Path, compress: str | None = None) -> LayerEntry:
     if layer.tied_to:
         return layer.entry(0, None)
-    from flexorch.workers.compression import compress_layer
-    from flexorch.contract.verified import mark
-    from flexorch.workers.layerfile import sha256_file
+    from flexorch.weights.compression import compress_layer
 
     path = out / layer.file
     tensors = _read_layer(layer)
@@ -467,7 +458,7 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
     if not dst.exists():
         tmp.rename(dst)
         return
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"  # --force: the old DST goes once the new is in
+    old = prepare_old_dir(dst)  # --force: the old DST goes once the new is in
     dst.rename(old)
     tmp.rename(dst)
     if old.is_dir():

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from flexorch.orchestrator.fields import Problems
 from flexorch.contract.atomic import atomic_write_bytes
 from flexorch.contract.errors import UserError
 from flexorch.contract.guard import Limits, check_plain, parse_guarded, scan_pickle
-from flexorch.contract.protocol import TokenizedPrompt
+from flexorch.contract.protocol import ScoreKind, TokenizedPrompt
 
 PROMPT_FORMATS = ("jsonl", "pkl")
 # generated_ids: what _updated prompts carry beside the text; accepted so they read back as prompts,
@@ -46,8 +47,9 @@ _LINE_LIMITS = Limits(max_bytes=64 << 20)
 # vocabulary's longest entry, times _CHARS_SLACK for normalisation; with none, this cap.
 _MAX_PROMPT_CHARS = 4_000_000
 _CHARS_SLACK = 2
-# The seed's readers may run an older Python; protocol 4 (Python 3.4+) holds our plain data.
-_PICKLE_PROTOCOL = 4
+# Of every pickle a job writes (its output, the _updated prompts): the seed's readers may run an older
+# Python; protocol 4 (Python 3.4+) holds numpy arrays and our plain data.
+PICKLE_PROTOCOL = 4
 
 
 @dataclass(frozen=True)
@@ -81,25 +83,6 @@ class Prompt:
         return {**body, **{k: v for k, v in optional.items() if v is not None}, **self.fields}
 
 
-class _Problems:
-    """Prompt errors, at most _MAX_LISTED of them listed, each line naming the file."""
-
-    def __init__(self, source: Path):
-        self.source = source
-        self.lines: list[str] = []
-
-    def add(self, where: str, message: str) -> None:
-        self.lines.append(f"{self.source}: {where}: {message}")
-
-    def raise_if_any(self) -> None:
-        if not self.lines:
-            return
-        shown = self.lines[:_MAX_LISTED]
-        if len(self.lines) > _MAX_LISTED:
-            shown.append(f"{self.source}: ... and {len(self.lines) - _MAX_LISTED} more problems")
-        raise UserError("\n".join(shown))
-
-
 # -- reading ---------------------------------------------------------------------------------------
 
 
@@ -120,7 +103,7 @@ def read_prompts(path: Path) -> list[Prompt]:
 
 
 def _read_jsonl(data: bytes, source: Path) -> list[Prompt]:
-    problems = _Problems(source)
+    problems = Problems(source, most=_MAX_LISTED)
     prompts = []
     for line_number, raw in enumerate(data.split(b"\n"), start=1):
         where = f"line {line_number}"
@@ -192,7 +175,7 @@ def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
     return _prompts_of_items(items, source, "prompt index {}")
 
 
-def _prompt_from_dict(item: dict, problems: _Problems, where: str) -> Prompt | None:
+def _prompt_from_dict(item: dict, problems: Problems, where: str) -> Prompt | None:
     valid = True
     extra = {key: value for key, value in item.items() if key not in _PROMPT_KEYS}
     tokenized = any(key in item for key in _ID_KEYS)
@@ -218,7 +201,7 @@ def _prompt_from_dict(item: dict, problems: _Problems, where: str) -> Prompt | N
                         answer=item.get("answer"), fields=extra)
 
 
-def _make_prompt(prefix, suffixes, prompt_id, problems: _Problems, where: str, answer=None,
+def _make_prompt(prefix, suffixes, prompt_id, problems: Problems, where: str, answer=None,
                  fields: dict | None = None) -> Prompt | None:
     count = len(problems.lines)
     if not isinstance(prefix, str):
@@ -238,7 +221,7 @@ def _make_prompt(prefix, suffixes, prompt_id, problems: _Problems, where: str, a
                   fields=_plain(fields or {}))
 
 
-def _make_id_prompt(prefix_ids, suffix_ids, prompt_id, problems: _Problems, where: str, answer=None,
+def _make_id_prompt(prefix_ids, suffix_ids, prompt_id, problems: Problems, where: str, answer=None,
                     fields: dict | None = None) -> Prompt | None:
     """A prompt given as token ids; that they are ids of the model's vocabulary is checked when
     it is tokenized (the reader does not know the model)."""
@@ -268,7 +251,7 @@ def _is_ids(value) -> bool:
         isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
 
 
-def _check_id_and_answer(prompt_id, answer, suffixes, problems: _Problems, where: str) -> None:
+def _check_id_and_answer(prompt_id, answer, suffixes, problems: Problems, where: str) -> None:
     if not isinstance(prompt_id, _SCALARS):
         problems.add(where, f"id: expected a string, number, boolean or null, got {_show(prompt_id)}")
     elif isinstance(prompt_id, float) and not math.isfinite(prompt_id):  # JSON's NaN: equal to no id, itself included
@@ -319,7 +302,7 @@ def _as_json(item, where: str):
 def _prompts_of_items(items, source: Path, where: str) -> list[Prompt]:
     """Prompts from a list of items (a pickle's, or the Python API's), every problem listed at once;
     `where`: how a problem names item i (`where.format(i)`)."""
-    problems = _Problems(source)
+    problems = Problems(source, most=_MAX_LISTED)
     prompts = []
     for index, item in enumerate(items):
         prompt = _prompt_from_item(item, problems, where.format(index))
@@ -329,7 +312,7 @@ def _prompts_of_items(items, source: Path, where: str) -> list[Prompt]:
     return prompts
 
 
-def _prompt_from_item(item, problems: _Problems, where: str) -> Prompt | None:
+def _prompt_from_item(item, problems: Problems, where: str) -> Prompt | None:
     if isinstance(item, dict):
         return _prompt_from_dict(item, problems, where)
     if isinstance(item, (tuple, list)) and len(item) == 2:
@@ -338,14 +321,15 @@ def _prompt_from_item(item, problems: _Problems, where: str) -> Prompt | None:
     return None
 
 
-def check_answers(prompts: Sequence[Prompt], kind: str, n_tokens: int, source: Path) -> None:
+def check_answers(prompts: Sequence[Prompt], kind: ScoreKind, n_tokens: int, source: Path) -> None:
     """An answer indexes a prompt's suffixes; with token_probs and one suffix, score.tokens."""
-    problems = _Problems(source)
+    problems = Problems(source, most=_MAX_LISTED)
     for index, prompt in enumerate(prompts):
         if prompt.answer is None or prompt.n_suffixes > 1:
             continue
-        choices = n_tokens if kind == "token_probs" else 1
-        what = "score.tokens" if kind == "token_probs" else "its 1 suffix"
+        by_token = kind == ScoreKind.TOKEN_PROBS
+        choices = n_tokens if by_token else 1
+        what = "score.tokens" if by_token else "its 1 suffix"
         if prompt.answer >= choices:
             problems.add(f"prompt index {index}", f"answer: {prompt.answer} is not an index of {what}")
     problems.raise_if_any()
@@ -391,7 +375,7 @@ def tokenize_prompts(prompts: Sequence[Prompt], tokenizer, max_length: int | Non
         return []
     _check_characters(prompts, tokenizer, max_length, Path(source))
     ids = _token_ids(prompts, tokenizer)
-    problems = _Problems(Path(source))
+    problems = Problems(Path(source), most=_MAX_LISTED)
     tokenized = []
     for index, (prompt, (prefix, suffixes)) in enumerate(zip(prompts, ids)):
         where = f"prompt index {index}" + (f" (id {prompt.id!r})" if prompt.id is not None else "")
@@ -416,7 +400,7 @@ def _check_characters(prompts: Sequence[Prompt], tokenizer, max_length: int | No
     if max_length is not None and vocab:
         longest_token = max(len(token) for token in vocab)
         limit = min(limit, max_length * longest_token * _CHARS_SLACK)
-    problems = _Problems(source)
+    problems = Problems(source, most=_MAX_LISTED)
     for index, prompt in enumerate(prompts):
         if prompt.is_tokenized:  # given as ids: nothing to tokenize, their count is checked as is
             continue
@@ -447,7 +431,7 @@ def _token_ids(prompts: Sequence[Prompt], tokenizer) -> list[tuple[tuple[int, ..
 
 
 def _check_vocab(prefix: tuple[int, ...], suffixes: tuple[tuple[int, ...], ...], vocab_size: int,
-                 problems: _Problems, where: str) -> None:
+                 problems: Problems, where: str) -> None:
     for name, ids in [("prefix_ids", prefix)] + [(f"suffix_ids[{j}]", s) for j, s in enumerate(suffixes)]:
         bad = [i for i in ids if i >= vocab_size]
         if bad:
@@ -525,7 +509,7 @@ def write_updated_prompts(path_of_output: Path, prompts: Sequence[Prompt], gener
             extended.append(replace(prompt, suffixes=tuple(s + t for s, t in zip(prompt.suffixes, texts))))
     if fmt == "pkl":  # the seed's format, (prefix, tuple of suffixes), where the prompt is text
         items = [p.to_dict() if p.is_tokenized else (p.prefix, p.suffixes) for p in extended]
-        data = pickle.dumps(items, protocol=_PICKLE_PROTOCOL)
+        data = pickle.dumps(items, protocol=PICKLE_PROTOCOL)
     else:
         ids = generated_ids if generated_ids is not None else [None] * len(extended)
         lines = [json.dumps({**p.to_dict(), **({"generated_ids": [list(s) for s in g]}

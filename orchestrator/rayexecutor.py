@@ -24,10 +24,11 @@ import ray
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from flexorch.contract.messages import (Failed, Finished, Progress, Ready, RoundDone, RoundResults, WorkerMessage,
+from flexorch.contract.choices import on_cpu
+from flexorch.contract.messages import (Failed, Ready, RoundDone, RoundResults, WorkerMessage,
                                         WorkerTask)
 from flexorch.contract.parts import part_name, write_part
-from flexorch.orchestrator.executor import STARTUP_GRACE_S, Died, ExecutorMessage, Executor, Hung
+from flexorch.orchestrator.executor import Died, ExecutorMessage, Executor
 from flexorch.orchestrator.hardware import Node
 from flexorch.orchestrator.raycluster import RUNTIME_ENV
 from flexorch.workers.actor import WorkerActor
@@ -58,13 +59,14 @@ def _kill_all(actors: list[_Actor]) -> None:
 
 
 class RayExecutor(Executor):
-    """`placement`: each worker's node (WorkerPlan.node resolved to the probed Node)."""
+    """`placement`: each worker's node (WorkerPlan.node resolved to the probed Node);
+    `worker_timeout`, `start_seconds`: the hung-worker clock (Executor). Start-up on a cluster also
+    includes Ray placing the actor and starting its process: the plan's start-up allowance covers it."""
 
     def __init__(self, placement: Mapping[str, Node], worker_timeout: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, start_seconds: float = 0.0):
+        super().__init__(worker_timeout, start_seconds, clock)
         self.placement = placement
-        self.worker_timeout = worker_timeout
-        self.clock = clock
         self._actors: dict[str, _Actor] = {}
         self._finalizer: weakref.finalize | None = None
 
@@ -82,7 +84,7 @@ class RayExecutor(Executor):
     def _start_one(self, task: WorkerTask) -> _Actor:
         node = self.placement[task.name]
         # A GPU worker holds its GPU (Ray counts it; the plan chose which); a CPU worker its threads.
-        gpu = task.settings.device != "cpu"
+        gpu = not on_cpu(task.settings.device)
         options = dict(num_gpus=1, num_cpus=0) if gpu else dict(num_cpus=max(1, task.settings.threads))
         # max_restarts 0: a restarted actor would come back without its task; a death is reported instead.
         actor = _RemoteWorker.options(
@@ -121,15 +123,11 @@ class RayExecutor(Executor):
                 handle.pending = handle.actor.take.remote()
 
     def _receive(self, handle: _Actor, message: WorkerMessage) -> ExecutorMessage:
-        handle.last_heard = self.clock()
         if isinstance(message, RoundResults):
             message = self._commit(handle.task, message)
         if isinstance(message, Ready):
             handle.pid = message.pid
-        if isinstance(message, (Progress, RoundDone)):
-            handle.computing = True
-        if isinstance(message, (Finished, Failed)):
-            handle.done = True
+        self._heard(handle, message)
         return message
 
     @staticmethod
@@ -144,25 +142,8 @@ class RayExecutor(Executor):
             return failure_of(task, exc)
         return RoundDone(task.name, message.round_id, message.indices, str(path), message.summary)
 
-    def _time_left(self, waiting: list[_Actor]) -> float | None:
-        """Seconds until the earliest hung-worker deadline (None: wait for ever)."""
-        if self.worker_timeout is None:
-            return None
-        deadline = min(h.last_heard + self._allowed_silence(h) for h in waiting)
-        return max(0.0, deadline - self.clock())
-
-    def _allowed_silence(self, handle: _Actor) -> float:
-        # Start-up on a cluster includes Ray placing the actor and starting its process.
-        return self.worker_timeout if handle.computing else max(self.worker_timeout, STARTUP_GRACE_S)
-
-    def _hung(self, waiting: list[_Actor]) -> Iterator[Hung]:
-        now = self.clock()
-        for handle in waiting:
-            silence = self._allowed_silence(handle)
-            if now - handle.last_heard >= silence:
-                handle.done = True
-                ray.kill(handle.actor, no_restart=True)  # it is not listening
-                yield Hung(handle.task.name, silence, starting=not handle.computing)
+    def _kill(self, handle: _Actor) -> None:
+        ray.kill(handle.actor, no_restart=True)
 
 
 def _death_cause(handle: _Actor, exc: RayError) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from flexorch.contract.choices import Parallel, on_cpu
 from flexorch.orchestrator.hardware import Calibration, Hardware, format_bytes, format_flops
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def render_plan(plan: Plan, console) -> None:
     from rich.table import Table
 
     # Short headers, no padding beyond the box's one-space dividers: the table fits 80 columns.
-    stages = f" ({len(plan.workers)} stages)" if plan.parallel == "pipeline" else ""
+    stages = f" ({len(plan.workers)} stages)" if plan.parallel is Parallel.PIPELINE else ""
     table = Table(title=f"Plan: parallel {plan.parallel}{stages}, dtype {plan.dtype}", box=box.SIMPLE_HEAD,
                   padding=0, show_edge=False,
                   caption="layers: decoder layers per shard; batch: tokens per forward; GPU, RAM: predicted "
@@ -49,7 +50,7 @@ def render_plan(plan: Plan, console) -> None:
             w.name, w.device + (f"×{s.threads}" if s.threads else ""),
             f"{s.layers_per_shard} res" if s.resident else str(s.layers_per_shard), s.storage,
             str(s.batch_tokens), str(len(w.prompt_indices)), str(len(w.rounds)),
-            f"{w.predicted_peak_device_memory / 1e9:.1f} GB" if w.device != "cpu" else "-",
+            f"{w.predicted_peak_device_memory / 1e9:.1f} GB" if not on_cpu(w.device) else "-",
             f"{w.predicted_peak_ram / 1e9:.1f} GB", format_seconds(w.predicted_seconds),
         )
     console.print(table)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from flexorch.contract.manifest import DECODER, EMBED, FORMAT_VERSION, LM_HEAD, NORM, LayerEntry, Manifest
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+from flexorch.contract.manifest import DECODER, DTYPE_BYTES, EMBED, FORMAT_VERSION, LM_HEAD, NORM, LayerEntry, Manifest
 
 
 def llama_shaped_manifest(layers: int, hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,

@@ -11,8 +11,6 @@ No torch here: `flexorch plan` must stay fast.
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
 from collections.abc import Hashable
@@ -24,10 +22,13 @@ import yaml
 from flexorch.contract.errors import UserError
 from flexorch.contract.guard import Limits as ReadLimits, parse_guarded
 from flexorch.contract.models import hub_id_hint
+from flexorch.orchestrator.fields import (Problems, check_keys, choice, count, did_you_mean, flag, parse_size,
+                                         seconds, show)
 from flexorch.orchestrator.prompts import updated_prompts_path
-from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES
+from flexorch.contract.choices import DeviceKind, Parallel, Storage, on_cpu
+from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES, ScoreKind
 
-PARALLEL_MODES = ("data", "pipeline", "auto")
+PARALLEL_MODES = tuple(mode.value for mode in Parallel)
 EXECUTORS = ("local", "ray")
 # A device on a Ray cluster is named by its node: "node1:cuda:0", "node0:cpu" (nodes as `flexorch
 # plan` numbers them: the head first, then by address).
@@ -41,13 +42,6 @@ OUTPUT_EXTENSIONS = (".pkl", ".jsonl")
 # A worker that reports no progress for this long is hung. Generous: one step of a 70B model from a
 # slow disk on a small GPU takes minutes, and a false alarm kills hours of work.
 DEFAULT_WORKER_TIMEOUT = 1800.0
-# Upper bounds that turn absurd values into one line here instead of an OverflowError deep in the
-# planner, numpy or the OS: counts fit a C int; a timeout past a year is a typo (and wait() refuses
-# timeouts past about 2^31 s); a size past 2^62 bytes fits int64 arithmetic with room to spare.
-MAX_COUNT = 2**31 - 1
-MAX_SECONDS = 366 * 24 * 3600.0
-MAX_SIZE = 2**62
-
 _REQUIRED = {"model": "the model dir", "prompts": "the prompts file (.jsonl or .pkl)",
              "output": "the output file (.pkl or .jsonl)"}
 _TOP_KEYS = ("model", "prompts", "output", "job_dir", "score", "generate_tokens", "devices", "parallel",
@@ -60,22 +54,18 @@ _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "hal
                   "bf16": "bfloat16", "torch.float32": "float32", "torch.float16": "float16",
                   "torch.bfloat16": "bfloat16"}
 
-# Size units. Decimal units are the SI ones disk and GPU vendors print (GB = 10^9 bytes); binary
-# units say so (GiB = 2^30), as in Kubernetes, where a bare "G" is decimal too.
-_SIZE_UNITS = {"b": 1}
-for _power, _letter in enumerate("kmgt", start=1):
-    _SIZE_UNITS |= {_letter: 1000**_power, f"{_letter}b": 1000**_power,
-                    f"{_letter}i": 1024**_power, f"{_letter}ib": 1024**_power}
 # A job file is a screenful of keys. PyYAML's Python parser takes ~3 s per 100 KB of list items on
 # a busy core, so the cap is what a generous job needs (a long score.tokens list), not more.
 _YAML_LIMITS = ReadLimits(max_bytes=256 << 10)
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    kind: str = "next_token_probs"  # one of SCORE_KINDS
+    kind: ScoreKind = ScoreKind.NEXT_TOKEN_PROBS
     tokens: tuple[str, ...] = ()  # token_probs only: strings of exactly one token each
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", ScoreKind(self.kind))  # accepts the job file's name
 
 
 @dataclass(frozen=True)
@@ -96,9 +86,9 @@ class JobSpec:
     score: ScoreSettings = ScoreSettings()
     generate_tokens: int = 1
     devices: str | tuple[str, ...] = "auto"  # "auto" or ("cpu", "cuda:1", ...)
-    parallel: str = "data"  # one of PARALLEL_MODES
+    parallel: Parallel = Parallel.DATA
     layers_per_shard: int | None = None  # None: auto
-    storage: str | None = None  # one of STORAGES; None: auto
+    storage: Storage | None = None  # None: auto
     disk_folder: Path | None = None  # storage disk; None: inside job_dir (decided by the planner)
     dtype: str | None = None  # one of DTYPES; None: the checkpoint's
     batch_tokens: int | None = None  # None: auto
@@ -109,6 +99,10 @@ class JobSpec:
     executor: str = "local"  # one of EXECUTORS: worker processes on this machine, or Ray actors on a cluster
     ray_address: str = "auto"  # executor ray: "auto" (RAY_ADDRESS or a cluster running here), host:port, ray://...
     allow_untested_models: bool = False  # run a model type outside contract/models.TESTED_MODEL_TYPES
+
+    def __post_init__(self):  # accepts the job file's names (the API and tests build specs directly)
+        object.__setattr__(self, "parallel", Parallel(self.parallel))
+        object.__setattr__(self, "storage", None if self.storage is None else Storage(self.storage))
 
     @property
     def prompts_format(self) -> str:
@@ -135,9 +129,9 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
 
     `path`: the job file it is (or will be written as); `source`: what errors name (default the
     path); `base`: where relative paths start (default the job file's folder)."""
-    problems = _Problems(source or str(path))
+    problems = Problems(source or str(path))
     base = base or path.absolute().parent
-    _check_keys(problems, raw, _TOP_KEYS, prefix="")
+    check_keys(problems, raw, _TOP_KEYS, prefix="")
     for key, what in _REQUIRED.items():
         if raw.get(key) is None:
             problems.add(None, f"missing required key '{key}' ({what})")
@@ -147,17 +141,17 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
     output = _output_path(problems, raw.get("output"), base)
     job_dir = _job_dir(problems, raw.get("job_dir"), base, output)
     score = _score(problems, raw.get("score"))
-    generate_tokens = _int(problems, "generate_tokens", raw.get("generate_tokens"), default=1, allow_auto=False)
-    if score is not None and score.kind == "suffix_logprob" and generate_tokens not in (None, 1):
+    generate_tokens = count(problems, "generate_tokens", raw.get("generate_tokens"), default=1, allow_auto=False)
+    if score is not None and score.kind is ScoreKind.SUFFIX_LOGPROB and generate_tokens not in (None, 1):
         problems.add("generate_tokens", f"must be 1 with score.kind suffix_logprob (the log-prob of a given "
                                         f"suffix does not depend on generation), got {generate_tokens}")
-    storage = _choice(problems, "storage", raw.get("storage"), STORAGES)
+    storage = choice(problems, "storage", raw.get("storage"), STORAGES)
     disk_folder = _disk_folder(problems, raw.get("disk_folder"), base, storage)
     if generate_tokens is not None and prompts is not None:
         _check_written_paths(problems, model, prompts, output, job_dir, disk_folder, generate_tokens)
-    executor = _choice(problems, "executor", raw.get("executor"), EXECUTORS, default="local", auto=False)
-    parallel = _choice(problems, "parallel", raw.get("parallel"), PARALLEL_MODES, default="data")
-    if executor == "ray" and parallel == "pipeline":
+    executor = choice(problems, "executor", raw.get("executor"), EXECUTORS, default="local", auto=False)
+    parallel = choice(problems, "parallel", raw.get("parallel"), PARALLEL_MODES, default="data")
+    if executor == "ray" and parallel == Parallel.PIPELINE:
         problems.add("parallel", f"pipeline is refused with executor: ray: {_PIPELINE_OVER_RAY}")
 
     values = dict(
@@ -165,47 +159,21 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
         generate_tokens=generate_tokens,
         devices=_devices(problems, raw.get("devices"), executor),
         parallel=parallel,
-        layers_per_shard=_int(problems, "layers_per_shard", raw.get("layers_per_shard")),
+        layers_per_shard=count(problems, "layers_per_shard", raw.get("layers_per_shard")),
         storage=storage, disk_folder=disk_folder,
-        dtype=_choice(problems, "dtype", raw.get("dtype"), DTYPES, aliases=_DTYPE_ALIASES),
-        batch_tokens=_int(problems, "batch_tokens", raw.get("batch_tokens")),
-        max_length=_int(problems, "max_length", raw.get("max_length")),
+        dtype=choice(problems, "dtype", raw.get("dtype"), DTYPES, aliases=_DTYPE_ALIASES),
+        batch_tokens=count(problems, "batch_tokens", raw.get("batch_tokens")),
+        max_length=count(problems, "max_length", raw.get("max_length")),
         limits=_limits(problems, raw.get("limits")),
-        worker_timeout=_seconds(problems, "worker_timeout", raw.get("worker_timeout"), DEFAULT_WORKER_TIMEOUT),
-        allow_remote_code=_bool(problems, "allow_remote_code", raw.get("allow_remote_code"), default=False),
+        worker_timeout=seconds(problems, "worker_timeout", raw.get("worker_timeout"), DEFAULT_WORKER_TIMEOUT),
+        allow_remote_code=flag(problems, "allow_remote_code", raw.get("allow_remote_code"), default=False),
         executor=executor,
         ray_address=_ray_address(problems, raw.get("ray_address"), executor),
-        allow_untested_models=_bool(problems, "allow_untested_models", raw.get("allow_untested_models"),
+        allow_untested_models=flag(problems, "allow_untested_models", raw.get("allow_untested_models"),
                                     default=False),
     )
     problems.raise_if_any()
     return JobSpec(**values)
-
-
-def parse_size(value: int | float | str) -> int:
-    """Bytes from 6GB, "6 GiB", "512MB", "8G" (decimal), "1.5TiB" or "4096B".
-
-    Raises ValueError (with the reason) for anything else, including sizes <= 0 and a number
-    without a unit: `ram: 8` meant 8 GB, not the 8 bytes it would be.
-    """
-    if isinstance(value, bool):
-        raise ValueError("expected a size like 6GB or 6GiB")
-    if isinstance(value, (int, float)):
-        number, unit = value, ""
-    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
-        number, unit = float(match[1]), match[2].lower()
-    else:
-        raise ValueError("expected a size like 6GB or 6GiB")
-    if not unit:
-        raise ValueError(f"give a unit, e.g. {number:g}GB or {number:g}GiB (B for bytes)")
-    if unit not in _SIZE_UNITS:
-        raise ValueError(f"unknown unit {unit!r} (use B, KB, MB, GB, TB, or KiB, MiB, GiB, TiB)")
-    size = number * _SIZE_UNITS[unit]
-    if not math.isfinite(size) or size < 1:
-        raise ValueError("must be more than 0 bytes")
-    if size > MAX_SIZE:
-        raise ValueError(f"must be at most {MAX_SIZE} bytes (4 EiB)")
-    return int(round(size))
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -244,7 +212,7 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"{path}: is empty; expected keys model, prompts and output")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of keys (model: ..., prompts: ..., output: ...) at the "
-                        f"top level, got {_show(data)}")
+                        f"top level, got {show(data)}")
     return data
 
 
@@ -259,66 +227,11 @@ def _parse_yaml(text: str, path: Path):
         raise UserError(f"{path}: invalid YAML: {exc}") from None
 
 
-# Problems listed in one error: every key of a real job file, not a screenful of one bad list.
-_MAX_LISTED = 12
-
-
-class _Problems:
-    """Collects one line per problem, each starting with the file and the key at fault."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.lines: list[str] = []
-
-    def add(self, key: str | None, message: str) -> None:
-        self.lines.append(f"{self.source}: {key}: {message}" if key else f"{self.source}: {message}")
-
-    def raise_if_any(self) -> None:
-        if not self.lines:
-            return
-        shown = self.lines[:_MAX_LISTED]  # a 300,000-item `devices:` list is 300,000 problems
-        if len(self.lines) > _MAX_LISTED:
-            shown.append(f"{self.source}: ... and {len(self.lines) - _MAX_LISTED} more problems")
-        raise UserError("\n".join(shown))
-
-
-def _show(value) -> str:
-    """A value as the user wrote it in YAML, with its type where that is the problem."""
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"a {type(value).__name__}"
-
-
-def _did_you_mean(word: str, choices, prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-
-
-def _check_keys(problems: _Problems, mapping: dict, allowed: tuple[str, ...], prefix: str) -> None:
-    for key in mapping:
-        if not isinstance(key, str) or key not in allowed:
-            hint = _did_you_mean(str(key), allowed, prefix) or f" (expected {', '.join(prefix + a for a in allowed)})"
-            problems.add(None, f"unknown key '{prefix}{key}'{hint}")
-
-
-# -- one parser per kind of value: each records its problems and returns None on failure -----------
-
-
-def _path(problems: _Problems, key: str, value, base: Path) -> Path | None:
+def _path(problems: Problems, key: str, value, base: Path) -> Path | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        problems.add(key, f"expected a path, got {_show(value)}")
+        problems.add(key, f"expected a path, got {show(value)}")
         return None
     return base / Path(value).expanduser()
 
@@ -328,7 +241,7 @@ def _where(value: str, path: Path) -> str:
     return repr(value) if Path(value) == path else f"{value!r} ({path})"
 
 
-def _existing_dir(problems: _Problems, key: str, value, base: Path) -> Path | None:
+def _existing_dir(problems: Problems, key: str, value, base: Path) -> Path | None:
     path = _path(problems, key, value, base)
     if path is None:
         return None
@@ -339,7 +252,7 @@ def _existing_dir(problems: _Problems, key: str, value, base: Path) -> Path | No
     return path
 
 
-def _prompts_path(problems: _Problems, value, base: Path) -> Path | None:
+def _prompts_path(problems: Problems, value, base: Path) -> Path | None:
     path = _path(problems, "prompts", value, base)
     if path is None:
         return None
@@ -352,7 +265,7 @@ def _prompts_path(problems: _Problems, value, base: Path) -> Path | None:
     return path
 
 
-def _output_path(problems: _Problems, value, base: Path) -> Path | None:
+def _output_path(problems: Problems, value, base: Path) -> Path | None:
     path = _path(problems, "output", value, base)
     if path is None:
         return None
@@ -366,7 +279,7 @@ def _output_path(problems: _Problems, value, base: Path) -> Path | None:
     return path
 
 
-def _job_dir(problems: _Problems, value, base: Path, output: Path | None) -> Path | None:
+def _job_dir(problems: Problems, value, base: Path, output: Path | None) -> Path | None:
     if value is None:
         return output.with_suffix(".job") if output is not None else None
     path = _path(problems, "job_dir", value, base)
@@ -375,12 +288,12 @@ def _job_dir(problems: _Problems, value, base: Path, output: Path | None) -> Pat
     return path
 
 
-def _disk_folder(problems: _Problems, value, base: Path, storage: str | None) -> Path | None:
+def _disk_folder(problems: Problems, value, base: Path, storage: str | None) -> Path | None:
     path = _path(problems, "disk_folder", value, base)
     if path is None:
         return None
     # Allowed with storage auto as well: the planner may choose disk, and then uses this folder.
-    if storage not in (None, "disk"):
+    if storage not in (None, Storage.DISK):
         problems.add("disk_folder", f"is only used with storage: disk (storage is {storage})")
     elif path.exists() and not path.is_dir():
         problems.add("disk_folder", f"{_where(value, path)} is a file, expected a folder")
@@ -404,7 +317,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_written_paths(problems: _Problems, model: Path | None, prompts: Path, output: Path | None,
+def _check_written_paths(problems: Problems, model: Path | None, prompts: Path, output: Path | None,
                          job_dir: Path | None, disk_folder: Path | None, generate_tokens: int) -> None:
     """Every path the job writes must leave the user's inputs alone: none is the prompts file, none
     lies in the model dir (compared resolved, so `sub/../prompts.jsonl` and symlinks are caught)."""
@@ -431,87 +344,34 @@ def _unwritable(path: Path) -> Path | None:
     return None if os.access(folder, os.W_OK | os.X_OK) else folder
 
 
-def _choice(problems: _Problems, key: str, value, choices: tuple[str, ...], default: str | None = None,
-            aliases: dict[str, str] | None = None, auto: bool = True) -> str | None:
-    """One of `choices`; null, and "auto" (if `auto` and not itself a choice), give `default`."""
-    auto = auto and "auto" not in choices
-    if value is None or (auto and value == "auto"):
-        return default
-    if isinstance(value, str) and value in choices:
-        return value
-    expected = " | ".join(("auto", *choices) if auto else choices)
-    hint = ""
-    if isinstance(value, str):
-        alias = (aliases or {}).get(value.strip().lower())
-        hint = f" (did you mean '{alias}'?)" if alias else _did_you_mean(value, choices)
-    problems.add(key, f"expected {expected}, got {_show(value)}{hint}")
-    return None
-
-
-def _int(problems: _Problems, key: str, value, default: int | None = None, allow_auto: bool = True) -> int | None:
-    """An integer from 1 to MAX_COUNT; null (and "auto" where allowed) give `default`."""
-    if value is None or (allow_auto and value == "auto"):
-        return default
-    # bool is an int in Python; `true` is never a count.
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        if value <= MAX_COUNT:
-            return value
-        problems.add(key, f"must be at most {MAX_COUNT}, got {value}")
-        return None
-    expected = "an integer >= 1" + (" or auto" if allow_auto else "")
-    problems.add(key, f"expected {expected}, got {_show(value)}")
-    return None
-
-
-def _seconds(problems: _Problems, key: str, value, default: float) -> float | None:
-    if value is None:
-        return default
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-        if value <= MAX_SECONDS:
-            return float(value)
-        problems.add(key, f"must be at most {MAX_SECONDS:g} seconds (a year), got {_show(value)}")
-        return None
-    problems.add(key, f"expected a number of seconds > 0, got {_show(value)}")
-    return None
-
-
-def _bool(problems: _Problems, key: str, value, default: bool) -> bool | None:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    problems.add(key, f"expected true or false, got {_show(value)}")
-    return None
-
-
-def _score(problems: _Problems, value) -> ScoreSettings | None:
+def _score(problems: Problems, value) -> ScoreSettings | None:
     if value is None:
         return ScoreSettings()
     if isinstance(value, str):  # `score: suffix_logprob`, the kind alone (the API's score="...")
         value = {"kind": value}
     if not isinstance(value, dict):
-        problems.add("score", f"expected a kind or a mapping (kind: ..., tokens: [...]), got {_show(value)}")
+        problems.add("score", f"expected a kind or a mapping (kind: ..., tokens: [...]), got {show(value)}")
         return None
-    _check_keys(problems, value, _SCORE_KEYS, prefix="score.")
-    kind = _choice(problems, "score.kind", value.get("kind"), SCORE_KINDS, default="next_token_probs", auto=False)
+    check_keys(problems, value, _SCORE_KEYS, prefix="score.")
+    kind = choice(problems, "score.kind", value.get("kind"), SCORE_KINDS, default="next_token_probs", auto=False)
     tokens = _tokens(problems, value.get("tokens"))
-    if kind == "token_probs" and tokens == ():
+    if kind == ScoreKind.TOKEN_PROBS and tokens == ():
         problems.add("score.tokens", "is required with score.kind token_probs: a list of strings, "
                                      "each exactly one token (e.g. [\" A\", \" B\"])")
-    elif kind is not None and kind != "token_probs" and tokens:
+    elif kind is not None and kind != ScoreKind.TOKEN_PROBS and tokens:
         problems.add("score.tokens", f"is only used with score.kind token_probs (kind is {kind})")
     if kind is None or tokens is None:
         return None
     return ScoreSettings(kind=kind, tokens=tokens)
 
 
-def _tokens(problems: _Problems, value) -> tuple[str, ...] | None:
+def _tokens(problems: Problems, value) -> tuple[str, ...] | None:
     if value is None:
         return ()
     if not isinstance(value, list):
-        problems.add("score.tokens", f"expected a list of strings, got {_show(value)}")
+        problems.add("score.tokens", f"expected a list of strings, got {show(value)}")
         return None
-    bad = [f"item {i}: {_show(item)}" for i, item in enumerate(value) if not isinstance(item, str) or not item]
+    bad = [f"item {i}: {show(item)}" for i, item in enumerate(value) if not isinstance(item, str) or not item]
     if bad:
         # Unquoted yes/no/true/1 are read by YAML as booleans and numbers.
         problems.add("score.tokens", f"expected non-empty strings (quote them: \" A\"), got {'; '.join(bad)}")
@@ -519,7 +379,7 @@ def _tokens(problems: _Problems, value) -> tuple[str, ...] | None:
     return tuple(value)
 
 
-def _devices(problems: _Problems, value, executor: str | None) -> str | tuple[str, ...] | None:
+def _devices(problems: Problems, value, executor: str | None) -> str | tuple[str, ...] | None:
     """"auto", or device strings from cpu | 0 | cuda | cuda:N or a list of them; with executor ray,
     each prefixed by its node (node0:cpu, node1:cuda:0)."""
     if value is None or value == "auto":
@@ -530,7 +390,7 @@ def _devices(problems: _Problems, value, executor: str | None) -> str | tuple[st
         return None
     devices = [_placed_device(problems, item, executor) for item in items]
     # Several CPU workers share the machine's cores (useful for tests); a GPU runs one worker.
-    repeated = sorted({d for d in devices if d is not None and not d.endswith("cpu") and devices.count(d) > 1})
+    repeated = sorted({d for d in devices if d is not None and not on_cpu(d) and devices.count(d) > 1})
     if repeated:
         problems.add("devices", f"{', '.join(repeated)} listed more than once (one worker per GPU)")
     if None in devices or repeated:
@@ -538,23 +398,23 @@ def _devices(problems: _Problems, value, executor: str | None) -> str | tuple[st
     return tuple(devices)
 
 
-def _placed_device(problems: _Problems, item, executor: str | None) -> str | None:
+def _placed_device(problems: Problems, item, executor: str | None) -> str | None:
     """One devices entry: a device, on a Ray cluster prefixed by its node."""
     node, rest = None, item
     if isinstance(item, str) and (match := _NODE_DEVICE_RE.fullmatch(item.strip().lower())):
         node, rest = match[1], match[2]
     device = _device(rest)
     if device is None:
-        hint = _did_you_mean(rest.strip().lower(), ("cpu", "cuda", "auto")) if isinstance(rest, str) else ""
-        problems.add("devices", f"{_show(item)} is not a device: expected cpu, a GPU index (0, 1, ...), "
+        hint = did_you_mean(rest.strip().lower(), ("cpu", "cuda", "auto")) if isinstance(rest, str) else ""
+        problems.add("devices", f"{show(item)} is not a device: expected cpu, a GPU index (0, 1, ...), "
                                 f"cuda or cuda:N{hint}")
         return None
     if executor == "ray" and node is None:
-        problems.add("devices", f"{_show(item)}: with executor: ray name the node too, e.g. node0:{device} "
+        problems.add("devices", f"{show(item)}: with executor: ray name the node too, e.g. node0:{device} "
                                 "(`flexorch plan` lists the nodes), or use devices: auto")
         return None
     if executor == "local" and node is not None:
-        problems.add("devices", f"{_show(item)} names a node: only with executor: ray")
+        problems.add("devices", f"{show(item)} names a node: only with executor: ray")
         return None
     return f"{node}:{device}" if node else device
 
@@ -565,15 +425,15 @@ def _device(item) -> str | None:
     if not isinstance(item, str):
         return None
     text = item.strip().lower()
-    if text == "cpu":
-        return "cpu"
-    if text == "cuda":
+    if text == DeviceKind.CPU:
+        return DeviceKind.CPU.value
+    if text == DeviceKind.CUDA:
         return "cuda:0"
     match = re.fullmatch(r"(?:cuda:)?(\d+)", text)
     return f"cuda:{int(match[1])}" if match else None
 
 
-def _ray_address(problems: _Problems, value, executor: str | None) -> str | None:
+def _ray_address(problems: Problems, value, executor: str | None) -> str | None:
     """"auto" (ray.init's: RAY_ADDRESS, else a cluster started on this machine), host:port or ray://host:port."""
     if value is None:
         return "auto"
@@ -582,17 +442,17 @@ def _ray_address(problems: _Problems, value, executor: str | None) -> str | None
         return None
     if isinstance(value, str) and (value == "auto" or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", value)):
         return value
-    problems.add("ray_address", f"expected auto, host:port or ray://host:port, got {_show(value)}")
+    problems.add("ray_address", f"expected auto, host:port or ray://host:port, got {show(value)}")
     return None
 
 
-def _limits(problems: _Problems, value) -> Limits | None:
+def _limits(problems: Problems, value) -> Limits | None:
     if value is None:
         return Limits()
     if not isinstance(value, dict):
-        problems.add("limits", f"expected a mapping (gpu_memory: 6GB, ram: 8GB), got {_show(value)}")
+        problems.add("limits", f"expected a mapping (gpu_memory: 6GB, ram: 8GB), got {show(value)}")
         return None
-    _check_keys(problems, value, _LIMIT_KEYS, prefix="limits.")
+    check_keys(problems, value, _LIMIT_KEYS, prefix="limits.")
     sizes, valid = {}, True
     for key in _LIMIT_KEYS:
         raw = value.get(key)
@@ -602,7 +462,7 @@ def _limits(problems: _Problems, value) -> Limits | None:
         try:
             sizes[key] = parse_size(raw)
         except ValueError as exc:
-            problems.add(f"limits.{key}", f"{exc}, got {_show(raw)}")
+            problems.add(f"limits.{key}", f"{exc}, got {show(raw)}")
             valid = False
     return Limits(**sizes) if valid else None
 

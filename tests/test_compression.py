@@ -1,4 +1,4 @@
-"""Compressed weights (workers/compression.py): the scheme's round trip within its stated bound,
+"""Compressed weights (flexorch/weights/compression.py): the scheme's round trip within its stated bound,
 `flexorch prepare --compress`, scores of a compressed model near the uncompressed one's, the
 manifest refusing mixed schemes, and the report naming the scheme."""
 
@@ -15,7 +15,7 @@ from flexorch.contract.manifest import MANIFEST_NAME, ManifestError, read_manife
 from flexorch.contract.protocol import EngineSettings, ScoreSpec
 from flexorch.orchestrator.cli import main
 from flexorch.orchestrator.prepare import prepare_checkpoint
-from flexorch.workers.compression import GROUP, QMAX, compress_layer, decompress_layer, dequantize, quantize
+from flexorch.weights.compression import GROUP, QMAX, compress_layer, decompress_layer, dequantize, quantize
 from flexorch.workers.engine import score_prompts
 
 from test_controller import submit, write_job

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from flexorch.contract.errors import ExitCode
 from flexorch.orchestrator import executor as executor_module
 from flexorch.orchestrator.executor import Died, Hung, LocalProcessExecutor
 from flexorch.contract.protocol import EngineSettings, EngineSummary, ProgressEvent, ScoreSpec
@@ -21,7 +22,7 @@ from flexorch.contract.errors import UserError
 from flexorch.contract.messages import (FAIL_DISK_FULL, FAIL_ERROR, FAIL_USER, Failed, Finished, Progress, Ready,
                                         Round, RoundDone, WorkerHooks, WorkerTask)
 from flexorch.contract.parts import DiskFullError, read_part_indices
-from flexorch.workers.worker import EXIT_ORPHANED, _exit_when_closed, failure_of, run_task
+from flexorch.workers.worker import _exit_when_closed, failure_of, run_task
 
 SUMMARY = EngineSummary(seconds=0.1, load_seconds=0.0, read_seconds=0.0, compute_seconds=0.1, bytes_read=10,
                         peak_rss=1, peak_device_memory=0)
@@ -187,7 +188,7 @@ def test_closing_the_death_pipe_ends_the_worker():
         handle = ex._handles["w0"]
         handle.death.close()
         handle.process.join(10)
-        assert handle.process.exitcode == EXIT_ORPHANED
+        assert handle.process.exitcode == ExitCode.ORPHANED
     finally:
         ex.stop()
 

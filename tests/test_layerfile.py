@@ -168,7 +168,7 @@ def test_layer_reads_tell_the_kernel_they_are_sequential(layerwise, monkeypatch)
         advised.append((offset, length, advice))
         real(fd, offset, length, advice)
 
-    monkeypatch.setattr(layerfile.os, "posix_fadvise", record)
+    monkeypatch.setattr(os, "posix_fadvise", record)  # every module's os: the header's reader and the data's
     model = LayerwiseModel(layerwise("llama"))
     model.load("layer.1")
     model.load("layer.2", verify=True)

@@ -83,6 +83,31 @@ def test_workers_and_contract_never_import_the_orchestrator(side):
     assert not {k: v for k, v in offenders.items() if v}
 
 
+# The processes the executors start: the only worker modules the orchestrator may import (a worker's
+# main and the Ray actor that runs it, with the failure message both report through).
+ENTRY_POINTS = {"flexorch.workers.worker", "flexorch.workers.actor"}
+
+
+def test_the_orchestrator_imports_no_worker_module_but_the_entry_points():
+    """What both sides need of torch code (layer files, compression) lives in flexorch/weights/."""
+    imported = {f"{p.relative_to(REPO)}: {n}" for p in sources("flexorch.orchestrator") for n in imported_names(p)
+                if n.startswith("flexorch.workers") and n not in ENTRY_POINTS}
+    assert not imported
+    assert ENTRY_POINTS <= set(modules("flexorch.workers"))
+
+
+def test_no_two_orchestrator_modules_import_each_other_even_for_types():
+    """Imports under TYPE_CHECKING count: a type-only cycle is still two modules that need each other.
+    A package's __init__ only gathers its modules' public names: its imports are not its own."""
+    root = SIDES["flexorch.orchestrator"]
+    graph = {".".join(["flexorch.orchestrator", *p.relative_to(root).with_suffix("").parts]):
+             {n for n in imported_names(p) if n.startswith("flexorch.orchestrator")}
+             for p in sources("flexorch.orchestrator") if p.name != "__init__.py"}
+    assert len(graph) >= 10
+    cycles = {tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph.get(b, ())}
+    assert not cycles
+
+
 def test_only_the_ray_modules_import_ray():
     offenders = {f"{side}.{p.stem}" for side in SIDES for p in sources(side)
                  if any(n.split(".")[0] == "ray" for n in imported_names(p))}
@@ -150,3 +175,50 @@ def test_a_wheel_install_runs_from_any_folder(tmp_path, where):
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).is_relative_to(REPO if where == "repo root" else site)
+
+
+# -- choices are asked of their types (contract/choices.py, ScoreKind), never compared by name -----
+
+def _choice_names() -> set[str]:
+    from flexorch.contract.choices import DeviceKind, Parallel, Storage
+    from flexorch.contract.protocol import ScoreKind
+    # "auto" also means devices: auto, dtype auto...: a comparison with it is no proof of a choice
+    return {str(m) for kind in (Storage, Parallel, DeviceKind, ScoreKind) for m in kind} - {"auto"}
+
+
+def named_choice_comparisons(path: Path, names: set[str]) -> list[int]:
+    """Lines of `path` comparing against a choice's literal name: ==, !=, in (...), startswith/endswith."""
+    def named(node) -> bool:
+        return isinstance(node, ast.Constant) and node.value in names
+
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            for op, a, b in zip(node.ops, sides, sides[1:]):
+                if isinstance(op, (ast.Eq, ast.NotEq)) and (named(a) or named(b)):
+                    lines.append(node.lineno)
+                elif (isinstance(op, (ast.In, ast.NotIn)) and isinstance(b, (ast.Tuple, ast.List, ast.Set))
+                      and any(map(named, b.elts))):
+                    lines.append(node.lineno)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("startswith", "endswith")):
+            if any(named(a) or (isinstance(a, ast.Tuple) and any(map(named, a.elts))) for a in node.args):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_choice_comparison_finder_finds_each_form(tmp_path):
+    """The check below can only pass by finding nothing: here it must find each form it looks for."""
+    sample = tmp_path / "sample.py"
+    sample.write_text('a = s == "disk"\nb = "pipeline" != p\nc = d in (None, "cpu")\nd = x.startswith("cuda")\n'
+                      'e = k == "suffix_logprob"\nf = s is Storage.DISK\ng = d == "auto"\n')
+    assert named_choice_comparisons(sample, _choice_names()) == [1, 2, 3, 4, 5]
+
+
+def test_no_choice_is_compared_by_its_name():
+    names = _choice_names()
+    assert {"gpu", "cpu", "disk", "data", "pipeline", "cuda", "suffix_logprob", "token_probs"} <= names
+    files = [p for side in SIDES for p in sources(side)] + sorted((REPO / "flexorch").rglob("*.py"))
+    offenders = {f"{p.relative_to(REPO)}:{line}" for p in files for line in named_choice_comparisons(p, names)}
+    assert not offenders, "ask the type (contract/choices.py, ScoreKind) instead: " + ", ".join(sorted(offenders))

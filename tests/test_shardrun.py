@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexorch.contract.choices import Storage
 from flexorch.contract.manifest import DECODER, read_manifest
 from flexorch.contract.models import MOE_MODEL_TYPES
 from flexorch.contract.protocol import ScoreKind, ScoreSpec
@@ -34,7 +35,7 @@ def run_steps(model_dir, shards: list[Shard], current: _Pass, inputs: list[torch
     """`inputs` (per batch (rows, Q, d_model)) sent to the first of `shards`, then every step of them
     run by its runner, as the engine's loop does; returns the link holding what they sent on."""
     model = LayerwiseModel(model_dir)
-    link = LocalLink(make_store("cpu", CPU, None))
+    link = LocalLink(make_store(Storage.CPU, CPU, None))
     context = ShardContext(model, ModelAdapter(model_dir, CPU, torch.float32), link, NoCache(), score, CPU)
     for b, hidden in enumerate(inputs):
         link.send(0, shards[0].index, b, hidden)

@@ -10,7 +10,6 @@ keys and values per batch in a store of the same tier, under (layer, batch, bloc
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from flexorch.contract.leftovers import ACTIVATIONS
+from flexorch.contract.choices import Storage, on_cpu
 
 
 Key = int | tuple[int, ...]
@@ -68,7 +70,7 @@ class HostStore(ActivationStore):
     def __init__(self, device: torch.device):
         self.device = device
         self._batches: dict[Key, tuple[torch.Tensor, object]] = {}  # key → (host copy, its copy's event)
-        self._pin = device.type == "cuda"
+        self._pin = not on_cpu(device)
 
     def put(self, batch_id, hidden):
         host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=self._pin)
@@ -101,7 +103,7 @@ class DiskStore(ActivationStore):
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.device = device
         # The pid in the name lets a later run remove what a killed one left (contract/leftovers.py).
-        self.root = Path(tempfile.mkdtemp(prefix=f"activations-{os.getpid()}-", dir=folder))
+        self.root = Path(tempfile.mkdtemp(prefix=ACTIVATIONS.prefix(), dir=folder))
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexorch-activations")
         self._reads: dict[int, Future] = {}
         self._write: Future | None = None
@@ -136,11 +138,8 @@ class DiskStore(ActivationStore):
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def make_store(storage: str, device: torch.device, disk_folder: str | None) -> ActivationStore:
-    if storage == "gpu":
-        return DeviceStore()
-    if storage == "cpu":
-        return DeviceStore() if device.type == "cpu" else HostStore(device)
-    if storage == "disk":
+def make_store(storage: Storage, device: torch.device, disk_folder: str | None) -> ActivationStore:
+    if storage.on_disk:
         return DiskStore(disk_folder or tempfile.gettempdir(), device)
-    raise ValueError(f"unknown activation storage {storage!r}")
+    # storage cpu on a CPU device: RAM is the device
+    return DeviceStore() if storage.on_device or on_cpu(device) else HostStore(device)

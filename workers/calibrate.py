@@ -13,6 +13,8 @@ import argparse
 import json
 import time
 
+from flexorch.contract.choices import DeviceKind, on_cpu
+
 # Reference layers: Llama's proportions (intermediate 2.75 x hidden, 64-wide heads) at two widths per
 # device kind, a narrow one and a wide one: a narrow layer runs far below a wide one's FLOP rate
 # (fixed per-call costs, small matrices), and the planner interpolates between them by the model's
@@ -155,7 +157,7 @@ def _release(device) -> None:
     import torch
 
     gc.collect()  # the failed allocation's frame held its tensors
-    if device.type == "cuda":
+    if not on_cpu(device):
         torch.cuda.empty_cache()
 
 
@@ -177,7 +179,7 @@ def _skeleton(shape: dict) -> None:
 def _sync(device) -> None:
     import torch
 
-    if device.type == "cuda":
+    if not on_cpu(device):
         torch.cuda.synchronize(device)
 
 
@@ -229,8 +231,8 @@ def measure(devices: list[str]) -> dict:
     _flops([(64, "float32")], "cpu", (64,))  # a first forward: thread pools, kernels
     result = {"import_seconds": time.perf_counter() - start, "worker_base_ram": _rss(), "throughput": []}
     for device in devices:
-        kind = "cpu" if device == "cpu" else "cuda"
-        if kind == "cuda":
+        kind = DeviceKind.of(device)
+        if not kind.is_cpu:
             gpu = _gpu_figures(device)
             result.setdefault("host_to_device_bytes_per_s", []).append(gpu.pop("host_to_device"))
             result.update(gpu)  # the first GPU's context and RSS stand for all (one model of card per box)

@@ -13,10 +13,12 @@ import os
 
 import torch
 
+from flexorch.contract.choices import on_cpu
+
 
 def fixed_bytes(device: torch.device) -> int:
     """This process's memory on `device` outside torch's allocator; 0 on a CPU."""
-    if device.type != "cuda":
+    if on_cpu(device):
         return 0
     free, total = torch.cuda.mem_get_info(device)  # creates the context if none exists yet
     reserved = torch.cuda.memory_reserved(device)

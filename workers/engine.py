@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from flexorch.contract.choices import on_cpu
 from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
 from flexorch.contract.shards import owner, plan_shards
 from flexorch.workers import devicememory
@@ -277,7 +278,7 @@ class Engine:
     def _context(self, link: Link, cache: KVCache) -> ShardContext:
         """What this run's shard runners share. A streamed MoE layer's batches wait between its steps
         where the activations do."""
-        keep_on = self.device if self.settings.storage == "gpu" else torch.device("cpu")
+        keep_on = self.device if self.settings.storage.on_device else torch.device("cpu")
         return ShardContext(self.model, self.adapter, link, cache, self.score, keep_on, self.hooks.before_batch)
 
     def _pass(self, rows: list[Row], previous: _Pass | None, cache: KVCache) -> _Pass:
@@ -306,7 +307,7 @@ class Engine:
 
     def _measured(self, run: ShardRun, loaded: LoadedShard, current: _Pass, batch_done: BatchDone) -> None:
         """`run` over the pass, with the shard's peak device memory recorded and the heap trimmed."""
-        cuda = self.device.type == "cuda"
+        cuda = not on_cpu(self.device)
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         run.run(loaded, current, batch_done)

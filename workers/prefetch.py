@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexorch.contract.choices import on_cpu
 from flexorch.contract.manifest import LM_HEAD
 from flexorch.contract.shards import Shard, gathered
-from flexorch.workers.compression import decompress_layer
+from flexorch.weights.compression import decompress_layer
 from flexorch.workers.fileread import page_aligned_empty
 from flexorch.workers.layerfile import LayerwiseModel, aligned
 
@@ -88,7 +89,7 @@ class ShardLoader:
         slot_bytes = max((self._step_bytes(s) for s in sized), default=0)
         self.slot_bytes = slot_bytes
         self._ids: queue.Queue = queue.Queue()  # per pass: the token ids the embedding is gathered for
-        cuda = device.type == "cuda"
+        cuda = not on_cpu(device)
         # Slots live where the compute reads them; on CUDA, file bytes stage through pinned memory.
         if resident is not None:
             slots = 0
@@ -198,7 +199,7 @@ class ShardLoader:
 
     def _empty(self, size: int) -> torch.Tensor:
         """A buffer on the device; on the CPU page-aligned, a direct read's target (workers/fileread.py)."""
-        if self.device.type == "cpu":
+        if on_cpu(self.device):
             return page_aligned_empty(size)
         return torch.empty(size, dtype=torch.uint8, device=self.device)
 

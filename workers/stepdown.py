@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from flexorch.contract.choices import Storage, on_cpu
 from flexorch.contract.protocol import EngineSettings
 
 
@@ -49,8 +50,8 @@ def step_down(settings: EngineSettings, min_batch_tokens: int) -> tuple[EngineSe
         fewer = settings.layers_per_shard // 2
         return (dataclasses.replace(settings, layers_per_shard=fewer),
                 f"layers_per_shard {settings.layers_per_shard} -> {fewer}")
-    if settings.storage == "gpu" and settings.device != "cpu":
-        return dataclasses.replace(settings, storage="cpu"), "storage gpu -> cpu"
+    if settings.storage.on_device and not on_cpu(settings.device):
+        return dataclasses.replace(settings, storage=Storage.CPU), "storage gpu -> cpu"
     if settings.double_buffer:
         return dataclasses.replace(settings, double_buffer=False), "two shard slots -> one"
     return None

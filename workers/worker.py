@@ -23,7 +23,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from flexorch.contract.errors import UserError
+from flexorch.contract.choices import on_cpu
+from flexorch.contract.errors import ExitCode, UserError
 from flexorch.contract.messages import (FAIL_DISK_FULL, FAIL_ERROR, FAIL_USER, Failed, Finished, PipelineLinks,
                                         Progress, Ready, Round, RoundDone, RoundResults, SteppedDown, WorkerHooks,
                                         WorkerMessage, WorkerTask)
@@ -34,8 +35,6 @@ from flexorch.workers.stepdown import is_out_of_memory, step_down
 # Progress messages are throttled to this interval: enough for a live bar and for the controller's
 # hung-worker clock, without flooding the pipe with one message per layer of a small model.
 PROGRESS_INTERVAL_S = 0.25
-EXIT_ORPHANED = 3  # the controller went away (death pipe closed)
-EXIT_FAILED = 1
 
 
 # -- the process -----------------------------------------------------------------------------------------
@@ -74,7 +73,7 @@ def configure_device(settings: EngineSettings) -> None:
     """Pin this process to its GPU, or split the CPU between workers sharing it."""
     import torch
 
-    if settings.device.startswith("cuda"):
+    if not on_cpu(settings.device):
         torch.cuda.set_device(torch.device(settings.device))
     elif settings.threads > 0:
         torch.set_num_threads(settings.threads)
@@ -182,7 +181,7 @@ def _smaller_settings(task: WorkerTask, rnd: Round, settings: EngineSettings, ex
         ) from exc
     del exc  # its traceback holds the failed attempt's tensors
     gc.collect()
-    if settings.device.startswith("cuda"):
+    if not on_cpu(settings.device):
         torch.cuda.empty_cache()
     settings, change = smaller
     send(SteppedDown(task.name, rnd.round_id, change, error, settings))
@@ -198,7 +197,7 @@ def _exit_when_closed(death_conn) -> None:
             death_conn.recv()
         except (EOFError, OSError):
             pass
-        os._exit(EXIT_ORPHANED)  # parts are committed atomically, so stopping mid-write loses nothing
+        os._exit(ExitCode.ORPHANED)  # parts are committed atomically, so stopping mid-write loses nothing
 
     threading.Thread(target=watch, name="death-pipe", daemon=True).start()
 
@@ -248,5 +247,5 @@ def worker_main(task: WorkerTask, conn, death_conn) -> None:
         traceback.print_exc()  # into the worker's log
         conn.send(failure_of(task, exc))
         conn.close()
-        sys.exit(EXIT_FAILED)
+        sys.exit(ExitCode.FAILED)
     conn.close()

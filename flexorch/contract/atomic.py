@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from flexorch.contract.leftovers import atomic_temp
 
 
 @contextlib.contextmanager
@@ -25,7 +26,7 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = atomic_temp(path)
     # os.open with mode 0o666 lets the umask decide the permissions, as for a plain open();
     # tempfile would leave the output readable by its owner only.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

@@ -9,7 +9,7 @@ Tensor names inside a layer file are relative to the layer's module (``self_attn
 ``source_prefix`` + name gives the name in the source checkpoint (``model.layers.3.``).
 A tied lm head has no file of its own: ``tied_to`` names the layer whose ``weight`` it reuses.
 A dir prepared with ``--compress int8|int4`` records the scheme in the manifest and in every decoder
-layer's entry (workers/compression.py); one dir holds one scheme.
+layer's entry (flexorch/weights/compression.py); one dir holds one scheme.
 
 Pure Python (json only): the planner reads manifests without importing torch.
 """
@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 
 # Layer kinds in forward order.
 EMBED, DECODER, NORM, LM_HEAD = "embed", "decoder", "norm", "lm_head"
-# `flexorch prepare --compress` schemes (workers/compression.py): a compressed tensor is stored as
+# `flexorch prepare --compress` schemes (flexorch/weights/compression.py): a compressed tensor is stored as
 # `<name>.<scheme>` beside its `<name>.scale`.
 COMPRESSION_SCHEMES = ("int8", "int4")
 # Bytes per element of the floating dtypes a manifest names (LayerEntry.dtype, Manifest.dtype).

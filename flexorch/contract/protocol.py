@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from flexorch.contract.choices import Storage
+
 
 class ScoreKind(StrEnum):
     """What is scored, as one type that knows which positions it reads and the shape it writes.
@@ -49,7 +51,7 @@ class ScoreKind(StrEnum):
 
 
 SCORE_KINDS = tuple(kind.value for kind in ScoreKind)
-STORAGES = ("gpu", "cpu", "disk")
+STORAGES = tuple(storage.value for storage in Storage)
 DTYPES = ("float32", "float16", "bfloat16")
 # Free heap memory a worker keeps between shards (workers/heap.py: two of its largest blocks, so the
 # next shard's intermediates are not faulted in afresh); the planner lowers it where a RAM budget
@@ -92,9 +94,9 @@ class EngineSettings:
     device: str  # "cpu" | "cuda:N"
     dtype: str  # one of DTYPES: the compute dtype
     layers_per_shard: int  # decoder layers per shard (embeddings and norm + head are shards of their own)
-    storage: str  # one of STORAGES: where activations wait between shards
+    storage: Storage  # where activations wait between shards
     batch_tokens: int  # padded tokens per forward pass
-    disk_folder: str | None = None  # storage == "disk": where activation files go
+    disk_folder: str | None = None  # storage disk: where activation files go
     verify_checksums: bool = True  # hash each layer file while reading it
     threads: int = 0  # CPU threads for torch (0: torch's default); set when workers share the CPU
     experts_per_group: int = 0  # MoE layers: stream experts this many at a time (contract/shards.py); 0: whole layers
@@ -108,6 +110,9 @@ class EngineSettings:
     # read layer files around the page cache (O_DIRECT) into the slots, but those mostly cached
     # (workers/fileread.py): the planner's choice where caching them would not pay
     direct_reads: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "storage", Storage(self.storage))  # accepts plan.json's name
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def head_row_bytes(manifest: Manifest) -> int:
 def gathered(entry: LayerEntry) -> bool:
     """Whether an embedding is read per pass as the rows its tokens need (workers/prefetch.py): its
     one (vocab, hidden) weight, uncompressed. Any other (compressed ones are never written today:
-    workers/compression.py) is read whole, as its rows cannot be cut out of the file."""
+    flexorch/weights/compression.py) is read whole, as its rows cannot be cut out of the file."""
     return entry.kind == EMBED and entry.tensors == ("weight",) and entry.compression is None
 
 

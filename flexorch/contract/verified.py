@@ -24,6 +24,12 @@ from pathlib import Path
 VERIFIED_DIR = ".verified"
 
 
+def sha256_file(path: Path) -> str:
+    """A file's sha256, hex: the one digest of whole files (layer files, checkpoints, prompts)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def mark_path(model_dir: Path, file: str, sha256: str) -> tuple[Path, int]:
     """The mark of `file` (relative to `model_dir`) as it is now and digest `sha256`, and the time
     (ns) of the file's last change."""

@@ -48,9 +48,10 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from flexorch.contract.protocol import LAYOUT_CACHE_BYTES
+from flexorch.contract.choices import DeviceKind, Storage, on_cpu
+from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, ScoreKind
 from flexorch.orchestrator.hardware import Hardware, format_bytes
-from flexorch.orchestrator.planner.model import _Job, _Load, _Model, _Setup, _kind
+from flexorch.orchestrator.planner.model import _Job, _Load, _Model, _Setup
 from flexorch.orchestrator.spec import JobSpec
 
 # The worker's fixed RAM, the CUDA context and the safety margin are figures (orchestrator/figures.py):
@@ -94,7 +95,7 @@ class _Peaks:
 def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     """Peak device memory, RAM and disk of a worker running a round costing `load` whose longest
     row is `longest` tokens."""
-    m, cuda = job.model, setup.device != "cpu"
+    m, cuda = job.model, not on_cpu(setup.device)
     per_token = m.hidden * m.dtype_bytes
     kv_per_token = m.num_layers * m.kv_bytes if load.cache_tokens else 0  # no cache: one step
     # a streamed MoE layer's batches wait with the activations (on the device only with storage gpu)
@@ -105,23 +106,26 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     cache_read_ahead = setup.lps * setup.batch * m.kv_bytes if cache else 0  # disk: the next batch's
     # every batch's additive mask (rows x L x L ~ its padded tokens x L), kept for the pass while it fits
     layouts = min(LAYOUT_CACHE_BYTES, math.ceil(load.act_tokens * min(longest, setup.batch or longest) * m.dtype_bytes))
-    next_token = job.spec.score.kind == "next_token_probs"  # its output is the vocabulary-wide row
+    next_token = job.spec.score.kind is ScoreKind.NEXT_TOKEN_PROBS  # its output is the vocabulary-wide row
     columns = m.vocab if next_token else m.head_columns(setup.lps)
     compute = (m.resident_weights(setup.lps, setup.resident, setup.slots) + in_flight + layouts
                + (_working_bytes(m, setup.batch, longest, job.scored_ratio, columns, _edges(m, setup, load, job))
                   if setup.batch else 0))
-    ram = int(job.figures.base_ram[_kind(setup.device)].value) + load.result_bytes
+    ram = int(job.figures.base_ram[DeviceKind.of(setup.device)].value) + load.result_bytes
     ram += STAGING_BUFFERS * _pinned(m.stored_shard(setup.lps)) if cuda else compute
     held = activations + cache  # in RAM with storage cpu: on a GPU worker, pinned batch by batch
-    if cuda and setup.storage == "cpu" and setup.batch:
+    if cuda and setup.storage is Storage.CPU and setup.batch:
         batches = math.ceil(load.act_tokens / setup.batch)
         block = setup.batch * m.kv_bytes  # a batch's keys and values in one layer: the cache's unit
         held = batches * _pinned(setup.batch * per_token) + (math.ceil(cache * _pinned(block) / block) if cache else 0)
-    ram += (held if setup.storage == "cpu" else in_flight + cache_read_ahead if setup.storage == "disk" else 0)
-    ram += pending if setup.storage != "gpu" else 0
-    device = (int(job.figures.cuda_context.value) + compute
-              + (activations + pending + cache if setup.storage == "gpu" else 0) if cuda else 0)
-    disk = DISK_COPIES * activations + cache if setup.storage == "disk" else 0
+    # RAM of what waits between shards: all of it with storage cpu, with disk the batch in flight and the
+    # next batch's cache; the MoE batches pending wait beside it unless on the device (NO_STORAGE: no tier)
+    ram += {Storage.CPU: held, Storage.DISK: in_flight + cache_read_ahead}.get(setup.storage, 0)
+    on_device = setup.storage is Storage.GPU
+    ram += 0 if on_device else pending
+    waiting = activations + pending + cache if on_device else 0
+    device = int(job.figures.cuda_context.value) + compute + waiting if cuda else 0
+    disk = DISK_COPIES * activations + cache if setup.storage is Storage.DISK else 0
     return _Peaks(device=device, ram=ram, disk=disk)
 
 
@@ -163,7 +167,7 @@ def _edges(m: _Model, setup: _Setup, load: _Load, job: _Job) -> _Edges:
     if m.head_split(setup.lps):
         scored = load.act_tokens * job.scored_ratio
         held = math.ceil(scored * (m.hidden * m.dtype_bytes
-                                   + (m.vocab * 4 if job.spec.score.kind == "next_token_probs" else 0)))
+                                   + (m.vocab * 4 if job.spec.score.kind is ScoreKind.NEXT_TOKEN_PROBS else 0)))
     if m.embed_row and not setup.resident:
         gathered = max(0, math.ceil(min(m.vocab, load.act_tokens)) * m.embed_row - m.stored_shard(setup.lps))
     return _Edges(held, gathered)
@@ -208,7 +212,7 @@ def _gpu(hardware: Hardware, device: str):
 
 
 def _gpu_budget(hardware: Hardware, device: str, spec: JobSpec, safety: float) -> int | None:
-    if device == "cpu":
+    if on_cpu(device):
         return None
     return _usable(_cap(_gpu(hardware, device).free_memory, spec.limits.gpu_memory), safety)
 

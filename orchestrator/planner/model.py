@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from flexorch.contract.choices import Storage
+from flexorch.contract.protocol import ScoreKind
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import DECODER, DTYPE_BYTES, EMBED, LM_HEAD, NORM, Manifest
 from flexorch.contract.shards import gathered, head_row_bytes, head_rows, head_step_rows, owner, shard_bytes
@@ -45,7 +47,7 @@ DEFAULT_SUFFIXES_PER_PROMPT = 4
 LOGPROB_RESULT_BYTES = 17
 
 # Before the storage is chosen: round activations are counted nowhere (only the batch in flight).
-NO_STORAGE = "none"
+NO_STORAGE = None
 
 # Shard slots: the shard computing and the one prefetching (the double buffer); one where only that
 # fits (EngineSettings.double_buffer off: a shard less memory, every read waited for).
@@ -189,9 +191,12 @@ class _Setup:
     device: str
     lps: int
     batch: int
-    storage: str
+    storage: Storage | None  # NO_STORAGE while the batch is sized, before a storage is chosen
     resident: bool = False  # the whole model kept on the device for the job, read once
     slots: int = DOUBLE_BUFFER  # shard slots when streaming
+
+    def __post_init__(self):
+        object.__setattr__(self, "storage", self.storage and Storage(self.storage))
 
 
 def _describe_job(hardware: Hardware, manifest: Manifest, spec: JobSpec, dtype: str, prompt_tokens: Sequence[int],
@@ -201,7 +206,7 @@ def _describe_job(hardware: Hardware, manifest: Manifest, spec: JobSpec, dtype: 
     suffixes = [min(n, DEFAULT_SUFFIXES_PER_PROMPT) for n in prompt_tokens] if suffix_counts is None else suffix_counts
     tokens = tuple(int(n) for n in prompt_tokens)
     lengths = tokens  # the KV cache keeps later steps to one token per suffix: rows never grow
-    scored = scored_counts or [n if spec.score.kind == "suffix_logprob" else s for n, s in zip(tokens, suffixes)]
+    scored = scored_counts or [n if spec.score.kind is ScoreKind.SUFFIX_LOGPROB else s for n, s in zip(tokens, suffixes)]
     loads = tuple(_prompt_load(model, spec, n, s, c) for n, s, c in zip(tokens, suffixes, scored))
     token_flops = sum(load.layer_flops for load in loads) / max(1, sum(tokens)) / model.num_layers
     return _Job(
@@ -307,15 +312,9 @@ def _prompt_load(model: _Model, spec: JobSpec, tokens: int, suffixes: int, score
 
 
 def _result_bytes(model: _Model, spec: JobSpec, suffixes: int) -> int:
-    kind, steps = spec.score.kind, spec.generate_tokens
-    if kind == "suffix_logprob":
-        return suffixes * LOGPROB_RESULT_BYTES
-    per_step = model.vocab if kind == "next_token_probs" else len(spec.score.tokens)
-    return suffixes * steps * per_step * 4  # float32
-
-
-def _kind(device: str) -> str:
-    return "cpu" if device == "cpu" else "cuda"
+    kind = spec.score.kind
+    entries = math.prod(kind.entry_shape(suffixes, spec.generate_tokens, model.vocab, len(spec.score.tokens)))
+    return entries * (4 if kind.generates else LOGPROB_RESULT_BYTES)  # float32 probabilities, or a suffix's record
 
 
 def _error(spec: JobSpec, key: str, message: str) -> UserError:

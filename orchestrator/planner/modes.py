@@ -24,11 +24,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
+from flexorch.contract.choices import DeviceKind, Parallel, Storage, on_cpu
 from flexorch.contract.manifest import Manifest
 from flexorch.orchestrator.figures import figures_of
 from flexorch.orchestrator.hardware import Hardware, Node, format_bytes
 from flexorch.orchestrator.planner.memory import _Budget, _cap, _gpu_budget, _usable
-from flexorch.orchestrator.planner.model import _describe_job, _error, _Job, _kind
+from flexorch.orchestrator.planner.model import _describe_job, _error, _Job
 from flexorch.orchestrator.planner.plan import PIPELINE_CHANNEL_BATCHES, ModePrediction, Plan, WorkerPlan
 from flexorch.orchestrator.planner.search import BATCH_TOKENS_CAP, _plan_worker
 from flexorch.orchestrator.planner.timing import _rate, _read_rate, _with_reads
@@ -58,26 +59,26 @@ def make_plan(hardware: Hardware, manifest: Manifest, spec: JobSpec, prompt_toke
                        f"prepare` (copied, moved, changed, or in a read-only dir): each worker's first pass hashes "
                        f"them as it reads them (sha256 {format_bytes(sha.value)}/s, {sha.source})")
     devices = _resolve_devices(spec, hardware, reasons)
-    if spec.parallel != "data" and len(devices) == 1:
-        reasons.append(f"parallel data ({'auto' if spec.parallel == 'auto' else 'from pipeline'}): one device, "
+    if spec.parallel is not Parallel.DATA and len(devices) == 1:
+        reasons.append(f"parallel data ({'auto' if spec.parallel is Parallel.AUTO else 'from pipeline'}): one device, "
                        "and a one-stage pipeline is data mode")
     figures = tuple(job.figures.describe(devices, dtype))
-    if spec.parallel == "data" or len(devices) == 1:
+    if spec.parallel is Parallel.DATA or len(devices) == 1:
         data_reasons, data = _plan_data(job, hardware, devices)
-        return Plan("data", dtype, data, tuple(reasons + data_reasons), (_prediction("data", data),), figures)
+        return Plan(Parallel.DATA, dtype, data, tuple(reasons + data_reasons), (_prediction(Parallel.DATA, data),), figures)
     pipeline = _plan_pipeline(job, hardware, devices)
-    if spec.parallel == "pipeline":
+    if spec.parallel is Parallel.PIPELINE:
         reasons.append(f"parallel pipeline (from the job): {len(devices)} stages, shard s on stage s % "
                        f"{len(devices)}, each reading only its shards")
-        return Plan("pipeline", dtype, pipeline, tuple(reasons), (_prediction("pipeline", pipeline),), figures,
+        return Plan(Parallel.PIPELINE, dtype, pipeline, tuple(reasons), (_prediction(Parallel.PIPELINE, pipeline),), figures,
                     PIPELINE_CHANNEL_BATCHES)
     data_reasons, data = _plan_data(job, hardware, devices)
-    predictions = (_prediction("data", data), _prediction("pipeline", pipeline))
+    predictions = (_prediction(Parallel.DATA, data), _prediction(Parallel.PIPELINE, pipeline))
     parallel, why = _choose_parallel(*predictions)
     reasons.append(f"parallel {parallel} (auto): {why}")
-    if parallel == "data":
-        return Plan("data", dtype, data, tuple(reasons + data_reasons), predictions, figures)
-    return Plan("pipeline", dtype, pipeline, tuple(reasons), predictions, figures, PIPELINE_CHANNEL_BATCHES)
+    if parallel is Parallel.DATA:
+        return Plan(Parallel.DATA, dtype, data, tuple(reasons + data_reasons), predictions, figures)
+    return Plan(Parallel.PIPELINE, dtype, pipeline, tuple(reasons), predictions, figures, PIPELINE_CHANNEL_BATCHES)
 
 
 def make_cluster_plan(nodes: Sequence[Node], manifest: Manifest, spec: JobSpec, prompt_tokens: Sequence[int], *,
@@ -89,15 +90,15 @@ def make_cluster_plan(nodes: Sequence[Node], manifest: Manifest, spec: JobSpec, 
     if not prompt_tokens:
         raise _error(spec, "prompts", "no prompts to score")
     dtype = _resolve_dtype(spec, manifest, reasons)
-    if spec.parallel == "pipeline":  # load_job refuses it; a spec built another way is refused here too
+    if spec.parallel is Parallel.PIPELINE:  # load_job refuses it; a spec built another way is refused here too
         raise _error(spec, "parallel", "pipeline is refused with executor: ray (see README, Several machines)")
-    if spec.parallel == "auto":
+    if spec.parallel is Parallel.AUTO:
         reasons.append("parallel data (auto): executor ray runs data mode only (pipeline stages would hand "
                        "activations on over the network at every shard)")
     job = _describe_job(nodes[0].hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts)
     seats = _trim_idle(_resolve_cluster_devices(spec, nodes, reasons), len(job.tokens), reasons)
     workers = _plan_seats(job, seats, reasons)
-    return Plan("data", dtype, workers, tuple(reasons), (_prediction("data", workers),))
+    return Plan(Parallel.DATA, dtype, workers, tuple(reasons), (_prediction(Parallel.DATA, workers),))
 
 
 def _describe_nodes(nodes: Sequence[Node]) -> str:
@@ -112,7 +113,7 @@ def _resolve_cluster_devices(spec: JobSpec, nodes: Sequence[Node], reasons: list
         seats = [(n, f"cuda:{gpu.index}") for n in nodes for gpu in n.hardware.gpus]
         why = "every GPU of the cluster"
         if not seats:
-            seats, why = [(n, "cpu") for n in nodes], "no GPU in the cluster: one CPU worker per node"
+            seats, why = [(n, DeviceKind.CPU.value) for n in nodes], "no GPU in the cluster: one CPU worker per node"
         reasons.append(f"devices {', '.join(f'{n.name}:{d}' for n, d in seats)} (auto): {why}")
         return seats
     by_name = {n.name: n for n in nodes}
@@ -123,7 +124,7 @@ def _resolve_cluster_devices(spec: JobSpec, nodes: Sequence[Node], reasons: list
         if node is None:
             raise _error(spec, "devices", f"{entry}: no node {name} in the cluster (nodes: {', '.join(by_name)})")
         present = [f"cuda:{gpu.index}" for gpu in node.hardware.gpus]
-        if device != "cpu" and device not in present:
+        if not on_cpu(device) and device not in present:
             raise _error(spec, "devices", f"{entry} not present ({name}'s GPUs Ray may use: "
                                           f"{', '.join(present) or 'none'})")
         seats.append((node, device))
@@ -186,10 +187,10 @@ def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> t
     (so every stage builds the same batches); planned once for the tightest budget and the slowest
     device, then placed on each."""
     spec, n = job.spec, len(devices)
-    kinds = {_kind(d) for d in devices}
+    kinds = {DeviceKind.of(d) for d in devices}
     if len(kinds) > 1:
         raise _error(spec, "devices", f"parallel: pipeline needs devices of one kind, got {', '.join(devices)}")
-    if spec.storage not in (None, "cpu"):
+    if spec.storage not in (None, Storage.CPU):
         raise _error(spec, "storage", f"{spec.storage} is not supported with parallel: pipeline (activations "
                      "arrive from the previous stage and wait in RAM: use cpu or auto)")
     job, reads = _with_reads(job, hardware, 1)  # each stage reads only its own shards
@@ -200,7 +201,7 @@ def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> t
     reserve = PIPELINE_CHANNEL_BATCHES * BATCH_TOKENS_CAP[kind] * m.hidden * m.dtype_bytes
     safety = job.figures.safety
     gpu_budgets = [_gpu_budget(hardware, d, spec, safety) for d in devices]
-    budget = _Budget(None if kind == "cpu" else min(gpu_budgets),
+    budget = _Budget(None if kind.is_cpu else min(gpu_budgets),
                      _usable(_cap(hardware.ram_available, spec.limits.ram), safety) // n - reserve,
                      _usable(hardware.disk_free, safety) // n)
     plan = _plan_worker(job, "worker0", devices[slowest], tuple(range(len(job.tokens))), threads[slowest], budget,
@@ -215,25 +216,25 @@ def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> t
     in_channel = f"up to {PIPELINE_CHANNEL_BATCHES} batches ({format_bytes(channel)}) wait in its outbound channel"
     return tuple(
         replace(plan, name=f"worker{i}", device=d, predicted_peak_ram=plan.predicted_peak_ram + channel,
-                settings=replace(plan.settings, device=d, threads=threads[i] if kind == "cpu" else 0),
+                settings=replace(plan.settings, device=d, threads=threads[i] if kind.is_cpu else 0),
                 reasons=plan.reasons + (f"stage {i} of {n}: owns shards s with s % {n} == {i}; {in_channel}",))
         for i, d in enumerate(devices)
     )
 
 
-def _prediction(parallel: str, workers: Sequence[WorkerPlan]) -> ModePrediction:
+def _prediction(parallel: Parallel, workers: Sequence[WorkerPlan]) -> ModePrediction:
     slowest = max(workers, key=lambda w: w.predicted_seconds)
     return ModePrediction(parallel, len(workers), slowest.predicted_read_seconds, slowest.predicted_compute_seconds,
                           slowest.predicted_start_seconds, slowest.predicted_fill_seconds)
 
 
-def _choose_parallel(data: ModePrediction, pipeline: ModePrediction) -> tuple[str, str]:
+def _choose_parallel(data: ModePrediction, pipeline: ModePrediction) -> tuple[Parallel, str]:
     """Pipeline when data mode would wait on weight reading (see the module docstring)."""
     both = f"predicted {data.describe()}; {pipeline.describe()}"
     if data.read_seconds > data.compute_seconds:
-        return "pipeline", (f"reading weights dominates data mode (every worker streams the whole model), and "
-                            f"pipeline stages read 1/{pipeline.workers} each: {both}")
-    return "data", f"computing dominates, and data mode splits it without hand-offs between stages: {both}"
+        return Parallel.PIPELINE, (f"reading weights dominates data mode (every worker streams the whole model), and "
+                                      f"pipeline stages read 1/{pipeline.workers} each: {both}")
+    return Parallel.DATA, f"computing dominates, and data mode splits it without hand-offs between stages: {both}"
 
 
 def _resolve_dtype(spec: JobSpec, manifest: Manifest, reasons: list[str]) -> str:
@@ -250,12 +251,12 @@ def _resolve_dtype(spec: JobSpec, manifest: Manifest, reasons: list[str]) -> str
 def _resolve_devices(spec: JobSpec, hardware: Hardware, reasons: list[str]) -> tuple[str, ...]:
     present = [f"cuda:{gpu.index}" for gpu in hardware.gpus]
     if spec.devices == "auto":
-        devices = tuple(present) or ("cpu",)
+        devices = tuple(present) or (DeviceKind.CPU.value,)
         why = "every visible GPU" if present else "no GPU visible"
         reasons.append(f"devices {', '.join(devices)} (auto): {why}")
     else:
         devices = tuple(spec.devices)
-        missing = [d for d in devices if d != "cpu" and d not in present]
+        missing = [d for d in devices if not on_cpu(d) and d not in present]
         if missing:
             seen = ", ".join(present) or "none"
             raise _error(spec, "devices", f"{', '.join(missing)} not present (visible GPUs: {seen})")
@@ -265,14 +266,14 @@ def _resolve_devices(spec: JobSpec, hardware: Hardware, reasons: list[str]) -> t
 def _threads(devices: Sequence[str], cpu_count: int) -> list[int]:
     """CPU workers share the cores evenly; each GPU worker keeps one core busy (Python driving the
     GPU and the loader thread), so those are not handed out."""
-    n_cpu = sum(d == "cpu" for d in devices)
+    n_cpu = sum(on_cpu(d) for d in devices)
     share = max(1, (cpu_count - (len(devices) - n_cpu)) // max(n_cpu, 1))
-    return [share if d == "cpu" else 0 for d in devices]
+    return [share if on_cpu(d) else 0 for d in devices]
 
 
 def _cap_rate(job: _Job, device: str, threads: int) -> float:
     """FLOP/s at the device's largest batch: how devices compare when prompts are split."""
-    return _rate(job, device, threads, BATCH_TOKENS_CAP[_kind(device)])
+    return _rate(job, device, threads, BATCH_TOKENS_CAP[DeviceKind.of(device)])
 
 
 def _balanced_slices(tokens: Sequence[int], rates: Sequence[float]) -> list[tuple[int, ...]]:

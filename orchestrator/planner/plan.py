@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from flexorch.contract.choices import Parallel
 from flexorch.contract.protocol import EngineSettings
 from flexorch.orchestrator.render import describe_time
 
@@ -48,7 +49,7 @@ class WorkerPlan:
 class ModePrediction:
     """One parallel mode's predicted time: its slowest worker's, in the parts `WorkerPlan` has."""
 
-    parallel: str  # "data" | "pipeline"
+    parallel: Parallel  # data or pipeline
     workers: int
     read_seconds: float
     compute_seconds: float
@@ -61,7 +62,7 @@ class ModePrediction:
         return self.start_seconds + self.fill_seconds + max(self.read_seconds, self.compute_seconds)
 
     def describe(self) -> str:
-        what = ("stage" if self.parallel == "pipeline" else "worker") + ("s" if self.workers > 1 else "")
+        what = ("stage" if self.parallel is Parallel.PIPELINE else "worker") + ("s" if self.workers > 1 else "")
         return (f"{self.parallel} ({self.workers} {what}): "
                 + describe_time(self.start_seconds, self.fill_seconds, self.read_seconds, self.compute_seconds)
                 + (" for the slowest" if self.workers > 1 else ""))
@@ -69,7 +70,7 @@ class ModePrediction:
 
 @dataclass(frozen=True)
 class Plan:
-    parallel: str  # "data" | "pipeline" (every worker is a stage, in ring order)
+    parallel: Parallel  # data or pipeline (every worker is a stage, in ring order)
     dtype: str  # compute dtype of every worker
     workers: tuple[WorkerPlan, ...]
     reasons: tuple[str, ...]
@@ -93,8 +94,10 @@ class Plan:
             })
             for w in data["workers"]
         )
-        predictions = tuple(ModePrediction(**p) for p in data.get("predictions", ()))
+        predictions = tuple(ModePrediction(**{**p, "parallel": Parallel(p["parallel"])})
+                            for p in data.get("predictions", ()))
         # a plan written before the field: its pipeline ran with the constant
-        channels = data.get("channel_batches", PIPELINE_CHANNEL_BATCHES if data["parallel"] == "pipeline" else 0)
-        return cls(parallel=data["parallel"], dtype=data["dtype"], workers=workers, reasons=tuple(data["reasons"]),
+        parallel = Parallel(data["parallel"])
+        channels = data.get("channel_batches", PIPELINE_CHANNEL_BATCHES if parallel is Parallel.PIPELINE else 0)
+        return cls(parallel=parallel, dtype=data["dtype"], workers=workers, reasons=tuple(data["reasons"]),
                    predictions=predictions, figures=tuple(data.get("figures", ())), channel_batches=channels)

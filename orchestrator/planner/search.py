@@ -22,11 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from flexorch.contract.protocol import HEAP_SLACK, STORAGES, EngineSettings
+from flexorch.contract.choices import DeviceKind, Storage, on_cpu
+from flexorch.contract.protocol import HEAP_SLACK, EngineSettings
 from flexorch.orchestrator.hardware import format_bytes
 from flexorch.orchestrator.planner.memory import (_Budget, _Peaks, _fits, _max_peaks, _peaks, _round_longest,
                                                   _shortfall)
-from flexorch.orchestrator.planner.model import (DOUBLE_BUFFER, NO_STORAGE, SINGLE_BUFFER, _error, _Job, _kind, _Load,
+from flexorch.orchestrator.planner.model import (DOUBLE_BUFFER, NO_STORAGE, SINGLE_BUFFER, _error, _Job, _Load,
                                                  _Setup)
 from flexorch.orchestrator.planner.plan import WorkerPlan
 from flexorch.orchestrator.planner.timing import _pass_shares, _rate, _read_rate, _time, _Time
@@ -67,7 +68,7 @@ class _Space:
     """The values each setting may take (one value where the job fixes it)."""
 
     batches: tuple[int, ...]  # largest first
-    storages: tuple[str, ...]
+    storages: tuple[Storage, ...]
     lps: tuple[int, ...]  # increasing
     resident: bool  # also try keeping the whole model on the device
     slots: tuple[int, ...] = (DOUBLE_BUFFER,)  # shard slots to try when streaming (DOUBLE_BUFFER, SINGLE_BUFFER)
@@ -99,7 +100,7 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
     streaming = bool(job.model.experts_per_group)  # expert streaming runs one layer per shard
     space = _Space(
         batches=_batch_candidates(job, device, indices, floor, longest_index, budget),
-        storages=("cpu",) if stages > 1 else _storages(spec, device),
+        storages=(Storage.CPU,) if stages > 1 else _storages(spec, device),
         lps=(1,) if streaming else _lps_candidates(job, floor, stages),
         resident=stages == 1 and spec.layers_per_shard is None and not streaming,
         slots=(DOUBLE_BUFFER,) if stages > 1 else (DOUBLE_BUFFER, SINGLE_BUFFER),
@@ -113,7 +114,7 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
     if streaming:  # searched at one expert per group; groups then grow into what is left
         job = _grow_expert_groups(job, setup, best.rounds, budget, reasons)
         peaks = _max_peaks(job, setup, best.rounds)
-    if device == "cpu":
+    if on_cpu(device):
         reasons.append(f"threads {threads}: the machine's {job.figures.hardware.cpu_count} cores split between its "
                        "CPU workers")
     # free heap kept between shards sits beside the peak: no more than the budget leaves
@@ -123,8 +124,8 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
                        f"leaves beside the predicted peak (else {format_bytes(HEAP_SLACK)})")
     settings = EngineSettings(
         device=device, dtype=job.dtype, layers_per_shard=setup.lps, storage=setup.storage, batch_tokens=setup.batch,
-        disk_folder=_disk_folder(spec, name) if setup.storage == "disk" else None,
-        threads=threads if device == "cpu" else 0, resident=setup.resident,
+        disk_folder=_disk_folder(spec, name) if setup.storage.on_disk else None,
+        threads=threads if on_cpu(device) else 0, resident=setup.resident,
         experts_per_group=job.model.experts_per_group, allow_untested_models=spec.allow_untested_models,
         double_buffer=setup.slots == DOUBLE_BUFFER, heap_slack=heap_slack, direct_reads=job.direct_reads,
     )
@@ -213,7 +214,7 @@ def _choose(options: Sequence[_Option]) -> _Option:
     least = min(_memory(o) for o in near)
     small = [o for o in near if _memory(o) <= least * (1 + MEMORY_TOLERANCE)]
     # equal times (reading dominates every option): activations nearest the compute, the simplest store
-    return min(small, key=lambda o: (o.time.total, STORAGES.index(o.setup.storage), _memory(o)))
+    return min(small, key=lambda o: (o.time.total, list(Storage).index(o.setup.storage), _memory(o)))
 
 
 def _memory(option: _Option) -> int:
@@ -236,13 +237,13 @@ def _batch_candidates(job: _Job, device: str, indices: tuple[int, ...], lps: int
             raise _error(job.spec, "batch_tokens", f"{requested} is below prompt {longest_index}'s {longest} tokens "
                          "(a prompt is one forward pass)")
         if not fits(requested):
-            largest = _largest_fitting(range(longest, max(requested, BATCH_TOKENS_CAP[_kind(device)]) + 1), fits)
+            largest = _largest_fitting(range(longest, max(requested, BATCH_TOKENS_CAP[DeviceKind.of(device)]) + 1), fits)
             raise _error(job.spec, "batch_tokens", f"{requested} does not fit on {device} with {lps} layer(s) per "
                          f"shard: at most {largest} fits")
         return (requested,)
     # A batch never holds more than the worker's whole slice, so neither does the memory estimate.
     slice_tokens = sum(job.lengths[i] for i in indices)
-    cap = min(BATCH_TOKENS_CAP[_kind(device)], 1 << max(slice_tokens - 1, 0).bit_length())
+    cap = min(BATCH_TOKENS_CAP[DeviceKind.of(device)], 1 << max(slice_tokens - 1, 0).bit_length())
     candidates = sorted({1 << k for k in range(cap.bit_length()) if longest <= 1 << k <= cap} | {longest},
                         reverse=True)
     return tuple(b for b in candidates if fits(b))  # `longest` fits: _check_minimum passed
@@ -257,13 +258,13 @@ def _lps_candidates(job: _Job, floor: int, stages: int) -> tuple[int, ...]:
     return tuple(sorted({floor, most} | {1 << k for k in range(most.bit_length()) if floor <= 1 << k <= most}))
 
 
-def _storages(spec: JobSpec, device: str) -> tuple[str, ...]:
+def _storages(spec: JobSpec, device: str) -> tuple[Storage, ...]:
     """Storages to try, best first: on the device, then RAM, then disk."""
-    if spec.storage == "gpu" and device == "cpu":
+    if spec.storage is Storage.GPU and on_cpu(device):
         raise _error(spec, "storage", "gpu needs a GPU device, but this worker runs on cpu")
     if spec.storage is not None:
         return (spec.storage,)
-    return ("cpu", "disk") if device == "cpu" else ("gpu", "cpu", "disk")
+    return tuple(s for s in Storage if not (s.on_device and on_cpu(device)))
 
 
 def _lps_floor(job: _Job, reasons: list[str]) -> int:
@@ -390,7 +391,7 @@ def _option_reasons(job: _Job, options: Sequence[_Option], best: _Option, device
 
 
 def _describe_option(option: _Option, device: str) -> str:
-    peak = option.peaks.device if device != "cpu" else option.peaks.ram
+    peak = option.peaks.ram if on_cpu(device) else option.peaks.device
     return f"{format_seconds(option.time.total)}, {format_bytes(peak)}"
 
 

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from flexorch.contract.choices import Storage, on_cpu
 from flexorch.contract.shards import decoder_groups, shard_bytes
 from flexorch.orchestrator.figures import GPU_FORWARD_SECONDS
 from flexorch.orchestrator.hardware import Hardware, format_bytes
@@ -83,7 +84,7 @@ def _verifying_read_factor(job: _Job, device: str, threads: int) -> float:
     if not job.unverified_share:
         return 1.0
     read, sha = _read_rate(job, device), job.figures.sha256.value
-    busy = (threads if device == "cpu" else 1) + 2  # compute, loader, hash
+    busy = (threads if on_cpu(device) else 1) + 2  # compute, loader, hash
     verifying = min(read, sha) if job.figures.hardware.cpu_count >= busy else 1.0 / (1.0 / read + 1.0 / sha)
     return 1.0 + job.unverified_share * (read / verifying - 1.0)
 
@@ -121,13 +122,13 @@ def _shard_costs(job: _Job, setup: _Setup, load: _Load, threads: int, stages: in
     read_rate = _read_rate(job, setup.device)
     reads = tuple(b / read_rate / stages if read else 0.0 for b in stored)
     boundary = 2 * load.act_tokens * m.hidden * m.dtype_bytes / stages
-    move = boundary / DISK_STORE_COPY_BYTES_PER_S if setup.storage == "disk" else 0.0
-    if setup.device != "cpu" and setup.storage != "gpu":
+    move = boundary / DISK_STORE_COPY_BYTES_PER_S if setup.storage is Storage.DISK else 0.0
+    if not on_cpu(setup.device) and setup.storage is not Storage.GPU:
         move += boundary / job.figures.host_to_device(setup.device).value
 
     # each layer forward's fixed cost on a GPU, once per batch (figures.GPU_FORWARD_SECONDS); on a CPU
     # the calibrated forwards carry theirs
-    forwards = batches * (GPU_FORWARD_SECONDS if setup.device != "cpu" else 0.0) / stages
+    forwards = batches * (0.0 if on_cpu(setup.device) else GPU_FORWARD_SECONDS) / stages
 
     def per_shard(layers: float, head: float) -> tuple[float, ...]:
         decoders = [len(g) / m.num_layers * layers + len(g) * forwards + move for g in groups]
@@ -168,7 +169,7 @@ def _rate(job: _Job, device: str, threads: int, batch: int) -> float:
 def _read_rate(job: _Job, device: str) -> float:
     """Weights come from the disk, then on a GPU over its PCIe link: the slower one sets the rate."""
     disk = (job.figures.direct_read if job.direct_reads else job.figures.disk_read).value
-    return disk if device == "cpu" else min(disk, job.figures.host_to_device(device).value)
+    return disk if on_cpu(device) else min(disk, job.figures.host_to_device(device).value)
 
 
 def _with_reads(job: _Job, hardware: Hardware, readers: int) -> tuple[_Job, str]:
