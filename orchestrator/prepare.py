@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 from flexorch.contract.errors import UserError
 from flexorch.contract.models import check_decoder_config, hub_id_hint
 from flexorch.contract.leftovers import prepare_temps, remove_dead
-from flexorch.contract.manifest import (COMPRESSION_SCHEMES, DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME,
-                                        NORM, LayerEntry, Manifest, read_json_object)
+from flexorch.contract.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM,
+                                        QUANTIZE_SCHEMES, SHIPPED_SCHEMES, LayerEntry, Manifest, read_json_object)
 from flexorch.orchestrator.experts import ExpertLayout, FusedExperts, fuse_experts, has_expert_tensors, module_shapes
+from flexorch.orchestrator.shipped import dequantized_params, is_quantized, shipped_scheme, stored_name
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +82,7 @@ class Checkpoint:
     vocab_size: int
     tied: bool  # the lm head reuses the input embedding
     tensors: tuple[SourceTensor, ...]
+    scheme: str | None = None  # "fp8" | "mxfp4": its quantization_config (orchestrator/shipped.py)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class LayerSource:
     dtype: str  # widest floating dtype of its tensors (a tied head: the embedding's)
     tied_to: str | None = None
     experts: ExpertLayout | None = None  # a MoE layer: `tensors` are its plain ones, the experts are fused
+    shipped: str | None = None  # "fp8" | "mxfp4": its quantised tensors are kept so, renamed (shipped.py)
 
     @property
     def file(self) -> str | None:
@@ -102,7 +105,8 @@ class LayerSource:
 
     def relative(self, tensor: SourceTensor) -> str:
         name = tensor.name[len(self.source_prefix):]
-        return self.experts.renamed.get(name, name) if self.experts else name
+        name = self.experts.renamed.get(name, name) if self.experts else name
+        return stored_name(name, _dtype_name(tensor.dtype), self.shipped) if self.shipped else name
 
     def outputs(self) -> dict[str, SourceTensor | FusedExperts]:
         """The tensors of the layer file by name: each has dtype, shape and nbytes."""
@@ -113,9 +117,11 @@ class LayerSource:
         experts = self.experts or ExpertLayout((), {}, ())
         return LayerEntry(
             name=self.name, kind=self.kind, file=self.file, bytes=nbytes, sha256=sha256, dtype=self.dtype,
-            params=sum(math.prod(t.shape) for t in self.outputs().values()), source_prefix=self.source_prefix,
-            tensors=tuple(self.outputs()), tied_to=self.tied_to, experts=experts.experts,
-            expert_bytes=experts.expert_bytes, expert_tensors=tuple(f.name for f in experts.fused),
+            params=sum(dequantized_params(name, tuple(t.shape)) for name, t in self.outputs().items()),
+            source_prefix=self.source_prefix, tensors=tuple(self.outputs()), tied_to=self.tied_to,
+            experts=experts.experts, expert_bytes=experts.expert_bytes,
+            expert_tensors=tuple(f.name for f in experts.fused),
+            compression=self.shipped if self.kind == DECODER else None,
         )
 
 
@@ -135,10 +141,13 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
     and then replaced only once the new dir is complete. `compress` ("int8" | "int4"): store the
     decoder layers' projection weights quantised (workers/compression.py; scores become approximate).
     """
-    if compress not in (None, *COMPRESSION_SCHEMES):
-        raise UserError(f"--compress {compress}: expected one of {', '.join(COMPRESSION_SCHEMES)}")
+    if compress not in (None, *QUANTIZE_SCHEMES):
+        raise UserError(f"--compress {compress}: expected one of {', '.join(QUANTIZE_SCHEMES)}")
     src, dst = Path(src), Path(dst)
     checkpoint = scan_checkpoint(src)
+    if compress and checkpoint.scheme:
+        raise UserError(f"--compress {compress}: {src} ships quantised ({checkpoint.scheme}), kept as it is; "
+                        "leave out --compress")
     layers = group_layers(checkpoint)
     if dst.exists() and not force:
         raise UserError(f"{dst}: already exists (use --force to replace it)")
@@ -210,6 +219,7 @@ def scan_checkpoint(src: Path) -> Checkpoint:
         src=src, config=raw, model_type=config.model_type, architectures=tuple(raw.get("architectures") or ()),
         dtype=_config_dtype(raw), num_layers=raw["num_hidden_layers"], hidden_size=config.hidden_size,
         vocab_size=config.vocab_size, tied=bool(config.tie_word_embeddings), tensors=tuple(tensors),
+        scheme=shipped_scheme(raw, str(src / CONFIG_NAME)),
     )
 
 
@@ -314,8 +324,20 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
         if kind == DECODER and has_expert_tensors([layer.relative(t) for t in tensors]):
             experts = fuse_experts(f"{checkpoint.src}: {name}", tensors, prefix, module_shapes[position - 1])
             layer = replace(layer, tensors=experts.plain, experts=experts)
-        layers.append(layer)
+        layers.append(_shipped(layer, checkpoint) if checkpoint.scheme else layer)
     return layers
+
+
+def _shipped(layer: LayerSource, checkpoint: Checkpoint) -> LayerSource:
+    """`layer` keeping its quantised tensors as shipped: only decoder layers may hold them (the manifest's
+    one-scheme rule), and its dtype is the floating one of the rest (a scale's float32 is not the layer's)."""
+    layer = replace(layer, shipped=checkpoint.scheme)
+    quantized = [t for t in layer.tensors if is_quantized(layer.relative(t))]
+    if quantized and layer.kind != DECODER:
+        raise UserError(f"{quantized[0].file}: {quantized[0].name} is quantised ({checkpoint.scheme}) but only "
+                        "decoder layers are read quantised (embedding, norm and head in floating point)")
+    plain = tuple(t for t in layer.tensors if t not in quantized and t.dtype.is_floating_point)
+    return replace(layer, dtype=_layer_dtype(plain) if plain else checkpoint.dtype or "bfloat16")
 
 
 def _module_shapes_if_moe(checkpoint: Checkpoint) -> list[dict[str, tuple[int, ...]]] | None:
@@ -343,7 +365,7 @@ def _checkpoint_dtype(checkpoint: Checkpoint, entries: list[LayerEntry]) -> str:
         return checkpoint.dtype
     bytes_by_dtype: dict[str, int] = defaultdict(int)
     for tensor in checkpoint.tensors:
-        if tensor.dtype.is_floating_point:
+        if tensor.dtype.is_floating_point and tensor.dtype.itemsize >= 2:  # not FP8's stored bytes
             bytes_by_dtype[_dtype_name(tensor.dtype)] += tensor.nbytes
     return max(bytes_by_dtype, key=bytes_by_dtype.get, default=entries[0].dtype)
 
@@ -353,13 +375,15 @@ def _manifest(checkpoint: Checkpoint, entries: list[LayerEntry]) -> Manifest:
         version=FORMAT_VERSION, model_type=checkpoint.model_type, architectures=checkpoint.architectures,
         dtype=_checkpoint_dtype(checkpoint, entries), num_layers=checkpoint.num_layers,
         hidden_size=checkpoint.hidden_size, vocab_size=checkpoint.vocab_size, layers=tuple(entries),
-        config=checkpoint.config, source=str(checkpoint.src),
+        config=checkpoint.config, source=str(checkpoint.src), compression=checkpoint.scheme,
     )
 
 
 # -- writing ---------------------------------------------------------------------------------------
 def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Path, console,
                      compress: str | None = None) -> Manifest:
+    """The layer files, the copied files, then the manifest (compression: `compress`, or the scheme
+    the checkpoint ships)."""
     (out / "layers").mkdir(parents=True)
     entries = []
     with _progress(console, len(layers), checkpoint.src.name) as advance:
@@ -369,7 +393,7 @@ def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Pat
     for name in COPIED_FILES:
         if (checkpoint.src / name).is_file():
             shutil.copy2(checkpoint.src / name, out / name)
-    manifest = replace(_manifest(checkpoint, entries), compression=compress)
+    manifest = replace(_manifest(checkpoint, entries), compression=compress or checkpoint.scheme)
     (out / MANIFEST_NAME).write_text(manifest.to_json())  # last: a dir with a manifest is complete
     return manifest
 
@@ -502,7 +526,9 @@ def _print_summary(manifest: Manifest, dst: Path, console) -> None:
     table.add_row("total size", format_bytes(manifest.total_bytes))
     table.add_row("largest layer", f"{largest.name} ({format_bytes(largest.bytes)})")
     table.add_row("dtype", manifest.dtype)
-    if manifest.compression:
+    if manifest.compression in SHIPPED_SCHEMES:
+        table.add_row("quantised", f"{manifest.compression} as the checkpoint ships it, dequantised per shard")
+    elif manifest.compression:
         table.add_row("compression", f"{manifest.compression}, group-wise absmax (decoder projections)")
     table.add_row("lm head", f"tied to {head.tied_to}" if head.tied_to else "own weights")
     console.print(table)

@@ -1,0 +1,260 @@
+"""Checkpoints as they ship (orchestrator/shipped.py, workers/quantized.py): FP8 with 128 x 128 block
+scales and MXFP4, kept quantised by `flexorch prepare` and dequantised by the workers after each read,
+score as transformers' own dequantised model; and GGUF files, read through transformers' GGUF loader.
+
+The tiny quantised checkpoints are made here as the releases are: a float model's decoder projections
+quantised by the published formulas, the `quantization_config` the releases carry written into its
+config.json. The references load those same dirs with transformers, which dequantises them on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexorch.contract.manifest import ManifestError, read_manifest
+from flexorch.contract.protocol import ScoreSpec
+from flexorch.orchestrator.cli import main
+from flexorch.orchestrator.demo import build_checkpoint, build_tokenizer
+from flexorch.orchestrator.prepare import describe_checkpoint, prepare_checkpoint
+from flexorch.workers.engine import score_prompts
+from flexorch.workers.quantized import FP4_VALUES, dequantize_fp8, dequantize_mxfp4
+
+from test_engine import reference_scores, settings
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+FP8_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                    "model.embed_tokens", "lm_head"]}
+
+
+# -- making quantised checkpoints, by the published formulas ---------------------------------------
+def quantize_fp8(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) → float8_e4m3fn (out, in) and scale_inv (ceil(out / block), ceil(in / block)): per block,
+    scale = max |w| / 448 and q = w / scale (DeepSeek-V3's weight_quant; the last block may be ragged)."""
+    rows, cols = weight.shape
+    scales = torch.zeros(-(-rows // block), -(-cols // block))
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            tile = weight[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+            scales[i, j] = tile.abs().max().clamp(min=1e-12) / FP8_MAX
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / scales[i, j]).to(torch.float8_e4m3fn)
+    return q, scales
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(experts, in, out) as transformers' experts hold it → blocks uint8 (experts, out, in / 32, 16) and
+    E8M0 scales uint8 (experts, out, in / 32), as gpt-oss ships: per 32 values a power of two putting
+    the largest at most 6, each value rounded to the nearest E2M1 code."""
+    w = weight.transpose(-1, -2).float()
+    groups = w.reshape(*w.shape[:-1], -1, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2.0**-126) / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    lut = torch.tensor(FP4_VALUES)
+    codes = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)  # ties: the lower code (+0 before -0)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
+
+
+def _write_quantized(src: Path, dst: Path, quantize_tensors, quantization_config: dict) -> Path:
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    save_file(quantize_tensors(tensors), dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}, indent=1))
+    return dst
+
+
+def _fp8_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every decoder projection in FP8, as DeepSeek-V3 ships (embedding, norms and head stay)."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            out[name], out[name.removesuffix("weight") + "weight_scale_inv"] = quantize_fp8(tensor)
+        else:
+            out[name] = tensor
+    return out
+
+
+def _mxfp4_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The experts' gate_up_proj and down_proj in MXFP4, as gpt-oss ships (their biases stay)."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[name + "_blocks"], out[name + "_scales"] = quantize_mxfp4(tensor)
+        else:
+            out[name] = tensor
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory) -> Path:
+    """A tiny llama in FP8 blocks: hidden 128, MLP 256, whole blocks (transformers' loader derives the block
+    from the scale grid, so it misreads ragged ones; test_fp8_dequantises_... checks those)."""
+    root = tmp_path_factory.mktemp("fp8")
+    src = build_checkpoint(root / "float", "llama", layout="safetensors", hidden_size=128, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+    return _write_quantized(src, root / "fp8", _fp8_tensors, FP8_CONFIG)
+
+
+def build_gpt_oss(path: Path) -> Path:
+    """A tiny random gpt-oss (4 experts, 2 per token, sliding and full attention layers) with a tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = AutoConfig.for_model(
+        "gpt_oss", hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, vocab_size=len(tokenizer),
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"], bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mxfp4(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mxfp4")
+    return _write_quantized(build_gpt_oss(root / "float"), root / "mxfp4", _mxfp4_tensors, MXFP4_CONFIG)
+
+
+# -- the dequantisation against transformers' own ---------------------------------------------------
+def test_fp8_dequantises_as_transformers_does_ragged_blocks_included():
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    weight = torch.randn(200, 320) * torch.logspace(-3, 1, 200)[:, None]
+    q, scale_inv = quantize_fp8(weight)
+    assert scale_inv.shape == (2, 3)
+    ours = dequantize_fp8(q, scale_inv, torch.float32)
+    assert torch.equal(ours, _dequantize_fp8_weight(q, scale_inv, [128, 128], torch.float32))
+    # e4m3 keeps 3 mantissa bits: each weight within 1/16 of itself (or of the block's smallest step)
+    assert ((ours - weight).abs() <= weight.abs() / 16 + scale_inv.max() * 2**-9).all()
+
+
+def test_mxfp4_dequantises_as_transformers_does():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    weight = torch.randn(3, 64, 96)  # (experts, in, out)
+    blocks, scales = quantize_mxfp4(weight)
+    assert blocks.shape == (3, 96, 2, 16) and scales.shape == (3, 96, 2)
+    ours = dequantize_mxfp4(blocks, scales, torch.float32)
+    assert ours.shape == weight.shape
+    assert torch.equal(ours, convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    assert (ours - weight).abs().max() < weight.abs().max() / 4  # E2M1: 1 mantissa bit, 6 = the group's top
+
+
+# -- prepare keeps the shipped bytes; workers score as the dequantised model -----------------------
+def _scores_match(model_dir: Path, src: Path, layers_per_shard: int) -> None:
+    ref = reference_scores(src)
+    results, _ = score_prompts(model_dir, ref.prompts, ScoreSpec("suffix_logprob"),
+                                 settings(layers_per_shard=layers_per_shard))
+    for got, want in zip(results, ref.logprob):
+        np.testing.assert_allclose(got.scores["logprob"], want, atol=1e-4, rtol=0)
+    results, _ = score_prompts(model_dir, ref.prompts, ScoreSpec(), settings(layers_per_shard=layers_per_shard))
+    for got, want in zip(results, ref.probs):
+        np.testing.assert_allclose(got.scores[:, 0], want[:, 0], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layers_per_shard", [1, 2])
+def test_an_fp8_checkpoint_is_kept_in_fp8_and_scores_as_transformers_dequantised_model(fp8, tmp_path,
+                                                                                       layers_per_shard):
+    dst = tmp_path / "fp8.layers"
+    assert main(["prepare", str(fp8), str(dst)]) == 0
+    manifest = read_manifest(dst)
+    assert manifest.compression == "fp8" and manifest.dtype == "float32"
+    layer = manifest.entry("layer.0")
+    assert layer.compression == "fp8" and layer.dtype == "float32"
+    assert "mlp.down_proj.weight.fp8" in layer.tensors and "mlp.down_proj.weight.scale" in layer.tensors
+    assert "input_layernorm.weight" in layer.tensors
+    assert manifest.entry("embed").compression is None and manifest.entry("embed").tensors == ("weight",)
+    # params count the dequantised weights, as the float model has them
+    float_manifest = describe_checkpoint(fp8.parent / "float")
+    assert [e.params for e in manifest.layers] == [e.params for e in float_manifest.layers]
+    stored = load_file(dst / layer.file)
+    assert stored["mlp.down_proj.weight.fp8"].dtype == torch.float8_e4m3fn
+    assert torch.equal(stored["mlp.down_proj.weight.fp8"].view(torch.uint8),
+                       load_file(fp8 / "model.safetensors")["model.layers.0.mlp.down_proj.weight"].view(torch.uint8))
+    _scores_match(dst, fp8, layers_per_shard)
+
+
+def test_an_mxfp4_checkpoint_is_kept_in_mxfp4_and_scores_as_transformers_dequantised_model(mxfp4, tmp_path):
+    dst = tmp_path / "mxfp4.layers"
+    assert main(["prepare", str(mxfp4), str(dst)]) == 0
+    manifest = read_manifest(dst)
+    layer = manifest.entry("layer.1")
+    assert manifest.compression == layer.compression == "mxfp4"
+    assert {"mlp.experts.gate_up_proj.mxfp4", "mlp.experts.gate_up_proj.scale", "mlp.experts.down_proj.mxfp4",
+            "mlp.experts.down_proj.scale", "mlp.experts.gate_up_proj_bias"} <= set(layer.tensors)
+    assert [e.params for e in manifest.layers] == [e.params for e in describe_checkpoint(mxfp4.parent / "float").layers]
+    _scores_match(dst, mxfp4, 1)
+
+
+def test_describe_plans_the_bytes_prepare_writes(fp8, mxfp4, tmp_path):
+    for src in (fp8, mxfp4):
+        described = describe_checkpoint(src)
+        written = prepare_checkpoint(src, tmp_path / src.name)
+        assert [(e.bytes, e.tensors, e.compression, e.dtype) for e in described.layers] == \
+               [(e.bytes, e.tensors, e.compression, e.dtype) for e in written.layers]
+
+
+def test_shipped_bytes_are_what_a_pass_reads(fp8, tmp_path):
+    from flexorch.orchestrator.planner import _describe_model
+
+    dst = tmp_path / "fp8.layers"
+    manifest = prepare_checkpoint(fp8, dst)
+    plain = prepare_checkpoint(fp8.parent / "float", tmp_path / "float.layers")
+    model = _describe_model(manifest, "float32")
+    assert model.bytes_per_pass == sum((dst / e.file).stat().st_size for e in manifest.layers if e.file)
+    assert model.bytes_per_pass < _describe_model(plain, "float32").bytes_per_pass
+    # a shard slot holds the FP8 file; beside it, the layer dequantised to float32
+    assert model.layer == max(e.params for e in manifest.decoder_layers) * 4
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq' is not read by flexorch"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8 without weight_block_size"),
+])
+def test_a_quantisation_flexorch_does_not_read_is_refused_in_one_line(fp8, tmp_path, capsys, config, message):
+    src = tmp_path / "other"
+    shutil.copytree(fp8, src)
+    raw = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**raw, "quantization_config": config}))
+    assert main(["prepare", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_compress_is_refused_for_a_checkpoint_that_ships_quantised(fp8, tmp_path, capsys):
+    assert main(["prepare", str(fp8), str(tmp_path / "out"), "--compress", "int8"]) == 2
+    assert "ships quantised (fp8), kept as it is; leave out --compress" in capsys.readouterr().err
+
+
+def test_a_non_decoder_layer_holding_fp8_is_refused(fp8, tmp_path):
+    src = tmp_path / "odd"
+    shutil.copytree(fp8, src)
+    tensors = load_file(src / "model.safetensors")
+    weight = tensors.pop("lm_head.weight")
+    tensors["lm_head.weight"], tensors["lm_head.weight_scale_inv"] = quantize_fp8(weight)
+    save_file(tensors, src / "model.safetensors")
+    with pytest.raises(Exception, match="lm_head.weight is quantised \\(fp8\\) but only decoder layers"):
+        prepare_checkpoint(src, tmp_path / "out")
+
+
+def test_a_manifest_naming_fp8_over_int8_files_is_refused(fp8, tmp_path):
+    dst = tmp_path / "fp8.layers"
+    prepare_checkpoint(fp8, dst)
+    manifest = json.loads((dst / "flexorch_manifest.json").read_text())
+    for layer in manifest["layers"]:
+        layer["compression"] = "int8" if layer["kind"] == "decoder" else None
+    (dst / "flexorch_manifest.json").write_text(json.dumps({**manifest, "compression": "int8"}))
+    with pytest.raises(ManifestError, match="holds fp8 tensors but the manifest says compressed int8"):
+        read_manifest(dst)
