@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexorch.contract.errors import UserError
-from flexorch.contract.models import check_decoder_config, hub_id_hint
+from flexorch.contract.models import check_decoder_config
 from flexorch.contract.leftovers import prepare_temps, remove_dead
 from flexorch.contract.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM,
                                         QUANTIZE_SCHEMES, SHIPPED_SCHEMES, LayerEntry, Manifest, read_json_object)
@@ -128,7 +128,7 @@ class LayerSource:
 # -- the public entry points -----------------------------------------------------------------------
 def describe_checkpoint(src: str | Path) -> Manifest:
     """The manifest `prepare_checkpoint(src, ...)` would write, with sha256 None; writes nothing."""
-    checkpoint = scan_checkpoint(Path(src))
+    checkpoint = scan_checkpoint(_local(src, None))
     layers = group_layers(checkpoint)
     return _manifest(checkpoint, [layer.entry(_planned_file_bytes(layer), None) for layer in layers])
 
@@ -143,7 +143,9 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
     """
     if compress not in (None, *QUANTIZE_SCHEMES):
         raise UserError(f"--compress {compress}: expected one of {', '.join(QUANTIZE_SCHEMES)}")
-    src, dst = Path(src), Path(dst)
+    if Path(dst).exists() and not force and not Path(src).exists():  # a hub id: said before it downloads
+        raise UserError(f"{dst}: already exists (use --force to replace it)")
+    src, dst = _local(src, Path(dst).parent, console), Path(dst)
     checkpoint = scan_checkpoint(src)
     if compress and checkpoint.scheme:
         raise UserError(f"--compress {compress}: {src} ships quantised ({checkpoint.scheme}), kept as it is; "
@@ -168,6 +170,21 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
 
 
 # -- reading the source ----------------------------------------------------------------------------
+def _local(src: str | Path, layerwise_parent: Path | None, console=None) -> Path:
+    """`src` as a local dir: a hub id that names no local path is looked up in the Hugging Face cache,
+    and downloaded when online and `layerwise_parent` (where the copy goes) is given (orchestrator/hub.py)."""
+    from flexorch.orchestrator.hub import absent_message, cached_snapshot, hub_cache_dir, is_hub_id, resolve_hub_id
+
+    if Path(src).exists() or not is_hub_id(str(src)):
+        return Path(src)
+    if layerwise_parent is None:
+        found = cached_snapshot(str(src))
+        if found is None:
+            raise UserError(absent_message(str(src), hub_cache_dir(), offline=True))
+        return found
+    return resolve_hub_id(str(src), layerwise_parent, console)
+
+
 def weights_marker(src: Path) -> Path | None:
     """The index or single weight file that identifies `src`'s layout, or None."""
     return next((src / name for name, _ in WEIGHT_MARKERS if (src / name).is_file()), None)
@@ -196,7 +213,7 @@ def weight_files(src: Path) -> tuple[str, Path | None, tuple[Path, ...]]:
 def scan_checkpoint(src: Path) -> Checkpoint:
     """Read `src`'s config and the names, dtypes and shapes of its tensors (no tensor data)."""
     if not src.is_dir():
-        raise UserError(f"{src}: no such checkpoint dir{hub_id_hint(str(src)) if not src.exists() else ''}")
+        raise UserError(f"{src}: no such checkpoint dir")
     raw = _read_raw_config(src)
     fmt, index, files = weight_files(src)
     specs = {path: _tensor_specs(path, fmt) for path in files}
