@@ -134,13 +134,24 @@ def describe_checkpoint(src: str | Path) -> Manifest:
 
 
 def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False, console=None,
-                       compress: str | None = None) -> Manifest:
+                       compress: str | None = None, dtype: str | None = None) -> Manifest:
     """Convert the Hugging Face checkpoint dir `src` into the layerwise dir `dst`; returns its manifest.
 
     Everything is checked before a byte is written; an existing `dst` is refused unless `force`,
     and then replaced only once the new dir is complete. `compress` ("int8" | "int4"): store the
     decoder layers' projection weights quantised (workers/compression.py; scores become approximate).
+    `src` may be a hub id (orchestrator/hub.py) or a GGUF file, dequantised into `dtype`
+    (orchestrator/fromgguf.py; bfloat16 unless said).
     """
+    if Path(src).suffix == ".gguf" and Path(src).is_file():
+        from flexorch.orchestrator.fromgguf import prepare_gguf
+
+        if Path(dst).exists() and not force:  # said before the whole model is loaded
+            raise UserError(f"{dst}: already exists (use --force to replace it)")
+        return prepare_gguf(Path(src), Path(dst), lambda checkpoint: prepare_checkpoint(
+            checkpoint, dst, force=force, console=console, compress=compress), dtype, console)
+    if dtype is not None:
+        raise UserError(f"--dtype {dtype}: only a GGUF file is converted to a dtype; a checkpoint keeps its own")
     if compress not in (None, *QUANTIZE_SCHEMES):
         raise UserError(f"--compress {compress}: expected one of {', '.join(QUANTIZE_SCHEMES)}")
     if Path(dst).exists() and not force and not Path(src).exists():  # a hub id: said before it downloads
@@ -196,6 +207,8 @@ def weight_files(src: Path) -> tuple[str, Path | None, tuple[Path, ...]]:
     if marker is None:
         others = sorted(p.name for p in src.iterdir() if p.suffix in _OTHER_WEIGHT_SUFFIXES)
         expected = ", ".join(name for name, _ in WEIGHT_MARKERS)
+        if others and any(name.endswith(".gguf") for name in others):
+            raise UserError(f"{src}: holds GGUF files ({', '.join(others[:3])}); give the .gguf file itself")
         if others:
             raise UserError(f"{src}: unknown weight layout ({', '.join(others[:3])}); expected one of {expected}")
         raise UserError(f"{src}: no weight files (expected one of {expected})")

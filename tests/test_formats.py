@@ -155,11 +155,12 @@ def test_mxfp4_dequantises_as_transformers_does():
 # -- prepare keeps the shipped bytes; workers score as the dequantised model -----------------------
 def _scores_match(model_dir: Path, src: Path, layers_per_shard: int) -> None:
     ref = reference_scores(src)
-    results, _ = score_prompts(model_dir, ref.prompts, ScoreSpec("suffix_logprob"),
-                                 settings(layers_per_shard=layers_per_shard))
+    # gpt_oss joins the tested list with issue 27 item 1; the format, not the family, is tested here
+    run = settings(layers_per_shard=layers_per_shard, allow_untested_models=True)
+    results, _ = score_prompts(model_dir, ref.prompts, ScoreSpec("suffix_logprob"), run)
     for got, want in zip(results, ref.logprob):
         np.testing.assert_allclose(got.scores["logprob"], want, atol=1e-4, rtol=0)
-    results, _ = score_prompts(model_dir, ref.prompts, ScoreSpec(), settings(layers_per_shard=layers_per_shard))
+    results, _ = score_prompts(model_dir, ref.prompts, ScoreSpec(), run)
     for got, want in zip(results, ref.probs):
         np.testing.assert_allclose(got.scores[:, 0], want[:, 0], atol=2e-6, rtol=0)
 
@@ -258,3 +259,79 @@ def test_a_manifest_naming_fp8_over_int8_files_is_refused(fp8, tmp_path):
     (dst / "flexorch_manifest.json").write_text(json.dumps({**manifest, "compression": "int8"}))
     with pytest.raises(ManifestError, match="holds fp8 tensors but the manifest says compressed int8"):
         read_manifest(dst)
+
+
+# -- GGUF, through transformers' GGUF loader --------------------------------------------------------
+def write_tiny_gguf(path: Path) -> Path:
+    """A tiny llama GGUF as llama.cpp writes one (gguf.GGUFWriter): the tokenizer's BPE vocabulary and
+    merges in its metadata, F32 embedding, norms and head, Q8_0 decoder projections."""
+    import gguf
+
+    tokenizer = build_tokenizer()
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+    hidden, inter, layers, heads, kv_heads = 64, 128, 2, 4, 2
+    kv = kv_heads * hidden // heads
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256), writer.add_embedding_length(hidden), writer.add_block_count(layers)
+    writer.add_feed_forward_length(inter), writer.add_head_count(heads), writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5), writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_freq_base(10000.0), writer.add_vocab_size(len(tokens)), writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens), writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id), writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    rng = np.random.default_rng(0)
+
+    def tensor(name, shape, kind=gguf.GGMLQuantizationType.F32):
+        values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    tensor("token_embd.weight", (len(tokens), hidden)), tensor("output_norm.weight", (hidden,))
+    tensor("output.weight", (len(tokens), hidden))
+    for i in range(layers):
+        tensor(f"blk.{i}.attn_norm.weight", (hidden,)), tensor(f"blk.{i}.ffn_norm.weight", (hidden,))
+        tensor(f"blk.{i}.attn_q.weight", (hidden, hidden), q8), tensor(f"blk.{i}.attn_k.weight", (kv, hidden), q8)
+        tensor(f"blk.{i}.attn_v.weight", (kv, hidden), q8), tensor(f"blk.{i}.attn_output.weight", (hidden, hidden), q8)
+        tensor(f"blk.{i}.ffn_gate.weight", (inter, hidden), q8), tensor(f"blk.{i}.ffn_up.weight", (inter, hidden), q8)
+        tensor(f"blk.{i}.ffn_down.weight", (hidden, inter), q8)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_file_scores_as_transformers_loading_it(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    src = write_tiny_gguf(tmp_path / "gguf" / "tiny-q8_0.gguf")
+    dst = tmp_path / "tiny.layers"
+    assert main(["prepare", str(src), str(dst), "--dtype", "float32"]) == 0
+    assert "GGUF, dequantised into float32 by transformers' GGUF loader" in capsys.readouterr().err
+    manifest = read_manifest(dst)
+    assert manifest.model_type == "llama" and manifest.compression is None and manifest.dtype == "float32"
+    assert not list(tmp_path.glob(".tiny.layers.gguf-*"))  # the float checkpoint made on the way is gone
+    # the reference: transformers loading the same GGUF, float32, and the tokenizer it reads from it
+    # the reference: transformers' model of the same GGUF, float32, saved losslessly to be reloaded
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.save_pretrained(tmp_path / "reference")
+    shutil.copy(dst / "tokenizer.json", tmp_path / "reference"), shutil.copy(dst / "tokenizer_config.json",
+                                                                              tmp_path / "reference")
+    _scores_match(dst, tmp_path / "reference", 2)
+
+
+def test_gguf_dtype_is_for_gguf_files_only(fp8, tmp_path, capsys):
+    assert main(["prepare", str(fp8), str(tmp_path / "out"), "--dtype", "float16"]) == 2
+    assert "only a GGUF file is converted to a dtype" in capsys.readouterr().err
+    (tmp_path / "dir").mkdir()
+    shutil.copy(fp8.parent / "float" / "config.json", tmp_path / "dir")
+    (tmp_path / "dir" / "model-q4.gguf").write_bytes(b"GGUF")
+    assert main(["prepare", str(tmp_path / "dir"), str(tmp_path / "out")]) == 2
+    assert "holds GGUF files (model-q4.gguf); give the .gguf file itself" in capsys.readouterr().err
