@@ -218,6 +218,13 @@ def test_shipped_bytes_are_what_a_pass_reads(fp8, tmp_path):
     assert model.bytes_per_pass < _describe_model(plain, "float32").bytes_per_pass
     # a shard slot holds the FP8 file; beside it, the layer dequantised to float32
     assert model.layer == max(e.params for e in manifest.decoder_layers) * 4
+    from test_planner import Spec, machine
+
+    from flexorch.orchestrator.planner import make_plan
+
+    plan = make_plan(machine(), manifest, Spec(), [40])
+    assert f"weights fp8 as the checkpoint ships them: dequantised per shard into {plan.dtype}; scores are the " \
+           "dequantised model's" in plan.reasons
 
 
 @pytest.mark.parametrize("config, message", [
