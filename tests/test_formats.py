@@ -24,45 +24,16 @@ from flexorch.orchestrator.cli import main
 from flexorch.orchestrator.demo import build_checkpoint, build_tokenizer
 from flexorch.orchestrator.prepare import describe_checkpoint, prepare_checkpoint
 from flexorch.workers.engine import score_prompts
-from flexorch.workers.quantized import FP4_VALUES, dequantize_fp8, dequantize_mxfp4
+from flexorch.workers.quantized import dequantize_fp8, dequantize_mxfp4, quantize_fp8, quantize_mxfp4
 
 from test_engine import reference_scores, settings
 
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 FP8_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
 MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                                                     "model.embed_tokens", "lm_head"]}
 
 
 # -- making quantised checkpoints, by the published formulas ---------------------------------------
-def quantize_fp8(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) → float8_e4m3fn (out, in) and scale_inv (ceil(out / block), ceil(in / block)): per block,
-    scale = max |w| / 448 and q = w / scale (DeepSeek-V3's weight_quant; the last block may be ragged)."""
-    rows, cols = weight.shape
-    scales = torch.zeros(-(-rows // block), -(-cols // block))
-    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    for i in range(scales.shape[0]):
-        for j in range(scales.shape[1]):
-            tile = weight[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
-            scales[i, j] = tile.abs().max().clamp(min=1e-12) / FP8_MAX
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / scales[i, j]).to(torch.float8_e4m3fn)
-    return q, scales
-
-
-def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(experts, in, out) as transformers' experts hold it → blocks uint8 (experts, out, in / 32, 16) and
-    E8M0 scales uint8 (experts, out, in / 32), as gpt-oss ships: per 32 values a power of two putting
-    the largest at most 6, each value rounded to the nearest E2M1 code."""
-    w = weight.transpose(-1, -2).float()
-    groups = w.reshape(*w.shape[:-1], -1, 32)
-    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2.0**-126) / 6.0)).clamp(-127, 127)
-    scaled = groups / torch.exp2(exponent)[..., None]
-    lut = torch.tensor(FP4_VALUES)
-    codes = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)  # ties: the lower code (+0 before -0)
-    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return blocks.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
-
-
 def _write_quantized(src: Path, dst: Path, quantize_tensors, quantization_config: dict) -> Path:
     shutil.copytree(src, dst)
     tensors = load_file(dst / "model.safetensors")

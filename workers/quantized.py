@@ -56,3 +56,36 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 
 DEQUANTIZE = {FP8: dequantize_fp8, MXFP4: dequantize_mxfp4}
+
+
+# -- the other way, to make checkpoints as the releases ship them (tests, benchmarks): prepare never
+# quantises into these schemes, it keeps what a checkpoint ships.
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def quantize_fp8(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) → float8_e4m3fn (out, in) and scale_inv (ceil(out / block), ceil(in / block)): per block,
+    scale = max |w| / 448 and q = w / scale (DeepSeek-V3's weight_quant; the last block may be ragged)."""
+    rows, cols = weight.shape
+    scales = torch.zeros(-(-rows // block), -(-cols // block))
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            tile = weight[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+            scales[i, j] = tile.abs().max().clamp(min=1e-12) / FP8_MAX
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / scales[i, j]).to(torch.float8_e4m3fn)
+    return q, scales
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(experts, in, out) as transformers' experts hold it → blocks uint8 (experts, out, in / 32, 16) and
+    E8M0 scales uint8 (experts, out, in / 32), as gpt-oss ships: per 32 values a power of two putting
+    the largest at most 6, each value rounded to the nearest E2M1 code."""
+    w = weight.transpose(-1, -2).float()
+    groups = w.reshape(*w.shape[:-1], -1, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2.0**-126) / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    lut = torch.tensor(FP4_VALUES)
+    codes = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)  # ties: the lower code (+0 before -0)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
