@@ -31,7 +31,8 @@ from flexorch.contract.leftovers import prepare_temps, remove_dead
 from flexorch.contract.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM,
                                         QUANTIZE_SCHEMES, SHIPPED_SCHEMES, LayerEntry, Manifest, read_json_object)
 from flexorch.orchestrator.experts import ExpertLayout, FusedExperts, fuse_experts, has_expert_tensors, module_shapes
-from flexorch.orchestrator.shipped import dequantized_params, is_quantized, shipped_scheme, stored_name
+from flexorch.orchestrator.shipped import (FP8, dequantized_params, is_quantized, shipped_scheme, split_scales,
+                                          stored_name, with_fp8_scales)
 
 if TYPE_CHECKING:
     import torch
@@ -352,7 +353,11 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
         tensors = tuple(sorted(groups[name], key=lambda t: t.name))
         layer = LayerSource(position, name, kind, prefix, tensors, _layer_dtype(tensors))
         if kind == DECODER and has_expert_tensors([layer.relative(t) for t in tensors]):
-            experts = fuse_experts(f"{checkpoint.src}: {name}", tensors, prefix, module_shapes[position - 1])
+            where = f"{checkpoint.src}: {name}"
+            weights, scales = split_scales(tensors, prefix) if checkpoint.scheme == FP8 else (tensors, ())
+            experts = fuse_experts(where, weights, prefix, module_shapes[position - 1])
+            if scales:
+                experts = with_fp8_scales(experts, scales, prefix, where)
             layer = replace(layer, tensors=experts.plain, experts=experts)
         layers.append(_shipped(layer, checkpoint) if checkpoint.scheme else layer)
     return layers

@@ -67,3 +67,37 @@ def dequantized_params(stored: str, shape: tuple[int, ...]) -> int:
         count *= n
     kind = stored.rpartition(".")[2]
     return 0 if kind == "scale" else 2 * count if kind == MXFP4 else count
+
+
+# -- FP8 experts: per-expert weights and scales fused as transformers holds the experts ------------
+def split_scales(tensors, prefix: str) -> tuple[tuple, tuple]:
+    """A layer's FP8 scales apart from its other tensors: the experts fusing (orchestrator/experts.py)
+    checks the rest against the float module, which has no scales."""
+    scales = tuple(t for t in tensors if t.name.endswith(_FP8_SCALE))
+    return tuple(t for t in tensors if t not in scales), scales
+
+
+def with_fp8_scales(layout, scales: tuple, prefix: str, where: str):
+    """`layout` (an ExpertLayout of FP8 weights) with the scales back: an expert's beside its fused
+    weight, stacked as the weights are (`mlp.experts.gate_up_proj.fp8` beside `...gate_up_proj.scale`:
+    expert first, gate's blocks then up's), the others as plain tensors."""
+    from dataclasses import replace
+
+    from flexorch.orchestrator.experts import FusedExperts
+
+    by_weight = {t.name.removesuffix(_FP8_SCALE) + ".weight": t for t in scales}
+    fused = []
+    for f in layout.fused:
+        for expert in f.parts:
+            if len(expert) > 1 and any(t.shape[0] % FP8_BLOCK for t in expert):
+                raise UserError(f"{where}: {f.name} joins expert projections of {expert[0].shape[0]} rows, no "
+                                f"multiple of the {FP8_BLOCK}-row FP8 block: their scales cannot be stacked")
+        missing = [t.name for expert in f.parts for t in expert if t.name not in by_weight]
+        if missing:
+            raise UserError(f"{where}: FP8 expert weight {missing[0]} has no weight_scale_inv")
+        fused += [replace(f, name=f"{f.name}.{FP8}"),
+                  FusedExperts(f"{f.name}.scale", tuple(tuple(by_weight.pop(t.name) for t in expert)
+                                                          for expert in f.parts))]
+    plain = tuple(by_weight.values())
+    renamed = {t.name[len(prefix):]: t.name[len(prefix):] for t in plain}
+    return replace(layout, plain=layout.plain + plain, renamed=layout.renamed | renamed, fused=tuple(fused))

@@ -75,6 +75,16 @@ def fp8(tmp_path_factory) -> Path:
     return _write_quantized(src, root / "fp8", _fp8_tensors, FP8_CONFIG)
 
 
+@pytest.fixture(scope="module")
+def fp8_moe(tmp_path_factory) -> Path:
+    """A tiny Qwen3-MoE in FP8 blocks, its experts per expert with their scales as Qwen3-FP8 ships them."""
+    root = tmp_path_factory.mktemp("fp8-moe")
+    src = build_checkpoint(root / "float", "qwen3_moe", layout="safetensors", hidden_size=128, head_dim=32,
+                           num_attention_heads=4, num_key_value_heads=4, moe_intermediate_size=128,
+                           intermediate_size=256, num_hidden_layers=3)
+    return _write_quantized(src, root / "fp8", _fp8_tensors, FP8_CONFIG)
+
+
 def build_gpt_oss(path: Path) -> Path:
     """A tiny random gpt-oss (4 experts, 2 per token, sliding and full attention layers) with a tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -156,6 +166,26 @@ def test_an_fp8_checkpoint_is_kept_in_fp8_and_scores_as_transformers_dequantised
     assert torch.equal(stored["mlp.down_proj.weight.fp8"].view(torch.uint8),
                        load_file(fp8 / "model.safetensors")["model.layers.0.mlp.down_proj.weight"].view(torch.uint8))
     _scores_match(dst, fp8, layers_per_shard)
+
+
+def test_fp8_experts_are_fused_with_their_scales_and_stream_exactly(fp8_moe, tmp_path):
+    dst = tmp_path / "fp8-moe.layers"
+    manifest = prepare_checkpoint(fp8_moe, dst)
+    layer = manifest.entry("layer.1")
+    assert layer.experts == 6 and set(layer.expert_tensors) == {
+        "mlp.experts.gate_up_proj.fp8", "mlp.experts.gate_up_proj.scale", "mlp.experts.down_proj.fp8",
+        "mlp.experts.down_proj.scale"}
+    assert "self_attn.q_proj.weight.scale" in layer.tensors and "mlp.gate.weight" in layer.tensors
+    stored = load_file(dst / layer.file)
+    assert stored["mlp.experts.gate_up_proj.fp8"].shape == (6, 256, 128)
+    assert stored["mlp.experts.gate_up_proj.scale"].shape == (6, 2, 1)
+    assert layer.params == describe_checkpoint(fp8_moe.parent / "float").entry("layer.1").params
+    ref = reference_scores(fp8_moe)
+    for group in (0, 1, 4):  # whole layers, then experts streamed in groups
+        run = settings(layers_per_shard=1, experts_per_group=group)
+        results, _ = score_prompts(dst, ref.prompts, ScoreSpec("suffix_logprob"), run)
+        for got, want in zip(results, ref.logprob):
+            np.testing.assert_allclose(got.scores["logprob"], want, atol=1e-4, rtol=0)
 
 
 def test_an_mxfp4_checkpoint_is_kept_in_mxfp4_and_scores_as_transformers_dequantised_model(mxfp4, tmp_path):

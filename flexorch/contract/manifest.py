@@ -65,6 +65,18 @@ class LayerEntry:
     compression: str | None = None  # a COMPRESSION_SCHEMES name: its weights named so are quantised (decoder layers)
 
     @property
+    def module_expert_tensors(self) -> tuple[str, ...]:
+        """The fused experts tensors as the module holds them once dequantised: a stored
+        `mlp.experts.down_proj.fp8` and its `.scale` are the module's `mlp.experts.down_proj`."""
+        names: list[str] = []
+        for name in self.expert_tensors:
+            base, _, suffix = name.rpartition(".")
+            quantized = suffix in COMPRESSION_SCHEMES or (suffix == "scale" and self.compression is not None)
+            if (base if quantized else name) not in names:
+                names.append(base if quantized else name)
+        return tuple(names)
+
+    @property
     def index(self) -> int | None:
         """Decoder layer number, or None for the other kinds."""
         return int(self.name.split(".", 1)[1]) if self.kind == DECODER else None
