@@ -371,3 +371,11 @@ def test_a_described_manifest_is_what_prepare_writes_but_the_headers(which, fp8,
         assert sorted(got.tensors) == sorted(want.tensors)
         header = 64 + 160 * len(want.tensors)  # safetensors' JSON header: name, dtype, shape, offsets per tensor
         assert want.bytes - header <= got.bytes <= want.bytes
+
+
+def test_a_job_on_an_fp8_checkpoint_plans_from_its_shipped_bytes(fp8, tmp_path, capsys):
+    from test_controller import write_job
+
+    assert main(["plan", str(write_job(tmp_path, fp8)), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert any("weights fp8 as the checkpoint ships them" in reason for reason in plan["reasons"])

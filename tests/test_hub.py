@@ -126,3 +126,12 @@ def test_the_disk_must_hold_the_download_and_the_layerwise_copy(tmp_path):
     with pytest.raises(UserError, match=r"model 'org/big': downloading it and its layerwise copy needs 200.0 GB on "
                                         r"the disk of .* which has 150.0 GB free \(download 100.0 GB, copy 100.0 GB\)"):
         check_space(plan, tmp_path / "hub", tmp_path / "layers", lambda path: usage(150 * 10**9))
+
+
+def test_a_cached_hub_model_is_prepared_once_under_its_repo_name(hub_cache, tmp_path):
+    from flexorch.orchestrator.modelstore import resolve_model
+
+    spec = load_job(write_job(tmp_path, REPO))
+    target = resolve_model(spec.model, cache_dir=tmp_path / "flexorch")
+    assert target.parent == tmp_path / "flexorch" / "models" and target.name.startswith("tiny-org--Tiny-Llama-")
+    assert read_manifest(target).source == str(spec.model)
