@@ -1,4 +1,4 @@
-"""`flexorch prepare`: a Hugging Face checkpoint dir -> a layerwise dir (format: workers/manifest.py).
+"""`flexorch prepare`: a Hugging Face checkpoint dir -> a layerwise dir (format: flexorch/contract/manifest.py).
 
 The conversion streams. Each output layer's tensors are read from the weight files that hold them,
 written to the layer's own safetensors file and dropped before the next layer; a weight file is
@@ -8,6 +8,10 @@ about the largest layer plus the torch baseline, whatever the size of the source
 The output is built in a temporary dir next to DST and renamed into place once complete, so DST is
 either a whole layerwise dir or absent. `describe_checkpoint` gives the manifest the conversion
 would write, from tensor headers alone, for planning a job on an unconverted checkpoint.
+
+Checkpoints that ship quantised (FP8 block-scaled, MXFP4) keep their bytes, renamed into the scheme's
+names (orchestrator/shipped.py); a hub id is read from the Hugging Face cache (orchestrator/hub.py); a
+GGUF file goes through transformers' GGUF loader first (orchestrator/fromgguf.py).
 """
 
 from __future__ import annotations
