@@ -139,14 +139,15 @@ def describe_checkpoint(src: str | Path) -> Manifest:
 
 
 def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False, console=None,
-                       compress: str | None = None, dtype: str | None = None) -> Manifest:
+                       compress: str | None = None, dtype: str | None = None, source: str | None = None) -> Manifest:
     """Convert the Hugging Face checkpoint dir `src` into the layerwise dir `dst`; returns its manifest.
 
     Everything is checked before a byte is written; an existing `dst` is refused unless `force`,
     and then replaced only once the new dir is complete. `compress` ("int8" | "int4"): store the
     decoder layers' projection weights quantised (workers/compression.py; scores become approximate).
     `src` may be a hub id (orchestrator/hub.py) or a GGUF file, dequantised into `dtype`
-    (orchestrator/fromgguf.py; bfloat16 unless said).
+    (orchestrator/fromgguf.py; bfloat16 unless said). `source`: what the manifest names as the source
+    (default `src`; a GGUF file's, not the checkpoint made of it on the way).
     """
     if Path(src).suffix == ".gguf" and Path(src).is_file():
         from flexorch.orchestrator.fromgguf import prepare_gguf
@@ -154,7 +155,7 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
         if Path(dst).exists() and not force:  # said before the whole model is loaded
             raise UserError(f"{dst}: already exists (use --force to replace it)")
         return prepare_gguf(Path(src), Path(dst), lambda checkpoint: prepare_checkpoint(
-            checkpoint, dst, force=force, console=console, compress=compress), dtype, console)
+            checkpoint, dst, force=force, console=console, compress=compress, source=str(src)), dtype, console)
     if dtype is not None:
         raise UserError(f"--dtype {dtype}: only a GGUF file is converted to a dtype; a checkpoint keeps its own")
     if compress not in (None, *QUANTIZE_SCHEMES):
@@ -175,7 +176,7 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
     if tmp.exists():  # left by a killed run that had our pid
         shutil.rmtree(tmp)
     try:
-        manifest = _write_layerwise(checkpoint, layers, tmp, console, compress)
+        manifest = _write_layerwise(checkpoint, layers, tmp, console, compress, source)
         _move_into_place(tmp, dst)
     finally:
         if tmp.exists():  # only when the conversion failed or was interrupted
@@ -420,7 +421,7 @@ def _manifest(checkpoint: Checkpoint, entries: list[LayerEntry]) -> Manifest:
 
 # -- writing ---------------------------------------------------------------------------------------
 def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Path, console,
-                     compress: str | None = None) -> Manifest:
+                     compress: str | None = None, source: str | None = None) -> Manifest:
     """The layer files, the copied files, then the manifest (compression: `compress`, or the scheme
     the checkpoint ships)."""
     (out / "layers").mkdir(parents=True)
@@ -432,7 +433,8 @@ def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Pat
     for name in COPIED_FILES:
         if (checkpoint.src / name).is_file():
             shutil.copy2(checkpoint.src / name, out / name)
-    manifest = replace(_manifest(checkpoint, entries), compression=compress or checkpoint.scheme)
+    manifest = replace(_manifest(checkpoint, entries), compression=compress or checkpoint.scheme,
+                       source=source or str(checkpoint.src))
     (out / MANIFEST_NAME).write_text(manifest.to_json())  # last: a dir with a manifest is complete
     return manifest
 

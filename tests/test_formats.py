@@ -324,6 +324,7 @@ def test_a_gguf_file_scores_as_transformers_loading_it(tmp_path, capsys):
     manifest = read_manifest(dst)
     assert manifest.model_type == "llama" and manifest.compression is None and manifest.dtype == "float32"
     assert not list(tmp_path.glob(".tiny.layers.gguf-*"))  # the float checkpoint made on the way is gone
+    assert manifest.source == str(src)
     # the reference: transformers loading the same GGUF, float32, and the tokenizer it reads from it
     # the reference: transformers' model of the same GGUF, float32, saved losslessly to be reloaded
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
