@@ -101,7 +101,7 @@ def download_plan(repo_id: str, api=None) -> DownloadPlan:
         info = (api or HfApi()).model_info(repo_id, files_metadata=True)
     except HfHubHTTPError as exc:
         raise UserError(f"model {repo_id!r}: the Hugging Face hub refused it ({str(exc).splitlines()[0]})") from None
-    except OSError as exc:  # no network: as offline
+    except _unreachable() as exc:  # no network: as offline
         raise UserError(absent_message(repo_id, hub_cache_dir(), offline=True)
                         .replace("HF_HUB_OFFLINE is set", f"the hub is unreachable ({exc})")) from None
     files = tuple((s.rfilename, int(s.size or 0)) for s in info.siblings
@@ -137,6 +137,21 @@ def absent_message(repo_id: str, cache: Path, offline: bool) -> str:
                 f"download it with {fetch} where the hub is reachable, or give a local dir")
     return (f"model {repo_id!r} is not in the local Hugging Face cache ({cache}): `flexorch prepare {repo_id} DST` "
             f"downloads what it needs (saying how much first) and converts it, or download it with {fetch}")
+
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """The errors of a hub that cannot be reached: huggingface_hub's HTTP client's transport errors
+    (httpx2 in huggingface_hub 2, httpx in 1) and the OS's."""
+    import importlib
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    for client in ("httpx2", "httpx"):
+        try:
+            return (importlib.import_module(client).TransportError, OfflineModeIsEnabled, OSError)
+        except (ImportError, AttributeError):
+            continue
+    return (OfflineModeIsEnabled, OSError)
 
 
 def _existing_parent(path: Path) -> Path:

@@ -135,3 +135,15 @@ def test_a_cached_hub_model_is_prepared_once_under_its_repo_name(hub_cache, tmp_
     target = resolve_model(spec.model, cache_dir=tmp_path / "flexorch")
     assert target.parent == tmp_path / "flexorch" / "models" and target.name.startswith("tiny-org--Tiny-Llama-")
     assert read_manifest(target).source == str(spec.model)
+
+
+def test_an_unreachable_hub_is_said_as_offline_is(hub_cache, monkeypatch):
+    from flexorch.orchestrator.hub import _unreachable
+
+    class Unreachable:
+        def model_info(self, repo_id, files_metadata):
+            raise _unreachable()[0]("connection refused")
+
+    with pytest.raises(UserError, match=r"model 'org/absent' is not in the local Hugging Face cache .* and the hub "
+                                        r"is unreachable \(connection refused\): download it with `hf download"):
+        download_plan("org/absent", Unreachable())
