@@ -50,6 +50,13 @@ def hardware(machine: Machine) -> Hardware:
                     disk_read_bytes_per_s=machine.disk_gbps * GB)
 
 
+def _kept(plan: dict) -> dict:
+    """The plan without its per-prompt lists (1,000 indices a worker): each worker's round count stays."""
+    workers = [{k: v for k, v in w.items() if k not in ("prompt_indices", "rounds")} | {"rounds": len(w["rounds"])}
+               for w in plan["workers"]]
+    return {k: v for k, v in plan.items() if k != "channel_batches"} | {"workers": workers}
+
+
 def summary(results: list[dict]) -> str:
     """A markdown table of the plans (README.md's): per pass, the bytes read are the whole layerwise dir."""
     rows = ["| model (as stored) | machine | layout | experts per step | predicted peak GPU / RAM | bytes read per pass | "
@@ -57,7 +64,7 @@ def summary(results: list[dict]) -> str:
     for result in results:
         plan, workers = result["plan"], result["plan"]["workers"]
         first, prediction = workers[0], result["plan"]["predictions"][0]
-        settings, passes = first["settings"], len(first["rounds"])
+        settings, passes = first["settings"], first["rounds"]
         layout = (f"{len(workers)} x {plan['parallel']}-parallel, " if len(workers) > 1 else "") + \
                  f"{settings['layers_per_shard']} layer per shard, activations on {settings['storage']}"
         total = prediction["start_seconds"] + max(prediction["read_seconds"], prediction["compute_seconds"])
@@ -90,7 +97,7 @@ def main() -> None:
                      f"{machine.label}")
         render_plan(plan, console)
         results.append({"model": release.name, "scheme": release.scheme, "machine": machine.label,
-                        "layerwise_bytes": manifest.total_bytes, "plan": plan.to_dict()})
+                        "layerwise_bytes": manifest.total_bytes, "plan": _kept(plan.to_dict())})
     print(summary(results))
     RESULTS.mkdir(exist_ok=True)
     if not args.only:
