@@ -380,3 +380,23 @@ def test_a_job_on_an_fp8_checkpoint_plans_from_its_shipped_bytes(fp8, tmp_path, 
     assert main(["plan", str(write_job(tmp_path, fp8)), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert any("weights fp8 as the checkpoint ships them" in reason for reason in plan["reasons"])
+
+
+def test_gpt_oss_120b_described_at_full_size_plans_on_a_6_gb_gpu_streaming_its_experts():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from manifests import GPT_OSS_120B, described_manifest
+    from plans_real import CASES, hardware
+    from test_planner import Spec
+
+    from flexorch.orchestrator.planner import make_plan
+
+    manifest = described_manifest(GPT_OSS_120B)
+    # 36 layers of 128 experts in MXFP4 and bf16 attention: the release's 65 GB, not bf16's 234
+    assert 64e9 < manifest.total_bytes < 66e9 and 116e9 < sum(e.params for e in manifest.layers) < 118e9
+    machine = next(machine for release, machine in CASES if release is GPT_OSS_120B)
+    plan = make_plan(hardware(machine), manifest, Spec(allow_untested_models=True), [262] * 100)
+    worker = plan.workers[0]
+    assert 0 < worker.settings.experts_per_group < 128  # a layer (1.75 GB, 6.5 GB dequantised) does not fit twice
+    assert worker.predicted_peak_device_memory < machine.gpu_gb[0] * 1e9
