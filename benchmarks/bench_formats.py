@@ -49,8 +49,8 @@ def quantized_copy(src: Path, dst: Path, scheme: str) -> Path:
     (dst / "model.safetensors.index.json").unlink(missing_ok=True)
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = ({"quant_method": "fp8", "activation_scheme": "dynamic",
-                                      "weight_block_size": [128, 128]} if scheme == "fp8" else {"quant_method": "mxfp4"})
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    config["quantization_config"] = fp8 if scheme == "fp8" else {"quant_method": "mxfp4"}
     (dst / "config.json").write_text(json.dumps(config, indent=1))
     return dst
 

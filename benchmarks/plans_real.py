@@ -59,8 +59,8 @@ def _kept(plan: dict) -> dict:
 
 def summary(results: list[dict]) -> str:
     """A markdown table of the plans (README.md's): per pass, the bytes read are the whole layerwise dir."""
-    rows = ["| model (as stored) | machine | layout | experts per step | predicted peak GPU / RAM | bytes read per pass | "
-            "time per pass (read / compute) | 1,000 prompts |", "|" + "---|" * 8]
+    rows = ["| model (as stored) | machine | layout | experts per step | predicted peak GPU / RAM | "
+            "bytes read per pass | time per pass (read / compute) | 1,000 prompts |", "|" + "---|" * 8]
     for result in results:
         plan, workers = result["plan"], result["plan"]["workers"]
         first, prediction = workers[0], result["plan"]["predictions"][0]
@@ -70,8 +70,8 @@ def summary(results: list[dict]) -> str:
         total = prediction["start_seconds"] + max(prediction["read_seconds"], prediction["compute_seconds"])
         rows.append(
             f"| {result['model']} ({result['scheme'] or plan['dtype']}) | {result['machine']} | {layout} | "
-            f"{settings['experts_per_group'] or 'whole layers'} | {first['predicted_peak_device_memory'] / GB:.1f} GB / "
-            f"{first['predicted_peak_ram'] / GB:.1f} GB | {result['layerwise_bytes'] / GB:.0f} GB | "
+            f"{settings['experts_per_group'] or 'whole layers'} | "
+            f"{first['predicted_peak_device_memory'] / GB:.1f} GB / {first['predicted_peak_ram'] / GB:.1f} GB | {result['layerwise_bytes'] / GB:.0f} GB | "
             f"{prediction['read_seconds'] / passes:.0f} s / {prediction['compute_seconds'] / passes:.0f} s | "
             f"~{total / 60:.0f} min ({passes} pass{'es' if passes > 1 else ''}) |")
     return "\n".join(rows)

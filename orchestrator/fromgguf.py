@@ -1,7 +1,7 @@
 """`flexorch prepare model.gguf DST`: a GGUF file through transformers' own GGUF loader.
 
 transformers reads GGUF (llama.cpp's format) by dequantising every tensor into a float model
-(`from_pretrained(dir, gguf_file=...)`, with the `gguf` package: `pip install 'flexorch[gguf]'`);
+(`from_pretrained(dir, gguf_file=...)`, with the `gguf` package: the `gguf` extra);
 its Q4_K / Q8_0 / ... blocks have no kernel here. So the layerwise dir holds the dequantised weights in
 `dtype` (bfloat16 unless said: a 4-bit GGUF grows about 4x), and converting holds the whole model in
 RAM once. The float model is saved as a checkpoint dir next to DST, converted as any other, and removed.
@@ -29,7 +29,10 @@ def gguf_to_checkpoint(path: Path, out: Path, dtype: str, console=None) -> Path:
     try:
         import gguf  # noqa: F401  transformers' loader needs it; said here rather than deep in transformers
     except ImportError:
-        raise UserError(f"{path}: reading GGUF needs the gguf package: pip install 'flexorch[gguf]'") from None
+        from flexorch.orchestrator.extras import install_hint
+
+        raise UserError(f"{path}: reading GGUF needs the gguf package, which is not installed: "
+                        f"{install_hint('gguf')}") from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -125,8 +125,9 @@ def check_space(plan: DownloadPlan, cache: Path, layerwise_dir: Path, disk_usage
         if free < nbytes + SPARE_BYTES:
             raise UserError(
                 f"model {plan.repo_id!r}: downloading it and its layerwise copy needs {_gb(nbytes)} on the disk of "
-                f"{existing} ({_gb(SPARE_BYTES)} spare), which has {_gb(free)} free (download {_gb(plan.download_bytes)}, "
-                f"copy {_gb(plan.weight_bytes)}); free space or set HF_HUB_CACHE / FLEXORCH_CACHE to a larger disk")
+                f"{existing} ({_gb(SPARE_BYTES)} spare), which has {_gb(free)} free (download "
+                f"{_gb(plan.download_bytes)}, copy {_gb(plan.weight_bytes)}); free space or set HF_HUB_CACHE / "
+                "FLEXORCH_CACHE to a larger disk")
 
 
 def absent_message(repo_id: str, cache: Path, offline: bool) -> str:

@@ -194,12 +194,15 @@ def _local(src: str | Path, layerwise_parent: Path | None, console=None) -> Path
 
     if Path(src).exists() or not is_hub_id(str(src)):
         return Path(src)
-    if layerwise_parent is None:
+    try:
+        if layerwise_parent is not None:
+            return resolve_hub_id(str(src), layerwise_parent, console)
         found = cached_snapshot(str(src))
         if found is None:
             raise UserError(absent_message(str(src), hub_cache_dir(), offline=True))
         return found
-    return resolve_hub_id(str(src), layerwise_parent, console)
+    except UserError as exc:  # a local path mistyped reads as a hub id too: both said
+        raise UserError(f"{src}: no such checkpoint dir; {exc}") from None
 
 
 def weights_marker(src: Path) -> Path | None:

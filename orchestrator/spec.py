@@ -336,7 +336,8 @@ def _existing_dir(problems: _Problems, key: str, value, base: Path) -> Path | No
         # a hub id: its snapshot in the local Hugging Face cache, never downloaded here (orchestrator/hub.py)
         found = cached_snapshot(value)
         if found is None:
-            problems.add(key, absent_message(value, hub_cache_dir(), hub_offline()))
+            hub = absent_message(value, hub_cache_dir(), hub_offline())
+            problems.add(key, f"{_where(value, path)} does not exist; {hub}")
         return found
     if not path.exists():
         problems.add(key, f"{_where(value, path)} does not exist")

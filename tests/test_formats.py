@@ -29,8 +29,8 @@ from flexorch.workers.quantized import dequantize_fp8, dequantize_mxfp4, quantiz
 from test_engine import reference_scores, settings
 
 FP8_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
-MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                                    "model.embed_tokens", "lm_head"]}
+MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
 
 
 # -- making quantised checkpoints, by the published formulas ---------------------------------------
