@@ -51,7 +51,7 @@ class LayerEntry:
     file: str | None  # path relative to the dir; None when tied_to is set
     bytes: int  # size of the file (0 when tied)
     sha256: str | None  # hex digest of the whole file (None when tied)
-    dtype: str  # e.g. "bfloat16" (the widest floating dtype in the file)
+    dtype: str  # e.g. "bfloat16" (the widest floating dtype in the file, quantised tensors and scales aside)
     params: int  # number of elements in the layer's tensors
     source_prefix: str  # e.g. "model.layers.3."
     tensors: tuple[str, ...] = ()  # tensor names in the file (relative to the layer)
