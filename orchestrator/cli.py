@@ -27,7 +27,7 @@ def cmd_prepare(args) -> int:
     from flexorch.orchestrator.prepare import prepare_checkpoint
 
     prepare_checkpoint(Path(args.src), Path(args.dst), force=args.force, console=_console(stderr=True),
-                       compress=args.compress)
+                       compress=args.compress, dtype=args.dtype)
     return ExitCode.OK
 
 
@@ -116,11 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="convert a Hugging Face checkpoint dir into a layerwise dir")
-    p.add_argument("src", help="Hugging Face checkpoint dir (safetensors or pytorch .bin)")
+    p.add_argument("src", help="Hugging Face checkpoint dir (safetensors or pytorch .bin, FP8 or MXFP4 as shipped), "
+                   "a hub id (org/name: the local Hugging Face cache, else downloaded) or a .gguf file")
     p.add_argument("dst", help="layerwise dir to write")
     p.add_argument("--force", action="store_true", help="replace an existing DST")
     p.add_argument("--compress", choices=("int8", "int4"),
                    help="store decoder weights quantised group-wise (fewer bytes per pass; scores become approximate)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="SRC a .gguf file: the dtype its weights are dequantised into (default bfloat16)")
     p.set_defaults(run=cmd_prepare)
 
     p = sub.add_parser("probe", help="print the hardware the planner sees")

@@ -66,7 +66,11 @@ def checkpoint_key(path: Path, hashes: HashStore) -> str:
         digest.update(f"\n{file.name}\n".encode() + file.read_bytes())
     for file in files:
         digest.update(f"\n{file.name}\n{file.stat().st_size}\n{hashes.digest(file)}".encode())
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name) or "model"
+    resolved = path.resolve()
+    # a hub cache snapshot (orchestrator/hub.py): named by its repo, not by its revision hash
+    name = resolved.parent.parent.name.removeprefix("models--") if resolved.parent.name == "snapshots" \
+        else resolved.name
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
     return f"{name}-{digest.hexdigest()[:20]}"
 
 

@@ -1,4 +1,4 @@
-"""`flexorch prepare`: a Hugging Face checkpoint dir -> a layerwise dir (format: workers/manifest.py).
+"""`flexorch prepare`: a Hugging Face checkpoint dir -> a layerwise dir (format: flexorch/contract/manifest.py).
 
 The conversion streams. Each output layer's tensors are read from the weight files that hold them,
 written to the layer's own safetensors file and dropped before the next layer; a weight file is
@@ -8,6 +8,10 @@ about the largest layer plus the torch baseline, whatever the size of the source
 The output is built in a temporary dir next to DST and renamed into place once complete, so DST is
 either a whole layerwise dir or absent. `describe_checkpoint` gives the manifest the conversion
 would write, from tensor headers alone, for planning a job on an unconverted checkpoint.
+
+Checkpoints that ship quantised (FP8 block-scaled, MXFP4) keep their bytes, renamed into the scheme's
+names (orchestrator/shipped.py); a hub id is read from the Hugging Face cache (orchestrator/hub.py); a
+GGUF file goes through transformers' GGUF loader first (orchestrator/fromgguf.py).
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexorch.contract.errors import UserError
-from flexorch.contract.models import check_decoder_config, hub_id_hint
+from flexorch.contract.models import check_decoder_config
 from flexorch.contract.leftovers import prepare_build_dir, prepare_old_dir, prepare_temps, remove_dead
-from flexorch.contract.manifest import (COMPRESSION_SCHEMES, DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME,
-                                        NORM, LayerEntry, Manifest, read_json_object)
+from flexorch.contract.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM,
+                                        QUANTIZE_SCHEMES, SHIPPED_SCHEMES, LayerEntry, Manifest, read_json_object)
 from flexorch.contract.verified import mark, sha256_file
 from flexorch.orchestrator.experts import ExpertLayout, FusedExperts, fuse_experts, has_expert_tensors, module_shapes
+from flexorch.orchestrator.shipped import (FP8, dequantized_params, is_quantized, shipped_scheme, split_scales,
+                                          stored_name, with_fp8_scales)
 from flexorch.orchestrator.tensors import SourceTensor
 
 if TYPE_CHECKING:
@@ -74,6 +80,7 @@ class Checkpoint:
     vocab_size: int
     tied: bool  # the lm head reuses the input embedding
     tensors: tuple[SourceTensor, ...]
+    scheme: str | None = None  # "fp8" | "mxfp4": its quantization_config (orchestrator/shipped.py)
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class LayerSource:
     dtype: str  # widest floating dtype of its tensors (a tied head: the embedding's)
     tied_to: str | None = None
     experts: ExpertLayout | None = None  # a MoE layer: `tensors` are its plain ones, the experts are fused
+    shipped: str | None = None  # "fp8" | "mxfp4": its quantised tensors are kept so, renamed (shipped.py)
 
     @property
     def file(self) -> str | None:
@@ -95,7 +103,8 @@ class LayerSource:
 
     def relative(self, tensor: SourceTensor) -> str:
         name = tensor.name[len(self.source_prefix):]
-        return self.experts.renamed.get(name, name) if self.experts else name
+        name = self.experts.renamed.get(name, name) if self.experts else name
+        return stored_name(name, _dtype_name(tensor.dtype), self.shipped) if self.shipped else name
 
     def outputs(self) -> dict[str, SourceTensor | FusedExperts]:
         """The tensors of the layer file by name: each has dtype, shape and nbytes."""
@@ -106,32 +115,51 @@ class LayerSource:
         experts = self.experts or ExpertLayout((), {}, ())
         return LayerEntry(
             name=self.name, kind=self.kind, file=self.file, bytes=nbytes, sha256=sha256, dtype=self.dtype,
-            params=sum(math.prod(t.shape) for t in self.outputs().values()), source_prefix=self.source_prefix,
-            tensors=tuple(self.outputs()), tied_to=self.tied_to, experts=experts.experts,
-            expert_bytes=experts.expert_bytes, expert_tensors=tuple(f.name for f in experts.fused),
+            params=sum(dequantized_params(name, tuple(t.shape)) for name, t in self.outputs().items()),
+            source_prefix=self.source_prefix, tensors=tuple(self.outputs()), tied_to=self.tied_to,
+            experts=experts.experts, expert_bytes=experts.expert_bytes,
+            expert_tensors=tuple(f.name for f in experts.fused),
+            compression=self.shipped if self.kind == DECODER else None,
         )
 
 
 # -- the public entry points -----------------------------------------------------------------------
 def describe_checkpoint(src: str | Path) -> Manifest:
     """The manifest `prepare_checkpoint(src, ...)` would write, with sha256 None; writes nothing."""
-    checkpoint = scan_checkpoint(Path(src))
+    checkpoint = scan_checkpoint(_local(src, None))
     layers = group_layers(checkpoint)
     return _manifest(checkpoint, [layer.entry(_planned_file_bytes(layer), None) for layer in layers])
 
 
 def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False, console=None,
-                       compress: str | None = None) -> Manifest:
+                       compress: str | None = None, dtype: str | None = None, source: str | None = None) -> Manifest:
     """Convert the Hugging Face checkpoint dir `src` into the layerwise dir `dst`; returns its manifest.
 
     Everything is checked before a byte is written; an existing `dst` is refused unless `force`,
     and then replaced only once the new dir is complete. `compress` ("int8" | "int4"): store the
     decoder layers' projection weights quantised (flexorch/weights/compression.py; scores become approximate).
+    `src` may be a hub id (orchestrator/hub.py) or a GGUF file, dequantised into `dtype`
+    (orchestrator/fromgguf.py; bfloat16 unless said). `source`: what the manifest names as the source
+    (default `src`; a GGUF file's, not the checkpoint made of it on the way).
     """
-    if compress not in (None, *COMPRESSION_SCHEMES):
-        raise UserError(f"--compress {compress}: expected one of {', '.join(COMPRESSION_SCHEMES)}")
-    src, dst = Path(src), Path(dst)
+    if Path(src).suffix == ".gguf" and Path(src).is_file():
+        from flexorch.orchestrator.fromgguf import prepare_gguf
+
+        if Path(dst).exists() and not force:  # said before the whole model is loaded
+            raise UserError(f"{dst}: already exists (use --force to replace it)")
+        return prepare_gguf(Path(src), Path(dst), lambda checkpoint: prepare_checkpoint(
+            checkpoint, dst, force=force, console=console, compress=compress, source=str(src)), dtype, console)
+    if dtype is not None:
+        raise UserError(f"--dtype {dtype}: only a GGUF file is converted to a dtype; a checkpoint keeps its own")
+    if compress not in (None, *QUANTIZE_SCHEMES):
+        raise UserError(f"--compress {compress}: expected one of {', '.join(QUANTIZE_SCHEMES)}")
+    if Path(dst).exists() and not force and not Path(src).exists():  # a hub id: said before it downloads
+        raise UserError(f"{dst}: already exists (use --force to replace it)")
+    src, dst = _local(src, Path(dst).parent, console), Path(dst)
     checkpoint = scan_checkpoint(src)
+    if compress and checkpoint.scheme:
+        raise UserError(f"--compress {compress}: {src} ships quantised ({checkpoint.scheme}), kept as it is; "
+                        "leave out --compress")
     layers = group_layers(checkpoint)
     if dst.exists() and not force:
         raise UserError(f"{dst}: already exists (use --force to replace it)")
@@ -141,7 +169,7 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
     if tmp.exists():  # left by a killed run that had our pid
         shutil.rmtree(tmp)
     try:
-        manifest = _write_layerwise(checkpoint, layers, tmp, console, compress)
+        manifest = _write_layerwise(checkpoint, layers, tmp, console, compress, source)
         _move_into_place(tmp, dst)
     finally:
         if tmp.exists():  # only when the conversion failed or was interrupted
@@ -152,6 +180,24 @@ def prepare_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
 
 
 # -- reading the source ----------------------------------------------------------------------------
+def _local(src: str | Path, layerwise_parent: Path | None, console=None) -> Path:
+    """`src` as a local dir: a hub id that names no local path is looked up in the Hugging Face cache,
+    and downloaded when online and `layerwise_parent` (where the copy goes) is given (orchestrator/hub.py)."""
+    from flexorch.orchestrator.hub import absent_message, cached_snapshot, hub_cache_dir, is_hub_id, resolve_hub_id
+
+    if Path(src).exists() or not is_hub_id(str(src)):
+        return Path(src)
+    try:
+        if layerwise_parent is not None:
+            return resolve_hub_id(str(src), layerwise_parent, console)
+        found = cached_snapshot(str(src))
+        if found is None:
+            raise UserError(absent_message(str(src), hub_cache_dir(), offline=True))
+        return found
+    except UserError as exc:  # a local path mistyped reads as a hub id too: both said
+        raise UserError(f"{src}: no such checkpoint dir; {exc}") from None
+
+
 def weights_marker(src: Path) -> Path | None:
     """The index or single weight file that identifies `src`'s layout, or None."""
     return next((src / name for name, _ in WEIGHT_MARKERS if (src / name).is_file()), None)
@@ -163,6 +209,8 @@ def weight_files(src: Path) -> tuple[str, Path | None, tuple[Path, ...]]:
     if marker is None:
         others = sorted(p.name for p in src.iterdir() if p.suffix in _OTHER_WEIGHT_SUFFIXES)
         expected = ", ".join(name for name, _ in WEIGHT_MARKERS)
+        if others and any(name.endswith(".gguf") for name in others):
+            raise UserError(f"{src}: holds GGUF files ({', '.join(others[:3])}); give the .gguf file itself")
         if others:
             raise UserError(f"{src}: unknown weight layout ({', '.join(others[:3])}); expected one of {expected}")
         raise UserError(f"{src}: no weight files (expected one of {expected})")
@@ -180,7 +228,7 @@ def weight_files(src: Path) -> tuple[str, Path | None, tuple[Path, ...]]:
 def scan_checkpoint(src: Path) -> Checkpoint:
     """Read `src`'s config and the names, dtypes and shapes of its tensors (no tensor data)."""
     if not src.is_dir():
-        raise UserError(f"{src}: no such checkpoint dir{hub_id_hint(str(src)) if not src.exists() else ''}")
+        raise UserError(f"{src}: no such checkpoint dir")
     raw = _read_raw_config(src)
     fmt, index, files = weight_files(src)
     specs = {path: _tensor_specs(path, fmt) for path in files}
@@ -203,6 +251,7 @@ def scan_checkpoint(src: Path) -> Checkpoint:
         src=src, config=raw, model_type=config.model_type, architectures=tuple(raw.get("architectures") or ()),
         dtype=_config_dtype(raw), num_layers=raw["num_hidden_layers"], hidden_size=config.hidden_size,
         vocab_size=config.vocab_size, tied=bool(config.tie_word_embeddings), tensors=tuple(tensors),
+        scheme=shipped_scheme(raw, str(src / CONFIG_NAME)),
     )
 
 
@@ -305,10 +354,26 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
         tensors = tuple(sorted(groups[name], key=lambda t: t.name))
         layer = LayerSource(position, name, kind, prefix, tensors, _layer_dtype(tensors))
         if kind == DECODER and has_expert_tensors([layer.relative(t) for t in tensors]):
-            experts = fuse_experts(f"{checkpoint.src}: {name}", tensors, prefix, module_shapes[position - 1])
+            where = f"{checkpoint.src}: {name}"
+            weights, scales = split_scales(tensors, prefix) if checkpoint.scheme == FP8 else (tensors, ())
+            experts = fuse_experts(where, weights, prefix, module_shapes[position - 1])
+            if scales:
+                experts = with_fp8_scales(experts, scales, prefix, where)
             layer = replace(layer, tensors=experts.plain, experts=experts)
-        layers.append(layer)
+        layers.append(_shipped(layer, checkpoint) if checkpoint.scheme else layer)
     return layers
+
+
+def _shipped(layer: LayerSource, checkpoint: Checkpoint) -> LayerSource:
+    """`layer` keeping its quantised tensors as shipped: only decoder layers may hold them (the manifest's
+    one-scheme rule), and its dtype is the floating one of the rest (a scale's float32 is not the layer's)."""
+    layer = replace(layer, shipped=checkpoint.scheme)
+    quantized = [t for t in layer.tensors if is_quantized(layer.relative(t))]
+    if quantized and layer.kind != DECODER:
+        raise UserError(f"{quantized[0].file}: {quantized[0].name} is quantised ({checkpoint.scheme}) but only "
+                        "decoder layers are read quantised (embedding, norm and head in floating point)")
+    plain = tuple(t for t in layer.tensors if t not in quantized and t.dtype.is_floating_point)
+    return replace(layer, dtype=_layer_dtype(plain) if plain else checkpoint.dtype or "bfloat16")
 
 
 def _module_shapes_if_moe(checkpoint: Checkpoint) -> list[dict[str, tuple[int, ...]]] | None:
@@ -336,7 +401,7 @@ def _checkpoint_dtype(checkpoint: Checkpoint, entries: list[LayerEntry]) -> str:
         return checkpoint.dtype
     bytes_by_dtype: dict[str, int] = defaultdict(int)
     for tensor in checkpoint.tensors:
-        if tensor.dtype.is_floating_point:
+        if tensor.dtype.is_floating_point and tensor.dtype.itemsize >= 2:  # not FP8's stored bytes
             bytes_by_dtype[_dtype_name(tensor.dtype)] += tensor.nbytes
     return max(bytes_by_dtype, key=bytes_by_dtype.get, default=entries[0].dtype)
 
@@ -346,13 +411,15 @@ def _manifest(checkpoint: Checkpoint, entries: list[LayerEntry]) -> Manifest:
         version=FORMAT_VERSION, model_type=checkpoint.model_type, architectures=checkpoint.architectures,
         dtype=_checkpoint_dtype(checkpoint, entries), num_layers=checkpoint.num_layers,
         hidden_size=checkpoint.hidden_size, vocab_size=checkpoint.vocab_size, layers=tuple(entries),
-        config=checkpoint.config, source=str(checkpoint.src),
+        config=checkpoint.config, source=str(checkpoint.src), compression=checkpoint.scheme,
     )
 
 
 # -- writing ---------------------------------------------------------------------------------------
 def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Path, console,
-                     compress: str | None = None) -> Manifest:
+                     compress: str | None = None, source: str | None = None) -> Manifest:
+    """The layer files, the copied files, then the manifest (compression: `compress`, or the scheme
+    the checkpoint ships)."""
     (out / "layers").mkdir(parents=True)
     entries = []
     with _progress(console, len(layers), checkpoint.src.name) as advance:
@@ -362,7 +429,8 @@ def _write_layerwise(checkpoint: Checkpoint, layers: list[LayerSource], out: Pat
     for name in COPIED_FILES:
         if (checkpoint.src / name).is_file():
             shutil.copy2(checkpoint.src / name, out / name)
-    manifest = replace(_manifest(checkpoint, entries), compression=compress)
+    manifest = replace(_manifest(checkpoint, entries), compression=compress or checkpoint.scheme,
+                       source=source or str(checkpoint.src))
     (out / MANIFEST_NAME).write_text(manifest.to_json())  # last: a dir with a manifest is complete
     return manifest
 
@@ -493,7 +561,9 @@ def _print_summary(manifest: Manifest, dst: Path, console) -> None:
     table.add_row("total size", format_bytes(manifest.total_bytes))
     table.add_row("largest layer", f"{largest.name} ({format_bytes(largest.bytes)})")
     table.add_row("dtype", manifest.dtype)
-    if manifest.compression:
+    if manifest.compression in SHIPPED_SCHEMES:
+        table.add_row("quantised", f"{manifest.compression} as the checkpoint ships it, dequantised per shard")
+    elif manifest.compression:
         table.add_row("compression", f"{manifest.compression}, group-wise absmax (decoder projections)")
     table.add_row("lm head", f"tied to {head.tied_to}" if head.tied_to else "own weights")
     console.print(table)

@@ -21,9 +21,9 @@ import yaml
 
 from flexorch.contract.errors import UserError
 from flexorch.contract.guard import Limits as ReadLimits, parse_guarded
-from flexorch.contract.models import hub_id_hint
 from flexorch.orchestrator.fields import (Problems, check_keys, choice, count, did_you_mean, flag, parse_size,
                                          seconds, show)
+from flexorch.orchestrator.hub import absent_message, cached_snapshot, hub_cache_dir, hub_offline, is_hub_id
 from flexorch.orchestrator.prompts import updated_prompts_path
 from flexorch.contract.choices import DeviceKind, Parallel, Storage, on_cpu
 from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES, ScoreKind
@@ -245,8 +245,15 @@ def _existing_dir(problems: Problems, key: str, value, base: Path) -> Path | Non
     path = _path(problems, key, value, base)
     if path is None:
         return None
+    if not path.exists() and key == "model" and is_hub_id(value):
+        # a hub id: its snapshot in the local Hugging Face cache, never downloaded here (orchestrator/hub.py)
+        found = cached_snapshot(value)
+        if found is None:
+            hub = absent_message(value, hub_cache_dir(), hub_offline())
+            problems.add(key, f"{_where(value, path)} does not exist; {hub}")
+        return found
     if not path.exists():
-        problems.add(key, f"{_where(value, path)} does not exist{hub_id_hint(value)}")
+        problems.add(key, f"{_where(value, path)} does not exist")
     elif not path.is_dir():
         problems.add(key, f"{_where(value, path)} is not a directory (expected a model dir)")
     return path

@@ -372,8 +372,10 @@ def test_a_model_that_is_no_attention_decoder_is_refused_even_when_untested_mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "prompts.jsonl", "src"]
 
 
-def test_a_hub_id_is_told_how_to_download_it(tmp_path, capsys, monkeypatch):
+def test_a_hub_id_absent_offline_is_told_how_to_download_it(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # empty (tests/test_hub.py: one laid out by hand)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "prompts.jsonl").write_text('{"prefix": "Hi", "suffixes": [" a"]}\n')
     (tmp_path / "job.yaml").write_text(json.dumps({"model": "meta-llama/Llama-2-7b-hf", "prompts": "prompts.jsonl",
                                                     "output": "out.pkl"}))
@@ -381,7 +383,7 @@ def test_a_hub_id_is_told_how_to_download_it(tmp_path, capsys, monkeypatch):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
-        assert ("it looks like a Hugging Face hub id, and flexorch reads local dirs only: download it with "
-                "`huggingface-cli download meta-llama/Llama-2-7b-hf --local-dir DIR` and give DIR") in err
-    assert main(["prepare", "no/such/dir/below", "dst"]) == 2  # a path of several folders: no hint
-    assert "hub id" not in capsys.readouterr().err
+        assert (f"model 'meta-llama/Llama-2-7b-hf' is not in the local Hugging Face cache ({tmp_path / 'hub'}) and "
+                "HF_HUB_OFFLINE is set: download it with `hf download meta-llama/Llama-2-7b-hf") in err
+    assert main(["prepare", "no/such/dir/below", "dst"]) == 2  # a path of several folders: no hub lookup
+    assert "Hugging Face" not in capsys.readouterr().err

@@ -178,7 +178,7 @@ class DensePartRun(ShardRun):
         context = self.context
         entry = context.model.entry(loaded.shard.names[0])
         layer = context.adapter.module(DECODER, entry.index)
-        current.streamed = StreamedExperts(layer, entry.expert_tensors, context.keep_on)
+        current.streamed = StreamedExperts(layer, entry.module_expert_tensors, context.keep_on)
         context.adapter.assign(layer, loaded.tensors[entry.name])  # the layer's tensors but the experts'
         for b in range(len(current.packed)):
             hidden = context.receive(loaded, current, b)

@@ -8,8 +8,9 @@ A layerwise dir (written by `flexorch prepare`) holds:
 Tensor names inside a layer file are relative to the layer's module (``self_attn.q_proj.weight``);
 ``source_prefix`` + name gives the name in the source checkpoint (``model.layers.3.``).
 A tied lm head has no file of its own: ``tied_to`` names the layer whose ``weight`` it reuses.
-A dir prepared with ``--compress int8|int4`` records the scheme in the manifest and in every decoder
-layer's entry (flexorch/weights/compression.py); one dir holds one scheme.
+A dir prepared with ``--compress int8|int4``, or from an FP8 / MXFP4 checkpoint, records the scheme in
+the manifest and in every decoder layer's entry, and each stored tensor's scheme in its name
+(``mlp.down_proj.weight.fp8``; flexorch/weights/compression.py, workers/quantized.py); one dir holds one scheme.
 
 Pure Python (json only): the planner reads manifests without importing torch.
 """
@@ -28,9 +29,13 @@ FORMAT_VERSION = 1
 
 # Layer kinds in forward order.
 EMBED, DECODER, NORM, LM_HEAD = "embed", "decoder", "norm", "lm_head"
-# `flexorch prepare --compress` schemes (flexorch/weights/compression.py): a compressed tensor is stored as
-# `<name>.<scheme>` beside its `<name>.scale`.
-COMPRESSION_SCHEMES = ("int8", "int4")
+# How a decoder layer's weights are stored: a compressed tensor is `<name>.<scheme>` beside its
+# `<name>.scale`, so the tensor names record each tensor's scheme. `flexorch prepare --compress`
+# quantises (flexorch/weights/compression.py); fp8 (128 x 128 block scales) and mxfp4 are kept as the
+# checkpoint ships them (workers/quantized.py), and scores are then the dequantised model's.
+QUANTIZE_SCHEMES = ("int8", "int4")
+SHIPPED_SCHEMES = ("fp8", "mxfp4")
+COMPRESSION_SCHEMES = QUANTIZE_SCHEMES + SHIPPED_SCHEMES
 # Bytes per element of the floating dtypes a manifest names (LayerEntry.dtype, Manifest.dtype).
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -46,7 +51,7 @@ class LayerEntry:
     file: str | None  # path relative to the dir; None when tied_to is set
     bytes: int  # size of the file (0 when tied)
     sha256: str | None  # hex digest of the whole file (None when tied)
-    dtype: str  # e.g. "bfloat16" (the widest floating dtype in the file)
+    dtype: str  # e.g. "bfloat16" (the widest floating dtype in the file, quantised tensors and scales aside)
     params: int  # number of elements in the layer's tensors
     source_prefix: str  # e.g. "model.layers.3."
     tensors: tuple[str, ...] = ()  # tensor names in the file (relative to the layer)
@@ -57,7 +62,19 @@ class LayerEntry:
     experts: int = 0
     expert_bytes: int = 0
     expert_tensors: tuple[str, ...] = ()
-    compression: str | None = None  # "int8" | "int4": its projection weights are quantised (decoder layers)
+    compression: str | None = None  # a COMPRESSION_SCHEMES name: its weights named so are quantised (decoder layers)
+
+    @property
+    def module_expert_tensors(self) -> tuple[str, ...]:
+        """The fused experts tensors as the module holds them once dequantised: a stored
+        `mlp.experts.down_proj.fp8` and its `.scale` are the module's `mlp.experts.down_proj`."""
+        names: list[str] = []
+        for name in self.expert_tensors:
+            base, _, suffix = name.rpartition(".")
+            quantized = suffix in COMPRESSION_SCHEMES or (suffix == "scale" and self.compression is not None)
+            if (base if quantized else name) not in names:
+                names.append(base if quantized else name)
+        return tuple(names)
 
     @property
     def index(self) -> int | None:
@@ -77,7 +94,7 @@ class Manifest:
     layers: tuple[LayerEntry, ...]  # forward order
     config: dict = field(default_factory=dict)  # the source config.json, as read
     source: str = ""  # the source dir, for information only
-    compression: str | None = None  # "int8" | "int4" (`flexorch prepare --compress`); None: as the checkpoint
+    compression: str | None = None  # a COMPRESSION_SCHEMES name; None: plain floating weights
 
     # -- derived sizes, used by the planner ------------------------------------------------------
     @property

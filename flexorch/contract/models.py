@@ -4,8 +4,6 @@ applies the same rule."""
 
 from __future__ import annotations
 
-import re
-
 from flexorch.contract.errors import UserError
 
 # Each runs through the general adapter (workers/adapter.py) and is tested, every score kind, against
@@ -56,14 +54,3 @@ def check_decoder_config(config: dict, where: str) -> None:
     raise UserError(f"{where}: model type {str(model_type)[:40]!r} cannot run in flexorch ({reason}): it streams "
                     f"decoder-only models of attention layers (tested: {', '.join(TESTED_MODEL_TYPES)}); "
                     "allow_untested_models does not change that")
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def hub_id_hint(value: str) -> str:
-    """For a model path that does not exist: what to do when it looks like a Hugging Face hub id."""
-    if not isinstance(value, str) or not _HUB_ID.fullmatch(value) or value.startswith(("./", "../")):
-        return ""
-    return (f"; it looks like a Hugging Face hub id, and flexorch reads local dirs only: download it with "
-            f"`huggingface-cli download {value} --local-dir DIR` and give DIR")

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 
 from flexorch.contract.manifest import COMPRESSION_SCHEMES as SCHEMES
+from flexorch.workers.quantized import DEQUANTIZE
+
 QMAX = {"int8": 127, "int4": 7}
 GROUP = 64  # input columns per scale: 4 bytes of scale per 64 weights (+6% on int8, +12% on int4)
 SCALE_SUFFIX = ".scale"
@@ -82,5 +84,7 @@ def decompress_layer(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> di
     out = {name: tensor for name, tensor in tensors.items()
            if name not in scales and name.rpartition(".")[0] not in compressed}
     for base, scheme in compressed.items():
-        out[base] = dequantize(tensors[f"{base}.{scheme}"], tensors[base + SCALE_SUFFIX], scheme, dtype)
+        q, scale = tensors[f"{base}.{scheme}"], tensors[base + SCALE_SUFFIX]
+        # fp8 / mxfp4: as the checkpoint shipped them (workers/quantized.py)
+        out[base] = DEQUANTIZE[scheme](q, scale, dtype) if scheme in DEQUANTIZE else dequantize(q, scale, scheme, dtype)
     return out

@@ -40,6 +40,10 @@ from flexorch.orchestrator.spec import JobSpec
 # 25% more tokens covers mixed lengths.
 PADDING_ALLOWANCE = 1.25
 
+# Stored bytes per weight of the schemes checkpoints ship in (workers/quantized.py): FP8, a byte and a
+# float32 scale per 128 x 128 block; MXFP4, half a byte and an E8M0 byte per 32.
+SHIPPED_BYTES_PER_WEIGHT = {"fp8": 1 + 4 / 128**2, "mxfp4": 0.5 + 1 / 32}
+
 # When the caller does not pass suffix counts: the multiple-choice case flexorch targets (4 options).
 DEFAULT_SUFFIXES_PER_PROMPT = 4
 
@@ -290,7 +294,9 @@ def _active_params(entry, config: dict) -> int:
     if not entry.experts:
         return entry.params
     per_token = config.get("num_experts_per_tok") or entry.experts
-    expert_params = entry.expert_bytes * entry.experts // DTYPE_BYTES.get(entry.dtype, 2)
+    # experts kept quantised as shipped: their stored bytes per weight, not the dtype's
+    per_weight = SHIPPED_BYTES_PER_WEIGHT.get(entry.compression) or DTYPE_BYTES.get(entry.dtype, 2)
+    expert_params = min(entry.params, int(entry.expert_bytes * entry.experts / per_weight))
     return entry.params - expert_params + expert_params * per_token // entry.experts
 
 

@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from flexorch.contract.choices import DeviceKind, Parallel, Storage, on_cpu
-from flexorch.contract.manifest import Manifest
+from flexorch.contract.manifest import SHIPPED_SCHEMES, Manifest
 from flexorch.orchestrator.figures import figures_of
 from flexorch.orchestrator.hardware import Hardware, Node, format_bytes
 from flexorch.orchestrator.planner.memory import _Budget, _cap, _gpu_budget, _usable
@@ -49,7 +49,10 @@ def make_plan(hardware: Hardware, manifest: Manifest, spec: JobSpec, prompt_toke
     if not prompt_tokens:
         raise _error(spec, "prompts", "no prompts to score")
     dtype = _resolve_dtype(spec, manifest, reasons)
-    if manifest.compression:
+    if manifest.compression in SHIPPED_SCHEMES:
+        reasons.append(f"weights {manifest.compression} as the checkpoint ships them: dequantised per shard into "
+                       f"{dtype}; scores are the dequantised model's")
+    elif manifest.compression:
         reasons.append(f"weights {manifest.compression} (flexorch prepare --compress): decoder projections "
                        f"dequantised per shard into {dtype}; scores are approximate")
     job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts, unverified_bytes)
