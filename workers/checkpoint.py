@@ -1,9 +1,9 @@
 """Checkpoints of a round in progress, so a crash loses at most a few shards' work, not the pass.
 
 The engine's schedule (workers/engine.py) calls `after_shard` at the end of every shard step and
-`after_step` at the end of every generation step. Every `EngineSettings.checkpoint_shards` shard
-steps (the planner's choice, from the job's checkpoint_interval), at the first boundary where the
-round's state is complete, this writes it: the activations every batch waits with for the next
+`after_step` at the end of every generation step. Every `EngineSettings.checkpoint_shards` complete
+shards (the planner's choice, from the job's checkpoint_interval; a streamed MoE layer or a head in
+steps counts once, at its end, where the round's state is whole again), this writes it: the activations every batch waits with for the next
 shard (the link's store), the KV cache (generating), the scores of the steps done and the ids
 generated so far. A boundary inside a shard cut into steps — a streamed MoE layer between its
 dense part and its last expert group, a head between its vocabulary steps — holds state on the
@@ -13,7 +13,7 @@ batch files are hard-linked, not copied (workers/activations.py).
 `restore` (at the round's start) puts the newest valid checkpoint back into the fresh stores and
 says where the schedule resumes; one of another job or layout, or with a file missing or cut
 short, is ignored and the round computed from its start. The worker removes the round's folder
-once its part is committed. Pipeline stages take none: a batch's activations are spread over the
+once its part is committed (workers/worker.py). Pipeline stages take none: a batch's activations are spread over the
 stages and the queues between them, so no one stage holds a consistent state.
 """
 
@@ -136,8 +136,10 @@ class Checkpoints:
     def after_shard(self, step: int, position: int, complete: bool, generated: list, scores: list) -> None:
         """Shard `position` of `step` is done; `complete`: nothing of it waits on the pass (a whole
         shard, not a streamed layer's or a head's inner step). The step's end is `after_step`'s."""
+        if not complete:  # counted at its end: the planner's interval is in whole shards
+            return
         self._since += 1
-        if self.every and complete and position + 1 < len(self.shards) and self._since >= self.every:
+        if self.every and position + 1 < len(self.shards) and self._since >= self.every:
             self._save(step, position + 1, generated, scores, with_activations=True)
 
     def after_step(self, step: int, generated: list, scores: list) -> None:
@@ -180,12 +182,6 @@ class Checkpoints:
         for entry in self.folder.iterdir():
             if entry != keep:
                 shutil.rmtree(entry, ignore_errors=True)
-
-
-def remove_round(settings: EngineSettings, indices: Sequence[int]) -> None:
-    """A committed round's checkpoints: no longer needed."""
-    if settings.checkpoint_dir:
-        shutil.rmtree(round_folder(settings.checkpoint_dir, indices), ignore_errors=True)
 
 
 def _write_scores(path: Path, scores: list) -> dict[str, int]:
