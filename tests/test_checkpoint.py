@@ -22,6 +22,7 @@ import pytest
 from flexorch.contract.checkpoints import CHECKPOINTS_DIR, META_NAME, round_folder
 from flexorch.contract.manifest import read_manifest
 from flexorch.contract.protocol import EngineSettings, ScoreSpec
+from flexorch.contract.shards import plan_shards
 from flexorch.workers.engine import EngineHooks, score_prompts
 
 from test_engine import tokenize
@@ -167,3 +168,36 @@ def test_no_checkpoint_is_taken_with_an_interval_of_zero(layerwise, tmp_path):
     _, summary = score_prompts(model, prompts, ScoreSpec("next_token_probs", generate_tokens=2), run)
     assert summary.checkpoints == 0
     assert not any(Path(run.checkpoint_dir).rglob("*.safetensors"))
+
+
+# -- end to end: flexorch submit, a worker SIGKILLed mid-pass, re-submitted ---------------------------------
+@pytest.mark.parametrize("storage, steps, kill_after", [("disk", 3, 8), ("cpu", 1, 3)])
+def test_a_worker_killed_mid_pass_resumes_from_its_checkpoint_byte_identical(storage, steps, kill_after, tmp_path,
+                                                                           layerwise):
+    from rich.console import Console
+
+    from flexorch.contract.messages import WorkerHooks
+    from flexorch.orchestrator import controller
+    from test_controller import submit, write_job
+
+    model = layerwise("llama")
+    score = {"kind": "next_token_probs"} if steps > 1 else {"kind": "suffix_logprob"}
+    keys = dict(storage=storage, generate_tokens=steps, layers_per_shard=1, score=score)
+    (tmp_path / "plain").mkdir()
+    assert submit(write_job(tmp_path / "plain", model, checkpoint_interval="off", **keys)) == 0
+    (tmp_path / "killed").mkdir()
+    # a bound below any shard's time: a checkpoint after every shard
+    job = write_job(tmp_path / "killed", model, checkpoint_interval=1e-9, **keys)
+    faults = {"worker0": WorkerHooks(sigkill_after_shard=kill_after)}
+    assert controller.submit(job, Console(stderr=True), faults=faults) == 1
+    job_dir = tmp_path / "killed" / "job.job"
+    assert len(list((job_dir / CHECKPOINTS_DIR).rglob(META_NAME))) == 1  # the newest only
+    assert not list((job_dir / "parts").glob("*.npz"))  # the round was in progress
+
+    assert submit(job) == 0
+    assert (tmp_path / "killed" / "job.pkl").read_bytes() == (tmp_path / "plain" / "job.pkl").read_bytes()
+    log = (job_dir / "logs" / "worker0.log").read_text()
+    shards = len(plan_shards(read_manifest(model), 1))  # one layer per shard: embedding, decoders, norm + head
+    # the kill came right after the checkpoint of the `kill_after`-th shard step: nothing after it is lost
+    assert f"({kill_after} of {steps * shards} shard steps not recomputed)" in log
+    assert not any((job_dir / CHECKPOINTS_DIR).iterdir())  # the round committed: its checkpoints removed
