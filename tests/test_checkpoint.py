@@ -201,3 +201,18 @@ def test_a_worker_killed_mid_pass_resumes_from_its_checkpoint_byte_identical(sto
     # the kill came right after the checkpoint of the `kill_after`-th shard step: nothing after it is lost
     assert f"({kill_after} of {steps * shards} shard steps not recomputed)" in log
     assert not any((job_dir / CHECKPOINTS_DIR).iterdir())  # the round committed: its checkpoints removed
+
+
+def test_restart_discards_the_checkpoints_of_the_run_it_replaces(tmp_path, layerwise):
+    from rich.console import Console
+
+    from flexorch.contract.messages import WorkerHooks
+    from flexorch.orchestrator import controller
+    from test_controller import submit, write_job
+
+    job = write_job(tmp_path, layerwise("llama"), checkpoint_interval=1e-9, layers_per_shard=1, storage="cpu")
+    assert controller.submit(job, Console(stderr=True), faults={"worker0": WorkerHooks(sigkill_after_shard=3)}) == 1
+    assert list((tmp_path / "job.job" / CHECKPOINTS_DIR).rglob(META_NAME))
+    assert submit(job, "--restart") == 0
+    assert "resumed from checkpoint" not in (tmp_path / "job.job" / "logs" / "worker0.log").read_text()
+    assert not any((tmp_path / "job.job" / CHECKPOINTS_DIR).iterdir())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import os
 import shutil
 import signal
@@ -81,7 +82,7 @@ def _with_shard_faults(task: WorkerTask) -> WorkerTask:
     from flexorch.workers.engine import EngineHooks
 
     own = task.engine_hooks or EngineHooks()
-    count = iter(range(1, 1 << 62))
+    count = itertools.count(1)
 
     def after_shard(step: int, shard: int) -> None:
         if own.after_shard:
