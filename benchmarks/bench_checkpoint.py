@@ -100,8 +100,10 @@ def main() -> None:
                          "cost_share": cost, "time_ratio": checked["seconds"] / plain["seconds"],
                          "recomputed_after_restart": stop_after - resumed["shards_resumed"],
                          "identical_scores": same}
+        print(f"{storage}: {runs[storage]}", flush=True)  # a long run's numbers, before the table
         rows.append([storage, c.fmt_seconds(plain["seconds"]), c.fmt_seconds(checked["seconds"]),
-                     f"{checked['checkpoints']} x {c.fmt_bytes(checked['checkpoint_bytes'] / max(1, checked['checkpoints']))}",
+                     f"{checked['checkpoints']} x "
+                     f"{c.fmt_bytes(checked['checkpoint_bytes'] / max(1, checked['checkpoints']))}",
                      f"{cost:.1%} (<= {GOAL_COST:.0%})",
                      f"{stop_after} / {plain['shard_steps']}", f"{resumed['shards_resumed']}",
                      f"{stop_after - resumed['shards_resumed']} (<= {args.every})", "yes" if same else "NO"])

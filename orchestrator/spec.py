@@ -490,7 +490,8 @@ def _interval(problems: _Problems, value) -> float | None:
     if isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h)\s*", value.lower())
         if match is None:
-            problems.add("checkpoint_interval", f"expected a duration such as 10m, 90s or 1h, or off, got {_show(value)}")
+            problems.add("checkpoint_interval",
+                         f"expected a duration such as 10m, 90s or 1h, or off, got {_show(value)}")
             return None
         value = float(match[1]) * _DURATION_UNITS[match[2]]
     return _seconds(problems, "checkpoint_interval", value, DEFAULT_CHECKPOINT_INTERVAL)

@@ -3,9 +3,9 @@
 The engine's schedule (workers/engine.py) calls `after_shard` at the end of every shard step and
 `after_step` at the end of every generation step. Every `EngineSettings.checkpoint_shards` complete
 shards (the planner's choice, from the job's checkpoint_interval; a streamed MoE layer or a head in
-steps counts once, at its end, where the round's state is whole again), this writes it: the activations every batch waits with for the next
-shard (the link's store), the KV cache (generating), the scores of the steps done and the ids
-generated so far. A boundary inside a shard cut into steps — a streamed MoE layer between its
+steps counts once, at its end, where the round's state is whole again), this writes it: the
+activations every batch waits with for the next shard (the link's store), the KV cache
+(generating), the scores of the steps done and the ids generated so far. A boundary inside a shard cut into steps — a streamed MoE layer between its
 dense part and its last expert group, a head between its vocabulary steps — holds state on the
 pass (`_Pass.streamed`, `_Pass.head_steps`) and is skipped, never saved half. The disk tier's
 batch files are hard-linked, not copied (workers/activations.py).

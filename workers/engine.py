@@ -167,7 +167,8 @@ class _Pass:
 def _rows(prompts: Sequence[TokenizedPrompt], generated: list[list[tuple[int, ...]]], step: int) -> list[Row]:
     """Each prompt's packed row at `step`: its suffixes extended by the ids generated before it (a
     round resumed from a checkpoint holds more: those of the steps it rebuilds the batches of)."""
-    return [(p.prefix_ids, tuple(s + g[:step] for s, g in zip(p.suffix_ids, gen))) for p, gen in zip(prompts, generated)]
+    return [(p.prefix_ids, tuple(s + g[:step] for s, g in zip(p.suffix_ids, gen)))
+            for p, gen in zip(prompts, generated)]
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,8 @@ def _checkpoints(job: _Job, setup: _Setup, rounds, t: _Time, threads: int, stage
     disk = setup.storage == "disk"
     rate = job.figures.disk_read
     return choose_checkpoints(job.spec.checkpoint_interval, shards, len(rounds), t.total,
-                              written=int(load.result_bytes + (0 if disk else tiered)), linked=int(tiered if disk else 0),
+                              written=int(load.result_bytes + (0 if disk else tiered)),
+                              linked=int(tiered if disk else 0),
                               write_rate=rate.value, rate_source=f"no write rate is measured: the disk's read rate, "
                                                                 f"{rate.source}")
 
