@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -38,6 +39,7 @@ from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer
                                            write_updated_prompts)
 from flexorch.orchestrator.spec import JobSpec, load_job
 from flexorch.contract.errors import ExitCode, JobFailed, Terminated, UserError
+from flexorch.contract.checkpoints import CHECKPOINTS_DIR, fingerprint_key
 from flexorch.contract.leftovers import ACTIVATIONS, atomic_temps, remove_dead
 from flexorch.contract.manifest import Manifest, is_layerwise_dir, read_json_object, read_manifest
 from flexorch.contract.models import check_model_type
@@ -226,6 +228,7 @@ class _Run:
     error: str | None = None
     summary: Summary | None = None  # once the output is written
     committed: set[int] = field(default_factory=set)  # prompts committed by this run
+    checkpoint_key: str = ""  # the job's fingerprint, which its checkpoints carry
     missed: list[pace.Missed] = field(default_factory=list)  # predictions the measured figures missed
 
     def update(self, message) -> None:
@@ -309,10 +312,12 @@ def run_job(spec: JobSpec, console: Console, restart: bool = False,
                                             job.plan.dtype)
     with jobstate.locked(spec.job_dir), jobstate.locked_output(spec.output):
         state = jobstate.open_job(spec.job_dir, fingerprint, len(job.prompts), restart=restart)
+        if restart:  # its checkpoints would resume what --restart discards
+            shutil.rmtree(spec.job_dir / CHECKPOINTS_DIR, ignore_errors=True)
         if on_accepted is not None:
             on_accepted()
         _remove_leftovers(job)
-        run = _Run(job, model_dir, state)
+        run = _Run(job, model_dir, state, checkpoint_key=fingerprint_key(asdict(fingerprint)))
         tasks = _make_tasks(run, faults if faults is not None else _faults_from_env())
         console.out(_plan_line(run, tasks), highlight=False)
         return _execute(run, tasks, console)
@@ -445,12 +450,21 @@ def _make_tasks(run: _Run, faults: dict[str, WorkerHooks]) -> list[WorkerTask]:
             _keep_figures(record, previous.get(wp.name))
             continue
         tasks.append(WorkerTask(
-            name=wp.name, model_dir=str(run.model_dir), settings=wp.settings, score=run.job.score,
+            name=wp.name, model_dir=str(run.model_dir), settings=_checkpointed(wp, run), score=run.job.score,
             rounds=rounds, parts_dir=str(run.state.parts_dir), planned_rounds=len(wp.rounds),
             log_path=str(run.state.job_dir / LOGS_DIR / f"{wp.name}.log"),
             hooks=faults.get(wp.name, WorkerHooks()), return_results=bool(wp.node),
         ))
     return tasks
+
+
+def _checkpointed(wp: WorkerPlan, run: _Run):
+    """The worker's settings with where its rounds' checkpoints go (job_dir/checkpoints) and the key
+    they carry; none for a worker on another node, which may not see job_dir."""
+    if wp.node:
+        return wp.settings
+    return replace(wp.settings, checkpoint_dir=str(run.state.job_dir / CHECKPOINTS_DIR),
+                               checkpoint_key=run.checkpoint_key)
 
 
 def _rounds_left(wp: WorkerPlan, tokenized: list[TokenizedPrompt], completed) -> tuple[Round, ...]:

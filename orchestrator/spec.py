@@ -42,11 +42,16 @@ OUTPUT_EXTENSIONS = (".pkl", ".jsonl")
 # A worker that reports no progress for this long is hung. Generous: one step of a 70B model from a
 # slow disk on a small GPU takes minutes, and a false alarm kills hours of work.
 DEFAULT_WORKER_TIMEOUT = 1800.0
+# The work a crash, Ctrl-C or kill may lose at most: the planner checkpoints a round in progress this
+# often (orchestrator/planner/checkpoints.py). Ten minutes: a 70B pass on a small GPU is hours.
+DEFAULT_CHECKPOINT_INTERVAL = 600.0
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _REQUIRED = {"model": "the model dir", "prompts": "the prompts file (.jsonl or .pkl)",
              "output": "the output file (.pkl or .jsonl)"}
 _TOP_KEYS = ("model", "prompts", "output", "job_dir", "score", "generate_tokens", "devices", "parallel",
              "layers_per_shard", "storage", "disk_folder", "dtype", "batch_tokens", "max_length", "limits",
-             "worker_timeout", "allow_remote_code", "executor", "ray_address", "allow_untested_models")
+             "worker_timeout", "allow_remote_code", "executor", "ray_address", "allow_untested_models",
+             "checkpoint_interval")
 _SCORE_KEYS = ("kind", "tokens")
 _LIMIT_KEYS = ("gpu_memory", "ram")
 # Spellings users bring from torch and other tools; only suggested, so each dtype has one spelling.
@@ -99,6 +104,7 @@ class JobSpec:
     executor: str = "local"  # one of EXECUTORS: worker processes on this machine, or Ray actors on a cluster
     ray_address: str = "auto"  # executor ray: "auto" (RAY_ADDRESS or a cluster running here), host:port, ray://...
     allow_untested_models: bool = False  # run a model type outside contract/models.TESTED_MODEL_TYPES
+    checkpoint_interval: float | None = DEFAULT_CHECKPOINT_INTERVAL  # seconds of work a crash may lose; None: off
 
     def __post_init__(self):  # accepts the job file's names (the API and tests build specs directly)
         object.__setattr__(self, "parallel", Parallel(self.parallel))
@@ -171,6 +177,7 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
         ray_address=_ray_address(problems, raw.get("ray_address"), executor),
         allow_untested_models=flag(problems, "allow_untested_models", raw.get("allow_untested_models"),
                                     default=False),
+        checkpoint_interval=_interval(problems, raw.get("checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL)),
     )
     problems.raise_if_any()
     return JobSpec(**values)
@@ -349,6 +356,20 @@ def _unwritable(path: Path) -> Path | None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return None if os.access(folder, os.W_OK | os.X_OK) else folder
+
+
+def _interval(problems: Problems, value) -> float | None:
+    """checkpoint_interval: seconds, or a number with a unit (90s, 10m, 1h); 0 or off: no checkpoints
+    (YAML reads a bare `off` as false)."""
+    if value is False or value == 0 or (isinstance(value, str) and value.strip().lower() in ("off", "0")):
+        return None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h)\s*", value.lower())
+        if match is None:
+            problems.add("checkpoint_interval", f"expected a duration such as 10m, 90s or 1h, or off, got {show(value)}")
+            return None
+        value = float(match[1]) * _DURATION_UNITS[match[2]]
+    return seconds(problems, "checkpoint_interval", value, DEFAULT_CHECKPOINT_INTERVAL)
 
 
 def _score(problems: Problems, value) -> ScoreSettings | None:

@@ -601,3 +601,70 @@ def test_a_model_larger_than_the_ram_is_read_around_the_page_cache_by_a_lone_rea
     assert "reads: through the page cache: 2 workers read every layer file in step" in " ".join(shared.reasons)
     stages = make_plan(small_ram, llama2_13b(), job_spec(parallel="pipeline"), [300] * 4)
     assert [w.settings.direct_reads for w in stages.workers] == [True, True]  # each stage reads its own shards
+
+
+# -- checkpoints of a round in progress (planner/checkpoints.py) -----------------------------------------
+SLOW_DISK = 200_000_000  # bytes/s: a pass of the 70B reads 138 GB in 11.5 min, so a round runs 17.5 min
+
+
+def test_70b_on_a_6gb_gpu_checkpoints_often_enough_for_ten_minutes_at_under_five_percent():
+    # The slow disk makes a round long: its compute must be >= 4x its read (ROUND_MIN_COMPUTE_OVER_READ), so the
+    # 400 prompts are one round of ~17.5 min, longer than the default checkpoint_interval of 10 minutes.
+    hw = replace(machine(SMALL_GPU), disk_read_bytes_per_s=SLOW_DISK)
+    (worker,) = make_plan(hw, llama2_70b(), job_spec(limits=WORKSTATION_LIMITS), [300] * 400).workers
+    assert len(worker.rounds) == 1 and worker.settings.storage == "cpu"
+    every = worker.settings.checkpoint_shards
+    # 82 shards a pass (embedding, 80 layers, head), each about the round's time / 82
+    per_shard = (worker.predicted_seconds - worker.predicted_start_seconds - worker.predicted_checkpoint_seconds) / 82
+    assert 1 < every < 82 and every * per_shard <= 600 * 1.05  # shards differ a little around the mean
+    assert (every + 2) * per_shard > 600  # not needlessly often: the fewest checkpoints that keep the bound
+    # one checkpoint a round: 400 x 375 padded tokens x 8192 x 2 bytes of activations + the scores, at the disk's
+    # read rate (no write rate is measured)
+    written = 400 * 375 * 8192 * 2 + 400 * 4 * 32000 * 4
+    assert worker.predicted_checkpoint_seconds == pytest.approx(written / SLOW_DISK)
+    assert worker.predicted_checkpoint_seconds <= 0.05 * worker.predicted_seconds
+    (reason,) = [r for r in worker.reasons if r.startswith("checkpoints:")]
+    assert f"every {every} shard(s)" in reason and "checkpoint_interval 10.0 min" in reason
+    assert "the disk's read rate" in reason
+
+
+def test_disk_storage_checkpoints_link_the_activations_and_write_only_the_scores():
+    hw = replace(machine(SMALL_GPU), disk_read_bytes_per_s=SLOW_DISK)
+    spec = job_spec(limits=WORKSTATION_LIMITS, storage="disk", generate_tokens=3)
+    (worker,) = make_plan(hw, llama2_70b(), spec, [300] * 400).workers
+    assert worker.settings.checkpoint_shards > 0
+    (reason,) = [r for r in worker.reasons if r.startswith("checkpoints:")]
+    assert "linked where it waits on the disk already" in reason
+    # the scores of 3 steps are written, the activations and the KV cache linked
+    per_checkpoint = 400 * 4 * 3 * 32000 * 4
+    assert worker.predicted_checkpoint_seconds == pytest.approx(
+        per_checkpoint / SLOW_DISK * int(reason.split(" per round")[0].split(", ")[-1]))
+
+
+def test_a_round_within_the_bound_is_not_checkpointed_and_off_turns_them_off():
+    (short,) = make_plan(machine(SMALL_GPU), llama2_70b(), job_spec(limits=WORKSTATION_LIMITS), [300] * 40).workers
+    assert short.settings.checkpoint_shards == 0 and short.predicted_checkpoint_seconds == 0
+    assert any(r.startswith("checkpoints: none needed: a round") for r in short.reasons)
+    hw = replace(machine(SMALL_GPU), disk_read_bytes_per_s=SLOW_DISK)
+    (off,) = make_plan(hw, llama2_70b(), job_spec(limits=WORKSTATION_LIMITS, checkpoint_interval=None),
+                       [300] * 400).workers
+    assert off.settings.checkpoint_shards == 0
+    assert any(r.startswith("checkpoints: off") for r in off.reasons)
+
+
+def test_a_bound_that_costs_more_than_five_percent_wins_and_the_plan_says_so():
+    hw = replace(machine(SMALL_GPU), disk_read_bytes_per_s=SLOW_DISK)
+    (worker,) = make_plan(hw, llama2_70b(), job_spec(limits=WORKSTATION_LIMITS, checkpoint_interval=15.0),
+                          [300] * 400).workers
+    assert worker.settings.checkpoint_shards == 1  # a shard (~13 s) fits 15 s, two do not
+    assert worker.predicted_checkpoint_seconds > 0.05 * worker.predicted_seconds
+    assert any("the bound wins" in r for r in worker.reasons)
+
+
+def test_pipeline_stages_take_no_checkpoints_and_say_why():
+    hw = replace(machine(gpu(0, "A", 24 * GB), gpu(1, "B", 24 * GB)), disk_read_bytes_per_s=SLOW_DISK)
+    plan = make_plan(hw, llama2_70b(), job_spec(parallel="pipeline"), [300] * 400)
+    assert plan.parallel == "pipeline"
+    for worker in plan.workers:
+        assert worker.settings.checkpoint_shards == 0
+        assert any(r.startswith("checkpoints: none in pipeline mode") for r in worker.reasons)

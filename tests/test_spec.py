@@ -291,6 +291,22 @@ def test_bad_values_name_the_key(folder, overrides, expected):
     assert expected in message
 
 
+@pytest.mark.parametrize("value, seconds", [
+    (..., 600.0), ("10m", 600.0), ("90s", 90.0), ("1.5h", 5400.0), (45, 45.0), ("off", None), (False, None),
+    (0, None), ("0", None),
+])
+def test_checkpoint_interval_takes_a_duration_or_off(folder, value, seconds):
+    """YAML reads a bare `off` as false: both turn checkpoints off, as 0 does."""
+    text = yaml.safe_dump(minimal()) + ("" if value is ... else f"checkpoint_interval: {value}\n")
+    assert load_job(write_job(folder, text)).checkpoint_interval == seconds
+
+
+@pytest.mark.parametrize("value", ["10 minutes", "-5m", -3, "soon"])
+def test_checkpoint_interval_refuses_what_is_no_duration(folder, value):
+    message = error_of(write_job(folder, minimal(checkpoint_interval=value)))
+    assert "checkpoint_interval: " in message
+
+
 # -- paths -----------------------------------------------------------------------------------------
 
 

@@ -6,10 +6,16 @@ each batch is a safetensors file (no pickle), overwritten in place shard after s
 
 Keys are batch ids, or tuples of ints: the KV cache (workers/kvcache.py) keeps each decoder layer's
 keys and values per batch in a store of the same tier, under (layer, batch, block).
+
+A checkpoint (workers/checkpoint.py) takes what a store holds (`save_held`) and puts it back into a
+fresh store (`restore`): the memory tiers write it to files; the disk tier's files are already on
+the disk, so it hard-links them (a batch is written to a new file and renamed over the old one, so
+a link keeps the state it was taken at).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +29,28 @@ from flexorch.contract.choices import Storage, on_cpu
 
 
 Key = int | tuple[int, ...]
+
+
+def key_name(batch_id: Key) -> str:
+    """A key as a file name: batch000003, or batch000001-000003-000000 for a tuple key."""
+    parts = batch_id if isinstance(batch_id, tuple) else (batch_id,)
+    return f"batch{'-'.join(f'{part:06d}' for part in parts)}.safetensors"
+
+
+def name_key(name: str) -> Key:
+    """The key `key_name` made `name` of (ValueError if it is none)."""
+    if not (name.startswith("batch") and name.endswith(".safetensors")):
+        raise ValueError(f"not a batch file: {name}")
+    parts = tuple(int(part) for part in name[len("batch"):-len(".safetensors")].split("-"))
+    return parts if len(parts) > 1 else parts[0]
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link `source` at `target` (no bytes move); a copy where the two lie on different filesystems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 class ActivationStore:
@@ -42,11 +70,30 @@ class ActivationStore:
     def close(self) -> None:
         """Free everything the store holds."""
 
+    def held(self) -> dict:
+        """Every tensor the store holds, by key, readable on the host (a memory tier's)."""
+        raise NotImplementedError
+
+    def save_held(self, folder: Path, prefix: str) -> dict[str, int]:
+        """Write what the store holds into `folder` as `<prefix>-<key_name>` files; their names and sizes."""
+        files = {}
+        for batch_id, tensor in self.held().items():
+            name = f"{prefix}-{key_name(batch_id)}"
+            save_file({"hidden": tensor.detach().contiguous().cpu()}, folder / name)
+            files[name] = (folder / name).stat().st_size
+        return files
+
+    def restore(self, files: dict) -> None:
+        """Put back what `save_held` wrote: {key: its file}, each checked complete by the caller."""
+        for batch_id, path in files.items():
+            self.put(batch_id, load_file(path, "cpu")["hidden"].to(self.device))
+
 
 class DeviceStore(ActivationStore):
     """Activations stay where they were computed (storage: gpu; on a CPU worker, RAM)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
         self._batches: dict[int, torch.Tensor] = {}
 
     def put(self, batch_id, hidden):
@@ -57,6 +104,9 @@ class DeviceStore(ActivationStore):
 
     def close(self):
         self._batches.clear()
+
+    def held(self):
+        return dict(self._batches)
 
 
 class HostStore(ActivationStore):
@@ -90,6 +140,12 @@ class HostStore(ActivationStore):
     def close(self):
         self._batches.clear()
 
+    def held(self):
+        for _, copied in self._batches.values():
+            if copied is not None:
+                copied.synchronize()
+        return {batch_id: host for batch_id, (host, _) in self._batches.items()}
+
 
 class DiskStore(ActivationStore):
     """One safetensors file per batch in a private folder inside `folder`, removed on close.
@@ -109,13 +165,33 @@ class DiskStore(ActivationStore):
         self._write: Future | None = None
 
     def _path(self, batch_id: Key) -> Path:
-        parts = batch_id if isinstance(batch_id, tuple) else (batch_id,)
-        return self.root / f"batch{'-'.join(f'{part:06d}' for part in parts)}.safetensors"
+        return self.root / key_name(batch_id)
 
     def put(self, batch_id, hidden):
         self._wait_for_write()  # at most one batch waits to be written
         host = hidden.contiguous().cpu()
-        self._write = self._io.submit(save_file, {"hidden": host}, self._path(batch_id))
+        self._write = self._io.submit(self._save, host, self._path(batch_id))
+
+    @staticmethod
+    def _save(host: torch.Tensor, path: Path) -> None:
+        """A new file renamed over the old: a checkpoint's hard link to the old one keeps its bytes."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"hidden": host}, tmp)
+        os.replace(tmp, path)
+
+    def save_held(self, folder, prefix):
+        """Links to the batch files (they are on the disk already): no byte is written."""
+        self._wait_for_write()
+        files = {}
+        for path in sorted(self.root.glob("batch*.safetensors")):
+            name = f"{prefix}-{path.name}"
+            _link_or_copy(path, folder / name)
+            files[name] = path.stat().st_size
+        return files
+
+    def restore(self, files):
+        for batch_id, path in files.items():
+            _link_or_copy(path, self._path(batch_id))
 
     def prefetch(self, batch_id):
         if batch_id not in self._reads:
@@ -142,4 +218,4 @@ def make_store(storage: Storage, device: torch.device, disk_folder: str | None) 
     if storage.on_disk:
         return DiskStore(disk_folder or tempfile.gettempdir(), device)
     # storage cpu on a CPU device: RAM is the device
-    return DeviceStore() if storage.on_device or on_cpu(device) else HostStore(device)
+    return DeviceStore(device) if storage.on_device or on_cpu(device) else HostStore(device)

@@ -34,6 +34,7 @@ from flexorch.contract.shards import owner, plan_shards
 from flexorch.workers import devicememory
 from flexorch.workers.activations import make_store
 from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, pack_rows
+from flexorch.workers.checkpoint import Checkpoints, ResumePoint
 from flexorch.workers.experts import StreamedExperts
 from flexorch.workers.heap import Heap
 from flexorch.workers.kvcache import KVCache, NoCache, append_columns, pack_new_tokens
@@ -164,9 +165,11 @@ class _Pass:
         return layout
 
 
-def _rows(prompts: Sequence[TokenizedPrompt], generated: list[list[tuple[int, ...]]]) -> list[Row]:
-    """Each prompt's packed row at a step: its suffixes extended by the ids generated so far."""
-    return [(p.prefix_ids, tuple(s + g for s, g in zip(p.suffix_ids, gen))) for p, gen in zip(prompts, generated)]
+def _rows(prompts: Sequence[TokenizedPrompt], generated: list[list[tuple[int, ...]]], step: int) -> list[Row]:
+    """Each prompt's packed row at `step`: its suffixes extended by the ids generated before it (a
+    round resumed from a checkpoint holds more: those of the steps it rebuilds the batches of)."""
+    return [(p.prefix_ids, tuple(s + g[:step] for s, g in zip(p.suffix_ids, gen)))
+            for p, gen in zip(prompts, generated)]
 
 
 @dataclass(frozen=True)
@@ -236,18 +239,27 @@ class Engine:
         scores: list[list[StepResult]] = [[] for _ in prompts]  # per prompt: its StepResult of each step
         link = self.link or LocalLink(make_store(self.settings.storage, self.device, self.settings.disk_folder))
         cache = self._kv_cache(steps)
+        checkpoints = self._checkpoints(prompts, steps, link, cache)
+        resume = checkpoints.restore() if checkpoints else ResumePoint()
+        if resume.generated is not None:
+            generated, scores = resume.generated, resume.scores
         loader = ShardLoader(self.model, self.own_shards, self.device, self.dtype, passes=steps,
                              verify=self.settings.verify_checksums, resident=self.resident,
                              slots=2 if self.settings.double_buffer else 1, gather=True,
-                             direct=self.settings.direct_reads)
+                             direct=self.settings.direct_reads, start=(resume.step, resume.position))
         runs = shard_runs(self.own_shards, self._context(link, cache))  # each shard's runner, by its kind
         progress = _Progress(self.on_progress, len(self.own_shards), steps, len(prompts), loader.stats, start)
         tokens, current = 0, None
         with torch.inference_mode(), loader, link, cache:
             for step in range(steps):
-                current = self._pass(_rows(prompts, generated), current, cache)  # batches, layouts, targets
-                loader.embed_ids(torch.cat([p.input_ids.flatten() for p in current.packed]))  # rows to gather
+                current = self._pass(_rows(prompts, generated, step), current, cache)  # batches, layouts, targets
+                if step < resume.step:  # done before the checkpoint: only its batches are rebuilt
+                    continue
+                if not resume.skips(step, 0):
+                    loader.embed_ids(torch.cat([p.input_ids.flatten() for p in current.packed]))  # rows to gather
                 for position, (shard, run) in enumerate(zip(self.own_shards, runs)):
+                    if resume.skips(step, position):
+                        continue
                     loaded = loader.next_shard()  # load weight (prefetched on the loader's thread)
                     # per batch: receive, compute, send (or score), report
                     self._measured(run, loaded, current, progress.within(position, step, current.tokens))
@@ -255,6 +267,9 @@ class Engine:
                     done = current.tokens if shard.last_step else 0  # a streamed MoE layer: once, at its end
                     tokens += done
                     progress.shard_done(position, step, done)
+                    if checkpoints:  # where nothing of the shard waits on the pass, its state is whole
+                        checkpoints.after_shard(step, position, shard.last_step and current.streamed is None
+                                                and current.head_steps is None, generated, scores)
                     if self.hooks.after_shard:
                         self.hooks.after_shard(step, shard.index)
                 if self.scores_here:
@@ -263,12 +278,28 @@ class Engine:
                 next_ids = link.finish_step(step, self.head, self._next_ids(scores))
                 if next_ids:
                     generated = [[g + (t,) for g, t in zip(gen, ids)] for gen, ids in zip(generated, next_ids)]
+                if checkpoints:
+                    checkpoints.after_step(step, generated, scores)
         results = [self._result(p, s, g) for p, s, g in zip(prompts, scores, generated)] if self.scores_here else []
-        return results, self._summary(loader.stats, start, tokens)
+        return results, self._summary(loader.stats, start, tokens, checkpoints, steps)
 
-    def _summary(self, stats: LoaderStats, start: float, tokens: int) -> EngineSummary:
+    def _checkpoints(self, prompts: Sequence[TokenizedPrompt], steps: int, link: Link,
+                     cache: KVCache) -> Checkpoints | None:
+        """The round's checkpoints (workers/checkpoint.py); none in a pipeline, whose state is spread
+        over its stages, or without a folder for them."""
+        if self.link is not None or not self.settings.checkpoint_dir:
+            return None
+        return Checkpoints(self.settings, prompts, self.own_shards, steps, link.store,
+                           cache.store if cache.enabled else None)
+
+    def _summary(self, stats: LoaderStats, start: float, tokens: int, checkpoints: Checkpoints | None,
+                 steps: int) -> EngineSummary:
         seconds = time.perf_counter() - start
+        taken = checkpoints.stats if checkpoints else None
         return EngineSummary(
+            shards_resumed=taken.resumed if taken else 0, shard_steps=steps * len(self.own_shards),
+            checkpoints=taken.written if taken else 0, checkpoint_seconds=taken.seconds if taken else 0.0,
+            checkpoint_bytes=taken.bytes if taken else 0,
             seconds=seconds, load_seconds=stats.wait_seconds, read_seconds=stats.read_seconds,
             compute_seconds=seconds - stats.wait_seconds, bytes_read=stats.bytes_read, peak_rss=peak_rss(),
             peak_device_memory=max(self.peak_device_per_shard, default=0),

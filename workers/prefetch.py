@@ -78,8 +78,9 @@ class ShardLoader:
 
     def __init__(self, model: LayerwiseModel, shards: list[Shard], device: torch.device, dtype: torch.dtype,
                  passes: int = 1, verify: bool = True, resident: ResidentShards | None = None, slots: int = 2,
-                 gather: bool = False, direct: bool = False):
+                 gather: bool = False, direct: bool = False, start: tuple[int, int] = (0, 0)):
         self.model, self.shards, self.device, self.dtype = model, shards, device, dtype
+        self.start = start  # (pass, shard position) of the first shard: a round resumed from a checkpoint
         self.passes, self.verify, self.resident, self.direct = passes, verify, resident, direct
         self.stats = LoaderStats()
         # Gathered, the embedding (one that can be: contract/shards.py `gathered`) does not size the
@@ -151,7 +152,9 @@ class ShardLoader:
     def _run(self) -> None:
         try:
             for step in range(self.passes):
-                for shard in self.shards:
+                for position, shard in enumerate(self.shards):
+                    if (step, position) < self.start:
+                        continue
                     if self.resident is not None and shard in self.resident.tensors:
                         self._ready.put(LoadedShard(shard, step, self.resident.tensors[shard], 0, _NO_SLOT))
                         continue

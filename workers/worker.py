@@ -13,8 +13,11 @@ others report their rounds with no part.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import itertools
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -29,6 +32,7 @@ from flexorch.contract.messages import (FAIL_DISK_FULL, FAIL_ERROR, FAIL_USER, F
                                         Progress, Ready, Round, RoundDone, RoundResults, SteppedDown, WorkerHooks,
                                         WorkerMessage, WorkerTask)
 from flexorch.contract.parts import DiskFullError, part_name, write_part
+from flexorch.contract.checkpoints import round_folder
 from flexorch.contract.protocol import EngineSettings, ProgressEvent
 from flexorch.workers.stepdown import is_out_of_memory, step_down
 
@@ -69,6 +73,25 @@ def _inject_faults(hooks: WorkerHooks, rounds_done: int) -> None:
         raise RuntimeError(f"injected fault after {rounds_done} round(s)")
 
 
+def _with_shard_faults(task: WorkerTask) -> WorkerTask:
+    """The task with its sigkill_after_shard fault in the engine's after_shard hook (after the
+    checkpoint that shard may take), kept beside the task's own engine hooks."""
+    if task.hooks.sigkill_after_shard is None:
+        return task
+    from flexorch.workers.engine import EngineHooks
+
+    own = task.engine_hooks or EngineHooks()
+    count = itertools.count(1)
+
+    def after_shard(step: int, shard: int) -> None:
+        if own.after_shard:
+            own.after_shard(step, shard)
+        if next(count) == task.hooks.sigkill_after_shard:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return dataclasses.replace(task, engine_hooks=EngineHooks(own.before_batch, after_shard))
+
+
 def configure_device(settings: EngineSettings) -> None:
     """Pin this process to its GPU, or split the CPU between workers sharing it."""
     import torch
@@ -94,6 +117,7 @@ def run_task(task: WorkerTask, send: Callable[[WorkerMessage], None]) -> None:
     if not task.return_results:  # otherwise the controller writes them, on its own machine
         parts_dir.mkdir(parents=True, exist_ok=True)
     forward = _ProgressForwarder(send, task)
+    task = _with_shard_faults(task)
     settings = task.settings
     resident = ResidentShards() if settings.resident else None
     with _open_ring(task.pipeline) as ring:
@@ -156,7 +180,14 @@ def _commit(task: WorkerTask, rnd: Round, rounds_done: int, results, summary, pa
     if task.hooks.disk_full_after_rounds == rounds_done:
         raise DiskFullError(errno.ENOSPC, f"disk full while writing results to {path} (injected)")
     write_part(path, task.score.kind, results)
+    remove_round(task.settings, rnd.indices)  # committed: its checkpoints have served
     send(RoundDone(task.name, rnd.round_id, rnd.indices, str(path), summary))
+
+
+def remove_round(settings: EngineSettings, indices: tuple[int, ...]) -> None:
+    """A committed round's checkpoints (workers/checkpoint.py): no longer needed."""
+    if settings.checkpoint_dir:
+        shutil.rmtree(round_folder(settings.checkpoint_dir, indices), ignore_errors=True)
 
 
 class OutOfMemoryFailure(RuntimeError):

@@ -19,6 +19,7 @@ class WorkerHooks:
 
     sigkill_after_rounds: int | None = None  # SIGKILL itself, as the OOM killer would
     sigkill_after_progress: int | None = None  # SIGKILL itself on the N-th engine progress event
+    sigkill_after_shard: int | None = None  # SIGKILL itself after the N-th shard step of this run (mid-pass)
     hang_after_rounds: int | None = None  # block forever, sending nothing (a hung worker)
     raise_after_rounds: int | None = None  # raise RuntimeError (an internal failure)
     disk_full_after_rounds: int | None = None  # the next part write fails with ENOSPC

@@ -110,6 +110,12 @@ class EngineSettings:
     # read layer files around the page cache (O_DIRECT) into the slots, but those mostly cached
     # (workers/fileread.py): the planner's choice where caching them would not pay
     direct_reads: bool = False
+    # save the round's state (activations, KV cache, scores so far) after every this many shard steps,
+    # at the next boundary where it is complete, so a crash loses at most that much work; 0: never
+    # (the planner's choice from the job's checkpoint_interval: orchestrator/planner/checkpoints.py)
+    checkpoint_shards: int = 0
+    checkpoint_dir: str | None = None  # job_dir/checkpoints (contract/checkpoints.py); None: no checkpoints
+    checkpoint_key: str = ""  # the job's fingerprint: a checkpoint of another job is ignored
 
     def __post_init__(self):
         object.__setattr__(self, "storage", Storage(self.storage))  # accepts plan.json's name
@@ -147,6 +153,11 @@ class EngineSummary:
     peak_device_memory_per_shard: tuple[int, ...] = ()  # CUDA only, each with the fixed part
     device_fixed_bytes: int = 0  # CUDA only: that fixed part
     tokens: int = 0  # tokens computed (all steps, all layers counted once)
+    shards_resumed: int = 0  # shard steps a checkpoint spared (resumed after them), of shard_steps
+    shard_steps: int = 0  # shard steps of the round (steps x shards of a pass)
+    checkpoints: int = 0  # checkpoints written
+    checkpoint_seconds: float = 0.0  # time spent writing them
+    checkpoint_bytes: int = 0  # bytes written (or linked) for them
 
 
 @dataclass(frozen=True)

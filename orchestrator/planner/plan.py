@@ -36,12 +36,13 @@ class WorkerPlan:
     predicted_fill_seconds: float = 0.0  # reading no compute hides: each round's first shards
     predicted_start_seconds: float = 0.0  # process start to the first forward
     predicted_pass_shares: tuple[float, ...] = ()  # each shard's share of a pass's time (progress); () equal
+    predicted_checkpoint_seconds: float = 0.0  # writing the rounds' checkpoints (planner/checkpoints.py)
 
     @property
     def predicted_seconds(self) -> float:
         """Reading and computing overlap (double buffer): the slower one sets the pace, after the
         start-up and the reads that nothing hides."""
-        return (self.predicted_start_seconds + self.predicted_fill_seconds
+        return (self.predicted_start_seconds + self.predicted_fill_seconds + self.predicted_checkpoint_seconds
                 + max(self.predicted_read_seconds, self.predicted_compute_seconds))
 
 

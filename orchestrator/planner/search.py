@@ -30,7 +30,8 @@ from flexorch.orchestrator.planner.memory import (_Budget, _Peaks, _fits, _max_p
 from flexorch.orchestrator.planner.model import (DOUBLE_BUFFER, NO_STORAGE, SINGLE_BUFFER, _error, _Job, _Load,
                                                  _Setup)
 from flexorch.orchestrator.planner.plan import WorkerPlan
-from flexorch.orchestrator.planner.timing import _pass_shares, _rate, _read_rate, _time, _Time
+from flexorch.orchestrator.planner.checkpoints import PIPELINE_REASON, CheckpointChoice, choose_checkpoints
+from flexorch.orchestrator.planner.timing import _pass_shares, _per_shard, _rate, _read_rate, _shard_costs, _time, _Time
 from flexorch.orchestrator.render import format_seconds
 from flexorch.orchestrator.spec import JobSpec
 
@@ -122,7 +123,10 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
     if heap_slack < HEAP_SLACK:
         reasons.append(f"heap slack {format_bytes(heap_slack)}: free heap kept between shards, what the RAM budget "
                        f"leaves beside the predicted peak (else {format_bytes(HEAP_SLACK)})")
+    checkpoints = _checkpoints(job, setup, best.rounds, t, threads, stages)
+    reasons.append(checkpoints.reason)
     settings = EngineSettings(
+        checkpoint_shards=checkpoints.every,
         device=device, dtype=job.dtype, layers_per_shard=setup.lps, storage=setup.storage, batch_tokens=setup.batch,
         disk_folder=_disk_folder(spec, name) if setup.storage.on_disk else None,
         threads=threads if on_cpu(device) else 0, resident=setup.resident,
@@ -134,8 +138,31 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
         predicted_peak_device_memory=peaks.device, predicted_peak_ram=peaks.ram,
         predicted_read_seconds=t.read, predicted_compute_seconds=t.compute, reasons=tuple(reasons),
         predicted_fill_seconds=t.fill, predicted_start_seconds=t.start,
+        predicted_checkpoint_seconds=checkpoints.seconds,
         predicted_pass_shares=_pass_shares(job, setup, indices, threads) if stages == 1 else (),
     )
+
+
+def _checkpoints(job: _Job, setup: _Setup, rounds, t: _Time, threads: int, stages: int) -> CheckpointChoice:
+    """How often the rounds are checkpointed (planner/checkpoints.py), priced on the longest round:
+    its shards' times, its activations (what waits between shards) and KV cache, and its scores."""
+    if stages > 1:
+        return CheckpointChoice(0, 0.0, PIPELINE_REASON)
+    longest = max(rounds, key=lambda r: sum(job.tokens[i] for i in r))
+    load = sum((job.loads[i] for i in longest), _Load())
+    costs = _shard_costs(job, setup, load, threads, stages, read=not setup.resident)
+    steps, m = job.spec.generate_tokens, job.model
+    shards = _per_shard(costs.first_step, costs.reads, 0.0, setup.slots)
+    shards += (steps - 1) * _per_shard(costs.later_step, costs.reads, 0.0, setup.slots)
+    tiered = load.act_tokens * m.hidden * m.dtype_bytes + (load.cache_tokens * m.kv_bytes * m.num_layers
+                                                           if steps > 1 else 0)
+    disk = setup.storage.on_disk
+    rate = job.figures.disk_read
+    return choose_checkpoints(job.spec.checkpoint_interval, shards, len(rounds), t.total,
+                              written=int(load.result_bytes + (0 if disk else tiered)),
+                              linked=int(tiered if disk else 0),
+                              write_rate=rate.value, rate_source=f"no write rate is measured: the disk's read rate, "
+                                                                f"{rate.source}")
 
 
 def _search(job: _Job, device: str, indices: tuple[int, ...], threads: int, budget: _Budget, space: _Space,
