@@ -25,7 +25,8 @@ from flexorch.contract.errors import UserError
 from flexorch.contract.guard import Limits as ReadLimits, parse_guarded
 from flexorch.contract.models import hub_id_hint
 from flexorch.orchestrator.prompts import updated_prompts_path
-from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES
+from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES, ScoreKind
+from flexorch.orchestrator.generation import GENERATE_KEYS, GenerateSettings, generate_settings
 
 PARALLEL_MODES = ("data", "pipeline", "auto")
 EXECUTORS = ("local", "ray")
@@ -53,7 +54,7 @@ _REQUIRED = {"model": "the model dir", "prompts": "the prompts file (.jsonl or .
 _TOP_KEYS = ("model", "prompts", "output", "job_dir", "score", "generate_tokens", "devices", "parallel",
              "layers_per_shard", "storage", "disk_folder", "dtype", "batch_tokens", "max_length", "limits",
              "worker_timeout", "allow_remote_code", "executor", "ray_address", "allow_untested_models")
-_SCORE_KEYS = ("kind", "tokens")
+_SCORE_KEYS = ("kind", "tokens", *GENERATE_KEYS)
 _LIMIT_KEYS = ("gpu_memory", "ram")
 # Spellings users bring from torch and other tools; only suggested, so each dtype has one spelling.
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
@@ -76,6 +77,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE
 class ScoreSettings:
     kind: str = "next_token_probs"  # one of SCORE_KINDS
     tokens: tuple[str, ...] = ()  # token_probs only: strings of exactly one token each
+    generate: GenerateSettings | None = None  # generate only: limits, stop strings, sampling (orchestrator/generation.py)
 
 
 @dataclass(frozen=True)
@@ -148,9 +150,12 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
     job_dir = _job_dir(problems, raw.get("job_dir"), base, output)
     score = _score(problems, raw.get("score"))
     generate_tokens = _int(problems, "generate_tokens", raw.get("generate_tokens"), default=1, allow_auto=False)
-    if score is not None and score.kind == "suffix_logprob" and generate_tokens not in (None, 1):
+    if score is not None and score.kind == ScoreKind.SUFFIX_LOGPROB and generate_tokens not in (None, 1):
         problems.add("generate_tokens", f"must be 1 with score.kind suffix_logprob (the log-prob of a given "
                                         f"suffix does not depend on generation), got {generate_tokens}")
+    if score is not None and score.kind == ScoreKind.GENERATE and generate_tokens not in (None, 1):
+        problems.add("generate_tokens", "is not used with score.kind generate: give score.max_new_tokens "
+                                        "(and a prompt's own max_new_tokens)")
     storage = _choice(problems, "storage", raw.get("storage"), STORAGES)
     disk_folder = _disk_folder(problems, raw.get("disk_folder"), base, storage)
     if generate_tokens is not None and prompts is not None:
@@ -500,9 +505,18 @@ def _score(problems: _Problems, value) -> ScoreSettings | None:
                                      "each exactly one token (e.g. [\" A\", \" B\"])")
     elif kind is not None and kind != "token_probs" and tokens:
         problems.add("score.tokens", f"is only used with score.kind token_probs (kind is {kind})")
+    generate = None
+    if kind == ScoreKind.GENERATE:
+        generate = generate_settings(problems, value)
+        if generate is None:
+            return None
+    elif kind is not None:
+        for key in GENERATE_KEYS:
+            if key in value:
+                problems.add(f"score.{key}", f"is only used with score.kind generate (kind is {kind})")
     if kind is None or tokens is None:
         return None
-    return ScoreSettings(kind=kind, tokens=tokens)
+    return ScoreSettings(kind=kind, tokens=tokens, generate=generate)
 
 
 def _tokens(problems: _Problems, value) -> tuple[str, ...] | None:

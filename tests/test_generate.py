@@ -18,7 +18,8 @@ import torch
 
 from flexorch.contract.protocol import EngineSettings, Sampling, ScoreSpec, StopReason, TokenizedPrompt
 from flexorch.workers.engine import score_prompts
-from flexorch.workers.generate import Generation, choose, cut_at_stop, sequence_seed
+from flexorch.orchestrator.generation import cut_at_stop
+from flexorch.workers.generate import Generation, choose, sequence_seed
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. Question: What is the capital of France? Answer:",
@@ -180,3 +181,50 @@ def test_generation_state_reasons_and_cut():
     assert scores["ids"].tolist() == [[2, 3], [9, -1]] and scores["n_new"].tolist() == [2, 1]
     assert [StopReason.of_code(c) for c in scores["stop"]] == [StopReason.STOP, StopReason.EOS]
     assert cut_at_stop("x = 1\n\ny", ("\n\n", "=")) == "x "
+
+
+def with_eos(layerwise_dir, tmp_path, eos) -> "Path":
+    """A copy of the layerwise dir whose generation_config.json names `eos` (what a job reads)."""
+    import json
+    import shutil
+
+    copy = tmp_path / "model.layers"
+    shutil.copytree(layerwise_dir, copy)
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": list(eos)}))
+    return copy
+
+
+def test_job_equals_hf_generate_on_1_and_2_workers(checkpoint, layerwise, tmp_path):
+    """A generation job through the API (.jsonl output, flexorch show): the ids, stop reasons and
+    text cut before the stop string are HF's, with one worker and with two."""
+    import json
+
+    import flexorch
+    from flexorch.orchestrator.show import load
+
+    prompts, eos, expected, decode = mixed_job(checkpoint("llama"))
+    model = with_eos(layerwise("llama"), tmp_path, eos)
+    items = [{"prefix_ids": list(p.prefix_ids), "max_new_tokens": p.max_new_tokens, **({"stop": list(p.stop)} if p.stop else {})}
+             for p in prompts]
+    for devices in (["cpu"], ["cpu", "cpu"]):
+        output = tmp_path / f"out{len(devices)}.jsonl"
+        results = flexorch.generate(model, items, devices=devices, progress=False, output=output, logprobs=True)
+        assert len(results.report["plan"]["workers"]) == len(devices)
+        lines = [json.loads(line) for line in output.read_text().splitlines()]
+        for prompt, result, line, (ids, reason) in zip(prompts, results, lines, expected):
+            want_text = cut_at_stop(decode(ids), prompt.stop)
+            assert line["generated_ids"] == [ids] and line["stop_reason"] == [reason.value], (devices, prompt.index)
+            assert line["text"] == [want_text] and result.choice == [want_text]
+            assert len(line["logprobs"][0]) == len(ids)
+        assert load(output).summary.choices == tuple([cut_at_stop(decode(ids), p.stop)] for p, (ids, _) in zip(prompts, expected))
+
+
+def test_seeded_sampling_same_on_any_worker_count_and_batch(layerwise, tmp_path):
+    import flexorch
+
+    items = [{"prefix": t, "max_new_tokens": 4} for t in TEXTS[:3]]
+    runs = [flexorch.generate(layerwise("llama"), items, devices=devices, batch_tokens=budget, temperature=1.2,
+                              top_k=40, seed=3, progress=False)
+            for devices, budget in ((["cpu"], 4096), (["cpu", "cpu"], 60))]
+    ids = [[r.scores["ids"].tolist() for r in run] for run in runs]
+    assert ids[0] == ids[1]

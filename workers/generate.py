@@ -121,8 +121,3 @@ class Generation:
             out["logprobs"] = values
         return out
 
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The generated text before the first stop string (lm-eval's and HF's output)."""
-    cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
-    return text[:cut]

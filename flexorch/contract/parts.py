@@ -20,7 +20,7 @@ import numpy as np
 from flexorch.contract.atomic import atomic_writer
 from flexorch.contract.errors import UserError
 from flexorch.contract.messages import Round
-from flexorch.contract.protocol import PromptResult
+from flexorch.contract.protocol import PromptResult, ScoreKind
 
 PART_SUFFIX = ".npz"
 
@@ -100,7 +100,7 @@ def read_part(path: str | Path) -> list[PromptResult]:
         kind = str(data["kind"])
         results = []
         for j, index in enumerate(indices):
-            if kind == "suffix_logprob":
+            if ScoreKind(kind).has_fields:  # suffix_logprob's and generate's named arrays
                 prefix = f"s{j}_"
                 scores = {key[len(prefix):]: data[key] for key in data.files if key.startswith(prefix)}
             else:
