@@ -115,6 +115,8 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     sizes = dict(prompt_tokens=[p.n_tokens for p in tokenized], suffix_counts=[len(p.suffix_ids) for p in tokenized],
                  scored_counts=[len(score.kind.positions(len(p.prefix_ids), tuple(map(len, p.suffix_ids))))
                                 for p in tokenized])
+    if generation is not None:  # the planner prices each prompt's own steps and KV cache growth
+        sizes["new_tokens"] = [p.max_new_tokens for p in tokenized]
     if cluster is not None:
         nodes = cluster.probe_nodes(disk_path)
         plan = make_cluster_plan(nodes, manifest, spec, **sizes)

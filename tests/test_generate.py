@@ -228,3 +228,30 @@ def test_seeded_sampling_same_on_any_worker_count_and_batch(layerwise, tmp_path)
             for devices, budget in ((["cpu"], 4096), (["cpu", "cpu"], 60))]
     ids = [[r.scores["ids"].tolist() for r in run] for run in runs]
     assert ids[0] == ids[1]
+
+
+def test_planner_prices_each_prompts_own_steps_and_kv_cache():
+    """A round's passes are its longest generation; a prompt that stops early costs its own later
+    steps only (its share of the live rows), and the KV cache grows with each prompt's own limit."""
+    from test_planner import job_spec, llama2_13b, machine
+
+    from flexorch.orchestrator.generation import GenerateSettings
+    from flexorch.orchestrator.planner import make_plan
+    from flexorch.orchestrator.planner.model import _describe_job
+    from flexorch.orchestrator.spec import ScoreSettings
+
+    spec = job_spec(devices=("cpu",), score=ScoreSettings("generate", generate=GenerateSettings()))
+    hardware, manifest, tokens = machine(), llama2_13b(), [200] * 8
+    long = _describe_job(hardware, manifest, spec, "float16", tokens, [1] * 8, [1] * 8, new_tokens=[256] * 8)
+    mixed = _describe_job(hardware, manifest, spec, "float16", tokens, [1] * 8, [1] * 8, new_tokens=[256] + [16] * 7)
+    assert long.steps == mixed.steps == 256
+    later = lambda job: sum(load.later_layer_flops for load in job.loads)  # noqa: E731
+    # per step of the round: one prompt of 255 later steps in all, seven of 15 (with shorter rows)
+    assert later(mixed) < later(long) * (1 + 7 * 15 / 255) / 8 * 1.01
+    # cached: the 200 prompt tokens and one per step but the last, to each prompt's own limit
+    cache = lambda job: sum(load.cache_tokens for load in job.loads)  # noqa: E731
+    assert cache(mixed) / cache(long) == pytest.approx((454 + 7 * 214) / (8 * 454))
+    plans = [make_plan(hardware, manifest, spec, tokens, suffix_counts=[1] * 8, new_tokens=limits)
+             for limits in ([256] * 8, [256] + [16] * 7)]
+    # fewer live rows per later step: less compute (not 0.18x: the first step and per-batch costs stay)
+    assert plans[1].workers[0].predicted_compute_seconds < 0.8 * plans[0].workers[0].predicted_compute_seconds
