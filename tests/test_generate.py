@@ -194,9 +194,10 @@ def with_eos(layerwise_dir, tmp_path, eos) -> "Path":
     return copy
 
 
-def test_job_equals_hf_generate_on_1_and_2_workers(checkpoint, layerwise, tmp_path):
+def test_job_equals_hf_generate_on_1_and_2_workers_and_2_stages(checkpoint, layerwise, tmp_path):
     """A generation job through the API (.jsonl output, flexorch show): the ids, stop reasons and
-    text cut before the stop string are HF's, with one worker and with two."""
+    text cut before the stop string are HF's, with one worker, two, and a pipeline of two stages
+    (every stage keeps the same sequences' state from the head's ids)."""
     import json
 
     import flexorch
@@ -206,9 +207,10 @@ def test_job_equals_hf_generate_on_1_and_2_workers(checkpoint, layerwise, tmp_pa
     model = with_eos(layerwise("llama"), tmp_path, eos)
     items = [{"prefix_ids": list(p.prefix_ids), "max_new_tokens": p.max_new_tokens, **({"stop": list(p.stop)} if p.stop else {})}
              for p in prompts]
-    for devices in (["cpu"], ["cpu", "cpu"]):
-        output = tmp_path / f"out{len(devices)}.jsonl"
-        results = flexorch.generate(model, items, devices=devices, progress=False, output=output, logprobs=True)
+    for devices, parallel in ((["cpu"], "data"), (["cpu", "cpu"], "data"), (["cpu", "cpu"], "pipeline")):
+        output = tmp_path / f"out{len(devices)}{parallel}.jsonl"
+        results = flexorch.generate(model, items, devices=devices, parallel=parallel, progress=False, output=output,
+                                    logprobs=True)
         assert len(results.report["plan"]["workers"]) == len(devices)
         lines = [json.loads(line) for line in output.read_text().splitlines()]
         for prompt, result, line, (ids, reason) in zip(prompts, results, lines, expected):
@@ -219,15 +221,18 @@ def test_job_equals_hf_generate_on_1_and_2_workers(checkpoint, layerwise, tmp_pa
         assert load(output).summary.choices == tuple([cut_at_stop(decode(ids), p.stop)] for p, (ids, _) in zip(prompts, expected))
 
 
-def test_seeded_sampling_same_on_any_worker_count_and_batch(layerwise, tmp_path):
+def test_seeded_sampling_same_on_any_worker_count_and_batch(checkpoint, layerwise, tmp_path):
+    """Two workers, each its own rounds and batches, draw what one engine over every prompt draws."""
     import flexorch
 
-    items = [{"prefix": t, "max_new_tokens": 4} for t in TEXTS[:3]]
-    runs = [flexorch.generate(layerwise("llama"), items, devices=devices, batch_tokens=budget, temperature=1.2,
-                              top_k=40, seed=3, progress=False)
-            for devices, budget in ((["cpu"], 4096), (["cpu", "cpu"], 60))]
-    ids = [[r.scores["ids"].tolist() for r in run] for run in runs]
-    assert ids[0] == ids[1]
+    _, tokenizer = _hf(str(checkpoint("llama")))
+    sampling = Sampling(temperature=1.2, top_k=40, seed=3)
+    prompts = [TokenizedPrompt(i, tuple(tokenizer(t).input_ids), ((),), max_new_tokens=4) for i, t in enumerate(TEXTS)]
+    alone, _ = score_prompts(layerwise("llama"), prompts, ScoreSpec("generate", sampling=sampling), settings())
+    items = [{"prefix": t, "max_new_tokens": 4} for t in TEXTS]
+    two = flexorch.generate(layerwise("llama"), items, devices=["cpu", "cpu"], batch_tokens=60, temperature=1.2,
+                            top_k=40, seed=3, progress=False)
+    assert [r.scores["ids"].tolist() for r in two] == [r.scores["ids"].tolist() for r in alone]
 
 
 def test_planner_prices_each_prompts_own_steps_and_kv_cache():
