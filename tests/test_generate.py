@@ -10,6 +10,7 @@ batches or workers.
 from __future__ import annotations
 
 import dataclasses
+import re
 import functools
 
 import numpy as np
@@ -260,3 +261,44 @@ def test_planner_prices_each_prompts_own_steps_and_kv_cache():
              for limits in ([256] * 8, [256] + [16] * 7)]
     # fewer live rows per later step: less compute (not 0.18x: the first step and per-batch costs stay)
     assert plans[1].workers[0].predicted_compute_seconds < 0.8 * plans[0].workers[0].predicted_compute_seconds
+
+
+@pytest.mark.parametrize("score, expected", [
+    ({"kind": "generate", "temperature": -1}, "score.temperature: expected a number >= 0 (0: greedy), got -1"),
+    ({"kind": "generate", "top_p": 0}, "score.top_p: expected a number in (0, 1], got 0"),
+    ({"kind": "generate", "max_new_tokens": 0}, "score.max_new_tokens: expected an integer from 1 to"),
+    ({"kind": "generate", "stop": ["", "x"]}, "score.stop: expected a list of non-empty strings"),
+    ({"kind": "suffix_logprob", "stop": ["x"]}, "score.stop: is only used with score.kind generate"),
+])
+def test_bad_generation_keys_name_the_key(tmp_path, score, expected):
+    from flexorch.contract.errors import UserError
+    from flexorch.orchestrator.spec import job_from_mapping
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "p.jsonl").write_text('{"prefix": "Q"}\n')
+    with pytest.raises(UserError, match=re.escape(expected)):
+        job_from_mapping({"model": "m", "prompts": "p.jsonl", "output": "o.jsonl", "score": score}, tmp_path / "job.yaml",
+                         base=tmp_path)
+
+
+def test_generation_settings_and_prompts_without_suffixes(tmp_path):
+    from flexorch.contract.errors import UserError
+    from flexorch.orchestrator.prompts import read_prompts
+    from flexorch.orchestrator.spec import job_from_mapping
+
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prefix": "Q", "max_new_tokens": 3, "stop": "\\n"}\n{"prefix_ids": [1, 2]}\n')
+    spec = job_from_mapping({"model": "m", "prompts": "p.jsonl", "output": "o.jsonl", "score": {
+        "kind": "generate", "max_new_tokens": 9, "stop": ["."], "temperature": 0.5, "top_k": 5, "seed": 2}},
+        tmp_path / "job.yaml", base=tmp_path)
+    assert (spec.score.generate.max_new_tokens, spec.score.generate.stop) == (9, (".",))
+    assert spec.score.generate.sampling == Sampling(temperature=0.5, top_k=5, seed=2)
+    first, second = read_prompts(path, generate=True)
+    assert (first.suffixes, first.max_new_tokens, first.stop) == (("",), 3, ("\n",))
+    assert (second.suffix_ids, second.max_new_tokens, second.stop) == (((),), None, None)
+    with pytest.raises(UserError, match="missing key 'suffixes'"):  # other kinds score suffixes
+        read_prompts(path)
+    path.write_text('{"prefix": "Q", "max_new_tokens": 0}\n')
+    with pytest.raises(UserError, match="line 1: max_new_tokens: expected an integer from 1"):
+        read_prompts(path, generate=True)
