@@ -124,6 +124,8 @@ def text_main(args) -> None:
             rows.append([name, "-", "-", "-", run.get("error", "")[:60]])
             continue
         run["tokens_per_second"] = run["new_tokens"] / run["seconds"]
+        print(f"{name}: {run['seconds']:.2f} s, {run['tokens_per_second']:.2f} new tokens/s, steps "
+              f"{[round(x, 3) for x in run.get('step_seconds', [])]}", flush=True)  # a run cut short keeps these
         steps = run.get("step_seconds") or []
         run["later_over_first"] = [s / steps[0] for s in steps[1:]] if steps else None
         later = run["later_over_first"]
