@@ -21,8 +21,8 @@ if not (_Path(__file__).parent / "orchestrator").is_dir() and (_checkout / "orch
     __path__.append(str(_checkout))
 del _checkout
 
-from flexorch.api import PromptScores, Results, plan, score
+from flexorch.api import PromptScores, Results, generate, plan, score
 from flexorch.contract.errors import JobFailed, UserError
 from flexorch.contract.protocol import ScoreKind
 
-__all__ = ["score", "plan", "Results", "PromptScores", "ScoreKind", "UserError", "JobFailed"]
+__all__ = ["score", "generate", "plan", "Results", "PromptScores", "ScoreKind", "UserError", "JobFailed"]

@@ -29,6 +29,8 @@ from flexorch.contract.protocol import ScoreKind
 from flexorch.orchestrator.jobstate import JOB_FILE as JOB_STATE_FILE
 from flexorch.orchestrator.planner import Plan
 from flexorch.orchestrator.prompts import Prompt, prompts_from_objects
+from flexorch.orchestrator.generation import DEFAULT_MAX_NEW_TOKENS
+from flexorch.orchestrator.merge import generate_fields
 from flexorch.orchestrator.spec import JobSpec, job_from_mapping
 
 _SOURCE = "flexorch"  # what errors about keywords name
@@ -44,9 +46,11 @@ class PromptScores:
     prefix: str
     suffixes: tuple[str, ...]
     answer: int | None
-    scores: object  # float32 (n_suffixes, steps, k), or suffix_logprob's dict of (n_suffixes,) arrays
+    # float32 (n_suffixes, steps, k), suffix_logprob's dict of (n_suffixes,) arrays, or generate's
+    # dict: text (a list per suffix), ids, n_new, stop (StopReason codes), logprobs (asked for)
+    scores: object
     generated: tuple[tuple[int, ...], ...]  # per suffix, the argmax id of each greedy step
-    choice: object  # the summary's argmax: a suffix index, a token index, or argmax ids per suffix
+    choice: object  # the summary's argmax: a suffix index, a token index, argmax ids per suffix (generate: texts)
     fields: dict = field(default_factory=dict)  # the prompt's extra keys
     prefix_ids: tuple[int, ...] | None = None  # a prompt given as token ids (prefix and suffixes are then empty)
     suffix_ids: tuple[tuple[int, ...], ...] | None = None
@@ -96,6 +100,10 @@ def _records(kind: ScoreKind, prompt: PromptScores, labels: tuple[str, ...]) -> 
         base = {"index": prompt.index, "id": prompt.id, "suffix_index": j,
                 ("suffix" if prompt.suffix_ids is None else "suffix_ids"): suffix,
                 "answer": prompt.answer, **prompt.fields}
+        if kind is ScoreKind.GENERATE:
+            fields = generate_fields(prompt.scores)
+            yield {**base, **{key: values[j] for key, values in fields.items()}}
+            continue
         if kind is ScoreKind.SUFFIX_LOGPROB:
             yield {**base, **{key: np.asarray(value)[j].item() for key, value in prompt.scores.items()}}
             continue
@@ -107,7 +115,7 @@ def _records(kind: ScoreKind, prompt: PromptScores, labels: tuple[str, ...]) -> 
                 yield {**base, "step": step, "argmax_id": top, "argmax_prob": float(probs[top])}
 
 
-def score(model, prompts, *, score: str = "next_token_probs", tokens: Sequence[str] | None = None,
+def score(model, prompts, *, score: str | dict = "next_token_probs", tokens: Sequence[str] | None = None,
           devices="auto", job_dir=None, output=None, restart: bool = False, progress: bool = True,
           **settings) -> Results:
     """Score `prompts` with the model in `model` (a layerwise dir or a Hugging Face checkpoint dir).
@@ -139,6 +147,17 @@ def score(model, prompts, *, score: str = "next_token_probs", tokens: Sequence[s
         gone = {} if job_dir is not None else {"job": None, **({"output": None} if output is None else {})}
         return Results(job.spec.score.kind, scored, job.spec.score.tokens, {**done.report, **gone},
                        job.spec.output if output is not None else None)
+
+
+def generate(model, prompts, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop: Sequence[str] | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, logprobs: bool = False,
+             **settings) -> Results:
+    """Continue `prompts` (text, or dicts whose suffixes may be absent and which may carry their own
+    max_new_tokens and stop): score(..., score={"kind": "generate", ...}); `results[i].choice` is
+    prompt i's text per suffix, `results[i].scores` its ids, stop reasons and log-probs."""
+    kind = {"kind": "generate", "max_new_tokens": max_new_tokens, "stop": list(stop or []),
+            "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "logprobs": logprobs}
+    return score(model, prompts, score=kind, **settings)
 
 
 def plan(model, prompts, *, score: str = "next_token_probs", tokens: Sequence[str] | None = None,
@@ -176,7 +195,8 @@ def _job(model, prompts, kind, tokens, devices, job_dir, output, settings) -> It
             job_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="flexorch-job-"))
         files = {}
         if not isinstance(prompts, (str, Path)):
-            files[PROMPTS_FILE] = _prompts_text(prompts)
+            generates = (kind.get("kind") if isinstance(kind, dict) else kind) == ScoreKind.GENERATE
+            files[PROMPTS_FILE] = _prompts_text(prompts, generates)
             staged = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flexorch-prompts-"))) / PROMPTS_FILE
             staged.write_text(files[PROMPTS_FILE], encoding="utf-8")
             prompts = staged
@@ -218,9 +238,9 @@ def _plain(value):
     return value
 
 
-def _prompts_text(prompts) -> str:
+def _prompts_text(prompts, generate: bool = False) -> str:
     """Python objects as the .jsonl lines they are read back from (errors name `prompts[i]`)."""
-    parsed: list[Prompt] = prompts_from_objects(prompts, source="prompts")
+    parsed: list[Prompt] = prompts_from_objects(prompts, source="prompts", generate=generate)
     return "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in parsed)
 
 

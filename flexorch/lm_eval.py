@@ -12,7 +12,8 @@ one flexorch job, so the model is streamed once per pass whatever the number of 
   token ids. Requests with the same context tokens become one prompt with several suffixes, so the
   context is computed once per layer.
 - `loglikelihood_rolling`: lm-eval's disjoint rolling windows of `max_length` tokens, each a prompt.
-- `generate_until`: refused (see `generate_until`).
+- `generate_until`: each request a prompt of one generation job (score kind generate): its context
+  encoded as lm-eval's hf model's `tok_batch_encode`, its own `until` and `max_gen_toks`.
 
 Each job runs in a folder named by the model, the settings and the requests' content (under
 `job_dir=` or $FLEXORCH_CACHE/lm-eval), so running the same evaluation again resumes from the
@@ -33,7 +34,7 @@ from pathlib import Path
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import has_bos_prefix, resolve_max_length
+from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, resolve_max_length
 
 import flexorch
 from flexorch.contract.errors import UserError
@@ -43,6 +44,9 @@ MODEL_NAME = "flexorch"
 JOBS_DIR = "lm-eval"  # under $FLEXORCH_CACHE when model_args give no job_dir
 # lm-eval's `hf` model's limit when neither the config nor the tokenizer names one.
 DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf model's max_gen_toks when a task gives none
+# HF's GenerationConfig draws from the top 50 ids unless told otherwise: sampling requests get the same
+_HF_TOP_K = 50
 # Shorthands for the job's `limits` in key=value model_args (`ram=8GB`).
 _LIMIT_ARGS = ("gpu_memory", "ram")
 _PLACEMENT_ARGS = ("devices", "limits", "worker_timeout")
@@ -153,15 +157,45 @@ class FlexorchLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Refused, for now: a flexorch job runs a fixed number of greedy steps for every prompt, so
-        it cannot stop each request at its stop strings; every generated token still streams the
-        whole model once more over every prompt (max_gen_toks steps, 256 by default), even with the
-        KV cache sparing the recomputation. Wiring it up (generate_tokens=max_gen_toks, cut at the
-        stop strings) is the next step."""
-        tasks = sorted({request.task_name for request in requests if request.task_name}) or ["?"]
-        raise UserError(f"flexorch does not run generate_until requests (task(s) {', '.join(tasks)}): it scores "
-                        f"log-likelihoods (multiple-choice and perplexity tasks); generating would stream the "
-                        f"whole model once per generated token")
+        """Each request's continuation as lm-eval's hf model makes it: the context encoded as its
+        tok_batch_encode does and left-truncated to max_length - max_gen_toks, generated until the
+        model's EOS, one of `until` (the EOS text added, as lm-eval does) or max_gen_toks tokens, the
+        text cut before the first stop string. Every request is one prompt of one flexorch job (one
+        per distinct sampling setting: do_sample, temperature, top_p, top_k)."""
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        groups: dict[tuple, list[tuple[int, dict]]] = {}
+        for n, request in enumerate(requests):
+            context, gen_kwargs = request.args
+            kwargs = normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            limit = int(kwargs.pop("max_gen_toks"))
+            if limit >= self.max_length:
+                raise UserError(f"lm-eval request {n} ({request.task_name}): max_gen_toks {limit} leaves no room "
+                                f"for the context within max_length {self.max_length}")
+            ids = self._context_ids(context)[-(self.max_length - limit):]
+            prompt = {"prefix_ids": ids, "max_new_tokens": limit, "stop": [s for s in until if s]}
+            groups.setdefault(_sampling(kwargs), []).append((n, prompt))
+        answers: list[str] = [""] * len(requests)
+        for sampling, items in groups.items():
+            prompts = [prompt for _, prompt in items]
+            job_dir = self.job_root / f"generate_until-{self._digest(prompts + [dict(sampling)])}"
+            results = flexorch.generate(self.pretrained, prompts, job_dir=job_dir, max_length=self.max_length,
+                                        progress=self.progress, **dict(sampling), **self.settings)
+            for (n, _), result in zip(items, results):
+                answers[n] = result.choice[0]
+        for request, answer in zip(requests, answers):
+            self.cache_hook.add_partial("generate_until", request.args, answer)
+        return answers
+
+    def _context_ids(self, context: str) -> list[int]:
+        """A generation context's ids as lm-eval's hf model's tok_batch_encode makes them (no
+        special tokens where the text starts with the BOS text; add_bos_token where given)."""
+        special = {}
+        if has_bos_prefix(context, getattr(self.tokenizer, "bos_token", None)):
+            special = {"add_special_tokens": False}
+        elif self.add_bos_token is not None:
+            special = {"add_special_tokens": self.add_bos_token}
+        return self.tokenizer(context, **special)["input_ids"]
 
     def get_model_info(self) -> dict:
         return {"model": MODEL_NAME, "pretrained": str(self.pretrained), "max_length": self.max_length}
@@ -216,6 +250,15 @@ def write_json_task(folder: Path, task: str, rows: Sequence[dict], output_type: 
             "metric_list": [{"metric": metric} for metric in metrics]}
     (folder / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder
+
+
+def _sampling(kwargs: dict) -> tuple[tuple[str, object], ...]:
+    """flexorch.generate's sampling keywords for lm-eval's normalised generation kwargs (greedy
+    unless do_sample), as a hashable key."""
+    if not kwargs.get("do_sample") or not kwargs.get("temperature", 1.0):
+        return (("temperature", 0.0),)
+    return (("temperature", float(kwargs.get("temperature", 1.0))), ("top_p", float(kwargs.get("top_p", 1.0))),
+            ("top_k", int(kwargs.get("top_k", _HF_TOP_K))))
 
 
 def _shared_context_prompts(pairs: Sequence[_Pair]) -> tuple[list[dict], list[tuple[int, int]]]:

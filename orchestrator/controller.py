@@ -34,6 +34,7 @@ from flexorch.orchestrator.summary import Summary, summarize
 from flexorch.orchestrator.modelstore import default_cache_dir, is_hf_checkpoint, resolve_model
 from flexorch.orchestrator.planner import Plan, WorkerPlan, make_cluster_plan, make_plan
 from flexorch.orchestrator.progress import WorkerLine, make_progress
+from flexorch.orchestrator.generation import eos_ids, with_text
 from flexorch.orchestrator.prompts import (Prompt, check_answers, load_tokenizer, model_max_length, model_vocab_size,
                                            read_prompts, token_ids_for, tokenize_prompts, updated_prompts_path,
                                            write_updated_prompts)
@@ -108,20 +109,26 @@ def prepare_job(spec: JobSpec, model_dir: Path, manifest: Manifest) -> PreparedJ
     """Prompts → token ids → score ids → hardware → plan. `model_dir` holds the tokenizer."""
     cluster = _ray_cluster(spec) if spec.executor == "ray" else None  # no Ray, no cluster: say so first
     check_model_type(manifest.model_type, spec.allow_untested_models, str(spec.model))
-    prompts = read_prompts(spec.prompts)
+    generation = spec.score.generate  # score.kind generate, else None
+    prompts = read_prompts(spec.prompts, generate=generation is not None)
     tokenizer = load_tokenizer(model_dir, spec.allow_remote_code)
     max_length = spec.max_length or model_max_length(manifest.config)
     tokenized = tokenize_prompts(prompts, tokenizer, max_length, spec.prompts, spec.generate_tokens,
-                                 vocab_size=model_vocab_size(manifest.config) or len(tokenizer))
+                                 vocab_size=model_vocab_size(manifest.config) or len(tokenizer), generation=generation)
     token_ids = token_ids_for(spec.score.tokens, tokenizer, spec.path) if spec.score.kind is ScoreKind.TOKEN_PROBS else ()
     check_answers(prompts, spec.score.kind, len(token_ids), spec.prompts)
     score = ScoreSpec(kind=spec.score.kind, token_ids=token_ids, generate_tokens=spec.generate_tokens)
+    if generation is not None:
+        score = replace(score, sampling=generation.sampling, logprobs=generation.logprobs,
+                        eos_ids=eos_ids(model_dir, manifest.config))
     # Free disk where activations would go: the planner's disk budget (probe walks up to a parent
     # that exists, so job_dir need not exist yet).
     disk_path = spec.disk_folder or spec.job_dir
     sizes = dict(prompt_tokens=[p.n_tokens for p in tokenized], suffix_counts=[len(p.suffix_ids) for p in tokenized],
                  scored_counts=[len(score.kind.positions(len(p.prefix_ids), tuple(map(len, p.suffix_ids))))
                                 for p in tokenized])
+    if generation is not None:  # the planner prices each prompt's own steps and KV cache growth
+        sizes["new_tokens"] = [p.max_new_tokens for p in tokenized]
     if cluster is not None:
         nodes = cluster.probe_nodes(disk_path)
         plan = make_cluster_plan(nodes, manifest, spec, **sizes)
@@ -570,6 +577,8 @@ def _write_outputs(run: _Run) -> list[PromptResult]:
     and the _updated prompts."""
     spec, job = run.job.spec, run.job
     results = collect_results(run.state.parts(), len(job.prompts))
+    if job.score.kind == ScoreKind.GENERATE:
+        results = with_text(results, job.tokenizer, [p.stop for p in job.tokenized])
     write_output(spec.output, job.score.kind, results, prompts=job.prompts, token_labels=spec.score.tokens)
     run.summary = summarize(job.score.kind, [r.scores for r in results], job.prompts,
                             token_labels=spec.score.tokens)

@@ -27,7 +27,7 @@ from flexorch.contract.atomic import atomic_write_text
 from flexorch.orchestrator.prepare import COPIED_FILES
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import Manifest
-from flexorch.contract.protocol import ScoreSpec, TokenizedPrompt
+from flexorch.contract.protocol import ScoreKind, ScoreSpec, TokenizedPrompt
 from flexorch.contract.parts import PART_SUFFIX, PartError, read_part, read_part_indices
 from flexorch.contract.verified import sha256_file
 
@@ -79,10 +79,13 @@ def model_digest(manifest: Manifest, model_dir: str | Path) -> str:
 
 def make_fingerprint(manifest: Manifest, model_dir: str | Path, prompts_path: str | Path,
                      tokenized: Sequence[TokenizedPrompt], score: ScoreSpec, dtype: str) -> Fingerprint:
-    token_ids = _sha256_json([(p.prefix_ids, p.suffix_ids) for p in tokenized])
+    generate = score.kind == ScoreKind.GENERATE  # its limits, stop strings, sampling and EOS ids count too
+    token_ids = _sha256_json([(p.prefix_ids, p.suffix_ids, *((p.max_new_tokens, p.stop) if generate else ()))
+                              for p in tokenized])
+    generation = f" {score.sampling} eos={list(score.eos_ids)} logprobs={score.logprobs}" if generate else ""
     return Fingerprint(
         model=model_digest(manifest, model_dir), prompts=sha256_file(prompts_path), token_ids=token_ids,
-        score=f"{score.kind}{list(score.token_ids) if score.token_ids else ''}",
+        score=f"{score.kind}{list(score.token_ids) if score.token_ids else ''}{generation}",
         generate_tokens=score.generate_tokens, dtype=dtype, flexorch=flexorch_version(),
     )
 

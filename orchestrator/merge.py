@@ -5,7 +5,9 @@ suffix_logprob dict of arrays), pickle protocol 4. `.jsonl` has one object per p
 `index`, its `id` and `answer` if the prompt had them, the same fields as lists, the token strings
 of token_probs (`tokens`), `generated_ids` for the kinds that generate (per suffix, the argmax token
 id of each step: the tokens, not their decoded text, which can cut a multi-byte character in two)
-and the prompt's extra fields, passed through.
+and the prompt's extra fields, passed through. generate's entry is its dict of arrays with `text`
+(a list, per suffix); its .jsonl line has `text`, `generated_ids`, `stop_reason` and, asked for,
+`logprobs` per suffix (`generate_fields`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from flexorch.contract.atomic import atomic_writer
-from flexorch.contract.protocol import PromptResult
+from flexorch.contract.protocol import PromptResult, ScoreKind, StopReason
 from flexorch.contract.parts import read_part
 from flexorch.orchestrator.prompts import PICKLE_PROTOCOL, Prompt
 
@@ -63,6 +65,19 @@ def write_output(path: str | Path, kind: str, results: Sequence[PromptResult],
     return path
 
 
+def generate_fields(scores: Mapping) -> dict:
+    """generate's fields of an output line, per suffix: `text` (cut before a stop string),
+    `generated_ids` (the EOS or the token completing a stop string included), `stop_reason` (eos,
+    stop, length) and with score.logprobs each generated token's `logprobs`."""
+    n_new = [int(n) for n in scores["n_new"]]
+    fields = {"text": list(scores["text"]),
+              "generated_ids": [np.asarray(scores["ids"][j, :n]).tolist() for j, n in enumerate(n_new)],
+              "stop_reason": [StopReason.of_code(int(c)).value for c in scores["stop"]]}
+    if "logprobs" in scores:
+        fields["logprobs"] = [np.asarray(scores["logprobs"][j, :n]).tolist() for j, n in enumerate(n_new)]
+    return fields
+
+
 def jsonl_record(kind: str, result: PromptResult, prompt: Prompt | None = None,
                  token_labels: Sequence[str] = ()) -> dict:
     """One output line: index, id and answer (if any), the scores as (nested) lists — a field named
@@ -72,7 +87,9 @@ def jsonl_record(kind: str, result: PromptResult, prompt: Prompt | None = None,
     record: dict = {"index": result.index}
     if prompt is not None:
         record.update({k: v for k, v in (("id", prompt.id), ("answer", prompt.answer)) if v is not None})
-    if isinstance(result.scores, Mapping):
+    if ScoreKind(kind) is ScoreKind.GENERATE:
+        record.update(generate_fields(result.scores))
+    elif isinstance(result.scores, Mapping):
         record.update({key: np.asarray(value).tolist() for key, value in result.scores.items()})
     else:
         record[kind] = np.asarray(result.scores).tolist()

@@ -26,6 +26,7 @@ from flexorch.contract.atomic import atomic_write_bytes
 from flexorch.contract.errors import UserError
 from flexorch.contract.guard import Limits, check_plain, parse_guarded, scan_pickle
 from flexorch.contract.protocol import ScoreKind, TokenizedPrompt
+from flexorch.orchestrator.generation import GenerateSettings, max_new_tokens, stop_strings
 
 PROMPT_FORMATS = ("jsonl", "pkl")
 # generated_ids: what _updated prompts carry beside the text; accepted so they read back as prompts,
@@ -37,6 +38,8 @@ _TEXT_KEYS, _ID_KEYS = ("prefix", "suffixes"), ("prefix_ids", "suffix_ids")
 # take the names the output uses for its own fields.
 RESERVED_FIELDS = frozenset({"index", "prefix", "suffixes", "tokens", "generated", "logprob", "is_greedy",
                              "n_tokens", "next_token_probs", "token_probs", "suffix_logprob"})
+GENERATE_FIELDS = frozenset({"text", "generated_ids", "stop_reason", "logprobs"})  # generate's output fields
+_GENERATE_KEYS = ("max_new_tokens", "stop")  # a generate prompt's own limit and stop strings
 _SCALARS = (str, int, float, bool, type(None))
 # Problems listed in one error: enough to see a pattern, short enough to read in a terminal.
 _MAX_LISTED = 5
@@ -64,6 +67,8 @@ class Prompt:
     fields: dict = field(default_factory=dict)  # any other keys of the prompt, passed through to .jsonl output
     prefix_ids: tuple[int, ...] | None = None
     suffix_ids: tuple[tuple[int, ...], ...] | None = None
+    max_new_tokens: int | None = None  # generate: this prompt's limit (None: the job's)
+    stop: tuple[str, ...] | None = None  # generate: this prompt's stop strings (None: the job's)
 
     @property
     def is_tokenized(self) -> bool:
@@ -80,14 +85,17 @@ class Prompt:
             body = {"prefix_ids": list(self.prefix_ids), "suffix_ids": [list(s) for s in self.suffix_ids]}
         else:
             body = {"prefix": self.prefix, "suffixes": list(self.suffixes)}
-        return {**body, **{k: v for k, v in optional.items() if v is not None}, **self.fields}
+        own = {"max_new_tokens": self.max_new_tokens, "stop": list(self.stop) if self.stop is not None else None}
+        return {**body, **{k: v for k, v in {**optional, **own}.items() if v is not None}, **self.fields}
 
 
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def read_prompts(path: Path) -> list[Prompt]:
-    """The prompts of a .jsonl or .pkl file, in file order; at least one."""
+def read_prompts(path: Path, generate: bool = False) -> list[Prompt]:
+    """The prompts of a .jsonl or .pkl file, in file order; at least one. `generate` (score.kind
+    generate): suffixes may be absent (one empty suffix: the prefix is continued), and a prompt may
+    carry its own max_new_tokens and stop."""
     path = Path(path)
     fmt = path.suffix[1:]
     if fmt not in PROMPT_FORMATS:
@@ -96,13 +104,13 @@ def read_prompts(path: Path) -> list[Prompt]:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot read the prompts file ({exc.strerror})") from None
-    prompts = _read_jsonl(data, path) if fmt == "jsonl" else _read_pickle(data, path)
+    prompts = _read_jsonl(data, path, generate) if fmt == "jsonl" else _read_pickle(data, path, generate)
     if not prompts:
         raise UserError(f"{path}: holds no prompts")
     return prompts
 
 
-def _read_jsonl(data: bytes, source: Path) -> list[Prompt]:
+def _read_jsonl(data: bytes, source: Path, generate: bool = False) -> list[Prompt]:
     problems = Problems(source, most=_MAX_LISTED)
     prompts = []
     for line_number, raw in enumerate(data.split(b"\n"), start=1):
@@ -123,7 +131,7 @@ def _read_jsonl(data: bytes, source: Path) -> list[Prompt]:
         if not isinstance(item, dict):
             problems.add(where, f'expected an object {{"prefix": ..., "suffixes": [...]}}, got {_show(item)}')
             continue
-        prompt = _prompt_from_dict(item, problems, where)
+        prompt = _prompt_from_dict(item, problems, where, generate)
         if prompt is not None:
             prompts.append(prompt)
     problems.raise_if_any()
@@ -157,7 +165,7 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise UserError(f"{self.source}: refused a persistent id in the pickle: {_PLAIN_ONLY} (nothing in it was run)")
 
 
-def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
+def _read_pickle(data: bytes, source: Path, generate: bool = False) -> list[Prompt]:
     scan_pickle(data, str(source), refuse_code=_PLAIN_ONLY)
     try:
         items = _PlainDataUnpickler(io.BytesIO(data), source).load()
@@ -172,13 +180,17 @@ def _read_pickle(data: bytes, source: Path) -> list[Prompt]:
         raise UserError(f"{source}: {problem}")
     if not isinstance(items, (list, tuple)):
         raise UserError(f"{source}: expected a list of (prefix, suffixes) pairs, got {_show(items)}")
-    return _prompts_of_items(items, source, "prompt index {}")
+    return _prompts_of_items(items, source, "prompt index {}", generate)
 
 
-def _prompt_from_dict(item: dict, problems: Problems, where: str) -> Prompt | None:
+def _prompt_from_dict(item: dict, problems: Problems, where: str, generate: bool = False) -> Prompt | None:
     valid = True
-    extra = {key: value for key, value in item.items() if key not in _PROMPT_KEYS}
+    own = _PROMPT_KEYS + (_GENERATE_KEYS if generate else ())
+    extra = {key: value for key, value in item.items() if key not in own}
     tokenized = any(key in item for key in _ID_KEYS)
+    if generate:  # a prompt without suffixes is continued from its prefix: one empty suffix
+        key = _ID_KEYS[1] if tokenized else _TEXT_KEYS[1]
+        item = {key: [[]] if tokenized else [""], **item}
     if tokenized and any(key in item for key in _TEXT_KEYS):
         problems.add(where, "give either prefix and suffixes (text) or prefix_ids and suffix_ids (token ids), "
                             "not both")
@@ -189,16 +201,23 @@ def _prompt_from_dict(item: dict, problems: Problems, where: str) -> Prompt | No
             problems.add(where, f"unknown key {close[0]!r} (did you mean '{key}'?)" if close else f"missing key '{key}'")
             valid = False
     for key in extra:
-        if not isinstance(key, str) or key in RESERVED_FIELDS:
+        if not isinstance(key, str) or key in RESERVED_FIELDS or (generate and key in GENERATE_FIELDS):
             problems.add(where, f"key {key!r}: the output uses this name for its own field; rename it")
             valid = False
+    limit = stop = None
+    if generate:
+        limit = max_new_tokens(problems, where + ": max_new_tokens", item.get("max_new_tokens"), default=None)
+        stop = stop_strings(problems, where + ": stop", item.get("stop")) if "stop" in item else None
+        valid = valid and ("max_new_tokens" not in item or limit is not None) and ("stop" not in item or stop is not None)
     if not valid:
         return None
     if tokenized:
-        return _make_id_prompt(item["prefix_ids"], item["suffix_ids"], item.get("id"), problems, where,
-                               answer=item.get("answer"), fields=extra)
-    return _make_prompt(item["prefix"], item["suffixes"], item.get("id"), problems, where,
-                        answer=item.get("answer"), fields=extra)
+        prompt = _make_id_prompt(item["prefix_ids"], item["suffix_ids"], item.get("id"), problems, where,
+                                 answer=item.get("answer"), fields=extra)
+    else:
+        prompt = _make_prompt(item["prefix"], item["suffixes"], item.get("id"), problems, where,
+                              answer=item.get("answer"), fields=extra)
+    return prompt if prompt is None or not generate else replace(prompt, max_new_tokens=limit, stop=stop)
 
 
 def _make_prompt(prefix, suffixes, prompt_id, problems: Problems, where: str, answer=None,
@@ -272,7 +291,7 @@ def _plain(value):
     return value
 
 
-def prompts_from_objects(items, source: str = "prompts") -> list[Prompt]:
+def prompts_from_objects(items, source: str = "prompts", generate: bool = False) -> list[Prompt]:
     """Prompts given as Python objects (the Python API): dicts as in a .jsonl line, or the seed's
     (prefix, suffixes) pairs; errors name `source[i]`."""
     if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
@@ -282,7 +301,7 @@ def prompts_from_objects(items, source: str = "prompts") -> list[Prompt]:
     problem = check_plain(items)  # the same guard as a file's: depth, 64-bit ints, valid Unicode
     if problem:
         raise UserError(f"{source}: {problem}")
-    prompts = _prompts_of_items(items, Path(source), "[{}]")
+    prompts = _prompts_of_items(items, Path(source), "[{}]", generate)
     if not prompts:
         raise UserError(f"{source}: holds no prompts")
     return prompts
@@ -299,22 +318,24 @@ def _as_json(item, where: str):
         raise UserError(f"{where}: not JSON data: {exc}") from None
 
 
-def _prompts_of_items(items, source: Path, where: str) -> list[Prompt]:
+def _prompts_of_items(items, source: Path, where: str, generate: bool = False) -> list[Prompt]:
     """Prompts from a list of items (a pickle's, or the Python API's), every problem listed at once;
     `where`: how a problem names item i (`where.format(i)`)."""
     problems = Problems(source, most=_MAX_LISTED)
     prompts = []
     for index, item in enumerate(items):
-        prompt = _prompt_from_item(item, problems, where.format(index))
+        prompt = _prompt_from_item(item, problems, where.format(index), generate)
         if prompt is not None:
             prompts.append(prompt)
     problems.raise_if_any()
     return prompts
 
 
-def _prompt_from_item(item, problems: Problems, where: str) -> Prompt | None:
+def _prompt_from_item(item, problems: Problems, where: str, generate: bool = False) -> Prompt | None:
     if isinstance(item, dict):
-        return _prompt_from_dict(item, problems, where)
+        return _prompt_from_dict(item, problems, where, generate)
+    if generate and isinstance(item, str):  # the Python API: a prompt to continue, as text alone
+        return _make_prompt(item, [""], None, problems, where)
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return _make_prompt(item[0], item[1], None, problems, where)
     problems.add(where, f"expected a (prefix, suffixes) pair or a dict with prefix and suffixes, got {_show(item)}")
@@ -365,12 +386,14 @@ def load_tokenizer(model_dir: Path, allow_remote_code: bool = False):
 
 
 def tokenize_prompts(prompts: Sequence[Prompt], tokenizer, max_length: int | None, source: Path,
-                     generate_tokens: int = 1, vocab_size: int | None = None) -> list[TokenizedPrompt]:
+                     generate_tokens: int = 1, vocab_size: int | None = None,
+                     generation: GenerateSettings | None = None) -> list[TokenizedPrompt]:
     """Token ids per JOBSPEC: the prefix with the tokenizer's special tokens (BOS where it adds one),
     each suffix without; a prompt given as ids keeps them, each checked to be below `vocab_size`
     (the embedding's rows). `max_length` bounds the longest sequence the model sees for a prompt:
     prefix + its longest suffix + the tokens generated after the first step (positions restart for
-    each suffix, so suffixes do not add up)."""
+    each suffix, so suffixes do not add up). `generation` (score.kind generate): each prompt's limit
+    and stop strings, its own or the job's, resolved into its TokenizedPrompt."""
     if not prompts:
         return []
     _check_characters(prompts, tokenizer, max_length, Path(source))
@@ -383,12 +406,18 @@ def tokenize_prompts(prompts: Sequence[Prompt], tokenizer, max_length: int | Non
             problems.add(where, "the prefix is empty and the tokenizer adds no BOS token: nothing to condition on")
         if prompt.is_tokenized and vocab_size is not None:
             _check_vocab(prefix, suffixes, vocab_size, problems, where)
-        longest = len(prefix) + max(len(s) for s in suffixes) + generate_tokens - 1
+        limit, stop = 0, ()
+        if generation is not None:
+            limit = prompt.max_new_tokens or generation.max_new_tokens
+            stop = prompt.stop if prompt.stop is not None else generation.stop
+        steps = limit or generate_tokens
+        longest = len(prefix) + max(len(s) for s in suffixes) + steps - 1
         if max_length is not None and longest > max_length:
-            generated = f" + {generate_tokens - 1} generated" if generate_tokens > 1 else ""
+            generated = f" + {steps - 1} generated" if steps > 1 else ""
             problems.add(where, f"{longest} tokens (prefix {len(prefix)} + longest suffix "
                                 f"{max(len(s) for s in suffixes)}{generated}), more than max_length {max_length}")
-        tokenized.append(TokenizedPrompt(index=index, prefix_ids=prefix, suffix_ids=suffixes))
+        tokenized.append(TokenizedPrompt(index=index, prefix_ids=prefix, suffix_ids=suffixes,
+                                         max_new_tokens=limit, stop=stop))
     problems.raise_if_any()
     return tokenized
 

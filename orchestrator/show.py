@@ -29,7 +29,7 @@ from flexorch.orchestrator.summary import Group, Summary, by_field, summarize
 REPORT_NAME = "report.json"
 # The .jsonl output's own fields; the others are the prompts' extra fields, passed through.
 _OUTPUT_FIELDS = frozenset({"index", "id", "answer", "logprob", "is_greedy", "n_tokens", "next_token_probs",
-                            "token_probs", "tokens", "generated_ids"})
+                            "token_probs", "tokens", "generated_ids", "text", "stop_reason", "logprobs"})
 # One output line holds a prompt's scores: a few top-k probabilities per suffix and step, or a
 # full vocabulary's (262k floats as text: ~6 MB) for a handful of steps.
 _LINE_LIMITS = Limits(max_bytes=256 << 20)
@@ -102,20 +102,29 @@ def _jsonl_summary(path: Path) -> Summary:
     if not isinstance(records[0], dict):
         raise UserError(f"{path} line 1: not a JSON object")
     kind = next((k for k in (ScoreKind.NEXT_TOKEN_PROBS, ScoreKind.TOKEN_PROBS) if k.value in records[0]),
-                ScoreKind.SUFFIX_LOGPROB)
-    key = "logprob" if kind is ScoreKind.SUFFIX_LOGPROB else kind.value
+                ScoreKind.GENERATE if "stop_reason" in records[0] else ScoreKind.SUFFIX_LOGPROB)
+    key = {ScoreKind.SUFFIX_LOGPROB: "logprob", ScoreKind.GENERATE: "text"}.get(kind, kind.value)
     entries, prompts = [], []
     for n, record in enumerate(records, 1):
         where = f"{path} line {n}"
         if not isinstance(record, dict) or key not in record:
             raise UserError(f"{where}: no '{key}' field (not a flexorch {kind.value} output)")
-        scores = _array(record[key], 1 if kind is ScoreKind.SUFFIX_LOGPROB else 3, where, key)
-        entries.append({"logprob": scores} if kind is ScoreKind.SUFFIX_LOGPROB else scores)
+        if kind is ScoreKind.GENERATE:
+            entries.append({"text": _texts(record[key], where)})
+        else:
+            scores = _array(record[key], 1 if kind is ScoreKind.SUFFIX_LOGPROB else 3, where, key)
+            entries.append({"logprob": scores} if kind is ScoreKind.SUFFIX_LOGPROB else scores)
         prompts.append(Prompt("", (), id=record.get("id"), answer=_answer(record.get("answer"), where),
                               fields={k: v for k, v in record.items() if k not in _OUTPUT_FIELDS}))
     labels = records[0].get("tokens") if kind is ScoreKind.TOKEN_PROBS else None
     labels = tuple(labels) if isinstance(labels, list) and all(isinstance(t, str) for t in labels) else ()
     return summarize(kind, entries, prompts, labels)
+
+
+def _texts(value, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise UserError(f"{where}: 'text' is not a list of strings (not a flexorch generate output)")
+    return value
 
 
 def _array(value, ndim: int, where: str, key: str) -> np.ndarray:
@@ -141,6 +150,11 @@ def _pickle_kind(path: Path, entries) -> ScoreKind:
     (next_token_probs and token_probs look alike: summarised as next_token_probs)."""
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{path}: not a flexorch output (a {type(entries).__name__}, not a non-empty list)")
+    if all(isinstance(e, dict) and "text" in e for e in entries):
+        for i, entry in enumerate(entries):
+            if not (isinstance(entry["text"], list) and all(isinstance(t, str) for t in entry["text"])):
+                raise UserError(f"{path}: entry {i} has no 'text' list of strings (not a flexorch output)")
+        return ScoreKind.GENERATE
     if all(isinstance(e, dict) for e in entries):
         for i, entry in enumerate(entries):
             logprob = entry.get("logprob")
@@ -292,7 +306,7 @@ def render(shown: Shown, console, rows: int | None = 20, by: str | None = None) 
     table = Table(caption=(f"first {rows} of {summary.prompts}: --all lists every prompt"
                            if rows and summary.prompts > rows else None))
     table.add_column("prompt", overflow="fold")
-    table.add_column("argmax", overflow="fold")
+    table.add_column("text" if summary.kind == ScoreKind.GENERATE.value else "argmax", overflow="fold")
     if summary.norm_choices:
         table.add_column("argmax/char")
     if summary.answers:
@@ -350,6 +364,8 @@ def _prompt_label(summary: Summary, i: int) -> str:
 
 
 def _choice_text(summary: Summary, choice, decode) -> str:
+    if summary.kind == ScoreKind.GENERATE.value:  # per suffix, its text as a Python literal (newlines shown)
+        return " | ".join(repr(t) for t in choice)
     if summary.kind == ScoreKind.TOKEN_PROBS.value and isinstance(choice, int) and 0 <= choice < len(summary.labels):
         return f"{choice} {summary.labels[choice]!r}"
     if isinstance(choice, (list, tuple)):

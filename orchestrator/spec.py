@@ -27,6 +27,7 @@ from flexorch.orchestrator.hub import absent_message, cached_snapshot, hub_cache
 from flexorch.orchestrator.prompts import updated_prompts_path
 from flexorch.contract.choices import DeviceKind, Parallel, Storage, on_cpu
 from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES, ScoreKind
+from flexorch.orchestrator.generation import GENERATE_KEYS, GenerateSettings, generate_settings
 
 PARALLEL_MODES = tuple(mode.value for mode in Parallel)
 EXECUTORS = ("local", "ray")
@@ -52,7 +53,7 @@ _TOP_KEYS = ("model", "prompts", "output", "job_dir", "score", "generate_tokens"
              "layers_per_shard", "storage", "disk_folder", "dtype", "batch_tokens", "max_length", "limits",
              "worker_timeout", "allow_remote_code", "executor", "ray_address", "allow_untested_models",
              "checkpoint_interval")
-_SCORE_KEYS = ("kind", "tokens")
+_SCORE_KEYS = ("kind", "tokens", *GENERATE_KEYS)
 _LIMIT_KEYS = ("gpu_memory", "ram")
 # Spellings users bring from torch and other tools; only suggested, so each dtype has one spelling.
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
@@ -68,6 +69,7 @@ _YAML_LIMITS = ReadLimits(max_bytes=256 << 10)
 class ScoreSettings:
     kind: ScoreKind = ScoreKind.NEXT_TOKEN_PROBS
     tokens: tuple[str, ...] = ()  # token_probs only: strings of exactly one token each
+    generate: GenerateSettings | None = None  # generate only: limits, stop strings, sampling (orchestrator/generation.py)
 
     def __post_init__(self):
         object.__setattr__(self, "kind", ScoreKind(self.kind))  # accepts the job file's name
@@ -151,6 +153,9 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
     if score is not None and score.kind is ScoreKind.SUFFIX_LOGPROB and generate_tokens not in (None, 1):
         problems.add("generate_tokens", f"must be 1 with score.kind suffix_logprob (the log-prob of a given "
                                         f"suffix does not depend on generation), got {generate_tokens}")
+    if score is not None and score.kind is ScoreKind.GENERATE and generate_tokens not in (None, 1):
+        problems.add("generate_tokens", "is not used with score.kind generate: give score.max_new_tokens "
+                                        "(and a prompt's own max_new_tokens)")
     storage = choice(problems, "storage", raw.get("storage"), STORAGES)
     disk_folder = _disk_folder(problems, raw.get("disk_folder"), base, storage)
     if generate_tokens is not None and prompts is not None:
@@ -388,9 +393,18 @@ def _score(problems: Problems, value) -> ScoreSettings | None:
                                      "each exactly one token (e.g. [\" A\", \" B\"])")
     elif kind is not None and kind != ScoreKind.TOKEN_PROBS and tokens:
         problems.add("score.tokens", f"is only used with score.kind token_probs (kind is {kind})")
+    generate = None
+    if kind == ScoreKind.GENERATE:
+        generate = generate_settings(problems, value)
+        if generate is None:
+            return None
+    elif kind is not None:
+        for key in GENERATE_KEYS:
+            if key in value:
+                problems.add(f"score.{key}", f"is only used with score.kind generate (kind is {kind})")
     if kind is None or tokens is None:
         return None
-    return ScoreSettings(kind=kind, tokens=tokens)
+    return ScoreSettings(kind=kind, tokens=tokens, generate=generate)
 
 
 def _tokens(problems: Problems, value) -> tuple[str, ...] | None:

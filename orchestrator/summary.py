@@ -108,7 +108,7 @@ def summarize(kind: str, entries: Sequence, prompts: Sequence[Prompt] | None = N
     labels = tuple(token_labels) if kind is ScoreKind.TOKEN_PROBS else ()
     extra = _label_fields(prompts) if prompts is not None else {}
     answers = [p.answer for p in prompts] if prompts is not None else [None] * len(entries)
-    if kind is ScoreKind.NEXT_TOKEN_PROBS or not any(a is not None for a in answers):
+    if kind in (ScoreKind.NEXT_TOKEN_PROBS, ScoreKind.GENERATE) or not any(a is not None for a in answers):
         return Summary(len(entries), kind.value, choices, ids=ids, labels=labels, fields=extra)
     answered = [i for i, a in enumerate(answers) if a is not None]
     acc, acc_stderr = _mean_and_stderr([choices[i] == answers[i] for i in answered])
@@ -175,6 +175,8 @@ def _is_int(value) -> bool:
 
 
 def _choice(kind: ScoreKind, entry):
+    if kind is ScoreKind.GENERATE:  # the text of each suffix's continuation
+        return [str(t) for t in entry["text"]]
     if kind is ScoreKind.SUFFIX_LOGPROB:
         return int(np.argmax(np.asarray(entry["logprob"])))
     probs = np.asarray(entry)  # (n_suffixes, steps, k)

@@ -1,7 +1,8 @@
 """flexorch as an lm-eval model: per-request log-likelihoods, is_greedy and task metrics equal
 lm-eval's own `hf` model on the same tiny checkpoint (float32), on a multiple-choice task and a
 perplexity task defined locally (offline); two devices answer as one; a request longer than the
-model's limit is left-truncated as lm-eval does; a re-run resumes; generation is refused by name."""
+model's limit is left-truncated as lm-eval does; a re-run resumes; a generative task (generate_until)
+gives the same text and metric."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 import flexorch  # noqa: E402
 from flexorch.lm_eval import FlexorchLM, _Pair, _shared_context_prompts, write_json_task  # noqa: E402
 
-MC, PPL = "flexorch_tiny_mc", "flexorch_tiny_ppl"
+MC, PPL, GEN = "flexorch_tiny_mc", "flexorch_tiny_ppl", "flexorch_tiny_gen"
 TOLERANCE = 1e-4  # per request, float32
 # A rolling total (thousands of nats) is summed in float32 by lm-eval's hf model: one float32 ulp
 # at 4000 is 2.4e-4, so totals compare relatively (flexorch sums in float64).
@@ -139,11 +140,33 @@ def test_requests_sharing_a_context_become_one_prompt():
     assert where == [(0, 0), (0, 1), (1, 0), (0, 0)]
 
 
-def test_generation_is_refused_naming_the_task(layerwise):
-    lm = FlexorchLM(pretrained=str(layerwise("llama")), job_dir="unused")
-    request = Instance("generate_until", {}, ("Q:", {"until": ["\n"]}), 0, metadata=("gsm8k", 0, 1))
-    with pytest.raises(flexorch.UserError, match=r"does not run generate_until requests \(task\(s\) gsm8k\)"):
-        lm.generate_until([request])
+@pytest.fixture(scope="module")
+def gen_tasks(tmp_path_factory) -> Path:
+    """A local generate_until task: greedy, stopped by its `until` strings (one the tiny model's
+    text often holds), the EOS or max_gen_toks, with one request asking for fewer tokens."""
+    root = tmp_path_factory.mktemp("lm-eval-gen")
+    rows = [{"question": q["question"], "answer": q["choices"][0]} for q in QUESTIONS[:3]] + [{"question": LONG, "answer": "x"}]
+    write_json_task(root, GEN, rows, "generate_until", ("exact_match",), doc_to_text="{{question}}",
+                    doc_to_target="{{answer}}")
+    spec = root / f"{GEN}.yaml"
+    spec.write_text(spec.read_text() + "generation_kwargs:\n  until: [\"n\", \"\\n\\n\"]\n  max_gen_toks: 10\n"
+                    "  do_sample: false\n")
+    return root
+
+
+def test_generate_until_equals_lm_evals_hf_model(checkpoint, layerwise, gen_tasks, tmp_path):
+    """The same text per request and the same metric as lm-eval's hf model (float32, one request
+    per batch: no padding), from one flexorch job."""
+    args = f"pretrained={checkpoint('llama')},dtype=float32,device=cpu"
+    reference = evaluate("hf", gen_tasks, tasks=(GEN,), model_args=args, batch_size=1)
+    ours = evaluate(FlexorchLM(pretrained=str(layerwise("llama")), devices="cpu", job_dir=str(tmp_path), progress=False),
+                    gen_tasks, tasks=(GEN,))
+    texts = responses(ours, GEN)
+    assert texts == responses(reference, GEN)
+    assert any(t for t in texts) and len(set(texts)) > 1  # something was generated, and not one text for all
+    assert ours["results"][GEN]["exact_match,none"] == reference["results"][GEN]["exact_match,none"]
+    (job,) = tmp_path.iterdir()  # one job for every generate_until request of the run
+    assert json.loads((job / "report.json").read_text())["prompts"] == 4
 
 
 def test_bad_model_args_are_user_errors(tmp_path):

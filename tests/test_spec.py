@@ -217,7 +217,7 @@ def test_all_problems_in_one_error(folder):
         "unknown key 'layer_per_shard' (did you mean 'layers_per_shard'?)",
         "missing required key 'prompts' (the prompts file (.jsonl or .pkl))",
         "unknown key 'score.tokenz' (did you mean 'score.tokens'?)",
-        "score.kind: expected next_token_probs | token_probs | suffix_logprob, got 'token_prob' "
+        "score.kind: expected next_token_probs | token_probs | suffix_logprob | generate, got 'token_prob' "
         "(did you mean 'token_probs'?)",
         "generate_tokens: expected an integer >= 1, got 0",
         "unknown key 'limits.gpu_memry' (did you mean 'limits.gpu_memory'?)",
@@ -238,7 +238,7 @@ def test_all_problems_in_one_error(folder):
     ({"worker_timeout": "soon"}, "worker_timeout: expected a number of seconds > 0, got 'soon'"),
     ({"model": 7}, "model: expected a path, got 7"),
     ({"score": "token_probs"}, "score.tokens: is required with score.kind token_probs"),
-    ({"score": "suffix_log"}, "score.kind: expected next_token_probs | token_probs | suffix_logprob, got 'suffix_log'"),
+    ({"score": "suffix_log"}, "score.kind: expected next_token_probs | token_probs | suffix_logprob | generate, got 'suffix_log'"),
     ({"score": 5}, "score: expected a kind or a mapping (kind: ..., tokens: [...]), got 5"),
     ({"score": {"kind": "token_probs", "tokens": " A"}}, "score.tokens: expected a list of strings, got ' A'"),
     ({"limits": {"ram": 8}}, "limits.ram: give a unit, e.g. 8GB or 8GiB (B for bytes), got 8"),

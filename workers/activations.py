@@ -67,6 +67,9 @@ class ActivationStore:
     def prefetch(self, batch_id: Key) -> None:
         """A hint: `batch_id` is the next one to be read."""
 
+    def discard(self, batch_id: Key) -> None:
+        """Free what is kept under `batch_id`, if anything (a generated sequence's cache once it ended)."""
+
     def close(self) -> None:
         """Free everything the store holds."""
 
@@ -102,6 +105,9 @@ class DeviceStore(ActivationStore):
     def get(self, batch_id, keep=False):
         return self._batches[batch_id] if keep else self._batches.pop(batch_id)
 
+    def discard(self, batch_id):
+        self._batches.pop(batch_id, None)
+
     def close(self):
         self._batches.clear()
 
@@ -136,6 +142,9 @@ class HostStore(ActivationStore):
         if copied is not None:  # the put's device-to-host copy must have landed
             copied.synchronize()
         return host.to(self.device, non_blocking=self._pin)
+
+    def discard(self, batch_id):
+        self._batches.pop(batch_id, None)
 
     def close(self):
         self._batches.clear()
@@ -200,6 +209,13 @@ class DiskStore(ActivationStore):
     def get(self, batch_id, keep=False):  # the file stays until close (or the next put): `keep` holds
         self.prefetch(batch_id)
         return self._reads.pop(batch_id).result()["hidden"].to(self.device)
+
+    def discard(self, batch_id):
+        self._wait_for_write()  # a pending write of it must not land after the unlink
+        read = self._reads.pop(batch_id, None)
+        if read is not None:
+            read.result()
+        self._path(batch_id).unlink(missing_ok=True)
 
     def _wait_for_write(self) -> None:
         if self._write is not None:

@@ -19,6 +19,7 @@ sending to the next, and only the stage owning the head computes scores.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass
@@ -29,13 +30,15 @@ import numpy as np
 import torch
 
 from flexorch.contract.choices import on_cpu
-from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, EngineSettings, EngineSummary, ProgressEvent, PromptResult, ScoreSpec, TokenizedPrompt
+from flexorch.contract.protocol import (LAYOUT_CACHE_BYTES, EngineSettings, EngineSummary, ProgressEvent, PromptResult,
+                                       ScoreKind, ScoreSpec, TokenizedPrompt)
 from flexorch.contract.shards import owner, plan_shards
 from flexorch.workers import devicememory
 from flexorch.workers.activations import make_store
 from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, pack_rows
 from flexorch.workers.checkpoint import Checkpoints, ResumePoint
 from flexorch.workers.experts import StreamedExperts
+from flexorch.workers.generate import Generation, sequence_seed
 from flexorch.workers.heap import Heap
 from flexorch.workers.kvcache import KVCache, NoCache, append_columns, pack_new_tokens
 from flexorch.workers.layerfile import LayerwiseModel
@@ -93,8 +96,13 @@ class _Pass:
     to, (rows, K): packed[b] itself when the pass computes the rows in full; against the KV cache,
     the cached columns followed by packed[b] (the newest token of each suffix)."""
 
-    def __init__(self, rows: list[Row], batches: list[list[int]], kind: str, cached: list[PackedBatch] | None = None):
+    def __init__(self, rows: list[Row], batches: list[list[int]], kind: str, cached: list[PackedBatch] | None = None,
+                 seeds: Callable[[int, int], int] | None = None, cache_batches: list[int] | None = None,
+                 kept_rows: list[torch.Tensor | None] | None = None):
         self.rows, self.batches = rows, batches
+        # the KV cache's batch each batch continues, and which of that batch's rows it keeps (None: all)
+        self.cache_batches = cache_batches if cache_batches is not None else list(range(len(batches)))
+        self.kept_rows = kept_rows if kept_rows is not None else [None] * len(batches)
         batch_rows = [[rows[i] for i in batch] for batch in batches]
         if cached is None:
             self.packed = [pack_rows(r) for r in batch_rows]
@@ -106,6 +114,10 @@ class _Pass:
             # one column per suffix: scored as a row with no prefix and one-token suffixes
             self.targets = [score_targets([((), tuple(s[-1:] for s in suffixes)) for _, suffixes in r], kind)
                             for r in batch_rows]
+        if seeds is not None:  # sampling: each scored position draws with its sequence's seed
+            for b, batch in enumerate(batches):
+                per_suffix = torch.tensor([seeds(i, j) for i in batch for j in range(len(rows[i][1]))], dtype=torch.long)
+                self.targets[b] = dataclasses.replace(self.targets[b], seeds=per_suffix[self.targets[b].owner])
         self.tokens = sum(p.input_ids.numel() for p in self.packed)
         self._layouts: dict[tuple[int, LayerKind], tuple] = {}  # (batch, layer kind) → cached layout
         self._layout_bytes = 0
@@ -116,14 +128,33 @@ class _Pass:
         self.results: list[StepResult | None] = [None] * len(batches)  # per batch, once the head ran
 
     @classmethod
-    def of_rows(cls, rows: list[Row], batch_tokens: int, kind: str) -> "_Pass":
-        """The rows computed in full, batched within `batch_tokens`."""
-        return cls(rows, make_batches(rows, batch_tokens), kind)
+    def of_rows(cls, rows: list[Row], batch_tokens: int, kind: str, live: Callable[[int], bool] | None = None,
+                seeds: Callable[[int, int], int] | None = None) -> "_Pass":
+        """The rows computed in full (those `live`, all without it), batched within `batch_tokens`."""
+        indices = [i for i in range(len(rows)) if live is None or live(i)]
+        batches = make_batches([rows[i] for i in indices], batch_tokens)
+        return cls(rows, [[indices[r] for r in batch] for batch in batches], kind, seeds=seeds)
 
-    def next_step(self, rows: list[Row], kind: str) -> "_Pass":
+    def next_step(self, rows: list[Row], kind: str, live: Callable[[int], bool] | None = None,
+                  seeds: Callable[[int, int], int] | None = None) -> "_Pass":
         """The next generation step against the KV cache: the same batches (the cache is kept per
-        batch), each suffix one token longer in `rows`."""
-        return _Pass(rows, self.batches, kind, cached=self.keys)
+        batch), each suffix one token longer in `rows`; rows not `live` leave (their cache freed),
+        and a batch left empty is gone."""
+        batches, cached, cache_batches, kept_rows = [], [], [], []
+        for b, batch in enumerate(self.batches):
+            kept = [r for r, i in enumerate(batch) if live is None or live(i)]
+            if not kept:
+                continue
+            keys = self.keys[b]
+            if len(kept) < len(batch):
+                index = torch.tensor(kept, dtype=torch.long)
+                keys = PackedBatch(keys.input_ids[index], keys.position_ids[index], keys.segment_ids[index])
+            batches.append([batch[r] for r in kept])
+            cached.append(keys)
+            cache_batches.append(self.cache_batches[b])
+            kept_rows.append(None if len(kept) == len(batch) else torch.tensor(kept, dtype=torch.long))
+        return _Pass(rows, batches, kind, cached=cached, seeds=seeds, cache_batches=cache_batches,
+                     kept_rows=kept_rows)
 
     def ids_on_device(self, b: int, device: torch.device) -> tuple[torch.Tensor, PackedBatch]:
         """(query position ids, key layout) of batch b on `device`, copied once per pass: a layout
@@ -138,6 +169,10 @@ class _Pass:
 
     def record(self, b: int, result: StepResult) -> None:
         self.results[b] = result
+
+    def prompt_indices(self) -> list[int]:
+        """The prompts this pass computes, batch by batch."""
+        return [i for batch in self.batches for i in batch]
 
     def prompt_results(self) -> list[tuple[int, StepResult]]:
         """(prompt index, its share of its batch's result), for every prompt of the pass."""
@@ -234,12 +269,13 @@ class Engine:
 
     def run(self, prompts: Sequence[TokenizedPrompt]) -> tuple[list[PromptResult], EngineSummary]:
         start = time.perf_counter()
-        steps = self.score.generate_tokens
-        generated = [[() for _ in p.suffix_ids] for p in prompts]  # per prompt, per suffix
+        generation = self._generation(prompts)  # generate: every sequence's ids and state; else None
+        steps = generation.steps if generation else self.score.generate_tokens
+        generated = [[() for _ in p.suffix_ids] for p in prompts]  # per prompt, per suffix: the ids fed back
         scores: list[list[StepResult]] = [[] for _ in prompts]  # per prompt: its StepResult of each step
         link = self.link or LocalLink(make_store(self.settings.storage, self.device, self.settings.disk_folder))
         cache = self._kv_cache(steps)
-        checkpoints = self._checkpoints(prompts, steps, link, cache)
+        checkpoints = self._checkpoints(prompts, steps, link, cache, generation)
         resume = checkpoints.restore() if checkpoints else ResumePoint()
         if resume.generated is not None:
             generated, scores = resume.generated, resume.scores
@@ -252,9 +288,12 @@ class Engine:
         tokens, current = 0, None
         with torch.inference_mode(), loader, link, cache:
             for step in range(steps):
-                current = self._pass(_rows(prompts, generated, step), current, cache)  # batches, layouts, targets
+                if generation and generation.done:
+                    break  # every sequence ended: the loader's read-ahead is dropped on close
+                current = self._pass(_rows(prompts, generated, step), current, cache, generation, prompts, step)
                 if step < resume.step:  # done before the checkpoint: only its batches are rebuilt
                     continue
+                cache.select(current.cache_batches, current.kept_rows)
                 if not resume.skips(step, 0):
                     loader.embed_ids(torch.cat([p.input_ids.flatten() for p in current.packed]))  # rows to gather
                 for position, (shard, run) in enumerate(zip(self.own_shards, runs)):
@@ -272,25 +311,51 @@ class Engine:
                                                 and current.head_steps is None, generated, scores)
                     if self.hooks.after_shard:
                         self.hooks.after_shard(step, shard.index)
-                if self.scores_here:
-                    for i, result in current.prompt_results():
+                shares = dict(current.prompt_results()) if self.scores_here else {}
+                if generation is None:
+                    for i, result in shares.items():
                         scores[i].append(result)
-                next_ids = link.finish_step(step, self.head, self._next_ids(scores))
+                next_ids = link.finish_step(step, self.head, self._next_ids(shares, len(prompts)))
                 if next_ids:
-                    generated = [[g + (t,) for g, t in zip(gen, ids)] for gen, ids in zip(generated, next_ids)]
+                    generated = [[g + (t,) for g, t in zip(gen, ids)] if ids else gen
+                                 for gen, ids in zip(generated, next_ids)]
+                if generation is not None:
+                    for i in current.prompt_indices():
+                        share = shares.get(i)
+                        generation.advance(i, next_ids[i], share.values.tolist() if share else [0.0] * len(next_ids[i]))
                 if checkpoints:
                     checkpoints.after_step(step, generated, scores)
-        results = [self._result(p, s, g) for p, s, g in zip(prompts, scores, generated)] if self.scores_here else []
-        return results, self._summary(loader.stats, start, tokens, checkpoints, steps)
+        summary = self._summary(loader.stats, start, tokens, checkpoints, steps)
+        if not self.scores_here:
+            return [], summary
+        if generation is not None:
+            results = [PromptResult(p.index, generation.scores(i, self.score.logprobs), ())
+                       for i, p in enumerate(prompts)]
+        else:
+            results = [self._result(p, s, g) for p, s, g in zip(prompts, scores, generated)]
+        return results, summary
 
-    def _checkpoints(self, prompts: Sequence[TokenizedPrompt], steps: int, link: Link,
-                     cache: KVCache) -> Checkpoints | None:
+    def _checkpoints(self, prompts: Sequence[TokenizedPrompt], steps: int, link: Link, cache: KVCache,
+                     generation: Generation | None) -> Checkpoints | None:
         """The round's checkpoints (workers/checkpoint.py); none in a pipeline, whose state is spread
-        over its stages, or without a folder for them."""
-        if self.link is not None or not self.settings.checkpoint_dir:
+        over its stages, without a folder for them, or for a generate round (its sequences' state lives
+        in `generation`, which a checkpoint does not hold yet)."""
+        if self.link is not None or not self.settings.checkpoint_dir or generation is not None:
             return None
         return Checkpoints(self.settings, prompts, self.own_shards, steps, link.store,
                            cache.store if cache.enabled else None)
+
+    def _generation(self, prompts: Sequence[TokenizedPrompt]) -> Generation | None:
+        """generate: each sequence's state, with the tokenizer's decode where stop strings are looked for."""
+        if self.score.kind is not ScoreKind.GENERATE:
+            return None
+        decode = None
+        if any(p.stop for p in prompts):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(self.model.path))
+            decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return Generation(prompts, self.score.eos_ids, decode)
 
     def _summary(self, stats: LoaderStats, start: float, tokens: int, checkpoints: Checkpoints | None,
                  steps: int) -> EngineSummary:
@@ -312,12 +377,19 @@ class Engine:
         keep_on = self.device if self.settings.storage.on_device else torch.device("cpu")
         return ShardContext(self.model, self.adapter, link, cache, self.score, keep_on, self.hooks.before_batch)
 
-    def _pass(self, rows: list[Row], previous: _Pass | None, cache: KVCache) -> _Pass:
+    def _pass(self, rows: list[Row], previous: _Pass | None, cache: KVCache, generation: Generation | None,
+              prompts: Sequence[TokenizedPrompt], step: int) -> _Pass:
         """The first step (or every step without a cache): the rows in full; a later step with the
-        cache: each suffix's newest token, in the previous step's batches."""
+        cache: each suffix's newest token, in the previous step's batches. generate: only the prompts
+        with a sequence still running, each drawing (sampling) with its own seed."""
+        live = generation.live if generation else None
+        sampling = self.score.sampling
+        seeds = None
+        if generation and not sampling.greedy:
+            seeds = lambda i, j: sequence_seed(sampling.seed, prompts[i].index, j, step)  # noqa: E731
         if previous is not None and cache.enabled:
-            return previous.next_step(rows, self.score.kind)
-        return _Pass.of_rows(rows, self.settings.batch_tokens, self.score.kind)
+            return previous.next_step(rows, self.score.kind, live, seeds)
+        return _Pass.of_rows(rows, self.settings.batch_tokens, self.score.kind, live, seeds)
 
     def _kv_cache(self, steps: int) -> KVCache:
         """Keys and values kept between steps in the activations' tier; none for a single step (or a
@@ -326,15 +398,16 @@ class Engine:
             return NoCache()
         return KVCache(make_store(self.settings.storage, self.device, self.settings.disk_folder), steps)
 
-    def _next_ids(self, scores: list[list[StepResult]]) -> tuple[tuple[int, ...], ...] | None:
-        """The argmax id each suffix appends for the next step, per prompt (() for a kind that
-        generates none); None where this stage does not score. In a pipeline every stage waits for
-        the head's ids in `finish_step`, which also keeps any stage from running a step ahead."""
+    def _next_ids(self, shares: dict[int, StepResult], n_prompts: int) -> tuple[tuple[int, ...], ...] | None:
+        """The id each suffix appends for the next step, per prompt (() for a kind that generates
+        none, or a prompt not in this step); None where this stage does not score. In a pipeline
+        every stage waits for the head's ids in `finish_step`, which also keeps any stage from
+        running a step ahead."""
         if not self.scores_here:
             return None
         if not self.score.kind.generates:
             return ()
-        return tuple(tuple(int(t) for t in per_step[-1].next_ids) for per_step in scores)
+        return tuple(tuple(int(t) for t in shares[i].next_ids) if i in shares else () for i in range(n_prompts))
 
     def _measured(self, run: ShardRun, loaded: LoadedShard, current: _Pass, batch_done: BatchDone) -> None:
         """`run` over the pass, with the shard's peak device memory recorded and the heap trimmed."""

@@ -64,15 +64,40 @@ class KVCache:
 
     def __init__(self, store: ActivationStore, steps: int):
         self.store, self.last_step = store, steps - 1
+        self.batches: list[int] = []  # per batch of the step: the cache's batch it continues
+        self.kept: list[torch.Tensor | None] = []  # per batch of the step: the rows kept of that batch (None: all)
+        self.layers: set[int] = set()  # every layer this cache holds blocks of
+
+    def select(self, batches: list[int], kept: list[torch.Tensor | None]) -> None:
+        """The coming step's batches: batch b continues the cache's batch `batches[b]`, keeping its
+        rows `kept[b]` (indices into the rows it had; None: all). The blocks of a batch left out are
+        freed now; a kept batch's dropped rows leave its blocks as each layer reads them."""
+        for gone in set(self.batches) - set(batches):
+            for layer in self.layers:
+                self.store.discard((layer, gone, PROMPT))
+                self.store.discard((layer, gone, GENERATED))
+        self.batches, self.kept = batches, kept
 
     def layer(self, step: int, layer: int, batch: int) -> LayerCache:
         keep = step < self.last_step  # what the last step computes is never read
-        prompt = self.store.get((layer, batch, PROMPT), keep=keep) if step > 0 else None
-        generated = self.store.get((layer, batch, GENERATED)) if step > 1 else None
-        return LayerCache(self.store if keep else None, (layer, batch), step, prompt, generated)
+        self.layers.add(layer)
+        key = (layer, self._batch(batch))
+        prompt = self.store.get((*key, PROMPT), keep=keep) if step > 0 else None
+        generated = self.store.get((*key, GENERATED)) if step > 1 else None
+        rows = self.kept[batch] if step > 0 and batch < len(self.kept) else None
+        if rows is not None:  # finished rows leave: the prompt block shrinks once, where it is kept
+            prompt = prompt[:, rows.to(prompt.device)]
+            generated = None if generated is None else generated[:, rows.to(generated.device)]
+            if keep:
+                self.store.put((*key, PROMPT), prompt)
+        return LayerCache(self.store if keep else None, key, step, prompt, generated)
+
+    def _batch(self, batch: int) -> int:
+        return self.batches[batch] if batch < len(self.batches) else batch
 
     def prefetch(self, step: int, layers: Sequence[int], batch: int) -> None:
         """A hint: `batch` goes through `layers` next (the disk tier reads its blocks meanwhile)."""
+        batch = self._batch(batch)
         for layer in layers:
             if step > 0:
                 self.store.prefetch((layer, batch, PROMPT))
@@ -95,6 +120,9 @@ class NoCache(KVCache):
     enabled = False
 
     def __init__(self):
+        pass
+
+    def select(self, batches, kept):
         pass
 
     def layer(self, step, layer, batch):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from flexorch.contract.protocol import ScoreKind, ScoreSpec
+from flexorch.workers.generate import choose
 
 # Logit rows per head call: bounds the (rows, vocab) float32 logits to ~256 MB at a 128k vocab.
 _LOGIT_ELEMENTS = 64 << 20
@@ -37,6 +38,7 @@ class ScoreTargets:
     owner: torch.Tensor
     target: torch.Tensor
     n_suffixes: int
+    seeds: torch.Tensor | None = None  # generate with sampling: (n,) each position's draw seed (workers/generate.py)
 
 
 def score_targets(rows: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]], kind: ScoreKind) -> ScoreTargets:
@@ -60,9 +62,10 @@ class StepResult:
     one prompt's share of them (`suffixes`)."""
 
     values: torch.Tensor  # next_token_probs: (n_suffixes, vocab); token_probs: (n_suffixes, k);
-    #                       suffix_logprob: (n_suffixes,) float64 log-probs
+    #                       suffix_logprob: (n_suffixes,) float64 log-probs;
+    #                       generate: (n_suffixes,) float32 log-prob of the chosen id
     is_greedy: torch.Tensor | None  # suffix_logprob: (n_suffixes,) bool
-    next_ids: torch.Tensor | None  # next-token kinds: (n_suffixes,) argmax ids, for generation
+    next_ids: torch.Tensor | None  # next-token kinds: (n_suffixes,) argmax (generate: chosen) ids
 
     def suffixes(self, part: slice) -> "StepResult":
         """The scores of suffixes `part` alone (views, no copy)."""
@@ -90,6 +93,11 @@ def compute_scores(hidden: torch.Tensor, targets: ScoreTargets, logits_fn, score
             target = targets.target[start:start + rows_per_call].to(logits.device)
             logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0].double().cpu())
             hits.append((logits.argmax(-1) == target).cpu())
+        elif score.kind is ScoreKind.GENERATE:
+            seeds = None if targets.seeds is None else targets.seeds[start:start + rows_per_call]
+            ids, chosen = choose(logits, seeds, score.sampling)
+            next_ids.append(ids)
+            probs.append(chosen)
         else:
             columns = torch.softmax(logits, dim=-1)
             if score.kind is ScoreKind.TOKEN_PROBS:
@@ -137,7 +145,7 @@ class StepScores:
         for start in range(0, n, rows_per_call):
             part = slice(start, start + rows_per_call)
             logits = head_logits(self.normed[part])  # (m, rows)
-            if self.score.kind is ScoreKind.NEXT_TOKEN_PROBS:
+            if self.score.kind in (ScoreKind.NEXT_TOKEN_PROBS, ScoreKind.GENERATE):
                 parts.append(logits)
             else:
                 self._reduce(part, first, logits)
@@ -161,6 +169,11 @@ class StepScores:
         self.picked[part] = torch.where(inside, logits.gather(1, columns), self.picked[part])
 
     def finish(self) -> StepResult:
+        if self.score.kind is ScoreKind.GENERATE:  # a sampled id needs the whole row of logits
+            logits = torch.cat(self.parts, dim=1)  # (n, vocab)
+            self.parts.clear()
+            ids, chosen = choose(logits, self.targets.seeds, self.score.sampling)
+            return StepResult(chosen, None, ids)
         if self.score.kind is ScoreKind.NEXT_TOKEN_PROBS:
             logits = torch.cat(self.parts, dim=1)  # (n, vocab)
             self.parts.clear()  # two (n, vocab) copies at once, as the whole head's logits and softmax

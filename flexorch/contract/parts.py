@@ -100,7 +100,7 @@ def read_part(path: str | Path) -> list[PromptResult]:
         kind = str(data["kind"])
         results = []
         for j, index in enumerate(indices):
-            if kind == ScoreKind.SUFFIX_LOGPROB:  # named arrays, not one
+            if ScoreKind(kind).has_fields:  # suffix_logprob's and generate's named arrays
                 prefix = f"s{j}_"
                 scores = {key[len(prefix):]: data[key] for key in data.files if key.startswith(prefix)}
             else:

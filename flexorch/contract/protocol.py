@@ -19,11 +19,17 @@ class ScoreKind(StrEnum):
     NEXT_TOKEN_PROBS = "next_token_probs"
     TOKEN_PROBS = "token_probs"
     SUFFIX_LOGPROB = "suffix_logprob"
+    GENERATE = "generate"  # text until EOS, a stop string or a limit, per sequence (prompt, suffix)
 
     @property
     def generates(self) -> bool:
-        """Whether each step yields an argmax id per suffix (so greedy steps can extend the suffixes)."""
+        """Whether each step yields a next id per suffix (so steps can extend the suffixes)."""
         return self is not ScoreKind.SUFFIX_LOGPROB
+
+    @property
+    def has_fields(self) -> bool:
+        """Whether a prompt's scores are a dict of named (n_suffixes, ...) arrays, not one array."""
+        return self in (ScoreKind.SUFFIX_LOGPROB, ScoreKind.GENERATE)
 
     def positions(self, prefix_len: int, suffix_lens: tuple[int, ...]) -> list[tuple[int, int, int]]:
         """The scored positions of one packed row (prefix once, then every suffix), as
@@ -44,10 +50,45 @@ class ScoreKind(StrEnum):
 
     def entry_shape(self, n_suffixes: int, steps: int, vocab: int, n_tokens: int) -> tuple[int, ...]:
         """One prompt's output array: (n_suffixes, steps, vocab or len(tokens)); suffix_logprob's
-        logprob / is_greedy / n_tokens arrays are each (n_suffixes,)."""
-        if self is ScoreKind.SUFFIX_LOGPROB:
+        logprob / is_greedy / n_tokens arrays are each (n_suffixes,), as generate's n_new and stop
+        (its ids and logprobs are (n_suffixes, the longest generation))."""
+        if self.has_fields:
             return (n_suffixes,)
         return (n_suffixes, steps, vocab if self is ScoreKind.NEXT_TOKEN_PROBS else n_tokens)
+
+
+class StopReason(StrEnum):
+    """Why a generated sequence ended; stored in parts as its position in this order."""
+
+    EOS = "eos"  # the model's end-of-sequence token (kept in the ids, not in the text)
+    STOP = "stop"  # a stop string appeared in the decoded text (the text is cut before it)
+    LENGTH = "length"  # max_new_tokens reached
+
+    @property
+    def code(self) -> int:
+        return list(StopReason).index(self)
+
+    @classmethod
+    def of_code(cls, code: int) -> "StopReason":
+        return list(cls)[code]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How generate picks each next token. temperature 0: greedy (argmax, ties to the lowest id).
+
+    Each sequence draws from a random stream of its own per step, seeded from (seed, prompt index,
+    suffix number, step) (workers/generate.py), so results do not depend on the number of workers,
+    the batch layout or a resume."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: the whole vocabulary
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 SCORE_KINDS = tuple(kind.value for kind in ScoreKind)
@@ -70,6 +111,9 @@ class TokenizedPrompt:
     index: int  # position in the job's prompt list
     prefix_ids: tuple[int, ...]
     suffix_ids: tuple[tuple[int, ...], ...]
+    # generate: this prompt's limit and stop strings (the job's defaults resolved by the orchestrator)
+    max_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
 
     @property
     def n_tokens(self) -> int:
@@ -82,6 +126,10 @@ class ScoreSpec:
     kind: ScoreKind = ScoreKind.NEXT_TOKEN_PROBS
     token_ids: tuple[int, ...] = ()  # token_probs only: the ids whose probabilities are kept
     generate_tokens: int = 1  # greedy steps; each appends the argmax token to every suffix
+    # generate: the steps are each prompt's max_new_tokens (TokenizedPrompt), not generate_tokens
+    sampling: Sampling = field(default_factory=Sampling)
+    eos_ids: tuple[int, ...] = ()  # generate: ids that end a sequence (generation_config, else config)
+    logprobs: bool = False  # generate: keep each generated token's log-prob (under the model, before sampling's changes)
 
     def __post_init__(self):
         object.__setattr__(self, "kind", ScoreKind(self.kind))  # accepts the job file's name
@@ -165,5 +213,8 @@ class PromptResult:
     """Scores of one prompt, in the output format of JOBSPEC (numpy arrays)."""
 
     index: int
-    scores: object  # np.ndarray (n_suffixes, steps, k) or {"logprob", "is_greedy", "n_tokens"} arrays
+    # np.ndarray (n_suffixes, steps, k), {"logprob", "is_greedy", "n_tokens"} arrays, or generate's
+    # {"ids": int64 (n, T) padded with -1, "n_new": int64 (n,), "stop": int8 (n,) StopReason codes,
+    #  and with score.logprobs "logprobs": float32 (n, T) padded with NaN}
+    scores: object
     generated: tuple[tuple[int, ...], ...] = field(default=())  # per suffix: the argmax id of each of the G steps

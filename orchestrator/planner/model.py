@@ -186,6 +186,12 @@ class _Job:
     token_attention: float  # of those, attention's
     unverified_share: float = 0.0  # of the stored bytes, those hashed on their first read (make_plan)
     direct_reads: bool = False  # layer files read around the page cache (_with_reads)
+    generated_steps: int = 0  # generate: the longest max_new_tokens (0: generate_tokens)
+
+    @property
+    def steps(self) -> int:
+        """Passes over the weights per round at most."""
+        return self.generated_steps or self.spec.generate_tokens
 
 
 @dataclass(frozen=True)
@@ -205,16 +211,21 @@ class _Setup:
 
 def _describe_job(hardware: Hardware, manifest: Manifest, spec: JobSpec, dtype: str, prompt_tokens: Sequence[int],
                   suffix_counts: Sequence[int] | None, scored_counts: Sequence[int] | None = None,
-                  unverified_bytes: int = 0) -> _Job:
+                  unverified_bytes: int = 0, new_tokens: Sequence[int] | None = None) -> _Job:
+    """`new_tokens[i]` (score kind generate): prompt i's max_new_tokens: its steps."""
     model = _describe_model(manifest, dtype)
     suffixes = [min(n, DEFAULT_SUFFIXES_PER_PROMPT) for n in prompt_tokens] if suffix_counts is None else suffix_counts
     tokens = tuple(int(n) for n in prompt_tokens)
     lengths = tokens  # the KV cache keeps later steps to one token per suffix: rows never grow
     scored = scored_counts or [n if spec.score.kind is ScoreKind.SUFFIX_LOGPROB else s for n, s in zip(tokens, suffixes)]
-    loads = tuple(_prompt_load(model, spec, n, s, c) for n, s, c in zip(tokens, suffixes, scored))
+    own_steps = list(new_tokens) if new_tokens else [spec.generate_tokens] * len(tokens)
+    steps = max(own_steps, default=1)
+    loads = tuple(_prompt_load(model, spec, n, s, c, own, steps)
+                  for n, s, c, own in zip(tokens, suffixes, scored, own_steps))
     token_flops = sum(load.layer_flops for load in loads) / max(1, sum(tokens)) / model.num_layers
     return _Job(
         spec=spec, model=model, dtype=dtype, tokens=tokens, lengths=lengths, loads=loads,
+        generated_steps=steps if new_tokens else 0,
         scored_ratio=max(c / max(n, 1) for n, c in zip(tokens, scored)),
         figures=figures_of(hardware),
         token_flops=token_flops, token_attention=token_flops - 2.0 * model.decoder_params / model.num_layers,
@@ -300,26 +311,35 @@ def _active_params(entry, config: dict) -> int:
     return entry.params - expert_params + expert_params * per_token // entry.experts
 
 
-def _prompt_load(model: _Model, spec: JobSpec, tokens: int, suffixes: int, scored: int) -> _Load:
+def _prompt_load(model: _Model, spec: JobSpec, tokens: int, suffixes: int, scored: int, own_steps: int = 0,
+                 steps: int = 0) -> _Load:
     """A prompt is one packed row: every layer's weights see each of its tokens once (2 FLOPs per
     weight), and attention 4 x row length x hidden per token (workers/calibrate.layer_flops, which
     the throughput was measured with). A later generation step computes the newest token of each
-    suffix against the cached row, one scored position per suffix."""
-    steps = spec.generate_tokens
+    suffix against the cached row, one scored position per suffix.
+
+    A generated prompt leaves the batches after its own `own_steps` of the round's `steps`: its later
+    steps' cost is spread over the round's (its expected share of live rows per step), and its cache
+    grows by one token per suffix per step of its own (its limit: EOS is not predicted)."""
+    steps = steps or spec.generate_tokens
+    own_steps = own_steps or steps
+    live = (own_steps - 1) / (steps - 1) if steps > 1 else 1.0  # of the later steps, those it is in
     attention = 4.0 * model.num_layers * model.hidden
-    keys = tokens + steps / 2 * suffixes  # a later step's row, on average over the steps
-    cached = tokens + (steps - 2) * suffixes if steps > 1 else 0  # the last step's keys are never kept
-    return _Load(act_tokens=tokens * PADDING_ALLOWANCE, result_bytes=_result_bytes(model, spec, suffixes),
+    keys = tokens + own_steps / 2 * suffixes  # a later step's row, on average over its steps
+    cached = tokens + (own_steps - 2) * suffixes if steps > 1 else 0  # the last step's keys are never kept
+    return _Load(act_tokens=tokens * PADDING_ALLOWANCE, result_bytes=_result_bytes(model, spec, suffixes, own_steps),
                  layer_flops=2.0 * model.decoder_params * tokens + attention * tokens * tokens,
                  head_flops=2.0 * model.head_params * scored,
-                 later_layer_flops=2.0 * model.decoder_params * suffixes + attention * suffixes * keys,
-                 later_head_flops=2.0 * model.head_params * suffixes, cache_tokens=cached * PADDING_ALLOWANCE,
-                 scored=scored, suffixes=suffixes)
+                 later_layer_flops=live * (2.0 * model.decoder_params * suffixes + attention * suffixes * keys),
+                 later_head_flops=live * 2.0 * model.head_params * suffixes,
+                 cache_tokens=max(0, cached) * PADDING_ALLOWANCE, scored=scored, suffixes=suffixes * live)
 
 
-def _result_bytes(model: _Model, spec: JobSpec, suffixes: int) -> int:
+def _result_bytes(model: _Model, spec: JobSpec, suffixes: int, steps: int) -> int:
     kind = spec.score.kind
-    entries = math.prod(kind.entry_shape(suffixes, spec.generate_tokens, model.vocab, len(spec.score.tokens)))
+    if kind is ScoreKind.GENERATE:  # an id and a log-prob per generated token
+        return suffixes * steps * 12
+    entries = math.prod(kind.entry_shape(suffixes, steps, model.vocab, len(spec.score.tokens)))
     return entries * (4 if kind.generates else LOGPROB_RESULT_BYTES)  # float32 probabilities, or a suffix's record
 
 

@@ -38,13 +38,14 @@ from flexorch.orchestrator.spec import JobSpec
 
 def make_plan(hardware: Hardware, manifest: Manifest, spec: JobSpec, prompt_tokens: Sequence[int], *,
               suffix_counts: Sequence[int] | None = None, scored_counts: Sequence[int] | None = None,
-              unverified_bytes: int = 0) -> Plan:
+              unverified_bytes: int = 0, new_tokens: Sequence[int] | None = None) -> Plan:
     """Decide everything about running `spec` on `hardware`. `prompt_tokens[i]`: prompt i's packed
     tokens (prefix + all suffixes); `suffix_counts[i]`: its number of suffixes (sizes the scores and
     the tokens added per generation step; default DEFAULT_SUFFIXES_PER_PROMPT); `scored_counts[i]`:
     the positions the head scores (ScoreKind.positions; default: every token for suffix_logprob, one
     per suffix otherwise), which size the head's logits; `unverified_bytes`: of the layer files, the
-    bytes not marked verified (contract/verified.py), which each worker hashes as it first reads them."""
+    bytes not marked verified (contract/verified.py), which each worker hashes as it first reads them;
+    `new_tokens[i]` (score kind generate): prompt i's max_new_tokens."""
     reasons: list[str] = []
     if not prompt_tokens:
         raise _error(spec, "prompts", "no prompts to score")
@@ -55,7 +56,8 @@ def make_plan(hardware: Hardware, manifest: Manifest, spec: JobSpec, prompt_toke
     elif manifest.compression:
         reasons.append(f"weights {manifest.compression} (flexorch prepare --compress): decoder projections "
                        f"dequantised per shard into {dtype}; scores are approximate")
-    job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts, unverified_bytes)
+    job = _describe_job(hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts, unverified_bytes,
+                        new_tokens)
     if unverified_bytes:
         sha = job.figures.sha256
         reasons.append(f"checksums: {format_bytes(unverified_bytes)} of layer files not verified since `flexorch "
@@ -85,7 +87,8 @@ def make_plan(hardware: Hardware, manifest: Manifest, spec: JobSpec, prompt_toke
 
 
 def make_cluster_plan(nodes: Sequence[Node], manifest: Manifest, spec: JobSpec, prompt_tokens: Sequence[int], *,
-                      suffix_counts: Sequence[int] | None = None, scored_counts: Sequence[int] | None = None) -> Plan:
+                      suffix_counts: Sequence[int] | None = None, scored_counts: Sequence[int] | None = None,
+                      new_tokens: Sequence[int] | None = None) -> Plan:
     """make_plan for a Ray cluster (executor: ray): data mode over devices of several machines,
     named "node1:cuda:0". Each worker is sized by its own node's hardware; the workers of one node
     share its RAM, disk and cores. Pipeline mode is refused by the spec (docs/design.md says why)."""
@@ -98,7 +101,8 @@ def make_cluster_plan(nodes: Sequence[Node], manifest: Manifest, spec: JobSpec, 
     if spec.parallel is Parallel.AUTO:
         reasons.append("parallel data (auto): executor ray runs data mode only (pipeline stages would hand "
                        "activations on over the network at every shard)")
-    job = _describe_job(nodes[0].hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts)
+    job = _describe_job(nodes[0].hardware, manifest, spec, dtype, prompt_tokens, suffix_counts, scored_counts,
+                        new_tokens=new_tokens)
     seats = _trim_idle(_resolve_cluster_devices(spec, nodes, reasons), len(job.tokens), reasons)
     workers = _plan_seats(job, seats, reasons)
     return Plan(Parallel.DATA, dtype, workers, tuple(reasons), (_prediction(Parallel.DATA, workers),))
@@ -214,7 +218,7 @@ def _plan_pipeline(job: _Job, hardware: Hardware, devices: tuple[str, ...]) -> t
     # The embedding's stage gathers the rows of each round's tokens, as a data worker does.
     tokens = [sum(job.loads[i].act_tokens for i in r) for r in plan.rounds]
     busiest = sum(m.stage_bytes(plan.settings.layers_per_shard, n, m.embed_read(t)) for t in tokens)
-    read = spec.generate_tokens * busiest / _read_rate(job, devices[slowest])
+    read = job.steps * busiest / _read_rate(job, devices[slowest])
     plan = replace(plan, predicted_read_seconds=read, reasons=plan.reasons + (reads,))
     in_channel = f"up to {PIPELINE_CHANNEL_BATCHES} batches ({format_bytes(channel)}) wait in its outbound channel"
     return tuple(

@@ -189,7 +189,7 @@ def _rounds_for(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: int
     a resident model is read once, so any round is useful)."""
     rate = _rate(job, setup.device, threads, setup.batch) * stages
     read_per_round = 0.0 if setup.resident else (
-        job.model.bytes_per_pass * job.spec.generate_tokens / _read_rate(job, setup.device) / stages)
+        job.model.bytes_per_pass * job.steps / _read_rate(job, setup.device) / stages)
     min_flops = ROUND_MIN_COMPUTE_OVER_READ * read_per_round * rate
     target_flops = max(ROUND_TARGET_SECONDS * rate, min_flops)
 
@@ -203,7 +203,7 @@ def _rounds_for(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: int
         return rounds
     # As many rounds, evened out: a short last round would read the whole model for a few prompts. Each
     # round closed above the mean, so no more rounds than before (unless memory cuts one short).
-    steps = job.spec.generate_tokens
+    steps = job.steps
     flops = [job.loads[i].flops(steps) for i in indices]
     even = _split_rounds(job, indices, sum(flops) / len(rounds) + max(flops), fits)
     return even if even is not None and len(even) == len(rounds) else rounds
@@ -217,7 +217,7 @@ def _split_rounds(job: _Job, indices: Sequence[int], target_flops: float,
     load, longest = _Load(), 0
     for i in indices:
         grown, grown_longest = load + job.loads[i], max(longest, job.lengths[i])
-        if current and (grown.flops(job.spec.generate_tokens) > target_flops or not fits(grown, grown_longest)):
+        if current and (grown.flops(job.steps) > target_flops or not fits(grown, grown_longest)):
             rounds.append(tuple(current))
             current, grown, grown_longest = [], job.loads[i], job.lengths[i]
         if not current and not fits(grown, grown_longest):
@@ -406,7 +406,7 @@ def _option_reasons(job: _Job, options: Sequence[_Option], best: _Option, device
         reasons.append(f"{key} {value} (auto): {_describe_option(best, device)}"
                        + "".join(f"; {getattr(o.setup, attr)}: {_describe_option(o, device)}" for o in others[:4]))
     if s.resident:
-        rounds, steps = len(best.rounds), spec.generate_tokens
+        rounds, steps = len(best.rounds), job.steps
         reasons.append(f"resident (auto): the whole model fits on {device} beside its batches, so it is read once for "
                        f"the job instead of {rounds * steps} time(s) ({rounds} round(s) x {steps} step(s))")
     if stages > 1:
@@ -426,7 +426,7 @@ def _no_storage_message(job: _Job, device: str, indices: tuple[int, ...], thread
                         budget: _Budget, stages: int) -> str:
     batch, lps = space.batches[-1], space.lps[0]
     rate = _rate(job, device, threads, batch) * stages
-    read = job.model.bytes_per_pass * job.spec.generate_tokens / _read_rate(job, device) / stages
+    read = job.model.bytes_per_pass * job.steps / _read_rate(job, device) / stages
     smallest = _split_rounds(job, indices, ROUND_MIN_COMPUTE_OVER_READ * read * rate, lambda load, longest: True)
     biggest = max(smallest, key=lambda r: sum(job.loads[i].act_tokens for i in r))
     load, longest = sum((job.loads[i] for i in biggest), _Load()), _round_longest(job, biggest)

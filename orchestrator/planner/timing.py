@@ -53,7 +53,7 @@ class _Time:
 def _time(job: _Job, setup: _Setup, indices: tuple[int, ...], rounds, threads: int, stages: int) -> _Time:
     """See the module docstring's time model: per round, the first shard's read, then each shard of
     each pass as `_per_shard` counts it."""
-    steps, stream, read, compute = job.spec.generate_tokens, 0.0, 0.0, 0.0
+    steps, stream, read, compute = job.steps, 0.0, 0.0, 0.0
     hashing = _verifying_read_factor(job, setup.device, threads)
     for r, indices_r in enumerate(rounds):
         costs = _shard_costs(job, setup, sum((job.loads[i] for i in indices_r), _Load()), threads, stages,

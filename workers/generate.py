@@ -1,0 +1,123 @@
+"""Generation: the next-token choice and each sequence's state between steps.
+
+A sequence is one (prompt, suffix): the prompt's prefix, that suffix (often none) and what was
+generated after it. `choose` picks each scored position's next id from its logits — argmax, or a
+draw from a random stream of its own, seeded from (seed, prompt index, suffix number, step) with a
+counter-based hash, so a sequence draws the same token whatever worker, batch or round computes it.
+`Generation` holds every sequence's ids, log-probs and why it ended, in one place the engine's step
+loop updates (and a checkpoint of a round can save); a prompt whose sequences have all ended leaves
+the following steps' batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from flexorch.contract.protocol import Sampling, StopReason, TokenizedPrompt
+
+
+def sequence_seed(seed: int, prompt: int, suffix: int, step: int) -> int:
+    """The seed of one sequence's draw at one step: a hash of the four counters (63 bits)."""
+    digest = hashlib.blake2b(f"{seed}:{prompt}:{suffix}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def choose(logits: torch.Tensor, seeds: torch.Tensor | None, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (n, vocab) float32; seeds: (n,) per row (sampling only) → (next ids (n,), their
+    log-probs under the model (n,) float32), both on the CPU."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    if sampling.greedy:
+        ids = logits.argmax(-1)
+    else:
+        ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        probs = _filtered(logits.float() / sampling.temperature, sampling).softmax(-1).cpu()
+        for r in range(probs.shape[0]):  # one generator per row: its draw depends on its seed alone
+            generator = torch.Generator().manual_seed(int(seeds[r]))
+            ids[r] = int(torch.multinomial(probs[r], 1, generator=generator))
+    return ids.cpu(), logprobs.gather(1, ids[:, None].to(logprobs.device))[:, 0].cpu()
+
+
+def _filtered(scaled: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """top-k, then top-p (the smallest set of the likeliest ids holding p, as HF's warpers) → -inf."""
+    if sampling.top_k and sampling.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, -torch.inf)
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(scaled, descending=True, dim=-1)
+        before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # mass of the likelier ids
+        drop = before >= sampling.top_p  # the id that crosses p stays
+        scaled = scaled.masked_fill(drop.scatter(1, order, drop), -torch.inf)
+    return scaled
+
+
+@dataclass
+class _Sequence:
+    limit: int
+    stop: tuple[str, ...]
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    reason: StopReason | None = None  # None while it runs
+
+
+class Generation:
+    """Every sequence of a round: its generated ids, log-probs and why it ended.
+
+    `decode` (ids → text) is needed only where some prompt has stop strings; they are looked for
+    in the decoded generated text (as HF's StopStringCriteria and lm-eval do), the output being
+    that text cut before the first one."""
+
+    def __init__(self, prompts: Sequence[TokenizedPrompt], eos_ids: Sequence[int], decode=None):
+        self.prompts, self.eos, self.decode = list(prompts), frozenset(eos_ids), decode
+        self.sequences = [[_Sequence(p.max_new_tokens, p.stop) for _ in p.suffix_ids] for p in prompts]
+        for per_prompt in self.sequences:
+            for s in per_prompt:
+                if s.limit <= 0:
+                    s.reason = StopReason.LENGTH
+
+    @property
+    def steps(self) -> int:
+        """Passes over the model the round needs at most: its longest limit."""
+        return max((s.limit for per in self.sequences for s in per), default=0)
+
+    def live(self, i: int) -> bool:
+        """Whether prompt i has a sequence still running (its row stays in the batches)."""
+        return any(s.reason is None for s in self.sequences[i])
+
+    @property
+    def done(self) -> bool:
+        return not any(self.live(i) for i in range(len(self.sequences)))
+
+    def advance(self, i: int, ids: Sequence[int], logprobs: Sequence[float]) -> None:
+        """Prompt i's next id and its log-prob per suffix (a suffix already ended ignores its own)."""
+        for s, token, logprob in zip(self.sequences[i], ids, logprobs):
+            if s.reason is not None:
+                continue
+            s.ids.append(int(token))
+            s.logprobs.append(float(logprob))
+            if int(token) in self.eos:
+                s.reason = StopReason.EOS
+            elif s.stop and any(stop in self.decode(s.ids) for stop in s.stop):
+                s.reason = StopReason.STOP
+            elif len(s.ids) >= s.limit:
+                s.reason = StopReason.LENGTH
+
+    def scores(self, i: int, logprobs: bool) -> dict[str, np.ndarray]:
+        """Prompt i's output arrays (PromptResult.scores of generate)."""
+        sequences = self.sequences[i]
+        width = max((len(s.ids) for s in sequences), default=0)
+        ids = np.full((len(sequences), width), -1, dtype=np.int64)
+        values = np.full((len(sequences), width), np.nan, dtype=np.float32)
+        for j, s in enumerate(sequences):
+            ids[j, :len(s.ids)] = s.ids
+            values[j, :len(s.ids)] = s.logprobs
+        out = {"ids": ids, "n_new": np.array([len(s.ids) for s in sequences], dtype=np.int64),
+               "stop": np.array([(s.reason or StopReason.LENGTH).code for s in sequences], dtype=np.int8)}
+        if logprobs:
+            out["logprobs"] = values
+        return out
+
