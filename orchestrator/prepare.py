@@ -30,7 +30,8 @@ from flexorch.contract.models import check_decoder_config, hub_id_hint
 from flexorch.contract.leftovers import prepare_temps, remove_dead
 from flexorch.contract.manifest import (COMPRESSION_SCHEMES, DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME,
                                         NORM, LayerEntry, Manifest, read_json_object)
-from flexorch.orchestrator.experts import ExpertLayout, FusedExperts, fuse_experts, has_expert_tensors, module_shapes
+from flexorch.orchestrator.experts import (ExpertLayout, FusedExperts, checkpoint_renames, fuse_experts,
+                                          has_expert_tensors, module_shapes)
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +116,7 @@ class LayerSource:
             name=self.name, kind=self.kind, file=self.file, bytes=nbytes, sha256=sha256, dtype=self.dtype,
             params=sum(math.prod(t.shape) for t in self.outputs().values()), source_prefix=self.source_prefix,
             tensors=tuple(self.outputs()), tied_to=self.tied_to, experts=experts.experts,
-            expert_bytes=experts.expert_bytes, expert_tensors=tuple(f.name for f in experts.fused),
+            expert_bytes=experts.expert_bytes, expert_tensors=experts.tensors,
         )
 
 
@@ -301,7 +302,8 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
         (LM_HEAD, LM_HEAD, _PREFIXES[LM_HEAD]),
     ]
     layers = []
-    module_shapes = _module_shapes_if_moe(checkpoint)
+    renames = checkpoint_renames(checkpoint.model_type)
+    module_shapes = _module_shapes_if_moe(checkpoint, renames)
     for position, (name, kind, prefix) in enumerate(slots):
         if kind == LM_HEAD and checkpoint.tied:
             layers.append(LayerSource(position, name, kind, prefix, (), layers[0].dtype, tied_to=EMBED))
@@ -311,16 +313,17 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
             raise UserError(f"{checkpoint.src}: no tensors for layer {name!r} ({prefix}*){why}")
         tensors = tuple(sorted(groups[name], key=lambda t: t.name))
         layer = LayerSource(position, name, kind, prefix, tensors, _layer_dtype(tensors))
-        if kind == DECODER and has_expert_tensors([layer.relative(t) for t in tensors]):
-            experts = fuse_experts(f"{checkpoint.src}: {name}", tensors, prefix, module_shapes[position - 1])
+        if kind == DECODER and has_expert_tensors([layer.relative(t) for t in tensors], renames):
+            experts = fuse_experts(f"{checkpoint.src}: {name}", tensors, prefix, module_shapes[position - 1],
+                                   renames)
             layer = replace(layer, tensors=experts.plain, experts=experts)
         layers.append(layer)
     return layers
 
 
-def _module_shapes_if_moe(checkpoint: Checkpoint) -> list[dict[str, tuple[int, ...]]] | None:
+def _module_shapes_if_moe(checkpoint: Checkpoint, renames) -> list[dict[str, tuple[int, ...]]] | None:
     """transformers' per-layer tensor shapes, needed only to lay out experts (building them costs seconds)."""
-    if not has_expert_tensors([t.name for t in checkpoint.tensors]):
+    if not has_expert_tensors([t.name for t in checkpoint.tensors], renames):
         return None
     return module_shapes(checkpoint.src, checkpoint.num_layers)
 
