@@ -11,6 +11,12 @@ contiguous byte range per tensor, which is how experts are read alone (the manif
 `experts` / `expert_bytes`). Fusing copies a layer's experts once, so converting a MoE layer peaks
 at about twice its size (a dense layer: once).
 
+Some checkpoints hold their experts fused already, expert first (gpt-oss, Llama 4, Granite MoE's
+`input_linear` / `output_linear`): those are written as they are and listed as experts tensors too.
+Names are renamed as transformers renames them on load (its conversion mapping's renames, read from
+the installed version: Mixtral's and Phi-3.5-MoE's `block_sparse_moe` → `mlp`, `gate` → `router`,
+ERNIE 4.5's `moe_statics`, Granite MoE's experts).
+
 Which names the model wants is read from transformers' own skeleton (built on the meta device), not
 assumed: a transformers version that keeps experts as a list of modules gets the checkpoint's names
 unchanged, and a layer whose converted tensors do not match the module is refused, naming them.
