@@ -83,13 +83,14 @@ def build_checkpoint(path: str | Path, model_type: str = "llama", *, layout: str
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"unknown tiny architecture {model_type!r}; choose from {sorted(ARCHITECTURES)}")
+    if model_type not in ARCHITECTURES and not config_overrides:
+        raise ValueError(f"unknown tiny architecture {model_type!r}; choose from {sorted(ARCHITECTURES)} "
+                         "or give its config overrides")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     path = Path(path)
     tokenizer = build_tokenizer()
-    overrides = {**_TINY, **ARCHITECTURES[model_type], **config_overrides}
+    overrides = {**_TINY, **ARCHITECTURES.get(model_type, {}), **config_overrides}
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     config = AutoConfig.for_model(model_type, **{**ids, **overrides})  # a larger vocab_size pads the embedding

@@ -11,6 +11,12 @@ contiguous byte range per tensor, which is how experts are read alone (the manif
 `experts` / `expert_bytes`). Fusing copies a layer's experts once, so converting a MoE layer peaks
 at about twice its size (a dense layer: once).
 
+Some checkpoints hold their experts fused already, expert first (gpt-oss, Llama 4, Granite MoE's
+`input_linear` / `output_linear`): those are written as they are and listed as experts tensors too.
+Names are renamed as transformers renames them on load (its conversion mapping's renames, read from
+the installed version: Mixtral's and Phi-3.5-MoE's `block_sparse_moe` → `mlp`, `gate` → `router`,
+ERNIE 4.5's `moe_statics`, Granite MoE's experts).
+
 Which names the model wants is read from transformers' own skeleton (built on the meta device), not
 assumed: a transformers version that keeps experts as a list of modules gets the checkpoint's names
 unchanged, and a layer whose converted tensors do not match the module is refused, naming them.
@@ -19,7 +25,7 @@ unchanged, and a layer whose converted tensors do not match the module is refuse
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from flexorch.contract.errors import UserError
@@ -32,8 +38,28 @@ _EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.
 # Per-expert projection names → their part of the fused tensors (Mixtral's w1/w3/w2; Qwen, OLMoE).
 _ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _FUSED = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}  # fused name → its parts, in order
-# Module renames transformers applies to checkpoint names on load (conversion_mapping.py: Mixtral).
-_RENAMES = (("block_sparse_moe.", "mlp."),)
+# A tensor of a fused experts module as the module names it ("mlp.experts.gate_up_proj", gpt-oss's
+# "mlp.experts.down_proj_bias"): expert first. Some checkpoints store experts so already (gpt-oss,
+# Llama 4, Granite MoE's input_linear / output_linear once renamed).
+_FUSED_NAME = re.compile(r"(?:^|\.)experts\.[a-z_]+$")
+# Where transformers' conversion mapping cannot be read (an older version): Mixtral's rename.
+_FALLBACK_RENAMES = ((re.compile(re.escape(".block_sparse_moe.")), ".mlp."),)
+Renames = tuple[tuple[re.Pattern, str], ...]
+
+
+def checkpoint_renames(model_type: str) -> Renames:
+    """The renames transformers applies to a `model_type` checkpoint's tensor names on load (its
+    conversion_mapping's WeightRenaming entries: Mixtral's and Phi-3.5-MoE's block_sparse_moe → mlp
+    and gate → router, ERNIE 4.5's moe_statics, Granite MoE's experts), as (pattern, replacement)
+    applied to "." + the name relative to its layer. Read from transformers, not restated."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return _FALLBACK_RENAMES
+    entries = get_checkpoint_conversion_mapping(model_type) or []
+    return tuple((re.compile(source), target) for entry in entries if isinstance(entry, WeightRenaming)
+                 for source, target in zip(entry.source_patterns, entry.target_patterns))
 
 
 @dataclass(frozen=True)
@@ -71,29 +97,48 @@ class ExpertLayout:
     plain: tuple[SourceTensor, ...]
     renamed: dict[str, str]  # checkpoint name relative to the layer → the module's name
     fused: tuple[FusedExperts, ...]
+    stored: dict[str, SourceTensor] = field(default_factory=dict)  # experts tensors the checkpoint holds
+    # fused already (module name → tensor, one of `plain`): written as they are
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The module names of every experts tensor (expert e is slice [e] of each)."""
+        return tuple(f.name for f in self.fused) + tuple(self.stored)
 
     @property
     def experts(self) -> int:
-        return self.fused[0].shape[0] if self.fused else 0
+        shapes = [f.shape for f in self.fused] + [t.shape for t in self.stored.values()]
+        return shapes[0][0] if shapes else 0
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert: its slice of every fused tensor."""
-        return sum(f.nbytes for f in self.fused) // self.experts if self.fused else 0
+        """Bytes of one expert: its slice of every experts tensor."""
+        total = sum(f.nbytes for f in self.fused) + sum(t.nbytes for t in self.stored.values())
+        return total // self.experts if self.experts else 0
 
 
-def has_expert_tensors(relative_names: Sequence[str]) -> bool:
-    return any(_EXPERT.match(name) for name in relative_names)
+def renamed(name: str, renames: Renames) -> str:
+    """`name` (relative to its layer) as transformers' module names it."""
+    name = "." + name
+    for pattern, target in renames:
+        name = pattern.sub(target, name)
+    return name.removeprefix(".")
+
+
+def has_expert_tensors(relative_names: Sequence[str], renames: Renames = ()) -> bool:
+    """Whether these tensor names hold experts, per expert or fused already."""
+    return any(_EXPERT.match(name) or _FUSED_NAME.search(renamed(name, renames)) for name in relative_names)
 
 
 def fuse_experts(layer: str, tensors: Sequence[SourceTensor], prefix: str,
-                 wanted: dict[str, tuple[int, ...]]) -> ExpertLayout:
+                 wanted: dict[str, tuple[int, ...]], renames: Renames = _FALLBACK_RENAMES) -> ExpertLayout:
     """Lay out one decoder layer's tensors (`prefix` + relative name) as the module `wanted`
-    (relative name → shape, from transformers' skeleton) holds them; UserError naming what differs."""
+    (relative name → shape, from transformers' skeleton) holds them, renamed by `renames`
+    (`checkpoint_renames`); UserError naming what differs."""
     relative = {t.name[len(prefix):]: t for t in tensors}
     if any(name in wanted for name in relative if _EXPERT.match(name)):
         return ExpertLayout(tuple(tensors), {}, ())  # this transformers keeps a list of expert modules
-    renamed = {name: _rename(name, wanted) for name in relative if not _EXPERT.match(name)}
+    new_names = {name: _rename(name, renames, wanted) for name in relative if not _EXPERT.match(name)}
     by_block: dict[str, dict[int, dict[str, SourceTensor]]] = {}
     for name, tensor in relative.items():
         match = _EXPERT.match(name)
@@ -101,19 +146,21 @@ def fuse_experts(layer: str, tensors: Sequence[SourceTensor], prefix: str,
             role = _ROLE.get(match["proj"])
             if role is None:
                 raise UserError(f"{tensor.file}: expert tensor {tensor.name!r} is none of {', '.join(_ROLE)}")
-            experts = by_block.setdefault(_rename(match["block"] + ".", wanted).removesuffix("."), {})
+            experts = by_block.setdefault(renamed(match["block"] + ".", renames).removesuffix("."), {})
             experts.setdefault(int(match["expert"]), {})[role] = tensor
     fused = tuple(_fused(layer, block, experts, name, roles)
                   for block, experts in by_block.items() for name, roles in _FUSED.items())
-    _check_against_module(layer, renamed, fused, relative, wanted)
-    return ExpertLayout(tuple(t for name, t in relative.items() if name in renamed), renamed, fused)
+    _check_against_module(layer, new_names, fused, relative, wanted)
+    stored = {new: relative[old] for old, new in new_names.items() if _FUSED_NAME.search(new)}
+    counts = {shape[0] for shape in [f.shape for f in fused] + [t.shape for t in stored.values()]}
+    if len(counts) > 1:
+        raise UserError(f"{layer}: its experts tensors disagree on the number of experts: {sorted(counts)}")
+    return ExpertLayout(tuple(t for name, t in relative.items() if name in new_names), new_names, fused, stored)
 
 
-def _rename(name: str, wanted: dict[str, tuple[int, ...]]) -> str:
-    for old, new in _RENAMES:
-        if name.startswith(old) and not any(w.startswith(old) for w in wanted):
-            return new + name[len(old):]
-    return name
+def _rename(name: str, renames: Renames, wanted: dict[str, tuple[int, ...]]) -> str:
+    """`renamed`, unless the module keeps the checkpoint's name (a transformers version without the rename)."""
+    return name if name in wanted else renamed(name, renames)
 
 
 def _fused(layer: str, block: str, experts: dict[int, dict[str, SourceTensor]], name: str,
@@ -146,5 +193,6 @@ def module_shapes(config_dir, num_layers: int) -> list[dict[str, tuple[int, ...]
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    layers = model.get_decoder().layers
+    decoder = model.get_decoder()
+    layers = decoder.layers if hasattr(decoder, "layers") else model.model.layers  # Llama 4: get_decoder is itself
     return [{name: tuple(t.shape) for name, t in layers[i].state_dict().items()} for i in range(num_layers)]

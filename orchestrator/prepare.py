@@ -35,7 +35,8 @@ from flexorch.contract.leftovers import prepare_build_dir, prepare_old_dir, prep
 from flexorch.contract.manifest import (DECODER, EMBED, FORMAT_VERSION, LM_HEAD, MANIFEST_NAME, NORM,
                                         QUANTIZE_SCHEMES, SHIPPED_SCHEMES, LayerEntry, Manifest, read_json_object)
 from flexorch.contract.verified import mark, sha256_file
-from flexorch.orchestrator.experts import ExpertLayout, FusedExperts, fuse_experts, has_expert_tensors, module_shapes
+from flexorch.orchestrator.experts import (ExpertLayout, FusedExperts, checkpoint_renames, fuse_experts,
+                                          has_expert_tensors, module_shapes)
 from flexorch.orchestrator.shipped import (FP8, dequantized_params, is_quantized, shipped_scheme, split_scales,
                                           stored_name, with_fp8_scales)
 from flexorch.orchestrator.tensors import SourceTensor
@@ -117,8 +118,7 @@ class LayerSource:
             name=self.name, kind=self.kind, file=self.file, bytes=nbytes, sha256=sha256, dtype=self.dtype,
             params=sum(dequantized_params(name, tuple(t.shape)) for name, t in self.outputs().items()),
             source_prefix=self.source_prefix, tensors=tuple(self.outputs()), tied_to=self.tied_to,
-            experts=experts.experts, expert_bytes=experts.expert_bytes,
-            expert_tensors=tuple(f.name for f in experts.fused),
+            experts=experts.experts, expert_bytes=experts.expert_bytes, expert_tensors=experts.tensors,
             compression=self.shipped if self.kind == DECODER else None,
         )
 
@@ -343,7 +343,8 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
         (LM_HEAD, LM_HEAD, _PREFIXES[LM_HEAD]),
     ]
     layers = []
-    module_shapes = _module_shapes_if_moe(checkpoint)
+    renames = checkpoint_renames(checkpoint.model_type)
+    module_shapes = _module_shapes_if_moe(checkpoint, renames)
     for position, (name, kind, prefix) in enumerate(slots):
         if kind == LM_HEAD and checkpoint.tied:
             layers.append(LayerSource(position, name, kind, prefix, (), layers[0].dtype, tied_to=EMBED))
@@ -353,10 +354,10 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
             raise UserError(f"{checkpoint.src}: no tensors for layer {name!r} ({prefix}*){why}")
         tensors = tuple(sorted(groups[name], key=lambda t: t.name))
         layer = LayerSource(position, name, kind, prefix, tensors, _layer_dtype(tensors))
-        if kind == DECODER and has_expert_tensors([layer.relative(t) for t in tensors]):
+        if kind == DECODER and has_expert_tensors([layer.relative(t) for t in tensors], renames):
             where = f"{checkpoint.src}: {name}"
             weights, scales = split_scales(tensors, prefix) if checkpoint.scheme == FP8 else (tensors, ())
-            experts = fuse_experts(where, weights, prefix, module_shapes[position - 1])
+            experts = fuse_experts(where, weights, prefix, module_shapes[position - 1], renames)
             if scales:
                 experts = with_fp8_scales(experts, scales, prefix, where)
             layer = replace(layer, tensors=experts.plain, experts=experts)
@@ -376,9 +377,9 @@ def _shipped(layer: LayerSource, checkpoint: Checkpoint) -> LayerSource:
     return replace(layer, dtype=_layer_dtype(plain) if plain else checkpoint.dtype or "bfloat16")
 
 
-def _module_shapes_if_moe(checkpoint: Checkpoint) -> list[dict[str, tuple[int, ...]]] | None:
+def _module_shapes_if_moe(checkpoint: Checkpoint, renames) -> list[dict[str, tuple[int, ...]]] | None:
     """transformers' per-layer tensor shapes, needed only to lay out experts (building them costs seconds)."""
-    if not has_expert_tensors([t.name for t in checkpoint.tensors]):
+    if not has_expert_tensors([t.name for t in checkpoint.tensors], renames):
         return None
     return module_shapes(checkpoint.src, checkpoint.num_layers)
 

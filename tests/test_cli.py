@@ -177,12 +177,12 @@ def test_sigint_or_sigterm_stops_every_worker_and_exits_130_or_143(tmp_path, lay
 def test_untested_model_type_is_refused_before_any_work(tmp_path, layerwise, capsys):
     model = tmp_path / "model"
     shutil.copytree(layerwise("llama"), model)
-    for name in ("flexorch_manifest.json", "config.json"):  # relabelled consistently: prepared as seed_oss
+    for name in ("flexorch_manifest.json", "config.json"):  # relabelled consistently: prepared as helium
         data = json.loads((model / name).read_text())
-        data["model_type"] = "seed_oss"
+        data["model_type"] = "helium"
         (model / name).write_text(json.dumps(data))
     job = write_job(tmp_path, model)
-    _fails_with(job, capsys, "model type 'seed_oss' is not tested", "mixtral", "allow_untested_models: true")
+    _fails_with(job, capsys, "model type 'helium' is not tested", "mixtral", "allow_untested_models: true")
     assert not (tmp_path / "job.job").exists()  # nothing started
     allowed = write_job(tmp_path, model, name="allowed", allow_untested_models=True)
     assert cli.main(["plan", str(allowed)]) == 0

@@ -51,7 +51,22 @@ def test_the_prompt_block_is_written_once_and_the_generated_block_grows(tmp_path
     for step in (1, 2):
         cache.layer(step, 0, 0).update(*kv(1, 2, float(step + 1)))
         assert store._batches[(0, 0, PROMPT)] is prompt  # read, never rewritten
-        assert store._batches[(0, 0, GENERATED)].shape == (2, 1, 2, 2 * step, 4)  # keys and values stacked
+        assert store._batches[(0, 0, GENERATED)].shape == (1, 2, 2 * step, 8)  # keys and values side by side
+
+
+def test_keys_wider_than_values_come_back_apart():
+    """MLA (DeepSeek-V3) attends with keys of 192 dims over values of 128; here 6 and 4."""
+    cache = KVCache(DeviceStore(), steps=2)
+    keys = torch.arange(1 * 2 * 3 * 6, dtype=torch.float32).view(1, 2, 3, 6)
+    values = -torch.arange(1 * 2 * 3 * 4, dtype=torch.float32).view(1, 2, 3, 4)
+    first = cache.layer(0, 0, 0)
+    assert first.get_seq_length() == 0
+    first.update(keys, values)
+    later = cache.layer(1, 0, 0)
+    assert later.get_seq_length() == 3
+    got_keys, got_values = later.update(keys[:, :, :1] + 100, values[:, :, :1] - 100)
+    assert torch.equal(got_keys, torch.cat([keys, keys[:, :, :1] + 100], dim=2))
+    assert torch.equal(got_values, torch.cat([values, values[:, :, :1] - 100], dim=2))
 
 
 def test_a_new_token_sits_where_it_would_in_the_full_row():

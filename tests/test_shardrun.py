@@ -21,6 +21,7 @@ from flexorch.workers.layerfile import LayerwiseModel
 from flexorch.workers.link import LocalLink
 from flexorch.workers.prefetch import ShardLoader
 from flexorch.workers.scoring import StepResult
+from conftest import FAMILIES
 from flexorch.workers.shardrun import (RUNS, DensePartRun, ExpertGroupRun, HeadStepRun, LayerRun, ShardContext,
                                        shard_runs)
 
@@ -48,34 +49,40 @@ def run_steps(model_dir, shards: list[Shard], current: _Pass, inputs: list[torch
 
 
 @pytest.fixture(scope="module")
-def unsplit(checkpoint):
-    """unsplit(arch) -> transformers' own model of the tiny checkpoint (cached)."""
+def moe_model(checkpoint, layerwise, family):
+    """moe_model(arch) -> (layerwise dir, transformers' own model of the tiny checkpoint) of a MoE type of
+    demo's architectures or of conftest's FAMILIES (cached)."""
     from transformers import AutoModelForCausalLM
 
     cache = {}
 
     def get(arch):
         if arch not in cache:
-            cache[arch] = AutoModelForCausalLM.from_pretrained(checkpoint(arch), dtype=torch.float32).eval()
+            src, model_dir = family(arch) if arch in FAMILIES else (checkpoint(arch), layerwise(arch))
+            cache[arch] = model_dir, AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         return cache[arch]
 
     return get
 
 
+# Every MoE layout: routed top-k (Mixtral, Qwen, OLMoE, ERNIE, Phi-3.5-MoE, Granite MoE, Hunyuan),
+# shared experts beside them, routed outputs scaled after group-limited sigmoid routing (DeepSeek-V3,
+# GLM-4.5, dots), biased clamped experts (gpt-oss), and experts whose input the router score scales
+# (Llama 4).
 @pytest.mark.parametrize("arch", MOE_MODEL_TYPES)
-def test_a_dense_part_and_groups_of_experts_sum_to_transformers_whole_moe_layer(arch, layerwise, unsplit):
-    model_dir, hf = layerwise(arch), unsplit(arch)
+def test_a_dense_part_and_groups_of_experts_sum_to_transformers_whole_moe_layer(arch, moe_model):
+    model_dir, hf = moe_model(arch)
     manifest = read_manifest(model_dir)
     entry = next(e for e in manifest.layers if e.kind == DECODER and e.experts)
     layer = hf.model.layers[entry.index]
     current = _Pass.of_rows(ROWS, batch_tokens=1, kind=ScoreKind.NEXT_TOKEN_PROBS)
     torch.manual_seed(0)
     inputs = [torch.randn(*packed.shape, manifest.hidden_size) for packed in current.packed]
-    window = ModelAdapter(model_dir, CPU, torch.float32).layer_kinds[entry.index].window
+    kind = ModelAdapter(model_dir, CPU, torch.float32).layer_kinds[entry.index]
     expected = []  # per batch: transformers' layer, given the mask and positions the engine builds
     with torch.no_grad():
         for hidden, packed in zip(inputs, current.packed):
-            mask = additive_mask(attention_allowed(packed, window), torch.float32)
+            mask = additive_mask(attention_allowed(packed, kind.window, chunk=kind.chunk), torch.float32)
             out = layer(hidden, attention_mask=mask, position_ids=packed.position_ids,
                         position_embeddings=hf.model.rotary_emb(hidden, packed.position_ids))
             expected.append(out[0] if isinstance(out, tuple) else out)

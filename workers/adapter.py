@@ -103,14 +103,17 @@ def pack_rows(rows: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]]) -
     return PackedBatch(ids, pos, seg)
 
 
-def attention_allowed(batch: PackedBatch, sliding_window: int | None, queries: int | None = None) -> torch.Tensor:
+def attention_allowed(batch: PackedBatch, sliding_window: int | None, queries: int | None = None,
+                      chunk: int | None = None) -> torch.Tensor:
     """(rows, 1, Q, L) bool: may query q attend to key k; the queries are the last Q columns of
     `batch` (all of them by default; a generation step's new tokens against the KV cache, whose
     columns `batch` lays out first).
 
     A prefix token sees the earlier prefix; a suffix token sees the whole prefix and the earlier
     tokens of its own suffix — exactly its view in the un-split prefix + suffix sequence. A sliding
-    window keeps keys with q_pos - k_pos < window, as transformers' sliding_window_overlay does.
+    window keeps keys with q_pos - k_pos < window, as transformers' sliding_window_overlay does; an
+    attention chunk (Llama 4's local layers) keeps keys of the query's chunk of positions,
+    q_pos // chunk == k_pos // chunk, as its chunked_overlay does.
     Padding queries see only themselves, so no row is fully masked (NaN-free softmax).
     """
     seg, pos = batch.segment_ids, batch.position_ids
@@ -123,6 +126,8 @@ def attention_allowed(batch: PackedBatch, sliding_window: int | None, queries: i
     allowed = causal & ((seg_k == seg_q) | (seg_k == 0)) & (seg_k >= 0) & (seg_q >= 0)
     if sliding_window is not None:
         allowed &= (pos[:, first:, None] - pos[:, None, :]) < sliding_window
+    if chunk is not None:
+        allowed &= (pos[:, first:, None] // chunk) == (pos[:, None, :] // chunk)
     allowed |= (seg_q < 0) & (q_index[:, None] == index[None, :])
     return allowed[:, None]
 
@@ -139,10 +144,12 @@ class LayerKind:
 
     rotary_type: the layer type whose rotary table the layer takes where the model keeps one per
     type (Gemma 3: local and global attention use different bases), else None.
-    window: the sliding window, None for full attention."""
+    window: the sliding window, None for full attention.
+    chunk: the attention chunk of a chunked_attention layer (Llama 4's local layers), else None."""
 
     rotary_type: str | None
     window: int | None
+    chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +184,9 @@ class DecoderParts:
 def decoder_parts(model: nn.Module, where: str) -> DecoderParts:
     """The stages of `model`, or a UserError when its decoder is not embeddings → layers → norm → head
     with one rotary embedding (those are the models the engine can cut into shards)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not hasattr(base, "layers"):  # Llama 4's get_decoder returns the model itself
+        base = getattr(model, "model", None)
     found = {name: getattr(base, name, None) for name in ("embed_tokens", "layers", "norm", "rotary_emb")}
     found["lm_head"] = model.get_output_embeddings()
     missing = [name for name, module in found.items() if module is None]
@@ -189,14 +198,16 @@ def decoder_parts(model: nn.Module, where: str) -> DecoderParts:
 
 def layer_kinds(config, rotary: nn.Module) -> tuple[LayerKind, ...]:
     """Each decoder layer's kind. With `layer_types`, only sliding_attention layers have a window
-    (Gemma 2/3, Qwen with use_sliding_window); without, every layer takes config.sliding_window
-    (Mistral, Phi-3)."""
+    (Gemma 2/3, Qwen with use_sliding_window) and chunked_attention ones a chunk (Llama 4); without,
+    every layer takes config.sliding_window (Mistral, Phi-3)."""
     types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     per_type = "layer_type" in inspect.signature(rotary.forward).parameters  # Gemma3RotaryEmbedding
     if not types:
         return tuple(LayerKind(None, window) for _ in range(config.num_hidden_layers))
-    return tuple(LayerKind(t if per_type else None, window if t == "sliding_attention" else None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    return tuple(LayerKind(t if per_type else None, window if t == "sliding_attention" else None,
+                           chunk if t == "chunked_attention" else None)
                  for t in types[:config.num_hidden_layers])
 
 

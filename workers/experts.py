@@ -12,8 +12,12 @@ complete.
 
 Exact, because the MoE layers of the tested types add their experts' output to the residual stream
 unscaled (`residual + mlp(x)`, with mlp = experts [+ shared expert]): the sum does not care whether
-the experts' share comes first or last. Each group's tokens go expert by expert, as transformers'
-own experts loop adds them.
+the experts' share comes first or last (Granite MoE scales the MLP's output by its residual
+multiplier in the decoder layer's forward, not a module: each group's share is scaled so). Whatever a layout does to the experts' input or output
+happens inside the modules we keep: DeepSeek's, GLM's and dots' routed scaling factor is in the
+router's weights, gpt-oss's clamp and biases in its experts module, and Llama 4's router score
+scales the experts' input before its experts module is called (the recorder keeps that input).
+Each group's tokens go expert by expert, as transformers' own experts loop adds them.
 """
 
 from __future__ import annotations
@@ -26,18 +30,52 @@ from torch import nn
 class _RoutingRecorder(nn.Module):
     """Stands in for a layer's experts module while its dense part runs."""
 
-    def __init__(self):
+    def __init__(self, num_experts: int):
         super().__init__()
-        self.routed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.num_experts = num_experts
+        self.routed: _Routed | None = None
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """hidden_states: (tokens, d_model), the experts' input; top_k_*: (tokens, k)."""
-        self.routed = (hidden_states, top_k_index, top_k_weights)
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None):
+        """hidden_states: (tokens, d_model), the experts' input, with top_k_*: (tokens, k); or, called
+        with the input alone (Llama 4), (experts * tokens, d_model): expert e's copy of the tokens
+        (rows e * tokens ...) scaled by its router score, 0 where the token is not routed to it."""
+        if top_k_index is not None:
+            self.routed = _Routed.of_top_k(hidden_states, top_k_index, top_k_weights)
+        else:
+            self.routed = _Routed.of_scaled(hidden_states.view(self.num_experts, -1, hidden_states.shape[-1]))
         return torch.zeros_like(hidden_states)
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def take(self) -> _Routed:
         routed, self.routed = self.routed, None
         return routed
+
+
+@dataclass
+class _Routed:
+    """What a router sent the experts of one batch, as (token, expert) pairs."""
+
+    inputs: torch.Tensor  # (n, d_model): the experts' input rows
+    row: torch.Tensor  # (pairs,): each pair's row of `inputs`
+    token: torch.Tensor  # (pairs,): the token (row of the flattened layer output) it adds to
+    expert: torch.Tensor  # (pairs,)
+    weights: torch.Tensor | None  # (pairs,): its routing weight, None where the input carries it
+
+    @classmethod
+    def of_top_k(cls, inputs: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> "_Routed":
+        token = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
+        return cls(inputs, token, token, index.reshape(-1), weights.reshape(-1))
+
+    @classmethod
+    def of_scaled(cls, scaled: torch.Tensor) -> "_Routed":
+        """scaled: (experts, tokens, d_model). An unrouted pair's input is 0 and, the experts having
+        no bias, so is its output: only routed pairs are kept."""
+        expert, token = scaled.ne(0).any(-1).nonzero(as_tuple=True)
+        return cls(scaled[expert, token], torch.arange(len(token), device=token.device), token, expert, None)
+
+    def to(self, device: torch.device) -> "_Routed":
+        return _Routed(*(None if t is None else t.to(device)
+                         for t in (self.inputs, self.row, self.token, self.expert, self.weights)))
 
 
 @dataclass
@@ -45,22 +83,37 @@ class _RoutedBatch:
     """One batch between the dense part and the last group of experts."""
 
     hidden: torch.Tensor  # (rows, L, d_model): the layer's output so far (its experts' share added per group)
-    inputs: torch.Tensor  # (rows * L, d_model): what the router handed the experts
-    index: torch.Tensor  # (rows * L, k): the experts each token was routed to
-    weights: torch.Tensor  # (rows * L, k): their routing weights
+    routed: _Routed
 
-    def add_group(self, experts: nn.Module, first: int, end: int, device: torch.device) -> None:
-        """Add experts first..end-1's output (`experts` holds just their weights) for their tokens."""
-        token, slot = ((self.index >= first) & (self.index < end)).nonzero(as_tuple=True)
-        if not len(token):
+    def add_group(self, experts: nn.Module, first: int, end: int, device: torch.device, scale: float) -> None:
+        """Add experts first..end-1's output (`experts` holds just their weights), times `scale`, for
+        their tokens."""
+        r = self.routed
+        (pairs,) = ((r.expert >= first) & (r.expert < end)).nonzero(as_tuple=True)
+        if not len(pairs):
             return
-        order = torch.argsort(self.index[token, slot], stable=True)  # expert by expert, as transformers does
-        token, slot = token[order], slot[order]
-        # each routed (token, expert) pair is a row with top-k 1, so the module runs only routed work
-        out = experts(self.inputs[token].to(device), (self.index[token, slot] - first)[:, None].to(device),
-                      self.weights[token, slot][:, None].to(device))
+        pairs = pairs[torch.argsort(r.expert[pairs], stable=True)]  # expert by expert, as transformers does
+        expert, inputs = r.expert[pairs] - first, r.inputs[r.row[pairs]].to(device)
+        if r.weights is not None:
+            # each routed (token, expert) pair is a row with top-k 1, so the module runs only routed work
+            out = experts(inputs, expert[:, None].to(device), r.weights[pairs][:, None].to(device))
+        else:
+            out = _per_expert_batches(experts, inputs, expert.to(device), end - first)
+        if scale != 1.0:
+            out = out * scale
         flat = self.hidden.view(-1, self.hidden.shape[-1])
-        flat.index_add_(0, token.to(flat.device), out.to(flat.device, flat.dtype))
+        flat.index_add_(0, r.token[pairs].to(flat.device), out.to(flat.device, flat.dtype))
+
+
+def _per_expert_batches(experts: nn.Module, inputs: torch.Tensor, expert: torch.Tensor, group: int) -> torch.Tensor:
+    """The output of an experts module that takes (group * n, d_model) rows, n per expert (Llama 4's
+    batched matmul), for `inputs` (pairs, d_model) sorted by `expert` (pairs,): padded with zero rows
+    to the largest expert's count, run once, the pairs' rows taken back."""
+    counts = torch.bincount(expert, minlength=group)
+    slot = torch.arange(len(expert), device=expert.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    padded = inputs.new_zeros(group, int(counts.max()), inputs.shape[-1])
+    padded[expert, slot] = inputs
+    return experts(padded.view(-1, inputs.shape[-1])).view(padded.shape)[expert, slot]
 
 
 class StreamedExperts:
@@ -75,15 +128,15 @@ class StreamedExperts:
         parent, _, self.attr = self.path.rpartition(".")
         self.parent = layer.get_submodule(parent)
         self.experts = getattr(self.parent, self.attr)
-        self.recorder = _RoutingRecorder()
+        self.recorder = _RoutingRecorder(self.experts.num_experts)
         setattr(self.parent, self.attr, self.recorder)
         self.keep_on = keep_on
+        self.scale = getattr(layer, "residual_multiplier", 1.0)  # Granite MoE: residual + mlp(x) * multiplier
         self.batches: list[_RoutedBatch] = []
 
     def keep(self, hidden: torch.Tensor) -> None:
         """hidden: (rows, L, d_model), the next batch's layer output without experts."""
-        inputs, index, weights = self.recorder.take()
-        self.batches.append(_RoutedBatch(*(t.to(self.keep_on) for t in (hidden, inputs, index, weights))))
+        self.batches.append(_RoutedBatch(hidden.to(self.keep_on), self.recorder.take().to(self.keep_on)))
 
     def add_group(self, first: int, end: int, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         """Run experts first..end-1 (`tensors`: their slices of the fused tensors, on the device) over
@@ -98,7 +151,7 @@ class StreamedExperts:
         self.experts.num_experts = end - first
         try:
             for batch in self.batches:
-                batch.add_group(self.experts, first, end, device)
+                batch.add_group(self.experts, first, end, device, self.scale)
         finally:
             self.experts.num_experts = total
             self.experts._parameters.update(meta)

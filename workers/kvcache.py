@@ -31,8 +31,8 @@ PROMPT, GENERATED = 0, 1  # the two blocks of a (layer, batch)'s cache
 
 
 class LayerCache:
-    """One layer's cache for one batch at one step. Blocks are (2, rows, kv_heads, K, head_dim):
-    keys and values stacked."""
+    """One layer's cache for one batch at one step. Blocks are (rows, kv_heads, K, key_dim +
+    value_dim): keys and values side by side, as MLA (DeepSeek-V3) keys are wider than its values."""
 
     def __init__(self, store: ActivationStore | None, key: tuple[int, int], step: int,
                  prompt: torch.Tensor | None, generated: torch.Tensor | None):
@@ -43,7 +43,7 @@ class LayerCache:
         """keys, values: (rows, kv_heads, Q, head_dim) of this step's tokens → those of every token
         they attend to: the cached ones, then theirs. Keeps this step's for the next one.
         (layer_idx and the cache kwargs are transformers' and unused: one object per layer.)"""
-        new = torch.stack([keys, values])
+        new = torch.cat([keys, values], dim=-1)
         if self.store is not None:
             if self.step == 0:
                 self.store.put((*self.key, PROMPT), new)
@@ -54,7 +54,12 @@ class LayerCache:
         if not blocks:
             return keys, values
         both = torch.cat([*blocks, new], dim=-2)
-        return both[0], both[1]
+        return both[..., :keys.shape[-1]], both[..., keys.shape[-1]:]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The columns cached before this step's (Llama 4's no-rope layers offset their query
+        temperature by it)."""
+        return sum(block.shape[-2] for block in (self.prompt, self.generated) if block is not None)
 
 
 class KVCache:

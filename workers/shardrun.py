@@ -100,7 +100,8 @@ class ShardContext:
 
         def build(kind: LayerKind) -> tuple:
             position_ids, layout = current.ids_on_device(b, self.device)
-            mask = additive_mask(attention_allowed(layout, kind.window, queries=packed.shape[1]), adapter.dtype)
+            mask = additive_mask(attention_allowed(layout, kind.window, queries=packed.shape[1], chunk=kind.chunk),
+                                adapter.dtype)
             return mask, position_ids, adapter.position_embeddings(hidden, position_ids, kind)
 
         for i in indices:

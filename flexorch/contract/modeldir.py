@@ -135,8 +135,9 @@ def _check_shapes(manifest, shapes: dict[str, dict], where: str) -> None:
                             "the layers are not of one model (re-run `flexorch prepare`)")
 
 
-# Where configs give a MoE layer's expert count (Mixtral; Qwen-MoE, OLMoE; DeepSeek).
-_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+# Where configs give a MoE layer's expert count (Mixtral, Llama 4, gpt-oss, Phi-3.5-MoE, Granite MoE;
+# Qwen-MoE, OLMoE, Hunyuan; DeepSeek, GLM-4.5, dots; ERNIE 4.5).
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def _check_experts(entry, shapes: dict[str, tuple[int, ...]], config: dict, where: str) -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 from flexorch.contract.errors import UserError
 
 # Each runs through the general adapter (workers/adapter.py) and is tested, every score kind, against
-# the un-split AutoModelForCausalLM (tests/test_engine.py). MoE types are marked: their experts can
-# be streamed in groups (docs/design.md).
+# the un-split AutoModelForCausalLM (tests/test_engine.py; the families of 2025-26 in
+# tests/test_families.py). MoE types are marked: their experts can be streamed in groups
+# (docs/design.md).
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gemma2", "gemma3_text", "olmo2",
-                     "granite")
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+                     "granite", "seed_oss", "smollm3", "exaone4", "apertus", "cohere2", "olmo3", "ministral", "glm4",
+                     "glm", "hunyuan_v1_dense")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "llama4_text", "gpt_oss",
+                   "ernie4_5_moe", "dots1", "hunyuan_v1_moe", "phimoe", "granitemoe")
 TESTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 
 
@@ -29,10 +32,16 @@ def check_model_type(model_type: str, allow_untested: bool, where: str) -> None:
 # carries a recurrent state. Types known to be built of such layers, alone or mixed with attention,
 # whether or not their config lists layer_types: the engine hands only hidden states between shards,
 # so no allow_untested_models can run them.
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+# Qwen3.5 (qwen3_5*, as Qwen3-Next) mixes Gated DeltaNet linear attention into its layers; a
+# multimodal config keeps its layer_types in text_config, so its types are named here.
 RECURRENT_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "falcon_h1", "jamba", "zamba", "zamba2", "bamba",
-                         "nemotron_h", "granitemoehybrid", "qwen3_next", "recurrent_gemma", "rwkv", "xlstm", "lfm2")
-ENCODER_DECODER_MODEL_TYPES = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "led", "t5gemma")
+                         "nemotron_h", "granitemoehybrid", "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe",
+                         "qwen3_5_moe_text", "recurrent_gemma", "rwkv", "xlstm", "lfm2", "lfm2_moe", "minimax",
+                         "plamo2", "kimi_linear", "olmo_hybrid")
+ENCODER_DECODER_MODEL_TYPES = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "led", "t5gemma",
+                               "t5gemma2", "prophetnet", "bigbird_pegasus", "blenderbot", "blenderbot-small",
+                               "m2m_100", "nllb-moe", "fsmt", "plbart", "mvp", "switch_transformers", "longt5")
 
 
 def check_decoder_config(config: dict, where: str) -> None:
