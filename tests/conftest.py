@@ -49,23 +49,29 @@ def layerwise(tmp_path_factory, checkpoint):
 LARGE_VOCAB = 8192
 
 
-@pytest.fixture(scope="session")
-def large_vocab(tmp_path_factory):
-    """large_vocab(arch) -> (checkpoint, its layerwise dir) of the tiny `arch` with LARGE_VOCAB (cached)."""
+def built_once(tmp_path_factory, label: str, overrides):
+    """get(model_type) -> (checkpoint, its layerwise dir) of the tiny `model_type` built with
+    `overrides(model_type)`, each built and prepared once per session."""
     from flexorch.orchestrator.demo import build_checkpoint
     from flexorch.orchestrator.prepare import prepare_checkpoint
 
     cache = {}
 
-    def get(arch: str):
-        if arch not in cache:
-            root = tmp_path_factory.mktemp(f"large-vocab-{arch}")
-            src = build_checkpoint(root / "model", arch, vocab_size=LARGE_VOCAB)
+    def get(model_type: str):
+        if model_type not in cache:
+            root = tmp_path_factory.mktemp(f"{label}-{model_type}")
+            src = build_checkpoint(root / "model", model_type, **overrides(model_type))
             prepare_checkpoint(src, root / "model.layers")
-            cache[arch] = (src, root / "model.layers")
-        return cache[arch]
+            cache[model_type] = (src, root / "model.layers")
+        return cache[model_type]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def large_vocab(tmp_path_factory):
+    """large_vocab(arch) -> (checkpoint, its layerwise dir) of the tiny `arch` with LARGE_VOCAB (cached)."""
+    return built_once(tmp_path_factory, "large-vocab", lambda arch: {"vocab_size": LARGE_VOCAB})
 
 
 @pytest.fixture(scope="session")
@@ -138,17 +144,4 @@ MOE_FAMILIES = ("deepseek_v3", "glm4_moe", "llama4_text", "gpt_oss", "ernie4_5_m
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
     """family(model_type) -> (checkpoint, its layerwise dir) of the tiny FAMILIES[model_type] (cached)."""
-    from flexorch.orchestrator.demo import build_checkpoint
-    from flexorch.orchestrator.prepare import prepare_checkpoint
-
-    cache = {}
-
-    def get(model_type: str):
-        if model_type not in cache:
-            root = tmp_path_factory.mktemp(f"family-{model_type}")
-            src = build_checkpoint(root / "model", model_type, **FAMILIES[model_type])
-            prepare_checkpoint(src, root / "model.layers")
-            cache[model_type] = (src, root / "model.layers")
-        return cache[model_type]
-
-    return get
+    return built_once(tmp_path_factory, "family", FAMILIES.__getitem__)
