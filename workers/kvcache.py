@@ -91,8 +91,8 @@ class KVCache:
         generated = self.store.get((*key, GENERATED)) if step > 1 else None
         rows = self.kept[batch] if step > 0 and batch < len(self.kept) else None
         if rows is not None:  # finished rows leave: the prompt block shrinks once, where it is kept
-            prompt = prompt[:, rows.to(prompt.device)]
-            generated = None if generated is None else generated[:, rows.to(generated.device)]
+            prompt = prompt[rows.to(prompt.device)]  # rows lead: (rows, kv_heads, K, key_dim + value_dim)
+            generated = None if generated is None else generated[rows.to(generated.device)]
             if keep:
                 self.store.put((*key, PROMPT), prompt)
         return LayerCache(self.store if keep else None, key, step, prompt, generated)
