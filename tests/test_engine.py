@@ -582,16 +582,14 @@ def test_a_resident_model_is_read_once_for_every_step_and_call(layerwise, refere
         assert [tuple(g) for g in a.generated] == generated
 
 
+def references_of(build):
+    """get(name) -> reference_scores of the checkpoint `build(name)` makes, computed once per name."""
+    return functools.cache(lambda name: reference_scores(build(name)[0]))
+
+
 @pytest.fixture(scope="session")
 def large_vocab_references(large_vocab):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = reference_scores(large_vocab(arch)[0])
-        return cache[arch]
-
-    return get
+    return references_of(large_vocab)
 
 
 # llama: an untied head; qwen2 and gemma2 read the embedding's file as their head, and gemma2 also

@@ -23,21 +23,14 @@ from flexorch.contract.manifest import read_manifest
 from flexorch.contract.models import MOE_MODEL_TYPES, TESTED_MODEL_TYPES, check_decoder_config
 from flexorch.contract.protocol import ScoreSpec
 from flexorch.workers.engine import score_prompts
-from test_engine import _MOE_RSS_SCRIPT, assert_greedy_extension, reference_scores, settings
+from test_engine import _MOE_RSS_SCRIPT, assert_greedy_extension, references_of, settings
 
 TOKEN_IDS = (5, 17, 200)
 
 
 @pytest.fixture(scope="module")
 def family_reference(family):
-    cache = {}
-
-    def get(model_type):
-        if model_type not in cache:
-            cache[model_type] = reference_scores(family(model_type)[0])
-        return cache[model_type]
-
-    return get
+    return references_of(family)
 
 
 def assert_every_kind_matches(model_dir, ref, run, columns: bool = True) -> None:
