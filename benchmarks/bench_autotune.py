@@ -34,6 +34,8 @@ from pathlib import Path
 
 import common as c
 
+from flexorch.contract.choices import Storage
+
 PROMPTS = c.PromptSet(n_prompts=16, prefix_words=150, n_suffixes=4)
 BATCHES = (256, 512, 1024)
 REPEATS = 3
@@ -135,7 +137,7 @@ def grid(shape: Shape, threads: int) -> list[dict]:
     return [{"label": f"lps {lps}, {storage}, bt {batch}", "rounds": None,
              "settings": {"device": "cpu", "dtype": shape.dtype, "layers_per_shard": lps, "storage": storage,
                           "batch_tokens": batch, "threads": threads, "verify_checksums": True,
-                          "disk_folder": str(c.CACHE / "autotune-activations") if storage == "disk" else None}}
+                          "disk_folder": str(c.CACHE / "autotune-activations") if Storage(storage).on_disk else None}}
             for lps, storage, batch in itertools.product(lps_values, STORAGES, BATCHES)]
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import common as c
 
+from flexorch.contract.protocol import ScoreKind
+
 SCHEMES = (None, "int8", "int4")
 
 
@@ -49,7 +51,7 @@ def child_score(params: dict) -> dict:
         results, summary = score_prompts(params["layerwise"], prompts, ScoreSpec(kind), settings)
         out[kind] = {"seconds": time.perf_counter() - start, "bytes_read": summary.bytes_read,
                      "disk_read_bytes": c.disk_read_bytes() - before, "load_seconds": summary.load_seconds}
-        if kind == "next_token_probs":
+        if ScoreKind(kind) is ScoreKind.NEXT_TOKEN_PROBS:
             np.save(params["probs"], np.concatenate([r.scores.reshape(-1) for r in results]))
         else:
             out["choices"] = [int(np.argmax(r.scores["logprob"])) for r in results]

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import common as c
-from bench_autotune import PROMPTS, SHAPES, _vm_hwm, ensure_layerwise
+from bench_autotune import PROMPTS, SHAPES, _vm, ensure_layerwise
 
 # (score kind, layers per shard): the bench's kind and next_token_probs (whose output is the vocabulary
 # row), one layer per shard and all four (50 MB: the 65.5 MB head still comes in two steps)
@@ -33,7 +33,7 @@ def child_run(params: dict) -> dict:
     import numpy as np
     import torch
 
-    from flexorch.contract.protocol import EngineSettings, ScoreSpec
+    from flexorch.contract.protocol import EngineSettings, ScoreKind, ScoreSpec
     from flexorch.contract.shards import plan_shards
     from flexorch.workers.engine import score_prompts
     from flexorch.workers.heap import Heap
@@ -47,9 +47,9 @@ def child_run(params: dict) -> dict:
     gc.collect()
     Heap().trim(slack=0)
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
-    start_rss = _vm_hwm()
+    start_rss = _vm("VmHWM")
     results, summary = score_prompts(params["layerwise"], prompts, score, settings)
-    peak = _vm_hwm()
+    peak = _vm("VmHWM")
     model = LayerwiseModel(params["layerwise"])
     # as the engine makes it; before the change neither took these and the loader had no slot_bytes
     size = ({"size": lambda name: model.part_bytes(name, None)}
@@ -58,7 +58,7 @@ def child_run(params: dict) -> dict:
     loader = ShardLoader(model, plan_shards(model.manifest, settings.layers_per_shard, **size), torch.device("cpu"),
                          torch.float32, **gather)
     slot_bytes = getattr(loader, "slot_bytes", None) or loader._slots[0].numel()
-    scores = [r.scores["logprob"].tolist() if params["kind"] == "suffix_logprob"
+    scores = [r.scores["logprob"].tolist() if ScoreKind(params["kind"]) is ScoreKind.SUFFIX_LOGPROB
               else np.asarray(r.scores).reshape(-1).tolist() for r in results]
     return {"peak_rss": peak, "start_rss": start_rss, "slot_bytes": slot_bytes, "seconds": summary.seconds,
             "bytes_read": summary.bytes_read, "scores": scores}

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import common as c
 
+from flexorch.contract.choices import on_cpu
+
 LLAMA_2_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                    num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 TINY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
@@ -121,7 +123,7 @@ def load_whole_model(layerwise: Path, device: str):
 def _cap_gpu(device: str, cap: int) -> None:
     import torch
 
-    if device.startswith("cuda"):
+    if not on_cpu(device):
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device))
 
@@ -138,7 +140,7 @@ def _fixed_device_bytes(device: str) -> int:
 def _peak(device: str, fixed: int) -> int:
     import torch
 
-    return fixed + torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+    return fixed + torch.cuda.max_memory_allocated() if not on_cpu(device) else 0
 
 
 # -- the children ----------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ def child_accelerate(params: dict) -> dict:
     fixed = _fixed_device_bytes(device)
     start = time.perf_counter()
     model = load_whole_model(Path(params["layerwise"]), "cpu")
-    if device.startswith("cuda"):
+    if not on_cpu(device):
         index = torch.device(device).index or 0
         device_map = infer_auto_device_map(model, max_memory={index: params["cap"], "cpu": 10**13},
                                            no_split_module_classes=["LlamaDecoderLayer"])
@@ -195,7 +197,7 @@ def child_accelerate(params: dict) -> dict:
     prompts = c.prompts_from_json(params["prompts"])
     seconds = c.score_one_by_one(model, prompts, device)
     peak = _peak(device, fixed)
-    on_gpu = sum(1 for v in device_map.values() if v not in ("cpu", "disk"))
+    on_gpu = sum(1 for v in device_map.values() if isinstance(v, int))  # a GPU is its index; else "cpu"/"disk"
     return {"seconds": seconds, "load_seconds": load_seconds, "peak_device_memory": peak,
             "prompts_run": len(prompts), "modules_on_gpu": on_gpu, "modules": len(device_map)}
 
@@ -205,7 +207,7 @@ def child_rates(params: dict) -> dict:
     import torch
 
     device = params["device"]
-    cuda = device.startswith("cuda")
+    cuda = not on_cpu(device)
     dtype = torch.float16 if cuda else torch.float32
     n = 8192 if cuda else 512
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)

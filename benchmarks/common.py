@@ -33,6 +33,8 @@ RESULT_MARKER = "BENCH_RESULT "
 if str(REPO) not in sys.path:  # `python benchmarks/bench_x.py` from a checkout without an install
     sys.path.insert(0, str(REPO))
 
+from flexorch.contract.choices import on_cpu  # noqa: E402 (after the path above)
+
 
 # -- models ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def machine_info(device: str = "cpu") -> dict:
         "device": device,
         "load_average": os.getloadavg(),  # others' work on a shared machine skews the numbers
     }
-    if device.startswith("cuda") and torch.cuda.is_available():
+    if not on_cpu(device) and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         info |= {"gpu": props.name, "gpu_memory_bytes": props.total_memory}
     return info
@@ -437,7 +439,7 @@ def score_in_memory(model, prompts, batch_tokens: int = 1024) -> float:
                             position_embeddings=position_embeddings)
                 hidden = out[0] if isinstance(out, tuple) else out
             compute_scores(hidden, targets, logits, ScoreSpec(), model.config.vocab_size)
-        if device.type == "cuda":
+        if not on_cpu(device):
             torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
