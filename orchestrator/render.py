@@ -9,25 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flexorch.contract.choices import Parallel, on_cpu
+from flexorch.orchestrator.durations import describe_time, format_seconds
 from flexorch.orchestrator.hardware import Calibration, Hardware, format_bytes, format_flops
 
 if TYPE_CHECKING:
-    from flexorch.orchestrator.planner import Plan
-
-
-def format_seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.1f} s"
-    return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
-
-
-def describe_time(start: float, fill: float, read: float, compute: float) -> str:
-    """A predicted time and the parts it adds up from: the start-up, the slower of reading and computing
-    (the other runs beside it) and what that overlap does not hide. The plan's table shows the total."""
-    pace, beside = ("reading weights", "computing") if read > compute else ("computing", "reading weights")
-    return (f"{format_seconds(start + fill + max(read, compute))} = {format_seconds(start)} start-up + "
-            f"{format_seconds(max(read, compute))} {pace} ({format_seconds(min(read, compute))} {beside} beside it) "
-            f"+ {format_seconds(fill)} not overlapped")
+    from flexorch.orchestrator.planner.plan import Plan
 
 
 def render_plan(plan: Plan, console) -> None:

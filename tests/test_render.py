@@ -10,7 +10,8 @@ from rich.console import Console
 
 from flexorch.orchestrator.hardware import Calibration, Throughput
 from flexorch.orchestrator.planner import make_plan
-from flexorch.orchestrator.render import describe_time, render_calibration, render_plan
+from flexorch.orchestrator.durations import describe_time
+from flexorch.orchestrator.render import render_calibration, render_plan
 
 from test_planner import SMALL_GPU, WORKSTATION_LIMITS, job_spec, llama2_70b, machine, small_fp32
 

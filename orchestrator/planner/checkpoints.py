@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from flexorch.orchestrator.hardware import format_bytes
-from flexorch.orchestrator.render import format_seconds
+from flexorch.orchestrator.durations import format_seconds
 
 # Checkpoints may cost at most this share of the job's predicted time: a crash is rare, so insurance
 # against it should stay within the run-to-run spread of a job's time (3-5%).

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from flexorch.contract.choices import Parallel
 from flexorch.contract.protocol import EngineSettings
-from flexorch.orchestrator.render import describe_time
+from flexorch.orchestrator.durations import describe_time
 
 # Activation batches a pipeline channel holds before its sender blocks: one being received while the
 # next is computed keeps the receiver busy; more would only add memory (a pipeline plan's

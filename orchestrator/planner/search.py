@@ -32,7 +32,7 @@ from flexorch.orchestrator.planner.model import (DOUBLE_BUFFER, NO_STORAGE, SING
 from flexorch.orchestrator.planner.plan import WorkerPlan
 from flexorch.orchestrator.planner.checkpoints import PIPELINE_REASON, CheckpointChoice, choose_checkpoints
 from flexorch.orchestrator.planner.timing import _pass_shares, _per_shard, _rate, _read_rate, _shard_costs, _time, _Time
-from flexorch.orchestrator.render import format_seconds
+from flexorch.orchestrator.durations import format_seconds
 from flexorch.orchestrator.spec import JobSpec
 
 # Largest batch tried. GPU: ~16k tokens fill an H100's matmul units for hidden sizes >= 4096;
