@@ -392,15 +392,16 @@ def _described(release_config: dict, model_type: str, scheme: str | None, dtype:
     return described_manifest(Release("tiny", model_type, release_config, scheme), dtype)
 
 
-@pytest.mark.parametrize("which", ["fp8", "mxfp4"])
-def test_a_described_manifest_is_what_prepare_writes_but_the_headers(which, fp8, mxfp4, tmp_path):
-    src = fp8 if which == "fp8" else mxfp4
+@pytest.mark.parametrize("which", ["fp8", "fp8_moe", "mxfp4"])
+def test_a_described_manifest_is_what_prepare_writes_but_the_headers(which, request, tmp_path):
+    src = request.getfixturevalue(which)
     raw = json.loads((src / "config.json").read_text())
     config = {k: v for k, v in raw.items() if k not in ("quantization_config", "architectures", "model_type",
                                                         "transformers_version", "dtype", "torch_dtype")}
-    described = _described(config, raw["model_type"], which, raw["dtype"])
+    scheme = raw["quantization_config"]["quant_method"]
+    described = _described(config, raw["model_type"], scheme, raw["dtype"])
     written = prepare_checkpoint(src, tmp_path / "out")
-    assert described.compression == written.compression == which
+    assert described.compression == written.compression == scheme
     for want, got in zip(written.layers, described.layers):
         assert (got.name, got.params, got.compression) == (want.name, want.params, want.compression)
         assert (got.experts, got.expert_bytes) == (want.experts, want.expert_bytes)
