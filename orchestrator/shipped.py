@@ -5,7 +5,8 @@ its quantised tensors take in a layerwise dir (flexorch/contract/manifest.py: `<
 
 FP8 (`quant_method: fp8`, DeepSeek-V3/R1, Qwen3-FP8): a float8 `X.weight` and its float32
 `X.weight_scale_inv` (one per 128 x 128 block) → `X.weight.fp8` and `X.weight.scale`.
-MXFP4 (`quant_method: mxfp4`, gpt-oss): `X_blocks` and `X_scales` → `X.mxfp4` and `X.scale`.
+MXFP4 (`quant_method: mxfp4`, gpt-oss): `X_blocks` and `X_scales` → `X.mxfp4` and `X.scale`; gpt-oss's
+experts ship fused, expert first, so both stay experts tensors that stream in groups.
 Torch-free: names and dtype strings only.
 """
 
@@ -18,6 +19,7 @@ _FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 _FP8_SCALE = ".weight_scale_inv"
 _MX_BLOCKS, _MX_SCALES = "_blocks", "_scales"
 FP8_BLOCK = 128  # workers/quantized.py reads a ragged last block only for this size
+MX_BLOCK = 32  # values per E8M0 scale (the MX spec; workers/quantized.py)
 
 
 def shipped_scheme(config: dict, where: str) -> str | None:
@@ -118,10 +120,12 @@ def split_mxfp4(tensors, prefix: str) -> tuple[tuple, dict]:
     if missing is not None:
         raise UserError(f"{by_name[missing + _MX_BLOCKS].file}: MXFP4 {missing}{_MX_BLOCKS} has no {_MX_SCALES}")
     paired = {t.name for pair in pairs.values() for t in pair}
-    stand_ins = tuple(SourceTensor(name, blocks.file, blocks.dtype, (*blocks.shape[:-3], blocks.shape[-2] * 32,
-                                                                     blocks.shape[-3]), blocks.nbytes + scales.nbytes)
-                      for name, (blocks, scales) in pairs.items())
-    return tuple(t for t in tensors if t.name not in paired) + stand_ins, pairs
+    stand_ins = []
+    for name, (blocks, scales) in pairs.items():
+        *lead, out, groups, _ = blocks.shape
+        stand_ins.append(SourceTensor(name, blocks.file, blocks.dtype, (*lead, groups * MX_BLOCK, out),
+                                      blocks.nbytes + scales.nbytes))
+    return tuple(t for t in tensors if t.name not in paired) + tuple(stand_ins), pairs
 
 
 def with_mxfp4_blocks(layout, pairs: dict, prefix: str):

@@ -236,6 +236,18 @@ def test_mxfp4_experts_stream_in_groups_as_shipped_reading_under_0_3_of_the_bf16
         assert streamed.bytes_read <= 0.3 * plain.bytes_read
 
 
+def test_mxfp4_blocks_without_their_scales_are_refused_in_one_line(mxfp4, tmp_path, capsys):
+    src = tmp_path / "odd"
+    shutil.copytree(mxfp4, src)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.0.mlp.experts.down_proj_scales"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["prepare", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "MXFP4 model.layers.0.mlp.experts.down_proj_blocks has no _scales" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_describe_plans_the_bytes_prepare_writes(fp8, mxfp4, tmp_path):
     for src in (fp8, mxfp4):
         described = describe_checkpoint(src)
