@@ -4,8 +4,9 @@
 Measured: a llama-shaped model (bf16) and its FP8 release form (every decoder projection in 128 x 128
 blocks, as DeepSeek-V3 ships), and a gpt-oss-shaped one and its MXFP4 form (the experts, as gpt-oss
 ships), each prepared by `flexorch prepare` and scored for one pass by the engine: the bytes its
-reads returned (EngineRun.bytes_read). Described: the same ratio for the full-size releases, from
-their manifests (benchmarks/manifests.py), a pass reading the whole dir.
+reads returned (EngineRun.bytes_read); the MXFP4 one also with its experts streamed 4 at a time (each
+group's slices of the blocks and scales read, then dequantised). Described: the same ratio for the
+full-size releases, from their manifests (benchmarks/manifests.py), a pass reading the whole dir.
 
     python benchmarks/bench_formats.py
 """
@@ -68,9 +69,11 @@ def gpt_oss_checkpoint(path: Path) -> Path:
     return path
 
 
-def bytes_read(src: Path, dst: Path) -> int:
-    prepare_checkpoint(src, dst)
-    settings = EngineSettings("cpu", "bfloat16", 1, "cpu", 4096, allow_untested_models=True)
+def bytes_read(src: Path, dst: Path, experts_per_group: int = 0) -> int:
+    if not dst.exists():
+        prepare_checkpoint(src, dst)
+    settings = EngineSettings("cpu", "bfloat16", 1, "cpu", 4096, allow_untested_models=True,
+                              experts_per_group=experts_per_group)
     _, run = score_prompts(dst, PROMPTS, ScoreSpec("suffix_logprob"), settings)
     return run.bytes_read
 
@@ -86,6 +89,10 @@ def main() -> None:
             plain = bytes_read(src, root / f"{scheme}-bf16.layers")
             packed = bytes_read(quantized_copy(src, root / f"{scheme}-src", scheme), root / f"{scheme}.layers")
             results[name] = {"bf16_bytes": plain, "quantized_bytes": packed, "ratio": packed / plain}
+        streamed = bytes_read(root / "mxfp4-src", root / "mxfp4.layers", experts_per_group=4)
+        plain = bytes_read(oss, root / "mxfp4-bf16.layers", experts_per_group=4)
+        results["gpt-oss-shaped, MXFP4, experts 4 at a time"] = {"bf16_bytes": plain, "quantized_bytes": streamed,
+                                                                 "ratio": streamed / plain}
     for release in (DEEPSEEK_V3, GPT_OSS_120B):
         shipped = described_manifest(release).total_bytes
         plain = described_manifest(Release(release.name, release.model_type, release.config)).total_bytes

@@ -38,7 +38,8 @@ from flexorch.contract.verified import mark, sha256_file
 from flexorch.orchestrator.experts import (ExpertLayout, FusedExperts, checkpoint_renames, fuse_experts,
                                           has_expert_tensors, module_shapes)
 from flexorch.orchestrator.shipped import (FP8, MXFP4, dequantized_params, is_quantized, shipped_scheme,
-                                          split_scales, stored_name, with_fp8_scales)
+                                          split_mxfp4, split_scales, stored_name, with_fp8_scales,
+                                          with_mxfp4_blocks)
 from flexorch.orchestrator.tensors import SourceTensor
 
 if TYPE_CHECKING:
@@ -344,9 +345,7 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
     ]
     layers = []
     renames = checkpoint_renames(checkpoint.model_type)
-    # gpt-oss ships its MXFP4 experts fused as blocks and scales, which the expert layout does not
-    # slice yet: such layers are read whole
-    module_shapes = None if checkpoint.scheme == MXFP4 else _module_shapes_if_moe(checkpoint, renames)
+    module_shapes = _module_shapes_if_moe(checkpoint, renames)
     for position, (name, kind, prefix) in enumerate(slots):
         if kind == LM_HEAD and checkpoint.tied:
             layers.append(LayerSource(position, name, kind, prefix, (), layers[0].dtype, tied_to=EMBED))
@@ -356,12 +355,16 @@ def group_layers(checkpoint: Checkpoint) -> list[LayerSource]:
             raise UserError(f"{checkpoint.src}: no tensors for layer {name!r} ({prefix}*){why}")
         tensors = tuple(sorted(groups[name], key=lambda t: t.name))
         layer = LayerSource(position, name, kind, prefix, tensors, _layer_dtype(tensors))
-        if module_shapes and kind == DECODER and has_expert_tensors([layer.relative(t) for t in tensors], renames):
+        if kind == DECODER and has_expert_tensors([layer.relative(t) for t in tensors], renames):
             where = f"{checkpoint.src}: {name}"
             weights, scales = split_scales(tensors, prefix) if checkpoint.scheme == FP8 else (tensors, ())
+            # MXFP4 (gpt-oss): blocks and scales checked against the module as the float tensor they hold
+            weights, blocks = split_mxfp4(weights, prefix) if checkpoint.scheme == MXFP4 else (weights, {})
             experts = fuse_experts(where, weights, prefix, module_shapes[position - 1], renames)
             if scales:
                 experts = with_fp8_scales(experts, scales, prefix, where)
+            if blocks:
+                experts = with_mxfp4_blocks(experts, blocks, prefix)
             layer = replace(layer, tensors=experts.plain, experts=experts)
         layers.append(_shipped(layer, checkpoint) if checkpoint.scheme else layer)
     return layers

@@ -5,7 +5,8 @@ its quantised tensors take in a layerwise dir (flexorch/contract/manifest.py: `<
 
 FP8 (`quant_method: fp8`, DeepSeek-V3/R1, Qwen3-FP8): a float8 `X.weight` and its float32
 `X.weight_scale_inv` (one per 128 x 128 block) → `X.weight.fp8` and `X.weight.scale`.
-MXFP4 (`quant_method: mxfp4`, gpt-oss): `X_blocks` and `X_scales` → `X.mxfp4` and `X.scale`.
+MXFP4 (`quant_method: mxfp4`, gpt-oss): `X_blocks` and `X_scales` → `X.mxfp4` and `X.scale`; gpt-oss's
+experts ship fused, expert first, so both stay experts tensors that stream in groups.
 Torch-free: names and dtype strings only.
 """
 
@@ -18,6 +19,7 @@ _FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 _FP8_SCALE = ".weight_scale_inv"
 _MX_BLOCKS, _MX_SCALES = "_blocks", "_scales"
 FP8_BLOCK = 128  # workers/quantized.py reads a ragged last block only for this size
+MX_BLOCK = 32  # values per E8M0 scale (the MX spec; workers/quantized.py)
 
 
 def shipped_scheme(config: dict, where: str) -> str | None:
@@ -101,3 +103,48 @@ def with_fp8_scales(layout, scales: tuple, prefix: str, where: str):
     plain = tuple(by_weight.values())
     renamed = {t.name[len(prefix):]: t.name[len(prefix):] for t in plain}
     return replace(layout, plain=layout.plain + plain, renamed=layout.renamed | renamed, fused=tuple(fused))
+
+
+# -- MXFP4 experts: gpt-oss ships them fused, expert first, as blocks and scales -------------------
+def split_mxfp4(tensors, prefix: str) -> tuple[tuple, dict]:
+    """A layer's tensors with each MXFP4 pair (`X_blocks`, `X_scales`) replaced by a stand-in for the
+    float `X` the module holds once dequantised (blocks (..., out, in / 32, 16) → (..., in, out),
+    workers/quantized.py), so the experts layout checks it against transformers' module; and the
+    pairs by the stand-in's name (`with_mxfp4_blocks` puts them back)."""
+    from flexorch.orchestrator.tensors import SourceTensor
+
+    by_name = {t.name: t for t in tensors}
+    pairs = {t.name.removesuffix(_MX_BLOCKS): (t, by_name.get(t.name.removesuffix(_MX_BLOCKS) + _MX_SCALES))
+             for t in tensors if t.name.endswith(_MX_BLOCKS)}
+    missing = next((name for name, (_, scales) in pairs.items() if scales is None), None)
+    if missing is not None:
+        raise UserError(f"{by_name[missing + _MX_BLOCKS].file}: MXFP4 {missing}{_MX_BLOCKS} has no {_MX_SCALES}")
+    paired = {t.name for pair in pairs.values() for t in pair}
+    stand_ins = []
+    for name, (blocks, scales) in pairs.items():
+        *lead, out, groups, _ = blocks.shape
+        stand_ins.append(SourceTensor(name, blocks.file, blocks.dtype, (*lead, groups * MX_BLOCK, out),
+                                      blocks.nbytes + scales.nbytes))
+    return tuple(t for t in tensors if t.name not in paired) + tuple(stand_ins), pairs
+
+
+def with_mxfp4_blocks(layout, pairs: dict, prefix: str):
+    """`layout` (an ExpertLayout laid out over `split_mxfp4`'s stand-ins) with each stand-in's blocks
+    and scales back in its place, named as the module's tensor (`mlp.experts.gate_up_proj_blocks`,
+    stored as `mlp.experts.gate_up_proj.mxfp4` beside `.scale`). Both are expert first as shipped, so
+    expert e is slice [e] of each and they stream in groups as any fused experts tensor."""
+    from dataclasses import replace
+
+    plain, renamed, stored = [], dict(layout.renamed), dict(layout.stored)
+    for tensor in layout.plain:
+        if tensor.name not in pairs:
+            plain.append(tensor)
+            continue
+        blocks, scales = pairs[tensor.name]
+        module = renamed.pop(tensor.name[len(prefix):], tensor.name[len(prefix):])
+        plain += [blocks, scales]
+        renamed[blocks.name[len(prefix):]] = module + _MX_BLOCKS
+        renamed[scales.name[len(prefix):]] = module + _MX_SCALES
+        if stored.pop(module, None) is not None:
+            stored[f"{module}.{MXFP4}"], stored[f"{module}.scale"] = blocks, scales
+    return replace(layout, plain=tuple(plain), renamed=renamed, stored=stored)

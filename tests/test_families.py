@@ -23,7 +23,7 @@ from flexorch.contract.manifest import read_manifest
 from flexorch.contract.models import MOE_MODEL_TYPES, TESTED_MODEL_TYPES, check_decoder_config
 from flexorch.contract.protocol import ScoreSpec
 from flexorch.workers.engine import score_prompts
-from test_engine import _MOE_RSS_SCRIPT, assert_greedy_extension, references_of, settings
+from test_engine import _MOE_RSS_SCRIPT, assert_greedy_extension, reference_scores, references_of, settings
 
 TOKEN_IDS = (5, 17, 200)
 
@@ -70,6 +70,22 @@ def test_streamed_experts_match_unsplit_model(model_type, family, family_referen
     manifest = read_manifest(model_dir)
     assert any(entry.experts for entry in manifest.decoder_layers)
     assert_every_kind_matches(model_dir, ref, settings(batch_tokens=60, experts_per_group=1), columns=False)
+
+
+def test_llama4_no_rope_temperature_follows_each_tokens_own_position_past_floor_scale(family, tmp_path):
+    """Llama 4 tempers its no-rope layers' queries by floor((position + 1) / floor_scale); with
+    floor_scale 4 (the releases: 8192) the prompts cross it many times, and a packed row's suffixes,
+    which restart at the prefix's end, and the greedy steps from the KV cache take their own positions."""
+    from flexorch.orchestrator.prepare import prepare_checkpoint
+
+    src = tmp_path / "src"
+    shutil.copytree(family("llama4_text")[0], src)  # the family's weights, another floor_scale
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "floor_scale": 4}))
+    prepare_checkpoint(src, tmp_path / "layers")
+    ref = reference_scores(src)
+    assert any(len(p.suffix_ids) > 1 for p in ref.prompts)  # packed rows: later suffixes sit past their position
+    assert_every_kind_matches(tmp_path / "layers", ref, settings(layers_per_shard=2, batch_tokens=4096), columns=False)
 
 
 # What is no decoder of attention layers, each as transformers configures it by default.

@@ -86,17 +86,19 @@ def fp8_moe(tmp_path_factory) -> Path:
 
 
 def build_gpt_oss(path: Path) -> Path:
-    """A tiny random gpt-oss (4 experts, 2 per token, sliding and full attention layers) with a tokenizer."""
+    """A tiny random gpt-oss (sliding and full attention layers) with a tokenizer, shaped as the release
+    is where bytes go: its experts (32, 2 per token) hold ~95% of the weights, stored in bf16 as the
+    release stores what it does not quantise."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
     config = AutoConfig.for_model(
-        "gpt_oss", hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, vocab_size=len(tokenizer),
+        "gpt_oss", hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=32, num_experts_per_tok=2, vocab_size=len(tokenizer),
         sliding_window=8, layer_types=["sliding_attention", "full_attention"], bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -106,6 +108,11 @@ def build_gpt_oss(path: Path) -> Path:
 def mxfp4(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mxfp4")
     return _write_quantized(build_gpt_oss(root / "float"), root / "mxfp4", _mxfp4_tensors, MXFP4_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_reference(mxfp4):
+    return reference_scores(mxfp4)
 
 
 # -- the dequantisation against transformers' own ---------------------------------------------------
@@ -134,8 +141,8 @@ def test_mxfp4_dequantises_as_transformers_does():
 
 
 # -- prepare keeps the shipped bytes; workers score as the dequantised model -----------------------
-def _scores_match(model_dir: Path, src: Path, layers_per_shard: int) -> None:
-    ref = reference_scores(src)
+def _scores_match(model_dir: Path, src: Path, layers_per_shard: int, ref=None) -> None:
+    ref = ref or reference_scores(src)
     # gpt_oss joins the tested list with issue 27 item 1; the format, not the family, is tested here
     run = settings(layers_per_shard=layers_per_shard, allow_untested_models=True)
     results, _ = score_prompts(model_dir, ref.prompts, ScoreSpec("suffix_logprob"), run)
@@ -188,7 +195,8 @@ def test_fp8_experts_are_fused_with_their_scales_and_stream_exactly(fp8_moe, tmp
             np.testing.assert_allclose(got.scores["logprob"], want, atol=1e-4, rtol=0)
 
 
-def test_an_mxfp4_checkpoint_is_kept_in_mxfp4_and_scores_as_transformers_dequantised_model(mxfp4, tmp_path):
+def test_an_mxfp4_checkpoint_is_kept_in_mxfp4_and_scores_as_transformers_dequantised_model(mxfp4, mxfp4_reference,
+                                                                                           tmp_path):
     dst = tmp_path / "mxfp4.layers"
     assert main(["prepare", str(mxfp4), str(dst)]) == 0
     manifest = read_manifest(dst)
@@ -197,7 +205,47 @@ def test_an_mxfp4_checkpoint_is_kept_in_mxfp4_and_scores_as_transformers_dequant
     assert {"mlp.experts.gate_up_proj.mxfp4", "mlp.experts.gate_up_proj.scale", "mlp.experts.down_proj.mxfp4",
             "mlp.experts.down_proj.scale", "mlp.experts.gate_up_proj_bias"} <= set(layer.tensors)
     assert [e.params for e in manifest.layers] == [e.params for e in describe_checkpoint(mxfp4.parent / "float").layers]
-    _scores_match(dst, mxfp4, 1)
+    _scores_match(dst, mxfp4, 1, mxfp4_reference)
+
+
+def test_mxfp4_experts_stream_in_groups_as_shipped_reading_under_0_3_of_the_bf16_conversion(mxfp4, mxfp4_reference,
+                                                                                            tmp_path):
+    """gpt-oss's experts come fused, expert first, as blocks and scales: prepare keeps them so and marks
+    them streamable; each group's slices are dequantised after the read and the groups sum to the layer."""
+    dst = tmp_path / "mxfp4.layers"
+    manifest = prepare_checkpoint(mxfp4, dst)
+    layer = manifest.entry("layer.1")
+    assert layer.experts == 32 and set(layer.expert_tensors) == {
+        "mlp.experts.gate_up_proj.mxfp4", "mlp.experts.gate_up_proj.scale", "mlp.experts.gate_up_proj_bias",
+        "mlp.experts.down_proj.mxfp4", "mlp.experts.down_proj.scale", "mlp.experts.down_proj_bias"}
+    stored, shipped = load_file(dst / layer.file), load_file(mxfp4 / "model.safetensors")
+    for name in ("gate_up_proj", "down_proj"):  # the shipped bytes, renamed
+        assert torch.equal(stored[f"mlp.experts.{name}.mxfp4"], shipped[f"model.layers.1.mlp.experts.{name}_blocks"])
+        assert torch.equal(stored[f"mlp.experts.{name}.scale"], shipped[f"model.layers.1.mlp.experts.{name}_scales"])
+    assert layer.expert_bytes * 32 == sum(t.nbytes for name, t in stored.items() if name in layer.expert_tensors)
+    bf16 = tmp_path / "bf16.layers"
+    prepare_checkpoint(mxfp4.parent / "float", bf16)
+    ref = mxfp4_reference
+    _, plain = score_prompts(bf16, ref.prompts, ScoreSpec("suffix_logprob"), settings(allow_untested_models=True))
+    for group in (1, 2, 32):
+        run = settings(experts_per_group=group, allow_untested_models=True)
+        results, streamed = score_prompts(dst, ref.prompts, ScoreSpec("suffix_logprob"), run)
+        for got, want in zip(results, ref.logprob):
+            np.testing.assert_allclose(got.scores["logprob"], want, atol=1e-4, rtol=0)
+        print(f"{group} experts per group: {streamed.bytes_read} bytes read, bf16 {plain.bytes_read}")
+        assert streamed.bytes_read <= 0.3 * plain.bytes_read
+
+
+def test_mxfp4_blocks_without_their_scales_are_refused_in_one_line(mxfp4, tmp_path, capsys):
+    src = tmp_path / "odd"
+    shutil.copytree(mxfp4, src)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.0.mlp.experts.down_proj_scales"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["prepare", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "MXFP4 model.layers.0.mlp.experts.down_proj_blocks has no _scales" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_describe_plans_the_bytes_prepare_writes(fp8, mxfp4, tmp_path):
@@ -356,20 +404,21 @@ def _described(release_config: dict, model_type: str, scheme: str | None, dtype:
     return described_manifest(Release("tiny", model_type, release_config, scheme), dtype)
 
 
-@pytest.mark.parametrize("which", ["fp8", "mxfp4"])
-def test_a_described_manifest_is_what_prepare_writes_but_the_headers(which, fp8, mxfp4, tmp_path):
-    src = fp8 if which == "fp8" else mxfp4
+@pytest.mark.parametrize("which", ["fp8", "fp8_moe", "mxfp4"])
+def test_a_described_manifest_is_what_prepare_writes_but_the_headers(which, request, tmp_path):
+    src = request.getfixturevalue(which)
     raw = json.loads((src / "config.json").read_text())
     config = {k: v for k, v in raw.items() if k not in ("quantization_config", "architectures", "model_type",
                                                         "transformers_version", "dtype", "torch_dtype")}
-    described = _described(config, raw["model_type"], which, "float32")
+    scheme = raw["quantization_config"]["quant_method"]
+    described = _described(config, raw["model_type"], scheme, raw["dtype"])
     written = prepare_checkpoint(src, tmp_path / "out")
-    assert described.compression == written.compression == which
+    assert described.compression == written.compression == scheme
     for want, got in zip(written.layers, described.layers):
         assert (got.name, got.params, got.compression) == (want.name, want.params, want.compression)
-        # gpt-oss's experts come fused in the checkpoint; prepare marks them streamable with issue 27 item 2
-        assert got.experts == (raw.get("num_local_experts", 0) if got.kind == "decoder" else 0)
+        assert (got.experts, got.expert_bytes) == (want.experts, want.expert_bytes)
         assert sorted(got.tensors) == sorted(want.tensors)
+        assert sorted(got.expert_tensors) == sorted(want.expert_tensors)
         header = 64 + 160 * len(want.tensors)  # safetensors' JSON header: name, dtype, shape, offsets per tensor
         assert want.bytes - header <= got.bytes <= want.bytes
 

@@ -211,6 +211,54 @@ def layer_kinds(config, rotary: nn.Module) -> tuple[LayerKind, ...]:
                  for t in types[:config.num_hidden_layers])
 
 
+class QueryTemperature:
+    """Llama 4's attention temperature on its no-rope layers (arXiv 2501.19399): each query times
+    log1p(floor((p + 1) / floor_scale)) * attn_scale + 1, p the token's position in its sequence.
+
+    transformers takes p from the token's column (arange over the layer's input plus the cache's
+    length), which is its position only in a row holding one sequence: in a packed row each suffix
+    restarts at the prefix's end, and a generation step's cache holds padding columns. Below
+    floor_scale (8192 in the releases) every p gives 1, so that showed only on rows that long. Here
+    transformers' own scaling is turned off on those layers and this forward hook on their q_proj
+    applies it from our position ids: on a no-rope layer nothing (no rope, no qk norm) comes between
+    q_proj and the scaling, so scaling q_proj's output per token is the same product."""
+
+    def __init__(self, floor_scale: float, attn_scale: float):
+        self.floor_scale, self.attn_scale = floor_scale, attn_scale
+        self.positions: torch.Tensor | None = None  # (rows, Q): of the decoder layer call in progress
+
+    @classmethod
+    def install(cls, layers: nn.ModuleList) -> "QueryTemperature | None":
+        """One hook on the q_proj of every layer transformers would temper, or None (no such layer)."""
+        tempered = [layer.self_attn for layer in layers
+                    if getattr(getattr(layer, "self_attn", None), "attn_temperature_tuning", False)
+                    and not getattr(layer.self_attn, "use_rope", True)]
+        if not tempered:
+            return None
+        temperature = cls(tempered[0].floor_scale, tempered[0].attn_scale)
+        for attention in tempered:
+            attention.attn_temperature_tuning = False
+            attention.q_proj.register_forward_hook(temperature)
+        return temperature
+
+    @contextlib.contextmanager
+    def at(self, position_ids: torch.Tensor):
+        """position_ids: (rows, Q), the queries' positions while a decoder layer runs."""
+        self.positions = position_ids
+        try:
+            yield
+        finally:
+            self.positions = None
+
+    def __call__(self, module: nn.Module, inputs, queries: torch.Tensor) -> torch.Tensor:
+        """queries: (rows, Q, heads * head_dim) → the same, each token's row scaled (in float32, cast
+        back, as transformers does)."""
+        if self.positions is None:
+            raise RuntimeError("a tempered no-rope layer ran outside ModelAdapter.decoder_layer")
+        scales = torch.log1p(torch.floor((self.positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+        return (queries * scales[..., None]).to(queries.dtype)
+
+
 def _cache_kwarg(forward) -> str:
     """The name a decoder layer takes its KV cache under: transformers renamed it from
     `past_key_value` (4.x) to `past_key_values` (5.x) to `cache` (5.2x, the old name deprecated).
@@ -246,6 +294,7 @@ class ModelAdapter:
         self.scaling = Scaling.from_config(config)
         self.layer_kinds = layer_kinds(config, parts.rotary)
         self._cache_kwarg = _cache_kwarg(type(self._layers[0]).forward)
+        self._temperature = QueryTemperature.install(parts.layers)  # Llama 4's no-rope layers
 
     @property
     def num_layers(self) -> int:
@@ -296,8 +345,9 @@ class ModelAdapter:
         transformers' `update(keys, values, layer_idx, ...) -> (keys, values)` (workers/kvcache.py),
         or None: the keys are the Q tokens' own (K == Q)."""
         extra = {self._cache_kwarg: cache} if cache is not None else {}
-        out = self._layers[index](hidden, attention_mask=mask, position_ids=position_ids,
-                                  position_embeddings=position_embeddings, **extra)
+        with self._temperature.at(position_ids) if self._temperature else contextlib.nullcontext():
+            out = self._layers[index](hidden, attention_mask=mask, position_ids=position_ids,
+                                      position_embeddings=position_embeddings, **extra)
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype)
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """blocks: uint8 (experts, out, in / 32, 16); scales: uint8 (experts, out, in / 32) →
-    (experts, in, out) in `dtype`, the layout transformers' experts hold."""
+    (experts, in, out) in `dtype`, the layout transformers' experts hold. `experts`: the layer's, or
+    the group a streamed step reads (slices [first:end] of both, contract/shards.py)."""
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
     values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # (..., G, 16, 2)
     values = values.reshape(*blocks.shape[:-1], MX_BLOCK)
