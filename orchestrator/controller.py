@@ -194,6 +194,7 @@ class WorkerRecord:
     error: str | None = None
     step_downs: list[dict] = field(default_factory=list)  # out-of-memory errors survived, in order
     prompts_committed: int = 0  # by this run
+    shards_resumed: int = 0  # shard steps its rounds' checkpoints spared (workers/checkpoint.py)
     # the round under way ({"round", "prompts", "engine_seconds"}); a run stopped now loses its work
     in_flight: dict | None = None
 
@@ -216,6 +217,7 @@ class WorkerRecord:
             self.read_seconds += s.read_seconds
             self.compute_seconds += s.compute_seconds
             self.tokens += s.tokens
+            self.shards_resumed += s.shards_resumed
         elif isinstance(message, SteppedDown):
             self.step_downs.append({"round": message.round_id, "change": message.change, "error": message.error})
         elif isinstance(message, Finished):

@@ -291,9 +291,9 @@ class Engine:
                 if generation and generation.done:
                     break  # every sequence ended: the loader's read-ahead is dropped on close
                 current = self._pass(_rows(prompts, generated, step), current, cache, generation, prompts, step)
+                cache.select(current.cache_batches, current.kept_rows)
                 if step < resume.step:  # done before the checkpoint: only its batches are rebuilt
                     continue
-                cache.select(current.cache_batches, current.kept_rows)
                 if not resume.skips(step, 0):
                     loader.embed_ids(torch.cat([p.input_ids.flatten() for p in current.packed]))  # rows to gather
                 for position, (shard, run) in enumerate(zip(self.own_shards, runs)):
@@ -337,13 +337,12 @@ class Engine:
 
     def _checkpoints(self, prompts: Sequence[TokenizedPrompt], steps: int, link: Link, cache: KVCache,
                      generation: Generation | None) -> Checkpoints | None:
-        """The round's checkpoints (workers/checkpoint.py); none in a pipeline, whose state is spread
-        over its stages, without a folder for them, or for a generate round (its sequences' state lives
-        in `generation`, which a checkpoint does not hold yet)."""
-        if self.link is not None or not self.settings.checkpoint_dir or generation is not None:
+        """The round's checkpoints (workers/checkpoint.py), a generate round's with its sequences'
+        state; none in a pipeline, whose state is spread over its stages, or without a folder for them."""
+        if self.link is not None or not self.settings.checkpoint_dir:
             return None
         return Checkpoints(self.settings, prompts, self.own_shards, steps, link.store,
-                           cache.store if cache.enabled else None)
+                           cache if cache.enabled else None, generation)
 
     def _generation(self, prompts: Sequence[TokenizedPrompt]) -> Generation | None:
         """generate: each sequence's state, with the tokenizer's decode where stop strings are looked for."""
@@ -382,7 +381,8 @@ class Engine:
         """The first step (or every step without a cache): the rows in full; a later step with the
         cache: each suffix's newest token, in the previous step's batches. generate: only the prompts
         with a sequence still running, each drawing (sampling) with its own seed."""
-        live = generation.live if generation else None
+        # a step rebuilt after a resume: the prompts running then (with the state at `step`, `live`)
+        live = (lambda i: generation.ran(i, step)) if generation else None  # noqa: E731
         sampling = self.score.sampling
         seeds = None
         if generation and not sampling.greedy:
