@@ -64,9 +64,12 @@ def test_a_stopped_generate_round_resumes_byte_identical_without_recomputing_com
     crash_after = 4  # by then prompt 1 (limit 3) and the one ending at EOS (its 5th token at most) left
     assert any(len(ids) <= crash_after for ids, _ in expected)
     hooks, before, resumable = recording_hooks(crash_after, round_folder(run.checkpoint_dir, [p.index for p in prompts]))
+    events = []
     with pytest.raises(Crash):
-        score_prompts(model, prompts, score, run, hooks=hooks)
+        score_prompts(model, prompts, score, run, hooks=hooks, on_progress=events.append)
     (step, position), = resumable
+    # progress says what the checkpoints keep (the report's `lost` is the rest): nothing at first
+    assert events[0].saved_seconds == 0 and 0 < events[-1].saved_seconds <= events[-1].seconds
 
     hooks, after, _ = recording_hooks()
     results, summary = score_prompts(model, prompts, score, run, hooks=hooks)

@@ -65,6 +65,7 @@ class CheckpointStats:
     seconds: float = 0.0
     bytes: int = 0
     resumed: int = 0  # shard steps the restored checkpoint spared
+    taken_at: float | None = None  # time.perf_counter() when the newest was written
 
 
 def layout_of(settings: EngineSettings, steps: int) -> str:
@@ -189,7 +190,8 @@ class Checkpoints:
         self._since = 0
         self.stats.written += 1
         self.stats.bytes += sum(files.values())
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.taken_at = time.perf_counter()
+        self.stats.seconds += self.stats.taken_at - start
 
     def _remove_others(self, keep: Path | None) -> None:
         """Older checkpoints and what a killed writer left: only the newest complete one is kept."""

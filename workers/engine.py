@@ -36,7 +36,7 @@ from flexorch.contract.shards import owner, plan_shards
 from flexorch.workers import devicememory
 from flexorch.workers.activations import make_store
 from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, pack_rows
-from flexorch.workers.checkpoint import Checkpoints, ResumePoint
+from flexorch.workers.checkpoint import Checkpoints, CheckpointStats, ResumePoint
 from flexorch.workers.experts import StreamedExperts
 from flexorch.workers.generate import Generation, sequence_seed
 from flexorch.workers.heap import Heap
@@ -220,6 +220,7 @@ class _Progress:
     prompts: int
     stats: LoaderStats
     start: float
+    checkpoints: CheckpointStats | None  # what the round's checkpoints keep of its work (None: none taken)
 
     def within(self, position: int, step: int, tokens: int) -> BatchDone:
         """The callback shard `position` calls after each batch (stage: the shards done before it)."""
@@ -236,7 +237,11 @@ class _Progress:
         return ProgressEvent(stage=stage, stages=self.shards, step=step + 1, steps=self.steps,
                              prompts_done=prompts_done, prompts=self.prompts, tokens_done=tokens,
                              bytes_read=self.stats.bytes_read, seconds=time.perf_counter() - self.start,
-                             batch=batch, batches=batches)
+                             batch=batch, batches=batches, saved_seconds=self._saved())
+
+    def _saved(self) -> float:
+        taken = self.checkpoints.taken_at if self.checkpoints else None
+        return taken - self.start if taken is not None else 0.0
 
 
 class Engine:
@@ -284,7 +289,8 @@ class Engine:
                              slots=2 if self.settings.double_buffer else 1, gather=True,
                              direct=self.settings.direct_reads, start=(resume.step, resume.position))
         runs = shard_runs(self.own_shards, self._context(link, cache))  # each shard's runner, by its kind
-        progress = _Progress(self.on_progress, len(self.own_shards), steps, len(prompts), loader.stats, start)
+        progress = _Progress(self.on_progress, len(self.own_shards), steps, len(prompts), loader.stats, start,
+                             checkpoints.stats if checkpoints else None)
         tokens, current = 0, None
         with torch.inference_mode(), loader, link, cache:
             for step in range(steps):
@@ -305,10 +311,10 @@ class Engine:
                     loader.release(loaded)  # the compute using it has been issued
                     done = current.tokens if shard.last_step else 0  # a streamed MoE layer: once, at its end
                     tokens += done
-                    progress.shard_done(position, step, done)
                     if checkpoints:  # where nothing of the shard waits on the pass, its state is whole
                         checkpoints.after_shard(step, position, shard.last_step and current.streamed is None
                                                 and current.head_steps is None, generated, scores)
+                    progress.shard_done(position, step, done)  # after the checkpoint: it says what is saved
                     if self.hooks.after_shard:
                         self.hooks.after_shard(step, shard.index)
                 shares = dict(current.prompt_results()) if self.scores_here else {}
