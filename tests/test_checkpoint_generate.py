@@ -162,3 +162,20 @@ def test_a_worker_killed_mid_generation_resumes_byte_identical(tmp_path, checkpo
     report = json.loads((job_dir / "report.json").read_text())
     assert [w["shards_resumed"] for w in report["workers"]] == [kill_after]
     assert not any((job_dir / CHECKPOINTS_DIR).iterdir())
+
+
+def test_the_planner_checkpoints_a_generate_round_priced_for_all_its_steps():
+    """A generate round is priced for its longest limit (planner/search.py's `_checkpoints`): 256 steps
+    of 8 prompts over a 13B on the CPU are hours, checkpointed within the default 10 minutes."""
+    from test_planner import job_spec, llama2_13b, machine
+
+    from flexorch.orchestrator.generation import GenerateSettings
+    from flexorch.orchestrator.planner import make_plan
+    from flexorch.orchestrator.spec import ScoreSettings
+
+    spec = job_spec(devices=("cpu",), score=ScoreSettings("generate", generate=GenerateSettings()))
+    (worker,) = make_plan(machine(), llama2_13b(), spec, [200] * 8, suffix_counts=[1] * 8, new_tokens=[256] * 8).workers
+    (reason,) = [r for r in worker.reasons if r.startswith("checkpoints:")]
+    assert worker.settings.checkpoint_shards > 0, reason
+    per_round = int(reason.split(" per round")[0].split(", ")[-1])
+    assert per_round >= worker.predicted_compute_seconds // 600, reason
