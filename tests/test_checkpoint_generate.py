@@ -73,8 +73,10 @@ def test_a_stopped_generate_round_resumes_byte_identical_without_recomputing_com
     assert events[0].saved_seconds == 0 and 0 < events[-1].saved_seconds <= events[-1].seconds
 
     hooks, after, _ = recording_hooks()
-    results, summary = score_prompts(model, prompts, score, run, hooks=hooks)
+    events = []
+    results, summary = score_prompts(model, prompts, score, run, hooks=hooks, on_progress=events.append)
     assert_identical(results, want)
+    assert {e.shards_resumed for e in events} == {summary.shards_resumed}  # progress paces on the rest
     # the committed shard steps (every one before the checkpoint's point) are not run again
     assert summary.shards_resumed == step * shards + position > crash_after * shards
     assert position == (0 if every == 2 else 1)

@@ -237,7 +237,8 @@ class _Progress:
         return ProgressEvent(stage=stage, stages=self.shards, step=step + 1, steps=self.steps,
                              prompts_done=prompts_done, prompts=self.prompts, tokens_done=tokens,
                              bytes_read=self.stats.bytes_read, seconds=time.perf_counter() - self.start,
-                             batch=batch, batches=batches, saved_seconds=self._saved())
+                             batch=batch, batches=batches, saved_seconds=self._saved(),
+                             shards_resumed=self.checkpoints.resumed if self.checkpoints else 0)
 
     def _saved(self) -> float:
         taken = self.checkpoints.taken_at if self.checkpoints else None

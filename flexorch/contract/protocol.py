@@ -186,6 +186,7 @@ class ProgressEvent:
     batches: int = 0  # batches of the pass (0: reported per shard only)
     # of `seconds`, the work before the round's newest checkpoint of this run: a resubmit resumes after it
     saved_seconds: float = 0.0
+    shards_resumed: int = 0  # shard steps a checkpoint spared the round: done, but not computed by this run
 
 
 @dataclass(frozen=True)
