@@ -32,9 +32,9 @@ SAMPLED = Sampling(temperature=1.5, top_p=0.95, top_k=50, seed=7)
 
 
 def recording_hooks(crash_after_step: int | None = None, folder: Path | None = None) -> tuple[EngineHooks, list, list]:
-    """Hooks recording every shard step run; with `crash_after_step`, raising Crash at the first
-    shard of the step after it once a checkpoint of that step's state exists in `folder` (a stop
-    mid-step, after rows have left). The last list gets the checkpoint's (step, position)."""
+    """Hooks recording every shard step run; with `crash_after_step`, raising Crash after the first
+    shard of the step after it (within a step, rows having left), the newest checkpoint in `folder`
+    then noted in the last list as its (step, position)."""
     ran, resumable = [], []
 
     def after_shard(step: int, shard: int) -> None:
@@ -64,7 +64,8 @@ def test_a_stopped_generate_round_resumes_byte_identical_without_recomputing_com
     shards = plain.shard_steps // max(p.max_new_tokens for p in prompts)
     crash_after = 4  # by then prompt 1 (limit 3) and the one ending at EOS (its 5th token at most) left
     assert any(len(ids) <= crash_after for ids, _ in expected)
-    hooks, before, resumable = recording_hooks(crash_after, round_folder(run.checkpoint_dir, [p.index for p in prompts]))
+    folder = round_folder(run.checkpoint_dir, [p.index for p in prompts])
+    hooks, before, resumable = recording_hooks(crash_after, folder)
     events = []
     with pytest.raises(Crash):
         score_prompts(model, prompts, score, run, hooks=hooks, on_progress=events.append)
@@ -137,7 +138,7 @@ def test_a_worker_killed_mid_generation_resumes_byte_identical(tmp_path, checkpo
     from test_controller import submit, write_job
     from test_generate import with_eos
 
-    prompts, eos, expected, _ = mixed_job(checkpoint("llama"))
+    prompts, eos, _, _ = mixed_job(checkpoint("llama"))
     model = with_eos(layerwise("llama"), tmp_path, eos)
     items = [{"prefix_ids": list(p.prefix_ids), "max_new_tokens": p.max_new_tokens,
               **({"stop": list(p.stop)} if p.stop else {})} for p in prompts]
@@ -146,14 +147,15 @@ def test_a_worker_killed_mid_generation_resumes_byte_identical(tmp_path, checkpo
     for name in ("plain", "killed"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "prompts.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
-    assert submit(write_job(tmp_path / "plain", model, checkpoint_interval="off", output=str(tmp_path / "plain" / "out.jsonl"),
-                            **keys)) == 0
-    # a bound below any shard's time: a checkpoint after every shard; killed after step 4's first shard
+    assert submit(write_job(tmp_path / "plain", model, checkpoint_interval="off",
+                            output=str(tmp_path / "plain" / "out.jsonl"), **keys)) == 0
+    # a bound below any shard's time: a checkpoint after every shard; killed after the fifth step's first
     job = write_job(tmp_path / "killed", model, checkpoint_interval=1e-9, output=str(tmp_path / "killed" / "out.jsonl"),
                     **keys)
     shards = len(plan_shards(read_manifest(model), 1))  # one layer per shard: embedding, decoders, norm + head
     kill_after = 4 * shards + 1
-    assert controller.submit(job, Console(stderr=True), faults={"worker0": WorkerHooks(sigkill_after_shard=kill_after)}) == 1
+    faults = {"worker0": WorkerHooks(sigkill_after_shard=kill_after)}
+    assert controller.submit(job, Console(stderr=True), faults=faults) == 1
     job_dir = tmp_path / "killed" / "out.job"
     report = json.loads((job_dir / "report.json").read_text())
     assert report["lost"]["rounds"] == 1 and report["lost"]["prompts"] == len(prompts)
@@ -161,7 +163,8 @@ def test_a_worker_killed_mid_generation_resumes_byte_identical(tmp_path, checkpo
     assert submit(job) == 0
     assert (tmp_path / "killed" / "out.jsonl").read_bytes() == (tmp_path / "plain" / "out.jsonl").read_bytes()
     lines = [json.loads(line) for line in (tmp_path / "plain" / "out.jsonl").read_text().splitlines()]
-    assert min(len(line["generated_ids"][0]) for line in lines) < 4 < max(len(line["generated_ids"][0]) for line in lines)
+    lengths = [len(line["generated_ids"][0]) for line in lines]
+    assert min(lengths) < 4 < max(lengths)  # some sequences had ended before the kill, some ran on
     assert f"({kill_after} of " in (job_dir / "logs" / "worker0.log").read_text()  # shard steps not recomputed
     report = json.loads((job_dir / "report.json").read_text())
     assert [w["shards_resumed"] for w in report["workers"]] == [kill_after]

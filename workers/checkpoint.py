@@ -8,10 +8,12 @@ activations every batch waits with for the next shard (the link's store), the KV
 (generating), the scores of the steps done and the ids generated so far; a generate round's scores
 are its sequences' state instead (workers/generate.py's `Generation`: their ids, log-probs and why
 each ended), from which the resumed round rebuilds each step's batches of the prompts then running.
-Sampling draws from seeds of (seed, prompt, suffix, step) alone: no random state is saved. A boundary inside a shard cut into steps — a streamed MoE layer between its
-dense part and its last expert group, a head between its vocabulary steps — holds state on the
-pass (`_Pass.streamed`, `_Pass.head_steps`) and is skipped, never saved half. The disk tier's
-batch files are hard-linked, not copied (workers/activations.py).
+Sampling draws from seeds of (seed, prompt, suffix, step) alone: no random state is saved.
+
+A boundary inside a shard cut into steps — a streamed MoE layer between its dense part and its last
+expert group, a head between its vocabulary steps — holds state on the pass (`_Pass.streamed`,
+`_Pass.head_steps`) and is skipped, never saved half. The disk tier's batch files are hard-linked,
+not copied (workers/activations.py).
 
 `restore` (at the round's start) puts the newest valid checkpoint back into the fresh stores and
 says where the schedule resumes; one of another job or layout, or with a file missing or cut
