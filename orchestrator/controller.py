@@ -434,7 +434,7 @@ def _previous_figures(job_dir: Path) -> dict[str, dict]:
 
 # WorkerRecord's measurements: what a worker with nothing left to compute carries over.
 _FIGURES = ("rounds", "seconds", "engine_seconds", "bytes_read", "peak_device_memory", "peak_rss", "load_seconds",
-            "read_seconds", "compute_seconds", "tokens")
+            "read_seconds", "compute_seconds", "tokens", "shards_resumed")
 
 
 def _keep_figures(record: WorkerRecord, previous: dict | None) -> None:

@@ -169,6 +169,8 @@ def test_a_worker_killed_mid_generation_resumes_byte_identical(tmp_path, checkpo
     report = json.loads((job_dir / "report.json").read_text())
     assert [w["shards_resumed"] for w in report["workers"]] == [kill_after]
     assert not any((job_dir / CHECKPOINTS_DIR).iterdir())
+    assert submit(job) == 0  # nothing left: the worker keeps the figures of the run that computed it
+    assert [w["shards_resumed"] for w in json.loads((job_dir / "report.json").read_text())["workers"]] == [kill_after]
 
 
 def test_the_planner_checkpoints_a_generate_round_priced_for_all_its_steps():
