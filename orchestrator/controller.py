@@ -195,7 +195,8 @@ class WorkerRecord:
     step_downs: list[dict] = field(default_factory=list)  # out-of-memory errors survived, in order
     prompts_committed: int = 0  # by this run
     shards_resumed: int = 0  # shard steps its rounds' checkpoints spared (workers/checkpoint.py)
-    # the round under way ({"round", "prompts", "engine_seconds"}); a run stopped now loses its work
+    # the round under way ({"round", "prompts", "engine_seconds", "saved_seconds"}); a run stopped now
+    # loses its work but what its newest checkpoint keeps (saved_seconds of its engine_seconds)
     in_flight: dict | None = None
 
     def update(self, message) -> None:
