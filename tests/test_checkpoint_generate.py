@@ -85,19 +85,35 @@ def test_a_stopped_generate_round_resumes_byte_identical_without_recomputing_com
     assert len(before) - summary.shards_resumed <= every  # the work lost: at most one interval
 
 
-def test_a_generate_checkpoint_is_not_resumed_by_a_round_of_another_kind(checkpoint, layerwise, tmp_path):
+@pytest.mark.parametrize("damage", ["another kind", "a foreign state"])
+def test_a_generate_checkpoint_not_of_the_round_is_ignored_and_the_round_computed_anew(damage, checkpoint,
+                                                                                      layerwise, tmp_path):
     """A generate round's checkpoint holds its sequences' state, not per-step scores: a round of another
-    kind of score under the same key (a hand-made mix-up; a job's key covers its score) computes anew."""
+    kind of score under the same key (a hand-made mix-up; a job's key covers its score) computes anew; so
+    does the round itself where the state is not one of its (refused before anything is put back)."""
+    from safetensors.torch import load_file, save_file
+
     prompts, eos, _, _ = mixed_job(checkpoint("llama"))
     prompts = [prompts[1], prompts[3]]  # limits of 3 and 5 steps
     model = layerwise("llama")
     run = settings(tmp_path, checkpoint_shards=1)
-    hooks, _, resumable = recording_hooks(1, round_folder(run.checkpoint_dir, [p.index for p in prompts]))
+    score = ScoreSpec("generate", eos_ids=eos)
+    folder = round_folder(run.checkpoint_dir, [p.index for p in prompts])
+    hooks, _, resumable = recording_hooks(1, folder)
     with pytest.raises(Crash):
-        score_prompts(model, prompts, ScoreSpec("generate", eos_ids=eos), run, hooks=hooks)
+        score_prompts(model, prompts, score, run, hooks=hooks)
     assert resumable
-    _, summary = score_prompts(model, prompts, ScoreSpec("next_token_probs", generate_tokens=5), run)
+    if damage == "another kind":
+        _, summary = score_prompts(model, prompts, ScoreSpec("next_token_probs", generate_tokens=5), run)
+        assert summary.shards_resumed == 0
+        return
+    (state_file,) = folder.glob("*/generation.safetensors")
+    state = load_file(state_file)
+    save_file({**state, "n_new": state["n_new"] + 1}, state_file)  # counts beyond the ids held; the same size
+    want, _ = score_prompts(model, prompts, score, dataclasses.replace(run, checkpoint_dir=None))
+    results, summary = score_prompts(model, prompts, score, run)
     assert summary.shards_resumed == 0
+    assert_identical(results, want)
 
 
 def test_generation_state_round_trips_and_a_foreign_one_is_refused_unchanged():

@@ -135,12 +135,15 @@ class Checkpoints:
                 pass
         # a generate round keeps no scores per step: its sequences' state is all of them
         scores = _read_scores(path / SCORES, len(meta.generated), meta.step if self.generation is None else 0)
-        if self.generation is not None:  # checked whole before anything is put back
-            self.generation.restore(load_file(path / GENERATION, "cpu"), meta.step)
+        if self.generation is not None:  # checked on a scratch copy before anything is put back
+            state = load_file(path / GENERATION, "cpu")
+            Generation(self.generation.prompts, ()).restore(state, meta.step)
         self.activations.restore(act)
         if self.cache is not None:
             self.cache.store.restore(kv)
             self.cache.layers.update(key[0] for key in kv)  # so a batch that leaves frees them: (layer, batch, block)
+        if self.generation is not None:  # last: a round whose restore failed above starts with a fresh state
+            self.generation.restore(state, meta.step)
         generated = [[tuple(ids) for ids in per_prompt] for per_prompt in meta.generated]
         return ResumePoint(meta.step, meta.position, generated, scores)
 
