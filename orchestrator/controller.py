@@ -194,7 +194,9 @@ class WorkerRecord:
     error: str | None = None
     step_downs: list[dict] = field(default_factory=list)  # out-of-memory errors survived, in order
     prompts_committed: int = 0  # by this run
-    # the round under way ({"round", "prompts", "engine_seconds"}); a run stopped now loses its work
+    shards_resumed: int = 0  # shard steps its rounds' checkpoints spared (workers/checkpoint.py)
+    # the round under way ({"round", "prompts", "engine_seconds", "saved_seconds"}); a run stopped now
+    # loses its work but what its newest checkpoint keeps (saved_seconds of its engine_seconds)
     in_flight: dict | None = None
 
     def update(self, message) -> None:
@@ -202,7 +204,8 @@ class WorkerRecord:
             self.pid, self.status = message.pid, "running"
         elif isinstance(message, Progress):
             self.in_flight = {"round": message.round_id, "prompts": message.event.prompts,
-                              "engine_seconds": round(message.event.seconds, 3)}
+                              "engine_seconds": round(message.event.seconds, 3),
+                              "saved_seconds": round(message.event.saved_seconds, 3)}
         elif isinstance(message, RoundDone):
             s = message.summary
             self.in_flight = None
@@ -216,6 +219,7 @@ class WorkerRecord:
             self.read_seconds += s.read_seconds
             self.compute_seconds += s.compute_seconds
             self.tokens += s.tokens
+            self.shards_resumed += s.shards_resumed
         elif isinstance(message, SteppedDown):
             self.step_downs.append({"round": message.round_id, "change": message.change, "error": message.error})
         elif isinstance(message, Finished):
@@ -244,10 +248,14 @@ class _Run:
             self.committed.update(message.indices)
 
     def lost(self) -> dict:
-        """The work of the rounds under way when the run stopped: computed, never committed."""
+        """The work of the rounds under way when the run stopped: computed, never committed, and not
+        kept in a checkpoint (as of each worker's last progress report); `saved_seconds`: the work
+        those checkpoints keep, which a resubmit resumes after."""
         flights = [r.in_flight for r in self.records.values() if r.in_flight and r.status != "finished"]
+        saved = sum(f["saved_seconds"] for f in flights)
         return {"rounds": len(flights), "prompts": sum(f["prompts"] for f in flights),
-                "engine_seconds": round(sum(f["engine_seconds"] for f in flights), 3)}
+                "engine_seconds": round(sum(f["engine_seconds"] for f in flights) - saved, 3),
+                "saved_seconds": round(saved, 3)}
 
     def report(self) -> dict:
         spec, n = self.job.spec, len(self.job.prompts)
@@ -369,8 +377,9 @@ def _kept(run: _Run) -> str:
     """What an interrupted run leaves: the committed prompts, kept, and the rounds in progress, lost."""
     report, lost = run.report(), run.lost()
     kept = report["prompts_reused"] + report["prompts_computed"]
+    saved = f", {lost['saved_seconds']:.0f} s more kept in checkpoints" if lost["saved_seconds"] else ""
     lost_text = (f"; lost: {lost['prompts']} prompts of {lost['rounds']} round(s) in progress "
-                 f"({lost['engine_seconds']:.0f} s of compute)" if lost["rounds"] else "")
+                 f"({lost['engine_seconds']:.0f} s of compute{saved})" if lost["rounds"] else "")
     return (f"{kept} of {report['prompts']} prompts committed ({report['prompts_computed']} by this run), kept in "
             f"{run.job.spec.job_dir} (submit again to resume){lost_text}")
 
@@ -426,7 +435,7 @@ def _previous_figures(job_dir: Path) -> dict[str, dict]:
 
 # WorkerRecord's measurements: what a worker with nothing left to compute carries over.
 _FIGURES = ("rounds", "seconds", "engine_seconds", "bytes_read", "peak_device_memory", "peak_rss", "load_seconds",
-            "read_seconds", "compute_seconds", "tokens")
+            "read_seconds", "compute_seconds", "tokens", "shards_resumed")
 
 
 def _keep_figures(record: WorkerRecord, previous: dict | None) -> None:

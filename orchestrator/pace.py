@@ -74,7 +74,8 @@ class Missed:
 
 
 def worker_paces(plan, records: Iterable, round_tokens: Sequence[int]) -> list[WorkerPace]:
-    """`plan`'s data workers that ran their whole slice in this run, each with what it measured.
+    """`plan`'s data workers that ran their whole slice in this run, each with what it measured (a
+    round resumed from a checkpoint computed only its rest: not a measure of the plan's figures).
     `records`: the controller's WorkerRecords; `round_tokens[i]`: prompt i's tokens."""
     if plan.parallel is not Parallel.DATA:  # a pipeline stage computes a share of each pass: not its plan's figures
         return []
@@ -82,7 +83,8 @@ def worker_paces(plan, records: Iterable, round_tokens: Sequence[int]) -> list[W
     paces = []
     for wp in plan.workers:
         r = by_name.get(wp.name)
-        if r is None or r.status != "finished" or r.prompts_reused or r.step_downs or not r.wall_seconds:
+        if (r is None or r.status != "finished" or r.prompts_reused or r.shards_resumed or r.step_downs
+                or not r.wall_seconds):
             continue
         paces.append(WorkerPace(
             wp.name, wp.device, _tokens_per_forward(wp.rounds, round_tokens, wp.settings.batch_tokens),

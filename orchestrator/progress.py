@@ -68,20 +68,22 @@ def pass_fraction(event: ProgressEvent | None, shares: Sequence[float] = ()) -> 
 
 
 def eta_seconds(done: float, computed: float | None, since_spawn: float, predicted_compute: float,
-                predicted_start: float = 0.0) -> float | None:
+                predicted_start: float = 0.0, spared: float = 0.0) -> float | None:
     """Seconds a worker has left, or None where nothing supports a figure.
 
     done: fraction of its slice's work done (0..1); computed: seconds its engine has computed (None
-    while starting); since_spawn: seconds since its process was started; predicted_*: the plan's."""
+    while starting); since_spawn: seconds since its process was started; predicted_*: the plan's;
+    spared: of `done`, what a checkpoint spared the round in progress (done, but not at this pace)."""
     if done >= 1:
         return 0.0
     if computed is None:  # starting: the start-up left (none once overdue), then the whole compute
         return max(predicted_start - since_spawn, 0.0) + predicted_compute if predicted_compute else None
-    if done <= 0:  # computing, nothing measurable done yet (the embedding costs nothing)
-        left = predicted_compute - computed
+    paced = done - spared  # what this run computed
+    if paced <= 0:  # computing, nothing measurable done yet (the embedding costs nothing)
+        left = predicted_compute * (1 - spared) - computed
         return left if left > 0 else None
-    measured = computed / done  # seconds per slice at the pace so far
-    weight = done / (done + PRIOR_SHARE)
+    measured = computed / paced  # seconds per slice at the pace so far
+    weight = paced / (paced + PRIOR_SHARE)
     per_slice = measured if not predicted_compute else (1 - weight) * predicted_compute + weight * measured
     return (1 - done) * per_slice
 
@@ -109,20 +111,27 @@ class _WorkerState:
         todo = self.line.prompts - self.line.reused
         return (self.position() - self.line.reused) / todo if todo else 1.0
 
+    def spared_fraction(self) -> float:
+        """Of `done_fraction`, what a checkpoint spared the round in progress (not computed by this run)."""
+        e, todo = self.event, self.line.prompts - self.line.reused
+        if e is None or not e.shards_resumed or not todo:
+            return 0.0
+        return self.round_prompts * e.shards_resumed / (e.stages * e.steps) / todo
+
     def eta_seconds(self, now: float) -> float | None:
         if self.status in ("done", "reused"):
             return 0.0
         computed = None if self.status == "starting" else self.computed + (
             now - self.round_began if self.round_began is not None else 0.0)
         return eta_seconds(self.done_fraction(), computed, now - self.spawned, self.line.predicted_seconds,
-                           self.line.predicted_start_seconds)
+                           self.line.predicted_start_seconds, self.spared_fraction())
 
     def tokens_per_second(self) -> float:
         """Tokens through the whole model per second in the current round."""
         e = self.event
         if e is None or e.seconds <= 0:
             return 0.0
-        shards_done = (e.step - 1) * e.stages + e.stage
+        shards_done = (e.step - 1) * e.stages + e.stage - e.shards_resumed  # those this run computed
         return e.tokens_done * shards_done / e.stages / e.seconds
 
     def detail(self, now: float | None = None) -> str:

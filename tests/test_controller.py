@@ -197,5 +197,5 @@ def test_an_interrupted_run_reports_what_it_committed(tmp_path, layerwise):
     committed = _parts_prompts(tmp_path / "job.job")
     assert report["status"] == "interrupted" and committed == 2 and report["rounds_committed"] == 2
     assert (report["prompts_computed"], report["prompts_left"]) == (committed, len(PROMPTS) - committed)
-    assert report["lost"] == {"rounds": 0, "prompts": 0, "engine_seconds": 0}  # both hung between rounds
+    assert report["lost"] == {"rounds": 0, "prompts": 0, "engine_seconds": 0, "saved_seconds": 0}  # both hung between rounds
     assert f"2 of {len(PROMPTS)} prompts committed (2 by this run)" in rest, "".join(seen) + rest

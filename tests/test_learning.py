@@ -209,7 +209,8 @@ def test_only_workers_that_ran_their_whole_slice_in_one_go_are_measured():
     rounds = [sum(150 for _ in r) for r in wp.rounds]
     assert measured.tokens_per_forward == pytest.approx(
         sum(t / -(-t // wp.settings.batch_tokens) for t in rounds) / len(rounds))
-    for partial in (dict(prompts_reused=4), dict(status="failed"), dict(step_downs=[{"round": 0}])):
+    for partial in (dict(prompts_reused=4), dict(status="failed"), dict(step_downs=[{"round": 0}]),
+                    dict(shards_resumed=7)):
         assert pace.worker_paces(plan, [record(**partial)], [150] * 32) == []
 
 

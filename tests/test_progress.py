@@ -115,6 +115,21 @@ def test_eta_as_a_pure_function():
     assert eta_seconds(1.0, 50.0, 60.0, 200.0) == 0.0
 
 
+def test_a_round_resumed_from_a_checkpoint_is_paced_on_what_this_run_computed():
+    # half the slice spared by a checkpoint, a tenth more computed in 10 s: 0.4 left at 100 s per slice
+    assert eta_seconds(0.6, 10.0, 20.0, 0.0, spared=0.5) == pytest.approx(40.0)
+    assert eta_seconds(0.5, 10.0, 20.0, 100.0, spared=0.5) == pytest.approx(40.0)  # none yet: the plan's rest
+    clock = _Clock()
+    display = LogProgress(Console(file=io.StringIO()), [WorkerLine("w0", "cpu", 8, 0, 1, 0.0, (0.25,) * 4)], clock=clock)
+    clock.now = 20.0
+    # step 2 of 2 half done, after resuming at its first shard: 2 of 8 shards computed, 100 tokens each, in 4 s
+    resumed = replace(_event(2, step=2, steps=2, prompts=8, seconds=4.0), shards_resumed=4)
+    display.handle(Progress("w0", 0, resumed))
+    state = display.workers["w0"]
+    assert state.tokens_per_second() == pytest.approx(100 * 2 / 4 / 4.0)
+    assert state.spared_fraction() == pytest.approx(0.5) and state.done_fraction() == pytest.approx(0.75)
+
+
 def test_log_progress_writes_start_first_computing_rounds_and_periodic_lines():
     out = io.StringIO()
     clock = _Clock()

@@ -5,10 +5,15 @@ The engine's schedule (workers/engine.py) calls `after_shard` at the end of ever
 shards (the planner's choice, from the job's checkpoint_interval; a streamed MoE layer or a head in
 steps counts once, at its end, where the round's state is whole again), this writes it: the
 activations every batch waits with for the next shard (the link's store), the KV cache
-(generating), the scores of the steps done and the ids generated so far. A boundary inside a shard cut into steps — a streamed MoE layer between its
-dense part and its last expert group, a head between its vocabulary steps — holds state on the
-pass (`_Pass.streamed`, `_Pass.head_steps`) and is skipped, never saved half. The disk tier's
-batch files are hard-linked, not copied (workers/activations.py).
+(generating), the scores of the steps done and the ids generated so far; a generate round's scores
+are its sequences' state instead (workers/generate.py's `Generation`: their ids, log-probs and why
+each ended), from which the resumed round rebuilds each step's batches of the prompts then running.
+Sampling draws from seeds of (seed, prompt, suffix, step) alone: no random state is saved.
+
+A boundary inside a shard cut into steps — a streamed MoE layer between its dense part and its last
+expert group, a head between its vocabulary steps — holds state on the pass (`_Pass.streamed`,
+`_Pass.head_steps`) and is skipped, never saved half. The disk tier's batch files are hard-linked,
+not copied (workers/activations.py).
 
 `restore` (at the round's start) puts the newest valid checkpoint back into the fresh stores and
 says where the schedule resumes; one of another job or layout, or with a file missing or cut
@@ -35,9 +40,11 @@ from flexorch.contract.checkpoints import CHECKPOINT_PREFIX, META_NAME, Checkpoi
 from flexorch.contract.protocol import EngineSettings, TokenizedPrompt
 from flexorch.contract.shards import Shard
 from flexorch.workers.activations import ActivationStore, name_key
+from flexorch.workers.generate import Generation
+from flexorch.workers.kvcache import KVCache
 from flexorch.workers.scoring import StepResult
 
-ACTIVATIONS, CACHE, SCORES = "act", "kv", "scores.safetensors"
+ACTIVATIONS, CACHE, SCORES, GENERATION = "act", "kv", "scores.safetensors", "generation.safetensors"
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class CheckpointStats:
     seconds: float = 0.0
     bytes: int = 0
     resumed: int = 0  # shard steps the restored checkpoint spared
+    taken_at: float | None = None  # time.perf_counter() when the newest was written
 
 
 def layout_of(settings: EngineSettings, steps: int) -> str:
@@ -71,15 +79,17 @@ def layout_of(settings: EngineSettings, steps: int) -> str:
 class Checkpoints:
     """One round's checkpoints: `restore` at its start, `after_shard`/`after_step` as it runs.
 
-    `activations`: the store batches wait in between shards; `cache`: the KV cache's (None: no cache)."""
+    `activations`: the store batches wait in between shards; `cache`: the KV cache (None: no cache);
+    `generation`: a generate round's sequences (None: another kind, whose scores are kept per step)."""
 
     def __init__(self, settings: EngineSettings, prompts: Sequence[TokenizedPrompt], shards: list[Shard],
-                 steps: int, activations: ActivationStore, cache: ActivationStore | None):
+                 steps: int, activations: ActivationStore, cache: KVCache | None,
+                 generation: Generation | None = None):
         self.every = settings.checkpoint_shards
         self.folder = round_folder(settings.checkpoint_dir, [p.index for p in prompts])
         self.key, self.layout = settings.checkpoint_key, layout_of(settings, steps)
         self.shards, self.steps, self.prompts = shards, steps, len(prompts)
-        self.activations, self.cache = activations, cache
+        self.activations, self.cache, self.generation = activations, cache, generation
         self.stats = CheckpointStats()
         self._since = 0  # shard steps computed since the last checkpoint (or the round's start)
         self._sequence = 0
@@ -118,13 +128,22 @@ class Checkpoints:
         kv = self._files(path, meta, CACHE)
         if kv and self.cache is None:
             raise ValueError("holds a KV cache this round does not keep")
+        if (GENERATION in meta.files) != (self.generation is not None):
+            raise ValueError("of a generate round" if GENERATION in meta.files else "holds no generation state")
         for file in [*act.values(), *kv.values()]:
             with safe_open(file, "pt"):  # the header parses: the file is a whole safetensors file
                 pass
-        scores = _read_scores(path / SCORES, len(meta.generated), meta.step)
+        # a generate round keeps no scores per step: its sequences' state is all of them
+        scores = _read_scores(path / SCORES, len(meta.generated), meta.step if self.generation is None else 0)
+        if self.generation is not None:  # checked on a scratch copy before anything is put back
+            state = load_file(path / GENERATION, "cpu")
+            Generation(self.generation.prompts, ()).restore(state, meta.step)
         self.activations.restore(act)
         if self.cache is not None:
-            self.cache.restore(kv)
+            self.cache.store.restore(kv)
+            self.cache.layers.update(key[0] for key in kv)  # so a batch that leaves frees them: (layer, batch, block)
+        if self.generation is not None:  # last: a round whose restore failed above starts with a fresh state
+            self.generation.restore(state, meta.step)
         generated = [[tuple(ids) for ids in per_prompt] for per_prompt in meta.generated]
         return ResumePoint(meta.step, meta.position, generated, scores)
 
@@ -154,8 +173,11 @@ class Checkpoints:
         try:
             files = self.activations.save_held(tmp, ACTIVATIONS) if with_activations else {}
             if self.cache is not None:
-                files |= self.cache.save_held(tmp, CACHE)
+                files |= self.cache.store.save_held(tmp, CACHE)
             files |= _write_scores(tmp / SCORES, scores)
+            if self.generation is not None:
+                save_file(self.generation.state(), tmp / GENERATION)
+                files[GENERATION] = (tmp / GENERATION).stat().st_size
             meta = CheckpointMeta(self.key, self.layout, step, position,
                                   [[list(ids) for ids in per_prompt] for per_prompt in generated], files)
             (tmp / META_NAME).write_text(meta.to_json())
@@ -173,7 +195,8 @@ class Checkpoints:
         self._since = 0
         self.stats.written += 1
         self.stats.bytes += sum(files.values())
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.taken_at = time.perf_counter()
+        self.stats.seconds += self.stats.taken_at - start
 
     def _remove_others(self, keep: Path | None) -> None:
         """Older checkpoints and what a killed writer left: only the newest complete one is kept."""

@@ -36,7 +36,7 @@ from flexorch.contract.shards import owner, plan_shards
 from flexorch.workers import devicememory
 from flexorch.workers.activations import make_store
 from flexorch.workers.adapter import LayerKind, ModelAdapter, PackedBatch, pack_rows
-from flexorch.workers.checkpoint import Checkpoints, ResumePoint
+from flexorch.workers.checkpoint import Checkpoints, CheckpointStats, ResumePoint
 from flexorch.workers.experts import StreamedExperts
 from flexorch.workers.generate import Generation, sequence_seed
 from flexorch.workers.heap import Heap
@@ -220,6 +220,7 @@ class _Progress:
     prompts: int
     stats: LoaderStats
     start: float
+    checkpoints: CheckpointStats | None  # what the round's checkpoints keep of its work (None: none taken)
 
     def within(self, position: int, step: int, tokens: int) -> BatchDone:
         """The callback shard `position` calls after each batch (stage: the shards done before it)."""
@@ -236,7 +237,12 @@ class _Progress:
         return ProgressEvent(stage=stage, stages=self.shards, step=step + 1, steps=self.steps,
                              prompts_done=prompts_done, prompts=self.prompts, tokens_done=tokens,
                              bytes_read=self.stats.bytes_read, seconds=time.perf_counter() - self.start,
-                             batch=batch, batches=batches)
+                             batch=batch, batches=batches, saved_seconds=self._saved(),
+                             shards_resumed=self.checkpoints.resumed if self.checkpoints else 0)
+
+    def _saved(self) -> float:
+        taken = self.checkpoints.taken_at if self.checkpoints else None
+        return taken - self.start if taken is not None else 0.0
 
 
 class Engine:
@@ -284,16 +290,17 @@ class Engine:
                              slots=2 if self.settings.double_buffer else 1, gather=True,
                              direct=self.settings.direct_reads, start=(resume.step, resume.position))
         runs = shard_runs(self.own_shards, self._context(link, cache))  # each shard's runner, by its kind
-        progress = _Progress(self.on_progress, len(self.own_shards), steps, len(prompts), loader.stats, start)
+        progress = _Progress(self.on_progress, len(self.own_shards), steps, len(prompts), loader.stats, start,
+                             checkpoints.stats if checkpoints else None)
         tokens, current = 0, None
         with torch.inference_mode(), loader, link, cache:
             for step in range(steps):
                 if generation and generation.done:
                     break  # every sequence ended: the loader's read-ahead is dropped on close
                 current = self._pass(_rows(prompts, generated, step), current, cache, generation, prompts, step)
+                cache.select(current.cache_batches, current.kept_rows)
                 if step < resume.step:  # done before the checkpoint: only its batches are rebuilt
                     continue
-                cache.select(current.cache_batches, current.kept_rows)
                 if not resume.skips(step, 0):
                     loader.embed_ids(torch.cat([p.input_ids.flatten() for p in current.packed]))  # rows to gather
                 for position, (shard, run) in enumerate(zip(self.own_shards, runs)):
@@ -305,10 +312,10 @@ class Engine:
                     loader.release(loaded)  # the compute using it has been issued
                     done = current.tokens if shard.last_step else 0  # a streamed MoE layer: once, at its end
                     tokens += done
-                    progress.shard_done(position, step, done)
                     if checkpoints:  # where nothing of the shard waits on the pass, its state is whole
                         checkpoints.after_shard(step, position, shard.last_step and current.streamed is None
                                                 and current.head_steps is None, generated, scores)
+                    progress.shard_done(position, step, done)  # after the checkpoint: it says what is saved
                     if self.hooks.after_shard:
                         self.hooks.after_shard(step, shard.index)
                 shares = dict(current.prompt_results()) if self.scores_here else {}
@@ -337,13 +344,12 @@ class Engine:
 
     def _checkpoints(self, prompts: Sequence[TokenizedPrompt], steps: int, link: Link, cache: KVCache,
                      generation: Generation | None) -> Checkpoints | None:
-        """The round's checkpoints (workers/checkpoint.py); none in a pipeline, whose state is spread
-        over its stages, without a folder for them, or for a generate round (its sequences' state lives
-        in `generation`, which a checkpoint does not hold yet)."""
-        if self.link is not None or not self.settings.checkpoint_dir or generation is not None:
+        """The round's checkpoints (workers/checkpoint.py), a generate round's with its sequences'
+        state; none in a pipeline, whose state is spread over its stages, or without a folder for them."""
+        if self.link is not None or not self.settings.checkpoint_dir:
             return None
         return Checkpoints(self.settings, prompts, self.own_shards, steps, link.store,
-                           cache.store if cache.enabled else None)
+                           cache if cache.enabled else None, generation)
 
     def _generation(self, prompts: Sequence[TokenizedPrompt]) -> Generation | None:
         """generate: each sequence's state, with the tokenizer's decode where stop strings are looked for."""
@@ -382,7 +388,8 @@ class Engine:
         """The first step (or every step without a cache): the rows in full; a later step with the
         cache: each suffix's newest token, in the previous step's batches. generate: only the prompts
         with a sequence still running, each drawing (sampling) with its own seed."""
-        live = generation.live if generation else None
+        # a step rebuilt after a resume: the prompts running then (with the state at `step`, `live`)
+        live = (lambda i: generation.ran(i, step)) if generation else None  # noqa: E731
         sampling = self.score.sampling
         seeds = None
         if generation and not sampling.greedy:

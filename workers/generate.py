@@ -121,3 +121,38 @@ class Generation:
             out["logprobs"] = values
         return out
 
+    # -- a checkpoint's share (workers/checkpoint.py) ---------------------------------------------------
+    def ran(self, i: int, step: int) -> bool:
+        """Whether prompt i had a sequence running at `step`, as `live` said then: one that ended
+        holds an id of that step, one still running reaches it. With the state at `step`, `live`."""
+        return any(s.reason is None or len(s.ids) > step for s in self.sequences[i])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every sequence's state, in (prompt, suffix) order: n_new (n,); ids (sum n_new,) and their
+        log-probs (float64: a Python float exactly) concatenated; reason (n,) int8, its code (-1: running)."""
+        flat = [s for per in self.sequences for s in per]
+        return {"n_new": torch.tensor([len(s.ids) for s in flat], dtype=torch.long),
+                "ids": torch.tensor([t for s in flat for t in s.ids], dtype=torch.long),
+                "logprobs": torch.tensor([v for s in flat for v in s.logprobs], dtype=torch.float64),
+                "reason": torch.tensor([-1 if s.reason is None else s.reason.code for s in flat], dtype=torch.int8)}
+
+    def restore(self, state: dict[str, torch.Tensor], step: int) -> None:
+        """Put back what `state` gave at generation step `step` (every running sequence holds
+        `step` ids). ValueError, with nothing changed, where it is not a state of this round's."""
+        flat = [s for per in self.sequences for s in per]
+        n_new, reason = state["n_new"].tolist(), state["reason"].tolist()
+        ids, logprobs = state["ids"].tolist(), state["logprobs"].tolist()
+        if len(n_new) != len(flat) or len(reason) != len(flat):
+            raise ValueError(f"generation state of {len(n_new)} sequences, the round has {len(flat)}")
+        if sum(n_new) != len(ids) or len(ids) != len(logprobs):
+            raise ValueError("generation state: ids and log-probs do not add up")
+        for s, n, code in zip(flat, n_new, reason):
+            running = code == -1
+            if not -1 <= code < len(StopReason) or n > s.limit or (n != step or n >= s.limit if running else n > step):
+                raise ValueError(f"generation state: a sequence of {n} ids (reason {code}) at step {step}")
+        first = 0
+        for s, n, code in zip(flat, n_new, reason):
+            s.ids, s.logprobs = ids[first:first + n], logprobs[first:first + n]
+            s.reason = None if code == -1 else StopReason.of_code(code)
+            first += n
+

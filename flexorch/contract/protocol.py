@@ -184,6 +184,9 @@ class ProgressEvent:
     seconds: float
     batch: int = 0  # batches done of the shard after `stage` (the one computing), for progress within a shard
     batches: int = 0  # batches of the pass (0: reported per shard only)
+    # of `seconds`, the work before the round's newest checkpoint of this run: a resubmit resumes after it
+    saved_seconds: float = 0.0
+    shards_resumed: int = 0  # shard steps a checkpoint spared the round: done, but not computed by this run
 
 
 @dataclass(frozen=True)
