@@ -123,6 +123,21 @@ def test_logprobs_are_the_models(checkpoint, layerwise):
     np.testing.assert_allclose(results[0].scores["logprobs"][0], want, atol=1e-5)
 
 
+def test_a_generation_ended_early_reports_its_pass_whole(checkpoint, layerwise):
+    """Every sequence ends at EOS on its first step of six: the last progress event is the pass's
+    end (what the worker never throttles away), and no later step was computed."""
+    _, tokenizer = _hf(str(checkpoint("llama")))
+    prefix = tuple(tokenizer(TEXTS[3]).input_ids)
+    eos = hf_greedy(checkpoint("llama"), prefix, 1, ())[0]
+    events = []
+    results, _ = score_prompts(layerwise("llama"), [TokenizedPrompt(0, prefix, ((),), max_new_tokens=6)],
+                               ScoreSpec("generate", eos_ids=(eos,)), settings(), on_progress=events.append)
+    assert generated(results[0]) == [([eos], StopReason.EOS)]
+    last = events[-1]
+    assert (last.stage, last.step, last.prompts_done) == (last.stages, last.steps, last.prompts) and last.steps == 6
+    assert max(e.step for e in events[:-1]) == 1
+
+
 def test_suffixes_generate_apart_and_finished_rows_leave(checkpoint, layerwise):
     """A prompt with suffixes continues each alone (as HF on prefix + suffix); a short prompt's row
     leaves its batch while a long one runs on."""

@@ -232,6 +232,10 @@ class _Progress:
         last = position == self.shards - 1
         self.report(self._event(position + 1, step, self.prompts if last else 0, tokens))
 
+    def ended_early(self) -> None:
+        """Every sequence ended before the last step: the round is done, as after its last shard."""
+        self.report(self._event(self.shards, self.steps - 1, self.prompts, 0))
+
     def _event(self, stage: int, step: int, prompts_done: int, tokens: int, batch: int = 0,
                batches: int = 0) -> ProgressEvent:
         return ProgressEvent(stage=stage, stages=self.shards, step=step + 1, steps=self.steps,
@@ -296,6 +300,7 @@ class Engine:
         with torch.inference_mode(), loader, link, cache:
             for step in range(steps):
                 if generation and generation.done:
+                    progress.ended_early()  # the pass's last event, so the bar ends whole
                     break  # every sequence ended: the loader's read-ahead is dropped on close
                 current = self._pass(_rows(prompts, generated, step), current, cache, generation, prompts, step)
                 cache.select(current.cache_batches, current.kept_rows)
