@@ -84,10 +84,14 @@ class KVCompression(StrEnum):
         key's values with a value's (their ranges differ)."""
         return math.gcd(KV_GROUP, key_dim, value_dim)
 
-    def token_bytes(self, heads: int, key_dim: int, value_dim: int, dtype_bytes: int) -> float:
-        """Bytes one token's keys and values take in one layer's cache: as computed, or the codes and
-        each group's minimum and step (in the cache's dtype)."""
+    def token_parts(self, heads: int, key_dim: int, value_dim: int, dtype_bytes: int) -> tuple[float, ...]:
+        """Bytes of one token's keys and values in one layer's cache, per tensor a block is kept as:
+        as computed; or the codes, and each group's minimum and step (in the cache's dtype)."""
         width = heads * (key_dim + value_dim)
         if self is KVCompression.NONE:
-            return width * dtype_bytes
-        return width * self.bits / 8 + width / self.group(key_dim, value_dim) * 2 * dtype_bytes
+            return (width * dtype_bytes,)
+        return width * self.bits / 8, width / self.group(key_dim, value_dim) * 2 * dtype_bytes
+
+    def token_bytes(self, heads: int, key_dim: int, value_dim: int, dtype_bytes: int) -> float:
+        """Bytes one token's keys and values take in one layer's cache (`token_parts` together)."""
+        return sum(self.token_parts(heads, key_dim, value_dim, dtype_bytes))
