@@ -1,10 +1,12 @@
 """The KV cache's bookkeeping (workers/kvcache.py) over every store: what each step keeps, what it
 returns to the attention layer, and that nothing is left once the last step has read it; its
 compression (int8 / int4, asymmetric per group along the head dim): the round trip's bound, and the
-deviation of a compressed generation from the uncompressed one. The equivalence with the un-split
+deviation of a compressed generation from the uncompressed one, a resume from a checkpoint. The equivalence with the un-split
 model is in test_engine.py and test_pipeline.py."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -179,3 +181,19 @@ def test_a_compressed_cache_deviates_from_the_uncompressed_generation_within_its
         assert kept / total >= AGREEMENT[compression], (compression, kept, total)
         assert 0 < worst <= MAX_LOGPROB_DEVIATION[compression], (compression, worst)
     assert deviation["int4"] > deviation["int8"]  # 16 levels per group against 256
+
+
+def test_a_compressed_cache_resumes_from_a_checkpoint_byte_identical(layerwise, tmp_path):
+    """A checkpoint (workers/checkpoint.py) keeps the tier's codes and ranges as they are, so a round
+    resumed from it generates what an uninterrupted one does (here the disk tier: its files linked)."""
+    from test_checkpoint import assert_identical, crash_and_resume, settings
+    from test_engine import tokenize
+
+    model = layerwise("llama")
+    prompts = tokenize(model)
+    score = ScoreSpec("next_token_probs", generate_tokens=3)
+    run = settings(tmp_path, storage="disk", kv_cache_compression="int4")
+    expected, plain = score_prompts(model, prompts, score, dataclasses.replace(run, checkpoint_dir=None))
+    results, summary, _, _ = crash_and_resume(model, prompts, score, run, plain.shard_steps - 3)
+    assert summary.shards_resumed > 0
+    assert_identical(results, expected)

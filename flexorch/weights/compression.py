@@ -85,7 +85,9 @@ def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     low = groups.amin(dim=-1, keepdim=True)
     step = ((groups.amax(dim=-1, keepdim=True) - low) / top).to(x.dtype)  # as stored: the codes follow it
     safe = torch.where(step > 0, step, torch.ones_like(step)).float()  # a constant group: every code 0
-    codes = ((groups.float() - low.float()) / safe).round_().clamp_(0, top).to(torch.uint8).flatten(-2)
+    # one float32 copy, worked in place (the planner counts one beside the cache in flight)
+    codes = groups.to(torch.float32, copy=True).sub_(low).div_(safe).round_().clamp_(0, top).to(torch.uint8)
+    codes = codes.flatten(-2)
     if bits == 4:
         codes = pack_nibbles(codes)
     return codes.contiguous(), torch.cat([low, step], dim=-1)
@@ -96,7 +98,7 @@ def dequantize_groups(codes: torch.Tensor, ranges: torch.Tensor, bits: int) -> t
     if bits == 4:
         codes = unpack_nibbles(codes)
     low, step = ranges.float().unbind(-1)
-    groups = codes.unflatten(-1, (ranges.shape[-2], -1)).float() * step[..., None] + low[..., None]
+    groups = codes.unflatten(-1, (ranges.shape[-2], -1)).float().mul_(step[..., None]).add_(low[..., None])
     return groups.flatten(-2).to(ranges.dtype)
 
 
