@@ -188,7 +188,7 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
         allow_untested_models=flag(problems, "allow_untested_models", raw.get("allow_untested_models"),
                                     default=False),
         checkpoint_interval=_interval(problems, raw.get("checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL)),
-        kv_cache_compression=_kv_compression(problems, raw.get("kv_cache_compression"), score, generate_tokens),
+        kv_cache_compression=_kv_compression(problems, raw.get("kv_cache_compression")),
     )
     problems.raise_if_any()
     return JobSpec(**values)
@@ -383,14 +383,10 @@ def _interval(problems: Problems, value) -> float | None:
     return seconds(problems, "checkpoint_interval", value, DEFAULT_CHECKPOINT_INTERVAL)
 
 
-def _kv_compression(problems: Problems, value, score: ScoreSettings | None,
-                    generate_tokens: int | None) -> KVCompression | None:
-    """none (the default) | int8 | int4 | auto (None: the planner's); only where a KV cache is kept."""
+def _kv_compression(problems: Problems, value) -> KVCompression | None:
+    """none (the default) | int8 | int4 | auto (None: the planner's). A job of one step keeps no KV cache
+    and ignores it rather than refusing it: lm-eval's model_args go to every request type's job alike."""
     found = choice(problems, "kv_cache_compression", value, (*KVCompression, "auto"), default="none", auto=False)
-    generating = (score is not None and score.kind is ScoreKind.GENERATE) or (generate_tokens or 1) > 1
-    if found not in (None, KVCompression.NONE) and not generating and score is not None:
-        problems.add("kv_cache_compression", "is only used when generating (score.kind generate, or generate_tokens "
-                                             "> 1): a single step keeps no KV cache")
     return None if found in (None, "auto") else KVCompression(found)
 
 

@@ -275,8 +275,6 @@ def test_all_problems_in_one_error(folder):
     ({"disk_folder": "acts", "storage": "cpu"}, "disk_folder: is only used with storage: disk (storage is cpu)"),
     ({"kv_cache_compression": "int2", "generate_tokens": 4},
      "kv_cache_compression: expected none | int8 | int4 | auto, got 'int2'"),
-    ({"kv_cache_compression": "int8"}, "kv_cache_compression: is only used when generating (score.kind generate, or "
-                                       "generate_tokens > 1): a single step keeps no KV cache"),
     # executor
     ({"executor": "slurm"}, "executor: expected local | ray, got 'slurm'"),
     ({"ray_address": "auto"}, "ray_address: is only used with executor: ray"),

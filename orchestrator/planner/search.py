@@ -386,12 +386,7 @@ def _check_minimum(job: _Job, device: str, lps: int, longest_index: int, budget:
 
 
 def _stream_experts_if_needed(job: _Job, device: str, lps: int, longest_index: int, budget: _Budget) -> _Job:
-    """Generating with `kv_cache_compression: auto`, the search also tries the KV cache compressed (int8,
-then int4): compression is lossy, so it is taken only where it is faster than the best
-uncompressed setting by more than TIME_TOLERANCE, i.e. where the cache is what held the batch, the
-tier or the rounds back (its memory, or its traffic to and from the tier): `_with_compression`.
-
-A MoE model whose layers do not fit whole streams its experts, one layer per shard: planned
+    """A MoE model whose layers do not fit whole streams its experts, one layer per shard: planned
     first with one expert per group (the least weight memory, leaving the most for the batch and the
     rounds), then `_grow_expert_groups` fills what is left. Decided at two slots: streaming the
     experts keeps the reads overlapped, where whole layers in one slot would wait for every read."""
