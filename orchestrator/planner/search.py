@@ -162,7 +162,7 @@ def _checkpoints(job: _Job, setup: _Setup, rounds, t: _Time, threads: int, stage
     longest = max(rounds, key=lambda r: sum(job.tokens[i] for i in r))
     load = sum((job.loads[i] for i in longest), _Load())
     costs = _shard_costs(job, setup, load, threads, stages, read=not setup.resident)
-    steps, m = job.spec.generate_tokens, job.model
+    steps, m = job.steps, job.model  # generate: the longest limit
     shards = _per_shard(costs.first_step, costs.reads, 0.0, setup.slots)
     shards += (steps - 1) * _per_shard(costs.later_step, costs.reads, 0.0, setup.slots)
     kept = m.kv_token_bytes(setup.kv_compression)
