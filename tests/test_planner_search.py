@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from flexorch.contract.choices import KVCompression
+from flexorch.contract.errors import UserError
 from flexorch.orchestrator.generation import GenerateSettings
 from flexorch.orchestrator.planner import make_plan
 from flexorch.orchestrator.spec import Limits, ScoreSettings
@@ -22,10 +23,11 @@ from test_planner import GB, GiB, gpu, job_spec, llama2_13b, machine
 RTX_4090 = gpu(0, "NVIDIA GeForce RTX 4090", 24 * GiB, free=24 * GB)
 
 
-def generation_plan(new_tokens: int, compression: str | None, storage: str | None = None, batch: int | None = None):
+def generation_plan(new_tokens: int, compression: str | None, storage: str | None = None, batch: int | None = None,
+                    disk_free: int = 500 * GB):
     spec = job_spec(score=ScoreSettings("generate", generate=GenerateSettings()), storage=storage, batch_tokens=batch,
                     limits=Limits(gpu_memory=24 * GB, ram=16 * GB), kv_cache_compression=compression)
-    plan = make_plan(machine(RTX_4090), llama2_13b(), spec, [800] * 16, suffix_counts=[1] * 16,
+    plan = make_plan(machine(RTX_4090, disk_free=disk_free), llama2_13b(), spec, [800] * 16, suffix_counts=[1] * 16,
                      new_tokens=[new_tokens] * 16)
     (worker,) = plan.workers
     return worker
@@ -67,3 +69,15 @@ def test_a_compression_the_job_names_is_kept_and_sizes_the_cache(compression):
     saved = 16_280 * 40 * (20_480 - KVCompression(compression).token_bytes(40, 128, 128, 2))
     extra = 8192 * (KVCompression(compression).token_bytes(40, 128, 128, 2) + 40_960)
     assert plain.predicted_peak_device_memory - named.predicted_peak_device_memory == pytest.approx(saved - extra, abs=1)
+
+
+def test_a_cache_that_fits_nowhere_uncompressed_is_refused_saying_so_or_compressed_under_auto():
+    # 1,024 new tokens, 29.9 GB of cache, and 20 GB of disk (18 GB after the margin): no tier holds it, and a
+    # round of fewer prompts would stream the weights 1,024 times for too little compute
+    with pytest.raises(UserError) as refused:
+        generation_plan(1024, "none", disk_free=20 * GB)
+    assert str(refused.value).endswith("or let the KV cache be compressed (kv_cache_compression: auto, int8 or int4)")
+    auto = generation_plan(1024, None, disk_free=20 * GB)
+    assert (auto.settings.storage, auto.settings.kv_cache_compression) == ("gpu", "int8")
+    assert any(r.startswith("kv_cache_compression int8 (auto): the KV cache limits the batch: uncompressed it fits "
+                            "nowhere") for r in auto.reasons)

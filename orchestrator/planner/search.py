@@ -218,9 +218,11 @@ def _with_compression(options: Sequence[_Option], compressions: Sequence[KVCompr
     if c is KVCompression.NONE:
         return chosen, (f"kv_cache_compression none (auto): compressing the KV cache (lossy) would not be faster by more "
                         f"than {TIME_TOLERANCE:.0%}: the cache does not limit the batch ({found})")
-    return chosen, (f"kv_cache_compression {c} (auto): the KV cache limits the batch: compressed it is more than "
-                    f"{TIME_TOLERANCE:.0%} faster than less lossy ({found}); keys and values then come back within "
-                    f"half a step of their group of up to 64 values (README: KV cache compression)")
+    gain = (f"compressed it is more than {TIME_TOLERANCE:.0%} faster than less lossy" if KVCompression.NONE in best
+            else "uncompressed it fits nowhere")
+    return chosen, (f"kv_cache_compression {c} (auto): the KV cache limits the batch: {gain} ({found}); keys and "
+                    f"values then come back within half a step of their group of up to 64 values (README: KV cache "
+                    f"compression)")
 
 
 def _describe_setup(option: _Option) -> str:
@@ -484,7 +486,9 @@ def _no_storage_message(job: _Job, device: str, indices: tuple[int, ...], thread
     what = f"{space.storages[0]} does not hold" if job.spec.storage else "no activation storage holds"
     return (f"{what} the smallest useful round on {device} ({len(biggest)} prompt(s), compute >= "
             f"{ROUND_MIN_COMPUTE_OVER_READ:.0f}x the time to read the weights): {needs}; "
-            "raise limits.ram, free disk space or set disk_folder elsewhere")
+            "raise limits.ram, free disk space or set disk_folder elsewhere"
+            + ("; or let the KV cache be compressed (kv_cache_compression: auto, int8 or int4)"
+               if job.steps > 1 and job.spec.kv_cache_compression is KVCompression.NONE else ""))
 
 
 def _disk_folder(spec: JobSpec, name: str) -> str:
