@@ -149,6 +149,44 @@ def test_a_compressed_kv_cache_keeps_codes_and_ranges_in_its_tier():
     assert disk.ram == CPU_BASE + 68 + COMPUTE + 107_520 + (4_096 + 107_520) + 18_432
 
 
+def test_the_cache_is_counted_at_its_peak_over_the_steps():
+    # profile: 30 padded tokens per layer at one peak, 40 at the other: 40 x 4 layers x 64 = 10,240 (not the
+    # 50 of each prompt's largest summed)
+    cached = replace(ROUND, cache_tokens=50, cache_profile=(30.0, 40.0))
+    cpu = _peaks(job(), _Setup("cpu", 2, 64, "cpu"), cached, LONGEST)
+    assert cpu.ram == CPU_BASE + 68 + COMPUTE + 8_192 + 3_200 + 10_240
+    assert (cached + cached).cache_peak == 80.0 and (cached + ROUND).cache_profile == (30.0, 40.0)
+
+
+def test_rows_leaving_at_their_limits_bound_the_rounds_cache_below_each_prompts_largest_summed():
+    """Eight prompts of 200 tokens, one generating 256 tokens, seven 16: the cache peaks at step 14, the
+    last the short ones keep (8 x 214 tokens), not at the sum of each one's largest (454 + 7 x 214)."""
+    from test_planner import llama2_13b, machine as described
+
+    from flexorch.orchestrator.generation import GenerateSettings
+    from flexorch.orchestrator.planner.model import _describe_job
+
+    spec = JobSpec(path="job.yaml", model="m", prompts="p.jsonl", output="o.pkl", job_dir="o.job",
+                   score=ScoreSettings("generate", generate=GenerateSettings()))
+    mixed = _describe_job(described(), llama2_13b(), spec, "float16", [200] * 8, [1] * 8, [1] * 8,
+                          new_tokens=[256] + [16] * 7)
+    # peaks at steps 0 (every row), 14 and 254, x 1.25 padding
+    assert mixed.loads[0].cache_profile == (250.0, 267.5, 567.5)
+    assert mixed.loads[1].cache_profile == (250.0, 267.5, 0.0)
+    total = sum(mixed.loads, _Load())
+    assert total.cache_peak == 8 * 267.5 and total.cache_tokens == (454 + 7 * 214) * 1.25
+    # limits 2..20 (19 peaks with step 0) come in 7 groups of 3 steps, each prompt at its largest in a group:
+    # at least the exact peak, at most each prompt's largest summed
+    limits = list(range(2, 21))
+    many = _describe_job(described(), llama2_13b(), spec, "float16", [100] * 19, [2] * 19, [2] * 19,
+                         new_tokens=limits)
+    assert len(many.loads[0].cache_profile) == 7
+    exact = max(sum(100 + 2 * t for own in limits if t <= max(own - 2, 0)) for t in range(19)) * 1.25
+    grouped = sum(many.loads, _Load()).cache_peak
+    assert exact <= grouped <= sum(load.cache_tokens for load in many.loads)
+    assert grouped < 1.2 * exact
+
+
 def test_an_mla_cache_keeps_the_latent_and_the_rotary_key():
     """DeepSeek-V3's attention hands its cache the compressed latent (kv_lora_rank) and the rotary key
     (qk_rope_head_dim) of one head (transformers 5.17 and 5.25), not every head's keys and values."""

@@ -26,8 +26,9 @@ Per worker (sizes from `_Model`, in the compute dtype unless said "stored"):
   first generation step (later steps, against the KV cache, carry one token per suffix). storage gpu:
   on the device; cpu: in RAM; disk: two copies on disk, and in RAM only the batch in flight.
 * KV cache (generating): every decoder layer's keys and values of every token of the round but the
-  last step's, each prompt's grown to its own limit (EOS is not predicted; the sum of each prompt's
-  largest is an upper bound, as short ones leave before long ones peak), 2 x layers x kv_heads x
+  last step's, at its largest over the steps (`_Load.cache_peak`): each prompt's grows to its own
+  limit (EOS is not predicted) and leaves then, so a round's peaks just before some prompts leave
+  (model.py `_cache_profile`), 2 x layers x kv_heads x
   head_dim x dtype bytes per padded token (MLA: the latent and rotary key, model.py), in the
   activations' tier (gpu: device; cpu: RAM, pinned block by block on a GPU worker; disk: disk);
   compressed (int8 / int4), the codes and each group's minimum and step instead
@@ -106,7 +107,7 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     # a streamed MoE layer's batches wait with the activations (on the device only with storage gpu)
     activations = math.ceil(load.act_tokens * per_token)
     pending = math.ceil(load.act_tokens * m.pending_per_token)
-    cache = math.ceil(load.cache_tokens * m.num_layers * kept)  # no cache_tokens: one step, no cache
+    cache = math.ceil(load.cache_peak * m.num_layers * kept)  # 0: one step, no cache
     in_flight = 2 * setup.batch * per_token + (_cache_in_flight(m, setup) if cache else 0)
     cache_read_ahead = math.ceil(setup.lps * setup.batch * kept) if cache else 0  # disk: the next batch's
     # every batch's additive mask (rows x L x L ~ its padded tokens x L), kept for the pass while it fits

@@ -184,13 +184,33 @@ class _Load:
     cache_traffic: float = 0.0  # padded tokens of the cache each later step reads and writes per layer, on average
     scored: float = 0.0  # positions the head scores at the first step
     suffixes: float = 0.0  # a later step's tokens (one per suffix), each also scored
+    # the cache's padded tokens per layer at each of the job's cache peaks (`_cache_profile`): rows leave as
+    # their limits end, so a round's cache is largest just before some leave; () where not described
+    cache_profile: tuple[float, ...] = ()
 
     def __add__(self, other: "_Load") -> "_Load":
-        return _Load(*(getattr(self, f) + getattr(other, f) for f in _Load.__dataclass_fields__))
+        summed = _Load(*(getattr(self, f) + getattr(other, f) for f in _SUMMED))
+        a, b = self.cache_profile, other.cache_profile
+        summed.cache_profile = tuple(x + y for x, y in zip(a, b)) if a and b else a or b
+        return summed
+
+    @property
+    def cache_peak(self) -> float:
+        """Padded tokens per layer the KV cache holds at its largest: the largest of the profile's sums,
+        else the sum of each prompt's largest (an upper bound)."""
+        return max(self.cache_profile) if self.cache_profile else self.cache_tokens
 
     def flops(self, steps: int) -> float:
         """Over `steps` generation steps."""
         return self.layer_flops + self.head_flops + (steps - 1) * (self.later_layer_flops + self.later_head_flops)
+
+
+_SUMMED = tuple(f for f in _Load.__dataclass_fields__ if f != "cache_profile")
+
+# Points of a round's KV cache profile: a round's load sums this many numbers per prompt (~10^6 sums on big
+# jobs). Beyond as many distinct limits in a job, neighbouring ones are grouped and each prompt counted at
+# its largest within the group: an upper bound, exact where the job has at most this many limits.
+CACHE_PROFILE_POINTS = 8
 
 
 @dataclass(frozen=True)
@@ -247,6 +267,10 @@ def _describe_job(hardware: Hardware, manifest: Manifest, spec: JobSpec, dtype: 
     steps = max(own_steps, default=1)
     loads = tuple(_prompt_load(model, spec, n, s, c, own, steps)
                   for n, s, c, own in zip(tokens, suffixes, scored, own_steps))
+    if steps > 1:
+        groups = _peak_groups(own_steps, steps)
+        loads = tuple(replace(load, cache_profile=_cache_profile(n, s, own, groups))
+                      for load, n, s, own in zip(loads, tokens, suffixes, own_steps))
     token_flops = sum(load.layer_flops for load in loads) / max(1, sum(tokens)) / model.num_layers
     return _Job(
         spec=spec, model=model, dtype=dtype, tokens=tokens, lengths=lengths, loads=loads,
@@ -369,6 +393,25 @@ def _prompt_load(model: _Model, spec: JobSpec, tokens: int, suffixes: int, score
                  later_head_flops=live * 2.0 * model.head_params * suffixes,
                  cache_tokens=max(0, cached) * PADDING_ALLOWANCE, cache_traffic=moved * PADDING_ALLOWANCE,
                  scored=scored, suffixes=suffixes * live)
+
+
+def _peak_groups(own_steps: Sequence[int], steps: int) -> tuple[tuple[int, int], ...]:
+    """The steps at which a round's cache can peak, grouped into at most CACHE_PROFILE_POINTS (first, last)
+    ranges. A prompt's cache grows by a column per suffix each step up to its limit, then leaves: the sum
+    over prompts grows between the steps where some leave and drops after them, so it peaks at a last
+    kept step, own - 2 (the last step's keys are never kept), of one of the limits, or at step 0, where
+    every prompt's row is kept."""
+    peaks = sorted({0} | {min(own, steps) - 2 for own in own_steps if own >= 2})
+    size = math.ceil(len(peaks) / CACHE_PROFILE_POINTS)
+    return tuple((peaks[k], peaks[min(k + size, len(peaks)) - 1]) for k in range(0, len(peaks), size))
+
+
+def _cache_profile(tokens: int, suffixes: int, own_steps: int, groups) -> tuple[float, ...]:
+    """A prompt's cache (padded tokens per layer) at its largest within each group of peak steps: its row and
+    a column per suffix per step kept, while it runs (to step own - 2; its row alone at step 0)."""
+    last = max(own_steps - 2, 0)
+    return tuple((tokens + min(end, last) * suffixes) * PADDING_ALLOWANCE if last >= first else 0.0
+                 for first, end in groups)
 
 
 def _result_bytes(model: _Model, spec: JobSpec, suffixes: int, steps: int) -> int:

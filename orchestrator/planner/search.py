@@ -166,7 +166,7 @@ def _checkpoints(job: _Job, setup: _Setup, rounds, t: _Time, threads: int, stage
     shards = _per_shard(costs.first_step, costs.reads, 0.0, setup.slots)
     shards += (steps - 1) * _per_shard(costs.later_step, costs.reads, 0.0, setup.slots)
     kept = m.kv_token_bytes(setup.kv_compression)
-    tiered = load.act_tokens * m.hidden * m.dtype_bytes + (load.cache_tokens * kept * m.num_layers
+    tiered = load.act_tokens * m.hidden * m.dtype_bytes + (load.cache_peak * kept * m.num_layers
                                                            if steps > 1 else 0)
     disk = setup.storage.on_disk
     rate = job.figures.disk_read
