@@ -28,8 +28,8 @@ Per worker (sizes from `_Model`, in the compute dtype unless said "stored"):
 * KV cache (generating): every decoder layer's keys and values of every token of the round but the
   last step's, at its largest over the steps (`_Load.cache_peak`): each prompt's grows to its own
   limit (EOS is not predicted) and leaves then, so a round's peaks just before some prompts leave
-  (model.py `_cache_profile`), 2 x layers x kv_heads x
-  head_dim x dtype bytes per padded token (MLA: the latent and rotary key, model.py), in the
+  (model.py `_cache_profile`); 2 x layers x kv_heads x head_dim x dtype bytes per padded token
+  (MLA: the latent and rotary key, model.py), in the
   activations' tier (gpu: device; cpu: RAM, pinned block by block on a GPU worker; disk: disk);
   compressed (int8 / int4), the codes and each group's minimum and step instead
   (contract/choices.KVCompression). The batch in flight also holds one layer's cache of its batch
