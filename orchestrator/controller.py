@@ -324,7 +324,7 @@ def run_job(spec: JobSpec, console: Console, restart: bool = False,
     if job.nodes:
         _ray_cluster(spec).check_model(_used_nodes(job), model_dir)
     fingerprint = jobstate.make_fingerprint(manifest, model_dir, spec.prompts, job.tokenized, job.score,
-                                            job.plan.dtype)
+                                            job.plan.dtype, [w.settings.kv_cache_compression for w in job.plan.workers])
     with jobstate.locked(spec.job_dir), jobstate.locked_output(spec.output):
         state = jobstate.open_job(spec.job_dir, fingerprint, len(job.prompts), restart=restart)
         if restart:  # its checkpoints would resume what --restart discards

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+from flexorch.contract.choices import KVCompression
 from flexorch.contract.atomic import atomic_write_text
 from flexorch.orchestrator.prepare import COPIED_FILES
 from flexorch.contract.errors import UserError
@@ -78,11 +79,16 @@ def model_digest(manifest: Manifest, model_dir: str | Path) -> str:
 
 
 def make_fingerprint(manifest: Manifest, model_dir: str | Path, prompts_path: str | Path,
-                     tokenized: Sequence[TokenizedPrompt], score: ScoreSpec, dtype: str) -> Fingerprint:
+                     tokenized: Sequence[TokenizedPrompt], score: ScoreSpec, dtype: str,
+                     kv_compression: Sequence[KVCompression] = ()) -> Fingerprint:
+    """`kv_compression`: the KV cache compressions the plan's workers use (lossy: they change the scores);
+    none is left out, so a job that keeps its cache as computed has the fingerprint it had before the option."""
     generate = score.kind == ScoreKind.GENERATE  # its limits, stop strings, sampling and EOS ids count too
     token_ids = _sha256_json([(p.prefix_ids, p.suffix_ids, *((p.max_new_tokens, p.stop) if generate else ()))
                               for p in tokenized])
     generation = f" {score.sampling} eos={list(score.eos_ids)} logprobs={score.logprobs}" if generate else ""
+    lossy = sorted(set(kv_compression) - {KVCompression.NONE})
+    generation += f" kv_cache_compression={'+'.join(lossy)}" if lossy else ""
     return Fingerprint(
         model=model_digest(manifest, model_dir), prompts=sha256_file(prompts_path), token_ids=token_ids,
         score=f"{score.kind}{list(score.token_ids) if score.token_ids else ''}{generation}",

@@ -25,7 +25,7 @@ from flexorch.orchestrator.fields import (Problems, check_keys, choice, count, d
                                          seconds, show)
 from flexorch.orchestrator.hub import absent_message, cached_snapshot, hub_cache_dir, hub_offline, is_hub_id
 from flexorch.orchestrator.prompts import updated_prompts_path
-from flexorch.contract.choices import DeviceKind, Parallel, Storage, on_cpu
+from flexorch.contract.choices import DeviceKind, KVCompression, Parallel, Storage, on_cpu
 from flexorch.contract.protocol import DTYPES, SCORE_KINDS, STORAGES, ScoreKind
 from flexorch.orchestrator.generation import GENERATE_KEYS, GenerateSettings, generate_settings
 
@@ -52,7 +52,7 @@ _REQUIRED = {"model": "the model dir", "prompts": "the prompts file (.jsonl or .
 _TOP_KEYS = ("model", "prompts", "output", "job_dir", "score", "generate_tokens", "devices", "parallel",
              "layers_per_shard", "storage", "disk_folder", "dtype", "batch_tokens", "max_length", "limits",
              "worker_timeout", "allow_remote_code", "executor", "ray_address", "allow_untested_models",
-             "checkpoint_interval")
+             "checkpoint_interval", "kv_cache_compression")
 _SCORE_KEYS = ("kind", "tokens", *GENERATE_KEYS)
 _LIMIT_KEYS = ("gpu_memory", "ram")
 # Spellings users bring from torch and other tools; only suggested, so each dtype has one spelling.
@@ -107,10 +107,15 @@ class JobSpec:
     ray_address: str = "auto"  # executor ray: "auto" (RAY_ADDRESS or a cluster running here), host:port, ray://...
     allow_untested_models: bool = False  # run a model type outside contract/models.TESTED_MODEL_TYPES
     checkpoint_interval: float | None = DEFAULT_CHECKPOINT_INTERVAL  # seconds of work a crash may lose; None: off
+    # generating: the KV cache's keys and values quantised in their tier; None: auto (the planner
+    # compresses only where the cache is what limits the batch)
+    kv_cache_compression: KVCompression | None = KVCompression.NONE
 
     def __post_init__(self):  # accepts the job file's names (the API and tests build specs directly)
         object.__setattr__(self, "parallel", Parallel(self.parallel))
         object.__setattr__(self, "storage", None if self.storage is None else Storage(self.storage))
+        compression = self.kv_cache_compression
+        object.__setattr__(self, "kv_cache_compression", None if compression is None else KVCompression(compression))
 
     @property
     def prompts_format(self) -> str:
@@ -183,6 +188,7 @@ def job_from_mapping(raw: dict, path: Path, source: str | None = None, base: Pat
         allow_untested_models=flag(problems, "allow_untested_models", raw.get("allow_untested_models"),
                                     default=False),
         checkpoint_interval=_interval(problems, raw.get("checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL)),
+        kv_cache_compression=_kv_compression(problems, raw.get("kv_cache_compression")),
     )
     problems.raise_if_any()
     return JobSpec(**values)
@@ -375,6 +381,13 @@ def _interval(problems: Problems, value) -> float | None:
             return None
         value = float(match[1]) * _DURATION_UNITS[match[2]]
     return seconds(problems, "checkpoint_interval", value, DEFAULT_CHECKPOINT_INTERVAL)
+
+
+def _kv_compression(problems: Problems, value) -> KVCompression | None:
+    """none (the default) | int8 | int4 | auto (None: the planner's). A job of one step keeps no KV cache
+    and ignores it rather than refusing it: lm-eval's model_args go to every request type's job alike."""
+    found = choice(problems, "kv_cache_compression", value, (*KVCompression, "auto"), default="none", auto=False)
+    return None if found in (None, "auto") else KVCompression(found)
 
 
 def _score(problems: Problems, value) -> ScoreSettings | None:

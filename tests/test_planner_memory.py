@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from flexorch.contract.choices import KVCompression
 from flexorch.orchestrator.figures import figures_of
 from flexorch.orchestrator.hardware import GpuInfo, Hardware
 from flexorch.orchestrator.planner.memory import (_Budget, _cap, _Edges, _fits, _gpu_budget, _max_peaks, _Peaks,
@@ -112,6 +113,95 @@ def test_the_kv_cache_waits_in_the_activations_tier():
     disk = _peaks(job(), _Setup("cpu", 2, 64, "disk"), cached, LONGEST)
     assert disk == _Peaks(device=0, ram=CPU_BASE + 68 + COMPUTE + 8_192 + (4_096 + 8_192) + 8_192,
                           disk=2 * 3_200 + 12_800)
+
+
+# Heads 64 wide: one kv head of 64 key and 64 value dims, float32: 512 bytes per token and layer as
+# computed; int8 keeps 128 one-byte codes and, per group of 64, a minimum and a step (2 x 2 x 4 = 16): 144;
+# int4 64 + 16 = 80.
+KV = replace(TINY, kv_bytes=512, kv_heads=1, key_dim=64, value_dim=64)
+
+
+def test_a_compressed_kv_cache_keeps_codes_and_ranges_in_its_tier():
+    assert [KV.kv_token_bytes(c) for c in KVCompression] == [512, 144, 80]
+    assert KV.kv_parts(KVCompression.INT8) == (128, 16)
+    cached = replace(ROUND, cache_tokens=50)
+    # as computed: 50 tokens x 4 layers x 512 = 102,400 in RAM; in flight one layer's cache of the batch
+    # twice, 2 x 64 x 512 = 65,536
+    plain = _peaks(job(KV), _Setup("cpu", 2, 64, "cpu"), cached, LONGEST)
+    assert plain.ram == CPU_BASE + 68 + COMPUTE + 65_536 + 3_200 + 102_400
+    # int8: 50 x 4 x 144 = 28,800; in flight also the batch's codes as read (64 x 144 = 9,216) and the float32
+    # copy quantising goes through (64 x 512 = 32,768)
+    int8 = _peaks(job(KV), _Setup("cpu", 2, 64, "cpu", kv_compression="int8"), cached, LONGEST)
+    assert int8.ram == CPU_BASE + 68 + COMPUTE + 65_536 + 9_216 + 32_768 + 3_200 + 28_800
+    # storage gpu: the cache waits on the device, int4: 50 x 4 x 80 = 16,000 (codes in flight 64 x 80 = 5,120)
+    gpu_job = job(KV, gpu_free=6 * 10**9)
+    int4 = _peaks(gpu_job, _Setup("cuda:0", 2, 64, "gpu", kv_compression="int4"), cached, LONGEST)
+    assert int4 == _Peaks(device=CUDA_CONTEXT + COMPUTE + 65_536 + 5_120 + 32_768 + 3_200 + 16_000,
+                          ram=CUDA_BASE + 68 + 2_048, disk=0)
+    # storage cpu on a GPU worker: each block pinned, codes (64 x 128 = 8,192) and ranges (64 x 16 = 1,024) apart,
+    # both powers of two already; the activations' 2 batches as before (2 x 2,048)
+    pinned = _peaks(gpu_job, _Setup("cuda:0", 2, 64, "cpu", kv_compression="int8"), cached, LONGEST)
+    assert pinned.ram == CUDA_BASE + 68 + 2_048 + 2 * 2_048 + 28_800
+    # on disk: the cache there; RAM holds the batch in flight again (4,096 + the cache's 65,536 + 9,216 + 32,768)
+    # and reads the next batch's codes of the shard's 2 layers ahead (2 x 64 x 144 = 18,432)
+    disk = _peaks(job(KV), _Setup("cpu", 2, 64, "disk", kv_compression="int8"), cached, LONGEST)
+    assert disk.disk == 2 * 3_200 + 28_800
+    assert disk.ram == CPU_BASE + 68 + COMPUTE + 107_520 + (4_096 + 107_520) + 18_432
+
+
+def test_the_cache_is_counted_at_its_peak_over_the_steps():
+    # profile: 30 padded tokens per layer at one peak, 40 at the other: 40 x 4 layers x 64 = 10,240 (not the
+    # 50 of each prompt's largest summed)
+    cached = replace(ROUND, cache_tokens=50, cache_profile=(30.0, 40.0))
+    cpu = _peaks(job(), _Setup("cpu", 2, 64, "cpu"), cached, LONGEST)
+    assert cpu.ram == CPU_BASE + 68 + COMPUTE + 8_192 + 3_200 + 10_240
+    assert (cached + cached).cache_peak == 80.0 and (cached + ROUND).cache_profile == (30.0, 40.0)
+
+
+def test_rows_leaving_at_their_limits_bound_the_rounds_cache_below_each_prompts_largest_summed():
+    """Eight prompts of 200 tokens, one generating 256 tokens, seven 16: the cache peaks at step 14, the
+    last the short ones keep (8 x 214 tokens), not at the sum of each one's largest (454 + 7 x 214)."""
+    from test_planner import llama2_13b, machine as described
+
+    from flexorch.orchestrator.generation import GenerateSettings
+    from flexorch.orchestrator.planner.model import _describe_job
+
+    spec = JobSpec(path="job.yaml", model="m", prompts="p.jsonl", output="o.pkl", job_dir="o.job",
+                   score=ScoreSettings("generate", generate=GenerateSettings()))
+    mixed = _describe_job(described(), llama2_13b(), spec, "float16", [200] * 8, [1] * 8, [1] * 8,
+                          new_tokens=[256] + [16] * 7)
+    # peaks at steps 0 (every row), 14 and 254, x 1.25 padding
+    assert mixed.loads[0].cache_profile == (250.0, 267.5, 567.5)
+    assert mixed.loads[1].cache_profile == (250.0, 267.5, 0.0)
+    total = sum(mixed.loads, _Load())
+    assert total.cache_peak == 8 * 267.5 and total.cache_tokens == (454 + 7 * 214) * 1.25
+    # limits 2..20 (19 peaks with step 0) come in 7 groups of 3 steps, each prompt at its largest in a group:
+    # at least the exact peak, at most each prompt's largest summed
+    limits = list(range(2, 21))
+    many = _describe_job(described(), llama2_13b(), spec, "float16", [100] * 19, [2] * 19, [2] * 19,
+                         new_tokens=limits)
+    assert len(many.loads[0].cache_profile) == 7
+    exact = max(sum(100 + 2 * t for own in limits if t <= max(own - 2, 0)) for t in range(19)) * 1.25
+    grouped = sum(many.loads, _Load()).cache_peak
+    assert exact <= grouped <= sum(load.cache_tokens for load in many.loads)
+    assert grouped < 1.2 * exact
+
+
+def test_an_mla_cache_keeps_the_latent_and_the_rotary_key():
+    """DeepSeek-V3's attention hands its cache the compressed latent (kv_lora_rank) and the rotary key
+    (qk_rope_head_dim) of one head (transformers 5.17 and 5.25), not every head's keys and values."""
+    from test_planner import llama2_13b
+
+    from flexorch.orchestrator.planner.model import _describe_model
+
+    manifest = llama2_13b()
+    dense = _describe_model(manifest, "float16")
+    assert dense.kv_bytes == 2 * 40 * 128 * 2  # 40 kv heads of 128, keys and values, fp16
+    mla = _describe_model(replace(manifest, config={**manifest.config, "kv_lora_rank": 512, "qk_rope_head_dim": 64}),
+                          "float16")
+    assert (mla.kv_heads, mla.key_dim, mla.value_dim, mla.kv_bytes) == (1, 512, 64, (512 + 64) * 2)
+    # int8: 576 codes and 9 groups of 64 with a fp16 minimum and step (36)
+    assert mla.kv_token_bytes(KVCompression.INT8) == 576 + 36
 
 
 def test_the_round_peaks_are_the_largest_of_its_rounds():

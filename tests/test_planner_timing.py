@@ -14,10 +14,12 @@ from dataclasses import replace
 
 import pytest
 
+from flexorch.contract.choices import KVCompression
 from flexorch.orchestrator.figures import figures_of
 from flexorch.orchestrator.hardware import Calibration, GpuInfo, Hardware
-from flexorch.orchestrator.planner.model import _Job, _Load, _Model, _Setup
-from flexorch.orchestrator.planner.timing import _per_shard, _read_rate, _time, _verifying_read_factor, _with_reads
+from flexorch.orchestrator.planner.model import _Job, _Load, _Model, _prompt_load, _Setup
+from flexorch.orchestrator.planner.timing import (_per_shard, _read_rate, _shard_costs, _time, _verifying_read_factor,
+                                                  _with_reads)
 from flexorch.orchestrator.spec import JobSpec
 
 GB = 10**9
@@ -97,6 +99,39 @@ def test_a_later_generation_step_computes_a_token_per_suffix_and_reads_the_model
     slow = (4 / 104) / (1024 / 1124)
     assert t.read == 2 * READ
     assert t.compute == pytest.approx(COMPUTE + 1.1 / slow)
+
+
+def test_a_prompt_moves_its_cache_over_its_own_steps_spread_over_the_rounds():
+    # 100 tokens, 2 suffixes, 5 steps of its own in a round of 9: step 0 writes the row (100), later step t
+    # reads the row and 2 x (t - 1) generated columns and writes 2 x t: 5 x 100 + 2 x 4^2 = 532 tokens per
+    # layer, over the round's 8 later steps, padded (x 1.25): 83.125 per later step
+    spec = JobSpec(path="job.yaml", model="m", prompts="p.jsonl", output="o.pkl", job_dir="o.job")
+    assert _prompt_load(MODEL, spec, 100, 2, 2, own_steps=5, steps=9).cache_traffic == 83.125
+    assert _prompt_load(MODEL, spec, 100, 2, 2, own_steps=1, steps=1).cache_traffic == 0.0  # one step: no cache
+
+
+# 64-wide heads, as in test_planner_memory: 512 bytes per token and layer as computed, int8 144, int4 80
+KV_MODEL = replace(MODEL, kv_bytes=512, kv_heads=1, key_dim=64, value_dim=64)
+
+
+@pytest.mark.parametrize("device, storage, compression, seconds_per_layer", [
+    ("cpu", "cpu", "none", 0.0),  # a CPU worker's RAM is its device: nothing moves
+    ("cpu", "disk", "none", 1e6 * 512 / 2e9),  # through files at the disk store's 2 GB/s
+    # the codes move (144 bytes a token), and 512 bytes a token are quantised and restored at 0.12 GB/s
+    ("cpu", "disk", "int8", 1e6 * 144 / 2e9 + 1e6 * 512 / 0.12e9),
+    ("cuda:0", "cpu", "none", 1e6 * 512 / 12.64e9),  # over PCIe gen3 x16 (16 x 0.79 GB/s)
+    ("cuda:0", "cpu", "int4", 1e6 * 80 / 12.64e9 + 1e6 * 512 / 100e9),
+    ("cuda:0", "gpu", "none", 0.0),  # on the device
+])
+def test_a_later_step_moves_its_kv_cache_in_the_bytes_its_tier_keeps(device, storage, compression, seconds_per_layer):
+    # a round whose later steps read and write 1e6 tokens of cache per layer: the same round without, less
+    load = replace(ROUND, later_layer_flops=RATE, suffixes=4, cache_traffic=1e6)
+    kv_job = replace(job(steps=2, hardware=machine(gpu=device != "cpu")), model=KV_MODEL)
+    setup = _Setup(device, 1, 1024, storage, kv_compression=compression)
+    costs = [_shard_costs(kv_job, setup, x, 1, 1) for x in (load, replace(load, cache_traffic=0.0))]
+    extra = [a - b for a, b in zip(costs[0].later_step, costs[1].later_step)]
+    assert extra == pytest.approx([0.0] + [seconds_per_layer] * 4 + [0.0])  # each decoder layer, not the edges
+    assert costs[0].first_step == costs[1].first_step  # step 0's cache is written as part of the traffic
 
 
 def test_a_pipeline_stage_reads_and_computes_its_share():

@@ -273,6 +273,8 @@ def test_all_problems_in_one_error(folder):
     ({"score": {"kind": "suffix_logprob"}, "generate_tokens": 3},
      "generate_tokens: must be 1 with score.kind suffix_logprob"),
     ({"disk_folder": "acts", "storage": "cpu"}, "disk_folder: is only used with storage: disk (storage is cpu)"),
+    ({"kv_cache_compression": "int2", "generate_tokens": 4},
+     "kv_cache_compression: expected none | int8 | int4 | auto, got 'int2'"),
     # executor
     ({"executor": "slurm"}, "executor: expected local | ray, got 'slurm'"),
     ({"ray_address": "auto"}, "ray_address: is only used with executor: ray"),
@@ -289,6 +291,13 @@ def test_bad_values_name_the_key(folder, overrides, expected):
     message = error_of(path)
     assert message.startswith(f"{path}: ")
     assert expected in message
+
+
+@pytest.mark.parametrize("value, expected", [(..., "none"), ("int8", "int8"), ("int4", "int4"), ("auto", None)])
+def test_kv_cache_compression_is_none_unless_asked_and_auto_left_to_the_planner(folder, value, expected):
+    job = minimal(score={"kind": "generate", "max_new_tokens": 8}, **({} if value is ... else
+                                                                        {"kv_cache_compression": value}))
+    assert load_job(write_job(folder, job)).kv_cache_compression == expected
 
 
 @pytest.mark.parametrize("value, seconds", [

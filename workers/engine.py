@@ -408,7 +408,8 @@ class Engine:
         kind that appends no token: every step would compute the same rows)."""
         if steps == 1 or not self.settings.kv_cache or not self.score.kind.generates:
             return NoCache()
-        return KVCache(make_store(self.settings.storage, self.device, self.settings.disk_folder), steps)
+        return KVCache(make_store(self.settings.storage, self.device, self.settings.disk_folder), steps,
+                       self.settings.kv_cache_compression)
 
     def _next_ids(self, shares: dict[int, StepResult], n_prompts: int) -> tuple[tuple[int, ...], ...] | None:
         """The id each suffix appends for the next step, per prompt (() for a kind that generates

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from flexorch.contract.choices import Storage
+from flexorch.contract.choices import KVCompression, Storage
 
 
 class ScoreKind(StrEnum):
@@ -151,6 +151,8 @@ class EngineSettings:
     allow_untested_models: bool = False  # the job's allow_untested_models: run a model type outside TESTED_MODEL_TYPES
     resident: bool = False  # keep every shard once read: the model is read once per worker, not once per pass
     kv_cache: bool = True  # generate_tokens > 1: keep keys/values in `storage`, later steps compute new tokens only
+    # the cache's keys and values quantised in their tier (workers/kvcache.py): the job's, or the planner's for auto
+    kv_cache_compression: KVCompression = KVCompression.NONE
     # two shard slots, the next shard read while one computes; False: one slot, read after the compute
     # (a shard less memory, no read hidden): the planner's choice when only that fits
     double_buffer: bool = True
@@ -167,6 +169,7 @@ class EngineSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "storage", Storage(self.storage))  # accepts plan.json's name
+        object.__setattr__(self, "kv_cache_compression", KVCompression(self.kv_cache_compression))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Compressed weights: group-wise absmax quantisation of decoder layers, dequantised per shard.
+"""Compressed weights: group-wise absmax quantisation of decoder layers, dequantised per shard; and
+the KV cache's asymmetric group-wise quantisation (`quantize_groups`, workers/kvcache.py), which
+shares the int4 packing.
 
 `flexorch prepare --compress int8|int4` stores every 2-D weight of a decoder layer (the attention
 and MLP projections, which hold nearly all its bytes) as signed integers with one float32 scale
@@ -48,19 +50,56 @@ def quantize(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Ten
     q = torch.round(groups / safe[..., None]).clamp_(-QMAX[scheme], QMAX[scheme]).to(torch.int8)
     q = q.reshape(out_features, in_features)
     if scheme == "int4":
-        nibbles = (q + 8).to(torch.uint8)  # 1..15: unsigned, so two fit a byte
-        q = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+        q = pack_nibbles((q + 8).to(torch.uint8))  # 1..15: unsigned, so two fit a byte
     return q.contiguous(), scale.contiguous()
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, scheme: str, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of `quantize`, on q's device, in `dtype`: (out, in)."""
     if scheme == "int4":
-        low, high = (q & 0x0F).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8
-        q = torch.stack([low, high], dim=-1).reshape(q.shape[0], -1)
+        q = unpack_nibbles(q).to(torch.int8) - 8
     out_features, in_features = q.shape
     groups = q.reshape(out_features, in_features // GROUP, GROUP).float() * scale[..., None]
     return groups.reshape(out_features, in_features).to(dtype)
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values below 16, (..., 2n) → (..., n): two to a byte, the even one low."""
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_nibbles`: (..., n) → uint8 (..., 2n)."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise quantisation along the last dim, as FlexGen compresses its KV cache:
+    per group of `group` values a minimum and a step = (max - min) / (2^bits - 1), each value's code
+    round((x - min) / step). Unlike the weights' absmax scheme it spends no code on a sign, so a group
+    whose values are not centred on zero (keys are not) keeps the full resolution.
+    x: (..., d) → codes uint8 (..., d), or for 4 bits (..., d / 2) two to a byte; ranges (..., d / group, 2):
+    (minimum, step) in x's dtype. Each value comes back within step / 2 (plus the step's rounding in x's dtype)."""
+    top = (1 << bits) - 1
+    groups = x.unflatten(-1, (x.shape[-1] // group, group))
+    low = groups.amin(dim=-1, keepdim=True)
+    step = ((groups.amax(dim=-1, keepdim=True) - low) / top).to(x.dtype)  # as stored: the codes follow it
+    safe = torch.where(step > 0, step, torch.ones_like(step)).float()  # a constant group: every code 0
+    # one float32 copy, worked in place (the planner counts one beside the cache in flight)
+    codes = groups.to(torch.float32, copy=True).sub_(low).div_(safe).round_().clamp_(0, top).to(torch.uint8)
+    codes = codes.flatten(-2)
+    if bits == 4:
+        codes = pack_nibbles(codes)
+    return codes.contiguous(), torch.cat([low, step], dim=-1)
+
+
+def dequantize_groups(codes: torch.Tensor, ranges: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `quantize_groups`, on codes' device, in the ranges' dtype: (..., d)."""
+    if bits == 4:
+        codes = unpack_nibbles(codes)
+    low, step = ranges.float().unbind(-1)
+    groups = codes.unflatten(-1, (ranges.shape[-2], -1)).float().mul_(step[..., None]).add_(low[..., None])
+    return groups.flatten(-2).to(ranges.dtype)
 
 
 def compress_layer(tensors: dict[str, torch.Tensor], scheme: str) -> dict[str, torch.Tensor]:

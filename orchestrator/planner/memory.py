@@ -25,12 +25,18 @@ Per worker (sizes from `_Model`, in the compute dtype unless said "stored"):
 * Round activations: hidden x dtype bytes per padded token of the worker's current round at the
   first generation step (later steps, against the KV cache, carry one token per suffix). storage gpu:
   on the device; cpu: in RAM; disk: two copies on disk, and in RAM only the batch in flight.
-* KV cache (generate_tokens > 1): every decoder layer's keys and values of every token of the
-  round but the last step's, 2 x layers x kv_heads x head_dim x dtype bytes per padded token, in
-  the activations' tier (gpu: device; cpu: RAM; disk: disk). The batch in flight also holds one
-  layer's cache of its batch twice (read, and joined with the new token's) on the compute device;
-  on disk, RAM holds the next batch's cache of a shard's layers (read ahead). A pipeline stage
-  keeps only its own layers' cache: counting all of them is conservative.
+* KV cache (generating): every decoder layer's keys and values of every token of the round but the
+  last step's, at its largest over the steps (`_Load.cache_peak`): each prompt's grows to its own
+  limit (EOS is not predicted) and leaves then, so a round's peaks just before some prompts leave
+  (model.py `_cache_profile`); 2 x layers x kv_heads x head_dim x dtype bytes per padded token
+  (MLA: the latent and rotary key, model.py), in the
+  activations' tier (gpu: device; cpu: RAM, pinned block by block on a GPU worker; disk: disk);
+  compressed (int8 / int4), the codes and each group's minimum and step instead
+  (contract/choices.KVCompression). The batch in flight also holds one layer's cache of its batch
+  twice (read, and joined with the new token's) on the compute device, compressed also the codes
+  read and a float32 copy that quantising and restoring go through; on disk, RAM holds the next
+  batch's cache of a shard's layers (read ahead). A pipeline stage keeps only its own layers'
+  cache: counting all of them is conservative.
 * Round results: held in RAM until the round is committed.
 * Layouts: each batch's additive mask, kept for the pass up to LAYOUT_CACHE_BYTES (engine.py).
 * Process baseline: Python + torch (+ the CUDA runtime on a GPU) in RAM; the CUDA context on the GPU
@@ -48,7 +54,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from flexorch.contract.choices import DeviceKind, Storage, on_cpu
+from flexorch.contract.choices import DeviceKind, KVCompression, Storage, on_cpu
 from flexorch.contract.protocol import LAYOUT_CACHE_BYTES, ScoreKind
 from flexorch.orchestrator.hardware import Hardware, format_bytes
 from flexorch.orchestrator.planner.model import _Job, _Load, _Model, _Setup
@@ -97,13 +103,13 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     row is `longest` tokens."""
     m, cuda = job.model, not on_cpu(setup.device)
     per_token = m.hidden * m.dtype_bytes
-    kv_per_token = m.num_layers * m.kv_bytes if load.cache_tokens else 0  # no cache: one step
+    kept = m.kv_token_bytes(setup.kv_compression)  # one token in one layer's cache, as its tier keeps it
     # a streamed MoE layer's batches wait with the activations (on the device only with storage gpu)
     activations = math.ceil(load.act_tokens * per_token)
     pending = math.ceil(load.act_tokens * m.pending_per_token)
-    cache = math.ceil(load.cache_tokens * kv_per_token)
-    in_flight = 2 * setup.batch * per_token + (2 * setup.batch * m.kv_bytes if cache else 0)
-    cache_read_ahead = setup.lps * setup.batch * m.kv_bytes if cache else 0  # disk: the next batch's
+    cache = math.ceil(load.cache_peak * m.num_layers * kept)  # 0: one step, no cache
+    in_flight = 2 * setup.batch * per_token + (_cache_in_flight(m, setup) if cache else 0)
+    cache_read_ahead = math.ceil(setup.lps * setup.batch * kept) if cache else 0  # disk: the next batch's
     # every batch's additive mask (rows x L x L ~ its padded tokens x L), kept for the pass while it fits
     layouts = min(LAYOUT_CACHE_BYTES, math.ceil(load.act_tokens * min(longest, setup.batch or longest) * m.dtype_bytes))
     next_token = job.spec.score.kind is ScoreKind.NEXT_TOKEN_PROBS  # its output is the vocabulary-wide row
@@ -116,8 +122,10 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     held = activations + cache  # in RAM with storage cpu: on a GPU worker, pinned batch by batch
     if cuda and setup.storage is Storage.CPU and setup.batch:
         batches = math.ceil(load.act_tokens / setup.batch)
-        block = setup.batch * m.kv_bytes  # a batch's keys and values in one layer: the cache's unit
-        held = batches * _pinned(setup.batch * per_token) + (math.ceil(cache * _pinned(block) / block) if cache else 0)
+        # a batch's keys and values in one layer (compressed: its codes and ranges) are the cache's unit
+        blocks = [math.ceil(setup.batch * part) for part in m.kv_parts(setup.kv_compression)]
+        pinned = math.ceil(cache * sum(_pinned(b) for b in blocks) / sum(blocks)) if cache else 0
+        held = batches * _pinned(setup.batch * per_token) + pinned
     # RAM of what waits between shards: all of it with storage cpu, with disk the batch in flight and the
     # next batch's cache; the MoE batches pending wait beside it unless on the device (NO_STORAGE: no tier)
     ram += {Storage.CPU: held, Storage.DISK: in_flight + cache_read_ahead}.get(setup.storage, 0)
@@ -127,6 +135,16 @@ def _peaks(job: _Job, setup: _Setup, load: _Load, longest: int) -> _Peaks:
     device = int(job.figures.cuda_context.value) + compute + waiting if cuda else 0
     disk = DISK_COPIES * activations + cache if setup.storage is Storage.DISK else 0
     return _Peaks(device=device, ram=ram, disk=disk)
+
+
+def _cache_in_flight(m: _Model, setup: _Setup) -> int:
+    """Compute-device bytes of the cache of the batch in flight in one layer: read and joined with the
+    new token's (2 copies in the compute dtype); compressed, also its codes as read and the float32
+    copy quantising and restoring go through."""
+    held = 2 * setup.batch * m.kv_bytes
+    if setup.kv_compression is KVCompression.NONE:
+        return held
+    return held + math.ceil(setup.batch * (m.kv_token_bytes(setup.kv_compression) + m.kv_bytes * 4 / m.dtype_bytes))
 
 
 def _working_bytes(model: _Model, batch: int, longest: int, scored_ratio: float, columns: int,

@@ -14,6 +14,12 @@ unit is then the largest of a MoE layer's dense part, experts_per_group experts 
 layer, and a streamed layer keeps per token its output, its experts' input and k routes between
 its steps, with the activations (`_Model.streamed`).
 
+The KV cache (generating) keeps per token and decoder layer what transformers' attention hands its
+cache: keys and values of kv_heads x head_dim each, or for MLA (DeepSeek-V3: a config with
+kv_lora_rank) one latent of kv_lora_rank beside the rotary key of qk_rope_head_dim
+(workers/kvcache.py keeps whatever `update` receives); compressed, the codes and each group's
+minimum and step (contract/choices.KVCompression).
+
 A prompt is one packed row. FLOPs per forward: a decoder group 2 x its params per token plus
 attention's 4 x row length x hidden per token (one row per prompt; a later generation step computes
 one token per suffix against the cached row), the lm head on the scored positions, the embedding a
@@ -27,7 +33,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from flexorch.contract.choices import Storage
+from flexorch.contract.choices import KVCompression, Storage
 from flexorch.contract.protocol import ScoreKind
 from flexorch.contract.errors import UserError
 from flexorch.contract.manifest import DECODER, DTYPE_BYTES, EMBED, LM_HEAD, NORM, Manifest
@@ -87,6 +93,22 @@ class _Model:
     stored_row: int = 0  # one row of the head's weight as stored; 0: the head cannot come in steps
     embed_row: int = 0  # one row of a gathered embedding, compute dtype; 0: read whole
     eager_attention: bool = False  # attention sdpa cannot express (soft-capped logits): scores materialised
+    # what a layer's cache keeps per token: kv_heads x (key_dim + value_dim) values (0: kv_bytes only, a
+    # hand-sized model)
+    kv_heads: int = 0
+    key_dim: int = 0
+    value_dim: int = 0
+
+    def kv_parts(self, compression: KVCompression) -> tuple[float, ...]:
+        """Bytes per token in one layer's cache of each tensor a block is kept as: the keys and
+        values; compressed, their codes and their groups' ranges."""
+        if compression is KVCompression.NONE or not self.key_dim:
+            return (self.kv_bytes,)
+        return compression.token_parts(self.kv_heads, self.key_dim, self.value_dim, self.dtype_bytes)
+
+    def kv_token_bytes(self, compression: KVCompression) -> float:
+        """Bytes one token's keys and values take in one layer's cache, as kept in its tier."""
+        return sum(self.kv_parts(compression))
 
     def streamed(self, group: int) -> "_Model":
         """This model with its MoE layers run as steps (contract/shards.py): the unit a slot holds is
@@ -159,15 +181,36 @@ class _Load:
     later_layer_flops: float = 0.0  # each later generation step (against the KV cache), per step
     later_head_flops: float = 0.0
     cache_tokens: float = 0.0  # padded tokens whose keys and values the KV cache keeps (per layer)
+    cache_traffic: float = 0.0  # padded tokens of the cache each later step reads and writes per layer, on average
     scored: float = 0.0  # positions the head scores at the first step
     suffixes: float = 0.0  # a later step's tokens (one per suffix), each also scored
+    # the cache's padded tokens per layer at each of the job's cache peaks (`_cache_profile`): rows leave as
+    # their limits end, so a round's cache is largest just before some leave; () where not described
+    cache_profile: tuple[float, ...] = ()
 
     def __add__(self, other: "_Load") -> "_Load":
-        return _Load(*(getattr(self, f) + getattr(other, f) for f in _Load.__dataclass_fields__))
+        summed = _Load(*(getattr(self, f) + getattr(other, f) for f in _SUMMED))
+        a, b = self.cache_profile, other.cache_profile
+        summed.cache_profile = tuple(x + y for x, y in zip(a, b)) if a and b else a or b
+        return summed
+
+    @property
+    def cache_peak(self) -> float:
+        """Padded tokens per layer the KV cache holds at its largest: the largest of the profile's sums,
+        else the sum of each prompt's largest (an upper bound)."""
+        return max(self.cache_profile) if self.cache_profile else self.cache_tokens
 
     def flops(self, steps: int) -> float:
         """Over `steps` generation steps."""
         return self.layer_flops + self.head_flops + (steps - 1) * (self.later_layer_flops + self.later_head_flops)
+
+
+_SUMMED = tuple(f for f in _Load.__dataclass_fields__ if f != "cache_profile")
+
+# Points of a round's KV cache profile: a round's load sums this many numbers per prompt (~10^6 sums on big
+# jobs). Beyond as many distinct limits in a job, neighbouring ones are grouped and each prompt counted at
+# its largest within the group: an upper bound, exact where the job has at most this many limits.
+CACHE_PROFILE_POINTS = 8
 
 
 @dataclass(frozen=True)
@@ -204,9 +247,11 @@ class _Setup:
     storage: Storage | None  # NO_STORAGE while the batch is sized, before a storage is chosen
     resident: bool = False  # the whole model kept on the device for the job, read once
     slots: int = DOUBLE_BUFFER  # shard slots when streaming
+    kv_compression: KVCompression = KVCompression.NONE  # how the KV cache is kept in its tier
 
     def __post_init__(self):
         object.__setattr__(self, "storage", self.storage and Storage(self.storage))
+        object.__setattr__(self, "kv_compression", KVCompression(self.kv_compression))
 
 
 def _describe_job(hardware: Hardware, manifest: Manifest, spec: JobSpec, dtype: str, prompt_tokens: Sequence[int],
@@ -222,6 +267,10 @@ def _describe_job(hardware: Hardware, manifest: Manifest, spec: JobSpec, dtype: 
     steps = max(own_steps, default=1)
     loads = tuple(_prompt_load(model, spec, n, s, c, own, steps)
                   for n, s, c, own in zip(tokens, suffixes, scored, own_steps))
+    if steps > 1:
+        groups = _peak_groups(own_steps, steps)
+        loads = tuple(replace(load, cache_profile=_cache_profile(n, s, own, groups))
+                      for load, n, s, own in zip(loads, tokens, suffixes, own_steps))
     token_flops = sum(load.layer_flops for load in loads) / max(1, sum(tokens)) / model.num_layers
     return _Job(
         spec=spec, model=model, dtype=dtype, tokens=tokens, lengths=lengths, loads=loads,
@@ -251,11 +300,15 @@ def _describe_model(manifest: Manifest, dtype: str) -> _Model:
     attention_heads = int(config.get("num_attention_heads") or max(1, manifest.hidden_size // 64))
     head_dim = int(config.get("head_dim") or manifest.hidden_size // attention_heads)
     kv_heads = int(config.get("num_key_value_heads") or attention_heads)
+    key_dim = value_dim = head_dim
+    if config.get("kv_lora_rank"):  # MLA: the cache keeps the latent and the rotary key, one head (transformers 5)
+        kv_heads, key_dim, value_dim = 1, int(config["kv_lora_rank"]), int(config.get("qk_rope_head_dim") or 0)
     return _Model(
         num_layers=manifest.num_layers, hidden=manifest.hidden_size,
         intermediate=_intermediate(manifest, config),
         heads=attention_heads, vocab=manifest.vocab_size, dtype_bytes=DTYPE_BYTES[dtype],
-        kv_bytes=2 * kv_heads * head_dim * DTYPE_BYTES[dtype],
+        kv_bytes=int(KVCompression.NONE.token_bytes(kv_heads, key_dim, value_dim, DTYPE_BYTES[dtype])),
+        kv_heads=kv_heads, key_dim=key_dim, value_dim=value_dim,
         # compressed decoder layers are dequantised per shard: a full copy in the compute dtype
         layer=(max(e.params for e in by_kind[DECODER]) * DTYPE_BYTES[dtype] if manifest.compression
                else math.ceil(stored_layer * scale)),
@@ -320,19 +373,45 @@ def _prompt_load(model: _Model, spec: JobSpec, tokens: int, suffixes: int, score
 
     A generated prompt leaves the batches after its own `own_steps` of the round's `steps`: its later
     steps' cost is spread over the round's (its expected share of live rows per step), and its cache
-    grows by one token per suffix per step of its own (its limit: EOS is not predicted)."""
+    grows by one token per suffix per step of its own (its limit: EOS is not predicted).
+
+    The cache moves between its tier and the device: step 0 writes the row (`tokens`), and each later
+    step t of its own reads the row and the t - 1 columns per suffix generated before, and writes
+    those and its new one back: over its n steps n x tokens + suffixes x (n - 1)^2 tokens per layer,
+    spread over the round's later steps (`cache_traffic`)."""
     steps = steps or spec.generate_tokens
     own_steps = own_steps or steps
     live = (own_steps - 1) / (steps - 1) if steps > 1 else 1.0  # of the later steps, those it is in
     attention = 4.0 * model.num_layers * model.hidden
     keys = tokens + own_steps / 2 * suffixes  # a later step's row, on average over its steps
     cached = tokens + (own_steps - 2) * suffixes if steps > 1 else 0  # the last step's keys are never kept
+    moved = (own_steps * tokens + suffixes * (own_steps - 1) ** 2) / (steps - 1) if steps > 1 else 0.0
     return _Load(act_tokens=tokens * PADDING_ALLOWANCE, result_bytes=_result_bytes(model, spec, suffixes, own_steps),
                  layer_flops=2.0 * model.decoder_params * tokens + attention * tokens * tokens,
                  head_flops=2.0 * model.head_params * scored,
                  later_layer_flops=live * (2.0 * model.decoder_params * suffixes + attention * suffixes * keys),
                  later_head_flops=live * 2.0 * model.head_params * suffixes,
-                 cache_tokens=max(0, cached) * PADDING_ALLOWANCE, scored=scored, suffixes=suffixes * live)
+                 cache_tokens=max(0, cached) * PADDING_ALLOWANCE, cache_traffic=moved * PADDING_ALLOWANCE,
+                 scored=scored, suffixes=suffixes * live)
+
+
+def _peak_groups(own_steps: Sequence[int], steps: int) -> tuple[tuple[int, int], ...]:
+    """The steps at which a round's cache can peak, grouped into at most CACHE_PROFILE_POINTS (first, last)
+    ranges. A prompt's cache grows by a column per suffix each step up to its limit, then leaves: the sum
+    over prompts grows between the steps where some leave and drops after them, so it peaks at a last
+    kept step, own - 2 (the last step's keys are never kept), of one of the limits, or at step 0, where
+    every prompt's row is kept."""
+    peaks = sorted({0} | {min(own, steps) - 2 for own in own_steps if own >= 2})
+    size = math.ceil(len(peaks) / CACHE_PROFILE_POINTS)
+    return tuple((peaks[k], peaks[min(k + size, len(peaks)) - 1]) for k in range(0, len(peaks), size))
+
+
+def _cache_profile(tokens: int, suffixes: int, own_steps: int, groups) -> tuple[float, ...]:
+    """A prompt's cache (padded tokens per layer) at its largest within each group of peak steps: its row and
+    a column per suffix per step kept, while it runs (to step own - 2; its row alone at step 0)."""
+    last = max(own_steps - 2, 0)
+    return tuple((tokens + min(end, last) * suffixes) * PADDING_ALLOWANCE if last >= first else 0.0
+                 for first, end in groups)
 
 
 def _result_bytes(model: _Model, spec: JobSpec, suffixes: int, steps: int) -> int:

@@ -12,6 +12,11 @@ resident only where re-reading it would cost time (several rounds or generation 
 dominates). An explicit value is checked against the budgets instead (a value that cannot fit is a
 `UserError` before any work starts, saying what fits).
 
+Generating with `kv_cache_compression: auto`, the search also tries the KV cache compressed (int8,
+then int4): compression is lossy, so it is taken only where it is faster than the best
+uncompressed setting by more than TIME_TOLERANCE, i.e. where the cache is what held the batch, the
+tier or the rounds back (its memory, or its traffic to and from the tier): `_with_compression`.
+
 A MoE model whose layers do not fit whole streams its experts (one layer per shard, planned
 at one expert per group, then experts_per_group grows into the memory left beside the chosen
 batch and rounds).
@@ -22,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from flexorch.contract.choices import DeviceKind, Storage, on_cpu
+from flexorch.contract.choices import DeviceKind, KVCompression, Storage, on_cpu
 from flexorch.contract.protocol import HEAP_SLACK, EngineSettings
 from flexorch.orchestrator.hardware import format_bytes
 from flexorch.orchestrator.planner.memory import (_Budget, _Peaks, _fits, _max_peaks, _peaks, _round_longest,
@@ -73,6 +78,7 @@ class _Space:
     lps: tuple[int, ...]  # increasing
     resident: bool  # also try keeping the whole model on the device
     slots: tuple[int, ...] = (DOUBLE_BUFFER,)  # shard slots to try when streaming (DOUBLE_BUFFER, SINGLE_BUFFER)
+    compressions: tuple[KVCompression, ...] = (KVCompression.NONE,)  # the KV cache's, least lossy first
 
 
 @dataclass(frozen=True)
@@ -105,12 +111,16 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
         lps=(1,) if streaming else _lps_candidates(job, floor, stages),
         resident=stages == 1 and spec.layers_per_shard is None and not streaming,
         slots=(DOUBLE_BUFFER,) if stages > 1 else (DOUBLE_BUFFER, SINGLE_BUFFER),
+        compressions=_compressions(job),
     )
     options = _search(job, device, indices, threads, budget, space, stages)
     if not options:
         raise _error(spec, "storage", _no_storage_message(job, device, indices, threads, space, budget, stages))
-    best = _choose(options)
-    reasons += _option_reasons(job, options, best, device, stages)
+    best, why = _with_compression(options, space.compressions)
+    reasons += _option_reasons(job, [o for o in options if o.setup.kv_compression is best.setup.kv_compression],
+                               best, device, stages)
+    if why:
+        reasons.append(why)
     setup, t, peaks = best.setup, best.time, best.peaks
     if streaming:  # searched at one expert per group; groups then grow into what is left
         job = _grow_expert_groups(job, setup, best.rounds, budget, reasons)
@@ -132,6 +142,7 @@ def _plan_worker(job: _Job, name: str, device: str, indices: tuple[int, ...], th
         threads=threads if on_cpu(device) else 0, resident=setup.resident,
         experts_per_group=job.model.experts_per_group, allow_untested_models=spec.allow_untested_models,
         double_buffer=setup.slots == DOUBLE_BUFFER, heap_slack=heap_slack, direct_reads=job.direct_reads,
+        kv_cache_compression=setup.kv_compression,
     )
     return WorkerPlan(
         name=name, device=device, settings=settings, prompt_indices=indices, rounds=best.rounds,
@@ -154,7 +165,8 @@ def _checkpoints(job: _Job, setup: _Setup, rounds, t: _Time, threads: int, stage
     steps, m = job.steps, job.model  # generate: the round's longest limit
     shards = _per_shard(costs.first_step, costs.reads, 0.0, setup.slots)
     shards += (steps - 1) * _per_shard(costs.later_step, costs.reads, 0.0, setup.slots)
-    tiered = load.act_tokens * m.hidden * m.dtype_bytes + (load.cache_tokens * m.kv_bytes * m.num_layers
+    kept = m.kv_token_bytes(setup.kv_compression)
+    tiered = load.act_tokens * m.hidden * m.dtype_bytes + (load.cache_peak * kept * m.num_layers
                                                            if steps > 1 else 0)
     disk = setup.storage.on_disk
     rate = job.figures.disk_read
@@ -168,18 +180,55 @@ def _checkpoints(job: _Job, setup: _Setup, rounds, t: _Time, threads: int, stage
 def _search(job: _Job, device: str, indices: tuple[int, ...], threads: int, budget: _Budget, space: _Space,
             stages: int) -> list[_Option]:
     options = []
-    for batch in space.batches:
-        for storage in space.storages:
-            for resident in (False, True) if space.resident else (False,):
-                for slots in (DOUBLE_BUFFER,) if resident else space.slots:
-                    for lps in space.lps[:1] if resident else space.lps:
-                        setup = _Setup(device, lps, batch, storage, resident, slots)
-                        rounds = _rounds_for(job, setup, indices, threads, budget, stages)
-                        if rounds is None:
-                            break  # a longer shard needs more memory still
-                        time = _time(job, setup, indices, rounds, threads, stages)
-                        options.append(_Option(setup, rounds, _max_peaks(job, setup, rounds), time))
+    for compression in space.compressions:
+        for batch in space.batches:
+            for storage in space.storages:
+                for resident in (False, True) if space.resident else (False,):
+                    for slots in (DOUBLE_BUFFER,) if resident else space.slots:
+                        for lps in space.lps[:1] if resident else space.lps:
+                            setup = _Setup(device, lps, batch, storage, resident, slots, compression)
+                            rounds = _rounds_for(job, setup, indices, threads, budget, stages)
+                            if rounds is None:
+                                break  # a longer shard needs more memory still
+                            time = _time(job, setup, indices, rounds, threads, stages)
+                            options.append(_Option(setup, rounds, _max_peaks(job, setup, rounds), time))
     return options
+
+
+def _compressions(job: _Job) -> tuple[KVCompression, ...]:
+    """The job's KV cache compression; auto: every scheme where a cache is kept (else none)."""
+    if job.spec.kv_cache_compression is not None:
+        return (job.spec.kv_cache_compression,)
+    return tuple(KVCompression) if job.steps > 1 else (KVCompression.NONE,)
+
+
+def _with_compression(options: Sequence[_Option], compressions: Sequence[KVCompression]) -> tuple[_Option, str]:
+    """The chosen option and, where the compression was the planner's, why. Compression changes the
+    scores, so a scheme is taken only where it is faster than the best of the less lossy ones by more
+    than TIME_TOLERANCE (or only it fits): where the cache held the batch, the tier or the rounds back."""
+    best = {c: _choose(ours) for c in compressions if (ours := [o for o in options if o.setup.kv_compression is c])}
+    if len(compressions) == 1:
+        return best[compressions[0]], ""
+    chosen = None
+    for c in compressions:  # least lossy first
+        if c in best and (chosen is None or best[c].time.total < chosen.time.total * (1 - TIME_TOLERANCE)):
+            chosen = best[c]
+    c = chosen.setup.kv_compression
+    found = "; ".join(f"{k} {_describe_setup(o)}" for k, o in best.items())
+    if c is KVCompression.NONE:
+        return chosen, (f"kv_cache_compression none (auto): compressing the KV cache (lossy) would not be faster by more "
+                        f"than {TIME_TOLERANCE:.0%}: the cache does not limit the batch ({found})")
+    gain = (f"compressed it is more than {TIME_TOLERANCE:.0%} faster than less lossy" if KVCompression.NONE in best
+            else "uncompressed it fits nowhere")
+    return chosen, (f"kv_cache_compression {c} (auto): the KV cache limits the batch: {gain} ({found}); keys and "
+                    f"values then come back within half a step of their group of up to 64 values (README: KV cache "
+                    f"compression)")
+
+
+def _describe_setup(option: _Option) -> str:
+    s = option.setup
+    return (f"{format_seconds(option.time.total)} at batch_tokens {s.batch}, storage {s.storage}, "
+            f"{len(option.rounds)} round(s)")
 
 
 def _rounds_for(job: _Job, setup: _Setup, indices: tuple[int, ...], threads: int, budget: _Budget,
@@ -430,13 +479,16 @@ def _no_storage_message(job: _Job, device: str, indices: tuple[int, ...], thread
     smallest = _split_rounds(job, indices, ROUND_MIN_COMPUTE_OVER_READ * read * rate, lambda load, longest: True)
     biggest = max(smallest, key=lambda r: sum(job.loads[i].act_tokens for i in r))
     load, longest = sum((job.loads[i] for i in biggest), _Load()), _round_longest(job, biggest)
-    peaks = {s: _peaks(job, _Setup(device, lps, batch, s, slots=space.slots[-1]), load, longest)
+    peaks = {s: _peaks(job, _Setup(device, lps, batch, s, slots=space.slots[-1],
+                                   kv_compression=space.compressions[-1]), load, longest)
              for s in space.storages}
     needs = "; ".join(f"{s} {_shortfall(p, budget, device)}" for s, p in peaks.items())
     what = f"{space.storages[0]} does not hold" if job.spec.storage else "no activation storage holds"
     return (f"{what} the smallest useful round on {device} ({len(biggest)} prompt(s), compute >= "
             f"{ROUND_MIN_COMPUTE_OVER_READ:.0f}x the time to read the weights): {needs}; "
-            "raise limits.ram, free disk space or set disk_folder elsewhere")
+            "raise limits.ram, free disk space or set disk_folder elsewhere"
+            + ("; or let the KV cache be compressed (kv_cache_compression: auto, int8 or int4)"
+               if job.steps > 1 and job.spec.kv_cache_compression is KVCompression.NONE else ""))
 
 
 def _disk_folder(spec: JobSpec, name: str) -> str:

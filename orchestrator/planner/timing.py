@@ -13,7 +13,9 @@ of the model's FLOPs per token (a narrow layer runs far below a wide one's rate:
 forward as a fixed cost plus a cost per FLOP); on a GPU each layer forward also costs the engine a
 fixed time beyond the calibrated layer's (figures.GPU_FORWARD_SECONDS, so larger batches run faster
 there, as measured); each shard boundary also moves every batch's activations over the host-device
-link where they wait off the GPU, and through files with the disk store. Reported apart: reading and
+link where they wait off the GPU, and through files with the disk store; so does the KV cache each
+later generation step reads and writes (`_Load.cache_traffic`, in the bytes its tier keeps), and a
+compressed cache is quantised and restored on the way (KV_CODEC_BYTES_PER_S). Reported apart: reading and
 computing totals, and the fill (what the overlap does not hide). A pipeline stage reads and computes
 1/n of each shard (the fill and drain of each step, and the channel copies, are not counted).
 """
@@ -24,7 +26,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from flexorch.contract.choices import Storage, on_cpu
+from flexorch.contract.choices import DeviceKind, KVCompression, Storage, on_cpu
 from flexorch.contract.shards import decoder_groups, shard_bytes
 from flexorch.orchestrator.figures import GPU_FORWARD_SECONDS
 from flexorch.orchestrator.hardware import Hardware, format_bytes
@@ -34,6 +36,14 @@ from flexorch.orchestrator.planner.model import DOUBLE_BUFFER, _Job, _Load, _Set
 # memory copies per byte written and read, ~8 GB/s each): work the compute waits for or shares cores
 # with, whatever the disk's speed. Assumed, not measured.
 DISK_STORE_COPY_BYTES_PER_S = 2e9
+
+# Quantising a compressed KV cache block as it is put and restoring it as it is read (workers/kvcache.py)
+# are ~10 elementwise passes over its values, in bytes of the compute dtype per second. CPU, per thread:
+# measured on a loaded 2-core EPYC on float32 (put + read) at 0.12 GB/s for int8 and 0.06 for int4 (its
+# nibbles unpacked), bfloat16 slower still (0.03); the float32 figures are taken. GPU: assumed memory-bound,
+# 100 GB/s (not measured).
+KV_CODEC_BYTES_PER_S = {KVCompression.INT8: {DeviceKind.CPU: 0.12e9, DeviceKind.CUDA: 100e9},
+                        KVCompression.INT4: {DeviceKind.CPU: 0.06e9, DeviceKind.CUDA: 100e9}}
 
 
 @dataclass(frozen=True)
@@ -121,22 +131,42 @@ def _shard_costs(job: _Job, setup: _Setup, load: _Load, threads: int, stages: in
                          setup.lps)
     read_rate = _read_rate(job, setup.device)
     reads = tuple(b / read_rate / stages if read else 0.0 for b in stored)
-    boundary = 2 * load.act_tokens * m.hidden * m.dtype_bytes / stages
-    move = boundary / DISK_STORE_COPY_BYTES_PER_S if setup.storage is Storage.DISK else 0.0
-    if not on_cpu(setup.device) and setup.storage is not Storage.GPU:
-        move += boundary / job.figures.host_to_device(setup.device).value
+    per_byte = _move_seconds_per_byte(job, setup)
+    move = 2 * load.act_tokens * m.hidden * m.dtype_bytes / stages * per_byte
+    # a later step's cache per layer: moved in the bytes its tier keeps, quantised and restored on the way
+    cache = load.cache_traffic / stages * (m.kv_token_bytes(setup.kv_compression) * per_byte
+                                          + m.kv_bytes / _codec_rate(setup, threads))
 
     # each layer forward's fixed cost on a GPU, once per batch (figures.GPU_FORWARD_SECONDS); on a CPU
     # the calibrated forwards carry theirs
     forwards = batches * (0.0 if on_cpu(setup.device) else GPU_FORWARD_SECONDS) / stages
 
-    def per_shard(layers: float, head: float) -> tuple[float, ...]:
-        decoders = [len(g) / m.num_layers * layers + len(g) * forwards + move for g in groups]
+    def per_shard(layers: float, head: float, cached: float) -> tuple[float, ...]:
+        decoders = [len(g) / m.num_layers * layers + len(g) * (forwards + cached) + move for g in groups]
         return (move, *decoders, head)
 
-    return _ShardCosts(reads, per_shard(load.layer_flops / rate(load.act_tokens), load.head_flops / rate(load.scored)),
+    return _ShardCosts(reads, per_shard(load.layer_flops / rate(load.act_tokens), load.head_flops / rate(load.scored),
+                                        0.0),
                        per_shard(load.later_layer_flops / rate(load.suffixes),
-                                 load.later_head_flops / rate(load.suffixes)))
+                                 load.later_head_flops / rate(load.suffixes), cache))
+
+
+def _move_seconds_per_byte(job: _Job, setup: _Setup) -> float:
+    """What waits off the compute device crosses to it and back: through files with the disk store
+    (serialised on the worker's CPU), over the host-device link from RAM or disk on a GPU."""
+    seconds = 1.0 / DISK_STORE_COPY_BYTES_PER_S if setup.storage is Storage.DISK else 0.0
+    if not on_cpu(setup.device) and setup.storage is not Storage.GPU:
+        seconds += 1.0 / job.figures.host_to_device(setup.device).value
+    return seconds
+
+
+def _codec_rate(setup: _Setup, threads: int) -> float:
+    """Bytes per second (compute dtype) a compressed cache is quantised and restored at; inf: uncompressed."""
+    rates = KV_CODEC_BYTES_PER_S.get(setup.kv_compression)
+    if rates is None:
+        return math.inf
+    kind = DeviceKind.of(setup.device)
+    return rates[kind] * (max(1, threads) if kind.is_cpu else 1)
 
 
 def _per_shard(compute: Sequence[float], reads: Sequence[float], after_last: float, slots: int) -> list[float]:
