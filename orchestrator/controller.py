@@ -195,6 +195,9 @@ class WorkerRecord:
     step_downs: list[dict] = field(default_factory=list)  # out-of-memory errors survived, in order
     prompts_committed: int = 0  # by this run
     shards_resumed: int = 0  # shard steps its rounds' checkpoints spared (workers/checkpoint.py)
+    checkpoints: int = 0  # checkpoints its rounds wrote, and what writing them cost
+    checkpoint_seconds: float = 0.0
+    checkpoint_bytes: int = 0
     # the round under way ({"round", "prompts", "engine_seconds", "saved_seconds"}); a run stopped now
     # loses its work but what its newest checkpoint keeps (saved_seconds of its engine_seconds)
     in_flight: dict | None = None
@@ -220,6 +223,9 @@ class WorkerRecord:
             self.compute_seconds += s.compute_seconds
             self.tokens += s.tokens
             self.shards_resumed += s.shards_resumed
+            self.checkpoints += s.checkpoints
+            self.checkpoint_seconds += s.checkpoint_seconds
+            self.checkpoint_bytes += s.checkpoint_bytes
         elif isinstance(message, SteppedDown):
             self.step_downs.append({"round": message.round_id, "change": message.change, "error": message.error})
         elif isinstance(message, Finished):
@@ -435,7 +441,8 @@ def _previous_figures(job_dir: Path) -> dict[str, dict]:
 
 # WorkerRecord's measurements: what a worker with nothing left to compute carries over.
 _FIGURES = ("rounds", "seconds", "engine_seconds", "bytes_read", "peak_device_memory", "peak_rss", "load_seconds",
-            "read_seconds", "compute_seconds", "tokens", "shards_resumed")
+            "read_seconds", "compute_seconds", "tokens", "shards_resumed", "checkpoints",
+            "checkpoint_seconds", "checkpoint_bytes")
 
 
 def _keep_figures(record: WorkerRecord, previous: dict | None) -> None:

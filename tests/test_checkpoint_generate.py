@@ -184,6 +184,10 @@ def test_a_worker_killed_mid_generation_resumes_byte_identical(tmp_path, checkpo
     assert f"({kill_after} of " in (job_dir / "logs" / "worker0.log").read_text()  # shard steps not recomputed
     report = json.loads((job_dir / "report.json").read_text())
     assert [w["shards_resumed"] for w in report["workers"]] == [kill_after]
+    (worker,) = report["workers"]  # the resumed run wrote one after each shard it computed
+    assert worker["checkpoints"] >= 1 and worker["checkpoint_bytes"] > 0 and worker["checkpoint_seconds"] > 0
+    plain = json.loads((tmp_path / "plain" / "out.job" / "report.json").read_text())["workers"][0]
+    assert (plain["checkpoints"], plain["checkpoint_bytes"]) == (0, 0)
     assert not any((job_dir / CHECKPOINTS_DIR).iterdir())
     assert submit(job) == 0  # nothing left: the worker keeps the figures of the run that computed it
     assert [w["shards_resumed"] for w in json.loads((job_dir / "report.json").read_text())["workers"]] == [kill_after]
