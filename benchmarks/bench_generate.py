@@ -21,9 +21,6 @@ machine a run's neighbours can slow it 2x, so the table shows each method's fast
 JSON every run. Goal: flexorch >= 0.8x the limit's tokens/s.
 
     python benchmarks/bench_generate.py --text [--quick] [--prompts 8] [--new-tokens 8] [--repeats 2] [--methods ...]
-
-(`--methods` adds `direct`: streamed with O_DIRECT reads, the disk's DMA filling the slots instead
-of a CPU copy out of the page cache, which on 2 cores takes CPU time from the compute.)
 """
 
 from __future__ import annotations
@@ -73,13 +70,12 @@ def child_generate(params: dict) -> dict:
 class TextMethod:
     key: str  # --methods picks by it
     label: str
-    kind: str  # flexorch | flexorch-direct | flexorch-resident | hf-generate | accelerate
+    kind: str  # flexorch | flexorch-resident | hf-generate | accelerate
     mixed: bool = False  # half the prompts stop at T/4
 
 
 TEXT_METHODS = (TextMethod("streamed", "flexorch, streamed", "flexorch"),
                 TextMethod("mixed", "flexorch, streamed, mixed lengths", "flexorch", mixed=True),
-                TextMethod("direct", "flexorch, streamed, direct reads", "flexorch-direct"),
                 TextMethod("limit", "(a) limit: resident, KV cache", "flexorch-resident"),
                 TextMethod("hf", "(b) model.generate, batched in RAM", "hf-generate"),
                 TextMethod("accelerate", "(c) accelerate offload", "accelerate"))
@@ -104,10 +100,8 @@ def child_text(params: dict) -> dict:
         if event.stage == event.stages:
             step_ends[event.step] = event.seconds
 
-    # direct reads: O_DIRECT, the disk's DMA fills the slots; no CPU copy out of the page cache
     settings = EngineSettings("cpu", "float32", 1, "cpu", 4096, verify_checksums=False,
-                              resident=params["kind"] == "flexorch-resident",
-                              direct_reads=params["kind"] == "flexorch-direct")
+                              resident=params["kind"] == "flexorch-resident")
     score = ScoreSpec("generate", eos_ids=())  # no EOS: each prompt runs to its limit
     score_prompts(params["layerwise"], prompts[:1], ScoreSpec(), settings)  # warm-up: kernels, allocator
     start = time.perf_counter()
@@ -242,8 +236,7 @@ def main() -> None:
     parser.add_argument("--text", action="store_true", help="issue 28: generation jobs (see the docstring)")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="--text: runs of each method, interleaved")
-    parser.add_argument("--methods", default="streamed,mixed,limit,hf,accelerate",
-                        help="--text: which to run, of " + ",".join(m.key for m in TEXT_METHODS))
+    parser.add_argument("--methods", default=",".join(m.key for m in TEXT_METHODS), help="--text: which to run")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--storages", default="cpu,disk", help="tiers the cache is tried in")
     parser.add_argument("--batch-tokens", type=int, default=1024)
