@@ -48,7 +48,7 @@ GENERATE_PROMPTS = [{"prefix": "The quick brown fox", "max_new_tokens": 6},
                     {"prefix": "Question: What is the capital of France? Answer:", "max_new_tokens": 3},
                     {"prefix": "0 1 2 3", "stop": [" A"]},
                     {"prefix": "Once upon a time"}]
-GENERATE = {"kind": "generate", "max_new_tokens": 8}
+GENERATE = {"kind": "generate", "max_new_tokens": 8, "logprobs": True}
 
 
 def _namespace_unavailable() -> str | None:
@@ -186,7 +186,7 @@ def test_a_generation_job_on_two_nodes_gives_the_local_executors_text(tmp_path, 
     assert (tmp_path / "job.jsonl").read_bytes() == local_generation
     lines = [json.loads(line) for line in local_generation.decode().splitlines()]
     assert [line["stop_reason"] for line in lines] == [["length"], ["length"], ["stop"], ["length"]]
-    assert [len(line["generated_ids"][0]) for line in lines] == [6, 3, 6, 8]
+    assert [(len(line["generated_ids"][0]), len(line["logprobs"][0])) for line in lines] == [(6, 6), (3, 3), (6, 6), (8, 8)]
     assert [w["status"] for w in _report(tmp_path)["workers"]] == ["finished", "finished"]
 
 
