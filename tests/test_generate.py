@@ -199,6 +199,37 @@ def test_generation_state_reasons_and_cut():
     assert cut_at_stop("x = 1\n\ny", ("\n\n", "=")) == "x "
 
 
+def test_stop_strings_found_in_the_decoded_tail_where_the_whole_text_has_them(checkpoint):
+    """Each step decodes only a sequence's tail: on long sequences of words with characters split
+    over byte tokens, and of random ids, each ends where decoding its whole text first holds a
+    stop string (stops cut from that text, so they are reached at many lengths, accents included)."""
+    import random
+    from types import SimpleNamespace
+
+    _, tokenizer = _hf(str(checkpoint("llama")))
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    words = [tokenizer(w, add_special_tokens=False).input_ids for w in (" café", " résumé", " 東京", " über", " the")]
+    rng = random.Random(0)
+    sequences, stops = [], []
+    while len(sequences) < 32:
+        ids = []
+        while len(ids) < 60:
+            ids += rng.choice(words) if rng.random() < 0.7 else [rng.randrange(tokenizer.vocab_size)]
+        ids, text = ids[:60], decode(ids[:60])
+        end = rng.randrange(len(text) // 2, len(text))
+        sequences.append(ids)
+        stops.append((text[end - rng.randrange(1, 4):end],))
+    prompts = [TokenizedPrompt(i, (1,), ((),), max_new_tokens=len(ids), stop=stop)
+               for i, (ids, stop) in enumerate(zip(sequences, stops))]
+    generation = Generation(prompts, eos_ids=(), decode=decode)
+    for step in range(60):
+        for i, ids in enumerate(sequences):
+            generation.advance(i, [ids[step]], [0.0])
+    for i, (ids, stop) in enumerate(zip(sequences, stops)):
+        (got,) = generated(SimpleNamespace(scores=generation.scores(i, logprobs=False)))
+        assert got == (cut_at_stop_ids(ids, stop, decode), StopReason.STOP), (i, stop)
+
+
 def with_eos(layerwise_dir, tmp_path, eos) -> "Path":
     """A copy of the layerwise dir whose generation_config.json names `eos` (what a job reads)."""
     import json

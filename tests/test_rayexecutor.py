@@ -1,6 +1,6 @@
 """executor: ray end to end, on a two-node Ray cluster on this machine (one CPU each), against the
-local executor: the same outputs bit for bit, each worker reported on its node, a killed actor
-failing the job at once naming it, and resume.
+local executor: the same outputs bit for bit (scores, and a generation job's text), each worker
+reported on its node, a killed actor failing the job at once naming it, and resume.
 
 Hermetic: the cluster is started inside a private network namespace (`unshare -n`, then `ip link
 set lo up`), so every Ray process binds to 127.0.0.1 and nothing is reachable from outside. The one
@@ -28,7 +28,7 @@ from flexorch.orchestrator import controller, planner
 from flexorch.contract.messages import WorkerHooks
 from flexorch.contract.parts import read_part_indices
 
-from test_controller import PROMPTS, write_job
+from test_controller import PROMPTS, write_job, write_prompts
 
 NETNS_ENV = "FLEXORCH_TEST_IN_NETNS"
 IN_NETNS = os.environ.get(NETNS_ENV) == "1"
@@ -42,6 +42,13 @@ def inside(test):
 
 
 BATCH_TOKENS = 256  # the same batches under both executors
+# A generation job (score kind generate): per-prompt limits, and a stop string the tiny llama's greedy
+# text reaches (" A", its 6th token after "0 1 2 3"), so sequences end both ways.
+GENERATE_PROMPTS = [{"prefix": "The quick brown fox", "max_new_tokens": 6},
+                    {"prefix": "Question: What is the capital of France? Answer:", "max_new_tokens": 3},
+                    {"prefix": "0 1 2 3", "stop": [" A"]},
+                    {"prefix": "Once upon a time"}]
+GENERATE = {"kind": "generate", "max_new_tokens": 8, "logprobs": True}
 
 
 def _namespace_unavailable() -> str | None:
@@ -127,6 +134,17 @@ def local_run(tmp_path_factory, layerwise, rounds_of_one_prompt):
     return (tmp / "job.pkl").read_bytes(), json.loads((tmp / "job.job" / "report.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def local_generation(tmp_path_factory, layerwise, rounds_of_one_prompt):
+    """The local executor's .jsonl of the generation job: two CPU workers on this machine."""
+    tmp = tmp_path_factory.mktemp("local-generate")
+    write_prompts(tmp / "prompts.jsonl", GENERATE_PROMPTS)
+    job = write_job(tmp, layerwise("llama"), devices=["cpu", "cpu"], batch_tokens=BATCH_TOKENS,
+                    output=str(tmp / "job.jsonl"), score=GENERATE)
+    assert controller.submit(job, Console(stderr=True)) == 0
+    return (tmp / "job.jsonl").read_bytes()
+
+
 def _ray_job(tmp_path, cluster, layerwise):
     return write_job(tmp_path, layerwise("llama"), devices=["node0:cpu", "node1:cpu"], batch_tokens=BATCH_TOKENS,
                      executor="ray", ray_address=cluster.address)
@@ -155,6 +173,21 @@ def test_workers_on_two_nodes_give_the_local_executors_output_bit_for_bit(tmp_pa
     for ray_worker, local_worker in zip(report["plan"]["workers"], local_report["plan"]["workers"]):
         assert ray_worker["rounds"] == local_worker["rounds"]
         assert {**ray_worker["settings"], "device": "cpu"} == local_worker["settings"]
+
+
+@inside
+def test_a_generation_job_on_two_nodes_gives_the_local_executors_text(tmp_path, cluster, layerwise, local_generation):
+    """Each round's ids, stop reasons and log-probs travel back in RoundResults; the controller
+    writes the parts and decodes the text, as for a local worker."""
+    write_prompts(tmp_path / "prompts.jsonl", GENERATE_PROMPTS)
+    job = write_job(tmp_path, layerwise("llama"), devices=["node0:cpu", "node1:cpu"], batch_tokens=BATCH_TOKENS,
+                    executor="ray", ray_address=cluster.address, output=str(tmp_path / "job.jsonl"), score=GENERATE)
+    assert controller.submit(job, Console(stderr=True)) == 0
+    assert (tmp_path / "job.jsonl").read_bytes() == local_generation
+    lines = [json.loads(line) for line in local_generation.decode().splitlines()]
+    assert [line["stop_reason"] for line in lines] == [["length"], ["length"], ["stop"], ["length"]]
+    assert [(len(line["generated_ids"][0]), len(line["logprobs"][0])) for line in lines] == [(6, 6), (3, 3), (6, 6), (8, 8)]
+    assert [w["status"] for w in _report(tmp_path)["workers"]] == ["finished", "finished"]
 
 
 @inside

@@ -20,6 +20,11 @@ import torch
 
 from flexorch.contract.protocol import Sampling, StopReason, TokenizedPrompt
 
+# Tokens decoded beyond a stop string's length when looking for it in a sequence's newest text: what
+# covers tokens that add less than a character there (a character split over byte tokens, the
+# leading space a tokenizer drops at the start of a text).
+STOP_MARGIN_TOKENS = 8
+
 
 def sequence_seed(seed: int, prompt: int, suffix: int, step: int) -> int:
     """The seed of one sequence's draw at one step: a hash of the four counters (63 bits)."""
@@ -69,7 +74,9 @@ class Generation:
 
     `decode` (ids → text) is needed only where some prompt has stop strings; they are looked for
     in the decoded generated text (as HF's StopStringCriteria and lm-eval do), the output being
-    that text cut before the first one."""
+    that text cut before the first one. Only the text's tail is decoded each step: it held no stop
+    string before the newest token, so a new one ends in that token's text and starts at most its
+    length in characters before it; decoding the whole text cost each sequence O(its length) per step."""
 
     def __init__(self, prompts: Sequence[TokenizedPrompt], eos_ids: Sequence[int], decode=None):
         self.prompts, self.eos, self.decode = list(prompts), frozenset(eos_ids), decode
@@ -101,10 +108,15 @@ class Generation:
             s.logprobs.append(float(logprob))
             if int(token) in self.eos:
                 s.reason = StopReason.EOS
-            elif s.stop and any(stop in self.decode(s.ids) for stop in s.stop):
+            elif s.stop and self._stopped(s):
                 s.reason = StopReason.STOP
             elif len(s.ids) >= s.limit:
                 s.reason = StopReason.LENGTH
+
+    def _stopped(self, s: _Sequence) -> bool:
+        tail = s.ids[-(max(map(len, s.stop)) + STOP_MARGIN_TOKENS):]
+        text = self.decode(tail)
+        return any(stop in text for stop in s.stop)
 
     def scores(self, i: int, logprobs: bool) -> dict[str, np.ndarray]:
         """Prompt i's output arrays (PromptResult.scores of generate)."""
