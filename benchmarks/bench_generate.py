@@ -33,6 +33,8 @@ from pathlib import Path
 
 import common as c
 
+ACCELERATE_DISK = "disk"  # accelerate's device-map name for a module it offloads to disk (not a flexorch choice)
+
 GOAL = 0.25  # an extra step's time over the first step's
 
 
@@ -141,7 +143,7 @@ def _hf_generate(params: dict, prompts) -> dict:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                              pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]))
     seconds = time.perf_counter() - start
-    on_disk = sum(1 for where in (getattr(model, "hf_device_map", None) or {}).values() if where == "disk")
+    on_disk = sum(1 for where in (getattr(model, "hf_device_map", None) or {}).values() if where == ACCELERATE_DISK)
     return {"seconds": seconds, "new_tokens": int((out.shape[1] - width) * len(prompts)), "peak_rss": c.peak_rss(),
             "step_seconds": [b - a for a, b in zip([start] + clock.ends, clock.ends)], "modules_on_disk": on_disk}
 
