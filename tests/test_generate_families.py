@@ -4,10 +4,10 @@ demo.ARCHITECTURES and the 18 families of conftest.FAMILIES (MLA attention, atte
 local attention and no-rope layers, sliding windows, MoE layers; tests/test_generate.py runs the
 fuller job matrix on four of them).
 
-One job of two prompts in one batch: a long one (45 tokens, past every window and attention chunk
-of the tiny configs: 12 tokens in ARCHITECTURES, 8 in FAMILIES) and a short one (6 tokens) whose
-generated tokens cross the families' 8-token windows and chunks while they come from the cache;
-each with its own limit. The MoE types run once more with their experts streamed two at a time.
+One job of two prompts in one batch, each with its own limit: a long one (45 tokens, past every
+sliding window and attention chunk of the tiny configs: 12 tokens in ARCHITECTURES, 8 in FAMILIES)
+and a short one (6 tokens) whose generated tokens, fed through the cache, cross the window or chunk
+too. The MoE types run once more with their experts streamed two at a time.
 """
 
 from __future__ import annotations
@@ -24,12 +24,17 @@ from flexorch.workers.engine import score_prompts
 from test_generate import TEXTS, _hf, generated, hf_greedy, settings
 
 PROMPTS = (TEXTS[0], TEXTS[3])  # 45 and 6 tokens with the demo tokenizer
-LIMITS = (5, 8)  # new tokens per prompt: the short one's reach 13 positions, past the 8-token windows
-WINDOW = 12  # the largest sliding window / attention chunk of the tiny configs (ARCHITECTURES)
+LIMITS = (5, 8)  # new tokens per prompt
 
 CASES = [pytest.param("arch", name, id=name) for name in ARCHITECTURES] + \
         [pytest.param("family", name, id=name) for name in FAMILIES]
 MOE_CASES = [case for case in CASES if case.values[1] in MOE_MODEL_TYPES]
+
+
+def span(name: str) -> int:
+    """The tiny config's sliding window or attention chunk (0: none)."""
+    config = {**ARCHITECTURES, **FAMILIES}[name]
+    return max(config.get("sliding_window", 0), config.get("attention_chunk_size", 0))
 
 
 def paths(kind: str, name: str, request):
@@ -44,7 +49,9 @@ def assert_greedy_equals_hf(kind: str, name: str, request, **overrides) -> None:
     model, tokenizer = _hf(str(model_dir))
     eos = (model.generation_config.eos_token_id,)  # both sides end at the checkpoint's own EOS
     prefixes = [tuple(tokenizer(text).input_ids) for text in PROMPTS]
-    assert len(prefixes[0]) > WINDOW and len(prefixes[1]) + LIMITS[1] > 8
+    # the long prompt overflows the window; the short one's last token fed through the cache (at
+    # position prefix + limit - 2) sits where the window no longer reaches position 0, or in chunk 2
+    assert len(prefixes[0]) > span(name) and len(prefixes[1]) + LIMITS[1] - 2 >= span(name)
     expected = []
     for prefix, limit in zip(prefixes, LIMITS):
         ids = hf_greedy(model_dir, prefix, limit, eos)
@@ -70,7 +77,8 @@ def test_greedy_generation_equals_hf_generate(kind, name, request):
 
 @pytest.mark.parametrize("kind, name", MOE_CASES)
 def test_greedy_generation_with_streamed_experts_equals_hf_generate(kind, name, request):
-    assert_greedy_equals_hf(kind, name, request, layers_per_shard=1, experts_per_group=2)  # one layer per shard
+    # expert streaming runs one layer per shard
+    assert_greedy_equals_hf(kind, name, request, layers_per_shard=1, experts_per_group=2)
 
 
 def test_every_tested_type_is_generated():
