@@ -7,7 +7,8 @@ fuller job matrix on four of them).
 One job of two prompts in one batch, each with its own limit: a long one (45 tokens, past every
 sliding window and attention chunk of the tiny configs: 12 tokens in ARCHITECTURES, 8 in FAMILIES)
 and a short one (6 tokens) whose generated tokens, fed through the cache, cross the window or chunk
-too. The MoE types run once more with their experts streamed two at a time.
+too. The MoE types run once more with their experts streamed two at a time, and DeepSeek-V3 once
+more with values narrower than its keys (NARROW_VALUES).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES
+from conftest import FAMILIES, built_once
 from flexorch.contract.models import MOE_MODEL_TYPES, TESTED_MODEL_TYPES
 from flexorch.contract.protocol import ScoreSpec, StopReason, TokenizedPrompt
 from flexorch.orchestrator.demo import ARCHITECTURES
@@ -37,10 +38,24 @@ def span(name: str) -> int:
     return max(config.get("sliding_window", 0), config.get("attention_chunk_size", 0))
 
 
+# DeepSeek-V3's MLA with values half as wide as its keys (the releases: 128 against 192). The cache
+# keeps what attention hands it side by side and splits at the keys' width: transformers 5.25 hands it
+# the compressed latents (kv_lora_rank 16 against the rope part's 8, in the family config too), a
+# release that caches the expanded keys and values hands it qk_nope + qk_rope against v_head_dim,
+# 16 and 16 in the family config: only this one makes them differ there.
+NARROW_VALUES = {**FAMILIES["deepseek_v3"], "v_head_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def narrow_values(tmp_path_factory):
+    return built_once(tmp_path_factory, "narrow-values", lambda _: NARROW_VALUES)
+
+
 def paths(kind: str, name: str, request):
-    """(HF checkpoint, layerwise dir) of a demo architecture or a 2026 family, from the session fixtures."""
-    if kind == "family":
-        return request.getfixturevalue("family")(name)
+    """(HF checkpoint, layerwise dir) of a demo architecture, a 2026 family or the narrow-values
+    DeepSeek-V3, from the session fixtures (the last: this module's)."""
+    if kind in ("family", "narrow_values"):
+        return request.getfixturevalue(kind)(name)
     return request.getfixturevalue("checkpoint")(name), request.getfixturevalue("layerwise")(name)
 
 
@@ -79,6 +94,12 @@ def test_greedy_generation_equals_hf_generate(kind, name, request):
 def test_greedy_generation_with_streamed_experts_equals_hf_generate(kind, name, request):
     # expert streaming runs one layer per shard
     assert_greedy_equals_hf(kind, name, request, layers_per_shard=1, experts_per_group=2)
+
+
+def test_mla_with_values_narrower_than_keys_equals_hf_generate(request):
+    qk_head_dim = NARROW_VALUES["qk_nope_head_dim"] + NARROW_VALUES["qk_rope_head_dim"]
+    assert NARROW_VALUES["v_head_dim"] < qk_head_dim
+    assert_greedy_equals_hf("narrow_values", "deepseek_v3", request)
 
 
 def test_every_tested_type_is_generated():
