@@ -11,6 +11,16 @@ from flexorch.orchestrator.demo import ARCHITECTURES
 ALL_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
+def pytest_configure(config):
+    """torch on one thread in the test process: the tiny models' matrices are too small to split, and
+    on a machine whose cores are shared a second thread waits more than it computes (measured on 2
+    busy cores: a family's tests in half the time and half the CPU). Workers the tests spawn keep the
+    threads their plan gives them."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(arch, layout="safetensors-sharded") -> path of a tiny HF checkpoint (cached)."""

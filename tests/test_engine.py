@@ -67,7 +67,9 @@ class Reference:
     is_greedy: list[np.ndarray]
 
 
-def reference_scores(model_dir) -> Reference:
+def reference_scores(model_dir, steps: int = GREEDY_STEPS) -> Reference:
+    """The un-split model's scores, greedy-extended `steps` tokens (fewer where a test checks fewer:
+    each step is a forward per suffix)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -79,13 +81,14 @@ def reference_scores(model_dir) -> Reference:
             for suffix in prompt.suffix_ids:
                 ids = list(prompt.prefix_ids) + list(suffix)
                 logits = model(torch.tensor([ids])).logits[0].float()
-                steps, gen = [], []
-                for _ in range(GREEDY_STEPS):
-                    last = model(torch.tensor([ids])).logits[0, -1].float()
-                    steps.append(torch.softmax(last, -1).numpy())
+                last, extended, gen = logits[-1], [], []
+                for step in range(steps):
+                    if step:  # step 0's last logits are the prompt's own
+                        last = model(torch.tensor([ids])).logits[0, -1].float()
+                    extended.append(torch.softmax(last, -1).numpy())
                     gen.append(int(last.argmax()))
                     ids = ids + [gen[-1]]
-                probs.append(np.stack(steps))
+                probs.append(np.stack(extended))
                 gens.append(tuple(gen))
                 start = len(prompt.prefix_ids) - 1
                 predicted = logits[start:start + len(suffix)]
@@ -582,14 +585,14 @@ def test_a_resident_model_is_read_once_for_every_step_and_call(layerwise, refere
         assert [tuple(g) for g in a.generated] == generated
 
 
-def references_of(build):
+def references_of(build, steps: int = GREEDY_STEPS):
     """get(name) -> reference_scores of the checkpoint `build(name)` makes, computed once per name."""
-    return functools.cache(lambda name: reference_scores(build(name)[0]))
+    return functools.cache(lambda name: reference_scores(build(name)[0], steps))
 
 
 @pytest.fixture(scope="session")
 def large_vocab_references(large_vocab):
-    return references_of(large_vocab)
+    return references_of(large_vocab, steps=3)
 
 
 # llama: an untied head; qwen2 and gemma2 read the embedding's file as their head, and gemma2 also
@@ -640,15 +643,16 @@ def last_pad_id(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"last-pad-{arch}")
             src = build_checkpoint(root / "model", arch, pad_token_id=len(build_tokenizer()) - 1)
             prepare_checkpoint(src, root / "model.layers")
-            cache[arch] = (root / "model.layers", reference_scores(src))
+            cache[arch] = (root / "model.layers", reference_scores(src, steps=2))
         return cache[arch]
 
     return get
 
 
 # A pass gathers the embedding rows of its tokens (fewer than the vocabulary), so a padding_idx kept
-# from the full vocabulary points past them: every worker failed on such a config.
-@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+# from the full vocabulary points past them: every worker failed on such a config. The tested types'
+# embeddings are nn.Embedding (qwen2 as the rest) or Gemma's scaled subclass of it (gemma3_text).
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])
 def test_a_pad_id_beyond_the_gathered_rows_matches_unsplit_model(arch, last_pad_id):
     model, ref = last_pad_id(arch)
     assert read_manifest(model).vocab_size - 1 == json.loads((model / "config.json").read_text())["pad_token_id"]

@@ -30,7 +30,7 @@ TOKEN_IDS = (5, 17, 200)
 
 @pytest.fixture(scope="module")
 def family_reference(family):
-    return references_of(family)
+    return references_of(family, steps=2)  # two greedy steps are checked here
 
 
 def assert_every_kind_matches(model_dir, ref, run, columns: bool = True) -> None:

@@ -9,6 +9,7 @@ config.json. The references load those same dirs with transformers, which dequan
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -68,7 +69,7 @@ def _mxfp4_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def fp8(tmp_path_factory) -> Path:
     """A tiny llama in FP8 blocks: hidden 128, MLP 256, whole blocks (transformers' loader derives the block
-    from the scale grid, so it misreads ragged ones; test_fp8_dequantises_... checks those)."""
+    from the scale grid, so it misreads ragged ones; test_fp8_ragged_blocks_... checks those)."""
     root = tmp_path_factory.mktemp("fp8")
     src = build_checkpoint(root / "float", "llama", layout="safetensors", hidden_size=128, intermediate_size=256,
                            num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
@@ -111,21 +112,41 @@ def mxfp4(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mxfp4_reference(mxfp4):
-    return reference_scores(mxfp4)
+def mxfp4_reference(mxfp4, tmp_path_factory):
+    return reference_scores(_float32_reference(mxfp4, tmp_path_factory.mktemp("mxfp4-reference")), steps=1)
 
 
 # -- the dequantisation against transformers' own ---------------------------------------------------
-def test_fp8_dequantises_as_transformers_does_ragged_blocks_included():
-    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
-
-    weight = torch.randn(200, 320) * torch.logspace(-3, 1, 200)[:, None]
+def _quantized_fp8(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight, its FP8 blocks, their scales, our dequantisation) of a weight whose rows span 4 decades."""
+    weight = torch.randn(rows, cols) * torch.logspace(-3, 1, rows)[:, None]
     q, scale_inv = quantize_fp8(weight)
-    assert scale_inv.shape == (2, 3)
     ours = dequantize_fp8(q, scale_inv, torch.float32)
-    assert torch.equal(ours, _dequantize_fp8_weight(q, scale_inv, [128, 128], torch.float32))
     # e4m3 keeps 3 mantissa bits: each weight within 1/16 of itself (or of the block's smallest step)
     assert ((ours - weight).abs() <= weight.abs() / 16 + scale_inv.max() * 2**-9).all()
+    return weight, q, scale_inv, ours
+
+
+def test_fp8_dequantises_as_transformers_loader_does():
+    """Whole blocks against the loader's own step (`Fp8Dequantize`, in transformers 5.17 and 5.25 alike)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    _, q, scale_inv, ours = _quantized_fp8(256, 384)
+    assert scale_inv.shape == (2, 3)
+    assert torch.equal(ours, Fp8Dequantize(None)._dequantize_one(q, scale_inv, torch.float32))
+
+
+def test_fp8_ragged_blocks_dequantise_as_transformers_does():
+    """Edge blocks cut short (200 x 320 in 128 x 128 blocks) against `_dequantize_fp8_weight`, which
+    transformers 5.17 lacks (its loader refuses a weight the scale grid does not divide)."""
+    import transformers
+    from transformers.integrations import finegrained_fp8
+
+    _, q, scale_inv, ours = _quantized_fp8(200, 320)
+    assert scale_inv.shape == (2, 3)
+    if not hasattr(finegrained_fp8, "_dequantize_fp8_weight"):
+        pytest.skip(f"transformers {transformers.__version__} has no _dequantize_fp8_weight (5.25 has)")
+    assert torch.equal(ours, finegrained_fp8._dequantize_fp8_weight(q, scale_inv, [128, 128], torch.float32))
 
 
 def test_mxfp4_dequantises_as_transformers_does():
@@ -141,8 +162,30 @@ def test_mxfp4_dequantises_as_transformers_does():
 
 
 # -- prepare keeps the shipped bytes; workers score as the dequantised model -----------------------
+def _float32_reference(src: Path, tmp_path: Path) -> Path:
+    """`src`, or where transformers' loader dequantises MXFP4 into bfloat16 whatever dtype is asked
+    (5.17: its dequantize_convertops takes no dtype; 5.25's takes the parameter's) a plain copy with
+    the experts dequantised into float32 by its own convert_moe_packed_tensors."""
+    from transformers.integrations import mxfp4
+
+    if "dtype" in inspect.signature(mxfp4.dequantize_convertops).parameters:
+        return src
+    dst = tmp_path / f"{src.name}-float32"
+    shutil.copytree(src, dst)
+    tensors = load_file(src / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("_blocks")]:
+        stem = name.removesuffix("_blocks")
+        tensors[stem] = mxfp4.convert_moe_packed_tensors(tensors.pop(name), tensors.pop(stem + "_scales"),
+                                                          dtype=torch.float32)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    del config["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(config, indent=1))
+    return dst
+
+
 def _scores_match(model_dir: Path, src: Path, layers_per_shard: int, ref=None) -> None:
-    ref = ref or reference_scores(src)
+    ref = ref or reference_scores(src, steps=1)
     # gpt_oss joins the tested list with issue 27 item 1; the format, not the family, is tested here
     run = settings(layers_per_shard=layers_per_shard, allow_untested_models=True)
     results, _ = score_prompts(model_dir, ref.prompts, ScoreSpec("suffix_logprob"), run)
@@ -187,7 +230,7 @@ def test_fp8_experts_are_fused_with_their_scales_and_stream_exactly(fp8_moe, tmp
     assert stored["mlp.experts.gate_up_proj.fp8"].shape == (6, 256, 128)
     assert stored["mlp.experts.gate_up_proj.scale"].shape == (6, 2, 1)
     assert layer.params == describe_checkpoint(fp8_moe.parent / "float").entry("layer.1").params
-    ref = reference_scores(fp8_moe)
+    ref = reference_scores(fp8_moe, steps=1)
     for group in (0, 1, 4):  # whole layers, then experts streamed in groups
         run = settings(layers_per_shard=1, experts_per_group=group)
         results, _ = score_prompts(dst, ref.prompts, ScoreSpec("suffix_logprob"), run)
