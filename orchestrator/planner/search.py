@@ -24,6 +24,7 @@ batch and rounds).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -180,19 +181,24 @@ def _checkpoints(job: _Job, setup: _Setup, rounds, t: _Time, threads: int, stage
 def _search(job: _Job, device: str, indices: tuple[int, ...], threads: int, budget: _Budget, space: _Space,
             stages: int) -> list[_Option]:
     options = []
-    for compression in space.compressions:
-        for batch in space.batches:
-            for storage in space.storages:
-                for resident in (False, True) if space.resident else (False,):
-                    for slots in (DOUBLE_BUFFER,) if resident else space.slots:
-                        for lps in space.lps[:1] if resident else space.lps:
-                            setup = _Setup(device, lps, batch, storage, resident, slots, compression)
-                            rounds = _rounds_for(job, setup, indices, threads, budget, stages)
-                            if rounds is None:
-                                break  # a longer shard needs more memory still
-                            time = _time(job, setup, indices, rounds, threads, stages)
-                            options.append(_Option(setup, rounds, _max_peaks(job, setup, rounds), time))
+    for compression, batch, storage, resident, slots in _tried(space):
+        for lps in space.lps[:1] if resident else space.lps:
+            setup = _Setup(device, lps, batch, storage, resident, slots, compression)
+            rounds = _rounds_for(job, setup, indices, threads, budget, stages)
+            if rounds is None:
+                break  # a longer shard needs more memory still
+            time = _time(job, setup, indices, rounds, threads, stages)
+            options.append(_Option(setup, rounds, _max_peaks(job, setup, rounds), time))
     return options
+
+
+def _tried(space: _Space):
+    """Every (compression, batch, storage, resident, slots) the search tries, in its order; each is then
+    tried at increasing layers per shard (one, resident: the whole model is one load)."""
+    for compression, batch, storage in itertools.product(space.compressions, space.batches, space.storages):
+        for resident in (False, True) if space.resident else (False,):
+            for slots in (DOUBLE_BUFFER,) if resident else space.slots:
+                yield compression, batch, storage, resident, slots
 
 
 def _compressions(job: _Job) -> tuple[KVCompression, ...]:
