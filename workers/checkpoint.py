@@ -137,7 +137,7 @@ class Checkpoints:
         scores = _read_scores(path / SCORES, len(meta.generated), meta.step if self.generation is None else 0)
         if self.generation is not None:  # checked on a scratch copy before anything is put back
             state = load_file(path / GENERATION, "cpu")
-            Generation(self.generation.prompts, ()).restore(state, meta.step)
+            self.generation.check(state, meta.step)
         self.activations.restore(act)
         if self.cache is not None:
             self.cache.store.restore(kv)

@@ -148,9 +148,22 @@ class Generation:
                 "logprobs": torch.tensor([v for s in flat for v in s.logprobs], dtype=torch.float64),
                 "reason": torch.tensor([-1 if s.reason is None else s.reason.code for s in flat], dtype=torch.int8)}
 
+    def check(self, state: dict[str, torch.Tensor], step: int) -> None:
+        """ValueError where `state` is not one this round's sequences could hold at generation step
+        `step` (every running sequence holds `step` ids); nothing changes either way."""
+        self._checked(state, step)
+
     def restore(self, state: dict[str, torch.Tensor], step: int) -> None:
-        """Put back what `state` gave at generation step `step` (every running sequence holds
-        `step` ids). ValueError, with nothing changed, where it is not a state of this round's."""
+        """Put back what `state` gave at generation step `step` (checked first: see `check`)."""
+        n_new, reason, ids, logprobs = self._checked(state, step)
+        first = 0
+        for s, n, code in zip((s for per in self.sequences for s in per), n_new, reason):
+            s.ids, s.logprobs = ids[first:first + n], logprobs[first:first + n]
+            s.reason = None if code == -1 else StopReason.of_code(code)
+            first += n
+
+    def _checked(self, state: dict[str, torch.Tensor], step: int) -> tuple[list, list, list, list]:
+        """`state` as lists (n_new, reason, ids, log-probs), or ValueError (see `check`)."""
         flat = [s for per in self.sequences for s in per]
         n_new, reason = state["n_new"].tolist(), state["reason"].tolist()
         ids, logprobs = state["ids"].tolist(), state["logprobs"].tolist()
@@ -162,9 +175,4 @@ class Generation:
             running = code == -1
             if not -1 <= code < len(StopReason) or n > s.limit or (n != step or n >= s.limit if running else n > step):
                 raise ValueError(f"generation state: a sequence of {n} ids (reason {code}) at step {step}")
-        first = 0
-        for s, n, code in zip(flat, n_new, reason):
-            s.ids, s.logprobs = ids[first:first + n], logprobs[first:first + n]
-            s.reason = None if code == -1 else StopReason.of_code(code)
-            first += n
-
+        return n_new, reason, ids, logprobs
